@@ -1,0 +1,31 @@
+# The README's two commands. Each sets itself up on a fresh machine (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.transferkit-installed
+
+.PHONY: demo test setup assets clean lint
+
+setup: $(STAMP) assets
+
+# Torch first, pinned to the releases this project is tested with (pip takes them from a local wheel
+# cache where one exists, else from PyPI). Then the project with its dev extra.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Offline assets: ImageNet weights into torch's hub cache, MNIST and Fashion-MNIST into the data cache.
+assets: $(STAMP)
+	bash scripts/install_assets.sh $(PY)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

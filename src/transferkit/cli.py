@@ -1,0 +1,192 @@
+"""Command line: parses arguments, calls one library function per command, prints where the output is.
+
+Every failure is one line on stderr (`transferkit: error: ...`) and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from pathlib import Path
+
+from transferkit.errors import TransferkitError
+
+# TrainConfig fields that take a comma-separated list on the command line
+_LIST_FIELDS = {"data", "unlabeled", "head_weights"}
+_BOOL_FIELDS = {"augment", "compile", "tensorboard"}
+_NOT_FLAGS = {"out"}  # added by hand below
+
+
+def _field_help() -> dict[str, str]:
+    """Each TrainConfig field's trailing comment is its --help text: one source of documentation."""
+    from transferkit import config
+
+    src = inspect.getsource(config.TrainConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]+#(.*)$", src, re.M)}
+
+
+def _add_train_parser(sub) -> None:
+    from transferkit.config import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune one backbone on one or more datasets",
+        description="Fine-tune a pretrained backbone on several datasets at once (one head per label space). "
+        "Options override --config FILE, which overrides the defaults shown.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    helps = _field_help()
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = helps.get(f.name, "")
+        if f.name in _BOOL_FIELDS:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{text} (default: {default})")  # fmt: skip
+        else:
+            meta = "A,B,..." if f.name in _LIST_FIELDS else f.name.upper()
+            p.add_argument(flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS,
+                           help=f"{text} (default: {default})")  # fmt: skip
+    p.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig keys")
+    p.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS, help="run directory (default: runs/<data>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+
+
+def _parse_value(name: str, raw: str):
+    """Command-line strings -> typed values through the same checks as a config file."""
+    import yaml
+
+    if name in _LIST_FIELDS or name in _BOOL_FIELDS:
+        return raw
+    value = yaml.safe_load(raw)
+    return raw if isinstance(value, (dict, list)) else value
+
+
+def cmd_train(args) -> None:
+    from transferkit.config import config_from_dict, load_config_file
+    from transferkit.training import resume, train
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "func")}
+    if args.resume:
+        if flags or args.config:
+            raise TransferkitError(
+                f"--resume continues a run with its own config; drop {sorted('--' + k.replace('_', '-') for k in flags) or '--config'}"
+            )
+        run_dir = resume(args.resume)
+    else:
+        values = load_config_file(args.config) if args.config else {}
+        values.update({k: _parse_value(k, v) for k, v in flags.items()})
+        config = config_from_dict(values, source=args.config or "command line").validate()
+        run_dir = train(config)
+    print(f"run: {run_dir}")
+    print(run_dir)
+
+
+def cmd_eval(args) -> None:
+    from transferkit.training.report import evaluate_run
+
+    result = evaluate_run(args.run, extra_data=_split_list(args.data), split=args.split)
+    print(result.table)
+    print(f"wrote {result.eval_path} and {result.report_path}")
+    print(result.report_path.parent)
+
+
+def cmd_export(args) -> None:
+    from transferkit.export import export_run, format_export_table
+
+    result = export_run(args.run, formats=_split_list(args.format), precision=args.precision)
+    print(format_export_table(result))
+    if result.bentoml_tag:
+        print(f"BentoML model: {result.bentoml_tag}")
+    print(result.export_dir)
+    if not result.ok:
+        raise TransferkitError("a requested format failed export or its accuracy gate (see the table and verify.json)")
+
+
+def cmd_serve(args) -> None:
+    from transferkit.serving import serve
+
+    serve(args.run, host=args.host, port=args.port, runtime=args.runtime)
+
+
+def cmd_predict(args) -> None:
+    import json
+
+    from transferkit.serving.client import predict_files
+
+    results = predict_files(args.images, url=args.url, top_k=args.top_k)
+    print(json.dumps(results, indent=2))
+
+
+def cmd_build(args) -> None:
+    from transferkit.serving.build import build_bento
+
+    result = build_bento(args.run)
+    print(f"bento: {result.tag}")
+    print(f"dockerfile: {result.dockerfile_path}")
+    print(f"containerize: {result.containerize_command}")
+    print(result.bento_path)
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from transferkit import __version__
+
+    parser = argparse.ArgumentParser(prog="transferkit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+
+    p = sub.add_parser("eval", help="accuracy of every head on every dataset it can score; report with plots")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--data", metavar="A,B,...", help="more datasets to score (default: the run's own)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+
+    p = sub.add_parser("export", help="export, verify against PyTorch, store in the BentoML model store")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--format", default="onnx", help="comma-separated: onnx, tensorrt, aoti")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+
+    p = sub.add_parser("serve", help="serve the exported model over HTTP (BentoML)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--runtime", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+
+    p = sub.add_parser("predict", help="send images to a running server and print the answers as JSON")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--url", default="http://127.0.0.1:3000")
+    p.add_argument("--top-k", type=int, default=5)
+
+    p = sub.add_parser("build", help="bentoml build: a Bento with the model, and its Dockerfile")
+    p.add_argument("run", metavar="RUN")
+
+    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("export", cmd_export), ("serve", cmd_serve),
+                       ("predict", cmd_predict), ("build", cmd_build)):  # fmt: skip
+        sub.choices[name].set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TransferkitError as exc:
+        print(f"transferkit: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        hint = " (resume training with --resume RUN)" if args.command == "train" else ""
+        print(f"transferkit: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Typed training configuration: YAML in, validated, resolved YAML out beside every run.
+
+Every field has a default and a comment saying why. Unknown keys and bad values are refused with a
+message naming the key and the fix, before any data is loaded or any weight is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from transferkit.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # ---- data ----
+    data: list[str] = field(default_factory=list)  # dataset names: registry names or imagefolder:PATH
+    unlabeled: list[str] = field(default_factory=list)  # NAME[=HEAD]: images used without labels (pseudo-labels)
+    image_size: int = 64  # square input side; small sizes keep CPU runs quick, 224 matches ImageNet pretraining
+    limit: int | None = None  # cap images per split per dataset, for quick runs
+    sampling: str = "proportional"  # proportional | balanced | temperature:ALPHA (p_i ∝ n_i^ALPHA)
+    heads: str = "shared"  # shared: datasets with identical class names train one head; separate: one each
+    head_weights: list[float] | None = None  # loss weight per head (in head order); default 1.0 each
+    label_map: str | None = None  # YAML/JSON file {synonym: canonical class name} applied before matching
+    augment: bool = True  # random shifts on the device; weak/strong views for pseudo-labelling
+    # ---- model ----
+    backbone: str = "mobilenet_v2"  # any torchvision classification model name
+    weights: str = "imagenet"  # imagenet | none | a torchvision weights name (e.g. IMAGENET1K_V2)
+    init: str | None = None  # RUN dir to start from (sequential transfer): backbone + heads with matching classes
+    # ---- optimisation ----
+    epochs: int = 3
+    batch_size: int = 128  # per optimiser step (split across processes under torchrun)
+    lr: float = 1e-3  # AdamW peak learning rate (of the heads when layer_decay is set)
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to zero
+    label_smoothing: float = 0.0
+    freeze_epochs: int = 0  # train heads only for N epochs (backbone and its BatchNorm statistics frozen)
+    layer_decay: float | None = None  # lr multiplier per block from head to stem (e.g. 0.7); None = same lr
+    ema: float | None = None  # EMA decay of weights (e.g. 0.999); evaluated and exported with EMA weights
+    grad_accum: int = 1  # micro-batches per optimiser step
+    clip_grad: float | None = 1.0  # max gradient norm; None disables clipping
+    class_weights: str = "none"  # none | auto (inverse class frequency, for imbalanced data)
+    early_stop: int | None = None  # stop after N epochs without a better validation accuracy
+    # ---- pseudo-labelling (FixMatch-style) ----
+    pseudo_threshold: float = 0.95  # keep a pseudo-label only above this confidence
+    unlabeled_weight: float = 1.0  # weight of the unlabelled loss after ramp-up
+    unlabeled_rampup: float = 0.3  # fraction of training over which that weight ramps up linearly from 0
+    unlabeled_ratio: int = 1  # unlabelled images per labelled image in a step
+    # ---- system ----
+    seed: int = 0  # same seed, same result on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the model (CUDA)
+    workers: int = 0  # DataLoader workers for datasets streamed from disk
+    checkpoint_every: int = 200  # optimiser steps between checkpoints (also one at each epoch end)
+    tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard
+    out: str | None = None  # run directory; default runs/<datasets>-<time>
+
+    # ---------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        from transferkit.data import check_dataset_name
+
+        if not self.data:
+            raise ConfigError("no datasets given; pass --data mnist,fashion-mnist (or data: [...] in the config)")
+        if len(set(self.data)) != len(self.data):
+            raise ConfigError(f"data lists a dataset twice: {self.data}")
+        for name in self.data + [u.split("=", 1)[0] for u in self.unlabeled]:
+            check_dataset_name(name)
+        _positive(self, "image_size", "epochs", "batch_size", "grad_accum", "unlabeled_ratio", "checkpoint_every")
+        if self.image_size < 16:
+            raise ConfigError(f"image_size {self.image_size} is too small; use 16 or more (32-64 for quick runs)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        parse_sampling(self.sampling)
+        if self.heads not in ("shared", "separate"):
+            raise ConfigError(f"heads must be shared or separate, got {self.heads!r}")
+        if self.class_weights not in ("none", "auto"):
+            raise ConfigError(f"class_weights must be none or auto, got {self.class_weights!r}")
+        if not 0.0 <= self.pseudo_threshold <= 1.0:
+            raise ConfigError(f"pseudo_threshold must be in [0, 1], got {self.pseudo_threshold}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigError(f"ema must be in (0, 1), e.g. 0.999; got {self.ema}")
+        if self.freeze_epochs < 0 or self.freeze_epochs > self.epochs:
+            raise ConfigError(f"freeze_epochs must be in [0, epochs={self.epochs}], got {self.freeze_epochs}")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ConfigError(f"early_stop must be >= 1 epoch, got {self.early_stop}")
+        if self.head_weights is not None and any(w < 0 for w in self.head_weights):
+            raise ConfigError(f"head_weights must be >= 0, got {self.head_weights}")
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for path_field in ("label_map", "init"):
+            value = getattr(self, path_field)
+            if value is not None and not Path(value).exists():
+                raise ConfigError(f"{path_field}: {value} does not exist")
+        from transferkit.training.model import resolve_weights
+
+        resolve_weights(self.backbone, self.weights)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        from transferkit.utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def parse_sampling(spec: str) -> float:
+    """Sampling spec -> the temperature exponent alpha: proportional=1, balanced=0, temperature:A=A."""
+    if spec == "proportional":
+        return 1.0
+    if spec == "balanced":
+        return 0.0
+    m = re.fullmatch(r"temperature:([0-9]*\.?[0-9]+)", spec)
+    if m:
+        return float(m.group(1))
+    raise ConfigError(f"sampling must be proportional, balanced or temperature:ALPHA (e.g. temperature:0.5), got {spec!r}")
+
+
+def _positive(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a TrainConfig from plain values, checking keys and types (ints are accepted as floats)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    hints = get_type_hints(TrainConfig)
+    clean = {}
+    for key, value in values.items():
+        clean[key] = _coerce(key, value, hints[key], source)
+    return TrainConfig(**clean)
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{source}: {key} may not be null")
+    if "list[str]" in text:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {key} must be a list of names, got {value!r}")
+        return value
+    if "list[float]" in text:
+        if isinstance(value, str):
+            value = value.split(",")
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {key} must be a list of numbers, got {value!r}") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    for typ in (int, float):
+        if typ.__name__ in text.split(" | ")[0] or text.startswith(f"{typ.__name__} |"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and value != int(value)):
+                raise ConfigError(f"{source}: {key} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
+            return typ(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys to values at the top level")
+    return values

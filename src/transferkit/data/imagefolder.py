@@ -1,0 +1,97 @@
+"""`imagefolder:PATH` datasets: PATH/{train,val,test}/<class>/<image>, or PATH/<class>/<image> (seeded split).
+
+Files are decoded and resized once, in parallel threads (Pillow releases the GIL while decoding), into uint8
+arrays at the model's input size. An unreadable file is a DataError naming the file, not a silent skip.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from transferkit.data.base import Split, limit_indices, seeded_split
+from transferkit.errors import DataError
+from transferkit.preprocess import Preprocessing
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    paths, labels = [], []
+    for idx, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue  # a class may be absent from one split (e.g. a tiny val split)
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += files
+        labels += [idx] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _decode_all(paths: list[Path], pre: Preprocessing) -> np.ndarray:
+    def load(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                return pre.pil_to_uint8(image)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read image ({exc}); remove or replace the file") from None
+
+    out = np.empty((len(paths), pre.image_size, pre.image_size, 3), np.uint8)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for i, arr in enumerate(pool.map(load, paths)):
+            out[i] = arr
+    return out
+
+
+def load_imagefolder(
+    path: str, pre: Preprocessing, limit: int | None
+) -> tuple[dict[str, Split], list[str]]:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"imagefolder:{path}: no such directory; give PATH with PATH/train/<class>/*.jpg")
+    has_splits = (root / "train").is_dir()
+    if has_splits:
+        classes = [p.name for p in _class_dirs(root / "train")]
+    else:
+        classes = [p.name for p in _class_dirs(root)]
+    if len(classes) < 2:
+        raise DataError(
+            f"imagefolder:{path}: found {len(classes)} class folder(s); need at least 2, laid out as "
+            f"PATH/train/<class>/*.jpg (and PATH/val/<class>/*) or PATH/<class>/*.jpg"
+        )
+    listed: dict[str, tuple[list[Path], np.ndarray]] = {}
+    if has_splits:
+        listed["train"] = _list_images(root / "train", classes)
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                extra = sorted({p.name for p in _class_dirs(root / split)} - set(classes))
+                if extra:
+                    raise DataError(f"imagefolder:{path}: {split}/ has classes not in train/: {extra}")
+                listed[split] = _list_images(root / split, classes)
+        if "val" not in listed:  # carve val (and test if absent) out of train, seeded
+            paths, labels = listed["train"]
+            tr, va, te = seeded_split(len(labels), (0.15, 0.0 if "test" in listed else 0.15))
+            listed["train"] = ([paths[i] for i in tr], labels[tr])
+            listed["val"] = ([paths[i] for i in va], labels[va])
+            if "test" not in listed:
+                listed["test"] = ([paths[i] for i in te], labels[te])
+        elif "test" not in listed:
+            listed["test"] = listed["val"]  # no separate test set: report on val, as torchvision users expect
+    else:
+        paths, labels = _list_images(root, classes)
+        tr, va, te = seeded_split(len(labels), (0.15, 0.15))
+        for split, idx in zip(("train", "val", "test"), (tr, va, te)):
+            listed[split] = ([paths[i] for i in idx], labels[idx])
+    splits = {}
+    for split, (paths, labels) in listed.items():
+        if len(paths) == 0:
+            raise DataError(f"imagefolder:{path}: the {split} split has no images ({sorted(IMAGE_SUFFIXES)})")
+        keep = limit_indices(len(paths), limit)
+        splits[split] = Split(_decode_all([paths[i] for i in keep], pre), labels[keep])
+    return splits, classes

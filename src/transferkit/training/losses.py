@@ -1,0 +1,66 @@
+"""Per-step losses. Every head computes a loss on every sample and masks out samples of other heads, so
+a batch may lack a dataset entirely (its head then contributes zero) and every parameter stays in the
+graph (DistributedDataParallel needs no `find_unused_parameters`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_head_losses(
+    logits: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    head_ids: torch.Tensor,
+    head_order: list[str],
+    head_weights: list[float],
+    class_weights: list[torch.Tensor | None],
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (weighted sum over heads of each head's mean loss on its own samples, per-sample correctness)."""
+    total = logits[head_order[0]].new_zeros((), dtype=torch.float32)
+    correct = torch.zeros_like(labels, dtype=torch.bool)
+    for h, name in enumerate(head_order):
+        mask = head_ids == h
+        y = torch.where(mask, labels, torch.zeros_like(labels))
+        lg = logits[name].float()
+        ce = F.cross_entropy(lg, y, weight=class_weights[h], reduction="none", label_smoothing=label_smoothing)
+        w = class_weights[h][y] if class_weights[h] is not None else torch.ones_like(ce)
+        denom = (w * mask).sum().clamp(min=1e-6)
+        total = total + head_weights[h] * (ce * mask).sum() / denom
+        correct |= mask & (lg.argmax(1) == y)
+    return total, correct
+
+
+def pseudo_label_loss(
+    weak_logits: dict[str, torch.Tensor],
+    strong_logits: dict[str, torch.Tensor],
+    head_ids: torch.Tensor,
+    head_order: list[str],
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FixMatch: label from the weak view, loss on the strong view, only where confidence >= threshold.
+
+    -> (loss averaged over all unlabelled samples, keep mask, pseudo-labels)."""
+    n = head_ids.shape[0]
+    loss = weak_logits[head_order[0]].new_zeros((), dtype=torch.float32)
+    keep = torch.zeros(n, dtype=torch.bool, device=head_ids.device)
+    pseudo = torch.zeros(n, dtype=torch.long, device=head_ids.device)
+    for h, name in enumerate(head_order):
+        mask = head_ids == h
+        if name not in weak_logits:
+            continue
+        probs = weak_logits[name].detach().float().softmax(1)
+        conf, guess = probs.max(1)
+        sel = mask & (conf >= threshold)
+        ce = F.cross_entropy(strong_logits[name].float(), guess, reduction="none")
+        loss = loss + (ce * sel).sum() / max(n, 1)
+        keep |= sel
+        pseudo = torch.where(mask, guess, pseudo)
+    return loss, keep, pseudo
+
+
+def auto_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1 over present classes (absent classes get 0)."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros_like(counts))
+    return w

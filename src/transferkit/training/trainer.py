@@ -1,0 +1,295 @@
+"""The training loop: `train(config)` -> run directory; `resume(run_dir)` continues an interrupted run.
+
+One optimiser step = one global batch from the multi-dataset sampler (+ unlabelled images when
+pseudo-labelling), split into `grad_accum` micro-batches and, under torchrun, across processes.
+Validation every epoch; the best epoch's weights (EMA weights when EMA is on) become model.pt.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from transferkit.config import TrainConfig
+from transferkit.errors import TransferkitError
+from transferkit.runs import load_run, save_run_metadata
+from transferkit.training import augment
+from transferkit.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, save_weights
+from transferkit.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, shutdown
+from transferkit.training.evaluate import accuracy, predict_logits
+from transferkit.training.losses import masked_head_losses, pseudo_label_loss
+from transferkit.training.metrics_log import MetricsLog
+from transferkit.training.optim import EMA, set_backbone_frozen
+from transferkit.training.setup import TrainingSetup, build_optimizer, build_setup
+from transferkit.training.transfer import describe_mapping, init_from_run
+from transferkit.utils import atomic_write_json
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    names = "+".join(n.split(":")[-1].rstrip("/").split("/")[-1] for n in config.data)
+    return Path("runs") / f"{names}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def train(config: TrainConfig) -> Path:
+    """Train from scratch (or from --init) into a new run directory; returns it."""
+    config.validate()
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / "model.pt").exists():
+        raise TransferkitError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    config.out = str(run_dir)
+    return _run(config, run_dir, resuming=False)
+
+
+def resume(run_dir: str | Path) -> Path:
+    """Continue the run in `run_dir` from its last checkpoint, with its own resolved config."""
+    run = load_run(run_dir)
+    if load_checkpoint(run.dir) is None:
+        raise TransferkitError(f"{run.dir} has no checkpoint.pt to resume from; start it again with train")
+    return _run(run.config, run.dir, resuming=True)
+
+
+def _run(config: TrainConfig, run_dir: Path, resuming: bool) -> Path:
+    dist_info, device = init_distributed(config.device)
+    try:
+        return _Loop(config, run_dir, dist_info, device, resuming).run()
+    finally:
+        shutdown(dist_info)
+
+
+class _Loop:
+    def __init__(self, config: TrainConfig, run_dir: Path, dist: DistInfo, device: torch.device, resuming: bool):
+        self.cfg, self.run_dir, self.dist, self.device = config, run_dir, dist, device
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.setup: TrainingSetup = build_setup(config, device)
+        self.model = self.setup.model
+        self.log = self._print if dist.is_main else (lambda *a: None)
+        if config.init and not resuming:
+            mapping = init_from_run(self.model, config.init, self.setup.label_map)
+            for line in describe_mapping(mapping):
+                self.log(line)
+            if dist.is_main:
+                atomic_write_json(run_dir / "transfer.json", mapping)
+        self.optimizer, self.scheduler = build_optimizer(self.setup)
+        self.ema = EMA(self.model, config.ema) if config.ema else None
+        self.eval_model = copy.deepcopy(self.model) if config.ema else self.model
+        self.aug_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        self.mean = torch.tensor(self.setup.preprocessing.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.setup.preprocessing.std, device=device).view(1, 3, 1, 1)
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.best, self.bad_epochs, self.finished = -1.0, 0, False
+        self.metrics = MetricsLog(run_dir, tensorboard=config.tensorboard and dist.is_main)
+        if resuming:
+            self._restore()
+        elif dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_run_metadata(run_dir, config, self.setup.preprocessing, self.setup.plan.labels)
+        self.train_model = self._wrap()
+
+    @staticmethod
+    def _print(*args) -> None:
+        print(*args, file=sys.stderr, flush=True)
+
+    # ---- state ----
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "finished": self.finished,
+            "history": self.metrics.history,
+            "rng": rng_state(self.aug_gen),
+        }
+
+    def _checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, self._state())
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.run_dir)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        for key in ("epoch", "step", "global_step", "best", "bad_epochs", "finished"):
+            setattr(self, key, state[key])
+        self.metrics.history = list(state["history"])
+        restore_rng(state["rng"], self.aug_gen)
+        self.log(f"resume: {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.setup.steps_per_epoch}")
+
+    def _frozen(self) -> bool:
+        return self.epoch < self.cfg.freeze_epochs
+
+    def _wrap(self):
+        """(Re)wrap for DDP whenever the set of trainable parameters changes (freeze stages)."""
+        set_backbone_frozen(self.model, self._frozen())
+        model = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    # ---- loop ----
+    def run(self) -> Path:
+        cfg = self.cfg
+        if self.finished:
+            self.log(f"{self.run_dir} already finished; nothing to resume")
+        while self.epoch < cfg.epochs and not self.finished:
+            was_frozen = self._frozen()
+            self._train_epoch()
+            self._end_epoch()
+            if was_frozen != self._frozen() and not self.finished:
+                self.log(f"epoch {self.epoch}: unfreezing the backbone")
+                self.train_model = self._wrap()
+        self.finished = True
+        self._checkpoint()
+        self.metrics.close()
+        barrier(self.dist)
+        return self.run_dir
+
+    def _train_epoch(self) -> None:
+        cfg, setup = self.cfg, self.setup
+        self.model.train()
+        set_backbone_frozen(self.model, self._frozen())
+        batches = setup.sampler.epoch_batches(self.epoch)
+        bar = tqdm(
+            total=len(batches), initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not self.dist.is_main, file=sys.stderr, leave=False, dynamic_ncols=True,
+        )  # fmt: skip
+        totals = {"loss": 0.0, "correct": 0, "seen": 0, "images": 0, "kept": 0, "kept_right": 0, "unl": 0}
+        start = time.perf_counter()
+        while self.step < len(batches):
+            stats = self._train_step(batches[self.step])
+            for k, v in stats.items():
+                totals[k] += v
+            self.step += 1
+            self.global_step += 1
+            rate = totals["images"] / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{totals['correct'] / max(totals['seen'], 1):.3f}",
+                            img_s=f"{rate:.0f}")  # fmt: skip
+            bar.update(1)
+            if self.global_step % cfg.checkpoint_every == 0 and self.step < len(batches):
+                self._checkpoint()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        self._epoch_train = {
+            "train_loss": totals["loss"] / max(len(batches), 1),
+            "train_acc": totals["correct"] / max(totals["seen"], 1),
+            "images_per_s": totals["images"] / max(elapsed, 1e-9),
+            "lr": self.optimizer.param_groups[-1]["lr"],
+        }
+        if setup.unlabelled is not None:
+            self._epoch_train["pseudo_coverage"] = totals["kept"] / max(totals["unl"], 1)
+            self._epoch_train["pseudo_accuracy"] = totals["kept_right"] / max(totals["kept"], 1)
+
+    def _train_step(self, global_batch: np.ndarray) -> dict:
+        cfg, setup = self.cfg, self.setup
+        local = global_batch[self.dist.rank :: self.dist.world_size]
+        micro = np.array_split(local, cfg.grad_accum)
+        unl_micro = [None] * cfg.grad_accum
+        if setup.unlabelled is not None:
+            unl = setup.unlabelled_sampler.batch(self.epoch, self.step)[self.dist.rank :: self.dist.world_size]
+            unl_micro = np.array_split(unl, cfg.grad_accum)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {"loss": 0.0, "correct": 0, "seen": 0, "images": 0, "kept": 0, "kept_right": 0, "unl": 0}
+        for part, unl_part in zip(micro, unl_micro):
+            loss, stats = self._forward_backward(part, unl_part, len(local))
+            out["loss"] += loss
+            for k, v in stats.items():
+                out[k] += v
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+        return out
+
+    def _forward_backward(self, index: np.ndarray, unl_index: np.ndarray | None, batch_len: int) -> tuple[float, dict]:
+        cfg, setup = self.cfg, self.setup
+        images, labels, head_ids = setup.pool.take(index)
+        x = augment.to_unit(images)
+        x = augment.weak_view(x, self.aug_gen) if cfg.augment else x
+        parts = [x]
+        if unl_index is not None and len(unl_index):
+            u_images, u_true, u_heads = setup.unlabelled.take(unl_index)
+            u = augment.to_unit(u_images)
+            parts += [augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)]
+        x = augment.normalize(torch.cat(parts), self.mean, self.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.train_model(x)
+        n = len(index)
+        lab = {k: v[:n] for k, v in logits.items()}
+        loss, correct = masked_head_losses(
+            lab, labels, head_ids, setup.head_order, setup.head_weights, setup.class_weights, cfg.label_smoothing
+        )
+        stats = {"correct": int(correct.sum()), "seen": n, "images": n}
+        if len(parts) > 1:
+            m = len(unl_index)
+            weak = {k: v[n : n + m] for k, v in logits.items()}
+            strong = {k: v[n + m :] for k, v in logits.items()}
+            u_loss, keep, pseudo = pseudo_label_loss(weak, strong, u_heads, setup.head_order, cfg.pseudo_threshold)
+            ramp = min(1.0, self.global_step / max(1.0, cfg.unlabeled_rampup * setup.total_steps))
+            loss = loss + cfg.unlabeled_weight * ramp * u_loss
+            stats.update(images=n + m, unl=m, kept=int(keep.sum()), kept_right=int((keep & (pseudo == u_true)).sum()))
+        (loss * len(index) / max(batch_len, 1)).backward()
+        return float(loss.detach()), stats
+
+    # ---- epoch end ----
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        if self.ema:
+            self.eval_model.load_state_dict(self.ema.state_dict())
+        val = self.validate(self.eval_model)
+        mean_val = float(np.mean(list(val.values())))
+        self.epoch, self.step = self.epoch + 1, 0
+        record = {"epoch": self.epoch, **self._epoch_train, "val_acc": val, "val_acc_mean": mean_val}
+        improved = mean_val > self.best
+        if improved:
+            self.best, self.bad_epochs = mean_val, 0
+            record["best"] = True
+            if self.dist.is_main:
+                save_weights(self.run_dir / "model.pt", self.eval_model.state_dict())
+        else:
+            self.bad_epochs += 1
+        if self.dist.is_main:
+            self.metrics.add(record)
+        stop = cfg.early_stop is not None and self.bad_epochs >= cfg.early_stop
+        self.finished = broadcast_flag(self.dist, stop)
+        pseudo = ""
+        if "pseudo_coverage" in record:
+            pseudo = f"  pseudo-labels: {record['pseudo_coverage']:.1%} kept, {record['pseudo_accuracy']:.1%} right"
+        vals = "  ".join(f"{k} {v:.4f}" for k, v in val.items())
+        self.log(
+            f"epoch {self.epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  train acc {record['train_acc']:.4f}  "
+            f"val {vals}  {record['images_per_s']:.0f} img/s{'  *best*' if improved else ''}{pseudo}"
+        )
+        if self.finished:
+            self.log(f"early stop: no better validation accuracy for {cfg.early_stop} epochs")
+        self._checkpoint()
+
+    def validate(self, model) -> dict[str, float]:
+        """Validation accuracy of each dataset on its own head."""
+        setup, out = self.setup, {}
+        for ds in setup.datasets:
+            head = setup.plan.labels.datasets[ds.name]
+            remap = np.asarray(setup.plan.label_remap[ds.name])
+            logits = predict_logits(model, ds.val.images, setup.preprocessing, self.device, heads=[head])
+            out[ds.name] = accuracy(logits[head], remap[ds.val.labels])
+        return out
