@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -83,8 +84,8 @@ def cmd_train(args) -> None:
         values.update({k: _parse_value(k, v) for k, v in flags.items()})
         config = config_from_dict(values, source=args.config or "command line").validate()
         run_dir = train(config)
-    print(f"run: {run_dir}")
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(run_dir)
 
 
 def cmd_eval(args) -> None:

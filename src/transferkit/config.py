@@ -55,7 +55,8 @@ class TrainConfig:
     seed: int = 0  # same seed, same result on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the model (CUDA)
-    workers: int = 0  # DataLoader workers for datasets streamed from disk
+    workers: int = 2  # DataLoader worker processes decoding image folders streamed from disk
+    max_in_memory_gb: float = 8.0  # a training split larger than this (decoded uint8) streams from disk
     checkpoint_every: int = 200  # optimiser steps between checkpoints (also one at each epoch end)
     tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard
     out: str | None = None  # run directory; default runs/<datasets>-<time>
@@ -73,6 +74,8 @@ class TrainConfig:
         _positive(self, "image_size", "epochs", "batch_size", "grad_accum", "unlabeled_ratio", "checkpoint_every")
         if self.image_size < 16:
             raise ConfigError(f"image_size {self.image_size} is too small; use 16 or more (32-64 for quick runs)")
+        if self.workers < 0 or self.max_in_memory_gb < 0:
+            raise ConfigError("workers and max_in_memory_gb must be >= 0")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if not self.lr > 0:

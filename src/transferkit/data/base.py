@@ -9,6 +9,9 @@ import numpy as np
 
 SPLITS = ("train", "val", "test")
 
+# A training split larger than this (decoded, uint8) streams from disk instead of living in memory.
+DEFAULT_MAX_IN_MEMORY_BYTES = 8 * 2**30
+
 # Test and validation splits are drawn with this seed, independent of the training seed, so every run of a
 # dataset is scored on the same held-out images.
 SPLIT_SEED = 1234
@@ -21,20 +24,28 @@ def data_root() -> Path:
 
 @dataclass
 class Split:
-    images: np.ndarray  # uint8 (N, S, S, 3)
+    """Decoded images in memory, or (for a training split too large for memory) the files to stream."""
+
+    images: np.ndarray | None  # uint8 (N, S, S, 3); None when streamed from `paths`
     labels: np.ndarray  # int64 (N,)
+    paths: list[Path] | None = None  # image files, decoded on the fly by a DataLoader when images is None
 
     def __post_init__(self) -> None:
+        if self.images is None:
+            if self.paths is None or len(self.paths) != len(self.labels):
+                raise ValueError("a streamed split needs one path per label")
+            return
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 (N,S,S,3), got {self.images.dtype} {self.images.shape}")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
+    @property
+    def streamed(self) -> bool:
+        return self.images is None
+
     def __len__(self) -> int:
         return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> "Split":
-        return Split(self.images[index], self.labels[index])
 
 
 @dataclass
@@ -51,10 +62,6 @@ class ImageDataset:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; use one of {SPLITS}")
         return getattr(self, name)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train.images.shape[1])
 
     def summary(self) -> str:
         return (

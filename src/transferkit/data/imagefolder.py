@@ -34,13 +34,18 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarr
     return paths, np.asarray(labels, dtype=np.int64)
 
 
+def decode_file(path: Path, pre: Preprocessing) -> np.ndarray:
+    """One image file -> uint8 (S, S, 3), or a DataError naming the file."""
+    try:
+        with Image.open(path) as image:
+            return pre.pil_to_uint8(image)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image ({exc}); remove or replace the file") from None
+
+
 def _decode_all(paths: list[Path], pre: Preprocessing) -> np.ndarray:
     def load(path: Path) -> np.ndarray:
-        try:
-            with Image.open(path) as image:
-                return pre.pil_to_uint8(image)
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read image ({exc}); remove or replace the file") from None
+        return decode_file(path, pre)
 
     out = np.empty((len(paths), pre.image_size, pre.image_size, 3), np.uint8)
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -50,8 +55,10 @@ def _decode_all(paths: list[Path], pre: Preprocessing) -> np.ndarray:
 
 
 def load_imagefolder(
-    path: str, pre: Preprocessing, limit: int | None
+    path: str, pre: Preprocessing, limit: int | None, max_in_memory_bytes: int
 ) -> tuple[dict[str, Split], list[str]]:
+    """-> ({split: Split}, classes). A train split over `max_in_memory_bytes` decoded is left on disk
+    (Split.paths) for training to stream; val and test are always decoded (they are read every epoch)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"imagefolder:{path}: no such directory; give PATH with PATH/train/<class>/*.jpg")
@@ -93,5 +100,9 @@ def load_imagefolder(
         if len(paths) == 0:
             raise DataError(f"imagefolder:{path}: the {split} split has no images ({sorted(IMAGE_SUFFIXES)})")
         keep = limit_indices(len(paths), limit)
-        splits[split] = Split(_decode_all([paths[i] for i in keep], pre), labels[keep])
+        files = [paths[i] for i in keep]
+        if split == "train" and len(files) * pre.image_size**2 * 3 > max_in_memory_bytes:
+            splits[split] = Split(None, labels[keep], paths=files)
+        else:
+            splits[split] = Split(_decode_all(files, pre), labels[keep])
     return splits, classes

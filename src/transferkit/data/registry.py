@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from transferkit.data import builtin
-from transferkit.data.base import ImageDataset, Split, limit_indices
+from transferkit.data.base import DEFAULT_MAX_IN_MEMORY_BYTES, ImageDataset, Split, limit_indices
 from transferkit.data.imagefolder import load_imagefolder
 from transferkit.errors import DataError
 from transferkit.preprocess import Preprocessing
@@ -48,11 +48,14 @@ def check_dataset_name(name: str) -> None:
         raise DataError(f"unknown dataset {name!r}; use one of {known}, or imagefolder:PATH for your own images")
 
 
-def load_dataset(name: str, pre: Preprocessing, limit: int | None = None) -> ImageDataset:
-    """Load all three splits of `name`, resized to `pre.image_size`, at most `limit` images per split."""
+def load_dataset(
+    name: str, pre: Preprocessing, limit: int | None = None, max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES
+) -> ImageDataset:
+    """Load all three splits of `name`, resized to `pre.image_size`, at most `limit` images per split.
+    An image folder whose train split would exceed `max_in_memory_bytes` keeps it on disk (streamed)."""
     check_dataset_name(name)
     if name.startswith("imagefolder:"):
-        splits, classes = load_imagefolder(name[len("imagefolder:") :], pre, limit)
+        splits, classes = load_imagefolder(name[len("imagefolder:") :], pre, limit, max_in_memory_bytes)
     else:
         native, classes = _REGISTRY[name][0]()
         splits = {}

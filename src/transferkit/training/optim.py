@@ -78,14 +78,17 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.float_keys = [k for k, v in self.state.items() if v.dtype.is_floating_point]
+        self.other_keys = [k for k, v in self.state.items() if not v.dtype.is_floating_point]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.state[k].lerp_(v.detach(), 1.0 - self.decay)
-            else:
-                self.state[k].copy_(v)
+        current = model.state_dict()
+        # one fused kernel per dtype/device group instead of one launch per tensor
+        torch._foreach_lerp_([self.state[k] for k in self.float_keys], [current[k] for k in self.float_keys],
+                             1.0 - self.decay)  # fmt: skip
+        for k in self.other_keys:
+            self.state[k].copy_(current[k])
 
     def state_dict(self) -> dict:
         return self.state

@@ -50,11 +50,12 @@ class TrainingSetup:
 
 
 def load_datasets(config: TrainConfig, pre: Preprocessing) -> tuple[list[ImageDataset], list[tuple[ImageDataset, str | None]]]:
-    labelled = [load_dataset(name, pre, config.limit) for name in config.data]
+    budget = int(config.max_in_memory_gb * 2**30)
+    labelled = [load_dataset(name, pre, config.limit, budget) for name in config.data]
     unlabelled = []
     for spec in config.unlabeled:
         name, head = parse_unlabeled(spec)
-        unlabelled.append((load_dataset(name, pre, config.limit), head))
+        unlabelled.append((load_dataset(name, pre, config.limit, budget), head))
     names = [d.name for d in labelled]
     if len(set(names)) != len(names):
         raise ConfigError(f"two datasets have the same name {names}; rename one image folder")
@@ -76,11 +77,13 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
         )
     # channels_last: ~2x faster convolutions on CPU (oneDNN) and the layout tensor cores want on GPU
     model.to(device, memory_format=torch.channels_last)
-    pool = labelled_pool(datasets, plan, head_order, device)
+    pool = labelled_pool(datasets, plan, head_order, pre, device, config.workers)
     sampler = MultiDatasetSampler(pool.sizes, config.batch_size, parse_sampling(config.sampling), config.seed)
     setup = TrainingSetup(config, device, pre, datasets, plan, label_map, head_order, model, pool, sampler)
     if unlabelled_specs:
-        setup.unlabelled, setup.unlabelled_heads = unlabelled_pool(unlabelled_specs, plan, head_order, label_map, device)
+        setup.unlabelled, setup.unlabelled_heads = unlabelled_pool(
+            unlabelled_specs, plan, head_order, label_map, pre, device, config.workers
+        )
         setup.unlabelled_datasets = [d for d, _ in unlabelled_specs]
         setup.unlabelled_sampler = CyclingSampler(
             len(setup.unlabelled.labels), config.batch_size * config.unlabeled_ratio, config.seed

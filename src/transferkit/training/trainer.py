@@ -58,12 +58,15 @@ def resume(run_dir: str | Path) -> Path:
 def _run(config: TrainConfig, run_dir: Path, resuming: bool) -> Path:
     dist_info, device = init_distributed(config.device)
     try:
-        return _Loop(config, run_dir, dist_info, device, resuming).run()
+        return TrainLoop(config, run_dir, dist_info, device, resuming).run()
     finally:
         shutdown(dist_info)
 
 
-class _Loop:
+class TrainLoop:
+    """One training run's state and steps. `run()` trains to the end; `train_step(batch)` is one optimiser
+    step (used as-is by benchmarks/train_throughput.py, so the benchmark measures the real loop)."""
+
     def __init__(self, config: TrainConfig, run_dir: Path, dist: DistInfo, device: torch.device, resuming: bool):
         self.cfg, self.run_dir, self.dist, self.device = config, run_dir, dist, device
         torch.manual_seed(config.seed)
@@ -85,6 +88,7 @@ class _Loop:
         self.std = torch.tensor(self.setup.preprocessing.std, device=device).view(1, 3, 1, 1)
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.best, self.bad_epochs, self.finished = -1.0, 0, False
+        self.totals: dict = {}
         self.metrics = MetricsLog(run_dir, tensorboard=config.tensorboard and dist.is_main)
         if resuming:
             self._restore()
@@ -111,6 +115,7 @@ class _Loop:
             "bad_epochs": self.bad_epochs,
             "finished": self.finished,
             "history": self.metrics.history,
+            "epoch_totals": {k: float(v) for k, v in self.totals.items()},  # the epoch's sums so far
             "rng": rng_state(self.aug_gen),
         }
 
@@ -128,6 +133,7 @@ class _Loop:
         for key in ("epoch", "step", "global_step", "best", "bad_epochs", "finished"):
             setattr(self, key, state[key])
         self.metrics.history = list(state["history"])
+        self.totals = dict(state["epoch_totals"])
         restore_rng(state["rng"], self.aug_gen)
         self.log(f"resume: {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.setup.steps_per_epoch}")
 
@@ -167,52 +173,69 @@ class _Loop:
         cfg, setup = self.cfg, self.setup
         self.model.train()
         set_backbone_frozen(self.model, self._frozen())
-        batches = setup.sampler.epoch_batches(self.epoch)
+        n_steps = setup.steps_per_epoch
         bar = tqdm(
-            total=len(batches), initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            total=n_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
             disable=not self.dist.is_main, file=sys.stderr, leave=False, dynamic_ncols=True,
         )  # fmt: skip
-        totals = {"loss": 0.0, "correct": 0, "seen": 0, "images": 0, "kept": 0, "kept_right": 0, "unl": 0}
+        # epoch sums as device tensors: reading them forces a sync, so only every `sync_every` steps
+        sync_every = 25
+        if self.step == 0:
+            self.totals = {}
+        images = 0
         start = time.perf_counter()
-        while self.step < len(batches):
-            stats = self._train_step(batches[self.step])
-            for k, v in stats.items():
-                totals[k] += v
+        for labelled, unlabelled in self.step_inputs(self.epoch, self.step):
+            stats = self.train_step(labelled, unlabelled)
+            self.totals = {k: self.totals.get(k, 0) + v for k, v in stats.items()}
+            images += int(stats["images"])
             self.step += 1
             self.global_step += 1
-            rate = totals["images"] / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{totals['correct'] / max(totals['seen'], 1):.3f}",
-                            img_s=f"{rate:.0f}")  # fmt: skip
             bar.update(1)
-            if self.global_step % cfg.checkpoint_every == 0 and self.step < len(batches):
+            if self.dist.is_main and (self.step % sync_every == 0 or self.step == n_steps):
+                rate = images / max(time.perf_counter() - start, 1e-9)
+                seen = max(int(self.totals["seen"]), 1)
+                bar.set_postfix(loss=f"{float(stats['loss']):.3f}", acc=f"{int(self.totals['correct']) / seen:.3f}",
+                                img_s=f"{rate:.0f}")  # fmt: skip
+            if self.global_step % cfg.checkpoint_every == 0 and self.step < n_steps:
                 self._checkpoint()
+        totals = {k: float(v) for k, v in self.totals.items()}
         bar.close()
         elapsed = time.perf_counter() - start
+        steps_run = max(totals.get("steps", 0.0), 1.0)
         self._epoch_train = {
-            "train_loss": totals["loss"] / max(len(batches), 1),
-            "train_acc": totals["correct"] / max(totals["seen"], 1),
-            "images_per_s": totals["images"] / max(elapsed, 1e-9),
+            "train_loss": totals.get("loss", 0.0) / steps_run,
+            "train_acc": totals.get("correct", 0.0) / max(totals.get("seen", 0.0), 1.0),
+            "images_per_s": images / max(elapsed, 1e-9),
             "lr": self.optimizer.param_groups[-1]["lr"],
         }
         if setup.unlabelled is not None:
-            self._epoch_train["pseudo_coverage"] = totals["kept"] / max(totals["unl"], 1)
-            self._epoch_train["pseudo_accuracy"] = totals["kept_right"] / max(totals["kept"], 1)
+            self._epoch_train["pseudo_coverage"] = totals["kept"] / max(totals["unl"], 1.0)
+            self._epoch_train["pseudo_accuracy"] = totals["kept_right"] / max(totals["kept"], 1.0)
 
-    def _train_step(self, global_batch: np.ndarray) -> dict:
-        cfg, setup = self.cfg, self.setup
-        local = global_batch[self.dist.rank :: self.dist.world_size]
-        micro = np.array_split(local, cfg.grad_accum)
+    def step_inputs(self, epoch: int, start: int):
+        """This process's (labelled, unlabelled-or-None) batches for the steps of `epoch` from `start` on."""
+        setup, rank, world = self.setup, self.dist.rank, self.dist.world_size
+        batches = setup.sampler.epoch_batches(epoch)[start:]
+        labelled = setup.pool.iterate([b[rank::world] for b in batches])
+        if setup.unlabelled is None:
+            return ((lab, None) for lab in labelled)
+        unl = [setup.unlabelled_sampler.batch(epoch, start + k)[rank::world] for k in range(len(batches))]
+        return zip(labelled, setup.unlabelled.iterate(unl))
+
+    def train_step(self, labelled, unlabelled=None) -> dict:
+        """One optimiser step on this process's batch (images, labels, head ids) -> stats as device tensors."""
+        cfg = self.cfg
+        n = len(labelled[0])
+        micro = list(zip(*(t.tensor_split(cfg.grad_accum) for t in labelled)))
         unl_micro = [None] * cfg.grad_accum
-        if setup.unlabelled is not None:
-            unl = setup.unlabelled_sampler.batch(self.epoch, self.step)[self.dist.rank :: self.dist.world_size]
-            unl_micro = np.array_split(unl, cfg.grad_accum)
+        if unlabelled is not None:
+            unl_micro = list(zip(*(t.tensor_split(cfg.grad_accum) for t in unlabelled)))
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": 0.0, "correct": 0, "seen": 0, "images": 0, "kept": 0, "kept_right": 0, "unl": 0}
+        out: dict = {"steps": 1}
         for part, unl_part in zip(micro, unl_micro):
-            loss, stats = self._forward_backward(part, unl_part, len(local))
-            out["loss"] += loss
+            stats = self._forward_backward(part, unl_part, n)
             for k, v in stats.items():
-                out[k] += v
+                out[k] = out.get(k, 0) + v
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad)
         self.optimizer.step()
@@ -221,35 +244,37 @@ class _Loop:
             self.ema.update(self.model)
         return out
 
-    def _forward_backward(self, index: np.ndarray, unl_index: np.ndarray | None, batch_len: int) -> tuple[float, dict]:
+    def _forward_backward(self, labelled, unlabelled, batch_len: int) -> dict:
         cfg, setup = self.cfg, self.setup
-        images, labels, head_ids = setup.pool.take(index)
+        images, labels, head_ids = labelled
         x = augment.to_unit(images)
         x = augment.weak_view(x, self.aug_gen) if cfg.augment else x
         parts = [x]
-        if unl_index is not None and len(unl_index):
-            u_images, u_true, u_heads = setup.unlabelled.take(unl_index)
+        if unlabelled is not None and len(unlabelled[0]):
+            u_images, u_true, u_heads = unlabelled
             u = augment.to_unit(u_images)
             parts += [augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)]
         x = augment.normalize(torch.cat(parts), self.mean, self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.train_model(x)
-        n = len(index)
+        n = len(images)
         lab = {k: v[:n] for k, v in logits.items()}
         loss, correct = masked_head_losses(
             lab, labels, head_ids, setup.head_order, setup.head_weights, setup.class_weights, cfg.label_smoothing
         )
-        stats = {"correct": int(correct.sum()), "seen": n, "images": n}
+        scale = n / max(batch_len, 1)  # micro-batch share of the step's mean loss
+        stats = {"correct": correct.sum(), "seen": n, "images": n}
         if len(parts) > 1:
-            m = len(unl_index)
+            m = len(u_images)
             weak = {k: v[n : n + m] for k, v in logits.items()}
             strong = {k: v[n + m :] for k, v in logits.items()}
             u_loss, keep, pseudo = pseudo_label_loss(weak, strong, u_heads, setup.head_order, cfg.pseudo_threshold)
             ramp = min(1.0, self.global_step / max(1.0, cfg.unlabeled_rampup * setup.total_steps))
             loss = loss + cfg.unlabeled_weight * ramp * u_loss
-            stats.update(images=n + m, unl=m, kept=int(keep.sum()), kept_right=int((keep & (pseudo == u_true)).sum()))
-        (loss * len(index) / max(batch_len, 1)).backward()
-        return float(loss.detach()), stats
+            stats.update(images=n + m, unl=m, kept=keep.sum(), kept_right=(keep & (pseudo == u_true)).sum())
+        (loss * scale).backward()
+        stats["loss"] = loss.detach() * scale
+        return stats
 
     # ---- epoch end ----
     def _end_epoch(self) -> None:

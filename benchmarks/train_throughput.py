@@ -1,0 +1,127 @@
+"""Training throughput: the real loop against the same model's synthetic-data ceiling, in one run.
+
+    python benchmarks/train_throughput.py [--device cuda] [--image-size 64] [--batch-size 512] [--steps 50]
+
+real:      TrainLoop.train_step on MNIST + Fashion-MNIST batches from the multi-dataset sampler (index
+           gather from the on-device uint8 pool, on-device augmentation, masked two-head loss, AdamW,
+           clipping, EMA when --ema) -- exactly what `transferkit train` runs.
+synthetic: the same model, optimiser and loss on random tensors already on the device, normalised
+           and in channels_last: no data work at all. The ratio real/synthetic says how much the data
+           path costs. Both are timed in the same process, alternating, after warm-up; median of rounds.
+Prints a table and appends it to docs/train_throughput.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from transferkit.config import TrainConfig
+from transferkit.training.distributed import DistInfo, resolve_device
+from transferkit.training.losses import masked_head_losses
+from transferkit.training.trainer import TrainLoop
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn, steps: int, device: torch.device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    for i in range(steps):
+        fn(i)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=20000)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ema", type=float, default=None)
+    ap.add_argument("--out", default="docs/train_throughput.md")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    config = TrainConfig(data=["mnist", "fashion-mnist"], image_size=args.image_size, batch_size=args.batch_size,
+                         limit=args.limit, epochs=1, compile=args.compile, ema=args.ema, device=str(device),
+                         checkpoint_every=10**9)  # fmt: skip
+    loop = TrainLoop(config, Path(tempfile.mkdtemp(prefix="tk-bench-")), DistInfo(), device, resuming=False)
+    setup = loop.setup
+    model, train_model = loop.model, loop.train_model
+    model.train()
+
+    n, s = args.batch_size, args.image_size
+    x_syn = torch.randn(n, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
+    y_syn = torch.randint(0, 10, (n,), device=device)
+    h_syn = torch.randint(0, len(setup.head_order), (n,), device=device)
+
+    def synthetic_step(_: int) -> None:
+        loop.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = train_model(x_syn)
+        loss, _ = masked_head_losses(logits, y_syn, h_syn, setup.head_order, setup.head_weights, setup.class_weights)
+        loss.backward()
+        if config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        if loop.ema:
+            loop.ema.update(model)
+
+    inputs = loop.step_inputs(0, 0)
+
+    def real_step(_: int) -> None:
+        nonlocal inputs
+        try:
+            batch = next(inputs)
+        except StopIteration:  # next pass over the epoch's batches
+            inputs = loop.step_inputs(0, 0)
+            batch = next(inputs)
+        loop.train_step(*batch)
+
+    for fn in (real_step, synthetic_step):  # warm-up: allocator, cuDNN autotune, compilation
+        time_steps(fn, 5, device)
+    real, syn = [], []
+    for _ in range(args.rounds):
+        real.append(args.steps * n / time_steps(real_step, args.steps, device))
+        syn.append(args.steps * n / time_steps(synthetic_step, args.steps, device))
+    r, c = statistics.median(real), statistics.median(syn)
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    header = "| date | device | model | input | batch | precision | compile | real img/s | synthetic img/s | ratio |"
+    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {card} | {config.backbone} | {s}px | {n} | {precision} | "
+           f"{'yes' if args.compile else 'no'} | {r:,.0f} | {c:,.0f} | {r / c:.2f} |")  # fmt: skip
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    print(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        out.write_text(
+            "# Training throughput: real loop vs synthetic-data ceiling\n\n"
+            "Measured by `benchmarks/train_throughput.py` (both numbers from the same process, median of rounds).\n"
+            "ratio = real / synthetic: the share of the model's own speed the data path keeps.\n\n"
+            + header + "\n|" + "---|" * (header.count("|") - 1) + "\n"
+        )
+    with out.open("a") as f:
+        f.write(row + "\n")
+    print(f"appended to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The evaluation matrix (integration and test): every head scored on every dataset whose class names map
+into it. A cell is the accuracy over the dataset's images whose class exists in the head, with the
+coverage (share of images that could be scored). A run started with --init also scores its source run on
+the same datasets, side by side."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from transferkit.data import ImageDataset, load_dataset
+from transferkit.runs import Run, load_run_model
+from transferkit.training.evaluate import accuracy, confusion_matrix, predict_logits
+from transferkit.training.labels import LabelMap, class_index_map
+
+
+@dataclass
+class Cell:
+    accuracy: float
+    n: int  # images scored
+    coverage: float  # scored / all images of the split
+    own: bool  # the head was trained on this dataset
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "n": self.n, "coverage": self.coverage, "own": self.own}
+
+
+@dataclass
+class Matrix:
+    heads: list[str]
+    datasets: list[str]
+    cells: dict[str, dict[str, Cell]]  # head -> dataset -> cell
+    confusion: dict[str, np.ndarray] = field(default_factory=dict)  # head -> on its own datasets
+
+    def to_dict(self) -> dict:
+        return {h: {d: c.to_dict() for d, c in row.items()} for h, row in self.cells.items()}
+
+
+def dataset_specs(run: Run, extra: list[str] | None) -> list[str]:
+    specs = list(run.config.data) + [u.split("=", 1)[0] for u in run.config.unlabeled] + list(extra or [])
+    return list(dict.fromkeys(specs))
+
+
+def score_matrix(model, run: Run, datasets: list[ImageDataset], split: str, device="cpu") -> Matrix:
+    label_map = LabelMap.from_file(run.config.label_map)
+    heads = run.labels.heads
+    cells: dict[str, dict[str, Cell]] = {h: {} for h in heads}
+    confusion: dict[str, np.ndarray] = {}
+    for ds in datasets:
+        part = ds.split(split)
+        logits = predict_logits(model, part.images, run.preprocessing, device)
+        for head, classes in heads.items():
+            mapping = class_index_map(ds.classes, classes, label_map)
+            if not mapping:
+                continue
+            target = np.asarray([mapping.get(int(c), -1) for c in part.labels])
+            keep = target >= 0
+            own = run.labels.datasets.get(ds.name) == head
+            cells[head][ds.name] = Cell(accuracy(logits[head][keep], target[keep]), int(keep.sum()),
+                                        float(keep.mean()), own)  # fmt: skip
+            if own:
+                cm = confusion_matrix(logits[head][keep].argmax(1), target[keep], len(classes))
+                confusion[head] = confusion.get(head, 0) + cm
+    return Matrix(list(heads), [d.name for d in datasets], cells, confusion)
+
+
+def evaluate_matrices(run: Run, extra: list[str] | None, split: str) -> tuple[Matrix, Matrix | None]:
+    """-> (this run's matrix, the --init source run's matrix on the same datasets, or None)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_run_model(run.dir)
+    model.to(device, memory_format=torch.channels_last)
+    datasets = [load_dataset(spec, run.preprocessing, run.config.limit) for spec in dataset_specs(run, extra)]
+    target = score_matrix(model, run, datasets, split, device)
+    source = None
+    if run.config.init:
+        src_model, src_run = load_run_model(run.config.init)
+        src_model.to(device, memory_format=torch.channels_last)
+        # the source model sees the data at its own input definition
+        src_data = datasets if src_run.preprocessing == run.preprocessing else [
+            load_dataset(spec, src_run.preprocessing, run.config.limit) for spec in dataset_specs(run, extra)
+        ]
+        source = score_matrix(src_model, src_run, src_data, split, device)
+    return target, source
+
+
+def format_matrix(matrix: Matrix, title: str) -> str:
+    width = max([len(h) for h in matrix.heads] + [len("head")]) + 2
+    cols = [max(len(d), 7) + 2 for d in matrix.datasets]
+    lines = [title, "head".ljust(width) + "".join(d.rjust(c) for d, c in zip(matrix.datasets, cols))]
+    for head in matrix.heads:
+        row = head.ljust(width)
+        for d, c in zip(matrix.datasets, cols):
+            cell = matrix.cells[head].get(d)
+            text = "-" if cell is None else f"{cell.accuracy:.4f}" + ("*" if cell.own else "")
+            row += text.rjust(c)
+        lines.append(row)
+    lines.append("(* = the head was trained on that dataset; - = no shared class names)")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""`transferkit eval RUN`: the evaluation matrix, eval.json, report.md and its PNG plots."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.runs import load_run
+from transferkit.training.eval_matrix import Matrix, evaluate_matrices, format_matrix
+from transferkit.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
+
+
+@dataclass
+class EvalResult:
+    table: str
+    eval_path: Path
+    report_path: Path
+    matrix: Matrix
+    source: Matrix | None
+
+
+def evaluate_run(run_dir: str | Path, extra_data: list[str] | None = None, split: str = "test") -> EvalResult:
+    run = load_run(run_dir)
+    matrix, source = evaluate_matrices(run, extra_data, split)
+    table = format_matrix(matrix, f"accuracy on the {split} split (rows: heads, columns: datasets)")
+    if source is not None:
+        table += "\n\n" + format_matrix(source, f"source run {run.config.init} on the same datasets")
+    payload = {
+        "split": split,
+        "accuracy": {d: c.accuracy for row in matrix.cells.values() for d, c in row.items() if c.own},
+        "matrix": matrix.to_dict(),
+        "source": None if source is None else {"run": run.config.init, "matrix": source.to_dict()},
+    }
+    eval_path = atomic_write_json(run.dir / "eval.json", payload)
+    plots = _plots(run.dir, matrix)
+    report = _report_markdown(run, table, plots)
+    report_path = atomic_write_text(run.dir / "report.md", report)
+    return EvalResult(table, eval_path, report_path, matrix, source)
+
+
+def _save_figure(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path.name
+
+
+def _plots(run_dir: Path, matrix: Matrix) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    grid = np.full((len(matrix.heads), len(matrix.datasets)), np.nan)
+    for i, h in enumerate(matrix.heads):
+        for j, d in enumerate(matrix.datasets):
+            if d in matrix.cells[h]:
+                grid[i, j] = matrix.cells[h][d].accuracy
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(matrix.datasets), 1.2 + 0.6 * len(matrix.heads)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(matrix.datasets)), matrix.datasets, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix.heads)), matrix.heads)
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
+    ax.set_xlabel("dataset")
+    ax.set_ylabel("head")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    names.append(_save_figure(fig, run_dir / "eval_matrix.png"))
+
+    for head, cm in matrix.confusion.items():
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        ax.set_title(f"confusion: head {head}")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        names.append(_save_figure(fig, run_dir / f"confusion_{head}.png"))
+
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        history = read_json(metrics)["history"]
+        epochs = [h["epoch"] for h in history]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        a1.plot(epochs, [h["train_loss"] for h in history], marker="o")
+        a1.set_title("train loss")
+        a1.set_xlabel("epoch")
+        for name in history[0]["val_acc"]:
+            a2.plot(epochs, [h["val_acc"][name] for h in history], marker="o", label=name)
+        a2.set_title("validation accuracy")
+        a2.set_xlabel("epoch")
+        a2.legend()
+        names.append(_save_figure(fig, run_dir / "training_curves.png"))
+    return names
+
+
+def _report_markdown(run, table: str, plots: list[str]) -> str:
+    cfg = run.config
+    lines = [
+        f"# transferkit report: {run.dir.name}",
+        "",
+        f"- backbone: `{cfg.backbone}` ({cfg.weights} weights), input {cfg.image_size}px",
+        f"- datasets: {', '.join(cfg.data)}" + (f"; unlabelled: {', '.join(cfg.unlabeled)}" if cfg.unlabeled else ""),
+        f"- heads: " + ", ".join(f"`{h}` ({len(c)} classes)" for h, c in run.labels.heads.items()),
+        f"- epochs {cfg.epochs}, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}"
+        + (f", init from `{cfg.init}`" if cfg.init else ""),
+        "",
+        "## Evaluation matrix",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+    ]
+    lines += [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"

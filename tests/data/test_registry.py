@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from transferkit.data import available_datasets, load_dataset
+from transferkit.errors import DataError
+from transferkit.preprocess import Preprocessing
+
+PRE = Preprocessing(image_size=32)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "fashion-mnist"])
+def test_builtin_datasets_have_three_splits_of_rgb_uint8(name):
+    ds = load_dataset(name, PRE, limit=50)
+    assert len(ds.classes) == 10
+    for split in (ds.train, ds.val, ds.test):
+        assert split.images.shape[1:] == (32, 32, 3) and split.images.dtype == np.uint8
+        assert 0 < len(split) <= 50
+        assert split.labels.min() >= 0 and split.labels.max() < 10
+    # grayscale replicated into 3 identical channels, and real content (not blank)
+    assert np.array_equal(ds.train.images[..., 0], ds.train.images[..., 2])
+    assert ds.train.images.std() > 10
+
+
+def test_limit_is_seeded_and_splits_are_disjoint():
+    a = load_dataset("digits", PRE, limit=100)
+    b = load_dataset("digits", PRE, limit=100)
+    assert np.array_equal(a.train.images, b.train.images)
+    full = load_dataset("digits", PRE)
+    assert len(full.train) + len(full.val) + len(full.test) == 1797
+    train_rows = {r.tobytes() for r in full.train.images}
+    assert sum(r.tobytes() in train_rows for r in full.test.images) < 5  # digits has a few duplicate images
+
+
+def test_fashion_mnist_class_names():
+    ds = load_dataset("fashion-mnist", PRE, limit=10)
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+
+
+def test_imagefolder_with_train_and_val(digits_folder):
+    ds = load_dataset(f"imagefolder:{digits_folder}", PRE)
+    assert ds.name == digits_folder.name
+    assert ds.classes == [f"class_{i}" for i in range(10)]
+    assert len(ds.train) > len(ds.val) > 0
+    assert len(ds.test) == len(ds.val)  # no test/: the val split is the report split
+
+
+def test_imagefolder_without_splits(tmp_path, digits_folder):
+    import shutil
+
+    flat = tmp_path / "flat"
+    shutil.copytree(digits_folder / "train", flat)
+    ds = load_dataset(f"imagefolder:{flat}", PRE)
+    assert len(ds.train) + len(ds.val) + len(ds.test) == sum(1 for _ in flat.rglob("*.png"))
+
+
+def test_imagefolder_errors_name_the_fix(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        load_dataset(f"imagefolder:{tmp_path / 'missing'}", PRE)
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match="need at least 2"):
+        load_dataset(f"imagefolder:{tmp_path / 'one'}", PRE)
+    bad = tmp_path / "bad"
+    for c in ("a", "b"):
+        (bad / c).mkdir(parents=True)
+        for i in range(10):
+            (bad / c / f"{i}.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image"):
+        load_dataset(f"imagefolder:{bad}", PRE)
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(DataError, match="mnist"):
+        load_dataset("imagenet-21k", PRE)
+    assert "imagefolder:PATH" in available_datasets()

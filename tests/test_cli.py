@@ -1,0 +1,107 @@
+"""End to end through the CLI, as a user runs it: train -> export (verified) -> a real `bentoml serve`
+process on 127.0.0.1 -> real HTTP requests with real image files -> predict; plus the error contract."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.helpers import run_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server not ready in time")
+
+
+@pytest.mark.slow
+def test_train_export_serve_predict(tiny_run, tmp_path):
+    proc = run_cli("export", str(tiny_run), "--format", "onnx")
+    assert "passed" in proc.stdout and proc.stdout.strip().splitlines()[-1].endswith("export")
+    verify = json.loads((tiny_run / "export" / "verify.json").read_text())
+    assert verify["formats"]["onnx"]["servable"] if "formats" in verify else True
+
+    # a real test image from MNIST's test split, saved as a PNG file
+    from transferkit.data import load_dataset
+    from transferkit.preprocess import Preprocessing
+
+    ds = load_dataset("mnist", Preprocessing(image_size=28), limit=5)
+    png = tmp_path / "digit.png"
+    Image.fromarray(ds.test.images[0][..., 0], mode="L").save(png)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(png.read_bytes()[:40])
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "transferkit", "serve", str(tiny_run), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_ready(url, server)
+        labels = json.loads((tiny_run / "labels.json").read_text())["heads"]
+        r = httpx.post(f"{url}/predict", files={"image": ("digit.png", png.read_bytes(), "image/png")}, timeout=60)
+        assert r.status_code == 200, r.text
+        heads = r.json()["heads"]
+        assert set(heads) == set(labels)
+        for head, preds in heads.items():
+            assert len(preds) == 5
+            assert {p["label"] for p in preds} <= set(labels[head])
+            scores = [p["score"] for p in preds]
+            assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+
+        bad = httpx.post(f"{url}/predict", files={"image": ("corrupt.png", corrupt.read_bytes(), "image/png")})
+        assert 400 <= bad.status_code < 500 and "corrupt" in bad.text.lower()
+        assert httpx.get(f"{url}/livez").status_code == 200
+        again = httpx.post(f"{url}/predict", files={"image": ("digit.png", png.read_bytes(), "image/png")}, timeout=60)
+        assert again.status_code == 200 and again.json()["heads"] == heads  # still serving, same answer
+
+        out = run_cli("predict", str(png), "--url", url)
+        answer = json.loads(out.stdout)
+        assert answer[0]["heads"] == heads
+        failed = run_cli("predict", str(corrupt), "--url", url, check=False)
+        assert failed.returncode == 2 and "corrupt" in failed.stderr.lower()
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    for args in (["eval", str(tmp_path)], ["export", str(tmp_path)], ["serve", str(tmp_path)]):
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("transferkit: error:"), (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1
+    proc = run_cli("predict", str(tmp_path / "missing.png"), check=False)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_help_lists_every_command():
+    out = run_cli("--help").stdout
+    for command in ("train", "eval", "export", "serve", "predict", "build"):
+        assert command in out
+    train_help = run_cli("train", "--help").stdout
+    for flag in ("--sampling", "--freeze-epochs", "--layer-decay", "--ema", "--unlabeled", "--init", "--resume"):
+        assert flag in train_help
