@@ -39,7 +39,9 @@ def test_train_export_serve_predict(tiny_run, tmp_path):
     proc = run_cli("export", str(tiny_run), "--format", "onnx")
     assert "passed" in proc.stdout and proc.stdout.strip().splitlines()[-1].endswith("export")
     verify = json.loads((tiny_run / "export" / "verify.json").read_text())
-    assert verify["formats"]["onnx"]["servable"] if "formats" in verify else True
+    assert verify["formats"]["onnx"]["passed"] and set(verify["formats"]["onnx"]["heads"]) == {"mnist", "fashion-mnist"}
+    manifest = json.loads((tiny_run / "export" / "manifest.json").read_text())
+    assert manifest["formats"]["onnx"]["servable"] and manifest["bentoml"]["tag"]
 
     # a real test image from MNIST's test split, saved as a PNG file
     from transferkit.data import load_dataset

@@ -64,6 +64,12 @@ def test_decode_rejects_truncated_png():
         decode_image(good[: len(good) // 2])
 
 
+def test_decode_names_a_truncated_header_as_corrupt():
+    good = _png_bytes(Image.fromarray(np.zeros((8, 8), np.uint8)))
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated PNG"):
+        decode_image(good[:40])
+
+
 def test_decode_accepts_jpeg_and_webp():
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     for fmt in ("JPEG", "WEBP"):

@@ -103,6 +103,16 @@ _FILTERS = {
 }
 
 
+def _sniff_format(data: bytes) -> str | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
 def decode_image(data: bytes, name: str = "upload") -> Image.Image:
     """Bytes -> fully decoded PIL image, or ImageDecodeError naming what is wrong.
 
@@ -121,6 +131,9 @@ def decode_image(data: bytes, name: str = "upload") -> Image.Image:
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
+        kind = _sniff_format(data)
+        if kind:  # the right magic bytes, but Pillow cannot parse what follows
+            raise ImageDecodeError(f"{name}: corrupt or truncated {kind} file; re-encode or re-upload it") from None
         raise ImageDecodeError(f"{name}: not a recognised image format; send a JPEG, PNG or WebP image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-encode or re-upload it") from None

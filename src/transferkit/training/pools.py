@@ -68,13 +68,21 @@ class Pool:
 
     def iterate(self, index_batches: list[np.ndarray]) -> Iterator[Batch]:
         if not self.streamed:
-            yield from (self.take(b) for b in index_batches)
+            if not index_batches:
+                return
+            # one host-to-device copy of the epoch's indices, not one (synchronising) copy per step
+            flat = torch.as_tensor(np.concatenate(index_batches), device=self.labels.device)
+            for i in flat.split([len(b) for b in index_batches]):
+                yield self.images[i], self.labels[i], self.head_ids[i]
             return
         device = self.labels.device
         loader = torch.utils.data.DataLoader(
             self.files, batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
             pin_memory=device.type == "cuda", collate_fn=_collate, persistent_workers=False,
             prefetch_factor=4 if self.workers else None,
+            # its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
+            # would shift dropout masks and break exact resume (decoding itself is not random)
+            generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
         for images, index in loader:
             i = index.to(device)

@@ -1,0 +1,88 @@
+"""ONNX export: one self-contained `model.onnx` with input `images` (N,3,S,S) and one output per head.
+
+The dynamo exporter (`torch.onnx.export(..., dynamo=True)`, built on torch.export) is the standard path.
+Only if it fails do we fall back to the TorchScript exporter, and the manifest records which one ran, so a
+fallback is never silent. Weights are embedded (`external_data=False`): one file is easier to hash, copy and
+serve; ONNX's protobuf limit makes that work up to 2 GB, far above the backbones used here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import TransferkitError
+from transferkit.export.formats import FORMATS, ExportJob
+from transferkit.utils import atomic_write
+
+OPSET = 18  # >= 17 for LayerNormalization; 18 is the dynamo exporter's native opset and TensorRT 10 parses it
+INPUT_NAME = "images"
+BATCH_DIM = "batch"
+
+
+def export_onnx(job: ExportJob) -> dict[str, Any]:
+    """Write job.export_dir/model.onnx atomically; -> details for the manifest (exporter, opset)."""
+    import torch
+
+    path = job.export_dir / FORMATS["onnx"].filename
+    example = (job.example_input(),)
+    details: dict[str, Any] = {"opset": OPSET, "input": INPUT_NAME, "outputs": list(job.head_names)}
+    try:
+        program = torch.onnx.export(
+            job.model,
+            example,
+            f=None,
+            dynamo=True,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=list(job.head_names),
+            opset_version=OPSET,
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_DIM)}},
+            verbose=False,
+        )
+        atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
+        details["exporter"] = "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any dynamo failure triggers the recorded fallback
+        details["exporter"] = "torchscript"
+        details["dynamo_error"] = _one_line(exc)
+        atomic_write(
+            path,
+            lambda tmp: torch.onnx.export(
+                job.model,
+                example,
+                str(tmp),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=list(job.head_names),
+                opset_version=OPSET,
+                dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, **{h: {0: BATCH_DIM} for h in job.head_names}},
+            ),
+        )
+    check_onnx(path, job.head_names, job.image_size)
+    return details
+
+
+def check_onnx(path: Path, head_names: list[str], image_size: int) -> None:
+    """onnx.checker plus the contract serving relies on: names, opset, dynamic batch, input shape."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))  # path form: also works for models near the 2 GB limit
+    except onnx.checker.ValidationError as exc:
+        raise TransferkitError(f"{path}: onnx.checker rejected the model: {_one_line(exc)}") from None
+    model = onnx.load(str(path), load_external_data=False)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 17:
+        raise TransferkitError(f"{path}: opset {opset} < 17")
+    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != [INPUT_NAME] or outputs != list(head_names):
+        raise TransferkitError(f"{path}: inputs {inputs} / outputs {outputs}; expected [{INPUT_NAME}] / {head_names}")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_param or d.dim_value for d in dims]
+    if len(shape) != 4 or not isinstance(shape[0], str) or shape[1:] != [3, image_size, image_size]:
+        raise TransferkitError(f"{path}: input shape {shape}; expected [batch, 3, {image_size}, {image_size}]")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

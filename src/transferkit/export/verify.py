@@ -1,0 +1,177 @@
+"""The accuracy gate: an exported format may be served only if it agrees with PyTorch on held-out images.
+
+Like Polygraphy's Comparator: PyTorch (fp32, CPU, eval mode) and the format's runtime get the *same* float32
+input (decoded once, normalized once with `Preprocessing.normalize_numpy`) and their logits are compared per
+head, on the test split of every dataset trained into that head (`verify_images` per dataset, all if fewer).
+
+Per head the gate reports and checks:
+  max_abs_diff        max |logit_format - logit_pytorch|; must be <= max_abs_diff * max(1, max|logit_pytorch|)
+                      (scale-aware: a model with logits around 40 gets 40x the absolute room of one around 1)
+  mean_abs_diff       reported, not gated (the max is the stricter test)
+  top1_agreement      fraction of images with the same argmax; must be >= min_top1_agreement
+  accuracy delta      accuracy_format - accuracy_pytorch in points; |delta| must be <= max_acc_delta_points
+Non-finite logits fail outright. Tolerances per precision:
+
+  precision  max_abs_diff (x scale)  min_top1_agreement  max_acc_delta_points
+  fp32       1e-3                    0.99                0.5
+  fp16       5e-2                    0.98                1.0
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from transferkit.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from transferkit.runs import Run
+    from transferkit.serving.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_diff: float  # relative to max(1, max |reference logit|)
+    min_top1_agreement: float
+    max_acc_delta_points: float
+
+
+TOLERANCES = {
+    "fp32": Tolerance(max_abs_diff=1e-3, min_top1_agreement=0.99, max_acc_delta_points=0.5),
+    "fp16": Tolerance(max_abs_diff=5e-2, min_top1_agreement=0.98, max_acc_delta_points=1.0),
+}
+
+BATCH = 64  # images per forward pass, for PyTorch and for the runtime
+
+
+@dataclass
+class VerifyInputs:
+    """Held-out images of every dataset, normalized once, and which rows belong to which head."""
+
+    batch: np.ndarray  # float32 (N,3,S,S), the exact input both sides get
+    rows: dict[str, np.ndarray]  # head -> row indices into batch
+    labels: dict[str, np.ndarray]  # head -> int64 labels in the head's class order
+    datasets: dict[str, dict[str, int]]  # head -> {dataset: images used}
+
+
+def dataset_sources(run: "Run") -> dict[str, str]:
+    """labels.json dataset keys (short names) -> the names load_dataset takes (as given in config.data)."""
+    short_to_source = {}
+    for entry in run.config.data:
+        if entry.startswith("imagefolder:"):
+            short = Path(entry[len("imagefolder:") :]).expanduser().resolve().name or "images"
+        else:
+            short = entry
+        short_to_source[short] = entry
+    keys = list(run.labels.datasets)
+    if all(k in short_to_source for k in keys):
+        return {k: short_to_source[k] for k in keys}
+    if len(keys) == len(run.config.data):  # e.g. an imagefolder path resolved from another working dir
+        return dict(zip(keys, run.config.data))
+    missing = [k for k in keys if k not in short_to_source]
+    raise DataError(f"cannot tell which config.data entry held dataset(s) {missing}; config.data = {run.config.data}")
+
+
+def load_verify_inputs(run: "Run", images_per_dataset: int) -> VerifyInputs:
+    """Test-split images of every dataset in run.labels.datasets (a seeded subset of `images_per_dataset`)."""
+    from transferkit.data import load_dataset
+
+    pre = run.preprocessing
+    pixels, rows, labels, datasets = [], {}, {}, {}
+    offset = 0
+    for dataset, source in dataset_sources(run).items():
+        head = run.labels.datasets[dataset]
+        classes = run.labels.heads[head]
+        try:
+            ds = load_dataset(source, pre, limit=images_per_dataset)
+        except Exception as exc:
+            raise DataError(f"cannot load held-out images of {source} for verification: {exc}") from None
+        missing = sorted(set(ds.classes) - set(classes))
+        if missing:
+            raise DataError(f"{source}: classes {missing[:5]} are not in head {head!r}; was the run trained on it?")
+        to_head = np.array([classes.index(c) for c in ds.classes], dtype=np.int64)
+        n = len(ds.test)
+        pixels.append(ds.test.images)
+        rows[head] = np.concatenate([rows.get(head, np.empty(0, np.int64)), np.arange(offset, offset + n)])
+        labels[head] = np.concatenate([labels.get(head, np.empty(0, np.int64)), to_head[ds.test.labels]])
+        datasets.setdefault(head, {})[dataset] = n
+        offset += n
+    if not pixels:
+        raise DataError(f"{run.dir}: labels.json names no datasets; nothing to verify against")
+    return VerifyInputs(pre.normalize_numpy(np.concatenate(pixels)), rows, labels, datasets)
+
+
+def pytorch_logits(model: "torch.nn.Module", batch: np.ndarray, head_names: list[str]) -> dict[str, np.ndarray]:
+    """The reference: ExportModule in fp32 eval mode on CPU."""
+    import torch
+
+    outs: list[tuple] = []
+    with torch.inference_mode():
+        for i in range(0, len(batch), BATCH):
+            outs.append(tuple(t.float().numpy() for t in model(torch.from_numpy(batch[i : i + BATCH]))))
+    return {h: np.concatenate([o[k] for o in outs]) for k, h in enumerate(head_names)}
+
+
+def runtime_logits(runtime: "Runtime", batch: np.ndarray) -> dict[str, np.ndarray]:
+    parts = [runtime.run(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)]
+    return {h: np.concatenate([p[h] for p in parts]) for h in runtime.heads}
+
+
+def compare(
+    reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], inputs: VerifyInputs, precision: str
+) -> dict[str, Any]:
+    """Per-head statistics and the pass/fail decision against TOLERANCES[precision]."""
+    tol = TOLERANCES[precision]
+    heads, failures = {}, []
+    for head, rows in inputs.rows.items():
+        ref, got, y = reference[head][rows], candidate[head][rows], inputs.labels[head]
+        head_failures = []
+        if not np.isfinite(got).all():
+            head_failures.append(f"{head}: non-finite logits")
+            got = np.nan_to_num(got, nan=0.0, posinf=0.0, neginf=0.0)
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        scale = max(1.0, float(np.abs(ref).max()))
+        allowed = tol.max_abs_diff * scale
+        agreement = float((got.argmax(1) == ref.argmax(1)).mean())
+        acc_ref = float((ref.argmax(1) == y).mean())
+        acc_got = float((got.argmax(1) == y).mean())
+        delta = 100.0 * (acc_got - acc_ref)
+        if float(diff.max()) > allowed:
+            head_failures.append(f"{head}: max |logit diff| {diff.max():.3g} > {allowed:.3g}")
+        if agreement < tol.min_top1_agreement:
+            head_failures.append(f"{head}: top-1 agreement {agreement:.2%} < {tol.min_top1_agreement:.0%}")
+        if abs(delta) > tol.max_acc_delta_points:
+            head_failures.append(f"{head}: accuracy delta {delta:+.2f} points beyond ±{tol.max_acc_delta_points}")
+        heads[head] = {
+            "images": int(len(rows)),
+            "datasets": inputs.datasets[head],
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "allowed_max_abs_diff": allowed,
+            "top1_agreement": agreement,
+            "accuracy_pytorch": acc_ref,
+            "accuracy_format": acc_got,
+            "accuracy_delta_points": delta,
+            "passed": not head_failures,
+        }
+        failures += head_failures
+    return {"passed": not failures, "precision": precision, "tolerance": asdict(tol), "heads": heads,
+            "failures": failures}  # fmt: skip
+
+
+def worst_case(report: dict[str, Any]) -> dict[str, float]:
+    """One line per format for tables: the worst value over heads."""
+    heads = list(report.get("heads", {}).values())
+    if not heads:
+        return {}
+    return {
+        "max_abs_diff": max(h["max_abs_diff"] for h in heads),
+        "top1_agreement": min(h["top1_agreement"] for h in heads),
+        "accuracy_pytorch": min(h["accuracy_pytorch"] for h in heads),
+        "accuracy_format": min(h["accuracy_format"] for h in heads),
+        "accuracy_delta_points": max((h["accuracy_delta_points"] for h in heads), key=abs),
+    }

@@ -1,0 +1,28 @@
+"""Serve exported models over HTTP with BentoML; pick the fastest verified runtime; build a Bento image.
+
+Nothing here imports torch at import time: the serving image has numpy, Pillow, ONNX Runtime and BentoML only.
+(`transferkit.serving.service` is the BentoML service module; it is imported by `bentoml serve`, not here.)
+"""
+from transferkit.serving.build import BuildResult, build_bento
+from transferkit.serving.client import format_predictions, predict_files
+from transferkit.serving.manifest import read_manifest, servable_formats
+from transferkit.serving.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime, load_runtime, select_runtime
+from transferkit.serving.server import ServerHandle, resolve_served_model, serve, start_server
+
+__all__ = [
+    "RUNTIMES",
+    "RUNTIME_CHOICES",
+    "BuildResult",
+    "Runtime",
+    "ServerHandle",
+    "build_bento",
+    "format_predictions",
+    "load_runtime",
+    "predict_files",
+    "read_manifest",
+    "resolve_served_model",
+    "select_runtime",
+    "servable_formats",
+    "serve",
+    "start_server",
+]

@@ -1,0 +1,62 @@
+"""GPU formats: AOTInductor compiled for CUDA, and TensorRT engines (fp32, fp16) where TensorRT is installed.
+
+Skipped with the reason on machines without CUDA / TensorRT. Weights "none" and the digits dataset only, so
+the test needs no download and no Debian data package.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from tests.export.tiny import DIGITS, make_tiny_run
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_tiny_run(tmp_path / "gpu-run", weights="none", heads={"digits": DIGITS})
+
+
+def test_aoti_for_cuda_passes_the_gate_and_serves_on_cuda(run_dir):
+    from transferkit.export import PASSED, export_run, format_export_table
+    from transferkit.serving.runtime import OnnxRuntime, TorchRuntime, load_runtime
+
+    result = export_run(run_dir, formats=("onnx", "aoti"), device="cuda", verify_images=128, store=False)
+    print(format_export_table(result))
+    assert result.formats["onnx"].status == PASSED, result.formats["onnx"].error
+    assert result.formats["aoti"].status == PASSED, result.formats["aoti"].error
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["formats"]["aoti"]["details"]["device"] == "cuda"
+    runtime = load_runtime("auto", run_dir / "export", manifest)
+    expected = OnnxRuntime if OnnxRuntime.gpu_available() else TorchRuntime  # CUDA code beats ORT on CPU
+    assert isinstance(runtime, expected)
+    out = load_runtime("torch", run_dir / "export", manifest).run(np.zeros((5, 3, 32, 32), np.float32))
+    assert out["digits"].shape == (5, 10)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_engine_passes_the_gate(run_dir, precision):
+    from transferkit.export import PASSED, export_run, format_export_table
+    from transferkit.export.tensorrt import tensorrt_unavailable_reason
+    from transferkit.serving.runtime import TensorRTRuntime, load_runtime
+
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    result = export_run(run_dir, formats=("tensorrt",), precision=precision, verify_images=128, store=False)
+    print(format_export_table(result))
+    assert list(result.formats) == ["onnx", "tensorrt"] and not result.formats["onnx"].requested
+    trt = result.formats["tensorrt"]
+    assert trt.status == PASSED, trt.error
+    assert trt.details["built_for_gpu"]["name"] == torch.cuda.get_device_name()
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    runtime = load_runtime("auto", run_dir / "export", manifest)
+    assert isinstance(runtime, TensorRTRuntime)
+    out = runtime.run(np.zeros((70, 3, 32, 32), np.float32))  # > the profile's max batch: chunked
+    assert out["digits"].shape == (70, 10)

@@ -1,0 +1,71 @@
+"""A tiny, untrained-head run dir (no training needed) and its export, shared by tests/export and tests/serving.
+
+Two heads from two real datasets (sklearn digits, Fashion-MNIST), 32 px, ImageNet mobilenet_v2 backbone. The
+heads are random, so accuracy is ~10%: enough for contract tests (the gate compares runtimes, not quality).
+Everything is made once per test session and cached here (both conftests call these helpers).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+DIGITS = [str(i) for i in range(10)]
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+HEADS = {"digits": DIGITS, "fashion-mnist": FASHION}
+VERIFY_IMAGES = 128  # per dataset; the gate's default is 256, tests keep it short
+
+_cache: dict[str, object] = {}
+
+
+def use_private_bentoml_home(tmp_path_factory) -> Path:
+    """Point BentoML's model/bento store at a session temp dir, before anything resolves it."""
+    if "home" not in _cache:
+        home = tmp_path_factory.mktemp("bentoml_home")
+        os.environ["BENTOML_HOME"] = str(home)
+        os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+        _cache["home"] = home
+    return _cache["home"]
+
+
+def make_tiny_run(run_dir: Path, seed: int = 0, weights: str = "imagenet", heads: dict | None = None) -> Path:
+    """Write a run dir with the training contract (config.yaml, preprocessing.json, labels.json, model.pt).
+
+    `heads` maps dataset name -> class names (one head per dataset); default: digits and fashion-mnist.
+    """
+    import torch
+
+    from transferkit.config import TrainConfig
+    from transferkit.preprocess import Preprocessing
+    from transferkit.runs import Labels, save_run_metadata
+    from transferkit.training.model import build_model
+
+    heads = heads or HEADS
+    torch.manual_seed(seed)
+    model, mean, std = build_model("mobilenet_v2", weights, heads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_metadata(
+        run_dir,
+        TrainConfig(data=list(heads), image_size=32, weights=weights),
+        Preprocessing(image_size=32, mean=mean, std=std),
+        Labels(heads=heads, datasets={name: name for name in heads}),
+    )
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    return run_dir
+
+
+def exported_tiny_run(tmp_path_factory) -> tuple[Path, object]:
+    """(run_dir, ExportResult) of an ONNX export stored in the private BentoML home; made once per session."""
+    if "exported" not in _cache:
+        use_private_bentoml_home(tmp_path_factory)
+        from transferkit.export import export_run
+
+        run_dir = make_tiny_run(tmp_path_factory.mktemp("runs") / "tiny-export")
+        _cache["exported"] = (run_dir, export_run(run_dir, formats=("onnx",), verify_images=VERIFY_IMAGES))
+    return _cache["exported"]
+
+
+def copy_run(run_dir: Path, target: Path) -> Path:
+    """A private copy of a run (with its export) for tests that modify it."""
+    shutil.copytree(run_dir, target)
+    return target

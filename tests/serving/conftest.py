@@ -1,0 +1,68 @@
+"""Fixtures for serving tests: the exported tiny run, real test images, the service behind an ASGI client."""
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.export.tiny import exported_tiny_run, use_private_bentoml_home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bentoml_home(tmp_path_factory):
+    return use_private_bentoml_home(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    return exported_tiny_run(tmp_path_factory)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, bytes]:
+    """Real pictures: scikit-learn's china.jpg photo (as JPEG and WebP) and a handwritten digit (PNG)."""
+    from sklearn.datasets import load_digits, load_sample_images
+
+    china = Image.fromarray(load_sample_images().images[0])
+    digit = Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8), mode="L").resize((64, 64))
+    return {
+        "china.jpg": encode(china, "JPEG", quality=90),
+        "china.webp": encode(china, "WEBP"),
+        "digit.png": encode(digit, "PNG"),
+    }
+
+
+@pytest.fixture(scope="session")
+def service_class(exported):
+    """transferkit.serving.service:TransferkitService for the exported run (the module reads the tag at import)."""
+    os.environ["TRANSFERKIT_MODEL"] = exported[1].bentoml_tag
+    if "transferkit.serving.service" in sys.modules:
+        module = importlib.reload(sys.modules["transferkit.serving.service"])
+    else:
+        module = importlib.import_module("transferkit.serving.service")
+    yield module.TransferkitService
+    os.environ.pop("TRANSFERKIT_MODEL", None)
+
+
+@pytest.fixture(scope="session")
+def client(service_class):
+    """The service's ASGI app in-process (lifespan runs, so the model loads once)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette's "use httpx2" notice; httpx is what BentoML ships with
+        from starlette.testclient import TestClient
+
+    with TestClient(service_class.to_asgi()) as c:
+        yield c

@@ -1,0 +1,69 @@
+"""Runtimes on the exported ONNX: selection rules, refusal of unverified formats, batch handling."""
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from transferkit.errors import ConfigError, TransferkitError
+from transferkit.serving.runtime import OnnxRuntime, load_runtime, select_runtime
+
+
+@pytest.fixture(scope="module")
+def manifest(exported):
+    return json.loads((exported[0] / "export" / "manifest.json").read_text())
+
+
+def test_onnxruntime_runs_any_batch_and_returns_every_head(exported, manifest):
+    runtime = load_runtime("onnxruntime", exported[0] / "export", manifest)
+    assert "onnxruntime" in runtime.description
+    for n in (1, 7):
+        out = runtime.run(np.zeros((n, 3, 32, 32), np.float32))
+        assert set(out) == {"digits", "fashion-mnist"} and out["digits"].shape == (n, 10)
+        assert out["digits"].dtype == np.float32
+    runtime.max_batch = 4  # chunking: 10 images in 4+4+2 give the same logits as one call
+    x = np.random.default_rng(0).standard_normal((10, 3, 32, 32)).astype(np.float32)
+    chunked = runtime.run(x)
+    runtime.max_batch = None
+    np.testing.assert_allclose(chunked["digits"], runtime.run(x)["digits"], atol=1e-5)
+
+
+def test_wrong_input_is_refused(exported, manifest):
+    runtime = load_runtime("onnxruntime", exported[0] / "export", manifest)
+    with pytest.raises(ValueError, match="float32 batch"):
+        runtime.run(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="float32 batch"):
+        runtime.run(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_auto_picks_onnxruntime_here_and_explicit_choices_explain_themselves(exported, manifest):
+    export_dir = exported[0] / "export"
+    assert isinstance(select_runtime("auto", manifest, export_dir), OnnxRuntime)
+    with pytest.raises(TransferkitError, match="no tensorrt artifact"):
+        select_runtime("tensorrt", manifest, export_dir)
+    with pytest.raises(TransferkitError, match="no aoti artifact"):
+        select_runtime("torch", manifest, export_dir)
+    with pytest.raises(ConfigError, match="auto, tensorrt, onnxruntime, torch"):
+        select_runtime("tflite", manifest, export_dir)
+
+
+def test_a_format_that_failed_verification_is_never_selected(exported, manifest):
+    failed = copy.deepcopy(manifest)
+    failed["formats"]["onnx"].update(status="export ok but verification failed", servable=False)
+    for name in ("auto", "onnxruntime"):
+        with pytest.raises(TransferkitError, match="not servable"):
+            select_runtime(name, failed, exported[0] / "export")
+
+
+def test_serving_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "import transferkit.serving, transferkit.serving.runtime, transferkit.serving.upload\n"
+        "import transferkit.preprocess, transferkit.serving.manifest\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
