@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # A private BentoML store for the whole session (set before anything imports bentoml), inherited by
 # every CLI subprocess and server the tests start: tests never touch the user's ~/bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="transferkit-tests-bentoml-")
+os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +44,18 @@ def tiny_run(tmp_path_factory) -> Path:
     run_cli("train", "--data", "mnist,fashion-mnist", "--limit", "256", "--epochs", "1", "--image-size", "32",
             "--batch-size", "64", "--out", str(out))  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(run_dir, ExportResult): the tiny two-head run (random heads, no training) exported to ONNX."""
+    from tests.export.tiny import exported_tiny_run
+
+    return exported_tiny_run(tmp_path_factory)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's private BentoML store (models and Bentos the tests made)."""
+    import shutil
+
+    shutil.rmtree(os.environ["BENTOML_HOME"], ignore_errors=True)

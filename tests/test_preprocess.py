@@ -74,3 +74,31 @@ def test_decode_accepts_jpeg_and_webp():
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     for fmt in ("JPEG", "WEBP"):
         assert decode_image(_png_bytes(img, fmt)).size == (30, 20)
+
+
+def test_unusual_modes_become_sensible_rgb():
+    pre = Preprocessing(image_size=16)
+    ramp16 = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)
+    image16 = Image.fromarray(ramp16)
+    assert image16.mode.startswith("I;16")
+    out = pre.pil_to_uint8(image16)
+    assert out.min() == 0 and out.max() == 255  # scaled by range, not clipped to white
+    rgba = Image.fromarray(np.full((10, 12, 4), 200, np.uint8), mode="RGBA")
+    assert pre.pil_to_uint8(rgba).shape == (16, 16, 3)
+    cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))
+    red = pre.pil_to_uint8(cmyk)
+    assert red[..., 0].mean() > 200 and red[..., 1].mean() < 50
+
+
+def test_exif_orientation_is_applied():
+    pre = Preprocessing(image_size=8)
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, :8] = 255  # left half white
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    upright = decode_image(buf.getvalue())
+    assert pre.pil_to_uint8(upright).shape == (8, 8, 3)
+    assert upright.size == (16, 8)  # decode keeps the stored pixels; pil_to_uint8 turns them upright

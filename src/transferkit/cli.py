@@ -16,7 +16,7 @@ from transferkit.errors import TransferkitError
 
 # TrainConfig fields that take a comma-separated list on the command line
 _LIST_FIELDS = {"data", "unlabeled", "head_weights"}
-_BOOL_FIELDS = {"augment", "compile", "tensorboard"}
+_BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment"}
 _NOT_FLAGS = {"out"}  # added by hand below
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.errors import ImageDecodeError
 
@@ -59,7 +59,16 @@ class Preprocessing:
 
     # ---- pixels -> uint8 (PIL; shared by dataset loading and serving) ----
     def pil_to_uint8(self, image: Image.Image) -> np.ndarray:
-        """Any PIL image -> uint8 (image_size, image_size, 3)."""
+        """Any PIL image -> uint8 (image_size, image_size, 3).
+
+        Camera photos are turned upright by their EXIF orientation; 16-bit and float grayscale are scaled
+        to 8 bits by their range (Pillow's own conversion would clip them); alpha is dropped."""
+        image = ImageOps.exif_transpose(image) or image
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(image, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+            image = Image.fromarray(arr.round().astype(np.uint8), mode="L")
         if image.mode != "RGB":
             image = image.convert("RGB")
         if image.size != (self.image_size, self.image_size):

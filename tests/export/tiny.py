@@ -6,7 +6,6 @@ Everything is made once per test session and cached here (both conftests call th
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -16,16 +15,6 @@ HEADS = {"digits": DIGITS, "fashion-mnist": FASHION}
 VERIFY_IMAGES = 128  # per dataset; the gate's default is 256, tests keep it short
 
 _cache: dict[str, object] = {}
-
-
-def use_private_bentoml_home(tmp_path_factory) -> Path:
-    """Point BentoML's model/bento store at a session temp dir, before anything resolves it."""
-    if "home" not in _cache:
-        home = tmp_path_factory.mktemp("bentoml_home")
-        os.environ["BENTOML_HOME"] = str(home)
-        os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-        _cache["home"] = home
-    return _cache["home"]
 
 
 def make_tiny_run(run_dir: Path, seed: int = 0, weights: str = "imagenet", heads: dict | None = None) -> Path:
@@ -55,9 +44,9 @@ def make_tiny_run(run_dir: Path, seed: int = 0, weights: str = "imagenet", heads
 
 
 def exported_tiny_run(tmp_path_factory) -> tuple[Path, object]:
-    """(run_dir, ExportResult) of an ONNX export stored in the private BentoML home; made once per session."""
+    """(run_dir, ExportResult) of an ONNX export stored in the session's BentoML home (tests/conftest.py);
+    made once per session."""
     if "exported" not in _cache:
-        use_private_bentoml_home(tmp_path_factory)
         from transferkit.export import export_run
 
         run_dir = make_tiny_run(tmp_path_factory.mktemp("runs") / "tiny-export")

@@ -10,18 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.export.tiny import exported_tiny_run, use_private_bentoml_home
-
-
-@pytest.fixture(scope="session", autouse=True)
-def bentoml_home(tmp_path_factory):
-    return use_private_bentoml_home(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    return exported_tiny_run(tmp_path_factory)
-
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buf = io.BytesIO()

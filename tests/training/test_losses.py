@@ -49,3 +49,32 @@ def test_pseudo_labels_kept_only_above_threshold():
 def test_auto_class_weights_favour_rare_classes():
     w = auto_class_weights(torch.tensor([0, 0, 0, 1]), 3)
     assert w[1] > w[0] and w[2] == 0
+
+
+def test_distribution_alignment_pulls_pseudo_labels_towards_the_labelled_prior():
+    from transferkit.training.losses import DistributionAlignment
+
+    align = DistributionAlignment([torch.tensor([1.0, 1.0])], momentum=0.0)  # balanced labelled data
+    # the model calls almost everything class 0
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.97, 0.03], [0.4, 0.6]])
+    mask = torch.ones(4, dtype=torch.bool)
+    aligned = align(0, probs, mask)
+    torch.testing.assert_close(aligned.sum(1), torch.ones(4))
+    assert (aligned[:, 1] > probs[:, 1]).all()  # mass moved to the under-predicted class
+    assert aligned[3].argmax() == 1
+    # rows of another head are untouched, and a batch without this head leaves the running mean alone
+    other = align(0, probs, torch.tensor([True, False, True, False]))
+    torch.testing.assert_close(other[1], probs[1])
+    before = align.running[0].clone()
+    align(0, probs, torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(align.running[0], before)
+
+
+def test_pseudo_label_weight_starts_late_then_ramps():
+    from transferkit.training.trainer import unlabeled_ramp
+
+    assert unlabeled_ramp(0, 100, start=0.3, rampup=0.2) == 0.0
+    assert unlabeled_ramp(29, 100, 0.3, 0.2) == 0.0
+    assert unlabeled_ramp(40, 100, 0.3, 0.2) == 0.5
+    assert unlabeled_ramp(60, 100, 0.3, 0.2) == 1.0
+    assert unlabeled_ramp(0, 100, 0.0, 0.0) == 1.0

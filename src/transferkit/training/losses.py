@@ -31,14 +31,50 @@ def masked_head_losses(
     return total, correct
 
 
+class DistributionAlignment:
+    """ReMixMatch's distribution alignment: scale the weak-view class probabilities by
+    p(labelled classes) / running mean of p(predicted classes on unlabelled data), per head.
+
+    Under domain shift a source head tends to pour target images into a few classes with high confidence;
+    alignment pushes the pseudo-label distribution back towards the labelled class prior before the
+    confidence threshold is applied, so those confident-but-wrong labels are fewer."""
+
+    def __init__(self, priors: list[torch.Tensor], momentum: float = 0.999):
+        self.target = [p / p.sum() for p in priors]  # labelled class frequencies per head
+        self.running = [torch.full_like(p, 1.0 / len(p)) for p in self.target]
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def __call__(self, head: int, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Aligned probabilities for the rows of `mask` (this head's samples); other rows unchanged.
+        Written without boolean indexing, so it never waits for the GPU."""
+        m = mask.float()[:, None]
+        count = m.sum()
+        batch_mean = (probs * m).sum(0) / count.clamp(min=1.0)
+        rate = (1.0 - self.momentum) * (count > 0).float()  # no update from a batch without this head
+        self.running[head].lerp_(batch_mean, rate)
+        aligned = probs * (self.target[head] / self.running[head].clamp(min=1e-6))
+        aligned = aligned / aligned.sum(1, keepdim=True)
+        return torch.where(m.bool(), aligned, probs)
+
+    def state_dict(self) -> dict:
+        return {"running": [r.cpu() for r in self.running]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for r, saved in zip(self.running, state["running"]):
+            r.copy_(saved)
+
+
 def pseudo_label_loss(
     weak_logits: dict[str, torch.Tensor],
     strong_logits: dict[str, torch.Tensor],
     head_ids: torch.Tensor,
     head_order: list[str],
     threshold: float,
+    alignment: DistributionAlignment | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FixMatch: label from the weak view, loss on the strong view, only where confidence >= threshold.
+    """FixMatch: label from the weak view, loss on the strong view, only where confidence >= threshold
+    (after distribution alignment when given).
 
     -> (loss averaged over all unlabelled samples, keep mask, pseudo-labels)."""
     n = head_ids.shape[0]
@@ -50,6 +86,8 @@ def pseudo_label_loss(
         if name not in weak_logits:
             continue
         probs = weak_logits[name].detach().float().softmax(1)
+        if alignment is not None:
+            probs = alignment(h, probs, mask)
         conf, guess = probs.max(1)
         sel = mask & (conf >= threshold)
         ce = F.cross_entropy(strong_logits[name].float(), guess, reduction="none")

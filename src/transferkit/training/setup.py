@@ -14,7 +14,7 @@ from transferkit.data import ImageDataset, load_dataset
 from transferkit.errors import ConfigError
 from transferkit.preprocess import Preprocessing
 from transferkit.training.labels import HeadPlan, LabelMap, plan_heads
-from transferkit.training.losses import auto_class_weights
+from transferkit.training.losses import DistributionAlignment, auto_class_weights
 from transferkit.training.model import MultiHeadModel, build_model
 from transferkit.training.optim import param_groups, warmup_cosine
 from transferkit.training.pools import Pool, labelled_pool, parse_unlabeled, unlabelled_pool
@@ -37,6 +37,7 @@ class TrainingSetup:
     unlabelled_sampler: CyclingSampler | None = None
     unlabelled_heads: dict[str, str] = field(default_factory=dict)
     unlabelled_datasets: list[ImageDataset] = field(default_factory=list)
+    alignment: DistributionAlignment | None = None
     head_weights: list[float] = field(default_factory=list)
     class_weights: list[torch.Tensor | None] = field(default_factory=list)
 
@@ -88,6 +89,12 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
         setup.unlabelled_sampler = CyclingSampler(
             len(setup.unlabelled.labels), config.batch_size * config.unlabeled_ratio, config.seed
         )
+        if config.distribution_alignment:
+            priors = [
+                torch.bincount(pool.labels[pool.head_ids == h], minlength=len(plan.labels.heads[name])).float() + 1.0
+                for h, name in enumerate(head_order)
+            ]
+            setup.alignment = DistributionAlignment(priors)
     setup.head_weights = list(config.head_weights or [1.0] * len(head_order))
     setup.class_weights = [
         auto_class_weights(pool.labels[pool.head_ids == h], len(plan.labels.heads[name])).to(device)

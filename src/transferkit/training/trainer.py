@@ -32,6 +32,15 @@ from transferkit.training.transfer import describe_mapping, init_from_run
 from transferkit.utils import atomic_write_json
 
 
+def unlabeled_ramp(step: int, total: int, start: float, rampup: float) -> float:
+    """Weight multiplier of the pseudo-label loss: 0 before `start`, then linear to 1 over `rampup`
+    (both fractions of all steps)."""
+    begin, length = start * total, rampup * total
+    if step < begin:
+        return 0.0
+    return 1.0 if length <= 0 else min(1.0, (step - begin) / length)
+
+
 def default_run_dir(config: TrainConfig) -> Path:
     names = "+".join(n.split(":")[-1].rstrip("/").split("/")[-1] for n in config.data)
     return Path("runs") / f"{names}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -108,6 +117,7 @@ class TrainLoop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "alignment": self.setup.alignment.state_dict() if self.setup.alignment else None,
             "epoch": self.epoch,
             "step": self.step,
             "global_step": self.global_step,
@@ -130,6 +140,8 @@ class TrainLoop:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.setup.alignment and state.get("alignment"):
+            self.setup.alignment.load_state_dict(state["alignment"])
         for key in ("epoch", "step", "global_step", "best", "bad_epochs", "finished"):
             setattr(self, key, state[key])
         self.metrics.history = list(state["history"])
@@ -208,7 +220,7 @@ class TrainLoop:
             "images_per_s": images / max(elapsed, 1e-9),
             "lr": self.optimizer.param_groups[-1]["lr"],
         }
-        if setup.unlabelled is not None:
+        if totals.get("unl", 0) > 0:  # pseudo-labels were in use this epoch
             self._epoch_train["pseudo_coverage"] = totals["kept"] / max(totals["unl"], 1.0)
             self._epoch_train["pseudo_accuracy"] = totals["kept_right"] / max(totals["kept"], 1.0)
 
@@ -250,7 +262,8 @@ class TrainLoop:
         x = augment.to_unit(images)
         x = augment.weak_view(x, self.aug_gen) if cfg.augment else x
         parts = [x]
-        if unlabelled is not None and len(unlabelled[0]):
+        ramp = unlabeled_ramp(self.global_step, setup.total_steps, cfg.unlabeled_start, cfg.unlabeled_rampup)
+        if unlabelled is not None and len(unlabelled[0]) and ramp > 0:  # no wasted forward before the start
             u_images, u_true, u_heads = unlabelled
             u = augment.to_unit(u_images)
             parts += [augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)]
@@ -268,8 +281,9 @@ class TrainLoop:
             m = len(u_images)
             weak = {k: v[n : n + m] for k, v in logits.items()}
             strong = {k: v[n + m :] for k, v in logits.items()}
-            u_loss, keep, pseudo = pseudo_label_loss(weak, strong, u_heads, setup.head_order, cfg.pseudo_threshold)
-            ramp = min(1.0, self.global_step / max(1.0, cfg.unlabeled_rampup * setup.total_steps))
+            u_loss, keep, pseudo = pseudo_label_loss(
+                weak, strong, u_heads, setup.head_order, cfg.pseudo_threshold, setup.alignment
+            )
             loss = loss + cfg.unlabeled_weight * ramp * u_loss
             stats.update(images=n + m, unl=m, kept=keep.sum(), kept_right=(keep & (pseudo == u_true)).sum())
         (loss * scale).backward()
