@@ -25,7 +25,9 @@ fashion=/usr/share/datasets/fashion-mnist
 if [ ! -f "$fashion/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
-  if { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1; then
+  # --reinstall: a package whose files were removed by hand still counts as installed
+  if { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --reinstall dataset-fashion-mnist; } >/dev/null 2>&1 \
+     && [ -f "$fashion/train-images-idx3-ubyte.gz" ]; then
     echo "assets: Fashion-MNIST installed to $fashion"
   else
     echo "assets: could not apt-get dataset-fashion-mnist; Fashion-MNIST will be downloaded by torchvision on first use" >&2

@@ -101,9 +101,7 @@ def cmd_export(args) -> None:
     from transferkit.export import export_run, format_export_table
 
     result = export_run(args.run, formats=_split_list(args.format), precision=args.precision)
-    print(format_export_table(result))
-    if result.bentoml_tag:
-        print(f"BentoML model: {result.bentoml_tag}")
+    print(format_export_table(result))  # ends with the BentoML model tag
     print(result.export_dir)
     if not result.ok:
         raise TransferkitError("a requested format failed export or its accuracy gate (see the table and verify.json)")

@@ -4,8 +4,8 @@ weak:   random translation up to 1/8 of the side (safe for digits and clothing: 
 strong: translation, rotation ±15°, scale 0.9-1.1, brightness/contrast jitter, and one cutout square
         (FixMatch's strong view, in a form that runs as a handful of tensor ops on GPU or CPU)
 
-All randomness comes from one torch.Generator whose state is checkpointed, so a resumed run draws the
-same augmentations as an uninterrupted one.
+All randomness comes from one torch.Generator on the training device whose state is checkpointed, so a
+resumed run draws the same augmentations as an uninterrupted one.
 """
 from __future__ import annotations
 

@@ -56,8 +56,9 @@ def create_backbone(backbone: str, weights: str) -> tuple[nn.Module, int, tuple,
         if w is None:
             raise
         raise TransferkitError(
-            f"could not load {backbone} weights {w.name} ({exc}); run `make setup` to install the offline "
-            f"weights into torch's hub cache, connect once, or pass --weights none"
+            f"could not load {backbone} weights {w.name}: not in torch's hub cache and the download failed "
+            f"({type(exc).__name__}); connect once so torchvision can fetch {w.url.rsplit('/', 1)[-1]}, place that "
+            f"file in $TORCH_HOME/hub/checkpoints (`make setup` does this for mobilenet_v2), or pass --weights none"
         ) from None
     feature_dim = _strip_classifier(model, backbone)
     mean, std = IMAGENET_MEAN, IMAGENET_STD

@@ -92,7 +92,9 @@ class TrainLoop:
         self.optimizer, self.scheduler = build_optimizer(self.setup)
         self.ema = EMA(self.model, config.ema) if config.ema else None
         self.eval_model = copy.deepcopy(self.model) if config.ema else self.model
-        self.aug_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        # On the training device: random numbers drawn on the CPU would need a host-to-device copy per step,
+        # and a copy from pageable memory waits for the GPU to drain, stalling the launch pipeline.
+        self.aug_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
         self.mean = torch.tensor(self.setup.preprocessing.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.setup.preprocessing.std, device=device).view(1, 3, 1, 1)
         self.epoch, self.step, self.global_step = 0, 0, 0
