@@ -182,6 +182,11 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         return value
     for typ in (int, float):
         if typ.__name__ in text.split(" | ")[0] or text.startswith(f"{typ.__name__} |"):
+            if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and value != int(value)):
                 raise ConfigError(f"{source}: {key} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
             return typ(value)
