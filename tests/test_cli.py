@@ -102,7 +102,7 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
 
 def test_help_lists_every_command():
     out = run_cli("--help").stdout
-    for command in ("train", "eval", "export", "serve", "predict", "build"):
+    for command in ("train", "eval", "export", "benchmark", "serve", "predict", "build"):
         assert command in out
     train_help = run_cli("train", "--help").stdout
     for flag in ("--sampling", "--freeze-epochs", "--layer-decay", "--ema", "--unlabeled", "--init", "--resume"):

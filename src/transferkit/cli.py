@@ -107,6 +107,14 @@ def cmd_export(args) -> None:
         raise TransferkitError("a requested format failed export or its accuracy gate (see the table and verify.json)")
 
 
+def cmd_benchmark(args) -> None:
+    from transferkit.export.benchmark import benchmark_run, format_benchmark_table
+
+    rows = benchmark_run(args.run, repeats=args.repeats)
+    print(format_benchmark_table(rows))
+    print(Path(args.run) / "export" / "benchmark.json")
+
+
 def cmd_serve(args) -> None:
     from transferkit.serving import serve
 
@@ -154,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="comma-separated: onnx, tensorrt, aoti")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
 
+    p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size (median reported)")
+
     p = sub.add_parser("serve", help="serve the exported model over HTTP (BentoML)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--host", default="127.0.0.1")
@@ -168,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="bentoml build: a Bento with the model, and its Dockerfile")
     p.add_argument("run", metavar="RUN")
 
-    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("export", cmd_export), ("serve", cmd_serve),
+    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("export", cmd_export),
+                       ("benchmark", cmd_benchmark), ("serve", cmd_serve),
                        ("predict", cmd_predict), ("build", cmd_build)):  # fmt: skip
         sub.choices[name].set_defaults(func=func)
     return parser

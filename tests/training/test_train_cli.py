@@ -55,6 +55,7 @@ def test_same_seed_same_result_on_cpu(tmp_path):
         (["--data", "nope"], "unknown dataset"),
         (["--data", "mnist", "--head-weights", "1,2"], "head_weights has 2 values"),
         (["--data", "mnist", "--init", "/does/not/exist"], "does not exist"),
+        (["--data", "digits", "--backbone", "vit_b_16", "--weights", "none", "--image-size", "32"], "cannot take 32px"),
     ],
 )
 def test_bad_options_are_refused_before_work(tmp_path, args, message):

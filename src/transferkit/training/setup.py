@@ -70,6 +70,7 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     datasets, unlabelled_specs = load_datasets(config, loading)
     plan = plan_heads([(d.name, d.classes) for d in datasets], config.heads, label_map)
     model, mean, std = build_model(config.backbone, config.weights, plan.labels.heads)
+    check_input_size(model, config.backbone, config.image_size)
     pre = Preprocessing(image_size=config.image_size, mean=mean, std=std)
     head_order = model.head_names
     if config.head_weights is not None and len(config.head_weights) != len(head_order):
@@ -103,6 +104,23 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
         for h, name in enumerate(head_order)
     ]
     return setup
+
+
+@torch.no_grad()
+def check_input_size(model: MultiHeadModel, backbone: str, image_size: int) -> None:
+    """A dry forward pass, so a backbone that cannot take this input size (ViT and Swin want 224 px, say)
+    is refused with the reason before any training step, not deep inside the first one."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, image_size, image_size))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"backbone {backbone} cannot take {image_size}px inputs ({str(exc).splitlines()[0]}); "
+            f"pick another --image-size (e.g. 224) or backbone"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def build_optimizer(setup: TrainingSetup):

@@ -1,0 +1,118 @@
+"""`transferkit benchmark RUN`: one row per format of the formats table, measured side by side in one process.
+
+    format   status   size   accuracy (per head, from verify.json)   latency b=1   latency b=32   img/s b=32   vs torch
+
+The PyTorch eager model (model.pt) is timed in the same run as the baseline, so the "vs torch" column is a ratio
+of two measurements taken minutes apart on the same machine, not a comparison with numbers from elsewhere.
+Latency is the median of `repeats` timed calls after warm-up, on random normalised input of the model's size.
+Writes RUN/export/benchmark.json.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from transferkit.export.formats import FORMATS
+from transferkit.serving.manifest import read_manifest
+from transferkit.serving.runtime import RUNTIMES, runtime_problem
+from transferkit.utils import atomic_write_json, read_json
+
+BASELINE = "pytorch (eager)"
+
+
+@dataclass
+class BenchmarkRow:
+    format: str
+    status: str
+    size_bytes: int | None = None
+    accuracy: dict[str, float] = field(default_factory=dict)  # head -> accuracy of this format (verify.json)
+    latency_ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ms per call
+    note: str = ""
+
+    def throughput(self, batch: int) -> float | None:
+        ms = self.latency_ms.get(batch)
+        return batch / (ms / 1000.0) if ms else None
+
+
+def _median_ms(call: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times)
+
+
+def _inputs(size: int, batches: tuple[int, ...]) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {b: rng.standard_normal((b, 3, size, size)).astype(np.float32) for b in batches}
+
+
+def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repeats: int = 20) -> list[BenchmarkRow]:
+    import torch
+
+    from transferkit.runs import load_run_model
+
+    export_dir = Path(run_dir) / "export"
+    manifest = read_manifest(export_dir)
+    verify = read_json(export_dir / "verify.json") if (export_dir / "verify.json").is_file() else {"formats": {}}
+    inputs = _inputs(int(manifest["preprocessing"]["image_size"]), batches)
+
+    model, _ = load_run_model(run_dir)
+    model.to(memory_format=torch.channels_last)
+    baseline = BenchmarkRow(BASELINE, "reference", (Path(run_dir) / "model.pt").stat().st_size)
+    with torch.inference_mode():
+        for b, x in inputs.items():
+            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            baseline.latency_ms[b] = _median_ms(lambda: model(t), repeats)
+    rows = [baseline]
+
+    for name, fmt in FORMATS.items():
+        entry = manifest["formats"].get(name)
+        if entry is None:
+            rows.append(BenchmarkRow(name, "not exported", note=f"transferkit export RUN --format {name}"))
+            continue
+        row = BenchmarkRow(name, entry["status"])
+        path = export_dir / fmt.filename
+        row.size_bytes = path.stat().st_size if path.is_file() else None
+        heads = (verify["formats"].get(name) or {}).get("heads", {})
+        row.accuracy = {h: r["accuracy_format"] for h, r in heads.items()}
+        runtime_name = next(r for r, cls in RUNTIMES.items() if cls.format == name)
+        problem = runtime_problem(runtime_name, manifest, export_dir)
+        if problem:
+            row.note = problem
+        else:
+            runtime = RUNTIMES[runtime_name]().load(export_dir, manifest)
+            for b, x in inputs.items():
+                row.latency_ms[b] = _median_ms(lambda: runtime.run(x), repeats)
+            row.note = runtime.description
+        rows.append(row)
+    atomic_write_json(export_dir / "benchmark.json", {"batches": list(batches), "repeats": repeats,
+                                                      "rows": [asdict(r) for r in rows]})  # fmt: skip
+    return rows
+
+
+def format_benchmark_table(rows: list[BenchmarkRow], batches: tuple[int, ...] = (1, 32)) -> str:
+    base = rows[0]
+    big = max(batches)
+    header = ["format", "status", "size", "accuracy"] + [f"ms b={b}" for b in batches] + [f"img/s b={big}",
+              f"vs torch b={big}", "runtime / note"]  # fmt: skip
+    table = [header]
+    for r in rows:
+        acc = ", ".join(f"{h} {a:.1%}" for h, a in r.accuracy.items()) or "-"
+        size = f"{r.size_bytes / 1e6:.1f} MB" if r.size_bytes else "-"
+        lat = [f"{r.latency_ms[b]:.2f}" if b in r.latency_ms else "-" for b in batches]
+        tput = r.throughput(big)
+        ratio = f"{base.latency_ms[big] / r.latency_ms[big]:.2f}x" if big in r.latency_ms else "-"
+        table.append([r.format, r.status, size, acc, *lat, f"{tput:,.0f}" if tput else "-", ratio, r.note])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
