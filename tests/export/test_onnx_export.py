@@ -84,7 +84,7 @@ def test_verify_report_per_head(exported):
     onnx_report = report["formats"]["onnx"]
     assert onnx_report["passed"] and onnx_report["precision"] == "fp32" and onnx_report["failures"] == []
     assert set(onnx_report["heads"]) == set(HEADS)
-    for head, h in onnx_report["heads"].items():
+    for h in onnx_report["heads"].values():
         assert h["images"] == VERIFY_IMAGES  # test split of one dataset per head, capped at verify_images
         assert h["max_abs_diff"] < 1e-4 <= h["allowed_max_abs_diff"]
         assert h["top1_agreement"] == 1.0 and abs(h["accuracy_delta_points"]) == 0.0

@@ -22,7 +22,7 @@ def test_predict_answers_top_k_per_head(client, images, exported, name, mime):
     body = response.json()
     assert body["model"] == exported[1].bentoml_tag and body["runtime"].startswith("onnxruntime")
     assert set(body["heads"]) == {"digits", "fashion-mnist"}
-    for head, preds in body["heads"].items():
+    for preds in body["heads"].values():
         assert len(preds) == 3
         scores = [p["score"] for p in preds]
         assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)

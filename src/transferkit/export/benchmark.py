@@ -71,7 +71,7 @@ def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repea
     with torch.inference_mode():
         for b, x in inputs.items():
             t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            baseline.latency_ms[b] = _median_ms(lambda: model(t), repeats)
+            baseline.latency_ms[b] = _median_ms(lambda t=t: model(t), repeats)
     rows = [baseline]
 
     for name, fmt in FORMATS.items():
@@ -91,7 +91,7 @@ def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repea
         else:
             runtime = RUNTIMES[runtime_name]().load(export_dir, manifest)
             for b, x in inputs.items():
-                row.latency_ms[b] = _median_ms(lambda: runtime.run(x), repeats)
+                row.latency_ms[b] = _median_ms(lambda rt=runtime, x=x: rt.run(x), repeats)
             row.note = runtime.description
         rows.append(row)
     atomic_write_json(export_dir / "benchmark.json", {"batches": list(batches), "repeats": repeats,

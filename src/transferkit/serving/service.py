@@ -127,7 +127,7 @@ class TransferkitService:
             raw = [np.frombuffer(base64.b64decode(p, validate=True), np.uint8) for p in pixels]
             batch = np.stack([r.reshape(s, s, 3) for r in raw])
         except ValueError as exc:  # wrong length or not base64: only a hand-made /infer call gets here
-            raise bentoml.exceptions.InvalidArgument(f"pixels must be base64 uint8 {s}x{s}x3 images: {exc}")
+            raise bentoml.exceptions.InvalidArgument(f"pixels must be base64 uint8 {s}x{s}x3 images: {exc}") from None
         logits = self.runtime.run(self.pre.normalize_numpy(batch))
         return [{h: logits[h][i].tolist() for h in self.labels} for i in range(len(batch))]
 

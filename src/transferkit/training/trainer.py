@@ -53,7 +53,23 @@ def train(config: TrainConfig) -> Path:
     if (run_dir / "checkpoint.pt").exists() or (run_dir / "model.pt").exists():
         raise TransferkitError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     config.out = str(run_dir)
+    _absolute_paths(config)
     return _run(config, run_dir, resuming=False)
+
+
+def _absolute_paths(config: TrainConfig) -> None:
+    """Paths in the saved config must still work when eval/export run from another directory."""
+    def resolve(spec: str) -> str:
+        if spec.startswith("imagefolder:"):
+            name, _, head = spec[len("imagefolder:") :].partition("=")
+            return f"imagefolder:{Path(name).expanduser().resolve()}" + (f"={head}" if head else "")
+        return spec
+
+    config.data = [resolve(s) for s in config.data]
+    config.unlabeled = [resolve(s) for s in config.unlabeled]
+    for key in ("label_map", "init"):
+        if getattr(config, key):
+            setattr(config, key, str(Path(getattr(config, key)).expanduser().resolve()))
 
 
 def resume(run_dir: str | Path) -> Path:
