@@ -3,7 +3,6 @@ process on 127.0.0.1 -> real HTTP requests with real image files -> predict; plu
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from transferkit.serving.server import free_port
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -53,7 +47,7 @@ def test_train_export_serve_predict(tiny_run, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(png.read_bytes()[:40])
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "transferkit", "serve", str(tiny_run), "--host", "127.0.0.1", "--port", str(port)],

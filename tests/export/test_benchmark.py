@@ -1,11 +1,12 @@
 import json
 
+from tests.export.tiny import copy_run
 from tests.helpers import run_cli
 from transferkit.export.benchmark import BASELINE, benchmark_run, format_benchmark_table
 
 
-def test_benchmark_times_every_servable_format_against_pytorch(exported):
-    run_dir, _ = exported
+def test_benchmark_times_every_servable_format_against_pytorch(exported, tmp_path):
+    run_dir = copy_run(exported[0], tmp_path / "run")  # benchmark.json must not land in the shared export
     rows = benchmark_run(run_dir, batches=(1, 4), repeats=3)
     by_name = {r.format: r for r in rows}
     assert rows[0].format == BASELINE and set(rows[0].latency_ms) == {1, 4}
