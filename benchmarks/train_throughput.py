@@ -58,7 +58,7 @@ def main() -> None:
     device = resolve_device(args.device)
     config = TrainConfig(data=["mnist", "fashion-mnist"], image_size=args.image_size, batch_size=args.batch_size,
                          limit=args.limit, epochs=1, compile=args.compile, ema=args.ema, device=str(device),
-                         checkpoint_every=10**9)  # fmt: skip
+                         checkpoint_every=10**9).validate()  # fmt: skip
     loop = TrainLoop(config, Path(tempfile.mkdtemp(prefix="tk-bench-")), DistInfo(), device, resuming=False)
     setup = loop.setup
     model, train_model = loop.model, loop.train_model

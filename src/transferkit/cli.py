@@ -82,8 +82,7 @@ def cmd_train(args) -> None:
     else:
         values = load_config_file(args.config) if args.config else {}
         values.update({k: _parse_value(k, v) for k, v in flags.items()})
-        config = config_from_dict(values, source=args.config or "command line").validate()
-        run_dir = train(config)
+        run_dir = train(config_from_dict(values, source=args.config or "command line"))  # validates first
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(run_dir)
 

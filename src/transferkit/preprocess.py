@@ -11,6 +11,7 @@ Serving needs only NumPy and Pillow (no torch) for this.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -95,13 +96,24 @@ class Preprocessing:
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
-    def normalize_torch(self, batch):  # batch: uint8 or float tensor (N,3,S,S) on any device
-        """uint8 (N,3,S,S) tensor -> float32 normalized (N,3,S,S). Used by training and evaluation."""
-        import torch
+    def normalize_torch(self, batch):
+        """(N,3,S,S) tensor on any device -> float32 normalized. uint8 input is scaled by 1/255; float input
+        must already be in 0..1 (training normalizes after augmenting in that space). Used by training and
+        evaluation."""
+        import torch  # lazy: serving (numpy only) never calls this
 
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        return (batch.float() / 255.0 - mean) / std
+        x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch
+        mean, std = _stats_on(batch.device, self.mean, self.std)
+        return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_on(device, mean: tuple, std: tuple):
+    """mean/std as (1,3,1,1) tensors on `device`, made once: a fresh host-to-device copy per batch would
+    make the CPU wait for the GPU every step."""
+    import torch
+
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 _FILTERS = {

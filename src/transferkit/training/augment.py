@@ -54,8 +54,3 @@ def strong_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def to_unit(batch_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 (N,3,S,S) -> float (N,3,S,S) in 0..1."""
     return batch_uint8.float().div_(255.0)
-
-
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """0..1 floats -> model input. mean/std: (1,3,1,1) tensors (Preprocessing.mean/std)."""
-    return (x - mean) / std

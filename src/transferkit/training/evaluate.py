@@ -20,8 +20,6 @@ def predict_logits(
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
     out: dict[str, list[np.ndarray]] = {}
     amp = device.type == "cuda"
     for start in range(0, len(images), batch_size):
@@ -29,7 +27,7 @@ def predict_logits(
         x = torch.as_tensor(chunk).to(device, non_blocking=True)
         if x.shape[-1] == 3:  # NHWC numpy layout
             x = x.permute(0, 3, 1, 2)
-        x = ((x.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = pre.normalize_torch(x).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         for name, value in logits.items():

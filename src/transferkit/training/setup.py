@@ -64,7 +64,7 @@ def load_datasets(config: TrainConfig, pre: Preprocessing) -> tuple[list[ImageDa
 
 
 def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
-    config.validate()
+    """Load data, plan heads, build the model on `device`. The config must already be validated."""
     label_map = LabelMap.from_file(config.label_map)
     loading = Preprocessing(image_size=config.image_size)  # mean/std are not needed to load pixels
     datasets, unlabelled_specs = load_datasets(config, loading)

@@ -77,6 +77,7 @@ def resume(run_dir: str | Path) -> Path:
     run = load_run(run_dir)
     if load_checkpoint(run.dir) is None:
         raise TransferkitError(f"{run.dir} has no checkpoint.pt to resume from; start it again with train")
+    run.config.validate()  # e.g. an --init run or image folder that has gone since
     return _run(run.config, run.dir, resuming=True)
 
 
@@ -111,8 +112,6 @@ class TrainLoop:
         # On the training device: random numbers drawn on the CPU would need a host-to-device copy per step,
         # and a copy from pageable memory waits for the GPU to drain, stalling the launch pipeline.
         self.aug_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-        self.mean = torch.tensor(self.setup.preprocessing.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.setup.preprocessing.std, device=device).view(1, 3, 1, 1)
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.best, self.bad_epochs, self.finished = -1.0, 0, False
         self.totals: dict = {}
@@ -285,7 +284,7 @@ class TrainLoop:
             u_images, u_true, u_heads = unlabelled
             u = augment.to_unit(u_images)
             parts += [augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)]
-        x = augment.normalize(torch.cat(parts), self.mean, self.std).contiguous(memory_format=torch.channels_last)
+        x = setup.preprocessing.normalize_torch(torch.cat(parts)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.train_model(x)
         n = len(images)
