@@ -63,11 +63,6 @@ class ImageDataset:
             raise ValueError(f"unknown split {name!r}; use one of {SPLITS}")
         return getattr(self, name)
 
-    def summary(self) -> str:
-        return (
-            f"{self.name}: {len(self.classes)} classes, "
-            f"{len(self.train)}/{len(self.val)}/{len(self.test)} train/val/test images"
-        )
 
 
 def seeded_split(n: int, fractions: tuple[float, float], seed: int = SPLIT_SEED) -> tuple[np.ndarray, ...]:

@@ -52,7 +52,6 @@ class Pool:
     labels: torch.Tensor  # int64 (N,) on the device: class index in the sample's head; -1 where unknown
     head_ids: torch.Tensor  # int64 (N,) on the device: index into the head order
     sizes: list[int]  # images per source dataset, in order
-    names: list[str]  # source dataset names
     images: torch.Tensor | None = None  # uint8 (N,3,S,S) on the device, when in memory
     files: _FilesDataset | None = None  # when streamed
     workers: int = 2
@@ -89,11 +88,11 @@ class Pool:
             yield images.to(device, non_blocking=True), self.labels[i], self.head_ids[i]
 
 
-def _pool(parts: list[Split], labels: list[np.ndarray], head_ids: list[int], names: list[str],
-          pre: Preprocessing, device, workers: int) -> Pool:  # fmt: skip
+def _pool(parts: list[Split], labels: list[np.ndarray], head_ids: list[int], pre: Preprocessing, device,
+          workers: int) -> Pool:  # fmt: skip
     lab = torch.from_numpy(np.concatenate(labels)).to(device)
     heads = torch.cat([torch.full((len(p),), h) for p, h in zip(parts, head_ids)]).to(device)
-    pool = Pool(lab, heads, [len(p) for p in parts], names, workers=workers)
+    pool = Pool(lab, heads, [len(p) for p in parts], workers=workers)
     if any(p.streamed for p in parts):
         pool.files = _FilesDataset(parts, pre)
     else:
@@ -106,7 +105,7 @@ def labelled_pool(datasets: list[ImageDataset], plan: HeadPlan, head_order: list
                   device, workers: int = 2) -> Pool:  # fmt: skip
     labels = [np.asarray(plan.label_remap[ds.name], dtype=np.int64)[ds.train.labels] for ds in datasets]
     heads = [head_order.index(plan.labels.datasets[ds.name]) for ds in datasets]
-    return _pool([ds.train for ds in datasets], labels, heads, [ds.name for ds in datasets], pre, device, workers)
+    return _pool([ds.train for ds in datasets], labels, heads, pre, device, workers)
 
 
 def parse_unlabeled(spec: str) -> tuple[str, str | None]:
@@ -145,4 +144,4 @@ def unlabelled_pool(
         heads.append(head_order.index(head))
         assigned[ds.name] = head
     parts = [ds.train for ds, _ in datasets]
-    return _pool(parts, labels, heads, [ds.name for ds, _ in datasets], pre, device, workers), assigned
+    return _pool(parts, labels, heads, pre, device, workers), assigned

@@ -35,8 +35,7 @@ class TrainingSetup:
     sampler: MultiDatasetSampler
     unlabelled: Pool | None = None
     unlabelled_sampler: CyclingSampler | None = None
-    unlabelled_heads: dict[str, str] = field(default_factory=dict)
-    unlabelled_datasets: list[ImageDataset] = field(default_factory=list)
+    unlabelled_heads: dict[str, str] = field(default_factory=dict)  # unlabelled dataset -> head labelling it
     alignment: DistributionAlignment | None = None
     head_weights: list[float] = field(default_factory=list)
     class_weights: list[torch.Tensor | None] = field(default_factory=list)
@@ -86,7 +85,6 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
         setup.unlabelled, setup.unlabelled_heads = unlabelled_pool(
             unlabelled_specs, plan, head_order, label_map, pre, device, config.workers
         )
-        setup.unlabelled_datasets = [d for d, _ in unlabelled_specs]
         setup.unlabelled_sampler = CyclingSampler(
             len(setup.unlabelled.labels), config.batch_size * config.unlabeled_ratio, config.seed
         )

@@ -100,6 +100,8 @@ class TrainLoop:
         self.setup: TrainingSetup = build_setup(config, device)
         self.model = self.setup.model
         self.log = self._print if dist.is_main else (lambda *a: None)
+        for name, head in self.setup.unlabelled_heads.items():
+            self.log(f"unlabeled: {name} is pseudo-labelled by head {head}")
         if config.init and not resuming:
             mapping = init_from_run(self.model, config.init, self.setup.label_map)
             for line in describe_mapping(mapping):
