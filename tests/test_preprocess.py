@@ -1,12 +1,14 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from transferkit.errors import ImageDecodeError
-from transferkit.preprocess import Preprocessing, decode_image
+from transferkit.errors import ImageDecodeError, ImageFormatError, ImageTooLargeError
+from transferkit.preprocess import MAX_IMAGE_PIXELS, SERVED_FORMATS, Preprocessing, decode_image
 
 
 def _png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -102,3 +104,112 @@ def test_exif_orientation_is_applied():
     upright = decode_image(buf.getvalue())
     assert pre.pil_to_uint8(upright).shape == (8, 8, 3)
     assert upright.size == (16, 8)  # decode keeps the stored pixels; pil_to_uint8 turns them upright
+
+
+# ---- untrusted uploads: formats restricted to what the server accepts ----
+
+_RGB = Image.fromarray(np.random.default_rng(4).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+
+
+def _dds_unknown_fourcc() -> bytes:
+    """A 128-byte DDS header (magic + 124) whose pixel format Pillow's DDS plugin does not implement."""
+    header = struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) + bytes(44)  # size, flags, h, w, pitch, depth, mips
+    header += struct.pack("<2I", 32, 0x4) + b"XXXX" + bytes(20)  # pixel format: FOURCC "XXXX"
+    header += struct.pack("<4I", 0x1000, 0, 0, 0) + bytes(4)  # caps
+    data = b"DDS " + header
+    assert len(data) == 128
+    return data + bytes(48)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 8x8 PNG whose IHDR claims width x height (CRC recomputed, so only the size is a lie)."""
+    data = bytearray(_png_bytes(Image.new("L", (8, 8))))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+REFUSED = {
+    "DDS": lambda: _png_bytes(_RGB, "DDS"),
+    "DDS-unknown-fourcc": _dds_unknown_fourcc,
+    "TIFF": lambda: _png_bytes(_RGB, "TIFF"),
+    "EPS": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n",
+    "SVG": lambda: b'\xef\xbb\xbf\n  <svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+    "SVG-xml": lambda: b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+    "ICO": lambda: _png_bytes(_RGB, "ICO"),
+    "GIF": lambda: _png_bytes(_RGB, "GIF"),
+    "BMP": lambda: _png_bytes(_RGB, "BMP"),
+    "PSD": lambda: b"8BPS\x00\x01" + bytes(40),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_served_formats_refuse_other_formats_with_415(kind):
+    with pytest.raises(ImageFormatError) as info:
+        decode_image(REFUSED[kind](), name="image", formats=SERVED_FORMATS)
+    shown = kind.split("-")[0]
+    assert str(info.value) == f"image: {shown} images are not accepted; send JPEG, PNG or WebP"
+    assert info.value.http_status == 415 and isinstance(info.value, ImageDecodeError)
+
+
+def test_plugin_crash_on_unrestricted_decode_is_a_400_not_an_escape():
+    """Pillow's DDS plugin raises NotImplementedError for an unknown FourCC; it must become a decode error."""
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated") as info:
+        decode_image(_dds_unknown_fourcc())
+    assert type(info.value) is ImageDecodeError and info.value.http_status == 400
+
+
+@pytest.mark.parametrize("formats", [SERVED_FORMATS, None])
+def test_header_over_pillow_bomb_limit_is_413(formats):
+    data = _png_claiming(20000, 10000)  # 200 MP: Pillow raises DecompressionBombError inside Image.open
+    with pytest.raises(ImageTooLargeError, match="pixel limit") as info:
+        decode_image(data, formats=formats)
+    assert info.value.http_status == 413 and "200000000 pixels" in str(info.value)
+
+
+@pytest.mark.parametrize("formats", [SERVED_FORMATS, None])
+def test_header_over_our_limit_is_413_before_decoding(formats):
+    width, height = 10000, MAX_IMAGE_PIXELS // 10000 + 1  # over our limit, under Pillow's warning threshold
+    with pytest.raises(ImageTooLargeError, match="pixel limit") as info:
+        decode_image(_png_claiming(width, height), formats=formats)
+    assert f"{width}x{height}" in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_truncated_served_formats_are_400(fmt):
+    good = _png_bytes(_RGB, fmt)
+    for data in (good[: len(good) // 2], good[:16]):
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated") as info:
+            decode_image(data, formats=SERVED_FORMATS)
+        assert type(info.value) is ImageDecodeError and info.value.http_status == 400
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_served_formats_decode(fmt):
+    image = decode_image(_png_bytes(_RGB, fmt), formats=SERVED_FORMATS)
+    assert image.size == (30, 20) and image.format == fmt
+
+
+def test_multi_picture_camera_jpeg_is_served():
+    """Cameras write MPO (several JPEGs in one file); Pillow opens it through the JPEG plugin."""
+    buf = io.BytesIO()
+    _RGB.save(buf, format="MPO", save_all=True, append_images=[_RGB.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    image = decode_image(buf.getvalue(), formats=SERVED_FORMATS)
+    assert image.format == "MPO" and image.size == (30, 20)
+
+
+def test_unrecognised_bytes_keep_their_message_when_restricted():
+    with pytest.raises(ImageDecodeError, match="not a recognised image format; send a JPEG, PNG or WebP") as info:
+        decode_image(b"this is not an image at all", formats=SERVED_FORMATS)
+    assert type(info.value) is ImageDecodeError and info.value.http_status == 400
+
+
+def test_unrestricted_decode_still_reads_other_formats():
+    for fmt in ("GIF", "BMP", "TIFF"):
+        assert decode_image(_png_bytes(_RGB, fmt)).size == (30, 20)
+
+
+def test_unknown_format_name_is_a_caller_error():
+    with pytest.raises(ValueError, match="MPO"):
+        decode_image(_png_bytes(_RGB), formats=("JPEG", "MPO"))

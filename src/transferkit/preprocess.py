@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from transferkit.errors import ImageDecodeError
+from transferkit.errors import ImageDecodeError, ImageFormatError, ImageTooLargeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Pillow raises a DecompressionBombError above this many pixels; we refuse earlier with a clear message.
+# Pillow raises DecompressionBombError above 2x its own limit (~179 MP); we refuse above this, with a clear message.
 MAX_IMAGE_PIXELS = 64_000_000
 
 
@@ -124,38 +125,113 @@ _FILTERS = {
 }
 
 
-def _sniff_format(data: bytes) -> str | None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8"):
-        return "JPEG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
+# Magic bytes -> (name for messages, Pillow format that reads it or None). Read without any Pillow plugin, so
+# bytes in a format the caller refused are never parsed, yet the client is told what it sent.
+_MAGIC: tuple[tuple[bytes, int, str, str | None], ...] = (
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG", "PNG"),
+    (b"\xff\xd8", 0, "JPEG", "JPEG"),
+    (b"WEBP", 8, "WebP", "WEBP"),  # after b"RIFF" + size, checked below
+    (b"GIF8", 0, "GIF", "GIF"),
+    (b"II*\x00", 0, "TIFF", "TIFF"),
+    (b"MM\x00*", 0, "TIFF", "TIFF"),
+    (b"II+\x00", 0, "TIFF", "TIFF"),  # BigTIFF
+    (b"MM\x00+", 0, "TIFF", "TIFF"),
+    (b"BM", 0, "BMP", "BMP"),
+    (b"\x00\x00\x01\x00", 0, "ICO", "ICO"),
+    (b"\x00\x00\x02\x00", 0, "CUR", "CUR"),
+    (b"DDS ", 0, "DDS", "DDS"),
+    (b"%!PS", 0, "EPS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", 0, "EPS", "EPS"),  # DOS EPS binary header
+    (b"8BPS", 0, "PSD", "PSD"),
+    (b"%PDF", 0, "PDF", None),
+    (b"icns", 0, "ICNS", "ICNS"),
+    (b"qoif", 0, "QOI", "QOI"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", 0, "JPEG 2000", "JPEG2000"),
+    (b"\xffO\xffQ", 0, "JPEG 2000", "JPEG2000"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", 0, "JPEG XL", None),
+    (b"\xff\x0a", 0, "JPEG XL", None),
+)
+_FTYP = {b"avif": ("AVIF", "AVIF"), b"avis": ("AVIF", "AVIF"), b"heic": ("HEIC", None), b"heix": ("HEIC", None),
+         b"mif1": ("HEIF", None), b"msf1": ("HEIF", None)}  # fmt: skip
+_NAMES = {"WEBP": "WebP", "JPEG2000": "JPEG 2000"}
+
+# What the HTTP server decodes. Camera JPEGs that Pillow calls "MPO" (several pictures in one file) are opened
+# by the JPEG plugin, so "JPEG" covers them; "MPO" itself is not an open-able format name in Pillow.
+SERVED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+
+def _sniff_format(data: bytes) -> tuple[str, str | None] | None:
+    """(name, Pillow format) from the leading bytes alone, or None when nothing matches."""
+    for magic, offset, name, pil in _MAGIC:
+        if data[offset : offset + len(magic)] == magic and (name != "WebP" or data[:4] == b"RIFF"):
+            return name, pil
+    if data[4:8] == b"ftyp" and data[8:12] in _FTYP:
+        return _FTYP[data[8:12]]
+    head = data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip()  # UTF-8 BOM, then whitespace
+    if head.startswith((b"<?xml", b"<svg", b"<!DOCTYPE svg")):
+        return "SVG", None
     return None
 
 
-def decode_image(data: bytes, name: str = "upload") -> Image.Image:
-    """Bytes -> fully decoded PIL image, or ImageDecodeError naming what is wrong.
+def _spoken(formats: tuple[str, ...]) -> str:
+    names = [_NAMES.get(f, f) for f in formats]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
-    `Image.open` is lazy, so a truncated file would only fail later; `load()` forces the full decode here.
+
+def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Bytes -> fully decoded PIL image, or an ImageDecodeError naming what is wrong.
+
+    `formats` (Pillow names, e.g. SERVED_FORMATS) restricts which Pillow plugins may parse the bytes; None
+    lets every plugin try (dataset loading). Untrusted bytes only ever raise ImageDecodeError or a subclass:
+    ImageFormatError (a recognised format outside `formats`), ImageTooLargeError (over MAX_IMAGE_PIXELS),
+    plain ImageDecodeError (empty, corrupt, truncated or unrecognised).
+    `Image.open` is lazy, so a truncated file would only fail later; `load()` forces the full decode here,
+    after the header's size has been checked.
     """
+    accepted = None if formats is None else tuple(f.upper() for f in formats)
+    if accepted is not None:
+        Image.init()
+        unknown = [f for f in accepted if f not in Image.OPEN]
+        if unknown or not accepted:  # a caller bug, not bad input: do not report it as a bad upload
+            raise ValueError(f"formats: {unknown or 'empty'} not readable by Pillow (MPO opens as JPEG)")
+    send = _spoken(accepted or ("JPEG", "PNG", "WEBP"))
     if not data:
-        raise ImageDecodeError(f"{name}: empty file; send a JPEG, PNG or WebP image")
+        raise ImageDecodeError(f"{name}: empty file; send a {send} image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=None if accepted is None else list(accepted))
         if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ImageDecodeError(
+            raise ImageTooLargeError(
                 f"{name}: image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS} pixel limit; "
                 "downscale it before sending"
             )
         image.load()
     except ImageDecodeError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow refuses in Image.open, before our own check (the warning only when warnings are errors);
+        # its message speaks of attacks, so only the pixel count is passed on
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"has {found.group(1)} pixels" if found else "is"
+        raise ImageTooLargeError(
+            f"{name}: image {size}, over the {MAX_IMAGE_PIXELS} pixel limit; downscale it before sending"
+        ) from None
     except UnidentifiedImageError:
-        kind = _sniff_format(data)
-        if kind:  # the right magic bytes, but Pillow cannot parse what follows
-            raise ImageDecodeError(f"{name}: corrupt or truncated {kind} file; re-encode or re-upload it") from None
-        raise ImageDecodeError(f"{name}: not a recognised image format; send a JPEG, PNG or WebP image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-encode or re-upload it") from None
+        raise _unidentified(data, name, accepted, send) from None
+    except Exception as exc:  # noqa: BLE001 - plugins raise anything (NotImplementedError, struct.error, ...)
+        detail = str(exc) or type(exc).__name__
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({detail}); re-encode or re-upload it") from None
     return image
+
+
+def _unidentified(data: bytes, name: str, accepted: tuple[str, ...] | None, send: str) -> ImageDecodeError:
+    """The error for bytes no permitted plugin would open, told apart by magic bytes alone."""
+    sniffed = _sniff_format(data)
+    if sniffed is None:
+        return ImageDecodeError(f"{name}: not a recognised image format; send a {send} image")
+    kind, pil = sniffed
+    if pil is not None and (pil in accepted if accepted is not None else pil in Image.OPEN):
+        # the right magic bytes, but the plugin cannot parse what follows
+        return ImageDecodeError(f"{name}: corrupt or truncated {kind} file; re-encode or re-upload it")
+    if accepted is not None:
+        return ImageFormatError(f"{name}: {kind} images are not accepted; send {send}")
+    return ImageFormatError(f"{name}: {kind} images cannot be read; convert it to {send}")

@@ -1,0 +1,96 @@
+"""Exported files are checked against manifest.json (size, then sha256) before serving loads them."""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from transferkit.errors import ArtifactMismatchError, TransferkitError
+from transferkit.serving.manifest import read_manifest, servable_formats, verify_files
+
+
+@pytest.fixture
+def export_copy(exported, tmp_path) -> tuple[Path, dict]:
+    """A private copy of the shared export dir and its manifest (the shared one is never modified)."""
+    run_dir, _ = exported
+    target = shutil.copytree(Path(run_dir) / "export", tmp_path / "export")
+    return target, read_manifest(target)
+
+
+def test_untouched_export_verifies(export_copy):
+    export_dir, manifest = export_copy
+    assert "model.onnx" in manifest["files"]
+    verify_files(export_dir, manifest)
+    verify_files(export_dir, manifest, names=["model.onnx"])
+
+
+def test_the_stored_bentoml_model_verifies(exported):
+    """The BentoML model holds only the servable files, so those are the ones to check there."""
+    import bentoml
+
+    _, result = exported
+    assert result.bentoml_tag
+    model_dir = Path(bentoml.models.get(result.bentoml_tag).path)
+    manifest = read_manifest(model_dir)
+    names = [manifest["formats"][f]["file"] for f in servable_formats(manifest)]
+    assert names == ["model.onnx"]
+    verify_files(model_dir, manifest, names=names)
+
+
+def test_a_flipped_byte_names_the_file_both_hashes_and_the_fix(export_copy):
+    export_dir, manifest = export_copy
+    path = export_dir / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactMismatchError) as info:
+        verify_files(export_dir, manifest)
+    message = str(info.value)
+    assert str(path) in message
+    assert manifest["files"]["model.onnx"]["sha256"] in message
+    assert hashlib.sha256(bytes(data)).hexdigest() in message
+    assert f"transferkit export {manifest['run_dir']}" in message
+    assert isinstance(info.value, TransferkitError)  # the CLI prints it as a one-line error
+
+
+def test_a_truncated_file_is_a_size_mismatch(export_copy):
+    export_dir, manifest = export_copy
+    path = export_dir / "model.onnx"
+    data = path.read_bytes()[:1000]
+    path.write_bytes(data)
+    with pytest.raises(ArtifactMismatchError, match="size mismatch") as info:
+        verify_files(export_dir, manifest)
+    message = str(info.value)
+    assert "model.onnx" in message and "actual 1000" in message
+    assert manifest["files"]["model.onnx"]["sha256"] in message and hashlib.sha256(data).hexdigest() in message
+    assert "transferkit export" in message
+
+
+def test_a_missing_file_is_an_error(export_copy):
+    export_dir, manifest = export_copy
+    (export_dir / "model.onnx").unlink()
+    with pytest.raises(ArtifactMismatchError, match="missing") as info:
+        verify_files(export_dir, manifest)
+    assert "model.onnx" in str(info.value) and "transferkit export" in str(info.value)
+
+
+def test_only_listed_files_and_requested_names_are_checked(export_copy):
+    export_dir, manifest = export_copy
+    (export_dir / "model.onnx").write_bytes(b"replaced")
+    verify_files(export_dir, manifest, names=[])  # nothing requested
+    verify_files(export_dir, manifest, names=["model.trt"])  # not in "files": an older export, not an error
+    older = {**manifest, "files": {}}
+    verify_files(export_dir, older)
+    with pytest.raises(ArtifactMismatchError):
+        verify_files(export_dir, manifest, names=["model.onnx"])
+
+
+def test_the_fix_falls_back_to_the_export_dirs_run(export_copy):
+    export_dir, manifest = export_copy
+    manifest = {k: v for k, v in manifest.items() if k != "run_dir"}
+    (export_dir / "model.onnx").unlink()
+    with pytest.raises(ArtifactMismatchError, match=re.escape(f"transferkit export {export_dir.parent}")):
+        verify_files(export_dir, manifest)
