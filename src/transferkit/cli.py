@@ -115,9 +115,11 @@ def cmd_benchmark(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from transferkit.serving import serve
+    from transferkit.serving.server import SETTING_FLAGS, serve
 
-    serve(args.run, host=args.host, port=args.port, runtime=args.runtime)
+    overrides = {name: getattr(args, name) for name in SETTING_FLAGS}
+    sys.exit(serve(args.run, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
+                   api_key_file=args.api_key_file, **overrides))  # fmt: skip
 
 
 def cmd_predict(args) -> None:
@@ -165,11 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size (median reported)")
 
-    p = sub.add_parser("serve", help="serve the exported model over HTTP (BentoML)")
+    p = sub.add_parser(
+        "serve",
+        help="serve the exported model over HTTP (BentoML)",
+        description="Serve RUN's exported model until SIGTERM or Ctrl-C, which finish in-flight requests "
+        "(up to --drain-timeout) and stop every server process. Unset options fall back to $TRANSFERKIT_* "
+        "(see transferkit/serving/settings.py), then to the defaults.",
+    )
     p.add_argument("run", metavar="RUN")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--runtime", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    p.add_argument("--runtime", choices=["auto", "tensorrt", "onnxruntime", "torch"], help="default: auto")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: per CPU and runtime)")
+    p.add_argument("--threads", type=int, metavar="N", help="runtime threads per worker (default: cores / workers)")
+    p.add_argument("--max-batch", type=int, metavar="N", help="images per runtime call (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, metavar="MS", help="batching wait for more images (default: 2)")
+    p.add_argument("--max-queue", type=int, metavar="N", help="images admitted per worker; beyond: 503 (default: 256)")
+    p.add_argument("--max-images", type=int, metavar="N", help="images per request (default: 32)")
+    p.add_argument("--timeout", type=float, metavar="S", dest="timeout_s", help="per-request deadline (default: 10)")
+    p.add_argument("--api-key-file", metavar="PATH",
+                   help="require `Authorization: Bearer KEY` on /predict (default: $TRANSFERKIT_API_KEY, else off)")
+    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 10)")
 
     p = sub.add_parser("predict", help="send images to a running server and print the answers as JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE")

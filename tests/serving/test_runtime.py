@@ -61,7 +61,7 @@ def test_serving_imports_no_torch():
 
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
-        "import transferkit.serving, transferkit.serving.runtime, transferkit.serving.upload\n"
+        "import transferkit.serving, transferkit.serving.runtime, transferkit.serving.http_app, transferkit.serving.batcher\n"
         "import transferkit.preprocess, transferkit.serving.manifest\n"
         "print('ok')"
     )

@@ -1,6 +1,12 @@
-"""A real `bentoml serve` process on 127.0.0.1: health, metrics, /predict via the client, adaptive batching."""
+"""A real `transferkit serve` on 127.0.0.1 used as clients use it: many at once. Health, metrics, the client,
+a concurrent burst answered in full with batched runtime calls, and the OpenAPI document checked by an
+OpenAPI-driven fuzzer against the live server."""
+import asyncio
 import re
-from concurrent.futures import ThreadPoolExecutor
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +19,7 @@ from transferkit.serving import predict_files, resolve_served_model, start_serve
 @pytest.fixture(scope="module")
 def server(exported, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    with start_server(exported[0], port=None, log_path=log) as handle:  # a free port
+    with start_server(exported[0], port=None, log_path=log) as handle:  # a free port, default settings
         yield handle
     assert handle.process.poll() is not None  # stopped
 
@@ -24,6 +30,18 @@ def image_files(images, tmp_path_factory):
     for name, data in images.items():
         (folder / name).write_bytes(data)
     return {name: folder / name for name in images}
+
+
+async def _burst(url: str, n: int, data: bytes, **client_options) -> list[httpx.Response]:
+    """n requests at once, one connection each (as n independent clients would)."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=60, **client_options) as client:
+        return await asyncio.gather(*(client.post(url + "/predict", files={"image": ("d.png", data)})
+                                      for _ in range(n)))  # fmt: skip
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 def test_health_endpoints_and_metrics(server):
@@ -51,19 +69,29 @@ def test_client_quotes_the_servers_error_and_server_keeps_serving(server, tmp_pa
     assert predict_files([image_files["china.jpg"]], server.url)[0]["heads"]
 
 
-def test_a_burst_is_merged_into_batches(server, images):
-    """Concurrent requests share runtime calls: the adaptive batch histogram records batches of more than one."""
-    def one(_):
-        files = {"image": ("c.jpg", images["china.jpg"], "image/jpeg")}
-        return httpx.post(server.url + "/predict", files=files, timeout=120).status_code
+def test_a_burst_of_200_concurrent_requests_is_answered_in_full_and_batched(server, images):
+    before = httpx.get(server.url + "/metrics").text
+    responses = asyncio.run(_burst(server.url, 200, images["digit.png"]))
+    assert [r.status_code for r in responses] == [200] * 200
+    assert len({r.text for r in responses}) == 1  # the same image gets the same answer in every batch
+    after = httpx.get(server.url + "/metrics").text
+    images_run = _metric(after, "transferkit_batch_size_sum") - _metric(before, "transferkit_batch_size_sum")
+    calls = _metric(after, "transferkit_batch_size_count") - _metric(before, "transferkit_batch_size_count")
+    assert images_run == 200 and calls < images_run / 2, f"{calls:g} runtime calls for 200 images: no batching"
 
-    with ThreadPoolExecutor(24) as pool:
-        codes = list(pool.map(one, range(48)))
-    assert codes == [200] * 48  # generous max_latency_ms: no 503 on a 2-core box
-    text = httpx.get(server.url + "/metrics").text
-    total = sum(float(v) for v in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="infer"[^}]*\} (\S+)', text))
-    calls = sum(float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)', text))
-    assert total >= 48 and calls < total, f"{calls} runtime calls for {total} images: no batching"
+
+def test_the_openapi_document_holds_under_an_openapi_driven_fuzzer(server):
+    """schemathesis generates requests from /docs.json and checks every answer against it (status codes,
+    content types, bodies, headers). Excluded: `positive_data_acceptance`, which expects any schema-valid
+    request to succeed; a schema cannot say "these bytes decode as an image", so random bytes get a 400."""
+    st = Path(sys.executable).with_name("st")
+    config = Path(__file__).with_name("schemathesis.toml")
+    proc = subprocess.run([str(st), "--config-file", str(config), "run", server.url + "/docs.json", "--checks", "all",
+                           "--exclude-checks", "positive_data_acceptance", "--max-examples", "60", "--seed", "1",
+                           "--no-color"],  # fmt: skip
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ generated, \d+ passed", proc.stdout), proc.stdout[-2000:]
 
 
 def test_client_reports_an_unreachable_server(image_files):
@@ -79,3 +107,26 @@ def test_serve_refuses_a_run_that_was_not_exported(tmp_path):
         resolve_served_model(run_dir)
     with pytest.raises(TransferkitError, match="has not been exported"):
         start_server(run_dir)
+
+
+def test_serve_refuses_a_model_file_changed_in_the_store(exported, tmp_path):
+    """A copy of the model store with one byte of model.onnx changed: `transferkit serve` refuses to start,
+    naming the file, both hashes and the re-export command."""
+    import os
+
+    from transferkit.serving.server import stored_model_path
+
+    model_dir = stored_model_path(exported[1].bentoml_tag)
+    home = Path(os.environ["BENTOML_HOME"])
+    store = shutil.copytree(home / "models", tmp_path / "bentoml" / "models")
+    tampered = store / model_dir.relative_to(home / "models") / "model.onnx"
+    data = bytearray(tampered.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "transferkit", "serve", str(exported[0]), "--port", "0"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    error = proc.stderr.strip()
+    assert "model.onnx" in error and "sha256" in error and "transferkit export" in error
+    assert len(re.findall(r"[0-9a-f]{64}", error)) >= 2  # expected and actual

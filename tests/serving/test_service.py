@@ -1,8 +1,10 @@
-"""The BentoML service in-process (ASGI test client): real images in, top-k per head out; bad input -> 4xx."""
+"""The service in-process (ASGI test client): real images in, top-k per head out, in request order; every
+kind of bad input gets a 4xx JSON error with a request id, and the service keeps answering."""
 import asyncio
 import base64
 import io
-from pathlib import Path
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -27,6 +29,7 @@ def test_predict_answers_top_k_per_head(client, images, exported, name, mime):
         scores = [p["score"] for p in preds]
         assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
     assert {p["label"] for p in body["heads"]["digits"]} <= {str(i) for i in range(10)}
+    assert response.headers["x-request-id"]
 
 
 def test_default_top_k_is_5_and_large_k_gives_every_class(client, images):
@@ -35,46 +38,92 @@ def test_default_top_k_is_5_and_large_k_gives_every_class(client, images):
     assert len(preds) == 10 and abs(sum(p["score"] for p in preds) - 1.0) < 1e-4
 
 
-def test_same_image_same_answer_through_the_batching_path(client, images):
-    a = _post(client, "d.png", images["digit.png"], "image/png").json()
-    b = _post(client, "d.png", images["digit.png"], "image/png").json()
-    assert a == b
+def _singles(client, images, order):
+    return [_post(client, n, images[n]).json()["heads"] for n in order]
 
 
-@pytest.mark.parametrize(
-    "case, status, words",
-    [
-        ("not an image", 400, "not a recognised image"),
-        ("empty", 400, "empty file"),
-        ("truncated", 400, "truncated"),
-        ("gif", 415, "GIF"),
-        ("huge", 413, "pixel limit"),
-        ("wrong field", 400, "unknown form field"),
-        ("no file", 415, "multipart/form-data"),
-        ("raw body", 415, "multipart/form-data"),
-        ("two images", 400, "one image per request"),
-        ("top_k 0", 400, "top_k"),
-    ],
-)
-def test_bad_input_gets_a_4xx_naming_the_problem_and_serving_continues(client, images, case, status, words):
-    jpg = images["china.jpg"]
-    china = Image.open(io.BytesIO(jpg))
-    requests = {
-        "not an image": lambda: _post(client, "notes.txt", b"just some text", "text/plain"),
-        "empty": lambda: _post(client, "empty.jpg", b""),
-        "truncated": lambda: _post(client, "half.jpg", jpg[: len(jpg) // 2]),
-        "gif": lambda: _post(client, "c.gif", encode(china, "GIF"), "image/gif"),
-        "huge": lambda: _post(client, "big.png", encode(Image.new("1", (9000, 9000)), "PNG"), "image/png"),
-        "wrong field": lambda: client.post("/predict", files={"file": ("c.jpg", jpg, "image/jpeg")}),
-        "no file": lambda: client.post("/predict", data={"top_k": "3"}),
-        "raw body": lambda: client.post("/predict", content=jpg, headers={"content-type": "image/jpeg"}),
-        "two images": lambda: client.post("/predict", files=[("image", ("a.jpg", jpg)), ("image", ("b.jpg", jpg))]),
-        "top_k 0": lambda: _post(client, "c.jpg", jpg, top_k=0),
-    }
-    response = requests[case]()
+def test_repeated_images_field_answers_a_list_in_request_order(client, images):
+    order = ["digit.png", "china.jpg", "china.webp", "digit.png"]
+    response = client.post("/predict", files=[("images", (n, images[n])) for n in order])
+    assert response.status_code == 200, response.text
+    assert [p["heads"] for p in response.json()["predictions"]] == _singles(client, images, order)
+
+
+def test_json_base64_images_answer_in_order(client, images):
+    order = ["china.webp", "digit.png", "china.jpg"]
+    encoded = [base64.b64encode(images[n]).decode() for n in order]
+    encoded[1] = "data:image/png;base64," + encoded[1]  # a data URI is accepted too
+    response = client.post("/predict", json={"images": encoded, "top_k": 5})
+    assert response.status_code == 200, response.text
+    assert [p["heads"] for p in response.json()["predictions"]] == _singles(client, images, order)
+    one = client.post("/predict", json={"image": base64.b64encode(images["digit.png"]).decode()})
+    assert one.json()["heads"] == _singles(client, images, ["digit.png"])[0]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose IHDR claims another size (with a valid CRC): a decompression bomb's header."""
+    png = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+BAD_UPLOADS = {
+    # case: (request kwargs builder, status, words in the error)
+    "not an image": (lambda im: {"files": {"image": ("notes.txt", b"just some text", "text/plain")}}, 400,
+                     "not a recognised image"),
+    "empty": (lambda im: {"files": {"image": ("e.jpg", b"")}}, 400, "empty file"),
+    "truncated": (lambda im: {"files": {"image": ("h.jpg", im["china.jpg"][:3000])}}, 400, "truncated"),
+    "gif": (lambda im: {"files": {"image": ("c.gif", encode(Image.new("RGB", (8, 8)), "GIF"))}}, 415, "GIF"),
+    "tiff": (lambda im: {"files": {"image": ("c.tif", encode(Image.new("RGB", (8, 8)), "TIFF"))}}, 415, "TIFF"),
+    "dds": (lambda im: {"files": {"image": ("c.dds", encode(Image.new("RGBA", (8, 8)), "DDS"))}}, 415, "DDS"),
+    "ico": (lambda im: {"files": {"image": ("c.ico", encode(Image.new("RGB", (16, 16)), "ICO"))}}, 415, "ICO"),
+    "eps": (lambda im: {"files": {"image": ("c.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")}}, 415,
+            "EPS"),
+    "svg": (lambda im: {"files": {"image": ("c.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>')}}, 415, "SVG"),
+    "200 megapixels": (lambda im: {"files": {"image": ("b.png", _png_claiming(20000, 10000))}}, 413, "pixel limit"),
+    "64+ megapixels": (lambda im: {"files": {"image": ("b.png", _png_claiming(9000, 9000))}}, 413, "pixel limit"),
+    "wrong field": (lambda im: {"files": {"file": ("c.jpg", im["china.jpg"])}}, 400, "unknown form field"),
+    "form without a file": (lambda im: {"data": {"top_k": "3"}}, 415, "multipart/form-data"),
+    "no image field": (lambda im: {"files": {"top_k": (None, "3")}}, 400, "no image"),
+    "text in image field": (lambda im: {"files": {"image": (None, "photo.jpg")}}, 400, "must be a file upload"),
+    "raw body": (lambda im: {"content": im["china.jpg"], "headers": {"content-type": "image/jpeg"}}, 415,
+                 "multipart/form-data"),
+    "garbage multipart": (lambda im: {"content": b"--x\r\nno headers here\r\n\x00\xff--",
+                                      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400,
+                          "multipart"),
+    "two image fields": (lambda im: {"files": [("image", ("a.jpg", im["china.jpg"])),
+                                               ("image", ("b.jpg", im["china.jpg"]))]}, 400, "one image per"),
+    "image and images": (lambda im: {"files": [("image", ("a.jpg", im["china.jpg"])),
+                                               ("images", ("b.jpg", im["china.jpg"]))]}, 400, "not both"),
+    "too many images": (lambda im: {"files": [("images", ("d.png", im["digit.png"]))] * 33}, 413, "over the limit"),
+    "top_k 0": (lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "data": {"top_k": "0"}}, 400, "top_k"),
+    "top_k text": (lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "data": {"top_k": "many"}}, 400,
+                   "top_k"),
+    "json not an object": (lambda im: {"json": ["a"]}, 400, "must be an object"),
+    "json bad base64": (lambda im: {"json": {"images": ["%%%"]}}, 400, "not valid base64"),
+    "json unknown field": (lambda im: {"json": {"images": ["AAAA"], "url": "http://x"}}, 400, "unknown JSON field"),
+    "json broken": (lambda im: {"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400,
+                    "does not parse"),
+    "json one bad image among good": (lambda im: {"json": {"images": [base64.b64encode(im["digit.png"]).decode(),
+                                                                      base64.b64encode(b"GIF89a....").decode()]}},
+                                      415, "images[1]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_input_gets_a_4xx_naming_the_problem_and_serving_continues(client, images, case):
+    build, status, words = BAD_UPLOADS[case]
+    response = client.post("/predict", **build(images))
     assert response.status_code == status, response.text
-    assert words in str(response.json()["error"]) + str(response.json().get("detail", ""))
-    assert _post(client, "c.jpg", jpg).status_code == 200  # still serving
+    body = response.json()
+    assert words in body["error"] and body["request_id"] == response.headers["x-request-id"]
+    assert _post(client, "c.jpg", images["china.jpg"]).status_code == 200  # still serving
+
+
+def test_a_client_request_id_is_echoed(client, images):
+    response = client.post("/predict", files={"image": ("e.jpg", b"")}, headers={"X-Request-ID": "abc-123"})
+    assert response.json()["request_id"] == "abc-123" == response.headers["x-request-id"]
 
 
 def test_health_endpoints(client):
@@ -82,12 +131,60 @@ def test_health_endpoints(client):
     assert client.get("/readyz").status_code == 200
 
 
-def test_class_called_directly_without_a_server(service_class, images, tmp_path):
-    """The BentoML-examples first level: instantiate the class and call the API methods as Python."""
+def test_openapi_documents_predict_with_every_status_and_the_error_body(client):
+    spec = client.get("/docs.json").json()
+    operation = spec["paths"]["/predict"]["post"]
+    assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert {"200", "400", "413", "415", "500", "503", "504"} <= set(operation["responses"])
+    assert "Retry-After" in operation["responses"]["503"]["headers"]
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
+    assert "/infer" not in spec["paths"]  # no internal batching route
+
+
+def test_class_called_directly_without_a_server(service_class, images):
+    """The BentoML-examples first level: instantiate the class and call it as Python."""
     service = service_class()
-    path = tmp_path / "digit.png"
-    path.write_bytes(images["digit.png"])
-    body = asyncio.run(service.predict(Path(path), top_k=2))
-    assert len(body["heads"]["digits"]) == 2
-    logits = service.infer([base64.b64encode(bytes(32 * 32 * 3)).decode()])
-    assert len(logits) == 1 and len(logits[0]["fashion-mnist"]) == 10
+    answers = asyncio.run(service.classify([images["digit.png"], images["china.jpg"]], top_k=2))
+    assert [len(a["heads"]["digits"]) for a in answers] == [2, 2]
+
+
+def test_wrong_method_gets_a_json_405(client):
+    response = client.get("/predict")
+    assert response.status_code == 405 and response.json()["error"] and "POST" in response.headers["allow"]
+
+
+@pytest.fixture
+def live_service(client):
+    """The service instance behind the in-process client (to break it on purpose, then restore it)."""
+    import bentoml
+
+    return bentoml.get_current_service()
+
+
+def test_a_runtime_failure_is_a_json_500_with_a_request_id_and_the_service_goes_on(client, images, live_service,
+                                                                                   monkeypatch, caplog):
+    def broken(batch):
+        raise RuntimeError("simulated engine failure")
+
+    monkeypatch.setattr(live_service.runtime, "run", broken)
+    response = _post(client, "d.png", images["digit.png"], "image/png")
+    assert response.status_code == 500
+    request_id = response.json()["request_id"]
+    assert request_id in response.json()["error"] and "simulated engine failure" not in response.text
+    assert "simulated engine failure" in caplog.text  # the traceback is in the server log
+    monkeypatch.undo()
+    assert _post(client, "d.png", images["digit.png"], "image/png").status_code == 200
+
+
+def test_a_request_past_the_deadline_gets_a_json_504(client, images, live_service, monkeypatch):
+    import dataclasses
+    import time
+
+    run = live_service.runtime.run
+    monkeypatch.setattr(live_service, "settings", dataclasses.replace(live_service.settings, timeout_s=0.3))
+    monkeypatch.setattr(live_service.runtime, "run", lambda batch: (time.sleep(1.0), run(batch))[1])
+    response = _post(client, "d.png", images["digit.png"], "image/png")
+    assert response.status_code == 504 and "0.3 s" in response.json()["error"]
+    monkeypatch.undo()
+    time.sleep(1.0)  # let the abandoned slow call finish
+    assert _post(client, "d.png", images["digit.png"], "image/png").status_code == 200

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class Runtime(ABC):
         self.heads: list[str] = []
         self.image_size = 0
         self.max_batch: int | None = None  # larger batches are split into chunks of this size
+        self.threads: int | None = None  # intra-op threads (None: the engine's default, usually every core)
 
     @classmethod
     def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
@@ -99,6 +100,12 @@ class OnnxRuntime(Runtime):
         providers = self.providers or [p for p in (self.GPU_PROVIDER, "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            # Several serving workers share the cores: each gets its share, and idle ORT threads sleep instead
+            # of spinning, so the CPU time goes to decoding uploads in between model calls.
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
@@ -191,6 +198,8 @@ class TorchRuntime(Runtime):
         details = entry.get("details") or {}
         self.device = torch.device("cuda" if details.get("device") == "cuda" else "cpu")
         self.max_batch = int(details.get("batch_range", [1, 64])[1])
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.model = torch._inductor.aoti_load_package(str(path))
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -245,5 +254,12 @@ def select_runtime(name: str, manifest: dict[str, Any], export_dir: str | Path |
     raise TransferkitError(f"no runtime can serve this export here ({detail})")
 
 
-def load_runtime(name: str, export_dir: str | Path, manifest: dict[str, Any]) -> Runtime:
-    return select_runtime(name, manifest, export_dir).load(export_dir, manifest)
+def load_runtime(name: str, export_dir: str | Path, manifest: dict[str, Any], threads: int | None = None,
+                 verify: Callable[..., None] | None = None) -> Runtime:
+    """Select and load a runtime. `verify(export_dir, manifest, names=[file])` checks the artifact first
+    (serving passes the manifest's sha256 check, so a file changed after export is never loaded)."""
+    runtime = select_runtime(name, manifest, export_dir)
+    if verify is not None:
+        verify(export_dir, manifest, names=[manifest["formats"][runtime.format]["file"]])
+    runtime.threads = threads
+    return runtime.load(export_dir, manifest)

@@ -1,0 +1,198 @@
+"""In-process micro-batching with admission control: concurrent requests share one runtime call.
+
+    batcher = MicroBatcher(run_batch, max_batch=32, max_wait_ms=2, max_queue=256)
+    with batcher.admit(n_images):          # raises Overloaded when the worker already holds max_queue images
+        logits = await batcher.submit(pixels)   # uint8 (n,S,S,3) -> {head: float32 (n, classes)}
+
+Why in-process: a batching step behind an internal HTTP hop (base64 pixels, a client connection per call)
+costs more per image than the model itself on a CPU and fails under load when its connections are reset.
+Here requests put their decoded pixels on an asyncio queue in the worker that received them; one task drains
+the queue into batches of up to `max_batch` images and runs each batch in a dedicated thread, so the event
+loop keeps accepting, parsing and decoding while the model runs. While one batch runs, the next one fills:
+under load, batches grow by themselves and `max_wait_ms` (how long a lone request waits for company) only
+matters when the worker is nearly idle.
+
+Back-pressure: `admit` counts images from the moment a request is accepted until it is answered (decoding,
+queued or running). Past `max_queue` the request is refused at once (the caller answers 503 with Retry-After),
+so a flood gets fast refusals instead of an ever-growing queue and timeouts for everyone.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+logger = logging.getLogger("transferkit.serving")
+
+RunBatch = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+class Overloaded(Exception):
+    """The worker holds max_queue images already; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray  # uint8 (n,S,S,3)
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 256,
+                 on_batch: Callable[[int], None] | None = None) -> None:  # fmt: skip
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_batch = on_batch  # called with each batch's image count (metrics)
+        self.admitted = 0  # images between admit and answer
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._carry: _Item | None = None  # an item that did not fit the previous batch
+        self._task: asyncio.Task | None = None
+        # One thread: runtime calls never overlap inside a worker (the runtime has its own intra-op threads).
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transferkit-batch")
+        self._lock = threading.Lock()
+        self._images_per_s = 0.0  # smoothed throughput, for Retry-After
+
+    # ---- admission ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admit(self, images: int = 1) -> Iterator["_Admission"]:
+        admission = _Admission(self)
+        try:
+            admission.add(images)
+            yield admission
+        finally:
+            admission.release()
+
+    def _take(self, images: int) -> None:
+        with self._lock:
+            if self.admitted + images > self.max_queue:
+                raise Overloaded(
+                    f"the server is at capacity ({self.admitted} images in progress, limit {self.max_queue} per "
+                    "worker); retry shortly",
+                    self.retry_after_s(),
+                )
+            self.admitted += images
+
+    def _give(self, images: int) -> None:
+        with self._lock:
+            self.admitted -= images
+
+    def retry_after_s(self) -> int:
+        """Seconds until the current backlog should have drained (at least 1: Retry-After takes whole seconds)."""
+        if self._images_per_s <= 0:
+            return 1
+        return max(1, min(30, math.ceil(self.admitted / self._images_per_s)))
+
+    # ---- batching ----------------------------------------------------------------------------------------
+    async def submit(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Queue uint8 (n,S,S,3) pixels for the next batch; -> {head: logits (n, classes)}, in order."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain(), name="transferkit-batcher")
+        future = loop.create_future()
+        await self._queue.put(_Item(pixels, future))
+        return await future
+
+    async def _next(self, timeout: float | None) -> _Item | None:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        assert self._queue is not None
+        if timeout is None:
+            return await self._queue.get()
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _gather(self) -> list[_Item]:
+        """Block for the first live item, then take more until max_batch images or max_wait has passed."""
+        loop = asyncio.get_running_loop()
+        items: list[_Item] = []
+        count = 0
+        deadline = 0.0
+        while count < self.max_batch:
+            item = await self._next(None if not items else deadline - loop.time())
+            if item is None:
+                break
+            if item.future.done():  # the request timed out or its client went away while it waited
+                continue
+            if items and count + len(item.pixels) > self.max_batch:
+                self._carry = item
+                break
+            if not items:
+                deadline = loop.time() + self.max_wait
+            items.append(item)
+            count += len(item.pixels)
+        return items
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._gather()
+            if not items:
+                continue
+            batch = items[0].pixels if len(items) == 1 else np.concatenate([i.pixels for i in items])
+            started = time.perf_counter()
+            try:
+                logits = await loop.run_in_executor(self._executor, self.run_batch, batch)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error; the loop goes on
+                logger.exception("runtime call failed for a batch of %d images", len(batch))
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self._observe(len(batch), time.perf_counter() - started)
+            start = 0
+            for item in items:
+                n = len(item.pixels)
+                if not item.future.done():
+                    item.future.set_result({h: v[start : start + n] for h, v in logits.items()})
+                start += n
+
+    def _observe(self, images: int, seconds: float) -> None:
+        if self.on_batch is not None:
+            self.on_batch(images)
+        rate = images / max(seconds, 1e-6)
+        self._images_per_s = rate if self._images_per_s == 0 else 0.9 * self._images_per_s + 0.1 * rate
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Admission:
+    """The images one request holds in a worker; grows once the request's image count is known."""
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self.batcher = batcher
+        self.images = 0
+
+    def add(self, images: int) -> None:
+        self.batcher._take(images)
+        self.images += images
+
+    def release(self) -> None:
+        if self.images:
+            self.batcher._give(self.images)
+            self.images = 0

@@ -1,0 +1,131 @@
+"""The HTTP face of the service: POST /predict and a truthful /docs.json, as a Starlette app that the BentoML
+service mounts (`bentoml.asgi_app`), so BentoML still runs the server, its workers, /livez /readyz /metrics
+and its traffic metrics around it.
+
+Why not a `@bentoml.api`: BentoML's input parsing writes every upload to a temporary file, follows a URL
+given in place of a file, and answers some malformed bodies with a 500; its adaptive batching needs an HTTP
+round trip from the API to the batched step. Here the body is read once with a size cap, parsed by
+`inputs.py`, decoded in a small thread pool and batched in-process (`batcher.py`).
+
+Every answer but a 200 is JSON {"error": "...", "request_id": "..."}; the request id is also the
+X-Request-ID header and is logged with any server-side failure:
+
+    400 malformed request or image     401 missing/wrong API key      413 too large (body, pixels, image count)
+    415 not multipart/JSON, or an image format other than JPEG/PNG/WebP
+    503 at capacity (Retry-After)      504 not answered within the deadline      500 a bug (logged with traceback)
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from transferkit.serving.batcher import Overloaded
+from transferkit.serving.inputs import ClientError, parse_json, parse_multipart, read_body
+from transferkit.serving.openapi import document
+from transferkit.serving.settings import MAX_UPLOAD_BYTES
+
+logger = logging.getLogger("transferkit.serving")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+
+
+def error(status: int, message: str, request_id: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "request_id": request_id}, status_code=status,
+                        headers={"X-Request-ID": request_id, **(headers or {})})  # fmt: skip
+
+
+def _authorized(request: Request, key: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest takes the same time wherever the first difference is, so the key cannot be guessed
+    # byte by byte from response times.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+async def predict(request: Request) -> Response:
+    import bentoml
+
+    request_id = _request_id(request)
+    service = bentoml.get_current_service()
+    settings = service.settings
+    if settings.api_key and not _authorized(request, settings.api_key):
+        return error(401, "missing or wrong API key; send the header `Authorization: Bearer <key>`", request_id,
+                     {"WWW-Authenticate": 'Bearer realm="transferkit"'})  # fmt: skip
+    try:
+        with service.batcher.admit(1) as admission:  # refuse before reading the body: a flood costs little
+            answer = await asyncio.wait_for(_answer(request, service, admission), settings.timeout_s)
+    except Overloaded as exc:
+        service.count_refusal("overloaded")
+        return error(503, str(exc), request_id, {"Retry-After": str(exc.retry_after)})
+    except ClientError as exc:
+        return error(exc.status, str(exc), request_id)
+    except asyncio.TimeoutError:
+        service.count_refusal("timeout")
+        return error(504, f"not answered within {settings.timeout_s:g} s; retry later or send fewer images",
+                     request_id)  # fmt: skip
+    except Exception:  # noqa: BLE001 - a bug: logged in full, answered in JSON, and the worker keeps serving
+        logger.exception("request %s failed", request_id)
+        return error(500, f"internal error; the server log has the details under request id {request_id}",
+                     request_id)  # fmt: skip
+    return JSONResponse(answer, headers={"X-Request-ID": request_id})
+
+
+async def _answer(request: Request, service: Any, admission: Any) -> dict[str, Any]:
+    settings = service.settings
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("multipart/form-data", "application/json"):
+        got = content_type or "no content type"
+        raise ClientError(415, f"expected multipart/form-data or application/json, got {got}; send the image "
+                               "as a multipart file field `image`, e.g. curl -F image=@photo.jpg URL/predict")
+    body = await read_body(request.stream(), request.headers.get("content-length"), MAX_UPLOAD_BYTES)
+    if content_type == "application/json":
+        inputs = parse_json(body, settings.max_images)
+    else:
+        inputs = await parse_multipart(_form_parser(request, body), settings.max_images)
+    admission.add(len(inputs.images) - 1)
+    predictions = await service.classify(inputs.images, inputs.names, inputs.top_k)
+    meta = {"model": service.tag, "runtime": service.runtime_name}
+    if inputs.many:
+        return {"predictions": predictions, **meta}
+    return {**predictions[0], **meta}
+
+
+def _form_parser(request: Request, body: bytes):
+    """Request.form over the body already read (the stream can be consumed only once)."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, replay).form
+
+
+async def docs(request: Request) -> Response:
+    import bentoml
+
+    service = bentoml.get_current_service()
+    return JSONResponse(document(service.bento_service.openapi_spec.asdict(), service.settings))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Routing errors on these routes (GET /predict: 405) in the same JSON shape as every other error."""
+    status = getattr(exc, "status_code", 500)
+    return error(status, str(getattr(exc, "detail", "") or exc), _request_id(request), getattr(exc, "headers", None))
+
+
+def create_app() -> Starlette:
+    from starlette.exceptions import HTTPException
+
+    routes = [Route("/predict", predict, methods=["POST"]), Route("/docs.json", docs, methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -1,0 +1,152 @@
+"""What a /predict request carries, parsed from its body before anything decodes an image.
+
+    multipart/form-data   image=@a.jpg                      one image  -> {"heads": ...}
+                          images=@a.jpg images=@b.png ...   a list     -> {"predictions": [{"heads": ...}, ...]}
+                          top_k=5 (optional)
+    application/json      {"images": ["<base64>", ...], "top_k": 5}   -> {"predictions": [...]}
+                          {"image": "<base64>"}                       -> {"heads": ...}
+
+Every problem is a `ClientError` with its HTTP status and a sentence naming the fix: 415 for another content
+type, 413 for a body over the upload limit or more than `max_images` images, 400 for everything malformed.
+The body is read here with a running byte count, so an oversized upload is refused while it streams in,
+before it is buffered whole.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from transferkit.serving.settings import MAX_TOP_K
+
+HINT = ("send multipart/form-data with a file field `image` (or repeated `images`), e.g. "
+        "curl -F image=@photo.jpg URL/predict, or JSON {\"images\": [\"<base64>\", ...]}")  # fmt: skip
+FIELDS = ("image", "images", "top_k")
+DEFAULT_TOP_K = 5
+
+
+class ClientError(Exception):
+    """A request the client must change: answered with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class PredictInputs:
+    images: list[bytes]  # encoded image files, in request order
+    top_k: int
+    many: bool  # answer a list (`images` / JSON list) rather than one object (`image`)
+    names: list[str]  # how each image is named in error messages: image, images[2], ...
+
+
+async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+    too_big = f"request body over the {max_bytes // 2**20} MB upload limit; send smaller or fewer images"
+    try:
+        declared = int(content_length) if content_length else 0
+    except ValueError:
+        raise ClientError(400, f"invalid Content-Length header {content_length!r}") from None
+    if declared > max_bytes:
+        raise ClientError(413, too_big)
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise ClientError(413, too_big)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_top_k(raw: Any) -> int:
+    value = None
+    if isinstance(raw, int) and not isinstance(raw, bool):  # JSON true/false are not numbers
+        value = raw
+    elif isinstance(raw, str) and raw.strip().isdigit():
+        value = int(raw)
+    if value is None or not 1 <= value <= MAX_TOP_K:
+        raise ClientError(400, f"top_k must be an integer from 1 to {MAX_TOP_K}, got {str(raw)[:40]!r}")
+    return value
+
+
+def _check_count(n: int, max_images: int) -> None:
+    if n == 0:
+        raise ClientError(400, f"no image in the request; {HINT}")
+    if n > max_images:
+        raise ClientError(413, f"{n} images in one request, over the limit of {max_images}; split the request")
+
+
+def parse_json(body: bytes, max_images: int) -> PredictInputs:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClientError(400, f"the JSON body does not parse ({exc}); {HINT}") from None
+    if not isinstance(data, dict):
+        raise ClientError(400, f"the JSON body must be an object; {HINT}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ClientError(400, f"unknown JSON field(s) {unknown}; /predict takes {list(FIELDS)}")
+    if ("image" in data) == ("images" in data):
+        raise ClientError(400, f"send exactly one of `image` (one base64 string) or `images` (a list); {HINT}")
+    many = "images" in data
+    items = data["images"] if many else [data["image"]]
+    if not isinstance(items, list):
+        raise ClientError(400, "`images` must be a list of base64 strings")
+    _check_count(len(items), max_images)
+    names = [f"images[{i}]" if many else "image" for i in range(len(items))]
+    images = [_b64decode(item, name) for item, name in zip(items, names)]
+    top_k = parse_top_k(data["top_k"]) if "top_k" in data else DEFAULT_TOP_K
+    return PredictInputs(images, top_k, many, names)
+
+
+def _b64decode(item: Any, name: str) -> bytes:
+    if not isinstance(item, str):
+        raise ClientError(400, f"{name} must be a base64 string, got {type(item).__name__}")
+    if item.startswith("data:") and "," in item:  # a data URI: data:image/png;base64,....
+        item = item.split(",", 1)[1]
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(400, f"{name} is not valid base64") from None
+
+
+async def parse_multipart(form_parser: Any, max_images: int) -> PredictInputs:
+    """`form_parser` is an awaitable-returning callable giving a Starlette FormData (Request.form)."""
+    from starlette.datastructures import UploadFile
+
+    try:
+        form = await form_parser(max_files=max_images + 1, max_fields=len(FIELDS) + max_images)
+    except Exception as exc:  # noqa: BLE001 - malformed framing, too many parts: python-multipart's many errors
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise ClientError(400, f"could not parse the multipart body ({detail}); {HINT}") from None
+    try:
+        unknown = sorted(set(form.keys()) - set(FIELDS))
+        if unknown:
+            raise ClientError(400, f"unknown form field(s) {unknown}; /predict takes {list(FIELDS)}; {HINT}")
+        single, listed = form.getlist("image"), form.getlist("images")
+        if single and listed:
+            raise ClientError(400, "send either `image` (one file) or `images` (several), not both")
+        if len(single) > 1:
+            raise ClientError(400, f"{len(single)} `image` fields; send one image per `image` field, or use "
+                                   "the repeated `images` field for several")  # fmt: skip
+        many = bool(listed)
+        files = listed if many else single
+        _check_count(len(files), max_images)
+        names = [f"images[{i}]" if many else "image" for i in range(len(files))]
+        images = []
+        for value, name in zip(files, names):
+            if not isinstance(value, UploadFile):
+                raise ClientError(400, f"form field {name} must be a file upload, not text; {HINT}")
+            images.append(await value.read())
+        top_values = form.getlist("top_k")
+        if len(top_values) > 1:
+            raise ClientError(400, "top_k given more than once")
+        top_k = parse_top_k(top_values[0]) if top_values and isinstance(top_values[0], str) else DEFAULT_TOP_K
+        if top_values and not isinstance(top_values[0], str):
+            raise ClientError(400, "top_k must be a text field, not a file")
+        return PredictInputs(images, top_k, many, names)
+    finally:
+        await form.close()

@@ -1,0 +1,136 @@
+"""Serving settings: one dataclass, passed from `transferkit serve` to the BentoML workers through the environment.
+
+`bentoml serve` imports the service module in fresh worker processes, so the only channel from the command
+line to a worker is the environment. Every knob therefore has one `TRANSFERKIT_*` variable, read here and
+nowhere else; `to_env()` writes them and `from_env()` reads them back (a Bento run in a container reads the
+same variables, e.g. `docker run -e TRANSFERKIT_API_KEY=...`).
+
+    TRANSFERKIT_MODEL          BentoML model tag to serve (required; `transferkit serve`/`build` set it)
+    TRANSFERKIT_RUNTIME        auto | onnxruntime | tensorrt | torch
+    TRANSFERKIT_WORKERS        worker processes (default: from the CPU count and the runtime)
+    TRANSFERKIT_THREADS        runtime intra-op threads per worker (default: cores // workers, at least 1)
+    TRANSFERKIT_MAX_BATCH      images per runtime call (1 turns batching off)
+    TRANSFERKIT_MAX_WAIT_MS    how long the first image of a batch waits for company
+    TRANSFERKIT_MAX_QUEUE      images admitted per worker (decoding, queued or running); beyond it: 503
+    TRANSFERKIT_MAX_IMAGES     images per request
+    TRANSFERKIT_TIMEOUT_S      per-request deadline; past it: 504
+    TRANSFERKIT_API_KEY        bearer key for /predict (or TRANSFERKIT_API_KEY_FILE: a file holding it)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+from transferkit.errors import ConfigError
+
+PREFIX = "TRANSFERKIT_"
+MODEL_ENV = PREFIX + "MODEL"
+API_KEY_ENV = PREFIX + "API_KEY"
+API_KEY_FILE_ENV = PREFIX + "API_KEY_FILE"
+
+# The dynamic-batch ceiling compiled into TensorRT/AOTInductor artifacts is 64; serving stays below it.
+MAX_BATCH_CEILING = 64
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one request body
+MAX_TOP_K = 100
+GPU_RUNTIMES = ("tensorrt",)
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, which containers and taskset narrow), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(runtime: str, cpus: int | None = None) -> int:
+    """One worker per core on CPU runtimes (decoding uploads is per-request Python work that a second process
+    parallelises, and batching keeps each worker's model calls large), capped at 4 so memory stays bounded;
+    one worker for a GPU engine, which batches best when a single process feeds it."""
+    cpus = cpus or cpu_count()
+    return 1 if runtime in GPU_RUNTIMES else max(1, min(cpus, 4))
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    model: str = ""
+    runtime: str = "auto"
+    workers: int = 0  # 0: default_workers(runtime)
+    threads: int = 0  # 0: cores // workers
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    max_images: int = 32
+    timeout_s: float = 10.0
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.workers < 0 or self.threads < 0:
+            problems.append("workers and threads must be >= 0 (0 picks a default)")
+        if not 1 <= self.max_batch <= MAX_BATCH_CEILING:
+            problems.append(f"max_batch must be 1..{MAX_BATCH_CEILING}, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            problems.append(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_images < 1 or self.max_queue < self.max_images:
+            problems.append(f"need 1 <= max_images <= max_queue, got {self.max_images} and {self.max_queue}")
+        if self.timeout_s <= 0:
+            problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.api_key is not None and not self.api_key.strip():
+            problems.append("the API key is empty")
+        if problems:
+            raise ConfigError("serving settings: " + "; ".join(problems))
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.workers or default_workers(self.runtime)
+
+    @property
+    def resolved_threads(self) -> int:
+        return self.threads or max(1, cpu_count() // self.resolved_workers)
+
+    def to_env(self) -> dict[str, str]:
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[PREFIX + f.name.upper()] = str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "ServingSettings":
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(cls(), f.name)) if f.name != "api_key" else str
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"${PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        if "api_key" not in values and env.get(API_KEY_FILE_ENV):
+            values["api_key"] = read_api_key_file(env[API_KEY_FILE_ENV])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, object]:
+        """For logs and the startup line: everything but the key."""
+        d = asdict(self)
+        d["api_key"] = "set" if self.api_key else None
+        d["workers"], d["threads"] = self.resolved_workers, self.resolved_threads
+        return d
+
+
+def read_api_key_file(path: str | Path) -> str:
+    """The key in PATH (surrounding whitespace and the trailing newline removed), or a clear error."""
+    try:
+        key = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the API key file {path} ({exc.strerror}); pass a readable file") from None
+    if not key:
+        raise ConfigError(f"the API key file {path} is empty; write the key into it")
+    return key
