@@ -9,8 +9,9 @@ costs more per image than the model itself on a CPU and fails under load when it
 Here requests put their decoded pixels on an asyncio queue in the worker that received them; one task drains
 the queue into batches of up to `max_batch` images and runs each batch in a dedicated thread, so the event
 loop keeps accepting, parsing and decoding while the model runs. While one batch runs, the next one fills:
-under load, batches grow by themselves and `max_wait_ms` (how long a lone request waits for company) only
-matters when the worker is nearly idle.
+under load, batches grow by themselves. `max_wait_ms` is how long a batch waits for requests that were
+admitted but are still being decoded; a request alone in its worker runs at once, so batching costs an
+idle server no latency.
 
 Back-pressure: `admit` counts images from the moment a request is accepted until it is answered (decoding,
 queued or running). Past `max_queue` the request is refused at once (the caller answers 503 with Retry-After),
@@ -64,7 +65,8 @@ class MicroBatcher:
         # One thread: runtime calls never overlap inside a worker (the runtime has its own intra-op threads).
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="transferkit-batch")
         self._lock = threading.Lock()
-        self._images_per_s = 0.0  # smoothed throughput, for Retry-After
+        self._images_per_s = 0.0  # smoothed rate at which answered images leave the worker, for Retry-After
+        self._last_done = 0.0
 
     # ---- admission ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -143,6 +145,8 @@ class MicroBatcher:
                 deadline = loop.time() + self.max_wait
             items.append(item)
             count += len(item.pixels)
+            if self._queue.empty() and self.admitted <= count:
+                break  # no other request is on its way in this worker: waiting would only add latency
         return items
 
     async def _drain(self) -> None:
@@ -152,7 +156,6 @@ class MicroBatcher:
             if not items:
                 continue
             batch = items[0].pixels if len(items) == 1 else np.concatenate([i.pixels for i in items])
-            started = time.perf_counter()
             try:
                 logits = await loop.run_in_executor(self._executor, self.run_batch, batch)
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error; the loop goes on
@@ -161,7 +164,7 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            self._observe(len(batch), time.perf_counter() - started)
+            self._observe(len(batch))
             start = 0
             for item in items:
                 n = len(item.pixels)
@@ -169,11 +172,14 @@ class MicroBatcher:
                     item.future.set_result({h: v[start : start + n] for h, v in logits.items()})
                 start += n
 
-    def _observe(self, images: int, seconds: float) -> None:
+    def _observe(self, images: int) -> None:
         if self.on_batch is not None:
             self.on_batch(images)
-        rate = images / max(seconds, 1e-6)
-        self._images_per_s = rate if self._images_per_s == 0 else 0.9 * self._images_per_s + 0.1 * rate
+        now = time.monotonic()
+        interval, self._last_done = now - self._last_done, now
+        if interval < 1.0:  # back-to-back batches: the worker's drain rate (decode, queue and model together)
+            rate = images / max(interval, 1e-3)
+            self._images_per_s = rate if self._images_per_s == 0 else 0.9 * self._images_per_s + 0.1 * rate
 
     def close(self) -> None:
         if self._task is not None:
