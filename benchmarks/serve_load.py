@@ -325,6 +325,13 @@ def measure_size(model: Model, args, tmp: Path, body: bytes, body_file: Path, he
     return levels
 
 
+def commit() -> str:
+    """The source commit measured (with `+changes` when the tree differs from it)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def find(levels: list[Level], config: str, c: int = 64) -> Level | None:
     return next((lv for lv in levels if lv.config == config and lv.concurrency == c), None)
 
@@ -441,7 +448,8 @@ def main() -> None:
         quick = " (`--quick` smoke run: c=64 only, few requests; not a result)" if args.quick else ""
         lines = [
             "# Serving under load: bare runtime, decode-only BentoML, transferkit", "",
-            f"Produced by `benchmarks/serve_load.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{quick}.", "",
+            f"Produced by `{' '.join(['python', *sys.argv])}` at commit {commit()} on "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{quick}.", "",
             INTRO.format(png=len(png), generator=generator, requests=args.requests, cap=args.max_seconds), "",
             f"- machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
             f"{cpu.group(1).strip() if cpu else platform.processor() or 'unknown CPU'}, {platform.platform()}",
