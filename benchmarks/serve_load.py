@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import io
 import os
 import platform
@@ -25,14 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import psutil
+
+from loadgen import BOUNDARY, CONTENT_TYPE, Level, batch_totals, run_client, run_hey, serving  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DECODE_ONLY = "decode-only, 1 worker"
@@ -40,9 +38,9 @@ DECODE_ONLY = "decode-only, 1 worker"
 
 def decode_only_label(workers: int) -> str:
     return f"decode-only, {workers} workers"
+
+
 CONFIGS = [("on", 32, None), ("on", 32, 1), ("off", 1, None), ("off", 1, 1)]  # batching, max batch, workers
-BOUNDARY = "transferkit-load-boundary"
-CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 INTRO = (
     "Each model is an ImageNet MobileNetV2 with two untrained 10-class heads (accuracy plays no part here), "
     "exported to ONNX and served by ONNX Runtime from a private BentoML store. Every request is POST /predict with "
@@ -63,144 +61,46 @@ class Model(NamedTuple):
     preprocessing: dict
 
 
-@dataclass
-class Level:
-    config: str
-    concurrency: int
-    seconds: float
-    statuses: Counter
-    errors: Counter = field(default_factory=Counter)
-    latencies: dict = field(default_factory=dict)  # percentile -> seconds, over answered requests
-    capped: bool = False
-    mean_batch: float | None = None
-
-    @property
-    def ok_rps(self) -> float:
-        return self.statuses.get(200, 0) / self.seconds if self.seconds > 0 else 0.0
-
-    def counts(self) -> str:
-        parts = [f"{code}: {n}" for code, n in sorted(self.statuses.items())]
-        parts += [f"no answer: {sum(self.errors.values())} ({', '.join(self.errors)})"] if self.errors else []
-        return ", ".join(parts) + (" (stopped at the time cap)" if self.capped else "")
-
-
 def label(batching: str, workers: int | None, default_workers: int) -> str:
     return f"transferkit batching {batching}, " + ("1 worker" if workers else f"default workers ({default_workers})")
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM if this script dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+FLOOD_QUEUE, FLOOD_CLIENTS = 16, (64, 256)  # a small per-worker budget under many clients: most are refused
 
 
-@contextlib.contextmanager
-def serving(target: str, env: dict[str, str], log_path: Path, cwd: Path | None = None):
-    """`bentoml serve TARGET` in the background until /readyz answers 200 -> its base URL; stopped on exit."""
-    import httpx
-
-    from transferkit.serving.server import free_port
-
-    url = f"http://127.0.0.1:{(port := free_port())}"
-    argv = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv + (["--working-dir", str(cwd)] if cwd else []), env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline and proc.poll() is None:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                        break
-                time.sleep(0.5)
-            else:
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-                raise RuntimeError(f"{target} did not become ready (exit code {proc.poll()}):\n{tail}")
-            yield url
-        finally:
-            stop_tree(proc)
-
-
-def stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the server and every descendant, SIGKILL what is left after 15 s. BentoML's workers run in
-    sessions of their own and would keep serving on the inherited socket if only the arbiter went."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]  # before signalling
-    except psutil.NoSuchProcess:
-        tree = []
-    for stop, wait in ((psutil.Process.terminate, 15), (psutil.Process.kill, 5)):
-        for p in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                stop(p)
-        tree = psutil.wait_procs(tree, timeout=wait)[1]
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def batch_totals(url: str) -> tuple[float, float]:
-    """(sum, count) of transferkit_batch_size over the server's life, all workers together."""
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = re.findall(r"^transferkit_batch_size_(sum|count)(?:\{[^}]*\})?\s+(\S+)$", text, re.M)
-    return tuple(sum(float(v) for k, v in found if k == kind) for kind in ("sum", "count"))  # type: ignore
-
-
-def run_hey(hey: str, url: str, body_file: Path, n: int, c: int, cap: float, config: str) -> Level:
-    cmd = [hey, "-n", str(n), "-c", str(c), "-m", "POST", "-t", "20", "-T", CONTENT_TYPE, "-D", str(body_file), url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
-    capped = False
-    try:
-        out = proc.communicate(timeout=cap)[0]
-    except subprocess.TimeoutExpired:
-        capped = True
-        proc.send_signal(signal.SIGINT)  # hey stops sending and still prints its report
-        out = proc.communicate(timeout=30)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    total = re.search(r"Total:\s+([\d.]+) secs", out)
-    if total is None:
-        raise RuntimeError(f"unexpected hey output:\n{out[-2000:]}")
-    answered, _, failed = out.partition("Error distribution:")
-    statuses = Counter({int(code): int(k) for code, k in re.findall(r"\[(\d+)\]\s+(\d+) responses", answered)})
-    errors: Counter = Counter()
-    for k, message in re.findall(r"^\s*\[(\d+)\]\s+(.+)$", failed, re.M):
-        errors[message.rsplit(": ", 1)[-1].strip()] += int(k)  # 'Post "...": read: connection reset by peer'
-    latencies = {int(p): float(s) for p, s in re.findall(r"(\d+)%+ in ([\d.]+) secs", answered)}
-    return Level(config, c, float(total.group(1)), statuses, errors, latencies, capped)
-
-
-async def run_client(url: str, body: bytes, n: int, c: int, cap: float, config: str) -> Level:
-    import httpx
-
-    statuses, errors, lats = Counter(), Counter(), []
-    todo = iter(range(n))  # shared by the connections: each request is sent once
-    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
-    async with httpx.AsyncClient(limits=limits, timeout=20) as client:
-
-        async def connection() -> None:
-            for _ in todo:
-                t = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers={"content-type": CONTENT_TYPE})
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] += 1
-                    continue
-                lats.append(time.perf_counter() - t)
-                statuses[r.status_code] += 1
-
-        start = time.perf_counter()
-        _, pending = await asyncio.wait([asyncio.create_task(connection()) for _ in range(c)], timeout=cap)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        seconds = time.perf_counter() - start
-    latencies = {p: float(np.percentile(lats, p)) for p in (50, 99)} if lats else {}
-    return Level(config, c, seconds, statuses, errors, latencies, bool(pending))
+def flood(model: Model, common: dict[str, str], tmp: Path, body_file: Path, hey: str, requests: int) -> list[str]:
+    """Back-pressure: many clients against a small admission budget. Per-request rows from `hey -o csv` split
+    the latency of refusals (503) from that of answers, which hey's summary mixes. hey is a closed loop: a
+    refused client sends its next request at once, so this is a worst case for the refusal path."""
+    env = {**common, "TRANSFERKIT_MODEL": model.tag, "TRANSFERKIT_MAX_QUEUE": str(FLOOD_QUEUE),
+           "TRANSFERKIT_MAX_IMAGES": str(FLOOD_QUEUE)}  # fmt: skip
+    lines = [f"## Back-pressure ({model.size} px model)", "",
+             f"`TRANSFERKIT_MAX_QUEUE={FLOOD_QUEUE}` images per worker, default workers; `hey -o csv` gives the "
+             "latency per status. After each flood, one client sends 20 requests.", "",
+             "| clients | status | requests | p50 ms | p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
+    notes = []
+    with serving("transferkit.serving.service:TransferkitService", env, tmp / "flood.log") as base:
+        for clients in FLOOD_CLIENTS:
+            n = clients * max(4, -(-requests // clients))
+            cmd = [hey, "-n", str(n), "-c", str(clients), "-m", "POST", "-t", "20", "-T", CONTENT_TYPE,
+                   "-D", str(body_file), "-o", "csv", f"{base}/predict"]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
+            after = subprocess.run([hey, "-n", "20", "-c", "1", "-m", "POST", "-T", CONTENT_TYPE, "-D",
+                                    str(body_file), f"{base}/predict"], capture_output=True, text=True,
+                                   timeout=60).stdout  # fmt: skip
+            by_status: dict[int, list[float]] = {}
+            for row in out.splitlines()[1:]:
+                cells = row.split(",")
+                if len(cells) >= 7 and cells[6].isdigit():
+                    by_status.setdefault(int(cells[6]), []).append(float(cells[0]))
+            for code, lats in sorted(by_status.items()):
+                p50, p99 = (float(np.percentile(lats, q)) * 1000 for q in (50, 99))
+                lines.append(f"| {clients} | {code} | {len(lats)} | {p50:,.1f} | {p99:,.1f} |")
+            recovered = re.findall(r"\[(\d+)\]\s+(\d+) responses", after)
+            other = sum(len(v) for c, v in by_status.items() if c >= 500 and c != 503)
+            notes.append(f"- {clients} clients: other 5xx {other}; afterwards "
+                         + (", ".join(f"{c}: {k}" for c, k in recovered) or "no answer"))
+    return lines + ["", *notes, ""]
 
 
 def make_run(run_dir: Path, size: int) -> Path:
@@ -208,18 +108,17 @@ def make_run(run_dir: Path, size: int) -> Path:
     import torch
 
     from transferkit.config import TrainConfig
-    from transferkit.preprocess import Preprocessing
+    from transferkit.model import build_model
     from transferkit.runs import Labels, save_run_metadata
-    from transferkit.training.model import build_model
 
     fashion = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
     heads = {"digits": [str(i) for i in range(10)], "fashion-mnist": fashion}
     torch.manual_seed(0)
-    model, mean, std = build_model("mobilenet_v2", "imagenet", heads)
+    model = build_model("mobilenet_v2", "imagenet", heads, image_size=size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_metadata(run_dir, TrainConfig(data=list(heads), image_size=size, weights="imagenet"),
-                      Preprocessing(image_size=size, mean=mean, std=std),
-                      Labels(heads=heads, datasets={name: name for name in heads}))  # fmt: skip
+    save_run_metadata(run_dir, TrainConfig(data=list(heads), image_size=size, weights="imagenet"), model.preprocessing,
+                      Labels(heads=heads, datasets={name: name for name in heads},
+                             specs={name: name for name in heads}))  # fmt: skip
     torch.save(model.state_dict(), run_dir / "model.pt")
     return run_dir
 
@@ -303,11 +202,7 @@ def measure_size(model: Model, args, tmp: Path, body: bytes, body_file: Path, he
               file=sys.stderr, flush=True)  # fmt: skip
         return result
 
-    from transferkit.serving.settings import API_KEY_FILE_ENV, PREFIX, ServingSettings
-
-    # only the knobs set here reach a server: a stray API key or worker count would change what is measured
-    stray = {PREFIX + f.name.upper() for f in fields(ServingSettings)} | {API_KEY_FILE_ENV}
-    common = {k: v for k, v in os.environ.items() if k not in stray}  # BENTOML_HOME etc. were set in main
+    common = serving_env()
     levels = []
     env = {**common, "DECODE_ONLY_IMAGE_SIZE": str(model.size)}
     with serving("decode_only_service:DecodeOnlyService", env, tmp / f"decode-{model.size}.log", cwd=HERE) as srv:
@@ -330,6 +225,15 @@ def commit() -> str:
     git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def serving_env() -> dict[str, str]:
+    """This process's environment minus every serving knob: only the knobs a level sets reach its server (a
+    stray API key or worker count would change what is measured). BENTOML_HOME etc. were set in main."""
+    from transferkit.serving.settings import API_KEY_FILE_ENV, PREFIX, ServingSettings
+
+    stray = {PREFIX + f.name.upper() for f in fields(ServingSettings)} | {API_KEY_FILE_ENV}
+    return {k: v for k, v in os.environ.items() if k not in stray}
 
 
 def find(levels: list[Level], config: str, c: int = 64) -> Level | None:
@@ -445,6 +349,8 @@ def main() -> None:
             runtime, decode = bare(model, png, args.quick)
             by_size[model.size] = measure_size(model, args, tmp, body, body_file, hey, defaults.resolved_workers)
             sections += size_section(model, runtime, decode, by_size[model.size], defaults.resolved_workers)
+            if hey and not args.quick and model.size == min(args.sizes):
+                sections += flood(model, serving_env(), tmp, body_file, hey, args.requests)
         quick = " (`--quick` smoke run: c=64 only, few requests; not a result)" if args.quick else ""
         lines = [
             "# Serving under load: bare runtime, decode-only BentoML, transferkit", "",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +27,16 @@ from transferkit.config import TrainConfig
 from transferkit.training.distributed import DistInfo, resolve_device
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.trainer import TrainLoop
+
+
+def commit() -> str:
+    """The source commit measured (with `+changes` when tracked files differ from it)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def sync(device: torch.device) -> None:
@@ -103,9 +114,11 @@ def main() -> None:
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    header = "| date | device | model | input | batch | precision | compile | real img/s | synthetic img/s | ratio |"
+    header = ("| date | device | model | input | batch | precision | compile | real img/s | synthetic img/s | ratio "
+              "| commit | command |")  # fmt: skip
     row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {card} | {config.backbone} | {s}px | {n} | {precision} | "
-           f"{'yes' if args.compile else 'no'} | {r:,.0f} | {c:,.0f} | {r / c:.2f} |")  # fmt: skip
+           f"{'yes' if args.compile else 'no'} | {r:,.0f} | {c:,.0f} | {r / c:.2f} | {commit()} | "
+           f"`{' '.join(['python', *sys.argv])}` |")  # fmt: skip
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     print(row)

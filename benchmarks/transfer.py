@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -22,6 +24,16 @@ from transferkit.config import TrainConfig
 from transferkit.runs import load_run
 from transferkit.training import train
 from transferkit.training.eval_matrix import evaluate_matrices
+
+
+def commit() -> str:
+    """The source commit measured (with `+changes` when tracked files differ from it)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def run(name: str, base: TrainConfig, root: Path, **overrides) -> Path:
@@ -94,12 +106,13 @@ def main() -> None:
     settings = (f"MobileNetV2 ({'ImageNet' if base.weights == 'imagenet' else base.weights}), {args.image_size}px, "
                 f"limit {args.limit} images per split, {args.epochs} epochs (few-label and digits runs: "
                 f"{args.few_epochs} epochs, batch {few['batch_size']}), batch {args.batch_size}, seed {args.seed}, "
-                f"AdamW lr 1e-3 warm-up+cosine, pseudo-label threshold {base.pseudo_threshold}; device {device}; "
+                f"AdamW lr 1e-3 (random init: 3e-3) warm-up+cosine, pseudo-label threshold {base.pseudo_threshold}; device {device}; "
                 f"all runs {total / 60:.1f} min")  # fmt: skip
     lines = [
         "# Transfer-learning results",
         "",
-        f"Produced by `benchmarks/transfer.py` on {datetime.now(timezone.utc):%Y-%m-%d}. Test-split accuracy.",
+        f"Produced by `{' '.join(['python', *sys.argv])}` at commit {commit()} on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}. Test-split accuracy.",
         f"Settings: {settings}.",
         "",
         "## a. MNIST -> sklearn digits (the digits labels are used only by the target-supervised run)",

@@ -20,11 +20,11 @@ from PIL import Image
 from transferkit.config import TrainConfig
 from transferkit.data import load_dataset
 from transferkit.errors import TransferkitError
+from transferkit.evaluation import evaluate_run
 from transferkit.export import export_run, format_export_table
 from transferkit.preprocess import Preprocessing
 from transferkit.serving import format_predictions, predict_files, start_server
 from transferkit.training import train
-from transferkit.training.report import evaluate_run
 
 RUN = Path("runs/demo")
 GOALS = {"mnist": 0.95, "fashion-mnist": 0.85}

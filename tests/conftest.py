@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import run_cli
+from tests.helpers import SESSION_ENV, run_cli, server_processes
 
 # Keep the 2-core CI machine responsive and results repeatable.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -17,6 +21,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # every CLI subprocess and server the tests start: tests never touch the user's ~/bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="transferkit-tests-bentoml-")
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+# Every process a test starts inherits this mark (and usually BENTOML_HOME), so the session-end check below
+# finds the servers this session left behind, and never another session's running on the same machine.
+os.environ[SESSION_ENV] = uuid.uuid4().hex
+SESSION_START = time.time()
+# a server stopped by the last test may still be finishing its drain
+LEFTOVER_GRACE_S = 3.0
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +48,18 @@ def digits_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A real (tiny) training run through the CLI: MNIST + Fashion-MNIST, 32 px, a few steps."""
+def tiny_run_process(tmp_path_factory) -> subprocess.CompletedProcess:
+    """The `transferkit train` behind tiny_run, run once per session; its stdout and stderr, for tests of
+    what training prints."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    run_cli("train", "--data", "mnist,fashion-mnist", "--limit", "256", "--epochs", "1", "--image-size", "32",
-            "--batch-size", "64", "--out", str(out))  # fmt: skip
-    return out
+    return run_cli("train", "--data", "mnist,fashion-mnist", "--limit", "256", "--epochs", "1", "--image-size", "32",
+                   "--batch-size", "64", "--out", str(out))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_run_process) -> Path:
+    """A real (tiny) training run through the CLI: MNIST + Fashion-MNIST, 32 px, a few steps."""
+    return Path(tiny_run_process.args[-1])
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +71,42 @@ def exported(tmp_path_factory):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Remove the session's private BentoML store (models and Bentos the tests made)."""
+    """Fail the run if a server process started by a test outlives the session (then stop it), and remove
+    the session's private BentoML store (models and Bentos the tests made)."""
     import shutil
 
+    _stop_leftover_servers(session)
     shutil.rmtree(os.environ["BENTOML_HOME"], ignore_errors=True)
+
+
+def _stop_leftover_servers(session) -> None:
+    import psutil
+
+    marks = {"BENTOML_HOME": os.environ["BENTOML_HOME"], SESSION_ENV: os.environ[SESSION_ENV]}
+    left = server_processes(SESSION_START, marks)
+    if left:
+        _, left = psutil.wait_procs(left, timeout=LEFTOVER_GRACE_S)
+    if not left:
+        return
+    lines = []
+    for proc in left:
+        try:
+            lines.append(f"  pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+        except psutil.Error:
+            lines.append(f"  pid {proc.pid}")
+    message = f"{len(left)} server process(es) started by this test session outlived it (now killed):\n" + "\n".join(lines)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("=", "leftover server processes", red=True, bold=True)
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -2,6 +2,7 @@
 process on 127.0.0.1 -> real HTTP requests with real image files -> predict; plus the error contract."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,55 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
         assert proc.stderr.count("\n") == 1
     proc = run_cli("predict", str(tmp_path / "missing.png"), check=False)
     assert proc.returncode == 2 and "no such file" in proc.stderr
+    proc = run_cli("train", "--data", "digits", "--no-such-option", check=False)
+    assert proc.returncode == 2 and proc.stderr == (
+        "transferkit: error: unrecognized arguments: --no-such-option (see `transferkit train --help`)\n"
+    )
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    """A corrupt model.pt makes torch raise its own error (not a TransferkitError): still one line naming the
+    exception type and exit status 2; --debug shows the full traceback."""
+    from transferkit.config import TrainConfig
+    from transferkit.preprocess import Preprocessing
+    from transferkit.runs import Labels, save_run_metadata
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_run_metadata(run, TrainConfig(data=["digits"], image_size=32), Preprocessing(image_size=32),
+                      Labels(heads={"digits": [str(i) for i in range(10)]}, datasets={"digits": "digits"}))  # fmt: skip
+    (run / "model.pt").write_bytes(b"this is not a state dict\n" * 20)
+    proc = run_cli("eval", str(run), check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert re.match(r"transferkit: error: [A-Za-z_.]+: .+ \(re-run with --debug for the traceback\)$", proc.stderr)
+    debug = run_cli("--debug", "eval", str(run), check=False)  # `eval RUN --debug`: test_main_exit_statuses
+    assert debug.returncode not in (0, 2) and "Traceback (most recent call last)" in debug.stderr
+    assert "transferkit: error:" not in debug.stderr
+
+
+def test_main_exit_statuses(monkeypatch, capsys):
+    """In-process: a user-facing error, a bug and Ctrl-C, each with its exit status and one stderr line."""
+    from transferkit import cli
+    from transferkit.errors import ConfigError
+
+    def raising(exc):
+        def command(args):
+            raise exc
+
+        return command
+
+    cases = [(ConfigError("bad --lr; pass a number"), 2, "transferkit: error: bad --lr; pass a number\n"),
+             (KeyError("head"), 2, "transferkit: error: KeyError: 'head' (re-run with --debug for the traceback)\n"),
+             (ValueError("a\n  b"), 2, "transferkit: error: ValueError: a b (re-run with --debug for the traceback)\n"),
+             (KeyboardInterrupt(), 130, "transferkit: interrupted\n")]  # fmt: skip
+    for exc, status, stderr in cases:
+        monkeypatch.setattr(cli, "cmd_build", raising(exc))
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["build", "RUN"])
+        assert exit_info.value.code == status and capsys.readouterr().err == stderr, exc
+    monkeypatch.setattr(cli, "cmd_build", raising(KeyError("head")))
+    with pytest.raises(KeyError):
+        cli.main(["build", "RUN", "--debug"])
 
 
 def test_help_lists_every_command():
@@ -101,3 +151,16 @@ def test_help_lists_every_command():
     train_help = run_cli("train", "--help").stdout
     for flag in ("--sampling", "--freeze-epochs", "--layer-decay", "--ema", "--unlabeled", "--init", "--resume"):
         assert flag in train_help
+    assert "--debug" in out
+
+
+def test_every_train_option_has_help_text():
+    """`train --help` text is each TrainConfig field's trailing comment: a field without one has empty help."""
+    import dataclasses
+
+    from transferkit.cli import _field_help
+    from transferkit.config import TrainConfig
+
+    helps = _field_help()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if not helps.get(f.name)]
+    assert not missing, f"TrainConfig fields without a comment (empty --help): {missing}"

@@ -93,17 +93,26 @@ def test_unusual_modes_become_sensible_rgb():
 
 
 def test_exif_orientation_is_applied():
-    pre = Preprocessing(image_size=8)
-    arr = np.zeros((8, 16, 3), np.uint8)
-    arr[:, :8] = 255  # left half white
+    """Orientation 6 means "rotate 90 degrees clockwise to display". The stored image is 64 wide, 32 tall,
+    with only its top-left quadrant white: upright, that quadrant is the top-right one. Ignoring the tag
+    would leave it top-left; a mirrored or counter-clockwise turn would put it elsewhere."""
+    pre = Preprocessing(image_size=16)
+    arr = np.zeros((32, 64, 3), np.uint8)
+    arr[:16, :32] = 255
     img = Image.fromarray(arr)
     exif = img.getexif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
+    exif[0x0112] = 6
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
-    upright = decode_image(buf.getvalue())
-    assert pre.pil_to_uint8(upright).shape == (8, 8, 3)
-    assert upright.size == (16, 8)  # decode keeps the stored pixels; pil_to_uint8 turns them upright
+    decoded = decode_image(buf.getvalue())
+    assert decoded.size == (64, 32)  # decode keeps the stored pixels; pil_to_uint8 turns them upright
+    out = pre.pil_to_uint8(decoded).mean(axis=2)
+    assert out.shape == (16, 16)
+    # quadrant cores, away from the resize's blended border rows and columns
+    quadrants = {"top-left": out[1:7, 1:7], "top-right": out[1:7, 9:15],
+                 "bottom-left": out[9:15, 1:7], "bottom-right": out[9:15, 9:15]}  # fmt: skip
+    assert quadrants["top-right"].min() > 200, out
+    assert all(q.max() < 55 for name, q in quadrants.items() if name != "top-right"), out
 
 
 # ---- untrusted uploads: formats restricted to what the server accepts ----

@@ -1,6 +1,7 @@
 """Command line: parses arguments, calls one library function per command, prints where the output is.
 
-Every failure is one line on stderr (`transferkit: error: ...`) and a non-zero exit status.
+Every failure is one line on stderr (`transferkit: error: ...`) and exit status 2; `--debug` shows the
+traceback instead. Ctrl-C exits with 130.
 """
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ from transferkit.errors import TransferkitError
 _LIST_FIELDS = {"data", "unlabeled", "head_weights"}
 _BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment"}
 _NOT_FLAGS = {"out"}  # added by hand below
+# an unexpected exception's message is cut here (torch's can run to pages); --debug shows all of it
+_MAX_MESSAGE = 400
+_DEBUG_HELP = "on an error, show the full traceback instead of one line"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too, pointing at `--help` instead of printing the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"transferkit: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _field_help() -> dict[str, str]:
@@ -72,7 +83,7 @@ def cmd_train(args) -> None:
     from transferkit.config import config_from_dict, load_config_file
     from transferkit.training import resume, train
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "func")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "func", "debug")}
     if args.resume:
         if flags or args.config:
             raise TransferkitError(
@@ -88,7 +99,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from transferkit.training.report import evaluate_run
+    from transferkit.evaluation import evaluate_run
 
     result = evaluate_run(args.run, extra_data=_split_list(args.data), split=args.split)
     print(result.table)
@@ -147,9 +158,11 @@ def _split_list(value: str | None) -> list[str] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from transferkit import __version__
+    from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES  # the formats table: choices below
 
-    parser = argparse.ArgumentParser(prog="transferkit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="transferkit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
 
@@ -160,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export, verify against PyTorch, store in the BentoML model store")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--format", default="onnx", help="comma-separated: onnx, tensorrt, aoti")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--format", default="onnx", metavar="{" + ",".join(FORMAT_SPECS) + "}[,...]",
+                   help="comma-separated; " + "; ".join(f"{s.name}: {s.description}" for s in FORMAT_SPECS.values()))
+    p.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
+                   help="per format: " + "; ".join(f"{n} {', '.join(s.precisions)}" for n, s in FORMAT_SPECS.items()))
 
     p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
     p.add_argument("run", metavar="RUN")
@@ -177,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--runtime", choices=["auto", "tensorrt", "onnxruntime", "torch"], help="default: auto")
+    p.add_argument("--runtime", choices=("auto", *RUNTIME_NAMES), help="default: auto (the fastest usable here)")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: per CPU and runtime)")
     p.add_argument("--threads", type=int, metavar="N", help="runtime threads per worker (default: cores / workers)")
     p.add_argument("--max-batch", type=int, metavar="N", help="images per runtime call (default: 32)")
@@ -202,20 +217,49 @@ def build_parser() -> argparse.ArgumentParser:
                        ("benchmark", cmd_benchmark), ("serve", cmd_serve),
                        ("predict", cmd_predict), ("build", cmd_build)):  # fmt: skip
         sub.choices[name].set_defaults(func=func)
+        # also after the command (`transferkit eval RUN --debug`); SUPPRESS keeps the global value otherwise
+        sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line: stderr stays one line per failure, even for library errors
+    whose messages span paragraphs."""
+    return " ".join(str(exc).split())
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown option is reported by its command's parser (`see transferkit train --help`)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         args.func(args)
-    except TransferkitError as exc:
-        print(f"transferkit: error: {exc}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         hint = " (resume training with --resume RUN)" if args.command == "train" else ""
         print(f"transferkit: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, TransferkitError):  # expected: the message names the problem and the fix
+            print(f"transferkit: error: {_one_line(exc)}", file=sys.stderr)
+        else:  # a bug or an environment problem we did not foresee: name it, keep the traceback one flag away
+            message = _one_line(exc)
+            if len(message) > _MAX_MESSAGE:
+                message = message[: _MAX_MESSAGE - 3] + "..."
+            detail = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+            print(f"transferkit: error: {detail} (re-run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from transferkit.artifact import check_device
 from transferkit.errors import ConfigError
 
 
@@ -33,12 +34,12 @@ class TrainConfig:
     weights: str = "imagenet"  # imagenet | none | a torchvision weights name (e.g. IMAGENET1K_V2)
     init: str | None = None  # RUN dir to start from (sequential transfer): backbone + heads with matching classes
     # ---- optimisation ----
-    epochs: int = 3
+    epochs: int = 3  # one epoch draws as many images as the labelled train splits hold (each once if proportional)
     batch_size: int = 128  # per optimiser step (split across processes under torchrun)
     lr: float = 1e-3  # AdamW peak learning rate (of the heads when layer_decay is set)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW decay of weight matrices (not biases or norms), against over-fitting
     warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to zero
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # target share spread over all classes (e.g. 0.1): less over-confident heads
     freeze_epochs: int = 0  # train heads only for N epochs (backbone and its BatchNorm statistics frozen)
     layer_decay: float | None = None  # lr multiplier per block from head to stem (e.g. 0.7); None = same lr
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); evaluated and exported with EMA weights
@@ -68,14 +69,17 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
-        from transferkit.data import check_dataset_name
+        from transferkit.data import DatasetSpec, check_dataset_name
 
         if not self.data:
             raise ConfigError("no datasets given; pass --data mnist,fashion-mnist (or data: [...] in the config)")
         if len(set(self.data)) != len(self.data):
             raise ConfigError(f"data lists a dataset twice: {self.data}")
-        for name in self.data + [u.split("=", 1)[0] for u in self.unlabeled]:
-            check_dataset_name(name)
+        names = [check_dataset_name(s).name for s in self.data]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two datasets have the same name {names}; rename one image folder")
+        for text in self.unlabeled:
+            check_dataset_name(DatasetSpec.parse(text).without_head())
         _positive(self, "image_size", "epochs", "batch_size", "grad_accum", "unlabeled_ratio", "checkpoint_every")
         if self.image_size < 16:
             raise ConfigError(f"image_size {self.image_size} is too small; use 16 or more (32-64 for quick runs)")
@@ -106,13 +110,13 @@ class TrainConfig:
             raise ConfigError(f"early_stop must be >= 1 epoch, got {self.early_stop}")
         if self.head_weights is not None and any(w < 0 for w in self.head_weights):
             raise ConfigError(f"head_weights must be >= 0, got {self.head_weights}")
-        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check_head_weight_count(self.head_weights, self.heads, names)
+        check_device(self.device, allow_auto=True)
         for path_field in ("label_map", "init"):
             value = getattr(self, path_field)
             if value is not None and not Path(value).exists():
                 raise ConfigError(f"{path_field}: {value} does not exist")
-        from transferkit.training.model import resolve_weights
+        from transferkit.model import resolve_weights
 
         resolve_weights(self.backbone, self.weights)
         return self
@@ -136,6 +140,21 @@ def parse_sampling(spec: str) -> float:
     if m:
         return float(m.group(1))
     raise ConfigError(f"sampling must be proportional, balanced or temperature:ALPHA (e.g. temperature:0.5), got {spec!r}")
+
+
+def _check_head_weight_count(head_weights: list[float] | None, heads: str, datasets: list[str]) -> None:
+    """Every dataset trains exactly one head, so `separate` has one head per dataset and `shared` at most
+    that many. How many `shared` makes depends on the datasets' class names, known once they are loaded:
+    TrainingSetup checks the exact count then."""
+    if head_weights is None:
+        return
+    n = len(head_weights)
+    if heads == "separate" and n != len(datasets):
+        raise ConfigError(f"head_weights has {n} values but there are {len(datasets)} heads (one per dataset: {datasets})")
+    if n > len(datasets):
+        raise ConfigError(
+            f"head_weights has {n} values but there can be at most {len(datasets)} heads (one per dataset: {datasets})"
+        )
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

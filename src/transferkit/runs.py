@@ -3,14 +3,14 @@
 RUN/
   config.yaml          resolved TrainConfig (every default spelled out)
   preprocessing.json   the model's input definition (transferkit.preprocess.Preprocessing)
-  labels.json          {"heads": {head: [class names]}, "datasets": {dataset: head}}
+  labels.json          {"heads": {head: [class names]}, "datasets": {dataset: head}, "specs": {dataset: spec}}
   model.pt             state dict of MultiHeadModel (EMA weights when EMA is on); loads with weights_only=True
   metrics.json         per-epoch history and the best epoch
   checkpoint.pt        full training state for --resume (optimizer, scheduler, RNG, sampler position)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,13 +26,17 @@ from transferkit.utils import atomic_write_json, read_json
 class Labels:
     heads: dict[str, list[str]]  # head name -> class names, in logit order
     datasets: dict[str, str]  # dataset name -> the head trained on it
+    # dataset name -> its DatasetSpec text (e.g. imagefolder:/abs/path): export verification reloads the images
+    # a head was trained on without guessing which config.data entry held them; empty in older runs
+    specs: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"heads": self.heads, "datasets": self.datasets}
+        return {"heads": self.heads, "datasets": self.datasets, "specs": self.specs}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Labels":
-        return cls(heads={k: list(v) for k, v in d["heads"].items()}, datasets=dict(d.get("datasets", {})))
+        return cls(heads={k: list(v) for k, v in d["heads"].items()}, datasets=dict(d.get("datasets", {})),
+                   specs=dict(d.get("specs", {})))  # fmt: skip
 
 
 @dataclass
@@ -76,12 +80,13 @@ def load_run(run_dir: str | Path) -> Run:
 
 def load_run_model(run_dir: str | Path, map_location: str = "cpu"):
     """-> (MultiHeadModel in eval mode with the run's weights, Run). No network access: weights come from model.pt."""
-    from transferkit.training.model import build_model
+    from transferkit.model import build_model
 
     run = load_run(run_dir)
     if not run.model_path.is_file():
         raise TransferkitError(f"{run.model_path} not found; the run has not finished an epoch yet (use --resume)")
-    model, _, _ = build_model(run.config.backbone, "none", run.labels.heads)
+    model = build_model(run.config.backbone, "none", run.labels.heads, run.preprocessing.image_size)
+    model.preprocessing = run.preprocessing  # the trained weights' statistics, not those of the bare backbone
     state = torch.load(run.model_path, map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     model.eval()

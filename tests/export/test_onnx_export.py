@@ -8,8 +8,8 @@ import torch
 
 from tests.export.tiny import HEADS, VERIFY_IMAGES
 from transferkit.export import PASSED, UNAVAILABLE, format_export_table
+from transferkit.model import ExportModule
 from transferkit.runs import load_run_model
-from transferkit.training.model import ExportModule
 from transferkit.utils import sha256_file
 
 

@@ -25,19 +25,18 @@ def make_tiny_run(run_dir: Path, seed: int = 0, weights: str = "imagenet", heads
     import torch
 
     from transferkit.config import TrainConfig
-    from transferkit.preprocess import Preprocessing
+    from transferkit.model import build_model
     from transferkit.runs import Labels, save_run_metadata
-    from transferkit.training.model import build_model
 
     heads = heads or HEADS
     torch.manual_seed(seed)
-    model, mean, std = build_model("mobilenet_v2", weights, heads)
+    model = build_model("mobilenet_v2", weights, heads, image_size=32)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_metadata(
         run_dir,
         TrainConfig(data=list(heads), image_size=32, weights=weights),
-        Preprocessing(image_size=32, mean=mean, std=std),
-        Labels(heads=heads, datasets={name: name for name in heads}),
+        model.preprocessing,
+        Labels(heads=heads, datasets={name: name for name in heads}, specs={name: name for name in heads}),
     )
     torch.save(model.state_dict(), run_dir / "model.pt")
     return run_dir

@@ -91,3 +91,9 @@ def test_an_abandoned_request_is_not_run():
 
     assert asyncio.run(scenario())["head"][0, 0] == 3.0
     assert run.sizes == [1, 1]  # the abandoned image never reached the runtime
+
+
+def test_the_same_batcher_serves_a_second_event_loop():
+    batcher = MicroBatcher(Recorder(), max_batch=4, max_wait_ms=1, max_queue=8)
+    assert asyncio.run(_submit_many(batcher, [(1,), (2,)])) == [[1.0], [2.0]]
+    assert asyncio.run(_submit_many(batcher, [(3,)])) == [[3.0]]  # a new loop: new queue and drain task

@@ -2,7 +2,6 @@
 kind of bad input gets a 4xx JSON error with a request id, and the service keeps answering."""
 import asyncio
 import base64
-import io
 import struct
 import zlib
 
@@ -188,3 +187,15 @@ def test_a_request_past_the_deadline_gets_a_json_504(client, images, live_servic
     monkeypatch.undo()
     time.sleep(1.0)  # let the abandoned slow call finish
     assert _post(client, "d.png", images["digit.png"], "image/png").status_code == 200
+
+
+def test_at_capacity_a_request_is_refused_at_once_with_retry_after(client, images, live_service):
+    import time
+
+    with live_service.batcher.admit(live_service.settings.max_queue):  # every slot taken
+        start = time.perf_counter()
+        response = _post(client, "d.png", images["digit.png"], "image/png")
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert "capacity" in response.json()["error"] and elapsed < 0.1
+    assert _post(client, "d.png", images["digit.png"], "image/png").status_code == 200  # slots released

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from transferkit.training.model import build_model
+from transferkit.model import build_model
 from transferkit.training.optim import EMA, backbone_blocks, block_key, param_groups, set_backbone_frozen, warmup_cosine
 
 
@@ -13,7 +13,7 @@ def test_block_key():
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18", "efficientnet_b0"])
 def test_layer_decay_lr_grows_from_stem_to_head(backbone):
-    model, _, _ = build_model(backbone, "none", {"a": ["x", "y"]})
+    model = build_model(backbone, "none", {"a": ["x", "y"]}, image_size=32)
     groups = param_groups(model, lr=1.0, weight_decay=0.1, layer_decay=0.8)
     scales = []
     for g in groups:
@@ -29,7 +29,7 @@ def test_layer_decay_lr_grows_from_stem_to_head(backbone):
 
 
 def test_freeze_stops_backbone_gradients_and_batchnorm_statistics():
-    model, _, _ = build_model("mobilenet_v2", "none", {"a": ["x", "y"]})
+    model = build_model("mobilenet_v2", "none", {"a": ["x", "y"]}, image_size=32)
     model.train()
     set_backbone_frozen(model, True)
     bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))

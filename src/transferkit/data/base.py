@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.data.spec import DatasetSpec
+
 SPLITS = ("train", "val", "test")
 
 # A training split larger than this (decoded, uint8) streams from disk instead of living in memory.
@@ -57,12 +59,12 @@ class ImageDataset:
     train: Split
     val: Split
     test: Split
+    spec: DatasetSpec | None = None  # where the images came from, as load_dataset was given it
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; use one of {SPLITS}")
         return getattr(self, name)
-
 
 
 def seeded_split(n: int, fractions: tuple[float, float], seed: int = SPLIT_SEED) -> tuple[np.ndarray, ...]:

@@ -5,6 +5,7 @@ arrays at the model's input size. An unreadable file is a DataError naming the f
 """
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,19 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarr
         paths += files
         labels += [idx] * len(files)
     return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _warn_skipped(spec: str, folders: list[Path], classes: list[str]) -> None:
+    """Files in class folders without an image suffix are not read; say so once, with a count, so that a folder
+    of .heic photos is not silently a smaller dataset. Hidden files (.DS_Store) are not counted."""
+    skipped = [p for folder in folders for name in classes if (folder / name).is_dir()
+               for p in (folder / name).rglob("*")
+               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES]  # fmt: skip
+    if skipped:
+        suffixes = sorted({p.suffix.lower() or "(none)" for p in skipped})
+        print(f"transferkit: warning: imagefolder:{spec}: skipped {len(skipped)} file(s) with suffix "
+              f"{', '.join(suffixes[:5])}{', ...' if len(suffixes) > 5 else ''} (e.g. {skipped[0]}); "
+              f"read are {' '.join(sorted(IMAGE_SUFFIXES))}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def decode_file(path: Path, pre: Preprocessing) -> np.ndarray:
@@ -72,6 +86,8 @@ def load_imagefolder(
             f"imagefolder:{path}: found {len(classes)} class folder(s); need at least 2, laid out as "
             f"PATH/train/<class>/*.jpg (and PATH/val/<class>/*) or PATH/<class>/*.jpg"
         )
+    split_dirs = [root / s for s in ("train", "val", "test") if (root / s).is_dir()] if has_splits else [root]
+    _warn_skipped(path, split_dirs, classes)
     listed: dict[str, tuple[list[Path], np.ndarray]] = {}
     if has_splits:
         listed["train"] = _list_images(root / "train", classes)

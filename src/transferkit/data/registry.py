@@ -1,6 +1,6 @@
 """Dataset registry: name -> loader. `load_dataset("mnist", pre, limit=1000)` is the one entry point.
 
-Names: the built-ins below, `imagefolder:PATH`, or anything added with `register_dataset`.
+Names (see data/spec.py): the built-ins below, `imagefolder:PATH`, or anything added with `register_dataset`.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from transferkit.data import builtin
 from transferkit.data.base import DEFAULT_MAX_IN_MEMORY_BYTES, ImageDataset, Split, limit_indices
 from transferkit.data.imagefolder import load_imagefolder
+from transferkit.data.spec import DatasetSpec
 from transferkit.errors import DataError
 from transferkit.preprocess import Preprocessing
 
@@ -37,43 +38,36 @@ def available_datasets() -> dict[str, str]:
     }
 
 
-def check_dataset_name(name: str) -> None:
-    """Refuse an unknown dataset name before any work starts."""
-    if name.startswith("imagefolder:"):
-        if not name[len("imagefolder:") :]:
-            raise DataError("imagefolder: needs a path, e.g. imagefolder:./my_images")
-        return
-    if name not in _REGISTRY:
+def check_dataset_name(spec: str | DatasetSpec) -> DatasetSpec:
+    """Refuse an unknown dataset before any work starts -> the parsed spec (a string is a plain dataset,
+    no `=HEAD`)."""
+    spec = DatasetSpec.parse(spec, with_head=False)
+    if spec.path is None and spec.source not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        raise DataError(f"unknown dataset {name!r}; use one of {known}, or imagefolder:PATH for your own images")
+        raise DataError(
+            f"unknown dataset {spec.source!r}; use one of {known}, or imagefolder:PATH for your own images"
+        )
+    return spec
 
 
 def load_dataset(
-    name: str, pre: Preprocessing, limit: int | None = None, max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES
-) -> ImageDataset:
-    """Load all three splits of `name`, resized to `pre.image_size`, at most `limit` images per split.
-    An image folder whose train split would exceed `max_in_memory_bytes` keeps it on disk (streamed)."""
-    check_dataset_name(name)
-    if name.startswith("imagefolder:"):
-        splits, classes = load_imagefolder(name[len("imagefolder:") :], pre, limit, max_in_memory_bytes)
+    spec: str | DatasetSpec, pre: Preprocessing, limit: int | None = None,
+    max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES,
+) -> ImageDataset:  # fmt: skip
+    """Load all three splits of the dataset `spec` names, resized to `pre.image_size`, at most `limit` images
+    per split. An image folder whose train split would exceed `max_in_memory_bytes` keeps it on disk."""
+    spec = check_dataset_name(spec)
+    if spec.path is not None:
+        splits, classes = load_imagefolder(spec.path, pre, limit, max_in_memory_bytes)
     else:
-        native, classes = _REGISTRY[name][0]()
+        native, classes = _REGISTRY[spec.source][0]()
         splits = {}
         for split, (images, labels) in native.items():
             keep = limit_indices(len(labels), limit)
             splits[split] = Split(pre.array_to_uint8(np.ascontiguousarray(images[keep])), labels[keep])
     for split, part in splits.items():
         if len(part) == 0:
-            raise DataError(f"{name}: the {split} split is empty")
+            raise DataError(f"{spec.source}: the {split} split is empty")
         if part.labels.min() < 0 or part.labels.max() >= len(classes):
-            raise DataError(f"{name}: {split} labels fall outside the {len(classes)} class names")
-    return ImageDataset(name=_short_name(name), classes=list(classes), **splits)
-
-
-def _short_name(name: str) -> str:
-    """`imagefolder:/data/flowers/` -> `flowers`: a head and a manifest key, not a path."""
-    if name.startswith("imagefolder:"):
-        from pathlib import Path
-
-        return Path(name[len("imagefolder:") :]).expanduser().resolve().name or "images"
-    return name
+            raise DataError(f"{spec.source}: {split} labels fall outside the {len(classes)} class names")
+    return ImageDataset(name=spec.name, classes=list(classes), **splits, spec=spec.without_head())

@@ -3,23 +3,26 @@
     result = export_run("runs/mnist", formats=("onnx",))   # RUN/export/{model.onnx, verify.json, manifest.json}
     print(format_export_table(result)); sys.exit(0 if result.ok else 1)
 
-Every format is compared with PyTorch on held-out images (`verify`) before it is marked servable, and the
-servable files are saved to the BentoML model store (`store`), where the service loads them from.
+Every format is checked against PyTorch on held-out images (`verify`) before it is marked servable, and the
+servable files are saved to the BentoML model store (`store`), where the service loads them from. The formats
+table, status words and tolerances are data in `transferkit.artifact`; `FORMATS` joins them to the exporters.
 """
-from transferkit.export.formats import (
+from transferkit.artifact import (
     EXPORT_FAILED,
-    FORMATS,
+    EXPORTED,
     PASSED,
     STATUSES,
+    TOLERANCES,
     UNAVAILABLE,
     VERIFY_FAILED,
-    ExportFormat,
+    Tolerance,
 )
+from transferkit.export.formats import FORMATS, ExportFormat
 from transferkit.export.pipeline import ExportResult, FormatResult, export_run, verify_export
 from transferkit.export.table import format_export_table
-from transferkit.export.verify import TOLERANCES, Tolerance
 
 __all__ = [
+    "EXPORTED",
     "EXPORT_FAILED",
     "FORMATS",
     "PASSED",

@@ -11,10 +11,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transferkit.export.formats import FORMATS, MAX_BATCH, MIN_BATCH, ExportJob
-from transferkit.export.onnx import INPUT_NAME
+from transferkit.artifact import INPUT_NAME, check_device
+
+if TYPE_CHECKING:
+    import torch
 
 
 def aoti_unavailable_reason(device: str) -> str | None:
@@ -28,22 +30,24 @@ def aoti_unavailable_reason(device: str) -> str | None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not compiler:
         return "AOTInductor needs a C++ compiler (g++ or clang++) on PATH; e.g. apt-get install g++"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if check_device(device) == "gpu" and not torch.cuda.is_available():
         return f"device {device} was asked for but no CUDA device is visible"
     return None
 
 
-def export_aoti(job: ExportJob) -> dict[str, Any]:
+def export_aoti(model: "torch.nn.Module", example: "torch.Tensor", path: Path, device: str,
+                batch_range: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
+    """Compile `model` for `device` with a dynamic batch in `batch_range` (min, max) into the .pt2 `path`."""
     import torch
 
-    device = torch.device(job.device)
-    model = job.model.to(device)
+    target = torch.device(device)
+    min_batch, max_batch = batch_range
+    model.to(target)
     try:
-        example = (job.example_input().to(device),)
-        batch = torch.export.Dim("batch", min=MIN_BATCH, max=MAX_BATCH)
+        inputs = (example.to(target),)
+        batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
         with torch.inference_mode(False):
-            program = torch.export.export(model, example, dynamic_shapes={INPUT_NAME: {0: batch}})
-        path = job.export_dir / FORMATS["aoti"].filename
+            program = torch.export.export(model, inputs, dynamic_shapes={INPUT_NAME: {0: batch}})
         # aoti_compile_and_package insists on a `.pt2` name, so the atomic temp file keeps that suffix.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent)
         os.close(fd)
@@ -53,9 +57,9 @@ def export_aoti(job: ExportJob) -> dict[str, Any]:
         finally:
             Path(tmp).unlink(missing_ok=True)
     finally:
-        job.model.to("cpu")  # the next exporter and the PyTorch reference expect CPU weights
+        model.to("cpu")  # the next exporter and the PyTorch reference expect CPU weights
     return {
-        "device": "cuda" if device.type == "cuda" else "cpu",
+        "device": "cuda" if target.type == "cuda" else "cpu",
         "torch_version": torch.__version__,
-        "batch_range": [MIN_BATCH, MAX_BATCH],
+        "batch_range": [min_batch, max_batch],
     }

@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 
 from transferkit.export.formats import FORMATS
-from transferkit.serving.manifest import read_manifest
+from transferkit.export.table import text_table
+from transferkit.serving.manifest import VERIFY_NAME, read_manifest
 from transferkit.serving.runtime import RUNTIMES, runtime_problem
 from transferkit.utils import atomic_write_json, read_json
 
@@ -62,7 +63,7 @@ def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repea
 
     export_dir = Path(run_dir) / "export"
     manifest = read_manifest(export_dir)
-    verify = read_json(export_dir / "verify.json") if (export_dir / "verify.json").is_file() else {"formats": {}}
+    verify = read_json(export_dir / VERIFY_NAME) if (export_dir / VERIFY_NAME).is_file() else {"formats": {}}
     inputs = _inputs(int(manifest["preprocessing"]["image_size"]), batches)
 
     model, _ = load_run_model(run_dir)
@@ -84,12 +85,11 @@ def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repea
         row.size_bytes = path.stat().st_size if path.is_file() else None
         heads = (verify["formats"].get(name) or {}).get("heads", {})
         row.accuracy = {h: r["accuracy_format"] for h, r in heads.items()}
-        runtime_name = next(r for r, cls in RUNTIMES.items() if cls.format == name)
-        problem = runtime_problem(runtime_name, manifest, export_dir)
+        problem = runtime_problem(fmt.runtime, manifest, export_dir)
         if problem:
             row.note = problem
         else:
-            runtime = RUNTIMES[runtime_name]().load(export_dir, manifest)
+            runtime = RUNTIMES[fmt.runtime]().load(export_dir, manifest)
             for b, x in inputs.items():
                 row.latency_ms[b] = _median_ms(lambda rt=runtime, x=x: rt.run(x), repeats)
             row.note = runtime.description
@@ -104,7 +104,7 @@ def format_benchmark_table(rows: list[BenchmarkRow], batches: tuple[int, ...] = 
     big = max(batches)
     header = ["format", "status", "size", "accuracy"] + [f"ms b={b}" for b in batches] + [f"img/s b={big}",
               f"vs torch b={big}", "runtime / note"]  # fmt: skip
-    table = [header]
+    table = []
     for r in rows:
         acc = ", ".join(f"{h} {a:.1%}" for h, a in r.accuracy.items()) or "-"
         size = f"{r.size_bytes / 1e6:.1f} MB" if r.size_bytes else "-"
@@ -112,7 +112,4 @@ def format_benchmark_table(rows: list[BenchmarkRow], batches: tuple[int, ...] = 
         tput = r.throughput(big)
         ratio = f"{base.latency_ms[big] / r.latency_ms[big]:.2f}x" if big in r.latency_ms else "-"
         table.append([r.format, r.status, size, acc, *lat, f"{tput:,.0f}" if tput else "-", ratio, r.note])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, table)

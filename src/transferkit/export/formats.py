@@ -1,7 +1,14 @@
-"""The one table of export formats. Export, verification, the manifest, serving and the benchmark all read it.
+"""The export half of the formats table: each row of `transferkit.artifact.FORMAT_SPECS` joined to the code
+that makes its file here.
 
-A row says what a format is (file name, the runtime that serves it, where it runs, which precisions it takes)
-and how to make it (`export`) and whether it can be made here (`unavailable`). Adding a format is adding a row.
+The rows themselves (name, file, runtime, devices, precisions, tolerances, description) are plain data in
+`transferkit.artifact`, which serving and the CLI read without importing this package (the serving image has
+no torch). This module adds, per row, how to make the file (`export`), whether it can be made on this machine
+(`unavailable`) and which formats it is built from (`requires`). `FORMATS` is what export_run, the export
+table and `transferkit benchmark` iterate.
+
+Adding a format is one FormatSpec row in `transferkit.artifact`, plus its exporter registered in EXPORTERS
+below and its runner registered in `transferkit.serving.runtime`.
 
     format    file         served by     runs on   precisions   needs
     onnx      model.onnx   onnxruntime   cpu, gpu  fp32         onnx, onnxscript, onnxruntime (core deps)
@@ -10,45 +17,31 @@ and how to make it (`export`) and whether it can be made here (`unavailable`). A
 """
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from transferkit.artifact import FORMAT_SPECS, MAX_BATCH, MIN_BATCH, OPT_BATCH, FormatSpec
 from transferkit.errors import ConfigError
+from transferkit.export.aoti import aoti_unavailable_reason, export_aoti
+from transferkit.export.onnx import export_onnx, onnx_unavailable_reason
+from transferkit.export.tensorrt import build_engine, tensorrt_unavailable_reason
 
-if TYPE_CHECKING:  # torch is imported lazily: `import transferkit.export.formats` stays cheap
+if TYPE_CHECKING:  # torch is imported by the exporters when they run: `import transferkit.export` stays cheap
     import torch
-
-    from transferkit.runs import Run
-
-# Status of one format after `export_run`, in the words the table prints.
-PASSED = "passed"
-VERIFY_FAILED = "export ok but verification failed"
-EXPORT_FAILED = "export failed"
-UNAVAILABLE = "not available here"
-STATUSES = (PASSED, VERIFY_FAILED, EXPORT_FAILED, UNAVAILABLE)
-
-# Dynamic batch range compiled into formats that need one (TensorRT profile, AOTInductor guards).
-# Serving never sends more than MAX_BATCH images in one call (the service's max_batch_size is below it).
-MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64
 
 
 @dataclass
 class ExportJob:
-    """Everything an exporter needs; built once by `export_run` and handed to each row's `export`."""
+    """What export_run shares between the exporters of one export; each exporter is handed its own part."""
 
     model: "torch.nn.Module"  # ExportModule in eval mode, on CPU: images -> tuple of logits (head order)
-    run: "Run"
     export_dir: Path
     precision: str  # one of the row's precisions
     device: str  # cpu | cuda | cuda:N: where device-specific artifacts (aoti) are compiled for
     head_names: list[str]
+    image_size: int
     artifacts: dict[str, Path] = field(default_factory=dict)  # format -> file already written this export
-
-    @property
-    def image_size(self) -> int:
-        return self.run.preprocessing.image_size
 
     def example_input(self, batch: int = 2) -> "torch.Tensor":
         import torch
@@ -58,93 +51,48 @@ class ExportJob:
 
 
 @dataclass(frozen=True)
-class ExportFormat:
-    name: str  # the CLI name (--format)
-    filename: str  # written to RUN/export/
-    runtime: str  # serving runtime that loads the file (transferkit.serving.runtime.RUNTIMES)
-    devices: tuple[str, ...]  # where the artifact can run: "cpu", "gpu"
-    precisions: tuple[str, ...]  # allowed --precision values; the first is the default
-    export: Callable[[ExportJob], dict[str, Any]]  # writes export_dir/filename atomically -> details
-    unavailable: Callable[[str], str | None]  # device -> None if it can be built here, else why not
+class Exporter:
+    export: Callable[[ExportJob, Path], dict[str, Any]]  # writes the given path atomically -> manifest details
+    unavailable: Callable[[str], str | None]  # export device -> None if it can be built here, else why not
     requires: tuple[str, ...] = ()  # formats whose file this one is built from (tensorrt <- onnx)
-    description: str = ""
 
 
-# ---- availability checks (cheap: no heavy imports unless the package exists) ----------------------
-def _onnx_unavailable(device: str) -> str | None:
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"missing Python package(s) {missing}: pip install onnx onnxscript onnxruntime"
-    return None
+def _export_onnx(job: ExportJob, path: Path) -> dict[str, Any]:
+    return export_onnx(job.model, job.example_input(), path, job.head_names)
 
 
-def _tensorrt_unavailable(device: str) -> str | None:
-    from transferkit.export.tensorrt import tensorrt_unavailable_reason
-
-    return tensorrt_unavailable_reason()
-
-
-def _aoti_unavailable(device: str) -> str | None:
-    from transferkit.export.aoti import aoti_unavailable_reason
-
-    return aoti_unavailable_reason(device)
+def _export_tensorrt(job: ExportJob, path: Path) -> dict[str, Any]:
+    onnx_path = job.artifacts.get("onnx") or job.export_dir / FORMAT_SPECS["onnx"].filename
+    return build_engine(onnx_path, path, job.precision, job.image_size, (MIN_BATCH, OPT_BATCH, MAX_BATCH))
 
 
-# ---- exporters (imported on use) ------------------------------------------------------------------
-def _export_onnx(job: ExportJob) -> dict[str, Any]:
-    from transferkit.export.onnx import export_onnx
-
-    return export_onnx(job)
+def _export_aoti(job: ExportJob, path: Path) -> dict[str, Any]:
+    return export_aoti(job.model, job.example_input(), path, job.device, (MIN_BATCH, MAX_BATCH))
 
 
-def _export_tensorrt(job: ExportJob) -> dict[str, Any]:
-    from transferkit.export.tensorrt import build_engine
-
-    return build_engine(job)
-
-
-def _export_aoti(job: ExportJob) -> dict[str, Any]:
-    from transferkit.export.aoti import export_aoti
-
-    return export_aoti(job)
-
-
-FORMATS: dict[str, ExportFormat] = {
-    f.name: f
-    for f in (
-        ExportFormat(
-            name="onnx",
-            filename="model.onnx",
-            runtime="onnxruntime",
-            devices=("cpu", "gpu"),
-            precisions=("fp32",),
-            export=_export_onnx,
-            unavailable=_onnx_unavailable,
-            description="ONNX (torch.onnx dynamo exporter), one file, dynamic batch; served by ONNX Runtime",
-        ),
-        ExportFormat(
-            name="tensorrt",
-            filename="model.engine",
-            runtime="tensorrt",
-            devices=("gpu",),
-            precisions=("fp32", "fp16"),
-            export=_export_tensorrt,
-            unavailable=_tensorrt_unavailable,
-            requires=("onnx",),
-            description="TensorRT engine built from the ONNX file for this GPU (not portable across GPU models)",
-        ),
-        ExportFormat(
-            name="aoti",
-            filename="model.pt2",
-            runtime="torch",
-            devices=("cpu", "gpu"),
-            precisions=("fp32",),
-            export=_export_aoti,
-            unavailable=_aoti_unavailable,
-            description="AOTInductor package (torch._inductor.aoti_compile_and_package) for the export device",
-        ),
-    )
+EXPORTERS: dict[str, Exporter] = {
+    "onnx": Exporter(_export_onnx, lambda device: onnx_unavailable_reason()),
+    "tensorrt": Exporter(_export_tensorrt, lambda device: tensorrt_unavailable_reason(), requires=("onnx",)),
+    "aoti": Exporter(_export_aoti, aoti_unavailable_reason),
 }
+
+
+@dataclass(frozen=True)
+class ExportFormat(FormatSpec):
+    """A FormatSpec row with its exporter: everything export_run needs about one format."""
+
+    export: Callable[[ExportJob, Path], dict[str, Any]]
+    unavailable: Callable[[str], str | None]
+    requires: tuple[str, ...] = ()
+
+    @classmethod
+    def join(cls, spec: FormatSpec, exporter: Exporter) -> "ExportFormat":
+        data = {f.name: getattr(spec, f.name) for f in fields(FormatSpec)}
+        return cls(**data, export=exporter.export, unavailable=exporter.unavailable, requires=exporter.requires)
+
+
+# A row without a registered exporter is a KeyError here, at import, not halfway through an export.
+FORMATS: dict[str, ExportFormat] = {name: ExportFormat.join(s, EXPORTERS[name]) for name, s in FORMAT_SPECS.items()}
 
 
 def get_format(name: str) -> ExportFormat:

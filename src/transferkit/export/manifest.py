@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import transferkit
+from transferkit.artifact import INPUT_NAME
 from transferkit.serving.manifest import MANIFEST_NAME, MANIFEST_VERSION, VERIFY_NAME, read_manifest, servable_formats
 from transferkit.utils import atomic_write_json, sha256_file
 
@@ -71,7 +72,7 @@ def base_manifest(run: "Run", head_names: list[str]) -> dict[str, Any]:
         "preprocessing": run.preprocessing.to_dict(),
         "heads": {h: list(run.labels.heads[h]) for h in head_names},
         "datasets": dict(run.labels.datasets),
-        "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", 3, size, size], "layout": "NCHW"}],
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size], "layout": "NCHW"}],
         "outputs": [
             {"name": h, "dtype": "float32", "shape": ["batch", len(run.labels.heads[h])]} for h in head_names
         ],

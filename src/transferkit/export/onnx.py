@@ -7,34 +7,45 @@ serve; ONNX's protobuf limit makes that work up to 2 GB, far above the backbones
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from transferkit.artifact import INPUT_NAME
 from transferkit.errors import TransferkitError
-from transferkit.export.formats import FORMATS, ExportJob
+from transferkit.export.table import one_line
 from transferkit.utils import atomic_write
 
+if TYPE_CHECKING:
+    import torch
+
 OPSET = 18  # >= 17 for LayerNormalization; 18 is the dynamo exporter's native opset and TensorRT 10 parses it
-INPUT_NAME = "images"
 BATCH_DIM = "batch"
 
 
-def export_onnx(job: ExportJob) -> dict[str, Any]:
-    """Write job.export_dir/model.onnx atomically; -> details for the manifest (exporter, opset)."""
+def onnx_unavailable_reason() -> str | None:
+    """None when the ONNX export can run and be verified here, else which packages are missing."""
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"missing Python package(s) {missing}: pip install onnx onnxscript onnxruntime"
+    return None
+
+
+def export_onnx(model: "torch.nn.Module", example: "torch.Tensor", path: Path, head_names: list[str]) -> dict[str, Any]:
+    """Write `path` atomically from `model` traced on `example` (N,3,S,S); -> details for the manifest."""
     import torch
 
-    path = job.export_dir / FORMATS["onnx"].filename
-    example = (job.example_input(),)
-    details: dict[str, Any] = {"opset": OPSET, "input": INPUT_NAME, "outputs": list(job.head_names)}
+    inputs = (example,)
+    details: dict[str, Any] = {"opset": OPSET, "input": INPUT_NAME, "outputs": list(head_names)}
     try:
         program = torch.onnx.export(
-            job.model,
-            example,
+            model,
+            inputs,
             f=None,
             dynamo=True,
             external_data=False,
             input_names=[INPUT_NAME],
-            output_names=list(job.head_names),
+            output_names=list(head_names),
             opset_version=OPSET,
             dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_DIM)}},
             verbose=False,
@@ -43,21 +54,21 @@ def export_onnx(job: ExportJob) -> dict[str, Any]:
         details["exporter"] = "dynamo"
     except Exception as exc:  # noqa: BLE001 - any dynamo failure triggers the recorded fallback
         details["exporter"] = "torchscript"
-        details["dynamo_error"] = _one_line(exc)
+        details["dynamo_error"] = one_line(exc)
         atomic_write(
             path,
             lambda tmp: torch.onnx.export(
-                job.model,
-                example,
+                model,
+                inputs,
                 str(tmp),
                 dynamo=False,
                 input_names=[INPUT_NAME],
-                output_names=list(job.head_names),
+                output_names=list(head_names),
                 opset_version=OPSET,
-                dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, **{h: {0: BATCH_DIM} for h in job.head_names}},
+                dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, **{h: {0: BATCH_DIM} for h in head_names}},
             ),
         )
-    check_onnx(path, job.head_names, job.image_size)
+    check_onnx(path, head_names, int(example.shape[-1]))
     return details
 
 
@@ -68,7 +79,7 @@ def check_onnx(path: Path, head_names: list[str], image_size: int) -> None:
     try:
         onnx.checker.check_model(str(path))  # path form: also works for models near the 2 GB limit
     except onnx.checker.ValidationError as exc:
-        raise TransferkitError(f"{path}: onnx.checker rejected the model: {_one_line(exc)}") from None
+        raise TransferkitError(f"{path}: onnx.checker rejected the model: {one_line(exc)}") from None
     model = onnx.load(str(path), load_external_data=False)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 17:
@@ -81,8 +92,3 @@ def check_onnx(path: Path, head_names: list[str], image_size: int) -> None:
     shape = [d.dim_param or d.dim_value for d in dims]
     if len(shape) != 4 or not isinstance(shape[0], str) or shape[1:] != [3, image_size, image_size]:
         raise TransferkitError(f"{path}: input shape {shape}; expected [batch, 3, {image_size}, {image_size}]")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

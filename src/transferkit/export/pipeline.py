@@ -3,6 +3,7 @@
     for each requested format (and the formats it is built from):
         not buildable here?  -> "not available here" (with the reason)
         export               -> "export failed" on any error (the message is kept)
+        (file written        -> "exported, not verified yet")
         verify vs PyTorch    -> "export ok but verification failed" or "passed"
     verify.json, then the BentoML model (servable formats only), then manifest.json (with the model tag)
 
@@ -11,26 +12,25 @@ file is unchanged and was exported from the same model.pt (same sha256); otherwi
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import ConfigError
-from transferkit.export import verify as gate
-from transferkit.export.formats import (
+from transferkit.artifact import (
     EXPORT_FAILED,
-    FORMATS,
+    EXPORTED,
+    FORMAT_SPECS,
     PASSED,
     UNAVAILABLE,
     VERIFY_FAILED,
-    ExportFormat,
-    ExportJob,
-    check_request,
-    with_requirements,
+    check_device,
 )
+from transferkit.errors import ConfigError
+from transferkit.export import verify
+from transferkit.export.formats import FORMATS, ExportFormat, ExportJob, check_request, with_requirements
 from transferkit.export.manifest import VERIFY_NAME, base_manifest, file_entry, now_utc, write_manifest
+from transferkit.export.table import one_line
 from transferkit.serving.manifest import read_manifest, servable_formats
 from transferkit.utils import atomic_write_json, read_json
 
@@ -38,12 +38,12 @@ from transferkit.utils import atomic_write_json, read_json
 @dataclass
 class FormatResult:
     format: str
-    status: str  # one of formats.STATUSES
+    status: str  # one of transferkit.artifact.STATUSES
     precision: str
     file: Path | None = None  # the artifact, when the export step succeeded
     error: str | None = None  # why it is not "passed"
     details: dict[str, Any] = field(default_factory=dict)  # exporter details (exporter, opset, GPU, ...)
-    verification: dict[str, Any] | None = None  # the gate's report (see verify.compare)
+    verification: dict[str, Any] | None = None  # verify's report (see verify.compare)
     export_seconds: float | None = None
     verify_seconds: float | None = None
     requested: bool = True  # False for a format built only because a requested one needs it
@@ -75,16 +75,15 @@ class ExportResult:
 
     @property
     def ok(self) -> bool:
-        """Every requested format passed its gate (and was stored, when storing was asked for)."""
+        """Every requested format passed verify (and was stored, when storing was asked for)."""
         requested = [r for r in self.formats.values() if r.requested]
         return bool(requested) and all(r.servable for r in requested) and self.bentoml_error is None
 
 
 def _check_options(device: str, verify_images: int) -> None:
-    if not (device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    check_device(device)
     if verify_images < 1:
-        raise ConfigError(f"verify_images must be >= 1 (images per dataset for the accuracy gate), got {verify_images}")
+        raise ConfigError(f"verify_images must be >= 1 (held-out images per dataset for verify), got {verify_images}")
 
 
 def export_run(
@@ -99,17 +98,17 @@ def export_run(
     rows = check_request(formats, precision)
     _check_options(device, verify_images)
     from transferkit.runs import load_run_model  # torch: imported only when exporting
-    from transferkit.training.model import ExportModule
+    from transferkit.model import ExportModule
 
     model, run = load_run_model(run_dir)
-    inputs = gate.load_verify_inputs(run, verify_images)  # a missing dataset fails here, before exporting
+    inputs = verify.load_verify_inputs(run, verify_images)  # a missing dataset fails here, before exporting
     export_dir = run.export_dir
     export_dir.mkdir(parents=True, exist_ok=True)
     module = ExportModule(model).eval()
     heads = list(model.head_names)
-    reference = gate.pytorch_logits(module, inputs.batch, heads)
+    reference = verify.pytorch_logits(module, inputs.batch, heads)
     manifest = base_manifest(run, heads)
-    job = ExportJob(module, run, export_dir, precision, device, heads)
+    job = ExportJob(module, export_dir, precision, device, heads, run.preprocessing.image_size)
 
     reasons = {row.name: row.unavailable(device) for row in rows}
     buildable = [r for r in rows if reasons[r.name] is None]
@@ -119,7 +118,7 @@ def export_run(
         requested = row in rows
         row_precision = precision if requested else row.precisions[0]
         result = _build_one(row, job, row_precision, requested, reasons.get(row.name, "unchecked"), results)
-        if result.status in (PASSED, VERIFY_FAILED):
+        if result.status == EXPORTED:
             result = _verify_one(row, result, manifest, export_dir, inputs, reference)
         results[row.name] = result
         _record(manifest, row, result)
@@ -143,13 +142,13 @@ def _build_one(row: ExportFormat, job: ExportJob, precision: str, requested: boo
     job.precision = precision
     start = time.perf_counter()
     try:
-        details = row.export(job)
+        details = row.export(job, path)
     except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, not raised
         path.unlink(missing_ok=True)  # never leave an earlier export's file looking current
-        return FormatResult(row.name, EXPORT_FAILED, precision, error=_one_line(exc), requested=requested,
+        return FormatResult(row.name, EXPORT_FAILED, precision, error=one_line(exc), requested=requested,
                             export_seconds=time.perf_counter() - start)  # fmt: skip
     job.artifacts[row.name] = path
-    return FormatResult(row.name, VERIFY_FAILED, precision, file=path, details=details, requested=requested,
+    return FormatResult(row.name, EXPORTED, precision, file=path, details=details, requested=requested,
                         export_seconds=time.perf_counter() - start)  # fmt: skip
 
 
@@ -157,7 +156,7 @@ def _verification_runtime(row: ExportFormat):
     from transferkit.serving.runtime import RUNTIMES, OnnxRuntime
 
     if row.runtime == "onnxruntime":
-        return OnnxRuntime(providers=["CPUExecutionProvider"])  # the gate compares on CPU, fp32
+        return OnnxRuntime(providers=["CPUExecutionProvider"])  # verify runs on CPU, fp32, like the reference
     return RUNTIMES[row.runtime]()
 
 
@@ -167,10 +166,11 @@ def _verify_one(row, result, manifest, export_dir, inputs, reference) -> FormatR
     start = time.perf_counter()
     try:
         runtime = _verification_runtime(row).load(export_dir, manifest)
-        report = gate.compare(reference, gate.runtime_logits(runtime, inputs.batch), inputs, result.precision)
+        logits = verify.runtime_logits(runtime, inputs.batch)
+        report = verify.compare(reference, logits, inputs, result.precision, row.tolerances[result.precision])
         report["runtime"] = runtime.description
     except Exception as exc:  # noqa: BLE001
-        report = {"passed": False, "failures": [f"verification could not run: {_one_line(exc)}"]}
+        report = {"passed": False, "failures": [f"verification could not run: {one_line(exc)}"]}
     result.verify_seconds = time.perf_counter() - start
     result.verification = report
     result.status = PASSED if report["passed"] else VERIFY_FAILED
@@ -194,12 +194,12 @@ def _record(manifest: dict[str, Any], row: ExportFormat, result: FormatResult) -
         manifest["files"].pop(row.filename, None)
 
 
-def _verify_document(inputs: gate.VerifyInputs, results: dict[str, FormatResult]) -> dict[str, Any]:
+def _verify_document(inputs: verify.VerifyInputs, results: dict[str, FormatResult]) -> dict[str, Any]:
     return {
         "created": now_utc(),
         "reference": "PyTorch fp32 eval on CPU, same normalized input",
         "images": inputs.datasets,
-        "tolerances": {p: vars(t) for p, t in gate.TOLERANCES.items()},
+        "tolerances": {p: vars(t) for s in FORMAT_SPECS.values() for p, t in s.tolerances.items()},
         "formats": {
             name: {"status": r.status, "error": r.error, **(r.verification or {})}
             for name, r in results.items()
@@ -238,27 +238,27 @@ def _finish(run_dir, export_dir, manifest, verify_doc, results, store: bool) -> 
             tag = store_export(export_dir, manifest, run_dir)
         except Exception as exc:  # noqa: BLE001
             manifest["bentoml"] = None
-            store_error = f"saving to the BentoML model store failed: {_one_line(exc)}"
+            store_error = f"saving to the BentoML model store failed: {one_line(exc)}"
     write_manifest(export_dir, manifest)
     return ExportResult(Path(run_dir), export_dir, results, tag, store_error)
 
 
 def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = True) -> ExportResult:
-    """Re-run the accuracy gate on the artifacts already in RUN/export, against the current model.pt.
+    """Re-run verify on the artifacts already in RUN/export, against the current model.pt.
 
     Catches a file changed after export or a model.pt retrained since. Statuses, verify.json and the manifest
     are rewritten; the BentoML model is re-saved when the set of servable files changed.
     """
     _check_options("cpu", verify_images)
     from transferkit.runs import load_run_model
-    from transferkit.training.model import ExportModule
+    from transferkit.model import ExportModule
 
     model, run = load_run_model(run_dir)
     export_dir = run.export_dir
     old = read_manifest(export_dir)
-    inputs = gate.load_verify_inputs(run, verify_images)
+    inputs = verify.load_verify_inputs(run, verify_images)
     heads = list(model.head_names)
-    reference = gate.pytorch_logits(ExportModule(model).eval(), inputs.batch, heads)
+    reference = verify.pytorch_logits(ExportModule(model).eval(), inputs.batch, heads)
     manifest = base_manifest(run, heads)
     results: dict[str, FormatResult] = {}
     for name, entry in old["formats"].items():
@@ -267,7 +267,7 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
             results[name] = FormatResult(name, entry["status"], entry["precision"], error=entry.get("error"))
             _record(manifest, row, results[name])
             continue
-        result = FormatResult(name, VERIFY_FAILED, entry["precision"], file=path, details=entry.get("details", {}))
+        result = FormatResult(name, EXPORTED, entry["precision"], file=path, details=entry.get("details", {}))
         results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference)
         _record(manifest, row, results[name])
     unchanged = servable_formats(old) == servable_formats(manifest) and old.get("files") == manifest["files"]
@@ -279,7 +279,3 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
         result.bentoml_tag = old["bentoml"]["tag"]
     return result
 
-
-def _one_line(exc: BaseException) -> str:
-    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return lines[0][:500] if lines else type(exc).__name__

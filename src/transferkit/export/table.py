@@ -1,15 +1,37 @@
-"""The export summary the CLI prints: one row per format and head, then where things are.
+"""Plain-text output of the export commands: the export summary the CLI prints (one row per format and head,
+then where things are), the fixed-width table it and `transferkit benchmark` share, one-line error messages.
 
 format  status  precision  size    head    max|Δ|   top-1 agree  acc torch  acc format  Δacc pts  export s
 ------  ------  ---------  ------  ------  -------  -----------  ---------  ----------  --------  --------
 onnx    passed  fp32       8.9 MB  digits  1.9e-06  100.0%       97.3%      97.3%       +0.00     11.2
+
+Imports nothing from the rest of export at run time, so the exporters can use `one_line` too.
 """
 from __future__ import annotations
 
-from transferkit.export.pipeline import ExportResult, FormatResult
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transferkit.export.pipeline import ExportResult, FormatResult
 
 COLUMNS = ("format", "status", "precision", "size", "head", "max|Δ|", "top-1 agree", "acc torch", "acc format",
            "Δacc pts", "export s")  # fmt: skip
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """`Type: first line of the message`, cut at `limit` characters: fits one table cell or manifest field."""
+    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, a dashed rule under the header, no trailing spaces."""
+    table = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _size(n: int | None) -> str:
@@ -41,10 +63,7 @@ def _rows(r: FormatResult) -> list[list[str]]:
 
 def format_export_table(result: ExportResult) -> str:
     """A fixed-width table of every format, the reasons for failures, and the paths and BentoML tag."""
-    rows = [list(COLUMNS)] + [row for r in result.formats.values() for row in _rows(r)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [text_table(COLUMNS, [row for r in result.formats.values() for row in _rows(r)])]
     for r in result.formats.values():
         if r.error:
             lines.append(f"{r.format}: {r.error}")

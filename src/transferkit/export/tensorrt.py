@@ -9,11 +9,11 @@ elsewhere the format reports "not available here" with the reason, and nothing i
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
+from transferkit.artifact import INPUT_NAME
 from transferkit.errors import TransferkitError
-from transferkit.export.formats import FORMATS, MAX_BATCH, MIN_BATCH, OPT_BATCH, ExportJob
-from transferkit.export.onnx import INPUT_NAME
 from transferkit.utils import atomic_write
 
 WORKSPACE_BYTES = 2 << 30  # builder scratch memory; tactics that need more are skipped, not failed
@@ -48,11 +48,11 @@ def gpu_identity() -> dict[str, Any]:
     return {"name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
 
 
-def build_engine(job: ExportJob) -> dict[str, Any]:
-    """model.onnx -> model.engine with a dynamic-batch optimization profile; fp16 when asked."""
+def build_engine(onnx_path: Path, path: Path, precision: str, image_size: int,
+                 batch_range: tuple[int, int, int]) -> dict[str, Any]:  # fmt: skip
+    """model.onnx -> the engine at `path`, with a (min, opt, max) `batch_range` profile; fp16 when asked."""
     import tensorrt as trt
 
-    onnx_path = job.artifacts.get("onnx") or job.export_dir / FORMATS["onnx"].filename
     if not onnx_path.is_file():
         raise TransferkitError(f"{onnx_path} is missing; the tensorrt format is built from the onnx export")
     logger = trt.Logger(trt.Logger.WARNING)
@@ -67,25 +67,25 @@ def build_engine(job: ExportJob) -> dict[str, Any]:
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if job.precision == "fp16":
+    if precision == "fp16":
         if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in TensorRT 10
             raise TransferkitError("this GPU has no fast fp16; export with --precision fp32")
         config.set_flag(trt.BuilderFlag.FP16)
-    size = job.image_size
+    min_batch, opt_batch, max_batch = batch_range
+    shape = (3, image_size, image_size)
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, (MIN_BATCH, 3, size, size), (OPT_BATCH, 3, size, size), (MAX_BATCH, 3, size, size))
+    profile.set_shape(INPUT_NAME, (min_batch, *shape), (opt_batch, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TransferkitError("TensorRT failed to build the engine (see the TensorRT log above)")
-    path = job.export_dir / FORMATS["tensorrt"].filename
     atomic_write(path, lambda tmp: tmp.write_bytes(bytes(serialized)))
     return {
         "tensorrt_version": trt.__version__,
         "built_for_gpu": gpu_identity(),
-        "profile": {"input": INPUT_NAME, "min_batch": MIN_BATCH, "opt_batch": OPT_BATCH, "max_batch": MAX_BATCH},
-        "precision": job.precision,
+        "profile": {"input": INPUT_NAME, "min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch},
+        "precision": precision,
         "built_from": onnx_path.name,
     }
 

@@ -1,16 +1,16 @@
-"""The accuracy gate: an exported format may be served only if it agrees with PyTorch on held-out images.
+"""Verify: an exported format may be served only if it agrees with PyTorch on held-out images.
 
 Like Polygraphy's Comparator: PyTorch (fp32, CPU, eval mode) and the format's runtime get the *same* float32
 input (decoded once, normalized once with `Preprocessing.normalize_numpy`) and their logits are compared per
 head, on the test split of every dataset trained into that head (`verify_images` per dataset, all if fewer).
 
-Per head the gate reports and checks:
+Per head verify reports and checks:
   max_abs_diff        max |logit_format - logit_pytorch|; must be <= max_abs_diff * max(1, max|logit_pytorch|)
                       (scale-aware: a model with logits around 40 gets 40x the absolute room of one around 1)
-  mean_abs_diff       reported, not gated (the max is the stricter test)
+  mean_abs_diff       reported, not checked (the max is the stricter test)
   top1_agreement      fraction of images with the same argmax; must be >= min_top1_agreement
   accuracy delta      accuracy_format - accuracy_pytorch in points; |delta| must be <= max_acc_delta_points
-Non-finite logits fail outright. Tolerances per precision:
+Non-finite logits fail outright. The tolerances are the formats table's (`transferkit.artifact.TOLERANCES`):
 
   precision  max_abs_diff (x scale)  min_top1_agreement  max_acc_delta_points
   fp32       1e-3                    0.99                0.5
@@ -19,11 +19,11 @@ Non-finite logits fail outright. Tolerances per precision:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from transferkit.artifact import MAX_BATCH, TOLERANCES, Tolerance
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -33,19 +33,7 @@ if TYPE_CHECKING:
     from transferkit.serving.runtime import Runtime
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    max_abs_diff: float  # relative to max(1, max |reference logit|)
-    min_top1_agreement: float
-    max_acc_delta_points: float
-
-
-TOLERANCES = {
-    "fp32": Tolerance(max_abs_diff=1e-3, min_top1_agreement=0.99, max_acc_delta_points=0.5),
-    "fp16": Tolerance(max_abs_diff=5e-2, min_top1_agreement=0.98, max_acc_delta_points=1.0),
-}
-
-BATCH = 64  # images per forward pass, for PyTorch and for the runtime
+BATCH = MAX_BATCH  # images per forward pass, for PyTorch and for the runtime: every format takes this many
 
 
 @dataclass
@@ -59,21 +47,16 @@ class VerifyInputs:
 
 
 def dataset_sources(run: "Run") -> dict[str, str]:
-    """labels.json dataset keys (short names) -> the names load_dataset takes (as given in config.data)."""
-    short_to_source = {}
-    for entry in run.config.data:
-        if entry.startswith("imagefolder:"):
-            short = Path(entry[len("imagefolder:") :]).expanduser().resolve().name or "images"
-        else:
-            short = entry
-        short_to_source[short] = entry
+    """labels.json dataset keys (short names) -> the DatasetSpec load_dataset takes: the one labels.json
+    recorded, or (runs made before it recorded them) the config.data entry of that name."""
+    from transferkit.data import DatasetSpec
+
+    short_to_source = {DatasetSpec.parse(e, with_head=False).name: e for e in run.config.data} | run.labels.specs
     keys = list(run.labels.datasets)
-    if all(k in short_to_source for k in keys):
-        return {k: short_to_source[k] for k in keys}
-    if len(keys) == len(run.config.data):  # e.g. an imagefolder path resolved from another working dir
-        return dict(zip(keys, run.config.data))
     missing = [k for k in keys if k not in short_to_source]
-    raise DataError(f"cannot tell which config.data entry held dataset(s) {missing}; config.data = {run.config.data}")
+    if missing:
+        raise DataError(f"cannot tell which config.data entry held dataset(s) {missing}; config.data = {run.config.data}")
+    return {k: short_to_source[k] for k in keys}
 
 
 def load_verify_inputs(run: "Run", images_per_dataset: int) -> VerifyInputs:
@@ -122,10 +105,15 @@ def runtime_logits(runtime: "Runtime", batch: np.ndarray) -> dict[str, np.ndarra
 
 
 def compare(
-    reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], inputs: VerifyInputs, precision: str
+    reference: dict[str, np.ndarray],
+    candidate: dict[str, np.ndarray],
+    inputs: VerifyInputs,
+    precision: str,
+    tolerance: Tolerance | None = None,
 ) -> dict[str, Any]:
-    """Per-head statistics and the pass/fail decision against TOLERANCES[precision]."""
-    tol = TOLERANCES[precision]
+    """Per-head statistics and the pass/fail decision against `tolerance` (the format row's tolerance for
+    `precision`; by default TOLERANCES[precision])."""
+    tol = tolerance or TOLERANCES[precision]
     heads, failures = {}, []
     for head, rows in inputs.rows.items():
         ref, got, y = reference[head][rows], candidate[head][rows], inputs.labels[head]
@@ -162,16 +150,3 @@ def compare(
     return {"passed": not failures, "precision": precision, "tolerance": asdict(tol), "heads": heads,
             "failures": failures}  # fmt: skip
 
-
-def worst_case(report: dict[str, Any]) -> dict[str, float]:
-    """One line per format for tables: the worst value over heads."""
-    heads = list(report.get("heads", {}).values())
-    if not heads:
-        return {}
-    return {
-        "max_abs_diff": max(h["max_abs_diff"] for h in heads),
-        "top1_agreement": min(h["top1_agreement"] for h in heads),
-        "accuracy_pytorch": min(h["accuracy_pytorch"] for h in heads),
-        "accuracy_format": min(h["accuracy_format"] for h in heads),
-        "accuracy_delta_points": max((h["accuracy_delta_points"] for h in heads), key=abs),
-    }

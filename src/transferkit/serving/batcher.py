@@ -60,6 +60,7 @@ class MicroBatcher:
         self.on_batch = on_batch  # called with each batch's image count (metrics)
         self.admitted = 0  # images between admit and answer
         self._queue: asyncio.Queue[_Item] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._carry: _Item | None = None  # an item that did not fit the previous batch
         self._task: asyncio.Task | None = None
         # One thread: runtime calls never overlap inside a worker (the runtime has its own intra-op threads).
@@ -102,8 +103,9 @@ class MicroBatcher:
     async def submit(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Queue uint8 (n,S,S,3) pixels for the next batch; -> {head: logits (n, classes)}, in order."""
         loop = asyncio.get_running_loop()
-        if self._queue is None:
-            self._queue = asyncio.Queue()
+        if self._queue is None or self._loop is not loop:  # first use, or the instance moved to a new loop
+            self._loop, self._queue, self._carry = loop, asyncio.Queue(), None
+            self._task = None
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain(), name="transferkit-batcher")
         future = loop.create_future()

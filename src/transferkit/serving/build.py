@@ -20,7 +20,8 @@ from pathlib import Path
 
 import transferkit
 from transferkit.errors import TransferkitError
-from transferkit.serving.server import MODEL_ENV, resolve_served_model
+from transferkit.serving.server import resolve_served_model
+from transferkit.serving.settings import MODEL_ENV
 
 PACKAGE_DIR = Path(transferkit.__file__).resolve().parent  # .../src/transferkit
 SOURCE_ROOT = PACKAGE_DIR.parent  # .../src: the build context
@@ -33,7 +34,6 @@ class BuildResult:
     bento_path: Path
     dockerfile_path: Path
     containerize_command: str
-    run_command: str  # docker run, once containerized
 
 
 def _bentofile(path: Path | None) -> Path:
@@ -69,5 +69,4 @@ def build_bento(run_dir: str | Path, bentofile: str | Path | None = None, timeou
         bento_path=bento_path,
         dockerfile_path=dockerfile,
         containerize_command=f"bentoml containerize {tag}",
-        run_command=f"docker run --rm -p 3000:3000 {tag}",
     )

@@ -8,9 +8,12 @@
     onnxruntime  onnx      model.onnx    onnxruntime (CPU) or onnxruntime-gpu (CUDA provider, used when present)
     torch        aoti      model.pt2     torch (a CUDA package also needs CUDA)
 
-`auto` picks the fastest usable one (tensorrt > onnxruntime-gpu > torch on CUDA > onnxruntime on CPU > torch on
-CPU) and never a format whose verification failed. This module imports nothing heavy at import time: the lean serving image
-has no torch, and only the runtime that is used imports its engine.
+Each runner names the format it runs; its --runtime name, file and devices come from that format's row in
+`transferkit.artifact.FORMAT_SPECS`, and a row without a runner fails here at import. `auto` picks the fastest
+usable one: artifacts that run on a GPU here first, then by the row's `auto_rank` (tensorrt > onnxruntime-gpu >
+torch on CUDA > onnxruntime on CPU > torch on CPU), and never a format whose verification failed. This module
+imports nothing heavy at import time: the lean serving image has no torch, and only the runtime that is used
+imports its engine.
 """
 from __future__ import annotations
 
@@ -21,14 +24,13 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from transferkit.artifact import FORMAT_SPECS, INPUT_NAME, MAX_BATCH, MIN_BATCH, RUNTIME_NAMES, spec_for_runtime
 from transferkit.errors import ConfigError, TransferkitError
-
-INPUT_NAME = "images"
 
 
 class Runtime(ABC):
-    name: ClassVar[str]  # what --runtime takes
-    format: ClassVar[str]  # the export format (manifest["formats"] key) it loads
+    format: ClassVar[str]  # the export format (FORMAT_SPECS / manifest["formats"] key) it loads
+    name: ClassVar[str]  # what --runtime takes: the row's `runtime`
 
     def __init__(self) -> None:
         self.heads: list[str] = []
@@ -40,6 +42,12 @@ class Runtime(ABC):
     def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
         """None if this runtime can run the manifest's artifact on this machine, else why not."""
         return None
+
+    @classmethod
+    def device_kind(cls, manifest: dict[str, Any]) -> str:
+        """Where this runtime would run the export's artifact here, "gpu" or "cpu": `auto` tries GPU ones first."""
+        devices = FORMAT_SPECS[cls.format].devices
+        return devices[0] if len(devices) == 1 else "cpu"
 
     def load(self, export_dir: str | Path, manifest: dict[str, Any]) -> "Runtime":
         entry = manifest["formats"][self.format]
@@ -73,8 +81,8 @@ class Runtime(ABC):
 
 
 class OnnxRuntime(Runtime):
-    name = "onnxruntime"
     format = "onnx"
+    name = FORMAT_SPECS[format].runtime
     GPU_PROVIDER = "CUDAExecutionProvider"
 
     def __init__(self, providers: list[str] | None = None) -> None:
@@ -86,6 +94,10 @@ class OnnxRuntime(Runtime):
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
         return None
+
+    @classmethod
+    def device_kind(cls, manifest: dict[str, Any]) -> str:
+        return "gpu" if cls.unavailable_reason(manifest) is None and cls.gpu_available() else "cpu"
 
     @staticmethod
     def gpu_available() -> bool:
@@ -123,8 +135,8 @@ class OnnxRuntime(Runtime):
 class TensorRTRuntime(Runtime):
     """TensorRT 10 execution: named I/O tensors, set_input_shape + set_tensor_address + execute_async_v3."""
 
-    name = "tensorrt"
     format = "tensorrt"
+    name = FORMAT_SPECS[format].runtime
 
     @classmethod
     def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
@@ -136,7 +148,7 @@ class TensorRTRuntime(Runtime):
 
         if not torch.cuda.is_available():
             return "no CUDA device visible"
-        built_for = (manifest["formats"].get("tensorrt", {}).get("details") or {}).get("built_for_gpu", {})
+        built_for = (manifest["formats"].get(cls.format, {}).get("details") or {}).get("built_for_gpu", {})
         here = torch.cuda.get_device_name(torch.cuda.current_device())
         if built_for.get("name") and built_for["name"] != here:
             return f"the engine was built for {built_for['name']}, this GPU is {here}; re-export on this machine"
@@ -152,7 +164,7 @@ class TensorRTRuntime(Runtime):
         if self.engine is None:
             raise TransferkitError(f"{path}: TensorRT could not deserialize the engine (version or GPU mismatch)")
         self.context = self.engine.create_execution_context()
-        self.max_batch = int((entry.get("details") or {}).get("profile", {}).get("max_batch", 64))
+        self.max_batch = int((entry.get("details") or {}).get("profile", {}).get("max_batch", MAX_BATCH))
         self.stream = torch.cuda.Stream()
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -175,20 +187,25 @@ class TensorRTRuntime(Runtime):
 class TorchRuntime(Runtime):
     """Runs the AOTInductor package (model.pt2) with torch._inductor.aoti_load_package."""
 
-    name = "torch"
     format = "aoti"
+    name = FORMAT_SPECS[format].runtime
 
     @classmethod
     def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
         if importlib.util.find_spec("torch") is None:
             return "torch is not installed (the lean serving image leaves it out; use onnxruntime)"
-        device = (manifest["formats"].get("aoti", {}).get("details") or {}).get("device", "cpu")
-        if device == "cuda":
+        if cls.device_kind(manifest) == "gpu":
             import torch
 
             if not torch.cuda.is_available():
                 return "the AOTInductor package was compiled for CUDA and no CUDA device is visible"
         return None
+
+    @classmethod
+    def device_kind(cls, manifest: dict[str, Any]) -> str:
+        """The device the package was compiled for (a .pt2 runs only there)."""
+        device = (manifest.get("formats", {}).get(cls.format, {}).get("details") or {}).get("device", "cpu")
+        return "gpu" if device == "cuda" else "cpu"
 
     def _load(self, path: Path, entry: dict[str, Any]) -> None:
         import torch
@@ -197,7 +214,7 @@ class TorchRuntime(Runtime):
         self._torch = torch
         details = entry.get("details") or {}
         self.device = torch.device("cuda" if details.get("device") == "cuda" else "cpu")
-        self.max_batch = int(details.get("batch_range", [1, 64])[1])
+        self.max_batch = int(details.get("batch_range", [MIN_BATCH, MAX_BATCH])[1])
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = torch._inductor.aoti_load_package(str(path))
@@ -209,7 +226,9 @@ class TorchRuntime(Runtime):
         return {h: o.float().cpu().numpy() for h, o in zip(self.heads, outputs)}
 
 
-RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (TensorRTRuntime, OnnxRuntime, TorchRuntime)}
+_RUNNERS: dict[str, type[Runtime]] = {r.format: r for r in (TensorRTRuntime, OnnxRuntime, TorchRuntime)}
+# --runtime name -> runner, in `auto` preference order; a row without a runner is a KeyError here, at import.
+RUNTIMES: dict[str, type[Runtime]] = {name: _RUNNERS[spec_for_runtime(name).name] for name in RUNTIME_NAMES}
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 
 
@@ -227,12 +246,14 @@ def runtime_problem(name: str, manifest: dict[str, Any], export_dir: str | Path 
 
 
 def auto_order(manifest: dict[str, Any]) -> list[str]:
-    """Fastest first: tensorrt > onnxruntime-gpu > torch on CUDA > onnxruntime on CPU > torch on CPU."""
-    ort_gpu = OnnxRuntime.unavailable_reason(manifest) is None and OnnxRuntime.gpu_available()
-    aoti_cuda = (manifest.get("formats", {}).get("aoti", {}).get("details") or {}).get("device") == "cuda"
-    if ort_gpu or not aoti_cuda:
-        return ["tensorrt", "onnxruntime", "torch"]
-    return ["tensorrt", "torch", "onnxruntime"]
+    """Fastest first: runtimes that would run this export on a GPU here, then CPU ones; within each, the table's
+    auto_rank. Today: tensorrt > onnxruntime-gpu > torch on CUDA > onnxruntime on CPU > torch on CPU."""
+
+    def key(name: str) -> tuple[bool, int]:
+        cls = RUNTIMES[name]
+        return cls.device_kind(manifest) != "gpu", FORMAT_SPECS[cls.format].auto_rank
+
+    return sorted(RUNTIMES, key=key)
 
 
 def select_runtime(name: str, manifest: dict[str, Any], export_dir: str | Path | None = None) -> Runtime:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from transferkit.artifact import MAX_BATCH
 from transferkit.errors import ConfigError
 
 PREFIX = "TRANSFERKIT_"
@@ -30,8 +31,8 @@ MODEL_ENV = PREFIX + "MODEL"
 API_KEY_ENV = PREFIX + "API_KEY"
 API_KEY_FILE_ENV = PREFIX + "API_KEY_FILE"
 
-# The dynamic-batch ceiling compiled into TensorRT/AOTInductor artifacts is 64; serving stays below it.
-MAX_BATCH_CEILING = 64
+# The dynamic-batch ceiling compiled into TensorRT/AOTInductor artifacts; serving stays within it.
+MAX_BATCH_CEILING = MAX_BATCH
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one request body
 MAX_TOP_K = 100
 GPU_RUNTIMES = ("tensorrt",)

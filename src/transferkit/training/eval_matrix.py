@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from transferkit.data import ImageDataset, load_dataset
+from transferkit.data import DatasetSpec, ImageDataset, load_dataset
 from transferkit.runs import Run, load_run_model
 from transferkit.training.evaluate import accuracy, confusion_matrix, predict_logits
 from transferkit.training.labels import LabelMap, class_index_map
@@ -37,8 +37,11 @@ class Matrix:
         return {h: {d: c.to_dict() for d, c in row.items()} for h, row in self.cells.items()}
 
 
-def dataset_specs(run: Run, extra: list[str] | None) -> list[str]:
-    specs = list(run.config.data) + [u.split("=", 1)[0] for u in run.config.unlabeled] + list(extra or [])
+def dataset_specs(run: Run, extra: list[str] | None) -> list[DatasetSpec]:
+    """The run's labelled and unlabeled datasets, then `extra`, each once."""
+    specs = [DatasetSpec.parse(s, with_head=False) for s in run.config.data]
+    specs += [DatasetSpec.parse(s).without_head() for s in run.config.unlabeled]
+    specs += [DatasetSpec.parse(s, with_head=False) for s in extra or []]
     return list(dict.fromkeys(specs))
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from transferkit.errors import ConfigError
+from transferkit.model import head_name
 from transferkit.runs import Labels
-from transferkit.training.model import head_name
 
 
 def normalize_class_name(name: str) -> str:
@@ -46,9 +46,6 @@ class LabelMap:
     def canonical(self, name: str) -> str:
         n = normalize_class_name(name)
         return self.synonyms.get(n, n)
-
-    def to_dict(self) -> dict[str, str]:
-        return dict(self.synonyms)
 
 
 @dataclass

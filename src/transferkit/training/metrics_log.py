@@ -1,9 +1,13 @@
-"""Per-epoch metrics: RUN/metrics.json (history + best), RUN/metrics.csv, optional TensorBoard events."""
+"""Per-epoch metrics: RUN/metrics.json (history + best), RUN/metrics.csv, optional TensorBoard events;
+and the step progress shown while an epoch runs (`progress_bar`)."""
 from __future__ import annotations
 
 import csv
 import io
+import sys
+import time
 from pathlib import Path
+from typing import IO
 
 from transferkit.utils import atomic_write_json, atomic_write_text
 
@@ -52,3 +56,45 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+# Without a terminal, how often a running epoch reports its progress (the trainer prints each epoch's end).
+PROGRESS_LINE_SECONDS = 30.0
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "", disable: bool = False, file: IO[str] | None = None,
+                 interval: float = PROGRESS_LINE_SECONDS, **tqdm_options):  # fmt: skip
+    """A tqdm bar on a terminal; elsewhere (CI, nohup, `docker logs`) a plain line every `interval` seconds,
+    because there every carriage-return redraw of a bar is kept as text: thousands of lines per epoch."""
+    file = file if file is not None else sys.stderr
+    isatty = getattr(file, "isatty", None)
+    if isatty is not None and isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, disable=disable, file=file, **tqdm_options)
+    return LineProgress(total, initial, desc, disable, file, interval)
+
+
+class LineProgress:
+    """The part of tqdm's interface the trainer uses (update, set_postfix, close), writing whole lines."""
+
+    def __init__(self, total: int, initial: int, desc: str, disable: bool, file: IO[str], interval: float):
+        self.total, self.n, self.desc = total, initial, desc
+        self.disable, self.file, self.interval = disable, file, interval
+        self.postfix = ""
+        self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.disable and now - self._last >= self.interval:
+            self._last = now
+            share = f" ({self.n / self.total:.0%})" if self.total else ""
+            postfix = f"  {self.postfix}" if self.postfix else ""
+            print(f"{self.desc}: step {self.n}/{self.total}{share}{postfix}", file=self.file, flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        """Nothing to clear: no partial line was written."""

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from transferkit.training.model import MultiHeadModel
+from transferkit.model import MultiHeadModel
 
 
 def block_key(param_name: str) -> str:

@@ -1,5 +1,5 @@
 """Training data: every labelled dataset concatenated into one pool, with labels translated into its head's
-class indices; plus an optional pool of unlabelled images.
+class indices; plus an optional pool of unlabeled images.
 
 Two ways to feed a step, behind one `Pool.iterate(index_batches)`:
 - in memory (everything built in, and image folders that fit): the pool lives on the training device as
@@ -60,11 +60,6 @@ class Pool:
     def streamed(self) -> bool:
         return self.images is None
 
-    def take(self, index: np.ndarray) -> Batch:
-        """An in-memory batch by global index."""
-        i = torch.as_tensor(index, device=self.labels.device)
-        return self.images[i], self.labels[i], self.head_ids[i]
-
     def iterate(self, index_batches: list[np.ndarray]) -> Iterator[Batch]:
         if not self.streamed:
             if not index_batches:
@@ -108,13 +103,7 @@ def labelled_pool(datasets: list[ImageDataset], plan: HeadPlan, head_order: list
     return _pool([ds.train for ds in datasets], labels, heads, pre, device, workers)
 
 
-def parse_unlabeled(spec: str) -> tuple[str, str | None]:
-    """`digits` or `digits=mnist` -> (dataset, head or None)."""
-    name, _, head = spec.partition("=")
-    return name, (head or None)
-
-
-def unlabelled_pool(
+def unlabeled_pool(
     datasets: list[tuple[ImageDataset, str | None]],
     plan: HeadPlan,
     head_order: list[str],

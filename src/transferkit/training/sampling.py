@@ -51,7 +51,7 @@ class MultiDatasetSampler:
 
 
 class CyclingSampler:
-    """Endless seeded permutations of one pool (the unlabelled images), `count` at a time per step."""
+    """Endless seeded permutations of one pool (the unlabeled images), `count` at a time per step."""
 
     def __init__(self, size: int, count: int, seed: int = 0):
         self.size, self.count, self.seed = size, count, seed

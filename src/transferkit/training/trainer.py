@@ -1,6 +1,6 @@
 """The training loop: `train(config)` -> run directory; `resume(run_dir)` continues an interrupted run.
 
-One optimiser step = one global batch from the multi-dataset sampler (+ unlabelled images when
+One optimiser step = one global batch from the multi-dataset sampler (+ unlabeled images when
 pseudo-labelling), split into `grad_accum` micro-batches and, under torchrun, across processes.
 Validation every epoch; the best epoch's weights (EMA weights when EMA is on) become model.pt.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from transferkit.config import TrainConfig
+from transferkit.data import DatasetSpec
 from transferkit.errors import TransferkitError
 from transferkit.runs import load_run, save_run_metadata
 from transferkit.training import augment
@@ -25,8 +25,9 @@ from transferkit.training.checkpoint import load_checkpoint, restore_rng, rng_st
 from transferkit.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, shutdown
 from transferkit.training.evaluate import accuracy, predict_logits
 from transferkit.training.losses import masked_head_losses, pseudo_label_loss
-from transferkit.training.metrics_log import MetricsLog
+from transferkit.training.metrics_log import MetricsLog, progress_bar
 from transferkit.training.optim import EMA, set_backbone_frozen
+from transferkit.training.sampling import shard
 from transferkit.training.setup import TrainingSetup, build_optimizer, build_setup
 from transferkit.training.transfer import describe_mapping, init_from_run
 from transferkit.utils import atomic_write_json
@@ -42,7 +43,7 @@ def unlabeled_ramp(step: int, total: int, start: float, rampup: float) -> float:
 
 
 def default_run_dir(config: TrainConfig) -> Path:
-    names = "+".join(n.split(":")[-1].rstrip("/").split("/")[-1] for n in config.data)
+    names = "+".join(DatasetSpec.parse(s, with_head=False).name for s in config.data)
     return Path("runs") / f"{names}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -59,14 +60,8 @@ def train(config: TrainConfig) -> Path:
 
 def _absolute_paths(config: TrainConfig) -> None:
     """Paths in the saved config must still work when eval/export run from another directory."""
-    def resolve(spec: str) -> str:
-        if spec.startswith("imagefolder:"):
-            name, _, head = spec[len("imagefolder:") :].partition("=")
-            return f"imagefolder:{Path(name).expanduser().resolve()}" + (f"={head}" if head else "")
-        return spec
-
-    config.data = [resolve(s) for s in config.data]
-    config.unlabeled = [resolve(s) for s in config.unlabeled]
+    config.data = [str(DatasetSpec.parse(s, with_head=False).resolved()) for s in config.data]
+    config.unlabeled = [str(DatasetSpec.parse(s).resolved()) for s in config.unlabeled]
     for key in ("label_map", "init"):
         if getattr(config, key):
             setattr(config, key, str(Path(getattr(config, key)).expanduser().resolve()))
@@ -100,7 +95,7 @@ class TrainLoop:
         self.setup: TrainingSetup = build_setup(config, device)
         self.model = self.setup.model
         self.log = self._print if dist.is_main else (lambda *a: None)
-        for name, head in self.setup.unlabelled_heads.items():
+        for name, head in self.setup.unlabeled_heads.items():
             self.log(f"unlabeled: {name} is pseudo-labelled by head {head}")
         if config.init and not resuming:
             mapping = init_from_run(self.model, config.init, self.setup.label_map)
@@ -205,7 +200,7 @@ class TrainLoop:
         self.model.train()
         set_backbone_frozen(self.model, self._frozen())
         n_steps = setup.steps_per_epoch
-        bar = tqdm(
+        bar = progress_bar(
             total=n_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
             disable=not self.dist.is_main, file=sys.stderr, leave=False, dynamic_ncols=True,
         )  # fmt: skip
@@ -215,8 +210,8 @@ class TrainLoop:
             self.totals = {}
         images = 0
         start = time.perf_counter()
-        for labelled, unlabelled in self.step_inputs(self.epoch, self.step):
-            stats = self.train_step(labelled, unlabelled)
+        for labelled, unlabeled in self.step_inputs(self.epoch, self.step):
+            stats = self.train_step(labelled, unlabeled)
             self.totals = {k: self.totals.get(k, 0) + v for k, v in stats.items()}
             images += int(stats["images"])
             self.step += 1
@@ -244,23 +239,24 @@ class TrainLoop:
             self._epoch_train["pseudo_accuracy"] = totals["kept_right"] / max(totals["kept"], 1.0)
 
     def step_inputs(self, epoch: int, start: int):
-        """This process's (labelled, unlabelled-or-None) batches for the steps of `epoch` from `start` on."""
+        """This process's (labelled, unlabeled-or-None) batches for the steps of `epoch` from `start` on: every
+        process draws the same global batch and takes its own shard of it."""
         setup, rank, world = self.setup, self.dist.rank, self.dist.world_size
         batches = setup.sampler.epoch_batches(epoch)[start:]
-        labelled = setup.pool.iterate([b[rank::world] for b in batches])
-        if setup.unlabelled is None:
+        labelled = setup.pool.iterate([shard(b, rank, world) for b in batches])
+        if setup.unlabeled is None:
             return ((lab, None) for lab in labelled)
-        unl = [setup.unlabelled_sampler.batch(epoch, start + k)[rank::world] for k in range(len(batches))]
-        return zip(labelled, setup.unlabelled.iterate(unl))
+        unl = [shard(setup.unlabeled_sampler.batch(epoch, start + k), rank, world) for k in range(len(batches))]
+        return zip(labelled, setup.unlabeled.iterate(unl))
 
-    def train_step(self, labelled, unlabelled=None) -> dict:
+    def train_step(self, labelled, unlabeled=None) -> dict:
         """One optimiser step on this process's batch (images, labels, head ids) -> stats as device tensors."""
         cfg = self.cfg
         n = len(labelled[0])
         micro = list(zip(*(t.tensor_split(cfg.grad_accum) for t in labelled)))
         unl_micro = [None] * cfg.grad_accum
-        if unlabelled is not None:
-            unl_micro = list(zip(*(t.tensor_split(cfg.grad_accum) for t in unlabelled)))
+        if unlabeled is not None:
+            unl_micro = list(zip(*(t.tensor_split(cfg.grad_accum) for t in unlabeled)))
         self.optimizer.zero_grad(set_to_none=True)
         out: dict = {"steps": 1}
         for part, unl_part in zip(micro, unl_micro):
@@ -275,15 +271,15 @@ class TrainLoop:
             self.ema.update(self.model)
         return out
 
-    def _forward_backward(self, labelled, unlabelled, batch_len: int) -> dict:
+    def _forward_backward(self, labelled, unlabeled, batch_len: int) -> dict:
         cfg, setup = self.cfg, self.setup
         images, labels, head_ids = labelled
         x = augment.to_unit(images)
         x = augment.weak_view(x, self.aug_gen) if cfg.augment else x
         parts = [x]
         ramp = unlabeled_ramp(self.global_step, setup.total_steps, cfg.unlabeled_start, cfg.unlabeled_rampup)
-        if unlabelled is not None and len(unlabelled[0]) and ramp > 0:  # no wasted forward before the start
-            u_images, u_true, u_heads = unlabelled
+        if unlabeled is not None and len(unlabeled[0]) and ramp > 0:  # no wasted forward before the start
+            u_images, u_true, u_heads = unlabeled
             u = augment.to_unit(u_images)
             parts += [augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)]
         x = setup.preprocessing.normalize_torch(torch.cat(parts)).contiguous(memory_format=torch.channels_last)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from transferkit.errors import ConfigError
+from transferkit.model import MultiHeadModel
 from transferkit.runs import load_run
 from transferkit.training.labels import LabelMap, class_index_map, match_head
-from transferkit.training.model import MultiHeadModel
 
 
 @torch.no_grad()

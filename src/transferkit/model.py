@@ -1,19 +1,21 @@
-"""A shared pretrained backbone with one linear head per label space.
+"""A shared pretrained backbone with one linear head per label space, and the graph that is exported.
 
 Any torchvision classification model works as a backbone: its final ImageNet classifier (the last
 `nn.Linear` with 1000 outputs) is replaced by an identity, and the features it took become the input of
-our heads. Preprocessing (mean/std) comes from the weights' own transforms, never re-typed.
+our heads. Like timm's `pretrained_cfg`, the model carries its input definition (`model.preprocessing`):
+mean/std come from the weights' own transforms, never re-typed, so no caller has to pass them along.
 """
 from __future__ import annotations
 
 import re
 import urllib.error
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from transferkit.errors import ConfigError, TransferkitError
-from transferkit.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from transferkit.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 # torchvision's default for some models (e.g. mobilenet_v2) is a V2 recipe; V1 is the classic transfer
 # baseline and the one `make setup` installs offline, so `imagenet` means V1 where it exists.
@@ -45,8 +47,38 @@ def resolve_weights(backbone: str, weights: str):
     raise ConfigError(f"backbone {backbone} has no weights {weights!r}; use imagenet, none or one of {names}")
 
 
-def create_backbone(backbone: str, weights: str) -> tuple[nn.Module, int, tuple, tuple]:
-    """Build a torchvision model without its classifier -> (module, feature_dim, mean, std)."""
+@dataclass
+class Backbone:
+    """A torchvision model without its classifier, and the input statistics its weights were trained with."""
+
+    name: str
+    module: nn.Module
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def preprocessing(self, image_size: int) -> Preprocessing:
+        return Preprocessing(image_size=image_size, mean=self.mean, std=self.std)
+
+    @torch.no_grad()
+    def check_input_size(self, image_size: int) -> None:
+        """A dry forward pass, so a backbone that cannot take this input size (ViT and Swin want 224 px, say)
+        is refused with the reason before any data is loaded, not deep inside the first training step."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            self.module(torch.zeros(1, 3, image_size, image_size))
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"backbone {self.name} cannot take {image_size}px inputs ({str(exc).splitlines()[0]}); "
+                f"pick another --image-size (e.g. 224) or backbone"
+            ) from None
+        finally:
+            self.module.train(was_training)
+
+
+def create_backbone(backbone: str, weights: str) -> Backbone:
+    """Build a torchvision model without its classifier."""
     import torchvision
 
     w = resolve_weights(backbone, weights)
@@ -65,7 +97,7 @@ def create_backbone(backbone: str, weights: str) -> tuple[nn.Module, int, tuple,
     if w is not None:
         t = w.transforms()
         mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
-    return model, feature_dim, mean, std
+    return Backbone(backbone, model, feature_dim, mean, std)
 
 
 def _strip_classifier(model: nn.Module, backbone: str) -> int:
@@ -88,14 +120,18 @@ def _strip_classifier(model: nn.Module, backbone: str) -> int:
 
 
 class MultiHeadModel(nn.Module):
-    """backbone(x) -> features (N, D); heads[name](features) -> logits (N, classes of that head)."""
+    """backbone(x) -> features (N, D); heads[name](features) -> logits (N, classes of that head).
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, heads: dict[str, list[str]]):
+    `preprocessing` is the input definition the model expects (size, mean/std); `class_names` the labels of
+    each head's logits. Neither is in the state dict: a run directory stores them beside model.pt."""
+
+    def __init__(self, backbone: Backbone, heads: dict[str, list[str]], image_size: int):
         super().__init__()
-        self.backbone = backbone
-        self.feature_dim = feature_dim
-        self.class_names = {name: list(classes) for name, classes in heads.items()}  # not in the state dict
-        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(c)) for name, c in heads.items()})
+        self.backbone = backbone.module
+        self.feature_dim = backbone.feature_dim
+        self.preprocessing = backbone.preprocessing(image_size)
+        self.class_names = {name: list(classes) for name, classes in heads.items()}
+        self.heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(c)) for name, c in heads.items()})
 
     @property
     def head_names(self) -> list[str]:
@@ -119,7 +155,6 @@ class ExportModule(nn.Module):
         return tuple(out[name] for name in self.order)
 
 
-def build_model(backbone: str, weights: str, heads: dict[str, list[str]]) -> tuple[MultiHeadModel, tuple, tuple]:
-    net, dim, mean, std = create_backbone(backbone, weights)
-    model = MultiHeadModel(net, dim, heads)
-    return model, mean, std
+def build_model(backbone: str, weights: str, heads: dict[str, list[str]], image_size: int) -> MultiHeadModel:
+    """A backbone with fresh heads; `model.preprocessing` holds the mean/std of `weights` at `image_size`."""
+    return MultiHeadModel(create_backbone(backbone, weights), heads, image_size)

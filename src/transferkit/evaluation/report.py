@@ -1,4 +1,11 @@
-"""`transferkit eval RUN`: the evaluation matrix, eval.json, report.md and its PNG plots."""
+"""`transferkit eval RUN`: the evaluation matrix, eval.json, report.md and its PNG plots.
+
+    result = evaluate_run("runs/mnist-fashion")   # scores every head on every dataset it can score
+    print(result.table)                            # also in result.report_path (report.md, with the plots)
+
+The matrix itself (which head can score which dataset, accuracy and coverage per cell) is computed by
+transferkit.training.eval_matrix; this module writes what a reader looks at.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +16,10 @@ import numpy as np
 from transferkit.runs import load_run
 from transferkit.training.eval_matrix import Matrix, evaluate_matrices, format_matrix
 from transferkit.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
+
+# Beyond this many classes the cell text is smaller than the pixels it sits on (CIFAR-100: 10,000 cells);
+# the colours still show the confusion.
+_MAX_ANNOTATED_CLASSES = 30
 
 
 @dataclass
@@ -33,7 +44,7 @@ def evaluate_run(run_dir: str | Path, extra_data: list[str] | None = None, split
         "source": None if source is None else {"run": run.config.init, "matrix": source.to_dict()},
     }
     eval_path = atomic_write_json(run.dir / "eval.json", payload)
-    plots = _plots(run.dir, matrix)
+    plots = _plots(run.dir, matrix, run.labels.heads)
     report = _report_markdown(run, table, plots)
     report_path = atomic_write_text(run.dir / "report.md", report)
     return EvalResult(table, eval_path, report_path, matrix, source)
@@ -47,7 +58,7 @@ def _save_figure(fig, path: Path) -> str:
     return path.name
 
 
-def _plots(run_dir: Path, matrix: Matrix) -> list[str]:
+def _plots(run_dir: Path, matrix: Matrix, classes: dict[str, list[str]]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,13 +82,7 @@ def _plots(run_dir: Path, matrix: Matrix) -> list[str]:
     names.append(_save_figure(fig, run_dir / "eval_matrix.png"))
 
     for head, cm in matrix.confusion.items():
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-        ax.set_title(f"confusion: head {head}")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        names.append(_save_figure(fig, run_dir / f"confusion_{head}.png"))
+        names.append(_save_figure(_confusion_figure(head, cm, classes[head]), run_dir / f"confusion_{head}.png"))
 
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
@@ -94,6 +99,28 @@ def _plots(run_dir: Path, matrix: Matrix) -> list[str]:
         a2.legend()
         names.append(_save_figure(fig, run_dir / "training_curves.png"))
     return names
+
+
+def _confusion_figure(head: str, cm: np.ndarray, classes: list[str]):
+    """Rows: true class, normalised to sum to 1 (recall on the diagonal); axes named by class."""
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    side = min(max(5.0, 0.5 * n + 2.5), 40.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    slanted = max(map(len, classes)) > 2  # names like "T-shirt/top" would overlap side by side
+    ax.set_xticks(range(n), classes, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_yticks(range(n), classes)
+    if n <= _MAX_ANNOTATED_CLASSES:
+        for (i, j), v in np.ndenumerate(norm):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w" if v > 0.5 else "k")
+    ax.set_title(f"confusion: head {head} ({int(cm.sum())} images, rows sum to 1)")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return fig
 
 
 def _report_markdown(run, table: str, plots: list[str]) -> str:

@@ -1,0 +1,173 @@
+"""The formats table is the one source: CLI choices, exporters, runners, `auto` order, tolerances, contract."""
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferkit import artifact
+from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES, STATUSES, TOLERANCES, check_device
+from transferkit.errors import ConfigError
+
+SRC = Path(artifact.__file__).resolve().parent
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    from transferkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _option(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
+    return next(a for a in parser._actions if a.dest == dest)
+
+
+def test_cli_choices_are_the_tables():
+    from transferkit.serving.runtime import RUNTIME_CHOICES
+
+    export = _subparser("export")
+    fmt = _option(export, "format")
+    listed = re.fullmatch(r"\{(.*)\}\[,\.\.\.\]", fmt.metavar).group(1).split(",")
+    assert listed == list(FORMAT_SPECS) and fmt.default in FORMAT_SPECS
+    precision = _option(export, "precision")
+    assert tuple(precision.choices) == PRECISIONS
+    assert set(PRECISIONS) == {p for s in FORMAT_SPECS.values() for p in s.precisions}
+    assert precision.default == PRECISIONS[0]
+    runtime = _option(_subparser("serve"), "runtime")
+    assert tuple(runtime.choices) == ("auto", *RUNTIME_NAMES) == RUNTIME_CHOICES
+    assert sorted(RUNTIME_NAMES) == sorted(s.runtime for s in FORMAT_SPECS.values())
+    text = re.sub(r"\s", "", export.format_help())  # --help wraps lines (also at hyphens)
+    for spec in FORMAT_SPECS.values():
+        assert re.sub(r"\s", "", f"{spec.name}: {spec.description}") in text
+
+
+def test_every_row_has_an_exporter_and_a_runner():
+    from transferkit.export.formats import EXPORTERS, FORMATS
+    from transferkit.serving.runtime import RUNTIMES
+
+    assert list(FORMATS) == list(EXPORTERS) == list(FORMAT_SPECS)
+    for name, spec in FORMAT_SPECS.items():
+        row = FORMATS[name]
+        assert callable(row.export) and callable(row.unavailable)
+        assert (row.filename, row.runtime, row.devices, row.precisions) == (
+            spec.filename, spec.runtime, spec.devices, spec.precisions)  # fmt: skip
+        assert set(row.requires) < set(FORMAT_SPECS)
+        runner = RUNTIMES[spec.runtime]
+        assert runner.format == name and runner.name == spec.runtime
+    assert len(RUNTIMES) == len(FORMAT_SPECS)  # one runner per row, no runner without a row
+
+
+def test_rows_are_complete():
+    for spec in FORMAT_SPECS.values():
+        assert spec.precisions and set(spec.devices) <= {"cpu", "gpu"} and spec.devices
+        assert spec.description and ";" not in spec.description
+    ranks = [s.auto_rank for s in FORMAT_SPECS.values()]
+    assert len(set(ranks)) == len(ranks)
+    assert len(set(STATUSES)) == len(STATUSES)
+
+
+def test_tolerances_come_from_the_table():
+    from transferkit.export import verify
+
+    assert verify.TOLERANCES is TOLERANCES and verify.Tolerance is artifact.Tolerance
+    assert "Tolerance(" not in (SRC / "export" / "verify.py").read_text()
+    for spec in FORMAT_SPECS.values():
+        assert spec.tolerances == {p: TOLERANCES[p] for p in spec.precisions}
+
+    # compare() holds a format to the tolerance it is given (pipeline passes the row's)
+    n = 100
+    ref = np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32)
+    labels = ref.argmax(1)
+    inputs = verify.VerifyInputs(np.zeros((n, 3, 8, 8), np.float32), {"h": np.arange(n)}, {"h": labels}, {"h": {"d": n}})
+    shifted = {"h": ref + np.float32(0.01 * np.abs(ref).max())}
+    assert not verify.compare({"h": ref}, shifted, inputs, "fp32")["passed"]
+    report = verify.compare({"h": ref}, shifted, inputs, "fp32", TOLERANCES["fp16"])
+    assert report["passed"] and report["tolerance"]["max_abs_diff"] == TOLERANCES["fp16"].max_abs_diff
+
+
+def _definitions(pattern: str) -> list[str]:
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        for line in path.read_text().splitlines():
+            if re.match(pattern, line):
+                found.append(f"{path.relative_to(SRC)}: {line.strip()}")
+    return found
+
+
+def _constants(path: Path) -> set:
+    """Literal values in the code (a docstring is one long string constant, so its examples do not count)."""
+    return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+
+
+def test_input_name_and_batch_range_have_one_definition():
+    from transferkit.serving.settings import MAX_BATCH_CEILING
+
+    assert _definitions(r"\s*INPUT_NAME\s*=") == ['artifact.py: INPUT_NAME = "images"']
+    assignment = r"\s*(\w+\s*,\s*)*MAX_BATCH\s*(,\s*\w+\s*)*=(?!=)"
+    assert _definitions(assignment) == ["artifact.py: MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64"]
+    assert MAX_BATCH_CEILING == artifact.MAX_BATCH
+    for name in ("serving/runtime.py", "export/manifest.py", "export/onnx.py", "export/tensorrt.py", "export/aoti.py"):
+        assert _constants(SRC / name) & {"images", 64} == set(), name
+
+
+def test_exporters_do_not_import_the_formats_table():
+    """onnx/aoti/tensorrt get what they need as arguments: no import circle with export/formats.py."""
+    for name in ("onnx.py", "aoti.py", "tensorrt.py"):
+        tree = ast.parse((SRC / "export" / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "transferkit.export.formats" not in imported and "transferkit.export.pipeline" not in imported, name
+
+
+def test_contract_module_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'onnx', 'onnxruntime', 'numpy', 'tensorrt'): sys.modules[m] = None\n"
+        "import transferkit.artifact\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize(
+    "ort_gpu, aoti_device, order",
+    [
+        (False, "cpu", ["tensorrt", "onnxruntime", "torch"]),
+        (True, "cpu", ["tensorrt", "onnxruntime", "torch"]),
+        (True, "cuda", ["tensorrt", "onnxruntime", "torch"]),
+        (False, "cuda", ["tensorrt", "torch", "onnxruntime"]),
+    ],
+)
+def test_auto_order_from_devices_and_rank(monkeypatch, ort_gpu, aoti_device, order):
+    from transferkit.serving.runtime import OnnxRuntime, auto_order
+
+    monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: ort_gpu))
+    manifest = {"formats": {"aoti": {"details": {"device": aoti_device}}}}
+    assert auto_order(manifest) == order
+
+
+@pytest.mark.parametrize("device, kind", [("cpu", "cpu"), ("cuda", "gpu"), ("cuda:1", "gpu")])
+def test_check_device_kinds(device, kind):
+    assert check_device(device) == kind and check_device(device, allow_auto=True) == kind
+    assert check_device("auto", allow_auto=True) == "auto"
+
+
+@pytest.mark.parametrize("device", ["tpu", "auto", "cuda:", "cuda:x", "CPU", " cpu"])
+def test_check_device_refuses(device):
+    with pytest.raises(ConfigError, match=r"^device must be cpu, cuda or cuda:N, got "):
+        check_device(device)
+
+
+def test_text_table_layout():
+    from transferkit.export.table import one_line, text_table
+
+    assert text_table(["a", "bb"], [["xyz", ""], ["1", "2"]]) == "a    bb\n---  --\nxyz\n1    2"
+    assert one_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert len(one_line(ValueError("x" * 900))) == 500
