@@ -114,7 +114,7 @@ def cmd_export(args) -> None:
     print(format_export_table(result))  # ends with the BentoML model tag
     print(result.export_dir)
     if not result.ok:
-        raise TransferkitError("a requested format failed export or its accuracy gate (see the table and verify.json)")
+        raise TransferkitError("a requested format failed export or verify (see the table and verify.json)")
 
 
 def cmd_benchmark(args) -> None:

@@ -22,7 +22,7 @@ def run_dir(tmp_path):
     return make_tiny_run(tmp_path / "gpu-run", weights="none", heads={"digits": DIGITS})
 
 
-def test_aoti_for_cuda_passes_the_gate_and_serves_on_cuda(run_dir):
+def test_aoti_for_cuda_passes_verify_and_serves_on_cuda(run_dir):
     from transferkit.export import PASSED, export_run, format_export_table
     from transferkit.serving.runtime import OnnxRuntime, TorchRuntime, load_runtime
 
@@ -41,7 +41,7 @@ def test_aoti_for_cuda_passes_the_gate_and_serves_on_cuda(run_dir):
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_engine_passes_the_gate(run_dir, precision):
+def test_tensorrt_engine_passes_verify(run_dir, precision):
     from transferkit.export import PASSED, export_run, format_export_table
     from transferkit.export.tensorrt import tensorrt_unavailable_reason
     from transferkit.serving.runtime import TensorRTRuntime, load_runtime

@@ -13,7 +13,7 @@ from transferkit.runs import load_run_model
 from transferkit.utils import sha256_file
 
 
-def test_export_passes_the_gate_and_reports_ok(exported):
+def test_export_passes_verify_and_reports_ok(exported):
     run_dir, result = exported
     assert result.ok, format_export_table(result)
     onnx_result = result.formats["onnx"]

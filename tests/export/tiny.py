@@ -1,7 +1,7 @@
 """A tiny, untrained-head run dir (no training needed) and its export, shared by tests/export and tests/serving.
 
 Two heads from two real datasets (sklearn digits, Fashion-MNIST), 32 px, ImageNet mobilenet_v2 backbone. The
-heads are random, so accuracy is ~10%: enough for contract tests (the gate compares runtimes, not quality).
+heads are random, so accuracy is ~10%: enough for contract tests (verify compares runtimes, not quality).
 Everything is made once per test session and cached here (both conftests call these helpers).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 DIGITS = [str(i) for i in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 HEADS = {"digits": DIGITS, "fashion-mnist": FASHION}
-VERIFY_IMAGES = 128  # per dataset; the gate's default is 256, tests keep it short
+VERIFY_IMAGES = 128  # per dataset; verify's default is 256, tests keep it short
 
 _cache: dict[str, object] = {}
 

@@ -34,7 +34,7 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
 
 
 def servable_formats(manifest: dict[str, Any]) -> list[str]:
-    """Formats that passed the accuracy gate (the only ones serving may load)."""
+    """Formats that passed verify against PyTorch (the only ones serving may load)."""
     return [name for name, f in manifest.get("formats", {}).items() if f.get("servable")]
 
 

@@ -1,4 +1,4 @@
-"""The accuracy gate: tolerances on synthetic logits, and a tampered ONNX file that must not be served."""
+"""Verify (exported formats against PyTorch): tolerances on synthetic logits, and a tampered ONNX file that must not be served."""
 import json
 
 import numpy as np
@@ -55,7 +55,7 @@ def test_non_finite_logits_fail():
     assert "non-finite" in " ".join(compare(ref, {"h": bad}, inputs, "fp32")["failures"])
 
 
-def test_tampered_onnx_fails_the_gate_and_is_not_servable(exported, tmp_path):
+def test_tampered_onnx_fails_verify_and_is_not_servable(exported, tmp_path):
     from transferkit.serving.server import resolve_served_model
 
     run_dir = copy_run(exported[0], tmp_path / "tampered")
