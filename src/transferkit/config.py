@@ -49,13 +49,13 @@ class TrainConfig:
     early_stop: int | None = None  # stop after N epochs without a better validation accuracy
     # ---- pseudo-labelling (FixMatch-style) ----
     pseudo_threshold: float = 0.95  # keep a pseudo-label only above this confidence
-    unlabeled_weight: float = 1.0  # weight of the unlabelled loss after ramp-up
+    unlabeled_weight: float = 1.0  # weight of the unlabeled loss after ramp-up
     # A head still learning its labelled data labels target images confidently and wrongly, and the errors
     # reinforce themselves: pseudo-labels start after this fraction of training (MNIST->digits, 32 px, no
     # distribution alignment: digits accuracy 38% when they start at once, 76% when they start after a third).
     unlabeled_start: float = 0.3  # fraction of training before pseudo-labels are used at all
     unlabeled_rampup: float = 0.2  # fraction of training over which their weight then ramps up linearly
-    unlabeled_ratio: int = 1  # unlabelled images per labelled image in a step
+    unlabeled_ratio: int = 1  # unlabeled images per labelled image in a step
     distribution_alignment: bool = True  # align pseudo-label class frequencies with the labelled prior
     # ---- system ----
     seed: int = 0  # same seed, same result on CPU

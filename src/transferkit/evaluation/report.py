@@ -129,7 +129,7 @@ def _report_markdown(run, table: str, plots: list[str]) -> str:
         f"# transferkit report: {run.dir.name}",
         "",
         f"- backbone: `{cfg.backbone}` ({cfg.weights} weights), input {cfg.image_size}px",
-        f"- datasets: {', '.join(cfg.data)}" + (f"; unlabelled: {', '.join(cfg.unlabeled)}" if cfg.unlabeled else ""),
+        f"- datasets: {', '.join(cfg.data)}" + (f"; unlabeled: {', '.join(cfg.unlabeled)}" if cfg.unlabeled else ""),
         "- heads: " + ", ".join(f"`{h}` ({len(c)} classes)" for h, c in run.labels.heads.items()),
         f"- epochs {cfg.epochs}, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}"
         + (f", init from `{cfg.init}`" if cfg.init else ""),

@@ -33,7 +33,7 @@ def masked_head_losses(
 
 class DistributionAlignment:
     """ReMixMatch's distribution alignment: scale the weak-view class probabilities by
-    p(labelled classes) / running mean of p(predicted classes on unlabelled data), per head.
+    p(labelled classes) / running mean of p(predicted classes on unlabeled data), per head.
 
     Under domain shift a source head tends to pour target images into a few classes with high confidence;
     alignment pushes the pseudo-label distribution back towards the labelled class prior before the
@@ -76,7 +76,7 @@ def pseudo_label_loss(
     """FixMatch: label from the weak view, loss on the strong view, only where confidence >= threshold
     (after distribution alignment when given).
 
-    -> (loss averaged over all unlabelled samples, keep mask, pseudo-labels)."""
+    -> (loss averaged over all unlabeled samples, keep mask, pseudo-labels)."""
     n = head_ids.shape[0]
     loss = weak_logits[head_order[0]].new_zeros((), dtype=torch.float32)
     keep = torch.zeros(n, dtype=torch.bool, device=head_ids.device)
