@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.transferkit-installed
 
-.PHONY: demo test setup assets clean lint
+.PHONY: demo test docker-test setup assets clean lint
 
 setup: $(STAMP) assets
 
@@ -26,6 +26,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The container image end to end (tests marked `docker`; `make test` leaves them out and needs no engine).
+# Where the shared setup script exists it provides the engine and a local base image first.
+DOCKER_SETUP := ../shared/tools/docker-setup.sh
+docker-test: setup
+	if [ -f $(DOCKER_SETUP) ]; then bash $(DOCKER_SETUP); fi
+	$(PY) -m pytest -q -m docker
 
 clean:
 	rm -rf runs .pytest_cache

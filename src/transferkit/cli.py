@@ -145,10 +145,14 @@ def cmd_predict(args) -> None:
 def cmd_build(args) -> None:
     from transferkit.serving.build import build_bento
 
-    result = build_bento(args.run)
+    result = build_bento(args.run, base_image=args.base_image, runtime=args.runtime, image=args.image)
     print(f"bento: {result.tag}")
     print(f"dockerfile: {result.dockerfile_path}")
-    print(f"containerize: {result.containerize_command}")
+    if result.image:
+        print(f"image: {result.image}")
+        print(f"run: docker run --rm -p 127.0.0.1:3000:3000 {result.image}")
+    else:
+        print(f"containerize: {result.containerize_command}  (or: transferkit build RUN --image TAG)")
     print(result.bento_path)
 
 
@@ -210,8 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:3000")
     p.add_argument("--top-k", type=int, default=5)
 
-    p = sub.add_parser("build", help="bentoml build: a Bento with the model, and its Dockerfile")
+    p = sub.add_parser("build", help="bentoml build: a Bento with the model and its Dockerfile; --image: the image")
     p.add_argument("run", metavar="RUN")
+    p.add_argument("--base-image", default=None, metavar="IMAGE",
+                   help="base image with Python 3.11 (default: python:3.11-slim)")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime"],
+                   help="the runtime installed in the image (its Python packages only)")
+    p.add_argument("--image", default=None, metavar="TAG",
+                   help="also build the container image TAG with `bentoml containerize` (needs Docker)")
 
     for name, func in (("train", cmd_train), ("eval", cmd_eval), ("export", cmd_export),
                        ("benchmark", cmd_benchmark), ("serve", cmd_serve),

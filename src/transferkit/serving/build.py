@@ -1,31 +1,55 @@
-"""`transferkit build RUN`: a Bento (service code + the run's stored model + locked requirements + Dockerfile).
+"""`transferkit build RUN`: a Bento (service code + the run's stored model + locked requirements + Dockerfile),
+and with `image=` the container image too.
 
-    result = build_bento("runs/mnist")
+    result = build_bento("runs/mnist", base_image="python:3.11-slim")
     result.tag                    # transferkit-mnist:<version> in the Bento store ($BENTOML_HOME/bentos)
-    result.dockerfile_path        # <bento>/env/docker/Dockerfile (python:3.11-slim base)
-    result.containerize_command   # bentoml containerize transferkit-mnist:<version>   (needs Docker)
+    result.dockerfile_path        # <bento>/env/docker/Dockerfile (from serving/Dockerfile.j2)
+    containerize(result.tag, "transferkit-mnist:latest")   # needs a Docker engine
 
-It runs `bentoml build` as a child process with the repo's bentofile.yaml, src/ as the build context, the
-run's model tag as the Bento argument `model` (recorded in bento.yaml and restored by BentoML wherever the
-Bento is served, the container included) and the model name as the Bento name. `bentoml build` locks the
-Python requirements with uv against the package index, so it needs that index and can take a minute.
+The recipe is made here, from the installed package's own files, so it works from a wheel as from a checkout:
+`bentofile()` is the bentofile as a dict (the repo's bentofile.yaml is the same recipe, kept equal by a test),
+and Dockerfile.j2 (package data) extends BentoML's Dockerfile template to keep the image lean and production
+ready. The build context is a temporary folder with only the serving modules, so neither the repo layout nor
+site-packages matter. `bentoml build` runs as a child process and locks the Python requirements with uv against
+the package index, so it needs that index and can take a minute.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 import transferkit
 from transferkit.errors import TransferkitError
 from transferkit.serving.server import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
 
-PACKAGE_DIR = Path(transferkit.__file__).resolve().parent  # .../src/transferkit
-SOURCE_ROOT = PACKAGE_DIR.parent  # .../src: the build context
-REPO_ROOT = SOURCE_ROOT.parent
+PACKAGE_DIR = Path(transferkit.__file__).resolve().parent
+TEMPLATE = PACKAGE_DIR / "serving" / "Dockerfile.j2"
+TEMPLATE_IN_CONTEXT = "transferkit/serving/Dockerfile.j2"
+DEFAULT_BASE_IMAGE = "python:3.11-slim"
+
+# Only what serving imports: no training, data or export code, and so no torch.
+SERVING_FILES = (
+    "transferkit/__init__.py",
+    "transferkit/artifact.py",
+    "transferkit/errors.py",
+    "transferkit/preprocess.py",
+    "transferkit/utils.py",
+    "transferkit/py.typed",
+    "transferkit/serving/*.py",
+)
+BENTOML_PACKAGE = "bentoml==1.4.40"
+COMMON_PACKAGES = ("numpy>=1.26", "pillow>=10", "httpx>=0.27")
+# Per runtime, its Python packages only. GPU serving (onnxruntime-gpu, tensorrt) needs a CUDA base image and is
+# not offered here; the two onnxruntime packages share one module name and never go in one environment.
+RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime>=1.18",)}
 
 
 @dataclass
@@ -34,29 +58,80 @@ class BuildResult:
     bento_path: Path
     dockerfile_path: Path
     containerize_command: str
+    image: str | None = None  # the container image, when one was built
 
 
-def _bentofile(path: Path | None) -> Path:
-    path = Path(path) if path else REPO_ROOT / "bentofile.yaml"
-    if not path.is_file():
-        raise TransferkitError(f"{path} not found; `transferkit build` runs from a source checkout (git clone)")
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIME_PACKAGES:
+        choices = ", ".join(sorted(RUNTIME_PACKAGES))
+        raise TransferkitError(f"runtime {runtime!r} cannot be built into an image; choose from: {choices}")
+
+
+def bentofile(runtime: str = "onnxruntime", base_image: str = DEFAULT_BASE_IMAGE) -> dict:
+    """The bentofile for the serving Bento. The base image is always set, so BentoML renders its plain base
+    template (no apt-get) under Dockerfile.j2."""
+    check_runtime(runtime)
+    return {
+        "service": "transferkit.serving.service:TransferkitService",
+        "description": "transferkit image classifier: one backbone, one head per label space, verified ONNX artifact",
+        "labels": {"project": "transferkit"},
+        "include": list(SERVING_FILES),
+        "exclude": ["**/__pycache__"],
+        "python": {"packages": [BENTOML_PACKAGE, *RUNTIME_PACKAGES[runtime], *COMMON_PACKAGES]},
+        "docker": {
+            "base_image": base_image,
+            "dockerfile_template": TEMPLATE_IN_CONTEXT,
+            "env": {"TRANSFERKIT_RUNTIME": runtime},
+        },
+    }
+
+
+def render_template(model_tag: str, runtime: str) -> str:
+    """Dockerfile.j2 with the image labels filled in (BentoML renders the Jinja parts at containerize time)."""
+    text = TEMPLATE.read_text()
+    for key, value in (("MODEL_TAG", model_tag), ("TRANSFERKIT_VERSION", transferkit.__version__),
+                       ("RUNTIME", runtime)):  # fmt: skip
+        text = text.replace(f"@{key}@", value.replace('"', ""))
+    return text
+
+
+def stage_context(dest: Path, model_tag: str, runtime: str, base_image: str) -> Path:
+    """A build context holding the serving modules, the filled-in template and the bentofile; returns the
+    bentofile's path."""
+    root = PACKAGE_DIR.parent
+    for pattern in SERVING_FILES:
+        for src in root.glob(pattern):
+            target = dest / src.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    (dest / TEMPLATE_IN_CONTEXT).write_text(render_template(model_tag, runtime))
+    path = dest / "bentofile.yaml"
+    path.write_text(yaml.safe_dump(bentofile(runtime, base_image), sort_keys=False))
     return path
 
 
-def build_bento(run_dir: str | Path, bentofile: str | Path | None = None, timeout: float = 1800) -> BuildResult:
-    """Build the Bento for an exported run. The run must have been exported with a servable format."""
+def build_bento(run_dir: str | Path, base_image: str | None = None, runtime: str = "onnxruntime",
+                image: str | None = None, timeout: float = 1800) -> BuildResult:  # fmt: skip
+    """Build the Bento for an exported run (and, with `image`, the container image). The run must have been
+    exported with a format the chosen runtime serves."""
     import bentoml
 
-    model = resolve_served_model(run_dir, runtime="onnxruntime")  # the image serves with ONNX Runtime
+    base_image = base_image or DEFAULT_BASE_IMAGE
+    check_runtime(runtime)
+    if image:
+        check_docker()  # before a minute of `bentoml build`, not after
+    model = resolve_served_model(run_dir, runtime=runtime)
     name = model.tag.split(":")[0]
-    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(_bentofile(bentofile)), "--name", name,
-           "--arg", f"model={model.tag}", "--label", f"model={model.tag.replace(':', '_')}", "--output", "tag",
-           str(SOURCE_ROOT)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != MODEL_ENV}  # the Bento argument is what counts
-    try:
-        done = subprocess.run(cmd, env=env, cwd=SOURCE_ROOT, stdout=subprocess.PIPE, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise TransferkitError(f"bentoml build did not finish within {timeout:.0f}s") from None
+    with tempfile.TemporaryDirectory(prefix="transferkit-build-") as context:
+        bentofile_path = stage_context(Path(context), model.tag, runtime, base_image)
+        cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile_path), "--name", name,
+               "--arg", f"model={model.tag}", "--label", f"model={model.tag.replace(':', '_')}",
+               "--output", "tag", context]  # fmt: skip
+        try:
+            done = subprocess.run(cmd, env=env, cwd=context, stdout=subprocess.PIPE, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TransferkitError(f"bentoml build did not finish within {timeout:.0f}s") from None
     tag = next((line.split("__tag__:", 1)[1].strip() for line in done.stdout.splitlines() if "__tag__:" in line), None)
     if done.returncode != 0 or not tag:
         raise TransferkitError(f"bentoml build failed (exit {done.returncode}); its log is above. {done.stdout[-500:]}")
@@ -64,9 +139,45 @@ def build_bento(run_dir: str | Path, bentofile: str | Path | None = None, timeou
     dockerfile = bento_path / "env" / "docker" / "Dockerfile"
     if not dockerfile.is_file():
         raise TransferkitError(f"bentoml build made {tag} but {dockerfile} is missing")
-    return BuildResult(
-        tag=tag,
-        bento_path=bento_path,
-        dockerfile_path=dockerfile,
-        containerize_command=f"bentoml containerize {tag}",
-    )
+    result = BuildResult(tag=tag, bento_path=bento_path, dockerfile_path=dockerfile,
+                         containerize_command=f"bentoml containerize {tag}")  # fmt: skip
+    if image:
+        containerize(tag, image, timeout=timeout)
+        result.image = image
+    return result
+
+
+def check_docker() -> bool:
+    """Raise one line naming the fix when no Docker engine answers; return whether `docker buildx` exists."""
+    if shutil.which("docker") is None:
+        raise TransferkitError("no `docker` command: install Docker (e.g. apt-get install docker.io) to build an image")
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        info = None
+    if info is None or info.returncode != 0:
+        raise TransferkitError("no Docker engine answers (`docker info` failed): start it (`sudo dockerd &` or "
+                               "`systemctl start docker`) or set DOCKER_HOST, then re-run")  # fmt: skip
+    buildx = subprocess.run(["docker", "buildx", "version"], capture_output=True, timeout=30)
+    return buildx.returncode == 0
+
+
+def containerize(tag: str, image: str, timeout: float = 1800) -> None:
+    """`bentoml containerize TAG -t IMAGE`; with the legacy builder where `docker buildx` is missing."""
+    env = dict(os.environ)
+    if not check_docker():
+        print("note: `docker buildx` is missing; building with the legacy builder (DOCKER_BUILDKIT=0)", flush=True)
+        env["DOCKER_BUILDKIT"] = "0"
+    cmd = [sys.executable, "-m", "bentoml", "containerize", tag, "-t", image, "--backend", "docker"]
+    # BentoML copies the Bento to a temporary folder and then refuses to read a Dockerfile template outside the
+    # working directory: so the temporary folder goes under a working directory of our own.
+    with tempfile.TemporaryDirectory(prefix="transferkit-containerize-") as workdir:
+        env["TMPDIR"] = workdir
+        try:
+            done = subprocess.run(cmd, env=env, cwd=workdir, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            done = None
+    if done is None:
+        raise TransferkitError(f"bentoml containerize did not finish within {timeout:.0f}s") from None
+    if done.returncode != 0:
+        raise TransferkitError(f"bentoml containerize {tag} failed (exit {done.returncode}); its log is above")
