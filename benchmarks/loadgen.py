@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import re
 import signal
 import subprocess
@@ -15,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
+
+from transferkit.serving.server import die_with_parent, free_port, stop_tree
 
 BOUNDARY = "transferkit-load-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -42,25 +42,17 @@ class Level:
         return ", ".join(parts) + (" (stopped at the time cap)" if self.capped else "")
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM if this script dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
-
-
 @contextlib.contextmanager
 def serving(target: str, env: dict[str, str], log_path: Path, cwd: Path | None = None):
     """`bentoml serve TARGET` in the background until /readyz answers 200 -> its base URL; stopped on exit."""
     import httpx
-
-    from transferkit.serving.server import free_port
 
     url = f"http://127.0.0.1:{(port := free_port())}"
     argv = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv + (["--working-dir", str(cwd)] if cwd else []), env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=die_with_parent())  # fmt: skip
         try:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and proc.poll() is None:
@@ -73,23 +65,8 @@ def serving(target: str, env: dict[str, str], log_path: Path, cwd: Path | None =
                 raise RuntimeError(f"{target} did not become ready (exit code {proc.poll()}):\n{tail}")
             yield url
         finally:
-            stop_tree(proc)
-
-
-def stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the server and every descendant, SIGKILL what is left after 15 s. BentoML's workers run in
-    sessions of their own and would keep serving on the inherited socket if only the arbiter went."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]  # before signalling
-    except psutil.NoSuchProcess:
-        tree = []
-    for stop, wait in ((psutil.Process.terminate, 15), (psutil.Process.kill, 5)):
-        for p in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                stop(p)
-        tree = psutil.wait_procs(tree, timeout=wait)[1]
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+            # SIGTERM, then SIGKILL for whatever of the tree (workers in sessions of their own) is left after 15 s
+            stop_tree(proc, 15.0)
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -104,7 +81,7 @@ def batch_totals(url: str) -> tuple[float, float]:
 def run_hey(hey: str, url: str, body_file: Path, n: int, c: int, cap: float, config: str) -> Level:
     cmd = [hey, "-n", str(n), "-c", str(c), "-m", "POST", "-t", "20", "-T", CONTENT_TYPE, "-D", str(body_file), url]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+                            start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
     capped = False
     try:
         out = proc.communicate(timeout=cap)[0]

@@ -135,7 +135,7 @@ def become_subreaper() -> bool:
     return libc is not None and libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn: the child gets SIGTERM when this process dies (also by SIGKILL), i.e. a graceful stop."""
     libc, parent = _libc(), os.getpid()
     if libc is None:
@@ -280,7 +280,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
         become_subreaper()
         proc = subprocess.Popen(_command(host, port, drain_timeout), env=_child_env(settings),
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent())  # fmt: skip
+                                preexec_fn=die_with_parent())  # fmt: skip
         try:
             while not signals and proc.poll() is None:
                 time.sleep(0.1)
