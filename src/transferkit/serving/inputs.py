@@ -144,9 +144,9 @@ async def parse_multipart(form_parser: Any, max_images: int) -> PredictInputs:
         top_values = form.getlist("top_k")
         if len(top_values) > 1:
             raise ClientError(400, "top_k given more than once")
-        top_k = parse_top_k(top_values[0]) if top_values and isinstance(top_values[0], str) else DEFAULT_TOP_K
         if top_values and not isinstance(top_values[0], str):
             raise ClientError(400, "top_k must be a text field, not a file")
+        top_k = parse_top_k(top_values[0]) if top_values else DEFAULT_TOP_K
         return PredictInputs(images, top_k, many, names)
     finally:
         await form.close()

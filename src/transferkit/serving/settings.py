@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-from transferkit.artifact import MAX_BATCH
+from transferkit.artifact import FORMAT_SPECS, MAX_BATCH
 from transferkit.errors import ConfigError
 
 PREFIX = "TRANSFERKIT_"
@@ -35,7 +35,8 @@ API_KEY_FILE_ENV = PREFIX + "API_KEY_FILE"
 MAX_BATCH_CEILING = MAX_BATCH
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one request body
 MAX_TOP_K = 100
-GPU_RUNTIMES = ("tensorrt",)
+# Runtimes whose artifacts run on a GPU only (read from the formats table): one worker feeds them best.
+GPU_RUNTIMES = tuple(s.runtime for s in FORMAT_SPECS.values() if s.devices == ("gpu",))
 
 
 def cpu_count() -> int:
