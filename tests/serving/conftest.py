@@ -11,6 +11,27 @@ import pytest
 from PIL import Image
 
 
+def concurrent_posts(url: str, n: int, data: bytes, headers: dict | None = None) -> list[tuple[object, float]]:
+    """n POST /predict at once, one connection each (as n independent clients would) -> (response, seconds)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    async def run() -> list[tuple[httpx.Response, float]]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=60, headers=headers) as client:
+
+            async def one() -> tuple[httpx.Response, float]:
+                start = time.perf_counter()
+                response = await client.post(url + "/predict", files={"image": ("d.png", data)})
+                return response, time.perf_counter() - start
+
+            return await asyncio.gather(*(one() for _ in range(n)))
+
+    return asyncio.run(run())
+
+
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **options)

@@ -1,12 +1,11 @@
 """Back-pressure and the API key on a real server: a flood past a worker's queue gets fast 503s with
 Retry-After (never another 5xx) and the server answers normally afterwards; /predict needs the bearer key,
 health and metrics do not."""
-import asyncio
-import time
 
 import httpx
 import pytest
 
+from tests.serving.conftest import concurrent_posts
 from transferkit.serving import start_server
 
 KEY = "s3cret-key-for-tests"
@@ -27,20 +26,8 @@ def strict_server(exported, tmp_path_factory):
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-async def _flood(url: str, n: int, data: bytes) -> list[tuple[httpx.Response, float]]:
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=limits, timeout=60, headers=AUTH) as client:
-
-        async def one() -> tuple[httpx.Response, float]:
-            start = time.perf_counter()
-            response = await client.post(url + "/predict", files={"image": ("d.png", data)})
-            return response, time.perf_counter() - start
-
-        return await asyncio.gather(*(one() for _ in range(n)))
-
-
 def test_a_flood_past_the_queue_gets_503_with_retry_after_and_the_server_recovers(strict_server, images):
-    results = asyncio.run(_flood(strict_server.url, 96, images["digit.png"]))
+    results = concurrent_posts(strict_server.url, 96, images["digit.png"], headers=AUTH)
     codes = [r.status_code for r, _ in results]
     assert set(codes) <= {200, 503}, sorted(set(codes))
     assert codes.count(503) > 0 and codes.count(200) >= MAX_QUEUE

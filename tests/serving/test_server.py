@@ -1,7 +1,6 @@
 """A real `transferkit serve` on 127.0.0.1 used as clients use it: many at once. Health, metrics, the client,
 a concurrent burst answered in full with batched runtime calls, and the OpenAPI document checked by an
 OpenAPI-driven fuzzer against the live server."""
-import asyncio
 import re
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 
 from tests.export.tiny import make_tiny_run
 from transferkit.errors import TransferkitError
+from tests.serving.conftest import concurrent_posts
 from transferkit.serving import predict_files, resolve_served_model, start_server
 
 
@@ -30,14 +30,6 @@ def image_files(images, tmp_path_factory):
     for name, data in images.items():
         (folder / name).write_bytes(data)
     return {name: folder / name for name in images}
-
-
-async def _burst(url: str, n: int, data: bytes, **client_options) -> list[httpx.Response]:
-    """n requests at once, one connection each (as n independent clients would)."""
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=limits, timeout=60, **client_options) as client:
-        return await asyncio.gather(*(client.post(url + "/predict", files={"image": ("d.png", data)})
-                                      for _ in range(n)))  # fmt: skip
 
 
 def _metric(text: str, name: str) -> float:
@@ -71,7 +63,7 @@ def test_client_quotes_the_servers_error_and_server_keeps_serving(server, tmp_pa
 
 def test_a_burst_of_200_concurrent_requests_is_answered_in_full_and_batched(server, images):
     before = httpx.get(server.url + "/metrics").text
-    responses = asyncio.run(_burst(server.url, 200, images["digit.png"]))
+    responses = [r for r, _ in concurrent_posts(server.url, 200, images["digit.png"])]
     assert [r.status_code for r in responses] == [200] * 200
     assert len({r.text for r in responses}) == 1  # the same image gets the same answer in every batch
     after = httpx.get(server.url + "/metrics").text
