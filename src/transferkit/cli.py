@@ -145,6 +145,7 @@ def cmd_predict(args) -> None:
 def cmd_build(args) -> None:
     from transferkit.serving.build import build_bento
 
+    k8s = _k8s_options(args)  # refused before the minute-long build, not after it
     result = build_bento(args.run, base_image=args.base_image, runtime=args.runtime, image=args.image)
     print(f"bento: {result.tag}")
     print(f"dockerfile: {result.dockerfile_path}")
@@ -153,7 +154,30 @@ def cmd_build(args) -> None:
         print(f"run: docker run --rm -p 127.0.0.1:3000:3000 {result.image}")
     else:
         print(f"containerize: {result.containerize_command}  (or: transferkit build RUN --image TAG)")
+    if k8s is not None:
+        from transferkit.serving.k8s import bento_model_tag, write_manifests
+
+        paths = write_manifests(args.k8s, image=args.image or result.tag, model_tag=bento_model_tag(result.bento_path),
+                                options=k8s, runtime=args.runtime, image_from_bento=not args.image)  # fmt: skip
+        print(f"kubernetes: {' '.join(str(p) for p in paths)}  (kubectl apply -f {args.k8s})")
     print(result.bento_path)
+
+
+_K8S_OPTIONS = ("cpu", "memory", "min_replicas", "max_replicas", "target_cpu", "api_key_secret")
+
+
+def _k8s_options(args):
+    """build's --k8s-* options as K8sOptions (unset ones keep its defaults); None without --k8s."""
+    given = {name: getattr(args, "k8s_" + name) for name in _K8S_OPTIONS if getattr(args, "k8s_" + name) is not None}
+    if not args.k8s:
+        if given:
+            flags = ", ".join("--k8s-" + name.replace("_", "-") for name in given)
+            raise TransferkitError(f"{flags}: only with --k8s DIR (the folder for the Kubernetes manifests)")
+        return None
+    from transferkit.serving.k8s import K8sOptions, check_out_dir
+
+    check_out_dir(args.k8s)
+    return K8sOptions(**given)
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -222,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the runtime installed in the image (its Python packages only)")
     p.add_argument("--image", default=None, metavar="TAG",
                    help="also build the container image TAG with `bentoml containerize` (needs Docker)")
+    p.add_argument("--k8s", default=None, metavar="DIR",
+                   help="also write Kubernetes manifests into DIR: deployment.yaml, service.yaml, hpa.yaml "
+                   "(image: --image TAG, else the Bento tag); needs no Docker")
+    p.add_argument("--k8s-cpu", metavar="CPU",
+                   help="CPU request and limit per pod, e.g. 2 or 500m; sets the server's workers (default: 2)")
+    p.add_argument("--k8s-memory", metavar="MEM",
+                   help="memory request and limit per pod, e.g. 2Gi (default: 256Mi + 384Mi per worker)")
+    p.add_argument("--k8s-min-replicas", type=int, metavar="N", help="autoscaler minimum (default: 1)")
+    p.add_argument("--k8s-max-replicas", type=int, metavar="N", help="autoscaler maximum (default: 4)")
+    p.add_argument("--k8s-target-cpu", type=int, metavar="PERCENT",
+                   help="autoscaler target CPU utilisation, percent of the request (default: 70)")
+    p.add_argument("--k8s-api-key-secret", metavar="NAME[:KEY]",
+                   help="set TRANSFERKIT_API_KEY from this Secret's KEY (default key: api-key)")
 
     for name, func in (("train", cmd_train), ("eval", cmd_eval), ("export", cmd_export),
                        ("benchmark", cmd_benchmark), ("serve", cmd_serve),
