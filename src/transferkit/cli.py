@@ -110,7 +110,14 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from transferkit.export import export_run, format_export_table
 
-    result = export_run(args.run, formats=_split_list(args.format), precision=args.precision)
+    from transferkit.export.formats import ExportOptions
+
+    options = ExportOptions(simplify=args.simplify, calibration_images=args.calibration_images,
+                            calibration_method=args.calibration_method, int8_fallback=args.int8_fallback,
+                            max_fp32_layers=args.max_fp32_layers, max_acc_delta_points=args.max_acc_delta,
+                            min_top1_agreement=args.min_agreement)  # fmt: skip
+    result = export_run(args.run, formats=_split_list(args.format), precision=_split_list(args.precision) or [],
+                        options=options)  # fmt: skip
     print(format_export_table(result))  # ends with the BentoML model tag
     print(result.export_dir)
     if not result.ok:
@@ -203,8 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--format", default="onnx", metavar="{" + ",".join(FORMAT_SPECS) + "}[,...]",
                    help="comma-separated; " + "; ".join(f"{s.name}: {s.description}" for s in FORMAT_SPECS.values()))
-    p.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
-                   help="per format: " + "; ".join(f"{n} {', '.join(s.precisions)}" for n, s in FORMAT_SPECS.items()))
+    p.add_argument("--precision", default=PRECISIONS[0], metavar="{" + ",".join(PRECISIONS) + "}[,...]",
+                   help="comma-separated; every format at each precision it takes: "
+                   + "; ".join(f"{n} {', '.join(s.precisions)}" for n, s in FORMAT_SPECS.items()))
+    p.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim (verified too)")
+    p.add_argument("--calibration-images", type=int, default=512, metavar="N",
+                   help="int8: train images per dataset for calibration (seeded subset) (default: 512)")
+    p.add_argument("--calibration-method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                   help="int8: how activation ranges are calibrated (default: minmax)")
+    p.add_argument("--int8-fallback", default="auto", choices=("auto", "off"),
+                   help="int8 that fails the gate: auto keeps the layers that break it in fp32 (default: auto)")
+    p.add_argument("--max-fp32-layers", type=int, default=8, metavar="N",
+                   help="int8 repair: at most this many layers kept in fp32 (default: 8)")
+    p.add_argument("--max-acc-delta", type=float, metavar="POINTS",
+                   help="gate: max |accuracy change| per dataset, overriding the precision's (fp32 0.5, fp16 0.3, int8 1)")
+    p.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="gate: min top-1 agreement with PyTorch per head, overriding the precision's (0.99, 0.995, 0.97)")
 
     p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
     p.add_argument("run", metavar="RUN")
@@ -220,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--runtime", choices=("auto", *RUNTIME_NAMES), help="default: auto (the fastest usable here)")
+    p.add_argument("--runtime", metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
+                   help="auto: the fastest verified artifact usable here (by the throughput export measured); a "
+                   "runtime: its best artifact; an artifact name from the export (onnx-int8, ...): exactly that "
+                   "one (default: auto)")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: per CPU and runtime)")
     p.add_argument("--threads", type=int, metavar="N", help="runtime threads per worker (default: cores / workers)")
     p.add_argument("--max-batch", type=int, metavar="N", help="images per runtime call (default: 32)")

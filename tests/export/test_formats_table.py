@@ -37,11 +37,12 @@ def test_cli_choices_are_the_tables():
     listed = re.fullmatch(r"\{(.*)\}\[,\.\.\.\]", fmt.metavar).group(1).split(",")
     assert listed == list(FORMAT_SPECS) and fmt.default in FORMAT_SPECS
     precision = _option(export, "precision")
-    assert tuple(precision.choices) == PRECISIONS
+    assert re.fullmatch(r"\{(.*)\}\[,\.\.\.\]", precision.metavar).group(1).split(",") == list(PRECISIONS)
     assert set(PRECISIONS) == {p for s in FORMAT_SPECS.values() for p in s.precisions}
     assert precision.default == PRECISIONS[0]
-    runtime = _option(_subparser("serve"), "runtime")
-    assert tuple(runtime.choices) == ("auto", *RUNTIME_NAMES) == RUNTIME_CHOICES
+    runtime = _option(_subparser("serve"), "runtime")  # runtimes from the table, plus the export's artifact names
+    assert re.fullmatch(r"\{(.*)\} or ARTIFACT", runtime.metavar).group(1).split(",") == list(RUNTIME_CHOICES)
+    assert RUNTIME_CHOICES == ("auto", *RUNTIME_NAMES)
     assert sorted(RUNTIME_NAMES) == sorted(s.runtime for s in FORMAT_SPECS.values())
     text = re.sub(r"\s", "", export.format_help())  # --help wraps lines (also at hyphens)
     for spec in FORMAT_SPECS.values():
@@ -58,7 +59,9 @@ def test_every_row_has_an_exporter_and_a_runner():
         assert callable(row.export) and callable(row.unavailable)
         assert (row.filename, row.runtime, row.devices, row.precisions) == (
             spec.filename, spec.runtime, spec.devices, spec.precisions)  # fmt: skip
-        assert set(row.requires) < set(FORMAT_SPECS)
+        for precision in row.precisions:  # what an artifact is built from is itself an artifact of the table
+            for fmt, dep_precision in row.requires(precision):
+                assert (fmt, dep_precision) != (name, precision) and dep_precision in FORMAT_SPECS[fmt].precisions
         runner = RUNTIMES[spec.runtime]
         assert runner.format == name and runner.name == spec.runtime
     assert len(RUNTIMES) == len(FORMAT_SPECS)  # one runner per row, no runner without a row
@@ -149,8 +152,22 @@ def test_auto_order_from_devices_and_rank(monkeypatch, ort_gpu, aoti_device, ord
     from transferkit.serving.runtime import OnnxRuntime, auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: ort_gpu))
-    manifest = {"formats": {"aoti": {"details": {"device": aoti_device}}}}
-    assert auto_order(manifest) == order
+    manifest = {"formats": {"onnx": {}, "aoti": {"details": {"device": aoti_device}}, "tensorrt": {}}}
+    runtime_of = {"onnx": "onnxruntime", "aoti": "torch", "tensorrt": "tensorrt"}
+    assert [runtime_of[a] for a in auto_order(manifest)] == order
+
+
+def test_auto_order_prefers_measured_throughput_on_the_same_device(monkeypatch):
+    """On a CPU, the fastest artifact export measured goes first, whatever the table's rank; unmeasured ones
+    come after measured ones; a GPU artifact still comes before any CPU one."""
+    from transferkit.serving.runtime import OnnxRuntime, auto_order
+
+    monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
+    measured = lambda ips: {"measured": {"images_per_second": ips, "batch": 32, "device": "cpu"}}  # noqa: E731
+    manifest = {"formats": {"onnx": {"precision": "fp32", **measured(1000)}, "aoti": {**measured(1200)},
+                            "onnx-int8": {"format": "onnx", "precision": "int8", **measured(1500)},
+                            "onnx-fp16": {"format": "onnx", "precision": "fp16"}, "tensorrt": {}}}  # fmt: skip
+    assert auto_order(manifest) == ["tensorrt", "onnx-int8", "aoti", "onnx", "onnx-fp16"]
 
 
 @pytest.mark.parametrize("device, kind", [("cpu", "cpu"), ("cuda", "gpu"), ("cuda:1", "gpu")])

@@ -12,8 +12,10 @@ from transferkit.export import FORMATS, PASSED, export_run
     "kwargs, words",
     [
         ({"formats": ("onnx", "tflite")}, ["tflite", "onnx", "tensorrt", "aoti"]),
-        ({"formats": ("onnx",), "precision": "fp16"}, ["fp16", "onnx", "fp32"]),
-        ({"formats": ("tensorrt",), "precision": "int8"}, ["int8", "fp32", "fp16"]),
+        ({"formats": ("aoti",), "precision": "int8"}, ["int8", "aoti", "fp32"]),
+        ({"formats": ("onnx",), "precision": "bf16"}, ["bf16", "onnx", "fp32", "int8", "fp16"]),
+        ({"formats": ("onnx", "aoti"), "precision": "int8"}, ["aoti", "fp32", "none of int8"]),
+        ({"formats": ("onnx",), "precision": "fp32,fp32"}, ["twice"]),
         ({"formats": ()}, ["no export format"]),
         ({"formats": ("onnx", "onnx")}, ["twice"]),
         ({"device": "tpu"}, ["cpu", "cuda"]),
@@ -32,7 +34,11 @@ def test_formats_table_rows_are_complete():
     for name, row in FORMATS.items():
         assert row.name == name and row.filename.startswith("model.") and row.precisions[0] == "fp32"
         assert row.runtime in ("onnxruntime", "tensorrt", "torch") and set(row.devices) <= {"cpu", "gpu"}
-    assert FORMATS["tensorrt"].requires == ("onnx",) and FORMATS["tensorrt"].devices == ("gpu",)
+    assert FORMATS["tensorrt"].devices == ("gpu",)
+    # TensorRT builds from the ONNX file of its precision: INT8 from the QDQ model (explicit quantization)
+    assert FORMATS["tensorrt"].requires("fp16") == (("onnx", "fp32"),)
+    assert FORMATS["tensorrt"].requires("int8") == (("onnx", "int8"),)
+    assert FORMATS["onnx"].requires("int8") == (("onnx", "fp32"),) and FORMATS["onnx"].requires("fp32") == ()
 
 
 @pytest.mark.slow

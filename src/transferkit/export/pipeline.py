@@ -1,21 +1,26 @@
-"""export_run: RUN -> RUN/export/{model.onnx, model.engine, model.pt2, verify.json, manifest.json} + BentoML model.
+"""export_run: RUN -> RUN/export/{model.onnx, model-int8.onnx, model.engine, ..., verify.json, manifest.json}
++ BentoML model.
 
-    for each requested format (and the formats it is built from):
+    for each requested artifact, a format at a precision (and the artifacts it is built from):
         not buildable here?  -> "not available here" (with the reason)
         export               -> "export failed" on any error (the message is kept)
         (file written        -> "exported, not verified yet")
         verify vs PyTorch    -> "export ok but verification failed" or "passed"
+        passed               -> throughput measured at batch 32 (manifest entry "measured"; `auto` reads it)
     verify.json, then the BentoML model (servable formats only), then manifest.json (with the model tag)
 
-Options are checked before any work. Formats not requested this time keep their earlier entries only if their
-file is unchanged and was exported from the same model.pt (same sha256); otherwise they are dropped.
+Options are checked before any work. Artifacts not requested this time keep their earlier entries only if their
+files are unchanged and were exported from the same model.pt (same sha256); otherwise they are dropped.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from transferkit.artifact import (
     EXPORT_FAILED,
@@ -25,10 +30,22 @@ from transferkit.artifact import (
     UNAVAILABLE,
     VERIFY_FAILED,
     check_device,
+    artifact_files,
+    artifact_name,
+    entry_files,
+    entry_format,
 )
 from transferkit.errors import ConfigError
 from transferkit.export import verify
-from transferkit.export.formats import FORMATS, ExportFormat, ExportJob, check_request, with_requirements
+from transferkit.export.formats import (
+    FORMATS,
+    ArtifactRequest,
+    ExportFormat,
+    ExportJob,
+    ExportOptions,
+    check_request,
+    with_requirements,
+)
 from transferkit.export.manifest import VERIFY_NAME, base_manifest, file_entry, now_utc, write_manifest
 from transferkit.export.table import one_line
 from transferkit.serving.manifest import read_manifest, servable_formats
@@ -37,7 +54,7 @@ from transferkit.utils import atomic_write_json, read_json
 
 @dataclass
 class FormatResult:
-    format: str
+    format: str  # the artifact name: the format at its default precision (onnx), else onnx-int8, ...
     status: str  # one of transferkit.artifact.STATUSES
     precision: str
     file: Path | None = None  # the artifact, when the export step succeeded
@@ -46,7 +63,9 @@ class FormatResult:
     verification: dict[str, Any] | None = None  # verify's report (see verify.compare)
     export_seconds: float | None = None
     verify_seconds: float | None = None
-    requested: bool = True  # False for a format built only because a requested one needs it
+    requested: bool = True  # False for an artifact built only because a requested one needs it
+    files: list[Path] = field(default_factory=list)  # every file of the artifact (OpenVINO: .xml and .bin)
+    measured: dict[str, Any] | None = None  # throughput after verify passed (see _measure)
 
     @property
     def servable(self) -> bool:
@@ -54,7 +73,8 @@ class FormatResult:
 
     @property
     def bytes(self) -> int | None:
-        return self.file.stat().st_size if self.file is not None and self.file.is_file() else None
+        sizes = [f.stat().st_size for f in self.files or ([self.file] if self.file else []) if f.is_file()]
+        return sum(sizes) if sizes else None
 
 
 @dataclass
@@ -89,13 +109,16 @@ def _check_options(device: str, verify_images: int) -> None:
 def export_run(
     run_dir: str | Path,
     formats: tuple[str, ...] | list[str] | str = ("onnx",),
-    precision: str = "fp32",
+    precision: tuple[str, ...] | list[str] | str = "fp32",
     verify_images: int = 256,
     device: str = "cpu",
     store: bool = True,
+    options: ExportOptions | None = None,
 ) -> ExportResult:
-    """Export, verify and store a trained run. Raises ConfigError/DataError before any work on bad input."""
-    rows = check_request(formats, precision)
+    """Export, verify and store a trained run. Raises ConfigError/DataError before any work on bad input.
+    `precision` may list several (`fp32,int8`): every format is exported at each precision it takes."""
+    requests = check_request(formats, precision)
+    options = options or ExportOptions()
     _check_options(device, verify_images)
     from transferkit.runs import load_run_model  # torch: imported only when exporting
     from transferkit.model import ExportModule
@@ -108,66 +131,77 @@ def export_run(
     heads = list(model.head_names)
     reference = verify.pytorch_logits(module, inputs.batch, heads)
     manifest = base_manifest(run, heads)
-    job = ExportJob(module, export_dir, precision, device, heads, run.preprocessing.image_size)
+    job = ExportJob(module, export_dir, "fp32", device, heads, run.preprocessing.image_size, options=options,
+                    calibration=lambda n: verify.load_calibration_images(run, n),
+                    gate=_onnx_gate(reference, inputs, heads, options))  # fmt: skip
 
-    reasons = {row.name: row.unavailable(device) for row in rows}
-    buildable = [r for r in rows if reasons[r.name] is None]
-    plan = with_requirements(buildable) + [r for r in rows if reasons[r.name] is not None]
     results: dict[str, FormatResult] = {}
-    for row in plan:
-        requested = row in rows
-        row_precision = precision if requested else row.precisions[0]
-        result = _build_one(row, job, row_precision, requested, reasons.get(row.name, "unchecked"), results)
+    for req in with_requirements(requests, device):
+        result = _build_one(req, job, results)
         if result.status == EXPORTED:
-            result = _verify_one(row, result, manifest, export_dir, inputs, reference)
-        results[row.name] = result
-        _record(manifest, row, result)
+            result = _verify_one(req.row, result, manifest, export_dir, inputs, reference, options)
+        results[req.name] = result
+        _record(manifest, req.row, result)
 
     verify_doc = _verify_document(inputs, results)
     _carry_over(export_dir, manifest, verify_doc, exclude=set(results))
     return _finish(run_dir, export_dir, manifest, verify_doc, results, store)
 
 
-def _build_one(row: ExportFormat, job: ExportJob, precision: str, requested: bool, reason: str | None,
-               done: dict[str, FormatResult]) -> FormatResult:  # fmt: skip
-    if reason == "unchecked":  # a dependency added by with_requirements
-        reason = row.unavailable(job.device)
+def _onnx_gate(reference, inputs, heads, options: ExportOptions):
+    """(ONNX file, precision) -> verify's report for that file: what the INT8 repair checks each step with."""
+
+    def gate(path: Path, precision: str) -> dict[str, Any]:
+        logits = verify.onnx_file_logits(path, inputs.batch, heads)
+        return verify.compare(reference, logits, inputs, precision, options.tolerance(FORMATS["onnx"], precision))
+
+    return gate
+
+
+def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResult]) -> FormatResult:
+    row, precision = req.row, req.precision
+    reason = row.unavailable(job.device, precision)
     if reason is not None:
-        return FormatResult(row.name, UNAVAILABLE, precision, error=reason, requested=requested)
-    failed_deps = [d for d in row.requires if d not in done or done[d].file is None]
+        return FormatResult(req.name, UNAVAILABLE, precision, error=reason, requested=req.requested)
+    needs = [artifact_name(f, p) for f, p in row.requires(precision)]
+    failed_deps = [d for d in needs if d not in done or done[d].file is None]
     if failed_deps:
-        return FormatResult(row.name, EXPORT_FAILED, precision, error=f"needs {failed_deps}, which failed",
-                            requested=requested)  # fmt: skip
-    path = job.export_dir / row.filename
+        return FormatResult(req.name, EXPORT_FAILED, precision, error=f"needs {failed_deps}, which failed",
+                            requested=req.requested)  # fmt: skip
+    paths = [job.export_dir / f for f in req.files]
     job.precision = precision
     start = time.perf_counter()
     try:
-        details = row.export(job, path)
+        details = row.export(job, paths[0])
     except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, not raised
-        path.unlink(missing_ok=True)  # never leave an earlier export's file looking current
-        return FormatResult(row.name, EXPORT_FAILED, precision, error=one_line(exc), requested=requested,
+        for path in paths:
+            path.unlink(missing_ok=True)  # never leave an earlier export's file looking current
+        return FormatResult(req.name, EXPORT_FAILED, precision, error=one_line(exc), requested=req.requested,
                             export_seconds=time.perf_counter() - start)  # fmt: skip
-    job.artifacts[row.name] = path
-    return FormatResult(row.name, EXPORTED, precision, file=path, details=details, requested=requested,
-                        export_seconds=time.perf_counter() - start)  # fmt: skip
+    job.artifacts[req.name] = paths[0]
+    return FormatResult(req.name, EXPORTED, precision, file=paths[0], details=details, requested=req.requested,
+                        export_seconds=time.perf_counter() - start, files=paths)  # fmt: skip
 
 
-def _verification_runtime(row: ExportFormat):
-    from transferkit.serving.runtime import RUNTIMES, OnnxRuntime
+def _verification_runtime(row: ExportFormat, artifact: str):
+    from transferkit.serving.runtime import RUNNERS_BY_FORMAT, OnnxRuntime
 
-    if row.runtime == "onnxruntime":
-        return OnnxRuntime(providers=["CPUExecutionProvider"])  # verify runs on CPU, fp32, like the reference
-    return RUNTIMES[row.runtime]()
+    if row.runtime == "onnxruntime":  # verify runs on CPU, fp32 input, like the reference
+        return OnnxRuntime(artifact, providers=["CPUExecutionProvider"])
+    return RUNNERS_BY_FORMAT[row.name](artifact)
 
 
-def _verify_one(row, result, manifest, export_dir, inputs, reference) -> FormatResult:
-    """Load the artifact through the serving runtime and compare it with the PyTorch reference."""
+def _verify_one(row, result, manifest, export_dir, inputs, reference, options: ExportOptions) -> FormatResult:
+    """Load the artifact through the serving runtime and compare it with the PyTorch reference; if it passes,
+    measure its throughput with the same runtime."""
     _record(manifest, row, result)  # the runtime reads file/details from the manifest entry
     start = time.perf_counter()
+    runtime = None
     try:
-        runtime = _verification_runtime(row).load(export_dir, manifest)
+        runtime = _verification_runtime(row, result.format).load(export_dir, manifest)
         logits = verify.runtime_logits(runtime, inputs.batch)
-        report = verify.compare(reference, logits, inputs, result.precision, row.tolerances[result.precision])
+        tolerance = options.tolerance(row, result.precision)
+        report = verify.compare(reference, logits, inputs, result.precision, tolerance)
         report["runtime"] = runtime.description
     except Exception as exc:  # noqa: BLE001
         report = {"passed": False, "failures": [f"verification could not run: {one_line(exc)}"]}
@@ -175,23 +209,55 @@ def _verify_one(row, result, manifest, export_dir, inputs, reference) -> FormatR
     result.verification = report
     result.status = PASSED if report["passed"] else VERIFY_FAILED
     result.error = None if report["passed"] else "; ".join(report["failures"])
+    if report["passed"] and runtime is not None:
+        result.measured = _measure(runtime, inputs.batch)
     return result
 
 
+MEASURE_BATCH = 32
+
+
+def _measure(runtime, batch: np.ndarray, repeats: int = 7) -> dict[str, Any] | None:
+    """Images/s at batch 32 (median of `repeats` calls after warm-up) on the verify images: what `--runtime
+    auto` and `transferkit serve` compare artifacts by (`transferkit benchmark` measures more carefully)."""
+    x = np.ascontiguousarray(np.resize(batch, (MEASURE_BATCH, *batch.shape[1:])))
+    try:
+        for _ in range(2):
+            runtime.run(x)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            runtime.run(x)
+            times.append(time.perf_counter() - t)
+    except Exception:  # noqa: BLE001 - a measurement is optional; the artifact passed verify
+        return None
+    kind = "gpu" if "CUDA" in runtime.description or "cuda" in runtime.description else "cpu"
+    return {"images_per_second": round(MEASURE_BATCH / statistics.median(times), 1), "batch": MEASURE_BATCH,
+            "device": kind, "runtime": runtime.description}  # fmt: skip
+
+
 def _record(manifest: dict[str, Any], row: ExportFormat, result: FormatResult) -> None:
-    manifest["formats"][row.name] = {
-        "file": row.filename,
+    names = [f.name for f in result.files] or artifact_files(row.name, result.precision)
+    manifest["formats"][result.format] = {
+        "format": row.name,
+        "file": names[0],
+        "files": names,
         "runtime": row.runtime,
         "precision": result.precision,
         "status": result.status,
         "servable": result.servable,
         "error": result.error,
         "details": result.details,
+        **({"measured": result.measured} if result.measured else {}),
     }
-    if result.file is not None and result.file.is_file():
-        manifest["files"][row.filename] = file_entry(result.file)
-    else:
-        manifest["files"].pop(row.filename, None)
+    for path in result.files:
+        if path.is_file():
+            manifest["files"][path.name] = file_entry(path)
+        else:
+            manifest["files"].pop(path.name, None)
+    if not result.files:
+        for name in names:
+            manifest["files"].pop(name, None)
 
 
 def _verify_document(inputs: verify.VerifyInputs, results: dict[str, FormatResult]) -> dict[str, Any]:
@@ -201,7 +267,8 @@ def _verify_document(inputs: verify.VerifyInputs, results: dict[str, FormatResul
         "images": inputs.datasets,
         "tolerances": {p: vars(t) for s in FORMAT_SPECS.values() for p, t in s.tolerances.items()},
         "formats": {
-            name: {"status": r.status, "error": r.error, **(r.verification or {})}
+            name: {"status": r.status, "error": r.error, **(r.verification or {}),
+                   **({"repair": r.details["repair"]} if "repair" in r.details else {})}  # fmt: skip
             for name, r in results.items()
             if r.verification is not None
         },
@@ -218,12 +285,14 @@ def _carry_over(export_dir: Path, manifest: dict, verify_doc: dict, exclude: set
     if old.get("source", {}).get("sha256") != manifest["source"]["sha256"]:
         return
     for name, entry in old.get("formats", {}).items():
-        if name in exclude or name not in FORMATS:
+        if name in exclude or entry_format(name, entry) not in FORMATS:
             continue
-        path, recorded = export_dir / entry["file"], old.get("files", {}).get(entry["file"])
-        if recorded and path.is_file() and file_entry(path) == recorded:
+        files = entry_files(entry)
+        recorded = {f: old.get("files", {}).get(f) for f in files}
+        if all(recorded.values()) and all((export_dir / f).is_file() and file_entry(export_dir / f) == recorded[f]
+                                          for f in files):  # fmt: skip
             manifest["formats"][name] = entry
-            manifest["files"][entry["file"]] = recorded
+            manifest["files"].update(recorded)
             if name in old_verify.get("formats", {}):
                 verify_doc["formats"][name] = old_verify["formats"][name]
 
@@ -261,14 +330,17 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
     reference = verify.pytorch_logits(ExportModule(model).eval(), inputs.batch, heads)
     manifest = base_manifest(run, heads)
     results: dict[str, FormatResult] = {}
+    options = ExportOptions()
     for name, entry in old["formats"].items():
-        row, path = FORMATS[name], export_dir / entry["file"]
-        if not path.is_file():
+        row, path = FORMATS[entry_format(name, entry)], export_dir / entry["file"]
+        files = [export_dir / f for f in entry_files(entry)]
+        if not all(f.is_file() for f in files):
             results[name] = FormatResult(name, entry["status"], entry["precision"], error=entry.get("error"))
             _record(manifest, row, results[name])
             continue
-        result = FormatResult(name, EXPORTED, entry["precision"], file=path, details=entry.get("details", {}))
-        results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference)
+        result = FormatResult(name, EXPORTED, entry["precision"], file=path, details=entry.get("details", {}),
+                              files=files)  # fmt: skip
+        results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference, options)
         _record(manifest, row, results[name])
     unchanged = servable_formats(old) == servable_formats(manifest) and old.get("files") == manifest["files"]
     if unchanged and old.get("bentoml"):

@@ -9,11 +9,17 @@
     torch        aoti      model.pt2     torch (a CUDA package also needs CUDA)
 
 Each runner names the format it runs; its --runtime name, file and devices come from that format's row in
-`transferkit.artifact.FORMAT_SPECS`, and a row without a runner fails here at import. `auto` picks the fastest
-usable one: artifacts that run on a GPU here first, then by the row's `auto_rank` (tensorrt > onnxruntime-gpu >
-torch on CUDA > onnxruntime on CPU > torch on CPU), and never a format whose verification failed. This module
-imports nothing heavy at import time: the lean serving image has no torch, and only the runtime that is used
-imports its engine.
+`transferkit.artifact.FORMAT_SPECS`, and a row without a runner fails here at import. An export may hold one
+format at several precisions (`onnx`, `onnx-int8`, `onnx-fp16`: manifest["formats"] keys, see
+`transferkit.artifact.artifact_name`); a runner instance serves one of them (`Runtime.artifact`).
+
+`--runtime` takes `auto`, a runtime name (the best of its artifacts) or an artifact name (exactly that one).
+"Best" is, among servable artifacts that can run here: those that run on a GPU here first; then the fastest by
+the throughput export measured and recorded in the manifest (entry["measured"]); artifacts without a
+measurement after those, by the row's `auto_rank` (tensorrt > onnxruntime-gpu > torch on CUDA > onnxruntime on
+CPU > torch on CPU). Never an artifact whose verification failed, and never a precision the row serves on GPU
+only (fp16 ONNX) on a CPU. This module imports nothing heavy at import time: the lean serving image has no
+torch, and only the runtime that is used imports its engine.
 """
 from __future__ import annotations
 
@@ -24,7 +30,16 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from transferkit.artifact import FORMAT_SPECS, INPUT_NAME, MAX_BATCH, MIN_BATCH, RUNTIME_NAMES, spec_for_runtime
+from transferkit.artifact import (
+    FORMAT_SPECS,
+    INPUT_NAME,
+    MAX_BATCH,
+    MIN_BATCH,
+    RUNTIME_NAMES,
+    entry_format,
+    entry_files,
+    spec_for_runtime,
+)
 from transferkit.errors import ConfigError, TransferkitError
 
 
@@ -32,25 +47,26 @@ class Runtime(ABC):
     format: ClassVar[str]  # the export format (FORMAT_SPECS / manifest["formats"] key) it loads
     name: ClassVar[str]  # what --runtime takes: the row's `runtime`
 
-    def __init__(self) -> None:
+    def __init__(self, artifact: str | None = None) -> None:
+        self.artifact = artifact or self.format  # the manifest["formats"] key this instance loads
         self.heads: list[str] = []
         self.image_size = 0
         self.max_batch: int | None = None  # larger batches are split into chunks of this size
         self.threads: int | None = None  # intra-op threads (None: the engine's default, usually every core)
 
     @classmethod
-    def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
-        """None if this runtime can run the manifest's artifact on this machine, else why not."""
+    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
+        """None if this runtime can run the artifact (its manifest entry) on this machine, else why not."""
         return None
 
     @classmethod
-    def device_kind(cls, manifest: dict[str, Any]) -> str:
-        """Where this runtime would run the export's artifact here, "gpu" or "cpu": `auto` tries GPU ones first."""
+    def device_kind(cls, entry: dict[str, Any]) -> str:
+        """Where this runtime would run the artifact here, "gpu" or "cpu": `auto` tries GPU ones first."""
         devices = FORMAT_SPECS[cls.format].devices
         return devices[0] if len(devices) == 1 else "cpu"
 
     def load(self, export_dir: str | Path, manifest: dict[str, Any]) -> "Runtime":
-        entry = manifest["formats"][self.format]
+        entry = manifest["formats"][self.artifact]
         path = Path(export_dir) / entry["file"]
         if not path.is_file():
             raise TransferkitError(f"{path} not found; re-run `transferkit export RUN --format {self.format}`")
@@ -67,7 +83,7 @@ class Runtime(ABC):
 
     @property
     def description(self) -> str:
-        return self.name
+        return self.name if self.artifact == self.format else f"{self.name} ({self.artifact})"
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (N,3,S,S) normalized images -> {head: float32 logits (N, classes)}."""
@@ -85,19 +101,19 @@ class OnnxRuntime(Runtime):
     name = FORMAT_SPECS[format].runtime
     GPU_PROVIDER = "CUDAExecutionProvider"
 
-    def __init__(self, providers: list[str] | None = None) -> None:
-        super().__init__()
+    def __init__(self, artifact: str | None = None, providers: list[str] | None = None) -> None:
+        super().__init__(artifact)
         self.providers = providers  # None: CUDA when onnxruntime-gpu has it, else CPU
 
     @classmethod
-    def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
+    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
         return None
 
     @classmethod
-    def device_kind(cls, manifest: dict[str, Any]) -> str:
-        return "gpu" if cls.unavailable_reason(manifest) is None and cls.gpu_available() else "cpu"
+    def device_kind(cls, entry: dict[str, Any]) -> str:
+        return "gpu" if cls.unavailable_reason(entry) is None and cls.gpu_available() else "cpu"
 
     @staticmethod
     def gpu_available() -> bool:
@@ -125,7 +141,10 @@ class OnnxRuntime(Runtime):
 
     @property
     def description(self) -> str:
-        return f"onnxruntime ({self.session.get_providers()[0]})" if hasattr(self, "session") else self.name
+        if not hasattr(self, "session"):
+            return super().description
+        provider = self.session.get_providers()[0]
+        return f"{self.name} ({provider})" if self.artifact == self.format else f"{self.name} ({self.artifact}, {provider})"
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.heads, {INPUT_NAME: batch})
@@ -139,7 +158,7 @@ class TensorRTRuntime(Runtime):
     name = FORMAT_SPECS[format].runtime
 
     @classmethod
-    def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
+    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
         if importlib.util.find_spec("tensorrt") is None:
             return "tensorrt is not installed; install the [gpu] extra on a CUDA machine"
         if importlib.util.find_spec("torch") is None:
@@ -148,7 +167,7 @@ class TensorRTRuntime(Runtime):
 
         if not torch.cuda.is_available():
             return "no CUDA device visible"
-        built_for = (manifest["formats"].get(cls.format, {}).get("details") or {}).get("built_for_gpu", {})
+        built_for = (entry.get("details") or {}).get("built_for_gpu", {})
         here = torch.cuda.get_device_name(torch.cuda.current_device())
         if built_for.get("name") and built_for["name"] != here:
             return f"the engine was built for {built_for['name']}, this GPU is {here}; re-export on this machine"
@@ -191,10 +210,10 @@ class TorchRuntime(Runtime):
     name = FORMAT_SPECS[format].runtime
 
     @classmethod
-    def unavailable_reason(cls, manifest: dict[str, Any]) -> str | None:
+    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
         if importlib.util.find_spec("torch") is None:
             return "torch is not installed (the lean serving image leaves it out; use onnxruntime)"
-        if cls.device_kind(manifest) == "gpu":
+        if cls.device_kind(entry) == "gpu":
             import torch
 
             if not torch.cuda.is_available():
@@ -202,9 +221,9 @@ class TorchRuntime(Runtime):
         return None
 
     @classmethod
-    def device_kind(cls, manifest: dict[str, Any]) -> str:
+    def device_kind(cls, entry: dict[str, Any]) -> str:
         """The device the package was compiled for (a .pt2 runs only there)."""
-        device = (manifest.get("formats", {}).get(cls.format, {}).get("details") or {}).get("device", "cpu")
+        device = (entry.get("details") or {}).get("device", "cpu")
         return "gpu" if device == "cuda" else "cpu"
 
     def _load(self, path: Path, entry: dict[str, Any]) -> None:
@@ -229,50 +248,92 @@ class TorchRuntime(Runtime):
 _RUNNERS: dict[str, type[Runtime]] = {r.format: r for r in (TensorRTRuntime, OnnxRuntime, TorchRuntime)}
 # --runtime name -> runner, in `auto` preference order; a row without a runner is a KeyError here, at import.
 RUNTIMES: dict[str, type[Runtime]] = {name: _RUNNERS[spec_for_runtime(name).name] for name in RUNTIME_NAMES}
-RUNTIME_CHOICES = ("auto", *RUNTIMES)
+RUNNERS_BY_FORMAT: dict[str, type[Runtime]] = {f: _RUNNERS[f] for f in FORMAT_SPECS}
+RUNTIME_CHOICES = ("auto", *RUNTIMES)  # plus the export's artifact names (onnx, onnx-int8, ...)
 
 
-def runtime_problem(name: str, manifest: dict[str, Any], export_dir: str | Path | None = None) -> str | None:
-    """Why runtime `name` cannot serve this export here (None when it can)."""
-    cls = RUNTIMES[name]
-    entry = manifest.get("formats", {}).get(cls.format)
+def runner_for(name: str, entry: dict[str, Any]) -> type[Runtime]:
+    """The runner class of a manifest["formats"] entry."""
+    return RUNNERS_BY_FORMAT[entry_format(name, entry)]
+
+
+def artifact_problem(name: str, manifest: dict[str, Any], export_dir: str | Path | None = None,
+                     for_auto: bool = False) -> str | None:  # fmt: skip
+    """Why the artifact `name` (a manifest["formats"] key) cannot be served here (None when it can)."""
+    entry = manifest.get("formats", {}).get(name)
     if entry is None or entry.get("status") is None:
-        return f"the export has no {cls.format} artifact (transferkit export RUN --format {cls.format})"
+        fmt, _, precision = name.partition("-")
+        hint = f" --precision {precision}" if precision else ""
+        return f"the export has no {name} artifact (transferkit export RUN --format {fmt}{hint})"
     if not entry.get("servable"):
-        return f"the {cls.format} artifact is not servable: {entry.get('status')} (see verify.json)"
-    if export_dir is not None and not (Path(export_dir) / entry["file"]).is_file():
-        return f"{Path(export_dir) / entry['file']} is missing"
-    return cls.unavailable_reason(manifest)
+        return f"the {name} artifact is not servable: {entry.get('status')} (see verify.json)"
+    if export_dir is not None:
+        missing = [f for f in entry_files(entry) if not (Path(export_dir) / f).is_file()]
+        if missing:
+            return f"{Path(export_dir) / missing[0]} is missing"
+    cls = runner_for(name, entry)
+    problem = cls.unavailable_reason(entry)
+    if problem is None and entry.get("precision") in FORMAT_SPECS[cls.format].gpu_only_precisions:
+        if cls.device_kind(entry) != "gpu":
+            problem = f"{entry['precision']} {cls.format} is served on a GPU only (on this CPU it is slower than fp32)"
+    return problem
+
+
+def measured_throughput(entry: dict[str, Any]) -> float | None:
+    """Images/s export measured for this artifact at its benchmark batch (None when it did not measure)."""
+    measured = entry.get("measured") or {}
+    value = measured.get("images_per_second")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def preference_order(names: list[str], manifest: dict[str, Any]) -> list[str]:
+    """Fastest first: artifacts that would run on a GPU here, then CPU ones; within each, the measured
+    throughput (highest first), then unmeasured ones by the table's auto_rank, then by the row's precision order."""
+
+    def key(name: str) -> tuple:
+        entry = manifest["formats"][name]
+        cls = runner_for(name, entry)
+        spec = FORMAT_SPECS[cls.format]
+        speed = measured_throughput(entry)
+        precision = entry.get("precision", spec.precisions[0])
+        rank = spec.precisions.index(precision) if precision in spec.precisions else len(spec.precisions)
+        return cls.device_kind(entry) != "gpu", speed is None, -(speed or 0.0), spec.auto_rank, rank
+
+    return sorted(names, key=key)
 
 
 def auto_order(manifest: dict[str, Any]) -> list[str]:
-    """Fastest first: runtimes that would run this export on a GPU here, then CPU ones; within each, the table's
-    auto_rank. Today: tensorrt > onnxruntime-gpu > torch on CUDA > onnxruntime on CPU > torch on CPU."""
-
-    def key(name: str) -> tuple[bool, int]:
-        cls = RUNTIMES[name]
-        return cls.device_kind(manifest) != "gpu", FORMAT_SPECS[cls.format].auto_rank
-
-    return sorted(RUNTIMES, key=key)
+    """Every artifact of the export, in the order `--runtime auto` tries them."""
+    return preference_order(list(manifest.get("formats", {})), manifest)
 
 
 def select_runtime(name: str, manifest: dict[str, Any], export_dir: str | Path | None = None) -> Runtime:
-    """`auto` or a runtime name -> an unloaded Runtime that can serve this export here, or a clear error."""
-    if name not in RUNTIME_CHOICES:
-        raise ConfigError(f"unknown runtime {name!r}; use one of {', '.join(RUNTIME_CHOICES)}")
-    if name != "auto":
-        problem = runtime_problem(name, manifest, export_dir)
-        if problem:
-            raise TransferkitError(f"runtime {name} cannot serve this export: {problem}")
-        return RUNTIMES[name]()
+    """`auto`, a runtime name or an artifact name -> an unloaded Runtime that can serve this export here, or a
+    clear error."""
+    artifacts = manifest.get("formats", {})
+    if name in artifacts and name not in RUNTIMES:
+        candidates = [name]
+    elif name == "auto" or name in RUNTIMES:
+        runtime_of = {a: runner_for(a, e).name for a, e in artifacts.items()}
+        candidates = preference_order([a for a in artifacts if name == "auto" or runtime_of[a] == name], manifest)
+    else:
+        choices = ", ".join([*RUNTIME_CHOICES, *(a for a in artifacts if a not in RUNTIMES)])
+        raise ConfigError(f"unknown runtime {name!r}; use one of {choices}")
     reasons = {}
-    for candidate in auto_order(manifest):
-        problem = runtime_problem(candidate, manifest, export_dir)
+    for candidate in candidates:
+        problem = artifact_problem(candidate, manifest, export_dir)
         if problem is None:
-            return RUNTIMES[candidate]()
+            return runner_for(candidate, artifacts[candidate])(artifact=candidate)
         reasons[candidate] = problem
+    if name != "auto" and len(candidates) == 1:
+        raise TransferkitError(f"runtime {name} cannot serve this export: {reasons[candidates[0]]}")
+    if not candidates:
+        fmt = spec_for_runtime(name).name
+        raise TransferkitError(f"runtime {name} cannot serve this export: it has no {fmt} artifact (its artifacts: "
+                               f"{', '.join(artifacts) or 'none'}; transferkit export RUN --format {fmt})")  # fmt: skip
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-    raise TransferkitError(f"no runtime can serve this export here ({detail})")
+    raise TransferkitError(f"no {'runtime' if name == 'auto' else name + ' artifact'} can serve this export "
+                           f"here ({detail})")  # fmt: skip
 
 
 def load_runtime(name: str, export_dir: str | Path, manifest: dict[str, Any], threads: int | None = None,
@@ -281,6 +342,6 @@ def load_runtime(name: str, export_dir: str | Path, manifest: dict[str, Any], th
     (serving passes the manifest's sha256 check, so a file changed after export is never loaded)."""
     runtime = select_runtime(name, manifest, export_dir)
     if verify is not None:
-        verify(export_dir, manifest, names=[manifest["formats"][runtime.format]["file"]])
+        verify(export_dir, manifest, names=entry_files(manifest["formats"][runtime.artifact]))
     runtime.threads = threads
     return runtime.load(export_dir, manifest)

@@ -59,7 +59,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 @dataclass
 class ServedModel:
     tag: str  # the BentoML model tag the workers load
-    runtime: str = ""  # the runtime that will serve it here (what `auto` resolved to)
+    runtime: str = ""  # the artifact that will be served here (what `auto` or a runtime name resolved to)
 
 
 def stored_model_path(tag: str) -> Path | None:
@@ -95,7 +95,7 @@ def resolve_served_model(run_dir: str | Path, runtime: str = "auto") -> ServedMo
     stored_manifest = read_manifest(model_dir)
     verify_files(model_dir, stored_manifest)  # a corrupt or replaced file fails here, not in every worker
     selected = select_runtime(runtime, stored_manifest, model_dir)  # fail here, with the reason, not in the child
-    return ServedModel(tag, selected.name)
+    return ServedModel(tag, selected.artifact)
 
 
 def build_settings(settings: ServingSettings | None = None, api_key_file: str | Path | None = None,

@@ -6,7 +6,7 @@ nowhere else; `to_env()` writes them and `from_env()` reads them back (a Bento r
 same variables, e.g. `docker run -e TRANSFERKIT_API_KEY=...`).
 
     TRANSFERKIT_MODEL          BentoML model tag to serve (required; `transferkit serve`/`build` set it)
-    TRANSFERKIT_RUNTIME        auto | onnxruntime | tensorrt | torch
+    TRANSFERKIT_RUNTIME        auto | a runtime (onnxruntime, tensorrt, torch, ...) | an artifact (onnx-int8, ...)
     TRANSFERKIT_WORKERS        worker processes (default: from the CPU count and the runtime)
     TRANSFERKIT_THREADS        runtime intra-op threads per worker (default: cores // workers, at least 1)
     TRANSFERKIT_MAX_BATCH      images per runtime call (1 turns batching off)
@@ -35,8 +35,10 @@ API_KEY_FILE_ENV = PREFIX + "API_KEY_FILE"
 MAX_BATCH_CEILING = MAX_BATCH
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one request body
 MAX_TOP_K = 100
-# Runtimes whose artifacts run on a GPU only (read from the formats table): one worker feeds them best.
+# Runtimes and formats whose artifacts run on a GPU only (read from the formats table): one worker feeds them
+# best. `runtime` may be an artifact name (`tensorrt-fp16`): its format is the part before the first "-".
 GPU_RUNTIMES = tuple(s.runtime for s in FORMAT_SPECS.values() if s.devices == ("gpu",))
+GPU_NAMES = frozenset(GPU_RUNTIMES) | {s.name for s in FORMAT_SPECS.values() if s.devices == ("gpu",)}
 
 
 def cpu_count() -> int:
@@ -52,7 +54,7 @@ def default_workers(runtime: str, cpus: int | None = None) -> int:
     parallelises, and batching keeps each worker's model calls large), capped at 4 so memory stays bounded;
     one worker for a GPU engine, which batches best when a single process feeds it."""
     cpus = cpus or cpu_count()
-    return 1 if runtime in GPU_RUNTIMES else max(1, min(cpus, 4))
+    return 1 if runtime.split("-")[0] in GPU_NAMES else max(1, min(cpus, 4))
 
 
 @dataclass(frozen=True)
