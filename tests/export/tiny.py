@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 DIGITS = [str(i) for i in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 HEADS = {"digits": DIGITS, "fashion-mnist": FASHION}
@@ -38,6 +40,33 @@ def make_tiny_run(run_dir: Path, seed: int = 0, weights: str = "imagenet", heads
         model.preprocessing,
         Labels(heads=heads, datasets={name: name for name in heads}, specs={name: name for name in heads}),
     )
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    return run_dir
+
+
+def make_probe_run(run_dir: Path, train_images: int = 512) -> Path:
+    """make_tiny_run, then each head trained as a linear probe: logistic regression on the frozen ImageNet
+    features of `train_images` train images per dataset. A really trained model (decisive logits, accuracy far
+    above chance) in seconds, for tests where an untrained head's near-ties would make agreement meaningless."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from transferkit.data import load_dataset
+    from transferkit.runs import load_run_model
+
+    make_tiny_run(run_dir)
+    model, run = load_run_model(run_dir)
+    model.eval()
+    for dataset, head in run.labels.datasets.items():
+        ds = load_dataset(dataset, run.preprocessing, limit=train_images)
+        with torch.inference_mode():
+            feats = model.backbone(torch.from_numpy(run.preprocessing.normalize_numpy(ds.train.images))).numpy()
+        probe = LogisticRegression(C=0.1, max_iter=500).fit(feats, ds.train.labels)
+        weight = np.zeros((len(ds.classes), feats.shape[1]), np.float32)
+        bias = np.full(len(ds.classes), -10.0, np.float32)  # a class never seen in the sample stays unlikely
+        weight[probe.classes_], bias[probe.classes_] = probe.coef_, probe.intercept_
+        model.heads[head].weight.data = torch.from_numpy(weight)
+        model.heads[head].bias.data = torch.from_numpy(bias)
     torch.save(model.state_dict(), run_dir / "model.pt")
     return run_dir
 

@@ -41,6 +41,7 @@ FALLBACKS = ("auto", "off")
 CALIBRATION_BATCH = 32
 SENSITIVITY_IMAGES = 128  # per measurement of one layer: enough to rank layers, small enough for ~60 of them
 # Layers whose inputs the quantizer puts behind DequantizeLinear and that can be kept in fp32 one by one.
+ACTIVATIONS = ("Clip", "Relu")  # kept in the graph by QDQKeepRemovableActivations; follow their layer into fp32
 REPAIRABLE_OPS = ("Conv", "Gemm", "MatMul", "Add", "Mul", "ConvTranspose", "AveragePool", "GlobalAveragePool")
 
 
@@ -78,10 +79,12 @@ def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: n
                "percentile": CalibrationMethod.Percentile}  # fmt: skip
     # shape inference + constant folding, as onnxruntime recommends before quantizing
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+    # Clip/Relu stay in the graph (by default the quantizer drops them and lets the Q node's range clip): a layer
+    # kept in fp32 then reads the clipped tensor, as in the fp32 model. ORT still fuses them when it loads.
     quantize_static(str(prepared), str(out_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method],
-                        extra_options={"CalibTensorRangeSymmetric": False})  # fmt: skip
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method],
+                    extra_options={"QDQKeepRemovableActivations": True})  # fmt: skip
 
 
 def repairable_layers(qdq: "onnx.ModelProto") -> list[str]:
@@ -102,8 +105,13 @@ def keep_in_fp32(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", layers: list[s
     # a name some node already produces (the quantizer keeps a bias's name for its int32 DequantizeLinear) is
     # read from there: redefining it as an initializer would make the graph invalid
     have_inits = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    # a layer's activation (Clip, Relu) goes with it: a conv kept in fp32 feeds its ReLU6 unquantized
+    kept = set(layers)
+    for name in layers:
+        outputs = set(fp32_nodes[name].output) if name in fp32_nodes else set()
+        kept |= {n.name for n in fp32.graph.node if n.op_type in ACTIVATIONS and n.input and n.input[0] in outputs}
     for node in model.graph.node:
-        if node.name not in layers:
+        if node.name not in kept:
             continue
         original = fp32_nodes.get(node.name)
         if original is None or len(original.input) != len(node.input):
