@@ -114,6 +114,17 @@ FORMAT_SPECS: dict[str, FormatSpec] = {
             auto_rank=2,
             description="AOTInductor package compiled for the export device, needs torch to serve",
         ),
+        FormatSpec(
+            name="openvino",
+            filename="model.xml",
+            runtime="openvino",
+            devices=("cpu",),
+            precisions=("fp32", "int8"),
+            auto_rank=3,  # unmeasured, after onnxruntime (measured throughput decides first on a CPU)
+            description="OpenVINO IR (model.xml + model.bin) converted from the ONNX file, for Intel and AMD CPUs"
+            " (needs the [openvino] extra) - int8 is NNCF post-training quantization",
+            companions=(".bin",),
+        ),
     )
 }
 

@@ -187,6 +187,24 @@ def _k8s_options(args):
     return K8sOptions(**given)
 
 
+class _BuildRuntimes:
+    """`build --runtime` choices: the runtimes serving/build.py can install (RUNTIME_PACKAGES), read only when the
+    option is parsed or its help printed (hence metavar RUNTIME: argparse would list them while building the
+    parser): that module pulls in numpy and the server, too slow for every command's start."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from transferkit.serving.build import RUNTIME_PACKAGES
+
+        return list(RUNTIME_PACKAGES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def _split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -266,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--base-image", default=None, metavar="IMAGE",
                    help="base image with Python 3.11 (default: python:3.11-slim)")
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime"],
-                   help="the runtime installed in the image (its Python packages only)")
+    p.add_argument("--runtime", default="onnxruntime", choices=_BuildRuntimes(), metavar="RUNTIME",
+                   help="the runtime installed in the image, its Python packages only: %(choices)s (the run needs "
+                   "a verified artifact it serves) (default: onnxruntime)")
     p.add_argument("--image", default=None, metavar="TAG",
                    help="also build the container image TAG with `bentoml containerize` (needs Docker)")
     p.add_argument("--k8s", default=None, metavar="DIR",

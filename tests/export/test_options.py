@@ -33,7 +33,7 @@ def test_bad_options_are_config_errors_before_any_work(fresh_run, kwargs, words)
 def test_formats_table_rows_are_complete():
     for name, row in FORMATS.items():
         assert row.name == name and row.filename.startswith("model.") and row.precisions[0] == "fp32"
-        assert row.runtime in ("onnxruntime", "tensorrt", "torch") and set(row.devices) <= {"cpu", "gpu"}
+        assert row.runtime in ("onnxruntime", "tensorrt", "torch", "openvino") and set(row.devices) <= {"cpu", "gpu"}
     assert FORMATS["tensorrt"].devices == ("gpu",)
     # TensorRT builds from the ONNX file of its precision: INT8 from the QDQ model (explicit quantization)
     assert FORMATS["tensorrt"].requires("fp16") == (("onnx", "fp32"),)

@@ -14,11 +14,12 @@ below and its runner registered in `transferkit.serving.runtime`.
     onnx      model.onnx   onnxruntime   cpu, gpu  fp32, int8, fp16   onnx, onnxscript, onnxruntime (core deps)
     tensorrt  model.engine tensorrt      gpu       fp32, fp16, int8   the [gpu] extra (tensorrt) and a CUDA device
     aoti      model.pt2    torch         cpu, gpu  fp32               torch + a C++ compiler (AOTInductor)
+    openvino  model.xml    openvino      cpu       fp32, int8         the [openvino] extra (openvino, nncf for int8)
 
 One export request is a list of artifacts, (format, precision) pairs: `--format onnx --precision fp32,int8`
 asks for `onnx` and `onnx-int8` (transferkit.artifact.artifact_name). An artifact may be built from others
 (`requires`): tensorrt from the ONNX file of its precision (int8 from the QDQ model, the others from fp32),
-onnx-int8 from the fp32 ONNX file.
+onnx-int8 from the fp32 ONNX file, openvino (both precisions) from the fp32 ONNX file (export/openvino.py).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from transferkit.artifact import (
 from transferkit.errors import ConfigError
 from transferkit.export.aoti import aoti_unavailable_reason, export_aoti
 from transferkit.export.onnx import export_onnx, export_onnx_fp16, onnx_unavailable_reason, simplify_onnx
+from transferkit.export.openvino import export_openvino, openvino_requires, openvino_unavailable_reason
 from transferkit.export.quantize import CALIBRATION_METHODS, FALLBACKS, quantization_unavailable_reason, quantize_int8
 from transferkit.export.tensorrt import build_engine, tensorrt_unavailable_reason
 
@@ -155,6 +157,7 @@ EXPORTERS: dict[str, Exporter] = {
     "tensorrt": Exporter(_export_tensorrt, lambda device, precision: tensorrt_unavailable_reason(),
                          requires=lambda p: (("onnx", "int8" if p == "int8" else "fp32"),)),  # fmt: skip
     "aoti": Exporter(_export_aoti, lambda device, precision: aoti_unavailable_reason(device)),
+    "openvino": Exporter(export_openvino, openvino_unavailable_reason, requires=openvino_requires),
 }
 
 

@@ -37,7 +37,8 @@ __all__ = [
     "read_manifest", "servable_formats", "write_manifest",
 ]  # fmt: skip
 
-_VERSIONED = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt", "bentoml")
+_VERSIONED = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino",
+              "nncf", "bentoml")  # fmt: skip
 
 
 def now_utc() -> str:

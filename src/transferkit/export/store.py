@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from transferkit.artifact import entry_files
 from transferkit.serving.manifest import MANIFEST_NAME, VERIFY_NAME, servable_formats
 
 MAX_NAME = 63  # BentoML tag names: lowercase letters, digits, '-', '_', '.'; at most 63 characters
@@ -50,8 +51,8 @@ def store_export(export_dir: Path, manifest: dict[str, Any], run_dir: str | Path
         manifest["bentoml"] = {"tag": str(model.tag), "model_name": name}
         target = Path(model.path)
         for fmt in servable:
-            filename = manifest["formats"][fmt]["file"]
-            shutil.copy2(export_dir / filename, target / filename)
+            for filename in entry_files(manifest["formats"][fmt]):  # every file: OpenVINO's .bin with its .xml
+                shutil.copy2(export_dir / filename, target / filename)
         if (export_dir / VERIFY_NAME).is_file():
             shutil.copy2(export_dir / VERIFY_NAME, target / VERIFY_NAME)
         (target / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

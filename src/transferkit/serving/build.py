@@ -47,9 +47,10 @@ SERVING_FILES = (
 )
 BENTOML_PACKAGE = "bentoml==1.4.40"
 COMMON_PACKAGES = ("numpy>=1.26", "pillow>=10", "httpx>=0.27")
-# Per runtime, its Python packages only. GPU serving (onnxruntime-gpu, tensorrt) needs a CUDA base image and is
-# not offered here; the two onnxruntime packages share one module name and never go in one environment.
-RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime>=1.18",)}
+# Per runtime, its Python packages only (`--runtime openvino` leaves onnxruntime out: serving imports an engine only
+# when it loads an artifact). GPU serving (onnxruntime-gpu, tensorrt) needs a CUDA base image and is not offered
+# here; the two onnxruntime packages share one module name and never go in one environment.
+RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime>=1.18",), "openvino": ("openvino>=2024.0",)}
 
 
 @dataclass

@@ -7,6 +7,7 @@
     tensorrt     tensorrt  model.engine  tensorrt + CUDA (+ torch for device buffers); the GPU it was built for
     onnxruntime  onnx      model.onnx    onnxruntime (CPU) or onnxruntime-gpu (CUDA provider, used when present)
     torch        aoti      model.pt2     torch (a CUDA package also needs CUDA)
+    openvino     openvino  model.xml     openvino (CPU plugin), with model.bin beside it
 
 Each runner names the format it runs; its --runtime name, file and devices come from that format's row in
 `transferkit.artifact.FORMAT_SPECS`, and a row without a runner fails here at import. An export may hold one
@@ -17,8 +18,8 @@ format at several precisions (`onnx`, `onnx-int8`, `onnx-fp16`: manifest["format
 "Best" is, among servable artifacts that can run here: those that run on a GPU here first; then the fastest by
 the throughput export measured and recorded in the manifest (entry["measured"]); artifacts without a
 measurement after those, by the row's `auto_rank` (tensorrt > onnxruntime-gpu > torch on CUDA > onnxruntime on
-CPU > torch on CPU). Never an artifact whose verification failed, and never a precision the row serves on GPU
-only (fp16 ONNX) on a CPU. This module imports nothing heavy at import time: the lean serving image has no
+CPU > torch on CPU > openvino). Never an artifact whose verification failed, and never a precision the row serves
+on GPU only (fp16 ONNX) on a CPU. This module imports nothing heavy at import time: the lean serving image has no
 torch, and only the runtime that is used imports its engine.
 """
 from __future__ import annotations
@@ -245,7 +246,67 @@ class TorchRuntime(Runtime):
         return {h: o.float().cpu().numpy() for h, o in zip(self.heads, outputs)}
 
 
-_RUNNERS: dict[str, type[Runtime]] = {r.format: r for r in (TensorRTRuntime, OnnxRuntime, TorchRuntime)}
+class OpenVinoRuntime(Runtime):
+    """Runs the OpenVINO IR (model.xml + model.bin) on the CPU plugin.
+
+    One synchronous infer request at a time (serving's batcher makes one call per worker at a time), so the
+    LATENCY hint: one stream using every thread on the whole batch. THROUGHPUT splits the cores into streams
+    that only a caller with several requests in flight can fill; with one call at a time it ran batch 32 about
+    40% slower (2 cores). Inference precision is pinned to f32: on CPUs with AMX or AVX512-BF16 the plugin would
+    otherwise run in bf16 by default, which is not what verify measured.
+    """
+
+    format = "openvino"
+    name = FORMAT_SPECS[format].runtime
+    HINT = "LATENCY"
+
+    @classmethod
+    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
+        try:
+            import openvino  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - missing or broken, either way it cannot serve
+            return f"openvino does not import ({type(exc).__name__}); pip install 'transferkit[openvino]'"
+        return None
+
+    def _load(self, path: Path, entry: dict[str, Any]) -> None:
+        import threading
+
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(path))  # reads the .bin of the same stem
+        names = [i.get_any_name() for i in model.inputs]
+        if names != [INPUT_NAME]:
+            raise TransferkitError(f"{path}: inputs {names}, expected [{INPUT_NAME!r}]")
+        if not model.inputs[0].get_partial_shape()[0].is_dynamic:  # serving sends any batch up to --max-batch
+            model.reshape({INPUT_NAME: ov.PartialShape([-1, 3, self.image_size, self.image_size])})
+        config: dict[str, Any] = {"PERFORMANCE_HINT": self.HINT, "INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)  # workers x threads stays within the cores
+        self.compiled = core.compile_model(model, "CPU", config)
+        # heads by output name (export names them); by position, in manifest order, when a name is missing
+        outputs = self.compiled.outputs
+        by_name = {n: o for o in outputs for n in o.get_names()}
+        if len(outputs) != len(self.heads):
+            raise TransferkitError(f"{path}: {len(outputs)} outputs, the manifest lists {len(self.heads)} heads")
+        self.ports = [by_name.get(h, outputs[k]) for k, h in enumerate(self.heads)]
+        self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # an infer request serves one call at a time
+
+    @property
+    def description(self) -> str:
+        return f"{self.name} (CPU)" if self.artifact == self.format else f"{self.name} ({self.artifact}, CPU)"
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            # share_outputs=False (the default) copies the results out of the request's reused buffers
+            results = self.request.infer({INPUT_NAME: batch}, share_inputs=True)
+            return {h: results[port] for h, port in zip(self.heads, self.ports)}
+
+
+_RUNNERS: dict[str, type[Runtime]] = {
+    r.format: r for r in (TensorRTRuntime, OnnxRuntime, TorchRuntime, OpenVinoRuntime)
+}
 # --runtime name -> runner, in `auto` preference order; a row without a runner is a KeyError here, at import.
 RUNTIMES: dict[str, type[Runtime]] = {name: _RUNNERS[spec_for_runtime(name).name] for name in RUNTIME_NAMES}
 RUNNERS_BY_FORMAT: dict[str, type[Runtime]] = {f: _RUNNERS[f] for f in FORMAT_SPECS}

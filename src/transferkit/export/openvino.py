@@ -1,0 +1,141 @@
+"""OpenVINO IR (model.xml + model.bin): the CPU compiler for Intel and AMD servers, built from the ONNX export.
+
+    model.onnx (fp32) --openvino.convert_model--> save_model(compress_to_fp16=False) --> model.xml + model.bin
+    model.onnx (fp32) --convert_model--> nncf.quantize(calibration images) --> model-int8.xml + model-int8.bin
+
+Why from the ONNX file and not from PyTorch: the ONNX file is already verified against PyTorch, has the input
+name, the dynamic batch and the output names (one per head) that serving relies on, and `convert_model` keeps
+all three; converting from torch again would be a second tracing path to keep equal.
+
+fp32: `save_model` compresses weights to fp16 by default, which changes the numbers; the fp32 artifact is held
+to fp32 tolerance, so it is saved uncompressed.
+
+int8: NNCF post-training quantization of the converted model, on the same calibration images as ONNX INT8
+(`job.calibration`, train images of every dataset, never the test images the gate judges on). The images go in
+one per item: NNCF counts `subset_size` in items and collects per-item statistics, so batches of one make
+`subset_size` the number of images and keep the min/max statistics exact. The MIXED preset (symmetric weights,
+asymmetric activations) is the one NNCF recommends for CNNs and matches ONNX INT8's uint8 activations.
+There is no repair step here (unlike export/quantize.py): export_run verifies the IR through the serving
+runtime afterwards and reports a gate failure like any artifact's, with the numbers in verify.json.
+
+An IR is two files: the XML graph and the weights it names by stem (model-int8.xml reads model-int8.bin). Both
+are written into a temporary folder beside the target, fsynced, then renamed, weights first and the XML last,
+so a reader never finds a new XML with old weights and a failed export leaves no half-written pair.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transferkit.artifact import INPUT_NAME
+from transferkit.errors import TransferkitError
+
+if TYPE_CHECKING:
+    import openvino
+
+    from transferkit.export.formats import ExportJob
+
+INSTALL_HINT = "pip install 'transferkit[openvino]'"
+NNCF_PRESET = "mixed"  # symmetric int8 weights, asymmetric uint8 activations (like the QDQ model's)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_problem(module: str) -> str | None:
+    """Why `module` does not import (missing, or a broken install), once per process."""
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure means the format cannot be built here
+        return f"{module} does not import ({type(exc).__name__}); {INSTALL_HINT}"
+    return None
+
+
+def openvino_unavailable_reason(device: str, precision: str) -> str | None:
+    """None when the IR can be built here. Conversion and calibration run on the CPU whatever the export device
+    (`--device cuda` only decides where device-specific artifacts compile), so the device does not matter."""
+    return _import_problem("openvino") or (_import_problem("nncf") if precision == "int8" else None)
+
+
+def openvino_requires(precision: str) -> tuple[tuple[str, str], ...]:
+    return (("onnx", "fp32"),)  # both precisions start from the verified fp32 ONNX file
+
+
+def export_openvino(job: "ExportJob", path: Path) -> dict[str, Any]:
+    """The ONNX fp32 file -> the IR at `path` (and its .bin) for job.precision -> manifest details."""
+    import openvino as ov
+
+    source = job.built("onnx", "fp32")
+    if not source.is_file():
+        raise TransferkitError(f"{source} is missing; OpenVINO IR is built from the fp32 onnx export")
+    model = convert(source, job.head_names)
+    details: dict[str, Any] = {"openvino": ov.get_version(), "built_from": source.name, "compress_to_fp16": False}
+    if job.precision == "int8":
+        model, details["quantization"] = quantize_nncf(model, job)
+    elif job.precision != "fp32":
+        raise TransferkitError(f"OpenVINO takes fp32 or int8, not {job.precision}")
+    save_ir(model, path)
+    return details
+
+
+def convert(onnx_path: Path, head_names: list[str]) -> "openvino.Model":
+    """ONNX -> an in-memory OpenVINO model, checked to keep what serving relies on: one input named
+    INPUT_NAME with a dynamic batch, and one output per head, named after it (a name conversion dropped is put
+    back, so the runtime can always read the heads by name)."""
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    inputs = [i.get_any_name() for i in model.inputs]
+    if inputs != [INPUT_NAME]:
+        raise TransferkitError(f"{onnx_path.name} converts to inputs {inputs}, expected [{INPUT_NAME!r}]")
+    if not model.inputs[0].get_partial_shape()[0].is_dynamic:
+        raise TransferkitError(f"{onnx_path.name}: the batch dimension of {INPUT_NAME!r} is static after conversion")
+    if len(model.outputs) != len(head_names):
+        raise TransferkitError(f"{onnx_path.name} converts to {len(model.outputs)} outputs, expected the heads {head_names}")
+    for output, head in zip(model.outputs, head_names):
+        if head not in output.get_names():  # the ONNX outputs are the heads, in order (export/onnx.py)
+            output.get_tensor().set_names({head, *output.get_names()})
+    return model
+
+
+def quantize_nncf(model: "openvino.Model", job: "ExportJob") -> tuple["openvino.Model", dict[str, Any]]:
+    """NNCF static INT8 of the converted model, calibrated on the ONNX INT8 calibration images."""
+    import nncf
+
+    if job.calibration is None:
+        raise TransferkitError("INT8 export needs calibration images (export_run gives them)")
+    images = job.calibration(job.options.calibration_images)
+    # one image per item (see the module docstring); views into one array, no copies
+    dataset = nncf.Dataset([{INPUT_NAME: images[i : i + 1]} for i in range(len(images))])
+    preset = nncf.QuantizationPreset(NNCF_PRESET)
+    quantized = nncf.quantize(model, dataset, preset=preset, subset_size=len(images))
+    settings = {
+        "tool": "nncf.quantize",
+        "nncf": nncf.__version__,
+        "preset": NNCF_PRESET,
+        "subset_size": int(len(images)),
+        "fast_bias_correction": True,
+        "calibration_images": int(len(images)),
+        "calibration_images_per_dataset": job.options.calibration_images,
+        "repair": "none: no layer is kept in fp32; the gate after export reports a failure with its numbers",
+    }
+    return quantized, settings
+
+
+def save_ir(model: "openvino.Model", path: Path) -> None:
+    """Write the IR pair at `path` (.xml) and path.with_suffix('.bin') atomically: weights first, XML last."""
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.stem}-", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name  # the same stem: the XML finds its weights by name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        weights = staged.with_suffix(".bin")
+        for f in (weights, staged):
+            if not f.is_file():
+                raise TransferkitError(f"openvino.save_model wrote no {f.name}")
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(weights, path.with_suffix(".bin"))
+        os.replace(staged, path)

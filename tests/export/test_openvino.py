@@ -1,0 +1,195 @@
+"""OpenVINO IR: fp32 and NNCF int8 exported from the tiny run, verified through the serving runtime, stored with
+both files of each IR, selected by `--runtime`, checked by sha256 before loading, and served by the service with
+no onnxruntime installed."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.export.tiny import VERIFY_IMAGES, copy_run
+from transferkit.artifact import PASSED, VERIFY_FAILED
+from transferkit.errors import ArtifactMismatchError
+from transferkit.export import export_run
+from transferkit.export.formats import ExportOptions
+from transferkit.serving.manifest import read_manifest, verify_files
+from transferkit.serving.runtime import OnnxRuntime, OpenVinoRuntime, auto_order, load_runtime, select_runtime
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+CALIBRATION_IMAGES = 32  # per dataset: NNCF collects statistics one image at a time, keep the test short
+IR_FILES = ["model.xml", "model.bin", "model-int8.xml", "model-int8.bin"]
+
+
+@pytest.fixture(scope="module")
+def ov_export(exported, tmp_path_factory):
+    """(run_dir, ExportResult): the exported tiny run plus openvino and openvino-int8 (stored in BentoML)."""
+    run_dir = copy_run(exported[0], tmp_path_factory.mktemp("openvino") / "tiny-openvino")
+    result = export_run(run_dir, formats=("openvino",), precision="fp32,int8", verify_images=VERIFY_IMAGES,
+                        options=ExportOptions(calibration_images=CALIBRATION_IMAGES))  # fmt: skip
+    return run_dir, result
+
+
+def test_fp32_ir_passes_verify_and_matches_pytorch(ov_export):
+    fp32 = ov_export[1].formats["openvino"]
+    assert fp32.status == PASSED, fp32.error
+    for head in ("digits", "fashion-mnist"):
+        report = fp32.verification["heads"][head]
+        assert report["max_abs_diff"] < 1e-4 and report["top1_agreement"] == 1.0
+    assert fp32.verification["runtime"] == "openvino (CPU)"
+    details = fp32.details
+    assert details["built_from"] == "model.onnx" and details["compress_to_fp16"] is False and details["openvino"]
+    assert fp32.measured["images_per_second"] > 0
+
+
+def test_int8_ir_is_exported_and_gated(ov_export):
+    """Random heads on a tiny model may or may not pass the INT8 gate; what is honest: the IR was written and
+    verify judged it with numbers, never an export failure."""
+    int8 = ov_export[1].formats["openvino-int8"]
+    assert int8.status in (PASSED, VERIFY_FAILED), int8.error
+    assert int8.file.name == "model-int8.xml" and [f.name for f in int8.files] == ["model-int8.xml", "model-int8.bin"]
+    for report in int8.verification["heads"].values():
+        assert 0 <= report["top1_agreement"] <= 1 and "accuracy_delta_points" in report
+    if int8.status == VERIFY_FAILED:
+        assert int8.error and int8.verification["failures"]
+    q = int8.details["quantization"]
+    assert q["tool"] == "nncf.quantize" and q["calibration_images"] == 2 * CALIBRATION_IMAGES
+    assert q["subset_size"] == 2 * CALIBRATION_IMAGES and q["preset"] == "mixed"
+
+
+def test_manifest_lists_both_files_of_each_ir(ov_export):
+    export_dir = ov_export[0] / "export"
+    manifest = read_manifest(export_dir)
+    assert manifest["formats"]["openvino"]["files"] == ["model.xml", "model.bin"]
+    assert manifest["formats"]["openvino-int8"]["files"] == ["model-int8.xml", "model-int8.bin"]
+    for name in IR_FILES:
+        entry = manifest["files"][name]
+        assert len(entry["sha256"]) == 64 and entry["bytes"] == (export_dir / name).stat().st_size
+    assert manifest["formats"]["onnx"]["status"] == PASSED  # what the IR is built from, kept
+    # the IR pair is staged in a temporary folder: nothing of it is left beside the artifacts
+    assert sorted(p.name for p in export_dir.iterdir()) == sorted(
+        ["manifest.json", "verify.json", "model.onnx", *IR_FILES])  # fmt: skip
+    verify_doc = json.loads((export_dir / "verify.json").read_text())
+    assert {"openvino", "openvino-int8"} <= set(verify_doc["formats"])
+
+
+def test_runtime_and_artifact_names_select_the_openvino_runner(ov_export):
+    export_dir = ov_export[0] / "export"
+    manifest = read_manifest(export_dir)
+    runner = select_runtime("openvino", manifest, export_dir)
+    assert isinstance(runner, OpenVinoRuntime) and runner.artifact in ("openvino", "openvino-int8")
+    if manifest["formats"]["openvino-int8"]["servable"]:
+        chosen = select_runtime("openvino-int8", manifest, export_dir)
+        assert isinstance(chosen, OpenVinoRuntime) and chosen.artifact == "openvino-int8"
+    assert isinstance(select_runtime("onnxruntime", manifest, export_dir), OnnxRuntime)
+
+    runtime = load_runtime("openvino", export_dir, manifest, threads=1, verify=verify_files)
+    assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    for n in (1, 5, 64):  # dynamic batch, up to the serving ceiling
+        out = runtime.run(np.zeros((n, 3, 32, 32), np.float32))
+        assert set(out) == {"digits", "fashion-mnist"} and out["digits"].shape == (n, 10)
+
+
+def test_auto_picks_openvino_where_it_measured_faster(ov_export, monkeypatch):
+    monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
+    export_dir = ov_export[0] / "export"
+    manifest = read_manifest(export_dir)
+    manifest["formats"].pop("openvino-int8")
+    for name, speed in (("onnx", 1000.0), ("openvino", 2000.0)):
+        manifest["formats"][name]["measured"]["images_per_second"] = speed
+    assert auto_order(manifest)[0] == "openvino"
+    assert select_runtime("auto", manifest, export_dir).artifact == "openvino"
+    manifest["formats"]["onnx"]["measured"]["images_per_second"] = 3000.0
+    assert select_runtime("auto", manifest, export_dir).artifact == "onnx"
+
+
+def test_a_modified_weights_file_is_refused_before_loading(ov_export, tmp_path):
+    run_dir = copy_run(ov_export[0], tmp_path / "tampered")
+    export_dir = run_dir / "export"
+    weights = export_dir / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactMismatchError, match=r"model\.bin: sha256 mismatch"):
+        load_runtime("openvino", export_dir, read_manifest(export_dir), verify=verify_files)
+
+
+def test_unavailable_without_openvino(monkeypatch):
+    from transferkit.export import openvino as ov_export_module
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    ov_export_module._import_problem.cache_clear()
+    try:
+        reason = ov_export_module.openvino_unavailable_reason("cpu", "fp32")
+        assert "openvino" in reason and "pip install 'transferkit[openvino]'" in reason
+        assert "transferkit[openvino]" in OpenVinoRuntime.unavailable_reason({})
+    finally:
+        ov_export_module._import_problem.cache_clear()
+
+
+def test_the_ir_is_built_from_the_fp32_onnx_file_and_served_on_cpu_only():
+    from transferkit.export.formats import FORMATS
+
+    row = FORMATS["openvino"]
+    assert row.requires("fp32") == row.requires("int8") == (("onnx", "fp32"),)
+    assert row.devices == ("cpu",) and row.companions == (".bin",) and row.auto_rank > FORMATS["onnx"].auto_rank
+    # serving imports runtime.py where neither openvino nor onnxruntime is installed; only loading needs one
+    code = ("import sys\nfor m in ('openvino', 'onnxruntime', 'torch'): sys.modules[m] = None\n"
+            "import transferkit.serving.runtime as r\nprint(r.OpenVinoRuntime.unavailable_reason({}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "transferkit[openvino]" in done.stdout, done.stderr
+
+
+def test_build_installs_openvino_only():
+    from transferkit.cli import build_parser
+    from transferkit.serving.build import RUNTIME_PACKAGES, bentofile
+
+    packages = bentofile("openvino")["python"]["packages"]
+    assert any(p.startswith("openvino") for p in packages) and not any(p.startswith("onnxruntime") for p in packages)
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    runtime = next(a for a in sub.choices["build"]._actions if a.dest == "runtime")
+    assert list(runtime.choices) == list(RUNTIME_PACKAGES) and "openvino" in runtime.choices
+
+
+SERVE_WITHOUT_ONNXRUNTIME = textwrap.dedent(
+    """
+    import sys, warnings
+    sys.modules["onnxruntime"] = None  # as in an image built with --runtime openvino
+    from starlette.testclient import TestClient
+    from transferkit.serving.service import TransferkitService
+
+    with warnings.catch_warnings(), TestClient(TransferkitService.to_asgi()) as client:
+        warnings.simplefilter("ignore")
+        response = client.post("/predict", files={"image": ("d.png", open(sys.argv[1], "rb").read())},
+                               data={"top_k": "3"})
+    print(response.status_code)
+    print(response.text)
+    """
+)
+
+
+def test_the_service_answers_with_openvino_without_onnxruntime(ov_export, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    buf = io.BytesIO()
+    Image.fromarray((load_digits().images[3] * 255 / 16).astype(np.uint8), mode="L").resize((64, 64)).save(buf, "PNG")
+    image = tmp_path / "digit.png"
+    image.write_bytes(buf.getvalue())
+    env = {**os.environ, "TRANSFERKIT_MODEL": ov_export[1].bentoml_tag, "TRANSFERKIT_RUNTIME": "openvino",
+           "TRANSFERKIT_WORKERS": "1", "TRANSFERKIT_THREADS": "1"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_ONNXRUNTIME, str(image)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, body = done.stdout.strip().splitlines()[-2:]
+    assert status == "200", body
+    answer = json.loads(body)
+    assert answer["runtime"].startswith("openvino") and answer["model"] == ov_export[1].bentoml_tag
+    assert set(answer["heads"]) == {"digits", "fashion-mnist"} and len(answer["heads"]["digits"]) == 3
