@@ -103,7 +103,7 @@ FORMAT_SPECS: dict[str, FormatSpec] = {
             precisions=("fp32", "fp16", "int8"),
             auto_rank=0,
             description="TensorRT engine built from the ONNX file for this GPU (needs the [gpu] extra)"
-            " - int8 builds from the INT8 QDQ ONNX file",
+            " - int8 from a symmetric QDQ model of the ONNX file (explicit quantization)",
         ),
         FormatSpec(
             name="aoti",

@@ -57,6 +57,10 @@ class TrainConfig:
     unlabeled_rampup: float = 0.2  # fraction of training over which their weight then ramps up linearly
     unlabeled_ratio: int = 1  # unlabeled images per labelled image in a step
     distribution_alignment: bool = True  # align pseudo-label class frequencies with the labelled prior
+    # ---- distillation (`transferkit distill`: training with teachers, see training/distill.py) ----
+    teachers: list[str] = field(default_factory=list)  # finished RUN dirs whose heads teach the student (soft targets)
+    temperature: float = 4.0  # softens teacher and student distributions in the KD loss, which is scaled by T^2
+    kd_weight: float = 0.9  # loss = kd_weight x KD (every image) + (1 - kd_weight) x cross-entropy (labelled images)
     # ---- system ----
     seed: int = 0  # same seed, same result on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -112,6 +116,7 @@ class TrainConfig:
             raise ConfigError(f"head_weights must be >= 0, got {self.head_weights}")
         _check_head_weight_count(self.head_weights, self.heads, names)
         check_device(self.device, allow_auto=True)
+        _check_distillation(self)
         for path_field in ("label_map", "init"):
             value = getattr(self, path_field)
             if value is not None and not Path(value).exists():
@@ -155,6 +160,28 @@ def _check_head_weight_count(head_weights: list[float] | None, heads: str, datas
         raise ConfigError(
             f"head_weights has {n} values but there can be at most {len(datasets)} heads (one per dataset: {datasets})"
         )
+
+
+def _check_distillation(cfg: TrainConfig) -> None:
+    """The numbers and paths alone; that each teacher is a finished run is checked when it is loaded
+    (training/distill.py), still before any data."""
+    if not cfg.temperature > 0:
+        raise ConfigError(f"temperature must be > 0 (e.g. 4: softer teacher targets), got {cfg.temperature}")
+    if not 0.0 <= cfg.kd_weight <= 1.0:
+        raise ConfigError(f"kd_weight must be in [0, 1] (1: teachers only, 0: labels only), got {cfg.kd_weight}")
+    if not cfg.teachers:
+        return
+    if len(set(cfg.teachers)) != len(cfg.teachers):
+        raise ConfigError(f"teachers lists a run twice: {cfg.teachers}")
+    if cfg.heads != "shared":
+        raise ConfigError("distillation takes its heads from the teachers, merged by class names; drop --heads separate")
+    for teacher in cfg.teachers:
+        if not Path(teacher).expanduser().is_dir():
+            raise ConfigError(f"teacher {teacher} does not exist; pass the run folder printed by `transferkit train`")
+    from transferkit.data import DatasetSpec
+
+    if any(DatasetSpec.parse(text).head for text in cfg.unlabeled):
+        raise ConfigError("in distillation unlabeled images train every head through the teachers; drop =HEAD from --unlabeled")
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

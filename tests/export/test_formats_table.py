@@ -168,6 +168,11 @@ def test_auto_order_prefers_measured_throughput_on_the_same_device(monkeypatch):
                             "onnx-int8": {"format": "onnx", "precision": "int8", **measured(1500)},
                             "onnx-fp16": {"format": "onnx", "precision": "fp16"}, "tensorrt": {}}}  # fmt: skip
     assert auto_order(manifest) == ["tensorrt", "onnx-int8", "aoti", "onnx", "onnx-fp16"]
+    # a number measured on a GPU says nothing about this CPU: it is ignored, and onnx falls back to its rank
+    manifest["formats"]["onnx"]["measured"] = {"images_per_second": 99999, "batch": 32, "device": "gpu"}
+    assert auto_order(manifest) == ["tensorrt", "onnx-int8", "aoti", "onnx", "onnx-fp16"]
+    manifest["formats"]["onnx"]["measured"]["device"] = "cpu"
+    assert auto_order(manifest)[:2] == ["tensorrt", "onnx"]
 
 
 @pytest.mark.parametrize("device, kind", [("cpu", "cpu"), ("cuda", "gpu"), ("cuda:1", "gpu")])

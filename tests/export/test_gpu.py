@@ -40,7 +40,7 @@ def test_aoti_for_cuda_passes_verify_and_serves_on_cuda(run_dir):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_engine_passes_verify(run_dir, precision):
     from transferkit.export import PASSED, export_run, format_export_table
     from transferkit.export.tensorrt import tensorrt_unavailable_reason
@@ -49,10 +49,18 @@ def test_tensorrt_engine_passes_verify(run_dir, precision):
     reason = tensorrt_unavailable_reason()
     if reason:
         pytest.skip(reason)
+    from transferkit.artifact import artifact_name
+
     result = export_run(run_dir, formats=("tensorrt",), precision=precision, verify_images=128, store=False)
     print(format_export_table(result))
-    assert list(result.formats) == ["onnx", "tensorrt"] and not result.formats["onnx"].requested
-    trt = result.formats["tensorrt"]
+    name = artifact_name("tensorrt", precision)
+    assert list(result.formats) == ["onnx", name] and not result.formats["onnx"].requested
+    trt = result.formats[name]
+    if precision == "int8":  # random heads make near-ties: the gate may reject INT8 here, with its numbers
+        assert trt.status in (PASSED, "export ok but verification failed"), trt.error
+        assert trt.verification["heads"] and trt.details["quantization"]["activations"] == "int8 symmetric"
+        if trt.status != PASSED:
+            return
     assert trt.status == PASSED, trt.error
     assert trt.details["built_for_gpu"]["name"] == torch.cuda.get_device_name()
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())

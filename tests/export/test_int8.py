@@ -188,3 +188,31 @@ def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_is_gpu_only(exported, tmp_p
         assert select_runtime("auto", manifest, run_dir / "export").artifact == "onnx"
         with pytest.raises(TransferkitError, match="GPU only"):
             load_runtime("onnx-fp16", run_dir / "export", manifest)
+
+
+def test_the_tensorrt_qdq_model_is_symmetric_and_runs(exported, tmp_path):
+    """What a TensorRT INT8 engine is built from (TensorRT itself is not installed here): int8 activations with
+    zero points of 0, per-channel int8 weights, and still a working ONNX model with the same contract."""
+    import onnx
+    from onnx import numpy_helper
+
+    from transferkit.export.formats import ExportJob, ExportOptions
+    from transferkit.export.quantize import quantize_for_tensorrt
+    from transferkit.export.verify import onnx_file_logits
+
+    run_dir = exported[0]
+    rng = np.random.default_rng(0)
+    calibration = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    job = ExportJob(None, tmp_path, "int8", "cuda", ["digits", "fashion-mnist"], 32,
+                    options=ExportOptions(calibration_images=16), calibration=lambda n: calibration[:n])  # fmt: skip
+    details = quantize_for_tensorrt(run_dir / "export" / "model.onnx", tmp_path / "qdq.onnx", job)
+    assert details["activations"] == "int8 symmetric" and details["calibration_images"] == 16
+    model = onnx.load(str(tmp_path / "qdq.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    quantize_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize_nodes
+    for node in quantize_nodes:  # activations: int8, zero point 0
+        zero_point = numpy_helper.to_array(inits[node.input[2]])
+        assert zero_point.dtype == np.int8 and not zero_point.any()
+    out = onnx_file_logits(tmp_path / "qdq.onnx", calibration[:4], ["digits", "fashion-mnist"])
+    assert out["digits"].shape == (4, 10) and np.isfinite(out["fashion-mnist"]).all()

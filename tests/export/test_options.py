@@ -35,9 +35,8 @@ def test_formats_table_rows_are_complete():
         assert row.name == name and row.filename.startswith("model.") and row.precisions[0] == "fp32"
         assert row.runtime in ("onnxruntime", "tensorrt", "torch", "openvino") and set(row.devices) <= {"cpu", "gpu"}
     assert FORMATS["tensorrt"].devices == ("gpu",)
-    # TensorRT builds from the ONNX file of its precision: INT8 from the QDQ model (explicit quantization)
-    assert FORMATS["tensorrt"].requires("fp16") == (("onnx", "fp32"),)
-    assert FORMATS["tensorrt"].requires("int8") == (("onnx", "int8"),)
+    # TensorRT builds from the fp32 ONNX file at every precision (INT8 through a symmetric QDQ model of its own)
+    assert FORMATS["tensorrt"].requires("fp16") == FORMATS["tensorrt"].requires("int8") == (("onnx", "fp32"),)
     assert FORMATS["onnx"].requires("int8") == (("onnx", "fp32"),) and FORMATS["onnx"].requires("fp32") == ()
 
 

@@ -23,6 +23,7 @@ onnx-int8 from the fp32 ONNX file, openvino (both precisions) from the fp32 ONNX
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -42,7 +43,13 @@ from transferkit.errors import ConfigError
 from transferkit.export.aoti import aoti_unavailable_reason, export_aoti
 from transferkit.export.onnx import export_onnx, export_onnx_fp16, onnx_unavailable_reason, simplify_onnx
 from transferkit.export.openvino import export_openvino, openvino_requires, openvino_unavailable_reason
-from transferkit.export.quantize import CALIBRATION_METHODS, FALLBACKS, quantization_unavailable_reason, quantize_int8
+from transferkit.export.quantize import (
+    CALIBRATION_METHODS,
+    FALLBACKS,
+    quantization_unavailable_reason,
+    quantize_for_tensorrt,
+    quantize_int8,
+)
 from transferkit.export.tensorrt import build_engine, tensorrt_unavailable_reason
 
 if TYPE_CHECKING:  # torch is imported by the exporters when they run: `import transferkit.export` stays cheap
@@ -143,9 +150,16 @@ def _onnx_unavailable(device: str, precision: str) -> str | None:
 
 
 def _export_tensorrt(job: ExportJob, path: Path) -> dict[str, Any]:
-    # INT8 is explicit quantization: TensorRT reads the scales from the QDQ model's Q/DQ nodes.
-    source = job.built("onnx", "int8" if job.precision == "int8" else "fp32")
-    return build_engine(source, path, job.precision, job.image_size, (MIN_BATCH, OPT_BATCH, MAX_BATCH))
+    batches = (MIN_BATCH, OPT_BATCH, MAX_BATCH)
+    if job.precision != "int8":
+        return build_engine(job.built("onnx", "fp32"), path, job.precision, job.image_size, batches)
+    # INT8 is explicit quantization: TensorRT reads the scales from a QDQ model's Q/DQ nodes, and takes only
+    # symmetric ones, so the engine gets its own QDQ file (onnx-int8's asymmetric uint8 suits ONNX Runtime).
+    with tempfile.TemporaryDirectory(prefix="transferkit-trt-int8-", dir=job.export_dir) as tmp:
+        qdq = Path(tmp) / "model-int8-symmetric.onnx"
+        quantization = quantize_for_tensorrt(job.built("onnx", "fp32"), qdq, job)
+        details = build_engine(qdq, path, job.precision, job.image_size, batches)
+    return {**details, "built_from": job.built("onnx", "fp32").name, "quantization": quantization}
 
 
 def _export_aoti(job: ExportJob, path: Path) -> dict[str, Any]:
@@ -155,7 +169,7 @@ def _export_aoti(job: ExportJob, path: Path) -> dict[str, Any]:
 EXPORTERS: dict[str, Exporter] = {
     "onnx": Exporter(_export_onnx, _onnx_unavailable, requires=_onnx_requires),
     "tensorrt": Exporter(_export_tensorrt, lambda device, precision: tensorrt_unavailable_reason(),
-                         requires=lambda p: (("onnx", "int8" if p == "int8" else "fp32"),)),  # fmt: skip
+                         requires=lambda precision: (("onnx", "fp32"),)),  # fmt: skip
     "aoti": Exporter(_export_aoti, lambda device, precision: aoti_unavailable_reason(device)),
     "openvino": Exporter(export_openvino, openvino_unavailable_reason, requires=openvino_requires),
 }

@@ -210,14 +210,17 @@ def _verify_one(row, result, manifest, export_dir, inputs, reference, options: E
     result.status = PASSED if report["passed"] else VERIFY_FAILED
     result.error = None if report["passed"] else "; ".join(report["failures"])
     if report["passed"] and runtime is not None:
-        result.measured = _measure(runtime, inputs.batch)
+        entry = manifest["formats"][result.format]
+        # verify runs ONNX on the CPU provider whatever the machine has: that is where it was measured
+        cpu_only = getattr(runtime, "providers", None) == ["CPUExecutionProvider"]
+        result.measured = _measure(runtime, inputs.batch, "cpu" if cpu_only else runtime.device_kind(entry))
     return result
 
 
 MEASURE_BATCH = 32
 
 
-def _measure(runtime, batch: np.ndarray, repeats: int = 7) -> dict[str, Any] | None:
+def _measure(runtime, batch: np.ndarray, device: str, repeats: int = 7) -> dict[str, Any] | None:
     """Images/s at batch 32 (median of `repeats` calls after warm-up) on the verify images: what `--runtime
     auto` and `transferkit serve` compare artifacts by (`transferkit benchmark` measures more carefully)."""
     x = np.ascontiguousarray(np.resize(batch, (MEASURE_BATCH, *batch.shape[1:])))
@@ -231,9 +234,8 @@ def _measure(runtime, batch: np.ndarray, repeats: int = 7) -> dict[str, Any] | N
             times.append(time.perf_counter() - t)
     except Exception:  # noqa: BLE001 - a measurement is optional; the artifact passed verify
         return None
-    kind = "gpu" if "CUDA" in runtime.description or "cuda" in runtime.description else "cpu"
     return {"images_per_second": round(MEASURE_BATCH / statistics.median(times), 1), "batch": MEASURE_BATCH,
-            "device": kind, "runtime": runtime.description}  # fmt: skip
+            "device": device, "runtime": runtime.description}  # fmt: skip
 
 
 def _record(manifest: dict[str, Any], row: ExportFormat, result: FormatResult) -> None:

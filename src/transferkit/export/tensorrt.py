@@ -1,6 +1,8 @@
 """TensorRT engine, built from model.onnx with TensorRT's own builder API (no trtexec, no torch-tensorrt).
 
     ONNX --OnnxParser--> INetworkDefinition --Builder + BuilderConfig(profile, fp16)--> model.engine
+    INT8: a QDQ ONNX file with symmetric int8 activations (TensorRT takes zero points of 0 only) -> a strongly
+    typed network, where the Q/DQ nodes decide what runs in INT8 (explicit quantization)
 
 An engine is specific to the GPU model and TensorRT version it was built with, so the manifest records both,
 and serving refuses an engine built for another GPU. Needs the [gpu] extra (`tensorrt`) and a CUDA device;
@@ -50,7 +52,8 @@ def gpu_identity() -> dict[str, Any]:
 
 def build_engine(onnx_path: Path, path: Path, precision: str, image_size: int,
                  batch_range: tuple[int, int, int]) -> dict[str, Any]:  # fmt: skip
-    """model.onnx -> the engine at `path`, with a (min, opt, max) `batch_range` profile; fp16 when asked."""
+    """model.onnx -> the engine at `path`, with a (min, opt, max) `batch_range` profile; fp16 when asked;
+    for int8, `onnx_path` is a QDQ model (explicit quantization)."""
     import tensorrt as trt
 
     if not onnx_path.is_file():
@@ -59,6 +62,12 @@ def build_engine(onnx_path: Path, path: Path, precision: str, image_size: int,
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs it set.
     flags = 0 if _major(trt.__version__) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if precision == "int8":
+        # Explicit quantization: the Q/DQ nodes of the ONNX file say what runs in INT8. TensorRT asks for a
+        # strongly typed network and no precision flags in that mode (its "Explicit Quantization" guide).
+        if _major(trt.__version__) < 10:
+            raise TransferkitError("INT8 engines from a QDQ model need TensorRT 10 (strongly typed networks)")
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):

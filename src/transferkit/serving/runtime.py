@@ -340,11 +340,14 @@ def artifact_problem(name: str, manifest: dict[str, Any], export_dir: str | Path
     return problem
 
 
-def measured_throughput(entry: dict[str, Any]) -> float | None:
-    """Images/s export measured for this artifact at its benchmark batch (None when it did not measure)."""
+def measured_throughput(entry: dict[str, Any], device: str) -> float | None:
+    """Images/s export measured for this artifact at its benchmark batch on a `device` ("cpu"/"gpu") like the one
+    it would run on here; None when it was not measured there (a CPU number says nothing about a GPU)."""
     measured = entry.get("measured") or {}
     value = measured.get("images_per_second")
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+    if measured.get("device", "cpu") != device or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return float(value)
 
 
 def preference_order(names: list[str], manifest: dict[str, Any]) -> list[str]:
@@ -355,10 +358,11 @@ def preference_order(names: list[str], manifest: dict[str, Any]) -> list[str]:
         entry = manifest["formats"][name]
         cls = runner_for(name, entry)
         spec = FORMAT_SPECS[cls.format]
-        speed = measured_throughput(entry)
+        device = cls.device_kind(entry)
+        speed = measured_throughput(entry, device)
         precision = entry.get("precision", spec.precisions[0])
         rank = spec.precisions.index(precision) if precision in spec.precisions else len(spec.precisions)
-        return cls.device_kind(entry) != "gpu", speed is None, -(speed or 0.0), spec.auto_rank, rank
+        return device != "gpu", speed is None, -(speed or 0.0), spec.auto_rank, rank
 
     return sorted(names, key=key)
 
