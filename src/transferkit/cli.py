@@ -16,8 +16,8 @@ from pathlib import Path
 from transferkit.errors import TransferkitError
 
 # TrainConfig fields that take a comma-separated list on the command line
-_LIST_FIELDS = {"data", "unlabeled", "head_weights"}
-_BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment"}
+_LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
+_BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment", "adapt_bn"}
 _NOT_FLAGS = {"out"}  # added by hand below
 # an unexpected exception's message is cut here (torch's can run to pages); --debug shows all of it
 _MAX_MESSAGE = 400
@@ -39,16 +39,24 @@ def _field_help() -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]+#(.*)$", src, re.M)}
 
 
-def _add_train_parser(sub) -> None:
+_TRAIN_TEXT = (
+    "fine-tune one backbone on one or more datasets",
+    "Fine-tune a pretrained backbone on several datasets at once (one head per label space). "
+    "Options override --config FILE, which overrides the defaults shown.",
+)
+_DISTILL_TEXT = (
+    "train a student from the soft targets of trained runs (--teachers) and the labels",
+    "Knowledge distillation: training with teachers. The student gets one head per teacher label space "
+    "(teacher heads with the same class names share one, their soft targets averaged); loss = kd_weight x "
+    "T^2 x KL(teachers || student at temperature T) on every image + (1 - kd_weight) x cross-entropy where a "
+    "label exists. Every training option applies. Options override --config FILE.",
+)
+
+
+def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAIN_TEXT) -> None:
     from transferkit.config import TrainConfig
 
-    p = sub.add_parser(
-        "train",
-        help="fine-tune one backbone on one or more datasets",
-        description="Fine-tune a pretrained backbone on several datasets at once (one head per label space). "
-        "Options override --config FILE, which overrides the defaults shown.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = sub.add_parser(command, help=text[0], description=text[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help()
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -96,6 +104,21 @@ def cmd_train(args) -> None:
         run_dir = train(config_from_dict(values, source=args.config or "command line"))  # validates first
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(run_dir)
+
+
+def cmd_distill(args) -> None:
+    """`train` with teachers: the same options, and --teachers required (on the command line or in --config)."""
+    if args.resume:
+        from transferkit.runs import load_run
+
+        if not load_run(args.resume).config.teachers:
+            raise TransferkitError(f"{args.resume} is not a distillation; continue it with `transferkit train --resume`")
+    elif not getattr(args, "teachers", None):
+        from transferkit.config import load_config_file
+
+        if not (args.config and load_config_file(args.config).get("teachers")):
+            raise TransferkitError("distill needs --teachers RUN[,RUN...]: the finished runs whose heads teach the student")
+    cmd_train(args)
 
 
 def cmd_eval(args) -> None:
@@ -218,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
+    _add_train_parser(sub, "distill", _DISTILL_TEXT)
 
     p = sub.add_parser("eval", help="accuracy of every head on every dataset it can score; report with plots")
     p.add_argument("run", metavar="RUN")
@@ -303,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k8s-api-key-secret", metavar="NAME[:KEY]",
                    help="set TRANSFERKIT_API_KEY from this Secret's KEY (default key: api-key)")
 
-    for name, func in (("train", cmd_train), ("eval", cmd_eval), ("export", cmd_export),
+    for name, func in (("train", cmd_train), ("distill", cmd_distill), ("eval", cmd_eval), ("export", cmd_export),
                        ("benchmark", cmd_benchmark), ("serve", cmd_serve),
                        ("predict", cmd_predict), ("build", cmd_build)):  # fmt: skip
         sub.choices[name].set_defaults(func=func)
@@ -335,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        hint = " (resume training with --resume RUN)" if args.command == "train" else ""
+        hint = " (resume training with --resume RUN)" if args.command in ("train", "distill") else ""
         print(f"transferkit: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:

@@ -57,6 +57,14 @@ class TrainConfig:
     unlabeled_rampup: float = 0.2  # fraction of training over which their weight then ramps up linearly
     unlabeled_ratio: int = 1  # unlabeled images per labelled image in a step
     distribution_alignment: bool = True  # align pseudo-label class frequencies with the labelled prior
+    # ---- adaptation to the unlabeled images (training/adaptation.py, rounds.py; docs/adaptation.md) ----
+    # Used only with --unlabeled (distillation's teachers label for themselves); each part is switched off on
+    # its own; benchmarks/transfer.py section e measures what each one adds.
+    adapt_bn: bool = True  # pseudo-label with BatchNorm statistics of the unlabeled images (AdaBN)
+    teacher_ema: float = 0.9  # pseudo-labels from an EMA of the weights, this decay per step (mean teacher); 0: off
+    rounds: int = 3  # self-training rounds: each after the first continues from the last, learning its labels
+    round_epochs: int = 1  # epochs of each round after the first (`epochs` is the first round's)
+    round_keep: float = 0.8  # share of each predicted class's most confident unlabeled images labelled per round
     # ---- distillation (`transferkit distill`: training with teachers, see training/distill.py) ----
     teachers: list[str] = field(default_factory=list)  # finished RUN dirs whose heads teach the student (soft targets)
     temperature: float = 4.0  # softens teacher and student distributions in the KD loss, which is scaled by T^2
@@ -117,6 +125,7 @@ class TrainConfig:
         _check_head_weight_count(self.head_weights, self.heads, names)
         check_device(self.device, allow_auto=True)
         _check_distillation(self)
+        _check_adaptation(self)
         for path_field in ("label_map", "init"):
             value = getattr(self, path_field)
             if value is not None and not Path(value).exists():
@@ -177,11 +186,25 @@ def _check_distillation(cfg: TrainConfig) -> None:
         raise ConfigError("distillation takes its heads from the teachers, merged by class names; drop --heads separate")
     for teacher in cfg.teachers:
         if not Path(teacher).expanduser().is_dir():
-            raise ConfigError(f"teacher {teacher} does not exist; pass the run folder printed by `transferkit train`")
+            raise ConfigError(
+                f"teacher {teacher} does not exist; pass the folder of a finished run (printed by `transferkit train`), "
+                f"or put it back there to continue a distillation that names it"
+            )
     from transferkit.data import DatasetSpec
 
     if any(DatasetSpec.parse(text).head for text in cfg.unlabeled):
         raise ConfigError("in distillation unlabeled images train every head through the teachers; drop =HEAD from --unlabeled")
+
+
+def _check_adaptation(cfg: TrainConfig) -> None:
+    if not 0.0 <= cfg.teacher_ema < 1.0:
+        raise ConfigError(f"teacher_ema must be in [0, 1) (e.g. 0.99; 0 turns the mean teacher off), got {cfg.teacher_ema}")
+    if cfg.rounds < 1:
+        raise ConfigError(f"rounds must be >= 1 (1: no self-training rounds), got {cfg.rounds}")
+    if cfg.round_epochs < 1:
+        raise ConfigError(f"round_epochs must be >= 1, got {cfg.round_epochs}")
+    if not 0.0 < cfg.round_keep <= 1.0:
+        raise ConfigError(f"round_keep must be in (0, 1] (share of each class's images kept), got {cfg.round_keep}")
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

@@ -8,13 +8,14 @@ transferkit.training.eval_matrix; this module writes what a reader looks at.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from transferkit.runs import load_run
-from transferkit.training.eval_matrix import Matrix, evaluate_matrices, format_matrix
+from transferkit.evaluation.distill import ModelCost, format_costs, format_side_by_side, measure_costs
+from transferkit.training.eval_matrix import Matrix, evaluate_all, format_matrix
 from transferkit.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
 
 # Beyond this many classes the cell text is smaller than the pixels it sits on (CIFAR-100: 10,000 cells);
@@ -29,25 +30,35 @@ class EvalResult:
     report_path: Path
     matrix: Matrix
     source: Matrix | None
+    teachers: dict[str, Matrix | None] = field(default_factory=dict)  # distilled runs: teacher dir -> matrix
+    costs: list[ModelCost] = field(default_factory=list)  # distilled runs: student, then each teacher
 
 
 def evaluate_run(run_dir: str | Path, extra_data: list[str] | None = None, split: str = "test") -> EvalResult:
     run = load_run(run_dir)
-    matrix, source = evaluate_matrices(run, extra_data, split)
+    evaluation = evaluate_all(run, extra_data, split)
+    matrix, source, teachers = evaluation.matrix, evaluation.source, evaluation.teachers
     table = format_matrix(matrix, f"accuracy on the {split} split (rows: heads, columns: datasets)")
     if source is not None:
         table += "\n\n" + format_matrix(source, f"source run {run.config.init} on the same datasets")
+    costs = []
+    if teachers:
+        costs = measure_costs(run)
+        table += "\n\n" + format_side_by_side(matrix, teachers, split) + "\n\n" + format_costs(costs)
     payload = {
         "split": split,
         "accuracy": {d: c.accuracy for row in matrix.cells.values() for d, c in row.items() if c.own},
         "matrix": matrix.to_dict(),
         "source": None if source is None else {"run": run.config.init, "matrix": source.to_dict()},
     }
+    if teachers:
+        payload["teachers"] = [{"run": t, "matrix": None if m is None else m.to_dict()} for t, m in teachers.items()]
+        payload["costs"] = [c.to_dict() for c in costs]
     eval_path = atomic_write_json(run.dir / "eval.json", payload)
     plots = _plots(run.dir, matrix, run.labels.heads)
     report = _report_markdown(run, table, plots)
     report_path = atomic_write_text(run.dir / "report.md", report)
-    return EvalResult(table, eval_path, report_path, matrix, source)
+    return EvalResult(table, eval_path, report_path, matrix, source, teachers, costs)
 
 
 def _save_figure(fig, path: Path) -> str:
@@ -133,6 +144,11 @@ def _report_markdown(run, table: str, plots: list[str]) -> str:
         "- heads: " + ", ".join(f"`{h}` ({len(c)} classes)" for h, c in run.labels.heads.items()),
         f"- epochs {cfg.epochs}, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}"
         + (f", init from `{cfg.init}`" if cfg.init else ""),
+    ]
+    if cfg.teachers:
+        lines.append(f"- distilled from {', '.join(f'`{t}`' for t in cfg.teachers)} (temperature {cfg.temperature}, "
+                     f"kd_weight {cfg.kd_weight})")  # fmt: skip
+    lines += [
         "",
         "## Evaluation matrix",
         "",

@@ -1,15 +1,17 @@
 """The evaluation matrix (integration and test): every head scored on every dataset whose class names map
 into it. A cell is the accuracy over the dataset's images whose class exists in the head, with the
 coverage (share of images that could be scored). A run started with --init also scores its source run on
-the same datasets, side by side."""
+the same datasets, side by side, and a distilled run scores each of its teachers the same way."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from transferkit.data import DatasetSpec, ImageDataset, load_dataset
+from transferkit.preprocess import Preprocessing
 from transferkit.runs import Run, load_run_model
 from transferkit.training.evaluate import accuracy, confusion_matrix, predict_logits
 from transferkit.training.labels import LabelMap, class_index_map
@@ -68,23 +70,45 @@ def score_matrix(model, run: Run, datasets: list[ImageDataset], split: str, devi
     return Matrix(list(heads), [d.name for d in datasets], cells, confusion)
 
 
+@dataclass
+class Evaluation:
+    matrix: Matrix  # the run's own heads
+    source: Matrix | None = None  # the --init source run on the same datasets
+    # teacher run dir -> its matrix on the same datasets; None when the teacher run has gone since
+    teachers: dict[str, Matrix | None] = field(default_factory=dict)
+
+
 def evaluate_matrices(run: Run, extra: list[str] | None, split: str) -> tuple[Matrix, Matrix | None]:
     """-> (this run's matrix, the --init source run's matrix on the same datasets, or None)."""
+    result = evaluate_all(run, extra, split, teachers=False)
+    return result.matrix, result.source
+
+
+def evaluate_all(run: Run, extra: list[str] | None, split: str, teachers: bool = True) -> Evaluation:
+    """This run's matrix, and every other run it was made from (--init source, teachers) scored on the same
+    datasets, each model seeing them at its own input definition."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_run_model(run.dir)
     model.to(device, memory_format=torch.channels_last)
-    datasets = [load_dataset(spec, run.preprocessing, run.config.limit) for spec in dataset_specs(run, extra)]
-    target = score_matrix(model, run, datasets, split, device)
-    source = None
+    specs = dataset_specs(run, extra)
+    datasets = [load_dataset(spec, run.preprocessing, run.config.limit) for spec in specs]
+    loaded = {run.preprocessing: datasets}  # the data at each input definition, loaded once
+    result = Evaluation(score_matrix(model, run, datasets, split, device))
     if run.config.init:
-        src_model, src_run = load_run_model(run.config.init)
-        src_model.to(device, memory_format=torch.channels_last)
-        # the source model sees the data at its own input definition
-        src_data = datasets if src_run.preprocessing == run.preprocessing else [
-            load_dataset(spec, src_run.preprocessing, run.config.limit) for spec in dataset_specs(run, extra)
-        ]
-        source = score_matrix(src_model, src_run, src_data, split, device)
-    return target, source
+        result.source = _score_other(run.config.init, specs, loaded, run.config.limit, split, device)
+    for teacher in run.config.teachers if teachers else []:
+        gone = not Path(teacher).is_dir()
+        result.teachers[teacher] = None if gone else _score_other(teacher, specs, loaded, run.config.limit, split, device)
+    return result
+
+
+def _score_other(run_dir: str, specs: list[DatasetSpec], loaded: dict[Preprocessing, list[ImageDataset]],
+                 limit: int | None, split: str, device) -> Matrix:  # fmt: skip
+    other_model, other_run = load_run_model(run_dir)
+    other_model.to(device, memory_format=torch.channels_last)
+    if other_run.preprocessing not in loaded:  # the other model sees the data at its own input definition
+        loaded[other_run.preprocessing] = [load_dataset(spec, other_run.preprocessing, limit) for spec in specs]
+    return score_matrix(other_model, other_run, loaded[other_run.preprocessing], split, device)
 
 
 def format_matrix(matrix: Matrix, title: str) -> str:

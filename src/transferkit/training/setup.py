@@ -14,6 +14,7 @@ from transferkit.data import DatasetSpec, ImageDataset, load_dataset
 from transferkit.errors import ConfigError
 from transferkit.model import MultiHeadModel, create_backbone
 from transferkit.preprocess import Preprocessing
+from transferkit.training.distill import plan_student_heads, teacher_labels, teacher_only_pool
 from transferkit.training.labels import HeadPlan, LabelMap, plan_heads
 from transferkit.training.losses import DistributionAlignment, auto_class_weights
 from transferkit.training.optim import param_groups, warmup_cosine
@@ -68,7 +69,10 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     backbone.check_input_size(config.image_size)
     pre = backbone.preprocessing(config.image_size)
     datasets, unlabeled_specs = load_datasets(config, pre)
-    plan = plan_heads([(d.name, d.classes) for d in datasets], config.heads, label_map)
+    if config.teachers:  # distillation: the heads are the teachers', each dataset on the one with its classes
+        plan, _ = plan_student_heads(teacher_labels(config), [(d.name, d.classes) for d in datasets], label_map)
+    else:
+        plan = plan_heads([(d.name, d.classes) for d in datasets], config.heads, label_map)
     plan.labels.specs = {d.name: str(d.spec) for d in datasets}
     # how many heads `shared` makes depends on the class names just loaded (config.validate checks the bounds)
     if config.head_weights is not None and len(config.head_weights) != len(plan.labels.heads):
@@ -83,7 +87,12 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     pool = labelled_pool(datasets, plan, head_order, pre, device, config.workers)
     sampler = MultiDatasetSampler(pool.sizes, config.batch_size, parse_sampling(config.sampling), config.seed)
     setup = TrainingSetup(config, device, pre, datasets, plan, label_map, head_order, model, pool, sampler)
-    if unlabeled_specs:
+    if unlabeled_specs and config.teachers:  # distillation: the teachers label every head, no head to match
+        setup.unlabeled = teacher_only_pool(unlabeled_specs, pre, device, config.workers)
+        setup.unlabeled_sampler = CyclingSampler(
+            len(setup.unlabeled.labels), config.batch_size * config.unlabeled_ratio, config.seed
+        )
+    elif unlabeled_specs:
         setup.unlabeled, setup.unlabeled_heads = unlabeled_pool(
             unlabeled_specs, plan, head_order, label_map, pre, device, config.workers
         )

@@ -20,7 +20,9 @@ from transferkit.config import TrainConfig
 from transferkit.data import DatasetSpec
 from transferkit.errors import TransferkitError
 from transferkit.runs import load_run, save_run_metadata
-from transferkit.training import augment
+from transferkit.training import augment, distill
+from transferkit.training import rounds as self_training
+from transferkit.training.adaptation import PseudoLabeller
 from transferkit.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, save_weights
 from transferkit.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, shutdown
 from transferkit.training.evaluate import accuracy, predict_logits
@@ -51,7 +53,7 @@ def train(config: TrainConfig) -> Path:
     """Train from scratch (or from --init) into a new run directory; returns it."""
     config.validate()
     run_dir = Path(config.out) if config.out else default_run_dir(config)
-    if (run_dir / "checkpoint.pt").exists() or (run_dir / "model.pt").exists():
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / "model.pt").exists() or self_training.has_rounds(run_dir):
         raise TransferkitError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     config.out = str(run_dir)
     _absolute_paths(config)
@@ -65,12 +67,13 @@ def _absolute_paths(config: TrainConfig) -> None:
     for key in ("label_map", "init"):
         if getattr(config, key):
             setattr(config, key, str(Path(getattr(config, key)).expanduser().resolve()))
+    config.teachers = [str(Path(t).expanduser().resolve()) for t in config.teachers]
 
 
 def resume(run_dir: str | Path) -> Path:
     """Continue the run in `run_dir` from its last checkpoint, with its own resolved config."""
     run = load_run(run_dir)
-    if load_checkpoint(run.dir) is None:
+    if load_checkpoint(run.dir) is None and self_training.has_rounds(run.dir):
         raise TransferkitError(f"{run.dir} has no checkpoint.pt to resume from; start it again with train")
     run.config.validate()  # e.g. an --init run or image folder that has gone since
     return _run(run.config, run.dir, resuming=True)
@@ -79,6 +82,9 @@ def resume(run_dir: str | Path) -> Path:
 def _run(config: TrainConfig, run_dir: Path, resuming: bool) -> Path:
     dist_info, device = init_distributed(config.device)
     try:
+        if self_training.effective_rounds(config) > 1:  # self-training: one TrainLoop per round (training/rounds.py)
+            make = lambda d, again, k: TrainLoop(config, d, dist_info, device, again, round_no=k)  # noqa: E731
+            return self_training.run_rounds(config, run_dir, make, dist_info.is_main)
         return TrainLoop(config, run_dir, dist_info, device, resuming).run()
     finally:
         shutdown(dist_info)
@@ -88,8 +94,11 @@ class TrainLoop:
     """One training run's state and steps. `run()` trains to the end; `train_step(batch)` is one optimiser
     step (used as-is by benchmarks/train_throughput.py, so the benchmark measures the real loop)."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, dist: DistInfo, device: torch.device, resuming: bool):
+    def __init__(self, config: TrainConfig, run_dir: Path, dist: DistInfo, device: torch.device, resuming: bool,
+                 round_no: int = 1):  # fmt: skip
         self.cfg, self.run_dir, self.dist, self.device = config, run_dir, dist, device
+        # distillation: teachers are checked and loaded before any data, and before the seed is set
+        self.teachers = distill.load_teachers(config, device) if config.teachers else None
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.setup: TrainingSetup = build_setup(config, device)
@@ -97,8 +106,14 @@ class TrainLoop:
         self.log = self._print if dist.is_main else (lambda *a: None)
         for name, head in self.setup.unlabeled_heads.items():
             self.log(f"unlabeled: {name} is pseudo-labelled by head {head}")
-        if config.init and not resuming:
-            mapping = init_from_run(self.model, config.init, self.setup.label_map)
+        for line in distill.describe_teachers(self.teachers or [], config.image_size):
+            self.log(line)
+        init, self.round_record = config.init, {}
+        if round_no > 1:  # the previous round's labels join the data; its model is where this round starts
+            root = run_dir if round_no == self_training.effective_rounds(config) else run_dir.parent
+            init = str(self_training.start_round(self, root, round_no))
+        if init and not resuming:
+            mapping = init_from_run(self.model, init, self.setup.label_map)
             for line in describe_mapping(mapping):
                 self.log(line)
             if dist.is_main:
@@ -106,6 +121,8 @@ class TrainLoop:
         self.optimizer, self.scheduler = build_optimizer(self.setup)
         self.ema = EMA(self.model, config.ema) if config.ema else None
         self.eval_model = copy.deepcopy(self.model) if config.ema else self.model
+        # who labels the weak view: a mean teacher and/or target BatchNorm statistics (training/adaptation.py)
+        self.labeller = PseudoLabeller.for_run(config, self.model, self.setup.preprocessing)
         # On the training device: random numbers drawn on the CPU would need a host-to-device copy per step,
         # and a copy from pageable memory waits for the GPU to drain, stalling the launch pipeline.
         self.aug_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -132,6 +149,7 @@ class TrainLoop:
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "alignment": self.setup.alignment.state_dict() if self.setup.alignment else None,
+            "labeller": self.labeller.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "global_step": self.global_step,
@@ -156,6 +174,7 @@ class TrainLoop:
             self.ema.load_state_dict(state["ema"])
         if self.setup.alignment and state.get("alignment"):
             self.setup.alignment.load_state_dict(state["alignment"])
+        self.labeller.load_state_dict(state.get("labeller"))
         for key in ("epoch", "step", "global_step", "best", "bad_epochs", "finished"):
             setattr(self, key, state[key])
         self.metrics.history = list(state["history"])
@@ -234,6 +253,8 @@ class TrainLoop:
             "images_per_s": images / max(elapsed, 1e-9),
             "lr": self.optimizer.param_groups[-1]["lr"],
         }
+        if "kd" in totals:  # distillation: the KD part of the loss, before kd_weight
+            self._epoch_train["kd_loss"] = totals["kd"] / steps_run
         if totals.get("unl", 0) > 0:  # pseudo-labels were in use this epoch
             self._epoch_train["pseudo_coverage"] = totals["kept"] / max(totals["unl"], 1.0)
             self._epoch_train["pseudo_accuracy"] = totals["kept_right"] / max(totals["kept"], 1.0)
@@ -269,9 +290,12 @@ class TrainLoop:
         self.scheduler.step()
         if self.ema:
             self.ema.update(self.model)
+        self.labeller.update(self.model)
         return out
 
     def _forward_backward(self, labelled, unlabeled, batch_len: int) -> dict:
+        if self.teachers is not None:  # soft targets from the teachers on every image (training/distill.py)
+            return distill.forward_backward(self, labelled, unlabeled, batch_len)
         cfg, setup = self.cfg, self.setup
         images, labels, head_ids = labelled
         x = augment.to_unit(images)
@@ -281,7 +305,10 @@ class TrainLoop:
         if unlabeled is not None and len(unlabeled[0]) and ramp > 0:  # no wasted forward before the start
             u_images, u_true, u_heads = unlabeled
             u = augment.to_unit(u_images)
-            parts += [augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)]
+            weak_view, strong_view = augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)
+            # labelled apart (no gradient) by the labeller, or in this batch as plain FixMatch does
+            labeller_logits = self.labeller.weak_logits(self.model, weak_view)
+            parts += [strong_view] if labeller_logits is not None else [weak_view, strong_view]
         x = setup.preprocessing.normalize_torch(torch.cat(parts)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.train_model(x)
@@ -294,8 +321,11 @@ class TrainLoop:
         stats = {"correct": correct.sum(), "seen": n, "images": n}
         if len(parts) > 1:
             m = len(u_images)
-            weak = {k: v[n : n + m] for k, v in logits.items()}
-            strong = {k: v[n + m :] for k, v in logits.items()}
+            if labeller_logits is not None:
+                weak, strong = labeller_logits, {k: v[n:] for k, v in logits.items()}
+            else:
+                weak = {k: v[n : n + m] for k, v in logits.items()}
+                strong = {k: v[n + m :] for k, v in logits.items()}
             u_loss, keep, pseudo = pseudo_label_loss(
                 weak, strong, u_heads, setup.head_order, cfg.pseudo_threshold, setup.alignment
             )
@@ -313,7 +343,8 @@ class TrainLoop:
         val = self.validate(self.eval_model)
         mean_val = float(np.mean(list(val.values())))
         self.epoch, self.step = self.epoch + 1, 0
-        record = {"epoch": self.epoch, **self._epoch_train, "val_acc": val, "val_acc_mean": mean_val}
+        record = {"epoch": self.epoch, **self._epoch_train, "val_acc": val, "val_acc_mean": mean_val,
+                  **self.round_record}  # fmt: skip
         improved = mean_val > self.best
         if improved:
             self.best, self.bad_epochs = mean_val, 0
