@@ -87,6 +87,7 @@ def section_e(args) -> None:
     base = TrainConfig(data=["mnist"], image_size=args.image_size, limit=args.limit, epochs=args.epochs,
                        batch_size=args.batch_size, device=args.device)  # fmt: skip
     seeds = [int(s) for s in args.seeds.split(",")]
+    measured = commit()  # the code the runs use, not whatever is checked out when they end
     t0 = time.perf_counter()
     data = run_section_e(base, Path(args.root), seeds)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
@@ -101,7 +102,7 @@ def section_e(args) -> None:
 
     env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ]
     command = " ".join([*env, "python", *sys.argv])
-    block = section_e_markdown(data, command, commit(), settings)
+    block = section_e_markdown(data, command, measured, settings)
     out = Path(args.adaptation_out)
     write_section_e(out, block)
     (Path(args.root) / "section_e.json").write_text(__import__("json").dumps(data, indent=1))
