@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -32,32 +30,13 @@ from transferkit.config import TrainConfig  # noqa: E402
 from transferkit.data import load_dataset
 from transferkit.evaluation.distill import LATENCY_BATCH, measure_latencies
 from transferkit.runs import load_run, load_run_model
-from transferkit.training import augment, train
+from transferkit.training import augment
 from transferkit.training.eval_matrix import evaluate_matrices
 from transferkit.training.distill import teacher_input
+from transfer import commit, run  # benchmarks/transfer.py: the same commit line and timed training run
 
 DATASETS = ("mnist", "fashion-mnist")
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
-
-
-def commit() -> str:
-    """The source commit measured (with `+changes` when tracked files differ from it)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def run(name: str, base: TrainConfig, root: Path, **overrides) -> Path:
-    out = root / name
-    if out.exists():
-        shutil.rmtree(out)
-    t = time.perf_counter()
-    train(replace(base, out=str(out), **overrides))
-    print(f"[{name}] trained in {time.perf_counter() - t:.0f}s", flush=True)
-    return out
 
 
 def own_accuracy(run_dir: Path) -> dict[str, float]:
