@@ -1,10 +1,11 @@
 """Distillation results (section f): two teachers into one small student; writes docs/distill.md.
 
-    python benchmarks/distill.py [--limit 3000] [--epochs 2] [--students mobilenet_v2:imagenet,...]
+    python benchmarks/distill.py [--limit 3000] [--epochs 6] [--student-sizes 32,48] [--students mobilenet_v2:imagenet,...]
 
-Teachers: MobileNetV2 (ImageNet) at 64 px, one on MNIST, one on Fashion-MNIST. Each student (32 px, both
-datasets, one backbone, two heads) is trained twice with the same settings: distilled from the two
-teachers (`transferkit distill`), and without teachers (plain multi-task `transferkit train`). Reported:
+Teachers: MobileNetV2 (ImageNet) at 64 px, one on MNIST, one on Fashion-MNIST. Each student (every size of
+--student-sizes, both datasets, one backbone, two heads) is trained twice with the same settings: distilled
+from the two teachers (`transferkit distill`, default temperature and kd_weight), and without teachers
+(plain multi-task `transferkit train`); the first student once more with --compare-kd. Reported:
 test accuracy per dataset, parameters, model.pt size and CPU latency at batch 32 (measured round-robin in
 this process), against the goal: student within 1 point of each teacher on its dataset at <= 0.5x the
 teachers' summed latency. Every number comes from a run this script performs.
@@ -16,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -75,43 +76,71 @@ def costs(run_dirs: list[Path], rounds: int) -> list[dict]:
             for d, m, t in zip(run_dirs, models, ms)]  # fmt: skip
 
 
-def main() -> None:
+@dataclass
+class Student:
+    backbone: str
+    weights: str
+    size: int
+    distilled: Path
+    plain: Path
+    compare: Path | None  # distilled with --compare-kd instead of the defaults (first student only)
+
+
+def main(argv: list[str] | None = None, command: str | None = None) -> None:
+    """`argv`: options as on the command line (default sys.argv[1:]); `command`: the command line recorded in
+    the report (benchmarks/transfer.py --sections f passes its own)."""
+    defaults = TrainConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--limit", type=int, default=3000, help="images per split per dataset")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--teacher-size", type=int, default=64)
-    ap.add_argument("--student-size", type=int, default=32)
-    ap.add_argument("--students", default="mobilenet_v2:imagenet,mobilenet_v3_small:none",
+    ap.add_argument("--student-sizes", default="32,48", help="comma-separated input sizes of the students")
+    ap.add_argument("--students", default="mobilenet_v2:imagenet",
                     help="comma-separated BACKBONE:WEIGHTS; `none` weights train from scratch at lr 3e-3")
-    ap.add_argument("--temperature", type=float, default=4.0)
-    ap.add_argument("--kd-weight", type=float, default=0.9)
+    ap.add_argument("--temperature", type=float, default=defaults.temperature)
+    ap.add_argument("--kd-weight", type=float, default=defaults.kd_weight)
+    ap.add_argument("--compare-kd", default="4:0.9", help="TEMPERATURE:KD_WEIGHT of one more distillation of the "
+                    "first student, beside the one above (the textbook setting); `none` to skip")  # fmt: skip
     ap.add_argument("--latency-rounds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default="runs/bench-distill")
     ap.add_argument("--out", default="docs/distill.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    command = command or " ".join(["python", *sys.argv])
     root = Path(args.root)
     base = TrainConfig(data=["mnist"], limit=args.limit, epochs=args.epochs, batch_size=args.batch_size,
                        seed=args.seed, device=args.device)  # fmt: skip
+    sizes = [int(x) for x in args.student_sizes.split(",")]
+    compare_t, compare_w = (None, None) if args.compare_kd == "none" else map(float, args.compare_kd.split(":"))
+    source = commit()  # the code the runs use, not whatever is checked out when they end
     t0 = time.perf_counter()
 
     teachers = {d: run(f"teacher-{d}", base, root, data=[d], image_size=args.teacher_size) for d in DATASETS}
-    students = []
+    teacher_dirs = [str(teachers[d]) for d in DATASETS]
+    students: list[Student] = []
     for spec in args.students.split(","):
         backbone, _, weights = spec.partition(":")
-        common = dict(data=list(DATASETS), image_size=args.student_size, backbone=backbone, weights=weights or "imagenet",
-                      lr=3e-3 if weights == "none" else base.lr)  # fmt: skip
-        distilled = run(f"student-{backbone}-distilled", base, root, teachers=[str(teachers[d]) for d in DATASETS],
-                        temperature=args.temperature, kd_weight=args.kd_weight, **common)  # fmt: skip
-        plain = run(f"student-{backbone}-plain", base, root, **common)
-        students.append((backbone, common["weights"], distilled, plain))
+        weights = weights or "imagenet"
+        for size in sizes:
+            common = dict(data=list(DATASETS), image_size=size, backbone=backbone, weights=weights,
+                          lr=3e-3 if weights == "none" else base.lr)  # fmt: skip
+            name = f"student-{backbone}-{size}px"
+            distilled = run(f"{name}-distilled", base, root, teachers=teacher_dirs, temperature=args.temperature,
+                            kd_weight=args.kd_weight, **common)  # fmt: skip
+            plain = run(f"{name}-plain", base, root, **common)
+            compare = None
+            if compare_t is not None and not students:
+                compare = run(f"{name}-distilled-t{compare_t:g}-kd{compare_w:g}", base, root, teachers=teacher_dirs,
+                              temperature=compare_t, kd_weight=compare_w, **common)  # fmt: skip
+            students.append(Student(backbone, weights, size, distilled, plain, compare))
     train_minutes = (time.perf_counter() - t0) / 60
 
-    acc = {p: own_accuracy(p) for p in [*teachers.values(), *(s[2] for s in students), *(s[3] for s in students)]}
-    upsampled = {d: accuracy_on_student_view(teachers[d], d, args.student_size, args.limit) for d in DATASETS}
-    measured = [*teachers.values(), *(s[2] for s in students)]
+    every = [*teachers.values(), *(p for s in students for p in (s.distilled, s.plain, s.compare) if p is not None)]
+    acc = {p: own_accuracy(p) for p in every}
+    upsampled = {(d, size): accuracy_on_student_view(teachers[d], d, size, args.limit) for d in DATASETS for size in sizes}
+    measured = [*teachers.values(), *(s.distilled for s in students)]
     cost = dict(zip(measured, costs(measured, args.latency_rounds)))
     teacher_ms = sum(cost[teachers[d]]["ms"] for d in DATASETS)
     total_minutes = (time.perf_counter() - t0) / 60
@@ -126,17 +155,18 @@ def main() -> None:
     lines = [
         "# Distillation results",
         "",
-        f"Produced by `{' '.join(['python', *sys.argv])}` at commit {commit()} on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}. Test-split accuracy ({args.limit} images per dataset).",
+        f"Produced by `{command}` at commit {source} on {datetime.now(timezone.utc):%Y-%m-%d}. Test-split accuracy "
+        f"({args.limit} images per dataset).",
         f"Settings: {args.limit} images per split and dataset, {args.epochs} epochs, batch {args.batch_size}, AdamW "
         f"lr {base.lr} (random-init students 3e-3) warm-up+cosine, seed {args.seed}; teachers MobileNetV2 (ImageNet) "
-        f"at {args.teacher_size} px, one per dataset; students at {args.student_size} px on both datasets (one "
-        f"backbone, two heads), distilled with temperature {args.temperature} and kd_weight {args.kd_weight}. "
-        f"Small sizes so the whole script runs in minutes on 2 shared CPU cores: training {train_minutes:.1f} min, "
-        f"all {total_minutes:.1f} min. Latency: CPU, {torch.get_num_threads()} threads, median ms per batch of "
+        f"at {args.teacher_size} px, one per dataset; students at {', '.join(f'{x} px' for x in sizes)} on both "
+        f"datasets (one backbone, two heads), distilled with temperature {args.temperature:g} and kd_weight "
+        f"{args.kd_weight:g} (the defaults), and trained on the same labels without teachers. Small sizes so the "
+        f"whole script runs in well under an hour on 2 shared CPU cores: training {train_minutes:.1f} min, all "
+        f"{total_minutes:.1f} min. Latency: CPU, {torch.get_num_threads()} threads, median ms per batch of "
         f"{LATENCY_BATCH} over {args.latency_rounds} round-robin rounds in one process (OMP_WAIT_POLICY="
-        f"{os.environ['OMP_WAIT_POLICY']}); a plain student has the distilled one's architecture and input, so the "
-        "same cost.",
+        f"{os.environ['OMP_WAIT_POLICY']}); a student without teachers, or distilled with other settings, has the "
+        "distilled one's architecture and input, so the same cost.",
         "",
         f"| model | input | {' | '.join(NAMES[d] for d in DATASETS)} | params | model.pt | ms / batch {LATENCY_BATCH} "
         "| latency / teachers' sum |",
@@ -145,42 +175,49 @@ def main() -> None:
     for d in DATASETS:
         lines.append(f"| teacher {NAMES[d]} (mobilenet_v2, imagenet) | {args.teacher_size} px | {cells(teachers[d])} "
                      f"| {cost_cells(teachers[d])} |")  # fmt: skip
-    for backbone, weights, distilled, plain in students:
-        lines.append(f"| **student {backbone} ({weights}), distilled** | {args.student_size} px | {cells(distilled)} "
-                     f"| {cost_cells(distilled)} |")  # fmt: skip
-        lines.append(f"| same student, no teachers (plain multi-task) | {args.student_size} px | {cells(plain)} "
-                     "| (same) | | | |")  # fmt: skip
+    for s in students:
+        lines.append(f"| **student {s.backbone} ({s.weights}), distilled** | {s.size} px | {cells(s.distilled)} "
+                     f"| {cost_cells(s.distilled)} |")  # fmt: skip
+        lines.append(f"| same student, no teachers (plain multi-task) | {s.size} px | {cells(s.plain)} | (same) | | | |")
+        if s.compare is not None:
+            lines.append(f"| same student, distilled with temperature {compare_t:g}, kd_weight {compare_w:g} | "
+                         f"{s.size} px | {cells(s.compare)} | (same) | | | |")  # fmt: skip
     lines += ["", "Goal: the distilled student within 1 point of each teacher on its dataset, at <= 0.5x the "
               "teachers' summed latency.", ""]  # fmt: skip
-    for backbone, weights, distilled, plain in students:
-        gaps = {d: 100 * (acc[distilled][d] - acc[teachers[d]][d]) for d in DATASETS}
-        ratio = cost[distilled]["ms"] / teacher_ms
+    for s in students:
+        gaps = {d: 100 * (acc[s.distilled][d] - acc[teachers[d]][d]) for d in DATASETS}
+        ratio = cost[s.distilled]["ms"] / teacher_ms
         met = all(g >= -1.0 for g in gaps.values()) and ratio <= 0.5
-        vs_plain = ", ".join(f"{NAMES[d]} {100 * (acc[distilled][d] - acc[plain][d]):+.2f}" for d in DATASETS)
-        lines.append(
-            f"- student {backbone} ({weights}): "
-            + ", ".join(f"{NAMES[d]} {g:+.2f} points vs its teacher" for d, g in gaps.items())
-            + f"; latency {ratio:.2f}x the teachers' sum: **goal {'met' if met else 'not met'}**. "
-            f"Distilled vs no teachers: {vs_plain} points."
-        )
+        vs = lambda other: ", ".join(f"{NAMES[d]} {100 * (acc[s.distilled][d] - acc[other][d]):+.2f}" for d in DATASETS)  # noqa: E731
+        line = (f"- student {s.backbone} ({s.weights}) at {s.size} px: "
+                + ", ".join(f"{NAMES[d]} {g:+.2f} points vs its teacher" for d, g in gaps.items())
+                + f"; latency {ratio:.2f}x the teachers' sum: **goal {'met' if met else 'not met'}**. "
+                f"Distilled vs no teachers: {vs(s.plain)} points.")  # fmt: skip
+        if s.compare is not None:
+            line += f" Defaults vs temperature {compare_t:g}, kd_weight {compare_w:g}: {vs(s.compare)} points."
+        lines.append(line)
     lines += [
         "",
-        f"Teachers as they are fed during distillation (the student's {args.student_size} px view resized on the "
-        f"device to {args.teacher_size} px, training/distill.py) instead of their own PIL-resized input: "
-        + ", ".join(f"{NAMES[d]} {upsampled[d]:.4f} (native {acc[teachers[d]][d]:.4f})" for d in DATASETS) + ".",
+        "Teachers as they are fed during distillation (the student's view resized on the device to "
+        f"{args.teacher_size} px, training/distill.py) instead of their own PIL-resized input: "
+        + "; ".join(f"from {size} px: " + ", ".join(f"{NAMES[d]} {upsampled[d, size]:.4f}" for d in DATASETS)
+                    for size in sizes)
+        + " (native: " + ", ".join(f"{NAMES[d]} {acc[teachers[d]][d]:.4f}" for d in DATASETS) + ").",
         "",
-        "Where the latency win comes from: a MobileNetV2 student runs the teachers' network once, at a quarter of "
-        "their pixels, instead of two networks at full size: a smaller input and one shared backbone, not a smaller "
-        "network. The 28x28 originals lose no pixel at 32 px; what the 64 px teachers have more of is compute (larger "
-        "feature maps), which is where the student has to make up the difference.",
+        "Where the latency win comes from: a MobileNetV2 student runs the teachers' network once, on fewer pixels, "
+        "instead of two networks at full size: a smaller input and one shared backbone, not a smaller network. On "
+        "this CPU the time per batch falls far more slowly than the pixel count (per-layer overhead dominates small "
+        "inputs; the ms column), so a larger student input costs far less than its pixel count suggests. The 28x28 originals lose no pixel at 32 px; "
+        "what larger inputs add is compute (larger feature maps: the last stage is 1x1 at 32 px, 2x2 at 48 px), which "
+        "is where a small-input student has to make up the difference.",
     ]
-    for backbone, weights, distilled, plain in students:
-        if weights != "none":
+    for s in students:
+        if s.weights != "none":
             continue
         steps = -(-len(DATASETS) * args.limit // args.batch_size) * args.epochs
-        fit = ", ".join(f"{name} {last_train_acc(d):.2f}" for name, d in (("distilled", distilled), ("plain", plain)))
+        fit = ", ".join(f"{name} {last_train_acc(d):.2f}" for name, d in (("distilled", s.distilled), ("plain", s.plain)))
         lines.append(
-            f"\nOnly MobileNetV2's ImageNet weights ship offline here, so the smaller {backbone} starts from random "
+            f"\nOnly MobileNetV2's ImageNet weights ship offline here, so {s.backbone} starts from random "
             f"weights, and {steps} steps are far too few for that: last-epoch training accuracy (train-mode "
             f"BatchNorm, augmented) {fit}, while evaluation uses BatchNorm running statistics, which torchvision's "
             f"MobileNetV3 updates with momentum 0.01, so after {steps} steps they are still far from the data's."

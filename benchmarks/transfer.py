@@ -1,8 +1,9 @@
-"""Transfer-learning results on the built-in offline data; writes docs/results.md (sections a-d) and
-docs/adaptation.md (section e).
+"""Transfer-learning results on the built-in offline data; writes docs/results.md (sections a-d),
+docs/adaptation.md (section e) and docs/distill.md (section f).
 
     python benchmarks/transfer.py [--device auto] [--image-size 48] [--limit 10000] [--epochs 3]
     python benchmarks/transfer.py --sections e --seeds 0,1,2 --image-size 32 --limit 2000 --epochs 4
+    python benchmarks/transfer.py --sections f    (benchmarks/distill.py with its defaults; run it for its options)
 
 a. MNIST -> sklearn digits: source-only (MNIST labels, head scored on digits), pseudo-labelled
    (`--unlabeled digits`), target-supervised (digits labels too); the share of the gap closed by pseudo-labels.
@@ -10,12 +11,16 @@ b. Multi-task (MNIST + Fashion-MNIST, one backbone) against single-task runs.
 c. ImageNet-pretrained against random init with few labels (500 Fashion-MNIST images).
 d. Sequential transfer (`--init` from the MNIST run onto digits) against starting from ImageNet.
 e. Ablation of the `--unlabeled` recipe on MNIST -> digits over several seeds (benchmarks/transfer_adaptation.py).
-Sections a-d share runs and always run together; e runs alone or after them.
+f. Distillation: two teachers (MobileNetV2 at 64 px, one per dataset) into one 32 px student, against the same
+   student trained without teachers (plain multi-task); accuracy per dataset, size and latency ratios
+   (benchmarks/distill.py, which takes its own --limit/--epochs; --device and --seed are passed on).
+Sections a-d share runs and always run together; e and f run alone or after them.
 Every number comes from a run this script performs; settings and seeds are written beside the table.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -67,17 +72,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default="runs/bench-transfer")
     ap.add_argument("--out", default="docs/results.md")
-    ap.add_argument("--sections", default="a,b,c,d", help="a,b,c,d (together) and/or e")
+    ap.add_argument("--sections", default="a,b,c,d", help="a,b,c,d (together), e and/or f")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of section e")
+    ap.add_argument("--arms", default=None, help="section e: rerun only these arms (comma-separated keys of "
+                    "transfer_adaptation.ARMS), keeping the others from ROOT/section_e.json")
     ap.add_argument("--adaptation-out", default="docs/adaptation.md", help="where section e is written")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    if sections - set("abcde"):
-        ap.error(f"unknown sections {sorted(sections - set('abcde'))}; use a,b,c,d and/or e")
+    if sections - set("abcdef"):
+        ap.error(f"unknown sections {sorted(sections - set('abcdef'))}; use a,b,c,d, e and/or f")
     if sections & set("abcd"):
         sections_a_to_d(args)
     if "e" in sections:
         section_e(args)
+    if "f" in sections:
+        import distill
+
+        distill.main(["--device", args.device, "--seed", str(args.seed)], command=" ".join(["python", *sys.argv]))
 
 
 def section_e(args) -> None:
@@ -88,24 +99,32 @@ def section_e(args) -> None:
                        batch_size=args.batch_size, device=args.device)  # fmt: skip
     seeds = [int(s) for s in args.seeds.split(",")]
     measured = commit()  # the code the runs use, not whatever is checked out when they end
+    saved = Path(args.root) / "section_e.json"
+    arms = args.arms.split(",") if args.arms else None
+    previous = json.loads(saved.read_text()) if arms else None
+    same = dict(image_size=args.image_size, limit=args.limit, epochs=args.epochs, batch_size=args.batch_size)
+    if previous is not None and previous.get("settings", same) != same:
+        raise SystemExit(f"{saved} was measured with {previous['settings']}, not {same}: rerun every arm")
     t0 = time.perf_counter()
-    data = run_section_e(base, Path(args.root), seeds)
+    data = run_section_e(base, Path(args.root), seeds, measured, arms, previous)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     digits = "/".join(str(min(n, args.limit)) for n in (1257, 270, 270))
     settings = (f"MobileNetV2 (ImageNet), {args.image_size} px, limit {args.limit} images per split per dataset "
                 f"(digits train/val/test: {digits}), {args.epochs} epochs (rounds after the first: "
                 f"{base.round_epochs}), "
                 f"batch {args.batch_size}, AdamW lr {base.lr} warm-up+cosine, pseudo-label threshold "
-                f"{base.pseudo_threshold}; device {device} with {torch.get_num_threads()} threads; whole section "
+                f"{base.pseudo_threshold}; device {device} with {torch.get_num_threads()} threads; "
+                f"{'whole section' if arms is None else 'the arms this command ran'} "
                 f"{(time.perf_counter() - t0) / 60:.0f} min")  # fmt: skip
     import os
 
     env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ]
     command = " ".join([*env, "python", *sys.argv])
-    block = section_e_markdown(data, command, measured, settings)
+    data["commands"] = (previous or {}).get("commands", []) + [f"`{command}` at commit {measured}"]
+    block = section_e_markdown(data, settings)
     out = Path(args.adaptation_out)
     write_section_e(out, block)
-    (Path(args.root) / "section_e.json").write_text(__import__("json").dumps(data, indent=1))
+    saved.write_text(json.dumps({**data, "settings": same}, indent=1))
     print(block)
     print(f"wrote {out}")
 
@@ -123,7 +142,7 @@ def sections_a_to_d(args) -> None:
     a_mnist = score(src, "mnist", "mnist")
     pseudo = run("a-pseudo", base, root, unlabeled=["digits"])
     a_pseudo = score(pseudo, "mnist", "digits")
-    pseudo_stats = __import__("json").loads((pseudo / "metrics.json").read_text())["history"][-1]
+    pseudo_stats = json.loads((pseudo / "metrics.json").read_text())["history"][-1]
     target = run("a-target", base, root, data=["mnist", "digits"])
     a_target = score(target, "mnist", "digits")
     gap = (a_pseudo - a_source) / (a_target - a_source) if a_target > a_source else float("nan")
@@ -199,6 +218,11 @@ def sections_a_to_d(args) -> None:
         "|---|---|",
         f"| the MNIST run (`--init`, backbone + all 10 head rows reused) | {d_seq:.4f} |",
         f"| ImageNet weights | {d_imagenet:.4f} |",
+        "",
+        "## e, f",
+        "",
+        "The `--unlabeled` recipe's ablation over three seeds (section e) is in docs/adaptation.md, distillation "
+        "(section f) in docs/distill.md; each records its own command.",
         "",
     ]
     out = Path(args.out)

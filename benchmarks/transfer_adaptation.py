@@ -4,8 +4,12 @@ Arms: source-only; the previous recipe (FixMatch + distribution alignment, every
 recipe plus each part alone (AdaBN labeller, mean teacher, self-training rounds); the default recipe
 (TrainConfig's defaults); target-supervised. Every arm on every seed; mean ± std over seeds; gap closed
 = (arm - source-only) / (target-supervised - source-only) on the means; wall and CPU time per training run.
-Then, on the source-only and default runs, AdaBN applied to the *final* model (statistics re-estimated on
-the digits train images, or on those mixed with as many MNIST train images), which is not part of the recipe.
+One more arm distils each seed's default run into a fresh student of the same architecture (noisy-student
+style: `transferkit distill --teachers DEFAULT_RUN --data mnist --unlabeled digits`), the fourth candidate
+the recipe was chosen among. `--arms` reruns only the named arms and keeps the others' results from the
+previous section_e.json (every arm records the commit it ran at). Then, on the source-only and default runs,
+AdaBN applied to the *final* model (statistics re-estimated on the digits train images, or on those mixed
+with as many MNIST train images), which is not part of the recipe.
 
 The recipe was chosen on the digits validation split; the test split is reported, never used to choose.
 Writes the measured part of docs/adaptation.md between its markers and keeps the text around them.
@@ -43,6 +47,9 @@ ARMS = [
     ("default", "**default `--unlabeled digits`** (AdaBN + mean teacher + 3 rounds)", dict(unlabeled=["digits"])),
     ("no-teacher", "default without the mean teacher (`--teacher-ema 0`)", dict(unlabeled=["digits"], teacher_ema=0.0)),
     ("one-round", "default with one round (`--rounds 1`)", dict(unlabeled=["digits"], rounds=1)),
+    ("noisy", "default, then distilled into a fresh student (`distill --teachers` the default run, `--unlabeled "
+     "digits`; time: the student's, on top of the default run's)",
+     dict(unlabeled=["digits"], teachers="e-default-seed{seed}")),
     ("target", "target-supervised (MNIST + digits labels)", dict(data=["mnist", "digits"])),
 ]
 
@@ -91,13 +98,29 @@ def final_model_adabn(run_dir: Path, seed: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_section_e(base: TrainConfig, root: Path, seeds: list[int]) -> dict:
-    results: dict = {key: [] for key, _, _ in ARMS}
-    adabn_final: dict = {"source": [], "default": []}
+def _overrides(overrides: dict, root: Path, seed: int) -> dict:
+    """An arm's TrainConfig overrides; `teachers` names the run (of this seed) to distil."""
+    if "teachers" not in overrides:
+        return overrides
+    teacher = root / overrides["teachers"].format(seed=seed)
+    if not (teacher / "model.pt").is_file():
+        raise SystemExit(f"arm needs the run {teacher}: run its arm first (it comes earlier in the same --arms)")
+    return {**overrides, "teachers": [str(teacher)]}
+
+
+def run_section_e(base: TrainConfig, root: Path, seeds: list[int], commit: str, arms: list[str] | None = None,
+                  previous: dict | None = None) -> dict:  # fmt: skip
+    """Train and score every arm (or only `arms`, keeping the other arms' entries of `previous`) on every seed."""
+    keys = [key for key, _, _ in ARMS if arms is None or key in arms]
+    kept = previous or {"results": {}, "adabn_final": {}}
+    results: dict = {key: [] if key in keys else kept["results"].get(key, []) for key, _, _ in ARMS}
+    adabn_final: dict = {key: [] if key in keys else kept["adabn_final"].get(key, []) for key in ("source", "default")}
     for seed in seeds:
         for key, _, overrides in ARMS:
-            d, wall, cpu = _train(f"e-{key}-seed{seed}", replace(base, seed=seed), root, overrides)
-            entry = {"seed": seed, "wall_s": wall, "cpu_s": cpu, **_scores(d)}
+            if key not in keys:
+                continue
+            d, wall, cpu = _train(f"e-{key}-seed{seed}", replace(base, seed=seed), root, _overrides(overrides, root, seed))
+            entry = {"seed": seed, "commit": commit, "wall_s": wall, "cpu_s": cpu, **_scores(d)}
             if (d / "rounds.json").is_file():
                 entry["rounds"] = json.loads((d / "rounds.json").read_text())["rounds"]
             history = json.loads((d / "metrics.json").read_text())["history"]
@@ -116,8 +139,13 @@ def _ms(values: list[float], pct: bool = True) -> str:
     return f"{f * np.mean(values):.1f} ± {f * np.std(values):.1f}"
 
 
-def section_e_markdown(data: dict, command: str, commit: str, settings: str) -> str:
-    res, seeds = data["results"], [e["seed"] for e in data["results"]["source"]]
+def section_e_markdown(data: dict, settings: str) -> str:
+    res = {key: rows for key, rows in data["results"].items() if rows}  # an arm never measured has no row
+    seeds = [e["seed"] for e in res["source"]]
+    at = {}  # commit -> arms measured there (entries from before arms recorded it: `commit` of the command)
+    for key, rows in res.items():
+        for c in dict.fromkeys(e.get("commit", data.get("commit")) for e in rows):
+            at.setdefault(c, []).append(key)
     mean = {k: float(np.mean([e["digits_test"] for e in v])) for k, v in res.items()}
     mean_val = {k: float(np.mean([e["digits_val"] for e in v])) for k, v in res.items()}
     gap = lambda m, k: (m[k] - m["source"]) / (m["target"] - m["source"])  # noqa: E731
@@ -125,13 +153,17 @@ def section_e_markdown(data: dict, command: str, commit: str, settings: str) -> 
     prev_cpu = np.mean([e["cpu_s"] for e in res["previous"]])
     lines = [
         BEGIN,
-        f"Produced by `{command}` at commit {commit}; seeds {', '.join(map(str, seeds))}.",
+        f"Produced by {'; then '.join(data['commands'])}; seeds {', '.join(map(str, seeds))}."
+        + ("" if len(at) == 1 else " Arms by the commit they ran at: "
+           + "; ".join(f"{c}: {', '.join(keys)}" for c, keys in at.items()) + "."),
         f"Settings: {settings}.",
         "",
         "| run | digits test % | gap closed | digits val % | MNIST test % | wall s / run (x previous) | CPU s / run (x previous) |",
         "|---|---|---|---|---|---|---|",
     ]
     for key, label, _ in ARMS:
+        if key not in res:
+            continue
         rows = res[key]
         closed = "" if key in ("source", "target") else f"{gap(mean, key):.1%}"
         wall = np.mean([e["wall_s"] for e in rows])
@@ -143,13 +175,13 @@ def section_e_markdown(data: dict, command: str, commit: str, settings: str) -> 
     lines += [
         "",
         "Gap closed on the validation split (what the recipe was chosen on): "
-        + ", ".join(f"{k} {gap(mean_val, k):.1%}" for k, _, _ in ARMS if k not in ("source", "target")) + ".",
+        + ", ".join(f"{k} {gap(mean_val, k):.1%}" for k in res if k not in ("source", "target")) + ".",
         "",
         "Pseudo-labels in the last epoch (kept share of the unlabeled images seen, and how many of those were "
         "right; true labels used only for this report), and for rounds the labels handed to the last round:",
         "",
     ]
-    for key, label, _ in ARMS:
+    for key in res:
         rows = [e for e in res[key] if "pseudo" in e]
         if rows:
             text = f"- {key}: {_ms([e['pseudo'][0] for e in rows])}% kept, {_ms([e['pseudo'][1] for e in rows])}% right"
