@@ -34,7 +34,8 @@ from transferkit.runs import load_run, load_run_model
 from transferkit.training import augment
 from transferkit.training.eval_matrix import evaluate_matrices
 from transferkit.training.distill import teacher_input
-from transfer import commit, run  # benchmarks/transfer.py: the same commit line and timed training run
+from provenance import commit
+from transfer import run  # benchmarks/transfer.py: the same timed training run
 
 DATASETS = ("mnist", "fashion-mnist")
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from loadgen import BOUNDARY, Level, run_client, run_hey
-from serve_load import commit, prepare_models, serving_env
+from provenance import commit
+from serve_load import prepare_models, serving_env
 
 LOCAL_BASE_IMAGE = "transferkit-base:bookworm"  # what docker-setup.sh builds where no registry is reachable
 CLIENTS = 64

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from transfer import commit  # noqa: E402  (benchmarks/transfer.py: one definition of the commit line)
+from provenance import commit  # noqa: E402
 
 
 def repair_lines(result) -> list[str]:

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from provenance import commit  # noqa: E402
 from loadgen import BOUNDARY, CONTENT_TYPE, Level, batch_totals, run_client, run_hey, serving  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -218,13 +219,6 @@ def measure_size(model: Model, args, tmp: Path, body: bytes, body_file: Path, he
         with serving("transferkit.serving.service:TransferkitService", {**common, **knobs}, log) as srv:
             levels += [level(srv, c, label(batching, workers, default_workers), True) for c in args.levels]
     return levels
-
-
-def commit() -> str:
-    """The source commit measured (with `+changes` when the tree differs from it)."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def serving_env() -> dict[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,21 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from provenance import commit
 
 from transferkit.config import TrainConfig
 from transferkit.training.distributed import DistInfo, resolve_device
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.trainer import TrainLoop
-
-
-def commit() -> str:
-    """The source commit measured (with `+changes` when tracked files differ from it)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def sync(device: torch.device) -> None:

@@ -22,27 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from provenance import commit
 from transferkit.config import TrainConfig
 from transferkit.runs import load_run
 from transferkit.training import train
 from transferkit.training.eval_matrix import evaluate_matrices
-
-
-def commit() -> str:
-    """The source commit measured (with `+changes` when tracked files differ from it)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def run(name: str, base: TrainConfig, root: Path, **overrides) -> Path:
