@@ -66,6 +66,12 @@ def last_train_acc(run_dir: Path) -> float:
     return json.loads((run_dir / "metrics.json").read_text())["history"][-1]["train_acc"]
 
 
+def best_val(run_dir: Path) -> dict[str, float]:
+    """Validation accuracy per dataset at the epoch model.pt keeps (what settings should be chosen on)."""
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    return max(history, key=lambda e: e["val_acc_mean"])["val_acc"]
+
+
 def costs(run_dirs: list[Path], rounds: int) -> list[dict]:
     models, sizes = [], []
     for d in run_dirs:
@@ -197,7 +203,14 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         if s.compare is not None:
             line += f" Defaults vs temperature {compare_t:g}, kd_weight {compare_w:g}: {vs(s.compare)} points."
         lines.append(line)
+    val_rows = [(f"{s.size} px {kind}", d) for s in students for kind, d in
+                (("distilled", s.distilled), ("plain", s.plain), (f"T={compare_t:g}/{compare_w:g}", s.compare)) if d]
     lines += [
+        "",
+        "Validation split (the epoch each model.pt keeps; what a setting is to be chosen on, the test split above "
+        "being for the report): "
+        + "; ".join(f"{name}: " + ", ".join(f"{NAMES[d]} {v:.4f}" for d, v in best_val(run_dir).items())
+                    for name, run_dir in val_rows) + ".",
         "",
         "Teachers as they are fed during distillation (the student's view resized on the device to "
         f"{args.teacher_size} px, training/distill.py) instead of their own PIL-resized input: "
