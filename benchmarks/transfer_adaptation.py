@@ -113,6 +113,9 @@ def run_section_e(base: TrainConfig, root: Path, seeds: list[int], commit: str, 
     """Train and score every arm (or only `arms`, keeping the other arms' entries of `previous`) on every seed."""
     keys = [key for key, _, _ in ARMS if arms is None or key in arms]
     kept = previous or {"results": {}, "adabn_final": {}}
+    for rows in kept["results"].values():  # entries saved before they recorded their commit carry the file's
+        for entry in rows:
+            entry.setdefault("commit", kept.get("commit"))
     results: dict = {key: [] if key in keys else kept["results"].get(key, []) for key, _, _ in ARMS}
     adabn_final: dict = {key: [] if key in keys else kept["adabn_final"].get(key, []) for key in ("source", "default")}
     for seed in seeds:
@@ -144,7 +147,7 @@ def section_e_markdown(data: dict, settings: str) -> str:
     seeds = [e["seed"] for e in res["source"]]
     at = {}  # commit -> arms measured there (entries from before arms recorded it: `commit` of the command)
     for key, rows in res.items():
-        for c in dict.fromkeys(e.get("commit", data.get("commit")) for e in rows):
+        for c in dict.fromkeys(e["commit"] for e in rows):
             at.setdefault(c, []).append(key)
     mean = {k: float(np.mean([e["digits_test"] for e in v])) for k, v in res.items()}
     mean_val = {k: float(np.mean([e["digits_val"] for e in v])) for k, v in res.items()}
