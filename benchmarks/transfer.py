@@ -124,6 +124,7 @@ def sections_a_to_d(args) -> None:
     base = TrainConfig(data=["mnist"], image_size=args.image_size, limit=args.limit, epochs=args.epochs,
                        batch_size=args.batch_size, seed=args.seed, device=args.device)  # fmt: skip
     few = dict(epochs=args.few_epochs, batch_size=min(args.batch_size, 64))
+    measured = commit()  # the code the runs use, not whatever is checked out when they end
     t0 = time.perf_counter()
 
     # a. MNIST -> digits
@@ -167,7 +168,7 @@ def sections_a_to_d(args) -> None:
     lines = [
         "# Transfer-learning results",
         "",
-        f"Produced by `{' '.join(['python', *sys.argv])}` at commit {commit()} on "
+        f"Produced by `{' '.join(['python', *sys.argv])}` at commit {measured} on "
         f"{datetime.now(timezone.utc):%Y-%m-%d}. Test-split accuracy.",
         f"Settings: {settings}.",
         "",
