@@ -50,6 +50,11 @@ def main() -> None:
 
     from transferkit.export import export_run, format_export_table
     from transferkit.export.benchmark import benchmark_run, format_benchmark_table
+    from transferkit.runs import load_run
+
+    trained = load_run(Path(args.run))
+    what = (f"run `{Path(args.run).name}` ({trained.config.backbone}, {trained.preprocessing.image_size} px, "
+            f"{', '.join(trained.labels.datasets)})")  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="transferkit-bench-") as tmp:
         run_dir = Path(tmp) / "run"
@@ -64,11 +69,11 @@ def main() -> None:
 
     command = "python benchmarks/export_formats.py " + " ".join(sys.argv[1:])
     text = "\n".join([
-        "# Export: every format x precision of the demo model, gated and timed",
+        f"# Export: every format x precision of {what}, gated and timed",
         "",
         f"Command: `{command.strip()}` at commit {commit()}, on {platform.processor() or platform.machine()} "
         f"with {os.cpu_count()} CPUs ({'AVX-512' if 'avx512' in open('/proc/cpuinfo').read() else 'AVX2, no VNNI'}), "
-        f"run `{Path(args.run).name}`. Export and gate of all artifacts: {export_s:.0f} s.",
+        f"{what}. Export and gate of all artifacts: {export_s:.0f} s.",
         "",
         "Gate: every artifact against PyTorch fp32 on held-out test images of every dataset (fp32: 0.5 point, 99% "
         "agreement; fp16: 0.3 point, 99.5%; int8: 1 point per dataset, 97%). fp16 ONNX is verified here and served on "
