@@ -83,7 +83,7 @@ def main() -> None:
 
 def section_e(args) -> None:
     import torch
-    from transfer_adaptation import run_section_e, section_e_markdown, write_section_e
+    from transfer_adaptation import ARMS, run_section_e, section_e_markdown, write_section_e
 
     base = TrainConfig(data=["mnist"], image_size=args.image_size, limit=args.limit, epochs=args.epochs,
                        batch_size=args.batch_size, device=args.device)  # fmt: skip
@@ -92,9 +92,13 @@ def section_e(args) -> None:
     saved = Path(args.root) / "section_e.json"
     arms = args.arms.split(",") if args.arms else None
     previous = json.loads(saved.read_text()) if arms else None
-    same = dict(image_size=args.image_size, limit=args.limit, epochs=args.epochs, batch_size=args.batch_size)
-    if previous is not None and previous.get("settings", same) != same:
-        raise SystemExit(f"{saved} was measured with {previous['settings']}, not {same}: rerun every arm")
+    same = dict(image_size=args.image_size, limit=args.limit, epochs=args.epochs, batch_size=args.batch_size,
+                seeds=seeds)  # the arms kept from before must have been measured the same way
+    if previous is not None and previous.get("settings") != same:
+        raise SystemExit(f"{saved} was measured with {previous.get('settings')}, not {same}: rerun every arm")
+    unknown = set(arms or []) - {key for key, _, _ in ARMS}
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}; section e has {', '.join(key for key, _, _ in ARMS)}")
     t0 = time.perf_counter()
     data = run_section_e(base, Path(args.root), seeds, measured, arms, previous)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"

@@ -145,7 +145,7 @@ def _ms(values: list[float], pct: bool = True) -> str:
 def section_e_markdown(data: dict, settings: str) -> str:
     res = {key: rows for key, rows in data["results"].items() if rows}  # an arm never measured has no row
     seeds = [e["seed"] for e in res["source"]]
-    at = {}  # commit -> arms measured there (entries from before arms recorded it: `commit` of the command)
+    at: dict[str, list[str]] = {}  # commit -> the arms measured at it
     for key, rows in res.items():
         for c in dict.fromkeys(e["commit"] for e in rows):
             at.setdefault(c, []).append(key)
