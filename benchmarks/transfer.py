@@ -11,7 +11,7 @@ b. Multi-task (MNIST + Fashion-MNIST, one backbone) against single-task runs.
 c. ImageNet-pretrained against random init with few labels (500 Fashion-MNIST images).
 d. Sequential transfer (`--init` from the MNIST run onto digits) against starting from ImageNet.
 e. Ablation of the `--unlabeled` recipe on MNIST -> digits over several seeds (benchmarks/transfer_adaptation.py).
-f. Distillation: two teachers (MobileNetV2 at 64 px, one per dataset) into one 32 px student, against the same
+f. Distillation: two teachers (MobileNetV2 at 64 px, one per dataset) into one student (at 32 and 48 px), against the same
    student trained without teachers (plain multi-task); accuracy per dataset, size and latency ratios
    (benchmarks/distill.py, which takes its own --limit/--epochs; --device and --seed are passed on).
 Sections a-d share runs and always run together; e and f run alone or after them.
@@ -91,6 +91,8 @@ def section_e(args) -> None:
     measured = commit()  # the code the runs use, not whatever is checked out when they end
     saved = Path(args.root) / "section_e.json"
     arms = args.arms.split(",") if args.arms else None
+    if arms and not saved.is_file():
+        raise SystemExit(f"--arms keeps the other arms from {saved}, which does not exist: run section e without --arms")
     previous = json.loads(saved.read_text()) if arms else None
     same = dict(image_size=args.image_size, limit=args.limit, epochs=args.epochs, batch_size=args.batch_size,
                 seeds=seeds)  # the arms kept from before must have been measured the same way
