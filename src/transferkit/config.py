@@ -67,7 +67,7 @@ class TrainConfig:
     round_keep: float = 0.8  # share of each predicted class's most confident unlabeled images labelled per round
     # ---- distillation (`transferkit distill`: training with teachers, see training/distill.py) ----
     teachers: list[str] = field(default_factory=list)  # finished RUN dirs whose heads teach the student (soft targets)
-    # T=1 with kd_weight 0.5 beat the textbook T=4 / 0.9 on Fashion-MNIST by 1.8 points (6 epochs, 32 px student,
+    # T=1 with kd_weight 0.5 beat the textbook T=4 / 0.9 on Fashion-MNIST by 1.7 points (6 epochs, 32 px student,
     # docs/distill.md keeps the comparison): over short schedules the softened targets of T=4 teach too slowly
     temperature: float = 1.0  # softens teacher and student distributions in the KD loss, which is scaled by T^2
     kd_weight: float = 0.5  # loss = kd_weight x KD (every image) + (1 - kd_weight) x cross-entropy (labelled images)
