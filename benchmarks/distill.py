@@ -34,7 +34,7 @@ from transferkit.runs import load_run, load_run_model
 from transferkit.training import augment
 from transferkit.training.eval_matrix import evaluate_matrices
 from transferkit.training.distill import teacher_input
-from provenance import commit
+from provenance import commit, write_report
 from transfer import run  # benchmarks/transfer.py: the same timed training run
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -237,11 +237,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
             f"MobileNetV3 updates with momentum 0.01, so after {steps} steps they are still far from the data's."
         )
     lines.append("")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from loadgen import BOUNDARY, Level, run_client, run_hey
-from provenance import commit
+from provenance import commit, write_report
 from serve_load import prepare_models, serving_env
 
 LOCAL_BASE_IMAGE = "transferkit-base:bookworm"  # what docker-setup.sh builds where no registry is reachable
@@ -191,7 +191,6 @@ def main() -> None:
         from transferkit.serving.build import DEFAULT_BASE_IMAGE, check_docker
         from transferkit.serving.server import free_port
         from transferkit.serving.settings import ServingSettings
-        from transferkit.utils import atomic_write_text
 
         buildx = check_docker()
         base = args.base_image or (LOCAL_BASE_IMAGE if docker("image", "inspect", LOCAL_BASE_IMAGE, check=False)
@@ -332,9 +331,7 @@ def main() -> None:
             f"{tally[bare_label]:,.0f} req/s). Answers other than 200: {bad}; requests without any HTTP answer "
             f"(reset, timeout): {dropped}.", "",
         ]  # fmt: skip
-        print("\n".join(lines))
-        atomic_write_text(args.out, "\n".join(lines))
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_report(args.out, lines)
     finally:
         containers.remove_all()
         for image in images:

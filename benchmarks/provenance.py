@@ -1,11 +1,14 @@
-"""What every benchmark report records about its source: the commit measured.
+"""What every benchmark report records about its source (the commit measured), and how a report is written.
 
-Its own module, free of torch and of the project, so that the serving benchmarks (a client and servers in
-other processes) can record it without importing training code."""
+Its own module, free of torch and of training code, so that the serving benchmarks (a client and servers in
+other processes) can use it too."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
+
+from transferkit.utils import atomic_write_text  # torch-free
 
 
 def commit() -> str:
@@ -16,3 +19,12 @@ def commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def write_report(path: str | Path, lines: list[str]) -> None:
+    """Print a benchmark's Markdown report and write it to `path` atomically: a run killed while writing
+    leaves the previous report whole."""
+    text = "\n".join(lines)
+    print(text)
+    atomic_write_text(path, text)
+    print(f"wrote {path}", file=sys.stderr)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from provenance import commit  # noqa: E402
+from provenance import commit, write_report  # noqa: E402
 from loadgen import BOUNDARY, CONTENT_TYPE, Level, batch_totals, run_client, run_hey, serving  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -323,7 +323,6 @@ def main() -> None:
         from sklearn.datasets import load_digits
 
         from transferkit.serving.settings import ServingSettings
-        from transferkit.utils import atomic_write_text
 
         hey = shutil.which("hey")
         generator = (f"`hey` ({hey}), keep-alive connections" if hey else "a Python httpx asyncio client (hey is "
@@ -360,9 +359,7 @@ def main() -> None:
             f"Python {platform.python_version()}", "",
             *sections, "## Goals", "", *goals(by_size, defaults.resolved_workers), "",
         ]  # fmt: skip
-        print("\n".join(lines))
-        atomic_write_text(args.out, "\n".join(lines))
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_report(args.out, lines)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

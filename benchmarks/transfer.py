@@ -28,7 +28,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import commit
+from provenance import commit, write_report
 from transferkit.config import TrainConfig
 from transferkit.runs import load_run
 from transferkit.training import train
@@ -222,11 +222,7 @@ def sections_a_to_d(args) -> None:
         "(section f) in docs/distill.md; each records its own command.",
         "",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":
