@@ -125,14 +125,13 @@ def make_run(run_dir: Path, size: int) -> Path:
 
 
 def model_of(run_dir: Path) -> Model:
-    from transferkit.serving.manifest import read_manifest
+    from transferkit.manifest import read_manifest
 
     manifest = read_manifest(run_dir / "export")
-    tag, onnx = (manifest.get("bentoml") or {}).get("tag"), manifest.get("formats", {}).get("onnx", {})
-    if not tag or onnx.get("status") != "passed":
+    onnx = manifest.artifacts.get("onnx")
+    if not manifest.tag or onnx is None or not onnx.servable:
         raise SystemExit(f"{run_dir}: needs a verified ONNX export saved to the BentoML model store")
-    pre = manifest["preprocessing"]
-    return Model(int(pre["image_size"]), tag, run_dir / "export" / onnx["file"], pre)
+    return Model(manifest.image_size, manifest.tag, run_dir / "export" / onnx.file, manifest.preprocessing)
 
 
 def prepare_models(args: argparse.Namespace, tmp: Path, user_home: Path) -> list[Model]:

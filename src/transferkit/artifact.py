@@ -9,7 +9,7 @@ CLI reads it to build `--help` without loading any engine. Who reads what:
                    manifest.json and verify.json; cli.py builds the --format help and the --precision and
                    --runtime choices from it
     TOLERANCES     FormatSpec.tolerances, and export/verify.py's default for compare()
-    INPUT_NAME     export/onnx.py, export/aoti.py, export/tensorrt.py, export/manifest.py, serving/runtime.py
+    INPUT_NAME     export/onnx.py, export/aoti.py, export/tensorrt.py, manifest.py, serving/runtime.py
     MIN/OPT/MAX_BATCH  export/formats.py hands them to the tensorrt and aoti exporters; export/verify.py
                    (images per call), serving/runtime.py (default chunk size) and serving/settings.py (the
                    --max-batch ceiling) stay within them
@@ -65,7 +65,7 @@ TOLERANCES = {
 class FormatSpec:
     """One export format, as data: what the file is, what serves it, where it runs, which precisions it takes."""
 
-    name: str  # --format name; the manifest["formats"] key of its default precision (see artifact_name)
+    name: str  # --format name; the manifest artifact key of its default precision (see artifact_name)
     filename: str  # written to RUN/export/ for the default precision (see artifact_files)
     runtime: str  # --runtime name of the runner that loads the file
     devices: tuple[str, ...]  # where the artifact can run: "cpu", "gpu"
@@ -135,7 +135,7 @@ RUNTIME_NAMES = tuple(s.runtime for s in sorted(FORMAT_SPECS.values(), key=lambd
 
 
 def artifact_name(format: str, precision: str) -> str:
-    """The manifest["formats"] key (and `--runtime` name) of one format at one precision: the format's own
+    """The manifest artifact key (and `--runtime` name) of one format at one precision: the format's own
     name at its default precision (`onnx`), else `format-precision` (`onnx-int8`), so both can live side by side."""
     spec = FORMAT_SPECS[format]
     return format if precision == spec.precisions[0] else f"{format}-{precision}"
@@ -148,16 +148,6 @@ def artifact_files(format: str, precision: str) -> list[str]:
     if precision != spec.precisions[0]:
         stem = f"{stem}-{precision}"
     return [f"{stem}.{suffix}", *(f"{stem}{c}" for c in spec.companions)]
-
-
-def entry_format(name: str, entry: dict) -> str:
-    """The format of a manifest["formats"] entry (manifests before artifact names keyed entries by format)."""
-    return entry.get("format") or name
-
-
-def entry_files(entry: dict) -> list[str]:
-    """The files of a manifest["formats"] entry, main file first."""
-    return list(entry.get("files") or [entry["file"]])
 
 
 def spec_for_runtime(runtime: str) -> FormatSpec:

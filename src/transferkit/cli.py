@@ -133,11 +133,12 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from transferkit.export import export_run, format_export_table
 
-    from transferkit.export.formats import ExportOptions
+    from transferkit.export.job import ExportOptions
 
     options = ExportOptions(simplify=args.simplify, calibration_images=args.calibration_images,
                             calibration_method=args.calibration_method, int8_fallback=args.int8_fallback,
-                            max_fp32_layers=args.max_fp32_layers, max_acc_delta_points=args.max_acc_delta,
+                            max_fp32_layers=args.max_fp32_layers, int8_budget_s=args.int8_budget_s,
+                            max_acc_delta_points=args.max_acc_delta,
                             min_top1_agreement=args.min_agreement)  # fmt: skip
     result = export_run(args.run, formats=_split_list(args.format), precision=_split_list(args.precision) or [],
                         options=options)  # fmt: skip
@@ -259,11 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=512, metavar="N",
                    help="int8: train images per dataset for calibration (seeded subset) (default: 512)")
     p.add_argument("--calibration-method", default="minmax", choices=("minmax", "entropy", "percentile"),
-                   help="int8: how activation ranges are calibrated (default: minmax)")
+                   help="int8 (onnx): the onnxruntime calibration method tried first; the others follow if it "
+                   "fails on the validation split (default: minmax)")
     p.add_argument("--int8-fallback", default="auto", choices=("auto", "off"),
-                   help="int8 that fails the gate: auto keeps the layers that break it in fp32 (default: auto)")
+                   help="int8: when no fully INT8 attempt passes on the validation split, auto keeps the layers "
+                   "that break it in fp32 (NNCF accuracy control; for onnx also the per-layer repair) (default: auto)")
     p.add_argument("--max-fp32-layers", type=int, default=8, metavar="N",
-                   help="int8 repair: at most this many layers kept in fp32 (default: 8)")
+                   help="int8 mixed precision: at most this many layers (NNCF: groups of operations) kept in fp32 "
+                   "(default: 8)")
+    p.add_argument("--int8-budget-s", type=float, default=240.0, metavar="SECONDS",
+                   help="int8: seconds the attempts of one artifact may take; attempts not started by then are "
+                   "skipped and recorded as such (default: 240)")
     p.add_argument("--max-acc-delta", type=float, metavar="POINTS",
                    help="gate: max |accuracy change| per dataset, overriding the precision's (fp32 0.5, fp16 0.3, int8 1)")
     p.add_argument("--min-agreement", type=float, metavar="FRACTION",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from transferkit import artifact
+from tests.export.tiny import manifest_with, with_speed
 from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES, STATUSES, TOLERANCES, check_device
 from transferkit.errors import ConfigError
 
@@ -116,7 +117,7 @@ def test_input_name_and_batch_range_have_one_definition():
     assignment = r"\s*(\w+\s*,\s*)*MAX_BATCH\s*(,\s*\w+\s*)*=(?!=)"
     assert _definitions(assignment) == ["artifact.py: MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64"]
     assert MAX_BATCH_CEILING == artifact.MAX_BATCH
-    for name in ("serving/runtime.py", "export/manifest.py", "export/onnx.py", "export/tensorrt.py", "export/aoti.py"):
+    for name in ("serving/runtime.py", "manifest.py", "export/onnx.py", "export/tensorrt.py", "export/aoti.py"):
         assert _constants(SRC / name) & {"images", 64} == set(), name
 
 
@@ -152,27 +153,48 @@ def test_auto_order_from_devices_and_rank(monkeypatch, ort_gpu, aoti_device, ord
     from transferkit.serving.runtime import OnnxRuntime, auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: ort_gpu))
-    manifest = {"formats": {"onnx": {}, "aoti": {"details": {"device": aoti_device}}, "tensorrt": {}}}
+    manifest = manifest_with(onnx={}, aoti={"device": aoti_device}, tensorrt={})
     runtime_of = {"onnx": "onnxruntime", "aoti": "torch", "tensorrt": "tensorrt"}
     assert [runtime_of[a] for a in auto_order(manifest)] == order
 
 
 def test_auto_order_prefers_measured_throughput_on_the_same_device(monkeypatch):
-    """On a CPU, the fastest artifact export measured goes first, whatever the table's rank; unmeasured ones
-    come after measured ones; a GPU artifact still comes before any CPU one."""
+    """On a CPU, the fastest artifact measured on this machine goes first, whatever the table's rank;
+    unmeasured ones come after measured ones; a GPU artifact still comes before any CPU one."""
     from transferkit.serving.runtime import OnnxRuntime, auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
-    measured = lambda ips: {"measured": {"images_per_second": ips, "batch": 32, "device": "cpu"}}  # noqa: E731
-    manifest = {"formats": {"onnx": {"precision": "fp32", **measured(1000)}, "aoti": {**measured(1200)},
-                            "onnx-int8": {"format": "onnx", "precision": "int8", **measured(1500)},
-                            "onnx-fp16": {"format": "onnx", "precision": "fp16"}, "tensorrt": {}}}  # fmt: skip
+    manifest = manifest_with(onnx={"speed": 1000}, aoti={"speed": 1200}, tensorrt={},
+                             **{"onnx-int8": {"precision": "int8", "speed": 1500}, "onnx-fp16": {"precision": "fp16"}})  # fmt: skip
     assert auto_order(manifest) == ["tensorrt", "onnx-int8", "aoti", "onnx", "onnx-fp16"]
     # a number measured on a GPU says nothing about this CPU: it is ignored, and onnx falls back to its rank
-    manifest["formats"]["onnx"]["measured"] = {"images_per_second": 99999, "batch": 32, "device": "gpu"}
+    manifest = manifest_with(onnx={"speed": 99999, "measured_on": "gpu"}, aoti={"speed": 1200}, tensorrt={},
+                             **{"onnx-int8": {"precision": "int8", "speed": 1500}, "onnx-fp16": {"precision": "fp16"}})  # fmt: skip
     assert auto_order(manifest) == ["tensorrt", "onnx-int8", "aoti", "onnx", "onnx-fp16"]
-    manifest["formats"]["onnx"]["measured"]["device"] = "cpu"
-    assert auto_order(manifest)[:2] == ["tensorrt", "onnx"]
+    assert auto_order(with_speed(manifest, "onnx", 99999))[:2] == ["tensorrt", "onnx"]
+
+
+def test_auto_trusts_only_speeds_measured_on_a_machine_like_this_one(monkeypatch):
+    """An INT8 figure from a CPU with VNNI says nothing about one without: a measurement from another kind of
+    machine is ignored, and the reason names this machine and how to measure here."""
+    from transferkit.machine import Machine
+    from transferkit.serving.runtime import OnnxRuntime, auto_order, select_runtime
+
+    monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
+    here = Machine.this()
+    other = Machine("Some Other CPU", ("avx2", "avx512_vnni"), here.cores + 14)
+    manifest = manifest_with(onnx={"speed": 1000}, **{"onnx-int8": {"precision": "int8"}})
+    manifest = with_speed(manifest, "onnx-int8", 5000, machine=other)
+    assert auto_order(manifest) == ["onnx", "onnx-int8"]
+    chosen = select_runtime("auto", manifest)
+    assert chosen.artifact == "onnx" and "onnx 1,000 img/s" in chosen.selected_because
+    bare = manifest_with(onnx={}, **{"onnx-int8": {"precision": "int8"}})
+    bare = with_speed(bare, "onnx-int8", 5000, machine=other)
+    because = select_runtime("auto", bare).selected_because
+    assert "no servable artifact was measured on a machine like this one" in because and here.cpu in because
+    # measured here: that figure counts, and replaces no figure from the other machine
+    both = with_speed(with_speed(bare, "onnx-int8", 800), "onnx", 700)
+    assert auto_order(both) == ["onnx-int8", "onnx"] and len(both.artifacts["onnx-int8"].measured) == 2
 
 
 @pytest.mark.parametrize("device, kind", [("cpu", "cpu"), ("cuda", "gpu"), ("cuda:1", "gpu")])

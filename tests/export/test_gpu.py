@@ -3,12 +3,12 @@
 Skipped with the reason on machines without CUDA / TensorRT. Weights "none" and the digits dataset only, so
 the test needs no download and no Debian data package.
 """
-import json
 
 import numpy as np
 import pytest
 
 from tests.export.tiny import DIGITS, make_tiny_run
+from transferkit.manifest import read_manifest
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -30,8 +30,8 @@ def test_aoti_for_cuda_passes_verify_and_serves_on_cuda(run_dir):
     print(format_export_table(result))
     assert result.formats["onnx"].status == PASSED, result.formats["onnx"].error
     assert result.formats["aoti"].status == PASSED, result.formats["aoti"].error
-    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
-    assert manifest["formats"]["aoti"]["details"]["device"] == "cuda"
+    manifest = read_manifest(run_dir / "export")
+    assert manifest.artifacts["aoti"].device == "cuda"
     runtime = load_runtime("auto", run_dir / "export", manifest)
     expected = OnnxRuntime if OnnxRuntime.gpu_available() else TorchRuntime  # CUDA code beats ORT on CPU
     assert isinstance(runtime, expected)
@@ -63,7 +63,9 @@ def test_tensorrt_engine_passes_verify(run_dir, precision):
             return
     assert trt.status == PASSED, trt.error
     assert trt.details["built_for_gpu"]["name"] == torch.cuda.get_device_name()
-    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    manifest = read_manifest(run_dir / "export")
+    assert manifest.artifacts[name].built_for_gpu == torch.cuda.get_device_name()
+    assert manifest.artifacts[name].batch_range == (1, 64)
     runtime = load_runtime("auto", run_dir / "export", manifest)
     assert isinstance(runtime, TensorRTRuntime)
     out = runtime.run(np.zeros((70, 3, 32, 32), np.float32))  # > the profile's max batch: chunked

@@ -1,4 +1,5 @@
-"""Reduced precision: INT8 ONNX through the gate (and its repair), fp16 ONNX with fp32 I/O, served by artifact name."""
+"""Reduced precision: INT8 ONNX chosen among its attempts on validation and gated on test, a failed INT8 that
+blocks nothing, fp16 ONNX with fp32 I/O, served by artifact name."""
 import json
 
 import numpy as np
@@ -22,7 +23,7 @@ def probe_run(tmp_path_factory):
 
 def _export_int8(probe_run, tmp_path_factory, **options):
     from transferkit.export import export_run
-    from transferkit.export.formats import ExportOptions
+    from transferkit.export.job import ExportOptions
 
     run_dir = copy_run(probe_run, tmp_path_factory.mktemp("int8") / "run")
     result = export_run(run_dir, formats="onnx", precision="fp32,int8", verify_images=128,
@@ -32,8 +33,15 @@ def _export_int8(probe_run, tmp_path_factory, **options):
 
 @pytest.fixture(scope="module")
 def int8_strict(probe_run, tmp_path_factory):
-    """The probe run at fp32 and int8 with the default gate and repair budget (8 layers)."""
+    """The probe run at fp32 and int8 with the default gate, fallback and repair budget (8 layers)."""
     return _export_int8(probe_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def int8_failed(probe_run, tmp_path_factory):
+    """The same with --int8-fallback off: every fully INT8 attempt loses points on this model, so onnx-int8 is
+    reported and not served while onnx passes (the partial-failure export)."""
+    return _export_int8(probe_run, tmp_path_factory, int8_fallback="off")
 
 
 @pytest.fixture(scope="module")
@@ -44,36 +52,116 @@ def int8_export(probe_run, tmp_path_factory):
                         int8_fallback="off")  # fmt: skip
 
 
-def test_int8_that_the_repair_cannot_save_is_reported_with_every_step_and_not_served(int8_strict):
-    from transferkit.serving.manifest import read_manifest
+FULL_INT8 = ["ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
+MIXED = ["nncf-accuracy-control", "ort-layer-repair"]
+
+
+def test_a_hard_int8_case_tries_every_attempt_and_reports_each(int8_strict):
+    """The linear-probe model loses points under every fully INT8 attempt: the search goes on to mixed precision
+    (NNCF accuracy control, the per-layer repair), records every attempt with its validation numbers, and the
+    result is either repaired or reported with every attempt and not served."""
+    from transferkit.manifest import read_manifest
     from transferkit.serving.runtime import select_runtime
 
     run_dir, result = int8_strict
     int8 = result.formats["onnx-int8"]
-    assert int8.status == VERIFY_FAILED and "top-1 agreement" in int8.error and not result.ok
-    report = int8.verification
-    assert report["tolerance"] == {"max_abs_diff": None, "min_top1_agreement": 0.97, "max_acc_delta_points": 1.0}
-    for head in report["heads"].values():  # the numbers are there, per head and per dataset
-        assert 0 <= head["top1_agreement"] < 1 and head["per_dataset"]
-    manifest = read_manifest(run_dir / "export")
-    entry = manifest["formats"]["onnx-int8"]
-    assert entry["format"] == "onnx" and entry["file"] == "model-int8.onnx" and not entry["servable"]
-    quant = entry["details"]["quantization"]
-    assert quant["format"] == "QDQ" and quant["per_channel"] and quant["calibration_images"] == 2 * 64
-    repair = entry["details"]["repair"]
-    assert [len(s["fp32_layers"]) for s in repair["steps"]] == [0, 1, 2, 4, 8] and not repair["passed"]
-    assert not any(s["passed"] for s in repair["steps"]) and all(s["failures"] for s in repair["steps"])
-    # each step adds the next most sensitive layers, named by the PyTorch module they came from
-    assert repair["steps"][2]["fp32_layers"][:1] == repair["steps"][1]["fp32_layers"]
-    assert len(repair["fp32_layers"]) == 8 and all(" (backbone." in layer or " (heads." in layer
-                                                   for layer in repair["fp32_layers"][:1])  # fmt: skip
-    sensitivity = entry["details"]["sensitivity"]
-    assert [s["error_removed"] for s in sensitivity] == sorted((s["error_removed"] for s in sensitivity), reverse=True)
+    attempts = {a["name"]: a for a in int8.details["attempts"]}
+    assert list(attempts) == FULL_INT8 + MIXED
+    for name in FULL_INT8:  # calibrated, scored on validation, and none good enough
+        assert attempts[name]["status"] == "failed on validation", attempts[name]
+        assert set(attempts[name]["validation"]["accuracy_delta_points"]) == {"digits", "fashion-mnist"}
+        assert attempts[name]["violation"] > 1 and attempts[name]["seconds"] > 0
+    assert attempts["ort-minmax"]["settings"]["method"] == "minmax" and attempts["nncf"]["settings"]["preset"] == "mixed"
+    for name in MIXED:  # mixed precision ran because no fully INT8 attempt passed
+        assert attempts[name]["status"] in ("passed on validation", "failed on validation"), attempts[name]
+    repair = attempts["ort-layer-repair"]
+    assert 1 <= len(repair["fp32_layers"]) <= 8 and repair["steps"][0] == {"fp32_layers": 1, "passed_on_validation": False}
+    assert all(" (backbone." in layer or " (heads." in layer for layer in repair["fp32_layers"][:1])
+    assert [s["error_removed"] for s in repair["sensitivity"]] == sorted((s["error_removed"] for s in repair["sensitivity"]), reverse=True)
+    assert len(attempts["nncf-accuracy-control"]["fp32_layers"]) >= 1  # what NNCF reverted, by its own report
+    quantization = int8.details["quantization"]
+    passed = [n for n, a in attempts.items() if a["status"] == "passed on validation"]
+    if passed:  # the fastest that passed is the one written
+        fastest = max(passed, key=lambda n: attempts[n]["images_per_second"])
+        assert quantization["chosen"] == fastest and quantization["passed_on_validation"]
+    else:  # the closest is written, so the gate reports real numbers on it
+        closest = min(attempts.values(), key=lambda a: a.get("violation", 1e9))
+        assert quantization["chosen"] == closest["name"] and not quantization["passed_on_validation"]
+    assert int8.status in (PASSED, VERIFY_FAILED) and int8.verification["heads"]
     verify_doc = json.loads((run_dir / "export" / "verify.json").read_text())
-    assert verify_doc["formats"]["onnx-int8"]["repair"] == repair
-    with pytest.raises(TransferkitError, match="not servable"):
-        select_runtime("onnx-int8", manifest, run_dir / "export")
-    assert select_runtime("auto", manifest, run_dir / "export").artifact == "onnx"
+    assert verify_doc["formats"]["onnx-int8"]["attempts"] == int8.details["attempts"]
+    assert verify_doc["formats"]["onnx-int8"]["quantization"]["chosen"] == quantization["chosen"]
+    manifest = read_manifest(run_dir / "export")
+    if int8.status == VERIFY_FAILED:
+        with pytest.raises(TransferkitError, match="not servable"):
+            select_runtime("onnx-int8", manifest, run_dir / "export")
+        assert select_runtime("auto", manifest, run_dir / "export").artifact == "onnx"
+
+
+def test_int8_is_chosen_on_validation_and_gated_on_test(int8_strict):
+    """The split the search chooses on is not the one the gate judges: the validation images share no image with
+    the test images, and verify.json says which split did what."""
+    from transferkit.export import verify
+    from transferkit.runs import load_run_model
+
+    run_dir, result = int8_strict
+    int8 = result.formats["onnx-int8"]
+    assert int8.details["splits"] == {"calibration": "train", "selection": "val", "gate": "test"}
+    _, run = load_run_model(run_dir)
+    val, test = verify.load_verify_inputs(run, 128, "val"), verify.load_verify_inputs(run, 128, "test")
+    assert int8.details["selection_images"] == val.datasets
+    assert int8.verification["heads"]["digits"]["datasets"] == test.datasets["digits"]
+    val_rows = {row.tobytes() for row in val.batch}
+    assert not any(row.tobytes() in val_rows for row in test.batch)
+    verify_doc = json.loads((run_dir / "export" / "verify.json").read_text())
+    assert verify_doc["formats"]["onnx-int8"]["splits"]["gate"] == "test"
+
+
+def test_without_fallback_mixed_precision_is_skipped_and_reported(int8_failed):
+    run_dir, result = int8_failed
+    int8 = result.formats["onnx-int8"]
+    assert int8.status == VERIFY_FAILED and "accuracy delta" in int8.error and not result.ok
+    attempts = {a["name"]: a for a in int8.details["attempts"]}
+    assert all(attempts[n]["status"] == "skipped: --int8-fallback off" for n in MIXED)
+    assert int8.verification["tolerance"] == {"max_abs_diff": None, "min_top1_agreement": 0.97, "max_acc_delta_points": 1.0}
+    assert result.formats["onnx"].status == PASSED
+
+
+def test_a_failed_artifact_never_blocks_the_others(int8_failed, tmp_path):
+    """onnx passed, onnx-int8 failed: the stored model holds exactly what passed, so the run serves (a real
+    server answers a real image), builds and benchmarks; re-exporting onnx alone drops the failed entry."""
+    import bentoml
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from transferkit.export import export_run
+    from transferkit.export.benchmark import benchmark_run
+    from transferkit.manifest import read_manifest
+    from transferkit.serving import build_bento, resolve_served_model, start_server
+    from transferkit.serving.client import predict_files
+
+    run_dir = copy_run(int8_failed[0], tmp_path / "partial")
+    exported = read_manifest(run_dir / "export")
+    assert exported.artifacts["onnx-int8"].status == VERIFY_FAILED and "model-int8.onnx" in exported.files
+    stored = read_manifest(bentoml.models.get(exported.tag).path)
+    assert list(stored.artifacts) == ["onnx"] and list(stored.files) == ["model.onnx"]
+    assert resolve_served_model(run_dir).runtime == "onnx"
+
+    image = tmp_path / "digit.png"
+    Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8), mode="L").resize((64, 64)).save(image)
+    with start_server(run_dir) as server:
+        answers = predict_files([image], url=server.url, top_k=1)
+    assert set(answers[0]["heads"]) == {"digits", "fashion-mnist"}
+
+    rows = {r.format: r for r in benchmark_run(run_dir, repeats=2)}
+    assert rows["onnx"].latency_ms[32] > 0 and "not servable" in rows["onnx-int8"].note
+    assert read_manifest(run_dir / "export").artifacts["onnx"].measured[-1].by == "benchmark"  # this machine's figure
+
+    assert build_bento(run_dir).tag
+
+    again = export_run(run_dir, formats="onnx", verify_images=64)
+    assert list(again.formats) == ["onnx"] and list(read_manifest(run_dir / "export").artifacts) == ["onnx"]
 
 
 def test_int8_within_the_gate_is_smaller_and_measured(int8_export):
@@ -83,64 +171,67 @@ def test_int8_within_the_gate_is_smaller_and_measured(int8_export):
     assert int8.verification["tolerance"]["max_acc_delta_points"] == 25.0  # the export's override is recorded
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     entry = manifest["formats"]["onnx-int8"]
-    assert entry["details"]["repair"]["steps"][0]["fp32_layers"] == [] and len(entry["details"]["repair"]["steps"]) == 1
+    attempts = entry["details"]["attempts"]
+    passed = [a for a in attempts if a["status"] == "passed on validation"]
+    assert entry["details"]["fp32_layers"] == [] and passed and not any(a["mixed_precision"] for a in passed)
+    assert entry["details"]["quantization"]["chosen"] == max(passed, key=lambda a: a["images_per_second"])["name"]
     # int8 weights: the QDQ file is under a third of fp32's size
     assert (run_dir / "export" / "model-int8.onnx").stat().st_size < 0.35 * (run_dir / "export" / "model.onnx").stat().st_size
-    assert entry["measured"]["images_per_second"] > 0 and manifest["formats"]["onnx"]["measured"]["batch"] == 32
+    measured = entry["measured"][0]
+    assert measured["images_per_second"] > 0 and manifest["formats"]["onnx"]["measured"][0]["batch"] == 32
+    assert measured["machine"]["cpu"] and measured["by"] == "export" and "load" in measured
 
 
 def test_int8_is_served_by_artifact_name(int8_export):
-    from transferkit.serving.manifest import read_manifest, verify_files
+    from transferkit.manifest import read_manifest
     from transferkit.serving.runtime import OnnxRuntime, load_runtime, select_runtime
 
     run_dir, _ = int8_export
     export_dir = run_dir / "export"
     manifest = read_manifest(export_dir)
-    runtime = load_runtime("onnx-int8", export_dir, manifest, verify=verify_files)
+    runtime = load_runtime("onnx-int8", export_dir, manifest, check_files=True)
     assert isinstance(runtime, OnnxRuntime) and runtime.artifact == "onnx-int8" and "onnx-int8" in runtime.description
     out = runtime.run(np.zeros((3, 3, 32, 32), np.float32))
-    assert {k: v.shape for k, v in out.items()} == {h: (3, 10) for h in manifest["heads"]}
+    assert {k: v.shape for k, v in out.items()} == {h: (3, 10) for h in manifest.heads}
     # `onnxruntime` (the runtime) and `auto` take the fastest of its verified artifacts by the measured numbers
-    faster = max(("onnx", "onnx-int8"), key=lambda a: manifest["formats"][a]["measured"]["images_per_second"])
+    faster = max(("onnx", "onnx-int8"), key=lambda a: manifest.artifacts[a].measured[-1].images_per_second)
     assert select_runtime("onnxruntime", manifest, export_dir).artifact == faster
     assert select_runtime("auto", manifest, export_dir).artifact == faster
     with pytest.raises(ConfigError, match="unknown runtime 'onnx-fp16'; use one of auto, .*onnx, onnx-int8"):
         select_runtime("onnx-fp16", manifest, export_dir)  # the export's own artifacts are listed
 
 
-def test_a_broken_calibration_is_rejected_and_the_repair_is_reported(probe_run, tmp_path):
-    """Calibrating on one constant image collapses every activation range: the gate must reject it, and the
-    repair must say which layers it kept in fp32 and what the gate measured at each step."""
+def test_a_broken_calibration_fails_every_attempt_and_writes_the_closest(probe_run, tmp_path):
+    """Calibrating on one constant image collapses every activation range: no attempt may pass on validation,
+    each is recorded, and the file written is the closest attempt's, for the gate to report on."""
     from transferkit.export import verify
-    from transferkit.export.formats import ExportJob, ExportOptions
+    from transferkit.export.formats import FORMATS
+    from transferkit.export.job import ExportJob, ExportOptions, SelectionSet
     from transferkit.export.onnx import export_onnx
-    from transferkit.export.pipeline import _onnx_gate
-    from transferkit.export.quantize import quantize_int8
+    from transferkit.export.quantize import quantize_onnx_int8
     from transferkit.model import ExportModule
     from transferkit.runs import load_run_model
 
     model, run = load_run_model(probe_run)
     module, heads = ExportModule(model).eval(), list(model.head_names)
-    inputs = verify.load_verify_inputs(run, 64)
-    reference = verify.pytorch_logits(module, inputs.batch, heads)
-    options = ExportOptions(max_fp32_layers=2)
+    val = verify.load_verify_inputs(run, 64, "val")
+    options = ExportOptions(int8_fallback="off")  # mixed precision is the hard case's test; keep this one short
+    selection = SelectionSet(val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8"))
     constant = np.zeros((8, 3, 32, 32), np.float32)
     job = ExportJob(module, tmp_path, "int8", "cpu", heads, 32, options=options, calibration=lambda n: constant,
-                    gate=_onnx_gate(reference, inputs, heads, options))  # fmt: skip
+                    selection=selection)  # fmt: skip
     fp32 = tmp_path / "model.onnx"
     export_onnx(module, job.example_input(), fp32, heads)
-    details = quantize_int8(fp32, tmp_path / "model-int8.onnx", job)
-    repair = details["repair"]
-    first = repair["steps"][0]
-    assert first["fp32_layers"] == [] and not first["passed"] and first["failures"]
-    assert [len(s["fp32_layers"]) for s in repair["steps"][1:]] == [1, 2][: len(repair["steps"]) - 1]
-    assert len(repair["fp32_layers"]) in (1, 2) and details["sensitivity"]
-    assert details["sensitivity"][0]["error_removed"] >= details["sensitivity"][-1]["error_removed"]
-    assert all(set(s["accuracy"]) == {"digits", "fashion-mnist"} for s in repair["steps"])
-    assert (tmp_path / "model-int8.onnx").is_file()
-    # the file left behind is the last step's: the gate's verdict on it is the repair's verdict
-    final = job.gate(tmp_path / "model-int8.onnx", "int8")
-    assert final["passed"] == repair["passed"] == repair["steps"][-1]["passed"]
+    details = quantize_onnx_int8(fp32, tmp_path / "model-int8.onnx", job)
+    attempts = details["attempts"]
+    assert [a["name"] for a in attempts] == FULL_INT8 + MIXED
+    assert not details["quantization"]["passed_on_validation"]
+    scored = [a for a in attempts if "violation" in a]
+    assert all(a["status"] == "failed on validation" for a in scored) and len(scored) >= len(FULL_INT8)
+    closest = min(scored, key=lambda a: a["violation"])
+    assert details["quantization"]["chosen"] == closest["name"]
+    written = verify.onnx_file_logits(tmp_path / "model-int8.onnx", val.batch, heads)
+    assert round(selection.violation(written), 4) == closest["violation"]
 
 
 def test_keeping_a_layer_in_fp32_rewires_it_to_the_fp32_tensors(int8_export):
@@ -168,7 +259,7 @@ def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_is_gpu_only(exported, tmp_p
     import onnx
 
     from transferkit.export import export_run
-    from transferkit.serving.manifest import read_manifest
+    from transferkit.manifest import read_manifest
     from transferkit.serving.runtime import artifact_problem, load_runtime, select_runtime
 
     run_dir = copy_run(exported[0], tmp_path / "run")
@@ -181,7 +272,7 @@ def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_is_gpu_only(exported, tmp_p
     assert {o.type.tensor_type.elem_type for o in model.graph.output} == {floats}
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     manifest = read_manifest(run_dir / "export")
-    assert manifest["formats"]["onnx"]["status"] == PASSED  # the earlier fp32 artifact is kept beside it
+    assert manifest.artifacts["onnx"].status == PASSED  # the earlier fp32 artifact is kept beside it
     if fp16.status == PASSED:
         # on this CPU it is verified but never served: auto takes fp32, and asking for it says why
         assert "GPU only" in artifact_problem("onnx-fp16", manifest, run_dir / "export")
@@ -196,7 +287,7 @@ def test_the_tensorrt_qdq_model_is_symmetric_and_runs(exported, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from transferkit.export.formats import ExportJob, ExportOptions
+    from transferkit.export.job import ExportJob, ExportOptions
     from transferkit.export.quantize import quantize_for_tensorrt
     from transferkit.export.verify import onnx_file_logits
 

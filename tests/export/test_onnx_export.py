@@ -60,7 +60,7 @@ def test_onnxruntime_matches_pytorch_at_batch_1_and_7(exported):
 def test_manifest_fields_and_hashes(exported):
     run_dir, result = exported
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
-    assert manifest["manifest_version"] == 1 and manifest["transferkit_version"]
+    assert manifest["manifest_version"] == 2 and manifest["transferkit_version"]
     assert manifest["backbone"] == "mobilenet_v2" and manifest["run_dir"] == str(run_dir.resolve())
     assert manifest["preprocessing"] == json.loads((run_dir / "preprocessing.json").read_text())
     assert manifest["heads"] == HEADS

@@ -3,6 +3,7 @@ both files of each IR, selected by `--runtime`, checked by sha256 before loading
 no onnxruntime installed."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -13,12 +14,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.export.tiny import VERIFY_IMAGES, copy_run
+from tests.export.tiny import VERIFY_IMAGES, copy_run, with_speed
 from transferkit.artifact import PASSED, VERIFY_FAILED
 from transferkit.errors import ArtifactMismatchError
 from transferkit.export import export_run
-from transferkit.export.formats import ExportOptions
-from transferkit.serving.manifest import read_manifest, verify_files
+from transferkit.export.job import ExportOptions
+from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import OnnxRuntime, OpenVinoRuntime, auto_order, load_runtime, select_runtime
 
 pytest.importorskip("openvino")
@@ -43,10 +44,15 @@ def test_fp32_ir_passes_verify_and_matches_pytorch(ov_export):
     for head in ("digits", "fashion-mnist"):
         report = fp32.verification["heads"][head]
         assert report["max_abs_diff"] < 1e-4 and report["top1_agreement"] == 1.0
-    assert fp32.verification["runtime"] == "openvino (CPU)"
+    assert fp32.verification["runtime"] == "openvino (CPU, latency)"
     details = fp32.details
     assert details["built_from"] == "model.onnx" and details["compress_to_fp16"] is False and details["openvino"]
-    assert fp32.measured["images_per_second"] > 0
+    assert fp32.measured.images_per_second > 0 and fp32.measured.machine is not None
+    # both performance hints were measured, and the faster is what the entry tells the runtime to use
+    hints = {t["runtime_options"].get("performance_hint"): t["images_per_second"] for t in fp32.tuning}
+    assert set(hints) == {"LATENCY", "THROUGHPUT"} and all(v > 0 for v in hints.values())
+    entry = read_manifest(ov_export[0] / "export").artifacts["openvino"]
+    assert entry.runtime_options.performance_hint == max(hints, key=hints.get)
 
 
 def test_int8_ir_is_exported_and_gated(ov_export):
@@ -60,19 +66,22 @@ def test_int8_ir_is_exported_and_gated(ov_export):
     if int8.status == VERIFY_FAILED:
         assert int8.error and int8.verification["failures"]
     q = int8.details["quantization"]
-    assert q["tool"] == "nncf.quantize" and q["calibration_images"] == 2 * CALIBRATION_IMAGES
-    assert q["subset_size"] == 2 * CALIBRATION_IMAGES and q["preset"] == "mixed"
+    assert q["calibration_images"] == 2 * CALIBRATION_IMAGES and q["chosen"].startswith("nncf")
+    first = int8.details["attempts"][0]
+    assert first["name"] == "nncf" and first["settings"]["tool"] == "nncf.quantize (OpenVINO)"
+    assert first["settings"]["subset_size"] == 2 * CALIBRATION_IMAGES and first["settings"]["preset"] == "mixed"
+    assert int8.details["splits"] == {"calibration": "train", "selection": "val", "gate": "test"}
 
 
 def test_manifest_lists_both_files_of_each_ir(ov_export):
     export_dir = ov_export[0] / "export"
     manifest = read_manifest(export_dir)
-    assert manifest["formats"]["openvino"]["files"] == ["model.xml", "model.bin"]
-    assert manifest["formats"]["openvino-int8"]["files"] == ["model-int8.xml", "model-int8.bin"]
-    for name in IR_FILES:
-        entry = manifest["files"][name]
-        assert len(entry["sha256"]) == 64 and entry["bytes"] == (export_dir / name).stat().st_size
-    assert manifest["formats"]["onnx"]["status"] == PASSED  # what the IR is built from, kept
+    assert manifest.artifacts["openvino"].files == ("model.xml", "model.bin")
+    assert manifest.artifacts["openvino-int8"].files == ("model-int8.xml", "model-int8.bin")
+    for name in IR_FILES:  # RUN/export describes every artifact, failed ones too (the stored model does not)
+        record = manifest.files[name]
+        assert len(record.sha256) == 64 and record.bytes == (export_dir / name).stat().st_size
+    assert manifest.artifacts["onnx"].status == PASSED  # what the IR is built from, kept
     # the IR pair is staged in a temporary folder: nothing of it is left beside the artifacts
     assert sorted(p.name for p in export_dir.iterdir()) == sorted(
         ["manifest.json", "verify.json", "model.onnx", *IR_FILES])  # fmt: skip
@@ -85,12 +94,12 @@ def test_runtime_and_artifact_names_select_the_openvino_runner(ov_export):
     manifest = read_manifest(export_dir)
     runner = select_runtime("openvino", manifest, export_dir)
     assert isinstance(runner, OpenVinoRuntime) and runner.artifact in ("openvino", "openvino-int8")
-    if manifest["formats"]["openvino-int8"]["servable"]:
+    if manifest.artifacts["openvino-int8"].servable:
         chosen = select_runtime("openvino-int8", manifest, export_dir)
         assert isinstance(chosen, OpenVinoRuntime) and chosen.artifact == "openvino-int8"
     assert isinstance(select_runtime("onnxruntime", manifest, export_dir), OnnxRuntime)
 
-    runtime = load_runtime("openvino", export_dir, manifest, threads=1, verify=verify_files)
+    runtime = load_runtime("openvino", export_dir, manifest, threads=1, check_files=True)
     assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
     for n in (1, 5, 64):  # dynamic batch, up to the serving ceiling
         out = runtime.run(np.zeros((n, 3, 32, 32), np.float32))
@@ -101,12 +110,14 @@ def test_auto_picks_openvino_where_it_measured_faster(ov_export, monkeypatch):
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
     export_dir = ov_export[0] / "export"
     manifest = read_manifest(export_dir)
-    manifest["formats"].pop("openvino-int8")
+    manifest = dataclasses.replace(manifest, artifacts={n: e for n, e in manifest.artifacts.items() if n != "openvino-int8"})
     for name, speed in (("onnx", 1000.0), ("openvino", 2000.0)):
-        manifest["formats"][name]["measured"]["images_per_second"] = speed
+        manifest = with_speed(manifest, name, speed)
     assert auto_order(manifest)[0] == "openvino"
-    assert select_runtime("auto", manifest, export_dir).artifact == "openvino"
-    manifest["formats"]["onnx"]["measured"]["images_per_second"] = 3000.0
+    chosen = select_runtime("auto", manifest, export_dir)
+    assert chosen.artifact == "openvino" and "fastest verified artifact measured on this machine" in chosen.selected_because
+    assert "openvino 2,000 img/s" in chosen.selected_because and "onnx 1,000 img/s" in chosen.selected_because
+    manifest = with_speed(manifest, "onnx", 3000.0)
     assert select_runtime("auto", manifest, export_dir).artifact == "onnx"
 
 
@@ -118,7 +129,30 @@ def test_a_modified_weights_file_is_refused_before_loading(ov_export, tmp_path):
     data[len(data) // 2] ^= 0xFF  # same size, other weights
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactMismatchError, match=r"model\.bin: sha256 mismatch"):
-        load_runtime("openvino", export_dir, read_manifest(export_dir), verify=verify_files)
+        load_runtime("openvino", export_dir, read_manifest(export_dir), check_files=True)
+
+
+def test_openvino_int8_that_loses_points_is_repaired_with_accuracy_control(tmp_path_factory):
+    """A linear-probe model loses points under every fully INT8 NNCF attempt; NNCF accuracy control, driven by
+    the gate's metric on the validation split, keeps operations in fp32 and brings the model closer to PyTorch."""
+    from tests.export.tiny import make_probe_run
+
+    run_dir = make_probe_run(tmp_path_factory.mktemp("openvino-repair") / "probe")
+    result = export_run(run_dir, formats="openvino", precision="int8", verify_images=VERIFY_IMAGES, store=False,
+                        options=ExportOptions(calibration_images=64))  # fmt: skip
+    int8 = result.formats["openvino-int8"]
+    attempts = {a["name"]: a for a in int8.details["attempts"]}
+    assert list(attempts) == ["nncf", "nncf-mean-quantile", "nncf-bias-correction", "nncf-more-images",
+                              "nncf-accuracy-control"]  # fmt: skip
+    plain, control = attempts["nncf"], attempts["nncf-accuracy-control"]
+    if any(a["status"] == "passed on validation" for a in attempts.values() if not a["mixed_precision"]):
+        pytest.skip("on this CPU a fully INT8 NNCF model already passes: nothing to repair")
+    assert control["status"] in ("passed on validation", "failed on validation"), control
+    assert control["fp32_layers"] and control["violation"] < plain["violation"]
+    assert control["settings"]["tool"] == "nncf.quantize_with_accuracy_control (OpenVINO)"
+    if control["status"] == "passed on validation":
+        assert int8.details["quantization"]["chosen"] == "nncf-accuracy-control"
+    assert int8.status in (PASSED, VERIFY_FAILED) and int8.verification["heads"]  # then gated on test
 
 
 def test_unavailable_without_openvino(monkeypatch):

@@ -44,6 +44,7 @@ def test_formats_table_rows_are_complete():
 def test_aoti_export_on_cpu_passes_and_keeps_the_onnx_entry(exported, tmp_path):
     """AOTInductor compiles C++ for this CPU (about a minute on 2 cores)."""
     from transferkit.export.aoti import aoti_unavailable_reason
+    from transferkit.manifest import read_manifest
     from transferkit.serving.runtime import load_runtime
 
     if aoti_unavailable_reason("cpu"):
@@ -54,11 +55,11 @@ def test_aoti_export_on_cpu_passes_and_keeps_the_onnx_entry(exported, tmp_path):
     assert aoti.status == PASSED, aoti.error
     assert aoti.verification["heads"]["digits"]["max_abs_diff"] < 1e-4
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
-    assert manifest["formats"]["aoti"]["details"]["device"] == "cpu"
+    assert manifest["formats"]["aoti"]["device"] == "cpu" and manifest["formats"]["aoti"]["batch_range"] == [1, 64]
     assert manifest["formats"]["onnx"]["status"] == PASSED  # unchanged onnx from the same model.pt: kept
     assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
         "manifest.json", "model.onnx", "model.pt2", "verify.json"]  # fmt: skip
-    runtime = load_runtime("torch", run_dir / "export", manifest)
+    runtime = load_runtime("torch", run_dir / "export", read_manifest(run_dir / "export"))
     import numpy as np
 
     out = runtime.run(np.zeros((3, 3, 32, 32), np.float32))

@@ -86,3 +86,31 @@ def copy_run(run_dir: Path, target: Path) -> Path:
     """A private copy of a run (with its export) for tests that modify it."""
     shutil.copytree(run_dir, target)
     return target
+
+
+def with_speed(manifest, name: str, images_per_second: float, machine=None, device: str = "cpu"):
+    """The manifest with `name` measured at `images_per_second` on `machine` (default: this one), replacing any
+    measurement of that machine: what `--runtime auto` reads."""
+    from transferkit.machine import Machine
+    from transferkit.manifest import Measurement
+
+    m = Measurement(images_per_second, 32, device, "test", machine or Machine.this(), 0.0, "test")
+    return manifest.with_artifact(manifest.artifacts[name].with_measurement(m))
+
+
+def manifest_with(**artifacts):
+    """A Manifest holding only artifacts, each given as {"precision": ..., "device": ..., "speed": img/s on this
+    machine}: for tests of the order `--runtime auto` tries artifacts in."""
+    from transferkit.artifact import FORMAT_SPECS, PASSED, artifact_files
+    from transferkit.manifest import ArtifactEntry, Manifest
+
+    manifest = Manifest("0", "", "", {}, "mobilenet_v2", {"image_size": 32}, {}, {}, (), ())
+    for name, spec in artifacts.items():
+        fmt = name.partition("-")[0]
+        precision = spec.get("precision", FORMAT_SPECS[fmt].precisions[0])
+        entry = ArtifactEntry(name, fmt, precision, FORMAT_SPECS[fmt].runtime, tuple(artifact_files(fmt, precision)),
+                              PASSED, device=spec.get("device"))  # fmt: skip
+        manifest = manifest.with_artifact(entry)
+        if "speed" in spec:
+            manifest = with_speed(manifest, name, spec["speed"], device=spec.get("measured_on", "cpu"))
+    return manifest

@@ -1,6 +1,7 @@
 """Exported files are checked against manifest.json (size, then sha256) before serving loads them."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from transferkit.errors import ArtifactMismatchError, TransferkitError
-from transferkit.serving.manifest import read_manifest, servable_formats, verify_files
+from transferkit.manifest import Manifest, read_manifest
 
 
 @pytest.fixture
-def export_copy(exported, tmp_path) -> tuple[Path, dict]:
+def export_copy(exported, tmp_path) -> tuple[Path, Manifest]:
     """A private copy of the shared export dir and its manifest (the shared one is never modified)."""
     run_dir, _ = exported
     target = shutil.copytree(Path(run_dir) / "export", tmp_path / "export")
@@ -22,9 +23,9 @@ def export_copy(exported, tmp_path) -> tuple[Path, dict]:
 
 def test_untouched_export_verifies(export_copy):
     export_dir, manifest = export_copy
-    assert "model.onnx" in manifest["files"]
-    verify_files(export_dir, manifest)
-    verify_files(export_dir, manifest, names=["model.onnx"])
+    assert "model.onnx" in manifest.files
+    manifest.check_files(export_dir)
+    manifest.check_files(export_dir, names=["model.onnx"])
 
 
 def test_the_stored_bentoml_model_verifies(exported):
@@ -35,9 +36,9 @@ def test_the_stored_bentoml_model_verifies(exported):
     assert result.bentoml_tag
     model_dir = Path(bentoml.models.get(result.bentoml_tag).path)
     manifest = read_manifest(model_dir)
-    names = [manifest["formats"][f]["file"] for f in servable_formats(manifest)]
-    assert names == ["model.onnx"]
-    verify_files(model_dir, manifest, names=names)
+    names = [manifest.artifacts[f].file for f in manifest.servable()]
+    assert names == ["model.onnx"] and list(manifest.files) == names  # exactly what is stored
+    manifest.check_files(model_dir, names=names)
 
 
 def test_a_flipped_byte_names_the_file_both_hashes_and_the_fix(export_copy):
@@ -47,12 +48,12 @@ def test_a_flipped_byte_names_the_file_both_hashes_and_the_fix(export_copy):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactMismatchError) as info:
-        verify_files(export_dir, manifest)
+        manifest.check_files(export_dir)
     message = str(info.value)
     assert str(path) in message
-    assert manifest["files"]["model.onnx"]["sha256"] in message
+    assert manifest.files["model.onnx"].sha256 in message
     assert hashlib.sha256(bytes(data)).hexdigest() in message
-    assert f"transferkit export {manifest['run_dir']}" in message
+    assert f"transferkit export {manifest.run_dir}" in message
     assert isinstance(info.value, TransferkitError)  # the CLI prints it as a one-line error
 
 
@@ -62,10 +63,10 @@ def test_a_truncated_file_is_a_size_mismatch(export_copy):
     data = path.read_bytes()[:1000]
     path.write_bytes(data)
     with pytest.raises(ArtifactMismatchError, match="size mismatch") as info:
-        verify_files(export_dir, manifest)
+        manifest.check_files(export_dir)
     message = str(info.value)
     assert "model.onnx" in message and "actual 1000" in message
-    assert manifest["files"]["model.onnx"]["sha256"] in message and hashlib.sha256(data).hexdigest() in message
+    assert manifest.files["model.onnx"].sha256 in message and hashlib.sha256(data).hexdigest() in message
     assert "transferkit export" in message
 
 
@@ -73,24 +74,24 @@ def test_a_missing_file_is_an_error(export_copy):
     export_dir, manifest = export_copy
     (export_dir / "model.onnx").unlink()
     with pytest.raises(ArtifactMismatchError, match="missing") as info:
-        verify_files(export_dir, manifest)
+        manifest.check_files(export_dir)
     assert "model.onnx" in str(info.value) and "transferkit export" in str(info.value)
 
 
 def test_only_listed_files_and_requested_names_are_checked(export_copy):
     export_dir, manifest = export_copy
     (export_dir / "model.onnx").write_bytes(b"replaced")
-    verify_files(export_dir, manifest, names=[])  # nothing requested
-    verify_files(export_dir, manifest, names=["model.trt"])  # not in "files": an older export, not an error
-    older = {**manifest, "files": {}}
-    verify_files(export_dir, older)
+    manifest.check_files(export_dir, names=[])  # nothing requested
+    manifest.check_files(export_dir, names=["model.trt"])  # not in "files": an older export, not an error
+    older = dataclasses.replace(manifest, files={})
+    older.check_files(export_dir)
     with pytest.raises(ArtifactMismatchError):
-        verify_files(export_dir, manifest, names=["model.onnx"])
+        manifest.check_files(export_dir, names=["model.onnx"])
 
 
 def test_the_fix_falls_back_to_the_export_dirs_run(export_copy):
     export_dir, manifest = export_copy
-    manifest = {k: v for k, v in manifest.items() if k != "run_dir"}
+    manifest = dataclasses.replace(manifest, run_dir="")
     (export_dir / "model.onnx").unlink()
     with pytest.raises(ArtifactMismatchError, match=re.escape(f"transferkit export {export_dir.parent}")):
-        verify_files(export_dir, manifest)
+        manifest.check_files(export_dir)

@@ -1,17 +1,17 @@
 """Runtimes on the exported ONNX: selection rules, refusal of unverified formats, batch handling."""
-import copy
-import json
+import dataclasses
 
 import numpy as np
 import pytest
 
 from transferkit.errors import ConfigError, TransferkitError
+from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import OnnxRuntime, load_runtime, select_runtime
 
 
 @pytest.fixture(scope="module")
 def manifest(exported):
-    return json.loads((exported[0] / "export" / "manifest.json").read_text())
+    return read_manifest(exported[0] / "export")
 
 
 def test_onnxruntime_runs_any_batch_and_returns_every_head(exported, manifest):
@@ -48,8 +48,7 @@ def test_auto_picks_onnxruntime_here_and_explicit_choices_explain_themselves(exp
 
 
 def test_a_format_that_failed_verification_is_never_selected(exported, manifest):
-    failed = copy.deepcopy(manifest)
-    failed["formats"]["onnx"].update(status="export ok but verification failed", servable=False)
+    failed = manifest.with_artifact(dataclasses.replace(manifest.artifacts["onnx"], status="export ok but verification failed"))
     for name in ("auto", "onnxruntime"):
         with pytest.raises(TransferkitError, match="not servable"):
             select_runtime(name, failed, exported[0] / "export")
@@ -62,7 +61,7 @@ def test_serving_imports_no_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
         "import transferkit.serving, transferkit.serving.runtime, transferkit.serving.http_app, transferkit.serving.batcher\n"
-        "import transferkit.preprocess, transferkit.serving.manifest\n"
+        "import transferkit.preprocess, transferkit.manifest, transferkit.machine\n"
         "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -171,6 +171,7 @@ def test_options_are_refused_before_any_data(tiny_run, tmp_path):
 
 def test_distilled_run_evaluates_exports_and_serves(distilled, tiny_run, teacher48):
     from transferkit.export import export_run
+    from transferkit.manifest import read_manifest
     from transferkit.serving.runtime import load_runtime
 
     assert json.loads((distilled / "labels.json").read_text())["datasets"] == {"mnist": "mnist", "fashion-mnist": "fashion-mnist"}
@@ -187,8 +188,7 @@ def test_distilled_run_evaluates_exports_and_serves(distilled, tiny_run, teacher
 
     result = export_run(distilled, formats=("onnx",), verify_images=64)
     assert result.ok and result.formats["onnx"].servable
-    manifest = json.loads(result.manifest_path.read_text())
-    runtime = load_runtime("auto", result.export_dir, manifest)
+    runtime = load_runtime("auto", result.export_dir, read_manifest(result.export_dir))
     out = runtime.run(np.zeros((3, 3, 32, 32), np.float32))
     assert set(out) == {"mnist", "fashion-mnist"} and out["fashion-mnist"].shape == (3, 10)
 

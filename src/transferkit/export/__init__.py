@@ -18,6 +18,7 @@ from transferkit.artifact import (
     Tolerance,
 )
 from transferkit.export.formats import FORMATS, ExportFormat
+from transferkit.export.job import ExportOptions
 from transferkit.export.pipeline import ExportResult, FormatResult, export_run, verify_export
 from transferkit.export.table import format_export_table
 
@@ -31,6 +32,7 @@ __all__ = [
     "UNAVAILABLE",
     "VERIFY_FAILED",
     "ExportFormat",
+    "ExportOptions",
     "ExportResult",
     "FormatResult",
     "Tolerance",

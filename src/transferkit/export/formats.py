@@ -24,9 +24,9 @@ onnx-int8 from the fp32 ONNX file, openvino (both precisions) from the fp32 ONNX
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable
 
 from transferkit.artifact import (
     FORMAT_SPECS,
@@ -35,7 +35,6 @@ from transferkit.artifact import (
     OPT_BATCH,
     TOLERANCES,
     FormatSpec,
-    Tolerance,
     artifact_files,
     artifact_name,
 )
@@ -43,102 +42,29 @@ from transferkit.errors import ConfigError
 from transferkit.export.aoti import aoti_unavailable_reason, export_aoti
 from transferkit.export.onnx import export_onnx, export_onnx_fp16, onnx_unavailable_reason, simplify_onnx
 from transferkit.export.openvino import export_openvino, openvino_requires, openvino_unavailable_reason
-from transferkit.export.quantize import (
-    CALIBRATION_METHODS,
-    FALLBACKS,
-    quantization_unavailable_reason,
-    quantize_for_tensorrt,
-    quantize_int8,
-)
+from transferkit.export.job import Exported, ExportJob
+from transferkit.export.quantize import quantization_unavailable_reason, quantize_for_tensorrt, quantize_onnx_int8
 from transferkit.export.tensorrt import build_engine, tensorrt_unavailable_reason
-
-if TYPE_CHECKING:  # torch is imported by the exporters when they run: `import transferkit.export` stays cheap
-    import torch
-
-
-@dataclass
-class ExportOptions:
-    """Per-export choices beyond format and precision (CLI: `transferkit export --help`)."""
-
-    simplify: bool = False  # onnxslim the fp32 ONNX graph (what every ONNX-based artifact is built from)
-    calibration_images: int = 512  # INT8: train images per dataset, through the run's preprocessing
-    calibration_method: str = "minmax"  # minmax | entropy | percentile
-    int8_fallback: str = "auto"  # auto: keep the layers that break the gate in fp32; off: report the failure
-    max_fp32_layers: int = 8  # the repair's budget of layers kept in fp32
-    max_acc_delta_points: float | None = None  # overrides the precision's tolerance (per dataset)
-    min_top1_agreement: float | None = None  # overrides the precision's tolerance (per head)
-
-    def __post_init__(self) -> None:
-        if self.calibration_method not in CALIBRATION_METHODS:
-            raise ConfigError(f"calibration method {self.calibration_method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
-        if self.int8_fallback not in FALLBACKS:
-            raise ConfigError(f"--int8-fallback {self.int8_fallback!r}; use one of {', '.join(FALLBACKS)}")
-        if self.calibration_images < 1:
-            raise ConfigError(f"--calibration-images must be >= 1 (train images per dataset), got {self.calibration_images}")
-        if self.max_fp32_layers < 0:
-            raise ConfigError(f"--max-fp32-layers must be >= 0, got {self.max_fp32_layers}")
-        if self.max_acc_delta_points is not None and not self.max_acc_delta_points >= 0:
-            raise ConfigError(f"--max-acc-delta must be >= 0 points, got {self.max_acc_delta_points}")
-        if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
-            raise ConfigError(f"--min-agreement must be within [0, 1], got {self.min_top1_agreement}")
-
-    def tolerance(self, spec: FormatSpec, precision: str) -> Tolerance:
-        """The row's tolerance for `precision`, with this export's overrides."""
-        tol = spec.tolerances[precision]
-        return replace(
-            tol,
-            max_acc_delta_points=tol.max_acc_delta_points if self.max_acc_delta_points is None else self.max_acc_delta_points,
-            min_top1_agreement=tol.min_top1_agreement if self.min_top1_agreement is None else self.min_top1_agreement,
-        )
-
-
-@dataclass
-class ExportJob:
-    """What export_run shares between the exporters of one export; each exporter is handed its own part."""
-
-    model: "torch.nn.Module"  # ExportModule in eval mode, on CPU: images -> tuple of logits (head order)
-    export_dir: Path
-    precision: str  # one of the row's precisions
-    device: str  # cpu | cuda | cuda:N: where device-specific artifacts (aoti) are compiled for
-    head_names: list[str]
-    image_size: int
-    artifacts: dict[str, Path] = field(default_factory=dict)  # artifact name -> main file written this export
-    options: ExportOptions = field(default_factory=ExportOptions)
-    # images (float32, normalised) -> the calibration set: train images of every dataset (INT8)
-    calibration: Callable[[int], Any] | None = None
-    # (ONNX file, precision) -> verify's report against the PyTorch reference (the gate, for the INT8 repair)
-    gate: Callable[[Path, str], dict[str, Any]] | None = None
-
-    def example_input(self, batch: int = 2) -> "torch.Tensor":
-        import torch
-
-        # batch 2, not 1: an exporter that sees batch 1 may specialise the dimension to a constant.
-        return torch.zeros(batch, 3, self.image_size, self.image_size)
-
-    def built(self, format: str, precision: str) -> Path:
-        """The main file of an artifact this one is built from (written this export, or an earlier one)."""
-        name = artifact_name(format, precision)
-        return self.artifacts.get(name) or self.export_dir / artifact_files(format, precision)[0]
 
 
 @dataclass(frozen=True)
 class Exporter:
-    export: Callable[[ExportJob, Path], dict[str, Any]]  # writes the given path atomically -> manifest details
+    export: Callable[[ExportJob, Path], Exported]  # writes the given path atomically
     unavailable: Callable[[str, str], str | None]  # (export device, precision) -> None if it can be built here
     # precision -> the (format, precision) artifacts whose files this one is built from
     requires: Callable[[str], tuple[tuple[str, str], ...]] = lambda precision: ()
 
 
-def _export_onnx(job: ExportJob, path: Path) -> dict[str, Any]:
+def _export_onnx(job: ExportJob, path: Path) -> Exported:
     if job.precision == "int8":
-        return quantize_int8(job.built("onnx", "fp32"), path, job)
+        return Exported(quantize_onnx_int8(job.built("onnx", "fp32"), path, job))
     if job.precision == "fp16":
         details = export_onnx_fp16(job.model, job.example_input(), path, job.head_names)
     else:
         details = export_onnx(job.model, job.example_input(), path, job.head_names)
     if job.options.simplify:
         details["simplified"] = simplify_onnx(path, job.head_names, job.image_size)
-    return details
+    return Exported(details)
 
 
 def _onnx_requires(precision: str) -> tuple[tuple[str, str], ...]:
@@ -149,21 +75,24 @@ def _onnx_unavailable(device: str, precision: str) -> str | None:
     return onnx_unavailable_reason() or (quantization_unavailable_reason() if precision == "int8" else None)
 
 
-def _export_tensorrt(job: ExportJob, path: Path) -> dict[str, Any]:
+def _export_tensorrt(job: ExportJob, path: Path) -> Exported:
     batches = (MIN_BATCH, OPT_BATCH, MAX_BATCH)
     if job.precision != "int8":
-        return build_engine(job.built("onnx", "fp32"), path, job.precision, job.image_size, batches)
-    # INT8 is explicit quantization: TensorRT reads the scales from a QDQ model's Q/DQ nodes, and takes only
-    # symmetric ones, so the engine gets its own QDQ file (onnx-int8's asymmetric uint8 suits ONNX Runtime).
-    with tempfile.TemporaryDirectory(prefix="transferkit-trt-int8-", dir=job.export_dir) as tmp:
-        qdq = Path(tmp) / "model-int8-symmetric.onnx"
-        quantization = quantize_for_tensorrt(job.built("onnx", "fp32"), qdq, job)
-        details = build_engine(qdq, path, job.precision, job.image_size, batches)
-    return {**details, "built_from": job.built("onnx", "fp32").name, "quantization": quantization}
+        details = build_engine(job.built("onnx", "fp32"), path, job.precision, job.image_size, batches)
+    else:
+        # INT8 is explicit quantization: TensorRT reads the scales from a QDQ model's Q/DQ nodes, and takes only
+        # symmetric ones, so the engine gets its own QDQ file (onnx-int8's asymmetric uint8 suits ONNX Runtime).
+        with tempfile.TemporaryDirectory(prefix="transferkit-trt-int8-", dir=job.export_dir) as tmp:
+            qdq = Path(tmp) / "model-int8-symmetric.onnx"
+            quantization = quantize_for_tensorrt(job.built("onnx", "fp32"), qdq, job)
+            details = build_engine(qdq, path, job.precision, job.image_size, batches)
+        details = {**details, "built_from": job.built("onnx", "fp32").name, "quantization": quantization}
+    return Exported(details, batch_range=(MIN_BATCH, MAX_BATCH), built_for_gpu=details["built_for_gpu"]["name"])
 
 
-def _export_aoti(job: ExportJob, path: Path) -> dict[str, Any]:
-    return export_aoti(job.model, job.example_input(), path, job.device, (MIN_BATCH, MAX_BATCH))
+def _export_aoti(job: ExportJob, path: Path) -> Exported:
+    details = export_aoti(job.model, job.example_input(), path, job.device, (MIN_BATCH, MAX_BATCH))
+    return Exported(details, batch_range=(MIN_BATCH, MAX_BATCH), device=details["device"])
 
 
 EXPORTERS: dict[str, Exporter] = {
@@ -179,7 +108,7 @@ EXPORTERS: dict[str, Exporter] = {
 class ExportFormat(FormatSpec):
     """A FormatSpec row with its exporter: everything export_run needs about one format."""
 
-    export: Callable[[ExportJob, Path], dict[str, Any]]
+    export: Callable[[ExportJob, Path], Exported]
     unavailable: Callable[[str, str], str | None]
     requires: Callable[[str], tuple[tuple[str, str], ...]] = lambda precision: ()
 

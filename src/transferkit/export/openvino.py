@@ -10,13 +10,15 @@ all three; converting from torch again would be a second tracing path to keep eq
 fp32: `save_model` compresses weights to fp16 by default, which changes the numbers; the fp32 artifact is held
 to fp32 tolerance, so it is saved uncompressed.
 
-int8: NNCF post-training quantization of the converted model, on the same calibration images as ONNX INT8
+int8: the INT8 search (export/int8.py) over NNCF post-training quantization of the converted model: the default
+(MIXED preset, fast bias correction), quantile activation ranges, full bias correction, twice the calibration
+images, then NNCF accuracy control, which keeps the operations that hurt most in fp32; each is judged on the
+validation split and the fastest that passes is saved. Calibration uses the same images as ONNX INT8
 (`job.calibration`, train images of every dataset, never the test images the gate judges on). The images go in
 one per item: NNCF counts `subset_size` in items and collects per-item statistics, so batches of one make
 `subset_size` the number of images and keep the min/max statistics exact. The MIXED preset (symmetric weights,
-asymmetric activations) is the one NNCF recommends for CNNs and matches ONNX INT8's uint8 activations.
-There is no repair step here (unlike export/quantize.py): export_run verifies the IR through the serving
-runtime afterwards and reports a gate failure like any artifact's, with the numbers in verify.json.
+asymmetric activations) matches ONNX INT8's uint8 activations. export_run then verifies the IR through the
+serving runtime on the test split and reports a gate failure like any artifact's, with the numbers in verify.json.
 
 An IR is two files: the XML graph and the weights it names by stem (model-int8.xml reads model-int8.bin). Both
 are written into a temporary folder beside the target, fsynced, then renamed, weights first and the XML last,
@@ -30,13 +32,17 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from transferkit.artifact import INPUT_NAME
 from transferkit.errors import TransferkitError
+from transferkit.export.int8 import Candidate, Engine, Plan, batched_logits, int8_details, nncf_accuracy_control, search
+from transferkit.export.job import Exported
 
 if TYPE_CHECKING:
     import openvino
 
-    from transferkit.export.formats import ExportJob
+    from transferkit.export.job import ExportJob
 
 INSTALL_HINT = "pip install 'transferkit[openvino]'"
 NNCF_PRESET = "mixed"  # symmetric int8 weights, asymmetric uint8 activations (like the QDQ model's)
@@ -62,7 +68,7 @@ def openvino_requires(precision: str) -> tuple[tuple[str, str], ...]:
     return (("onnx", "fp32"),)  # both precisions start from the verified fp32 ONNX file
 
 
-def export_openvino(job: "ExportJob", path: Path) -> dict[str, Any]:
+def export_openvino(job: "ExportJob", path: Path) -> Exported:
     """The ONNX fp32 file -> the IR at `path` (and its .bin) for job.precision -> manifest details."""
     import openvino as ov
 
@@ -72,11 +78,12 @@ def export_openvino(job: "ExportJob", path: Path) -> dict[str, Any]:
     model = convert(source, job.head_names)
     details: dict[str, Any] = {"openvino": ov.get_version(), "built_from": source.name, "compress_to_fp16": False}
     if job.precision == "int8":
-        model, details["quantization"] = quantize_nncf(model, job)
+        model, int8 = quantize_nncf(model, job)
+        details.update(int8)
     elif job.precision != "fp32":
         raise TransferkitError(f"OpenVINO takes fp32 or int8, not {job.precision}")
     save_ir(model, path)
-    return details
+    return Exported(details)
 
 
 def convert(onnx_path: Path, head_names: list[str]) -> "openvino.Model":
@@ -99,28 +106,90 @@ def convert(onnx_path: Path, head_names: list[str]) -> "openvino.Model":
     return model
 
 
-def quantize_nncf(model: "openvino.Model", job: "ExportJob") -> tuple["openvino.Model", dict[str, Any]]:
-    """NNCF static INT8 of the converted model, calibrated on the ONNX INT8 calibration images."""
-    import nncf
+class OpenVinoEngine(Engine):
+    """Runs candidate OpenVINO models on the CPU plugin in fp32 inference precision (as served), compiling each
+    model once; NNCF's accuracy control hands its validation function a model it already compiled."""
 
-    if job.calibration is None:
-        raise TransferkitError("INT8 export needs calibration images (export_run gives them)")
-    images = job.calibration(job.options.calibration_images)
-    # one image per item (see the module docstring); views into one array, no copies
-    dataset = nncf.Dataset([{INPUT_NAME: images[i : i + 1]} for i in range(len(images))])
+    def __init__(self, heads: list[str]) -> None:
+        super().__init__(self._logits)
+        self.heads = heads
+        self._cache: tuple[Any, Any] | None = None  # (model, compiled): the model held, so its id stays unique
+
+    def _logits(self, model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+        import openvino as ov
+
+        if isinstance(model, ov.CompiledModel):
+            compiled = model
+        else:
+            if self._cache is None or self._cache[0] is not model:
+                self._cache = (model, ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
+            compiled = self._cache[1]
+        ports = [next(o for o in compiled.outputs if h in o.get_names()) for h in self.heads]
+
+        def run(x: np.ndarray) -> dict[str, np.ndarray]:
+            out = compiled({INPUT_NAME: x})
+            return {h: np.asarray(out[p]) for h, p in zip(self.heads, ports)}
+
+        return batched_logits(run, images, self.heads)
+
+
+def openvino_int8_plans(model: "openvino.Model", job: "ExportJob", calibration: np.ndarray, engine: OpenVinoEngine
+                        ) -> list[Plan]:  # fmt: skip
+    """What the search tries for openvino-int8, in order: NNCF's default (mixed preset, fast bias correction),
+    quantile ranges (NNCF's percentile), full bias correction, twice the calibration images; then, mixed
+    precision, NNCF accuracy control. SmoothQuant is not among them: NNCF applies it to MatMul inputs of
+    transformers, and a CNN's convolutions have none."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    options = job.options
     preset = nncf.QuantizationPreset(NNCF_PRESET)
-    quantized = nncf.quantize(model, dataset, preset=preset, subset_size=len(images))
-    settings = {
-        "tool": "nncf.quantize",
-        "nncf": nncf.__version__,
-        "preset": NNCF_PRESET,
-        "subset_size": int(len(images)),
-        "fast_bias_correction": True,
-        "calibration_images": int(len(images)),
-        "calibration_images_per_dataset": job.options.calibration_images,
-        "repair": "none: no layer is kept in fp32; the gate after export reports a failure with its numbers",
-    }
-    return quantized, settings
+
+    def dataset(images: np.ndarray) -> "nncf.Dataset":
+        return nncf.Dataset([{INPUT_NAME: images[i : i + 1]} for i in range(len(images))])  # one image per item
+
+    def quantize(images: np.ndarray = calibration, **kwargs: Any) -> Candidate:
+        return Candidate(nncf.quantize(model, dataset(images), preset=preset, subset_size=len(images), **kwargs))
+
+    def more_images() -> Candidate:
+        images = job.calibration(2 * options.calibration_images)
+        if len(images) <= len(calibration):
+            raise TransferkitError(f"the train splits have no more than the {len(calibration)} images already used")
+        return quantize(images)
+
+    quantile = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE)
+    base = {"tool": "nncf.quantize (OpenVINO)", "nncf": nncf.__version__, "preset": NNCF_PRESET,
+            "subset_size": int(len(calibration)), "fast_bias_correction": True}  # fmt: skip
+    return [
+        Plan("nncf", base, quantize, graph="nncf"),
+        Plan("nncf-mean-quantile", {**base, "activations_range": "mean_quantile"},
+             lambda: quantize(advanced_parameters=quantile), graph="nncf"),
+        Plan("nncf-bias-correction", {**base, "fast_bias_correction": False},
+             lambda: quantize(fast_bias_correction=False), graph="nncf"),
+        Plan("nncf-more-images", {**base, "calibration_images_per_dataset": 2 * options.calibration_images},
+             more_images, graph="nncf"),
+        Plan("nncf-accuracy-control", {**base, "tool": "nncf.quantize_with_accuracy_control (OpenVINO)",
+                                       "max_drop": "the gate's bounds on validation",
+                                       "max_num_iterations": options.max_fp32_layers},
+             lambda: nncf_accuracy_control(model, calibration, job.selection, engine, options, preset=preset),
+             mixed=True),
+    ]  # fmt: skip
+
+
+def quantize_nncf(model: "openvino.Model", job: "ExportJob") -> tuple["openvino.Model", dict[str, Any]]:
+    """The fastest NNCF INT8 model that passes on the validation split (export/int8.py), with every attempt."""
+    if job.calibration is None or job.selection is None:
+        raise TransferkitError("INT8 export needs calibration images and the validation split (export_run gives both)")
+    calibration = job.calibration(job.options.calibration_images)
+    engine = OpenVinoEngine(job.head_names)
+    result = search(openvino_int8_plans(model, job, calibration, engine), engine, job.selection, job.options,
+                    fp32_model=model)  # fmt: skip
+    if result.chosen is None:
+        raise TransferkitError("every INT8 attempt failed: " + "; ".join(
+            f"{a['name']}: {a.get('error', a['status'])}" for a in result.attempts))  # fmt: skip
+    return result.chosen.model, int8_details(job.built("onnx", "fp32").name, result, calibration, job.selection,
+                                             job.options)  # fmt: skip
 
 
 def save_ir(model: "openvino.Model", path: Path) -> None:

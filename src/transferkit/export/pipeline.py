@@ -3,52 +3,45 @@
 
     for each requested artifact, a format at a precision (and the artifacts it is built from):
         not buildable here?  -> "not available here" (with the reason)
-        export               -> "export failed" on any error (the message is kept)
+        export               -> "export failed" on any error (the message is kept); INT8 chooses among its
+                                attempts on the validation split (export/int8.py)
         (file written        -> "exported, not verified yet")
-        verify vs PyTorch    -> "export ok but verification failed" or "passed"
-        passed               -> throughput measured at batch 32 (manifest entry "measured"; `auto` reads it)
-    verify.json, then the BentoML model (servable formats only), then manifest.json (with the model tag)
+        verify vs PyTorch    -> "export ok but verification failed" or "passed" (on the test split)
+        passed               -> throughput at batch 32 on this machine, with each runtime option the runner
+                                offers (OpenVINO: latency / throughput hint); the fastest options are recorded
+    verify.json, then the BentoML model (servable artifacts only), then manifest.json (with the model tag)
 
-Options are checked before any work. Artifacts not requested this time keep their earlier entries only if their
-files are unchanged and were exported from the same model.pt (same sha256); otherwise they are dropped.
+Options are checked before any work. An artifact exported again replaces its entry. Artifacts not requested this
+time keep their earlier entries only if they passed, their files are unchanged, and they were exported from the
+same model.pt (same sha256); a failed earlier entry is dropped, so it never lingers in the manifest.
 """
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from transferkit.artifact import (
-    EXPORT_FAILED,
-    EXPORTED,
-    FORMAT_SPECS,
-    PASSED,
-    UNAVAILABLE,
-    VERIFY_FAILED,
-    check_device,
-    artifact_files,
-    artifact_name,
-    entry_files,
-    entry_format,
-)
+from transferkit.artifact import EXPORT_FAILED, EXPORTED, PASSED, UNAVAILABLE, VERIFY_FAILED, artifact_files, artifact_name, check_device  # noqa: E501
 from transferkit.errors import ConfigError
 from transferkit.export import verify
-from transferkit.export.formats import (
-    FORMATS,
-    ArtifactRequest,
-    ExportFormat,
-    ExportJob,
-    ExportOptions,
-    check_request,
-    with_requirements,
-)
-from transferkit.export.manifest import VERIFY_NAME, base_manifest, file_entry, now_utc, write_manifest
+from transferkit.export.formats import FORMATS, ArtifactRequest, ExportFormat, check_request, with_requirements
+from transferkit.export.job import Exported, ExportJob, ExportOptions, SelectionSet
+from transferkit.export.measure import measure_artifact
 from transferkit.export.table import one_line
-from transferkit.serving.manifest import read_manifest, servable_formats
+from transferkit.manifest import (
+    VERIFY_NAME,
+    ArtifactEntry,
+    FileRecord,
+    Manifest,
+    Measurement,
+    RuntimeOptions,
+    new_manifest,
+    now_utc,
+    read_manifest,
+    write_manifest,
+)
 from transferkit.utils import atomic_write_json, read_json
 
 
@@ -59,13 +52,18 @@ class FormatResult:
     precision: str
     file: Path | None = None  # the artifact, when the export step succeeded
     error: str | None = None  # why it is not "passed"
-    details: dict[str, Any] = field(default_factory=dict)  # exporter details (exporter, opset, GPU, ...)
+    exported: Exported = field(default_factory=lambda: Exported({}))  # the exporter's report
     verification: dict[str, Any] | None = None  # verify's report (see verify.compare)
     export_seconds: float | None = None
     verify_seconds: float | None = None
     requested: bool = True  # False for an artifact built only because a requested one needs it
     files: list[Path] = field(default_factory=list)  # every file of the artifact (OpenVINO: .xml and .bin)
-    measured: dict[str, Any] | None = None  # throughput after verify passed (see _measure)
+    measured: Measurement | None = None  # throughput after verify passed, with the fastest runtime options
+    tuning: list[dict[str, Any]] = field(default_factory=list)  # every runtime option measured
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return self.exported.details
 
     @property
     def servable(self) -> bool:
@@ -120,8 +118,8 @@ def export_run(
     requests = check_request(formats, precision)
     options = options or ExportOptions()
     _check_options(device, verify_images)
-    from transferkit.runs import load_run_model  # torch: imported only when exporting
     from transferkit.model import ExportModule
+    from transferkit.runs import load_run_model  # torch: imported only when exporting
 
     model, run = load_run_model(run_dir)
     inputs = verify.load_verify_inputs(run, verify_images)  # a missing dataset fails here, before exporting
@@ -130,32 +128,26 @@ def export_run(
     module = ExportModule(model).eval()
     heads = list(model.head_names)
     reference = verify.pytorch_logits(module, inputs.batch, heads)
-    manifest = base_manifest(run, heads)
+    manifest = new_manifest(run, heads)
+    plan = with_requirements(requests, device)
+    selection = None
+    if any(r.precision == "int8" for r in plan):  # INT8 chooses among its attempts on the validation split
+        val = verify.load_verify_inputs(run, verify_images, split="val")
+        selection = SelectionSet(val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8"))
     job = ExportJob(module, export_dir, "fp32", device, heads, run.preprocessing.image_size, options=options,
-                    calibration=lambda n: verify.load_calibration_images(run, n),
-                    gate=_onnx_gate(reference, inputs, heads, options))  # fmt: skip
+                    calibration=lambda n: verify.load_calibration_images(run, n), selection=selection)  # fmt: skip
 
     results: dict[str, FormatResult] = {}
-    for req in with_requirements(requests, device):
+    for req in plan:
         result = _build_one(req, job, results)
         if result.status == EXPORTED:
             result = _verify_one(req.row, result, manifest, export_dir, inputs, reference, options)
         results[req.name] = result
-        _record(manifest, req.row, result)
+        manifest = _record(manifest, req.row, result)
 
     verify_doc = _verify_document(inputs, results)
-    _carry_over(export_dir, manifest, verify_doc, exclude=set(results))
+    manifest = _carry_over(export_dir, manifest, verify_doc, exclude=set(results))
     return _finish(run_dir, export_dir, manifest, verify_doc, results, store)
-
-
-def _onnx_gate(reference, inputs, heads, options: ExportOptions):
-    """(ONNX file, precision) -> verify's report for that file: what the INT8 repair checks each step with."""
-
-    def gate(path: Path, precision: str) -> dict[str, Any]:
-        logits = verify.onnx_file_logits(path, inputs.batch, heads)
-        return verify.compare(reference, logits, inputs, precision, options.tolerance(FORMATS["onnx"], precision))
-
-    return gate
 
 
 def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResult]) -> FormatResult:
@@ -172,14 +164,14 @@ def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResul
     job.precision = precision
     start = time.perf_counter()
     try:
-        details = row.export(job, paths[0])
+        exported = row.export(job, paths[0])
     except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, not raised
         for path in paths:
             path.unlink(missing_ok=True)  # never leave an earlier export's file looking current
         return FormatResult(req.name, EXPORT_FAILED, precision, error=one_line(exc), requested=req.requested,
                             export_seconds=time.perf_counter() - start)  # fmt: skip
     job.artifacts[req.name] = paths[0]
-    return FormatResult(req.name, EXPORTED, precision, file=paths[0], details=details, requested=req.requested,
+    return FormatResult(req.name, EXPORTED, precision, file=paths[0], exported=exported, requested=req.requested,
                         export_seconds=time.perf_counter() - start, files=paths)  # fmt: skip
 
 
@@ -191,10 +183,10 @@ def _verification_runtime(row: ExportFormat, artifact: str):
     return RUNNERS_BY_FORMAT[row.name](artifact)
 
 
-def _verify_one(row, result, manifest, export_dir, inputs, reference, options: ExportOptions) -> FormatResult:
+def _verify_one(row, result, manifest: Manifest, export_dir, inputs, reference, options: ExportOptions) -> FormatResult:
     """Load the artifact through the serving runtime and compare it with the PyTorch reference; if it passes,
-    measure its throughput with the same runtime."""
-    _record(manifest, row, result)  # the runtime reads file/details from the manifest entry
+    measure its throughput with the same runtime, under each runtime option it offers."""
+    manifest = _record(manifest, row, result)  # the runtime reads files and serving fields from the entry
     start = time.perf_counter()
     runtime = None
     try:
@@ -210,105 +202,87 @@ def _verify_one(row, result, manifest, export_dir, inputs, reference, options: E
     result.status = PASSED if report["passed"] else VERIFY_FAILED
     result.error = None if report["passed"] else "; ".join(report["failures"])
     if report["passed"] and runtime is not None:
-        entry = manifest["formats"][result.format]
-        # verify runs ONNX on the CPU provider whatever the machine has: that is where it was measured
-        cpu_only = getattr(runtime, "providers", None) == ["CPUExecutionProvider"]
-        result.measured = _measure(runtime, inputs.batch, "cpu" if cpu_only else runtime.device_kind(entry))
+        result.measured, result.tuning = measure_artifact(lambda: _verification_runtime(row, result.format), runtime,
+                                                          export_dir, manifest, inputs.batch)  # fmt: skip
     return result
 
 
-MEASURE_BATCH = 32
-
-
-def _measure(runtime, batch: np.ndarray, device: str, repeats: int = 7) -> dict[str, Any] | None:
-    """Images/s at batch 32 (median of `repeats` calls after warm-up) on the verify images: what `--runtime
-    auto` and `transferkit serve` compare artifacts by (`transferkit benchmark` measures more carefully)."""
-    x = np.ascontiguousarray(np.resize(batch, (MEASURE_BATCH, *batch.shape[1:])))
-    try:
-        for _ in range(2):
-            runtime.run(x)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            runtime.run(x)
-            times.append(time.perf_counter() - t)
-    except Exception:  # noqa: BLE001 - a measurement is optional; the artifact passed verify
-        return None
-    return {"images_per_second": round(MEASURE_BATCH / statistics.median(times), 1), "batch": MEASURE_BATCH,
-            "device": device, "runtime": runtime.description}  # fmt: skip
-
-
-def _record(manifest: dict[str, Any], row: ExportFormat, result: FormatResult) -> None:
+def _entry(row: ExportFormat, result: FormatResult) -> ArtifactEntry:
     names = [f.name for f in result.files] or artifact_files(row.name, result.precision)
-    manifest["formats"][result.format] = {
-        "format": row.name,
-        "file": names[0],
-        "files": names,
-        "runtime": row.runtime,
-        "precision": result.precision,
-        "status": result.status,
-        "servable": result.servable,
-        "error": result.error,
-        "details": result.details,
-        **({"measured": result.measured} if result.measured else {}),
-    }
+    exported = result.exported
+    details = dict(exported.details)
+    if result.tuning:
+        details["runtime_options_measured"] = result.tuning
+    return ArtifactEntry(
+        name=result.format, format=row.name, precision=result.precision, runtime=row.runtime, files=tuple(names),
+        status=result.status, error=result.error, batch_range=exported.batch_range, device=exported.device,
+        built_for_gpu=exported.built_for_gpu,
+        runtime_options=result.measured.runtime_options if result.measured else RuntimeOptions(),
+        measured=(result.measured,) if result.measured else (), details=details,
+    )  # fmt: skip
+
+
+def _record(manifest: Manifest, row: ExportFormat, result: FormatResult) -> Manifest:
+    entry = _entry(row, result)
+    records: dict[str, FileRecord | None] = {}
     for path in result.files:
-        if path.is_file():
-            manifest["files"][path.name] = file_entry(path)
-        else:
-            manifest["files"].pop(path.name, None)
+        records[path.name] = FileRecord.of(path) if path.is_file() else None
     if not result.files:
-        for name in names:
-            manifest["files"].pop(name, None)
+        records.update({name: None for name in entry.files})
+    return manifest.with_artifact(entry, records)
 
 
 def _verify_document(inputs: verify.VerifyInputs, results: dict[str, FormatResult]) -> dict[str, Any]:
+    from transferkit.artifact import FORMAT_SPECS
+
+    def extra(r: FormatResult) -> dict[str, Any]:  # INT8: every attempt, what was chosen, which split did what
+        return {k: r.details[k] for k in ("quantization", "splits", "attempts", "fp32_layers") if k in r.details}
+
     return {
         "created": now_utc(),
         "reference": "PyTorch fp32 eval on CPU, same normalized input",
         "images": inputs.datasets,
         "tolerances": {p: vars(t) for s in FORMAT_SPECS.values() for p, t in s.tolerances.items()},
         "formats": {
-            name: {"status": r.status, "error": r.error, **(r.verification or {}),
-                   **({"repair": r.details["repair"]} if "repair" in r.details else {})}  # fmt: skip
+            name: {"status": r.status, "error": r.error, **(r.verification or {}), **extra(r)}
             for name, r in results.items()
             if r.verification is not None
         },
     }
 
 
-def _carry_over(export_dir: Path, manifest: dict, verify_doc: dict, exclude: set[str]) -> None:
-    """Keep earlier formats whose file is unchanged and came from the same model.pt."""
+def _carry_over(export_dir: Path, manifest: Manifest, verify_doc: dict, exclude: set[str]) -> Manifest:
+    """Keep earlier artifacts that passed, whose files are unchanged and came from the same model.pt."""
     try:
         old = read_manifest(export_dir)
         old_verify = read_json(export_dir / VERIFY_NAME)
     except Exception:  # noqa: BLE001 - no usable earlier export: nothing to keep
-        return
-    if old.get("source", {}).get("sha256") != manifest["source"]["sha256"]:
-        return
-    for name, entry in old.get("formats", {}).items():
-        if name in exclude or entry_format(name, entry) not in FORMATS:
+        return manifest
+    if old.source.get("sha256") != manifest.source["sha256"]:
+        return manifest
+    for name, entry in old.artifacts.items():
+        if name in exclude or entry.format not in FORMATS or not entry.servable:
             continue
-        files = entry_files(entry)
-        recorded = {f: old.get("files", {}).get(f) for f in files}
-        if all(recorded.values()) and all((export_dir / f).is_file() and file_entry(export_dir / f) == recorded[f]
-                                          for f in files):  # fmt: skip
-            manifest["formats"][name] = entry
-            manifest["files"].update(recorded)
+        recorded = {f: old.files.get(f) for f in entry.files}
+        if all(recorded.values()) and all((export_dir / f).is_file() and FileRecord.of(export_dir / f) == recorded[f]
+                                          for f in entry.files):  # fmt: skip
+            manifest = manifest.with_artifact(entry, recorded)
             if name in old_verify.get("formats", {}):
                 verify_doc["formats"][name] = old_verify["formats"][name]
+    return manifest
 
 
-def _finish(run_dir, export_dir, manifest, verify_doc, results, store: bool) -> ExportResult:
+def _finish(run_dir, export_dir, manifest: Manifest, verify_doc, results, store: bool) -> ExportResult:
     atomic_write_json(export_dir / VERIFY_NAME, verify_doc)
     tag, store_error = None, None
-    if store and servable_formats(manifest):
+    manifest = dataclasses.replace(manifest, bentoml=None)
+    if store and manifest.servable():
         from transferkit.export.store import store_export
 
         try:
-            tag = store_export(export_dir, manifest, run_dir)
+            manifest = store_export(export_dir, manifest, run_dir)
+            tag = manifest.tag
         except Exception as exc:  # noqa: BLE001
-            manifest["bentoml"] = None
             store_error = f"saving to the BentoML model store failed: {one_line(exc)}"
     write_manifest(export_dir, manifest)
     return ExportResult(Path(run_dir), export_dir, results, tag, store_error)
@@ -321,8 +295,8 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
     are rewritten; the BentoML model is re-saved when the set of servable files changed.
     """
     _check_options("cpu", verify_images)
-    from transferkit.runs import load_run_model
     from transferkit.model import ExportModule
+    from transferkit.runs import load_run_model
 
     model, run = load_run_model(run_dir)
     export_dir = run.export_dir
@@ -330,26 +304,25 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
     inputs = verify.load_verify_inputs(run, verify_images)
     heads = list(model.head_names)
     reference = verify.pytorch_logits(ExportModule(model).eval(), inputs.batch, heads)
-    manifest = base_manifest(run, heads)
+    manifest = new_manifest(run, heads)
     results: dict[str, FormatResult] = {}
     options = ExportOptions()
-    for name, entry in old["formats"].items():
-        row, path = FORMATS[entry_format(name, entry)], export_dir / entry["file"]
-        files = [export_dir / f for f in entry_files(entry)]
+    for name, entry in old.artifacts.items():
+        row = FORMATS[entry.format]
+        files = [export_dir / f for f in entry.files]
+        exported = Exported(entry.details, entry.batch_range, entry.device, entry.built_for_gpu)
         if not all(f.is_file() for f in files):
-            results[name] = FormatResult(name, entry["status"], entry["precision"], error=entry.get("error"))
-            _record(manifest, row, results[name])
+            results[name] = FormatResult(name, entry.status, entry.precision, error=entry.error, exported=exported)
+            manifest = _record(manifest, row, results[name])
             continue
-        result = FormatResult(name, EXPORTED, entry["precision"], file=path, details=entry.get("details", {}),
-                              files=files)  # fmt: skip
+        result = FormatResult(name, EXPORTED, entry.precision, file=files[0], exported=exported, files=files)
         results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference, options)
-        _record(manifest, row, results[name])
-    unchanged = servable_formats(old) == servable_formats(manifest) and old.get("files") == manifest["files"]
-    if unchanged and old.get("bentoml"):
-        manifest["bentoml"] = old["bentoml"]
-        store = False
-    result = _finish(run_dir, export_dir, manifest, _verify_document(inputs, results), results, store)
-    if unchanged and old.get("bentoml"):
-        result.bentoml_tag = old["bentoml"]["tag"]
-    return result
+        manifest = _record(manifest, row, results[name])
+    unchanged = old.servable() == manifest.servable() and old.files == manifest.files
+    if unchanged and old.bentoml:
+        manifest = dataclasses.replace(manifest, bentoml=old.bentoml)
+        atomic_write_json(export_dir / VERIFY_NAME, _verify_document(inputs, results))
+        write_manifest(export_dir, manifest)
+        return ExportResult(Path(run_dir), export_dir, results, old.tag)
+    return _finish(run_dir, export_dir, manifest, _verify_document(inputs, results), results, store)
 

@@ -1,22 +1,20 @@
-"""INT8 ONNX: ONNX Runtime static quantization in QDQ form, gated, and repaired when the gate rejects it.
+"""INT8 ONNX: the attempts the INT8 search (export/int8.py) makes for onnx-int8, and the QDQ graph edits they use.
 
-    model.onnx (fp32) --quant_pre_process--> --quantize_static(QDQ, per-channel int8 weights, uint8
-    activations, calibrated on train images of every dataset)--> model-int8.onnx
-        gate (verify against PyTorch fp32 on held-out images)   passed -> done
-        failed and --int8-fallback auto:
-            rank the quantized layers by how much keeping each one alone in fp32 brings the logits back
-            keep the worst 1, 2, 4, ... (up to --max-fp32-layers) in fp32 and gate again, until it passes
+    model.onnx (fp32) --quant_pre_process--> quantize_static(QDQ, per-channel int8 weights, uint8 activations,
+    calibrated on train images of every dataset) with minmax, entropy, percentile     (fully INT8 attempts)
+                     --> nncf.quantize(ONNX, mixed preset)                               (fully INT8)
+                     --> nncf.quantize_with_accuracy_control(ONNX)                       (mixed precision)
+                     --> the per-layer repair of the first QDQ model                     (mixed precision)
+    each judged on the validation split; the fastest that passes is written to model-int8.onnx
 
 Static INT8 of depthwise-separable networks can lose several points on one dataset with no error raised (a
 MobileNetV2 fine-tuned on MNIST + Fashion-MNIST loses 3 points on Fashion-MNIST with every calibration method),
-which is why every INT8 file is gated and why the repair exists. Keeping a layer in fp32 is a graph edit on the
-quantized model: the layer reads the fp32 tensors and weights its Q/DQ pair stood for, and Q/DQ nodes nobody reads
-any more are dropped. Every other layer keeps the scales calibration gave it, so each step costs one gate, not a
-new calibration. The same QDQ file is what TensorRT's explicit quantization consumes (export/tensorrt.py).
-
-`job.calibration(n)` gives the calibration images and `job.gate(path, precision)` the verify report; export/
-pipeline.py provides both. Details (method, images, the layers kept in fp32, accuracy at each step) go into the
-manifest entry and, through it, verify.json.
+which is why every INT8 file is gated and why mixed precision exists. The per-layer repair is a graph edit on
+the quantized model: a layer kept in fp32 reads the fp32 tensors and weights its Q/DQ pair stood for, and Q/DQ
+nodes nobody reads any more are dropped, so every other layer keeps the scales calibration gave it and each
+step costs one validation, not a new calibration. It stays beside NNCF's accuracy control because the two rank
+layers differently (end-to-end logit error here, per-image agreement there), and the search keeps whichever
+passes faster. The same QDQ form is what TensorRT's explicit quantization consumes (export/tensorrt.py).
 """
 from __future__ import annotations
 
@@ -29,15 +27,15 @@ import numpy as np
 
 from transferkit.artifact import INPUT_NAME
 from transferkit.errors import TransferkitError
+from transferkit.export.int8 import Candidate, Engine, Plan, batched_logits, int8_details, nncf_accuracy_control, search
+from transferkit.export.job import CALIBRATION_METHODS
 from transferkit.utils import atomic_write
 
 if TYPE_CHECKING:
     import onnx
 
-    from transferkit.export.formats import ExportJob
+    from transferkit.export.job import ExportJob
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-FALLBACKS = ("auto", "off")
 CALIBRATION_BATCH = 32
 SENSITIVITY_IMAGES = 128  # per measurement of one layer: enough to rank layers, small enough for ~60 of them
 # Layers whose inputs the quantizer puts behind DequantizeLinear and that can be kept in fp32 one by one.
@@ -147,16 +145,10 @@ def _prune(model: "onnx.ModelProto") -> None:
         graph.initializer.remove(init)
 
 
-def _session(model: "onnx.ModelProto"):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as served: QDQ fusions on
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def _logits(model: "onnx.ModelProto", images: np.ndarray) -> list[np.ndarray]:
-    session = _session(model)
+    from transferkit.serving.runtime import onnx_session
+
+    session = onnx_session(model.SerializeToString())
     outs = [session.run(None, {INPUT_NAME: images[i : i + 64]}) for i in range(0, len(images), 64)]
     return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
 
@@ -195,15 +187,6 @@ def module_names(model: "onnx.ModelProto") -> dict[str, str]:
     return out
 
 
-def _step(report: dict[str, Any], layers: list[str]) -> dict[str, Any]:
-    """One line of the repair's log: which layers were fp32 and what the gate measured."""
-    per_dataset = {ds: round(v["accuracy_format"], 5) for h in report.get("heads", {}).values()
-                   for ds, v in h.get("per_dataset", {}).items()}  # fmt: skip
-    agreement = {h: round(v["top1_agreement"], 5) for h, v in report.get("heads", {}).items()}
-    return {"fp32_layers": list(layers), "passed": bool(report.get("passed")), "accuracy": per_dataset,
-            "top1_agreement": agreement, "failures": report.get("failures", [])}  # fmt: skip
-
-
 def _budget_steps(budget: int) -> list[int]:
     """1, 2, 4, ... layers, ending exactly at the budget."""
     steps, k = [], 1
@@ -213,55 +196,118 @@ def _budget_steps(budget: int) -> list[int]:
     return steps + [budget] if budget else []
 
 
-def quantize_int8(fp32_path: Path, path: Path, job: "ExportJob") -> dict[str, Any]:
-    """fp32 ONNX -> the INT8 QDQ model at `path` (atomically), repaired if the gate rejects it -> details."""
+class OnnxEngine(Engine):
+    """Runs candidate ModelProtos in ONNX Runtime as served (all optimisations, CPU), one session per model."""
+
+    def __init__(self, heads: list[str]) -> None:
+        super().__init__(self._logits)
+        self.heads = heads
+        self._cache: tuple[Any, Any] | None = None  # (model, session): the model held, so its id stays unique
+
+    def _logits(self, model: "onnx.ModelProto", images: np.ndarray) -> dict[str, np.ndarray]:
+        from transferkit.serving.runtime import onnx_session
+
+        if self._cache is None or self._cache[0] is not model:
+            self._cache = (model, onnx_session(model.SerializeToString()))
+        session = self._cache[1]
+        return batched_logits(lambda x: dict(zip(self.heads, session.run(self.heads, {INPUT_NAME: x}))), images,
+                              self.heads)  # fmt: skip
+
+
+def onnx_int8_plans(fp32_path: Path, tmp: Path, job: "ExportJob", calibration: np.ndarray, engine: OnnxEngine
+                    ) -> list[Plan]:  # fmt: skip
+    """What the search tries for onnx-int8, in order: onnxruntime's static QDQ quantization with each calibration
+    method (the chosen --calibration-method first), NNCF's; then, mixed precision, NNCF accuracy control and the
+    per-layer repair of the first QDQ model."""
+    import onnx
+
+    options, selection = job.options, job.selection
+    prepared = tmp / "prepared.onnx"
+    first: dict[str, Any] = {}
+    methods = [options.calibration_method, *(m for m in CALIBRATION_METHODS if m != options.calibration_method)]
+
+    def ort(method: str) -> Candidate:
+        out = tmp / f"ort-{method}.onnx"
+        quantize_qdq(fp32_path, out, prepared, calibration, method)
+        model = onnx.load(str(out))
+        first.setdefault("qdq", model)
+        return Candidate(model)
+
+    def nncf_plain() -> Candidate:
+        import nncf
+
+        dataset = nncf.Dataset([{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))])
+        return Candidate(nncf.quantize(onnx.load(str(fp32_path)), dataset, preset=nncf.QuantizationPreset.MIXED,
+                                       subset_size=len(calibration)))  # fmt: skip
+
+    def nncf_controlled() -> Candidate:
+        import nncf
+
+        return nncf_accuracy_control(onnx.load(str(fp32_path)), calibration, selection, engine, options,
+                                     preset=nncf.QuantizationPreset.MIXED)  # fmt: skip
+
+    def layer_repair() -> Candidate:
+        if "qdq" not in first:
+            ort(methods[0])
+        return repair_layers(first["qdq"], onnx.load(str(prepared)), fp32_path, job, engine)
+
+    ort_settings = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
+                    "weights": "int8", "activations": "uint8"}  # fmt: skip
+    nncf_settings = {"tool": "nncf.quantize (ONNX)", "preset": "mixed", "subset_size": int(len(calibration))}
+    return [
+        *(Plan(f"ort-{m}", {**ort_settings, "method": m}, lambda m=m: ort(m), graph="ort-qdq") for m in methods),
+        Plan("nncf", nncf_settings, nncf_plain, graph="nncf"),
+        Plan("nncf-accuracy-control", {**nncf_settings, "tool": "nncf.quantize_with_accuracy_control (ONNX)",
+                                       "max_drop": "the gate's bounds on validation",
+                                       "max_num_iterations": options.max_fp32_layers}, nncf_controlled, mixed=True),
+        Plan("ort-layer-repair", {**ort_settings, "method": methods[0], "max_fp32_layers": options.max_fp32_layers,
+                                  "ranked_on": "validation"}, layer_repair, mixed=True),
+    ]  # fmt: skip
+
+
+def repair_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", fp32_path: Path, job: "ExportJob",
+                  engine: OnnxEngine) -> Candidate:  # fmt: skip
+    """The per-layer repair of a QDQ model: rank layers by how much keeping each alone in fp32 brings the logits
+    back (on validation images), then keep the worst 1, 2, 4, ... (up to --max-fp32-layers) in fp32 until the
+    validation split passes. Each step is one graph edit, not a new calibration."""
+    import onnx
+
+    selection, budget = job.selection, job.options.max_fp32_layers
+    sample = selection.inputs.batch[np.random.default_rng(0).permutation(len(selection.inputs.batch))[:SENSITIVITY_IMAGES]]
+    ranking = rank_layers(qdq, fp32, sample)
+    modules = module_names(onnx.load(str(fp32_path)))
+    named = lambda layers: [f"{n} ({modules[n]})" if n in modules else n for n in layers]  # noqa: E731
+    model, layers, steps = qdq, [], []
+    for k in _budget_steps(min(budget, len(ranking))):
+        layers = [n for n, _ in ranking[:k]]
+        model = keep_in_fp32(qdq, fp32, layers)
+        passed = selection.report(engine.logits(model, selection.inputs.batch))["passed"]
+        steps.append({"fp32_layers": k, "passed_on_validation": passed})
+        if passed:
+            break
+    sensitivity = [{"layer": n, "module": modules.get(n, ""), "error_removed": round(s, 4)} for n, s in ranking[:16]]
+    return Candidate(model, named(layers), {"steps": steps, "sensitivity": sensitivity})
+
+
+def quantize_onnx_int8(fp32_path: Path, path: Path, job: "ExportJob") -> dict[str, Any]:
+    """fp32 ONNX -> the fastest INT8 model that passes on the validation split, at `path` (atomically) ->
+    manifest details, with every attempt."""
     import onnx
 
     if not fp32_path.is_file():
         raise TransferkitError(f"{fp32_path} is missing; onnx-int8 is built from the fp32 onnx export")
-    if job.calibration is None or job.gate is None:
-        raise TransferkitError("INT8 export needs calibration images and the verify gate (export_run gives both)")
-    options = job.options
-    calibration = job.calibration(options.calibration_images)
-    details: dict[str, Any] = {
-        "built_from": fp32_path.name,
-        "quantization": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
-                         "weights": "int8", "activations": "uint8", "method": options.calibration_method,
-                         "calibration_images": int(len(calibration)),
-                         "calibration_images_per_dataset": options.calibration_images},  # fmt: skip
-    }
+    if job.calibration is None or job.selection is None:
+        raise TransferkitError("INT8 export needs calibration images and the validation split (export_run gives both)")
+    calibration = job.calibration(job.options.calibration_images)
+    engine = OnnxEngine(job.head_names)
     with tempfile.TemporaryDirectory(prefix="transferkit-int8-") as tmp:
-        first, prepared = Path(tmp) / "int8.onnx", Path(tmp) / "prepared.onnx"
-        quantize_qdq(fp32_path, first, prepared, calibration, options.calibration_method)
-        qdq, fp32 = onnx.load(str(first)), onnx.load(str(prepared))
-        model, layers, modules = qdq, [], {}
-        report = _gate(job, model, Path(tmp) / "check.onnx")
-        steps = [_step(report, [])]
-        if not report["passed"] and options.int8_fallback == "auto" and options.max_fp32_layers > 0:
-            sample = calibration[np.random.default_rng(0).permutation(len(calibration))[:SENSITIVITY_IMAGES]]
-            ranking = rank_layers(qdq, fp32, sample)
-            modules = module_names(onnx.load(str(fp32_path)))
-            details["sensitivity"] = [{"layer": n, "module": modules.get(n, ""), "error_removed": round(s, 4)}
-                                      for n, s in ranking[:16]]  # fmt: skip
-            for k in _budget_steps(min(options.max_fp32_layers, len(ranking))):
-                layers = [n for n, _ in ranking[:k]]
-                model = keep_in_fp32(qdq, fp32, layers)
-                report = _gate(job, model, Path(tmp) / "check.onnx")
-                steps.append(_step(report, layers))
-                if report["passed"]:
-                    break
-        atomic_write(path, lambda out: onnx.save(model, str(out)))
-    named = [f"{n} ({modules[n]})" if n in modules else n for n in layers] if layers else []
-    details["repair"] = {"fallback": options.int8_fallback, "max_fp32_layers": options.max_fp32_layers,
-                         "fp32_layers": named, "steps": steps, "passed": steps[-1]["passed"]}  # fmt: skip
-    return details
-
-
-def _gate(job: "ExportJob", model: "onnx.ModelProto", scratch: Path) -> dict[str, Any]:
-    import onnx
-
-    onnx.save(model, str(scratch))
-    return job.gate(scratch, "int8")
+        plans = onnx_int8_plans(fp32_path, Path(tmp), job, calibration, engine)
+        result = search(plans, engine, job.selection, job.options, fp32_model=onnx.load(str(fp32_path)))
+        if result.chosen is None:
+            raise TransferkitError("every INT8 attempt failed: " + "; ".join(
+                f"{a['name']}: {a.get('error', a['status'])}" for a in result.attempts))  # fmt: skip
+        atomic_write(path, lambda out: onnx.save(result.chosen.model, str(out)))
+    return int8_details(fp32_path.name, result, calibration, job.selection, job.options)
 
 
 def quantize_for_tensorrt(fp32_path: Path, out_path: Path, job: "ExportJob") -> dict[str, Any]:

@@ -64,8 +64,9 @@ def dataset_sources(run: "Run") -> dict[str, str]:
     return {k: short_to_source[k] for k in keys}
 
 
-def load_verify_inputs(run: "Run", images_per_dataset: int) -> VerifyInputs:
-    """Test-split images of every dataset in run.labels.datasets (a seeded subset of `images_per_dataset`)."""
+def load_verify_inputs(run: "Run", images_per_dataset: int, split: str = "test") -> VerifyInputs:
+    """`split` images of every dataset in run.labels.datasets (a seeded subset of `images_per_dataset`): the
+    test split for the gate, the validation split for choosing among INT8 attempts."""
     from transferkit.data import load_dataset
 
     pre = run.preprocessing
@@ -82,10 +83,13 @@ def load_verify_inputs(run: "Run", images_per_dataset: int) -> VerifyInputs:
         if missing:
             raise DataError(f"{source}: classes {missing[:5]} are not in head {head!r}; was the run trained on it?")
         to_head = np.array([classes.index(c) for c in ds.classes], dtype=np.int64)
-        n = len(ds.test)
-        pixels.append(ds.test.images)
+        part = ds.split(split)
+        if part.streamed:
+            raise DataError(f"{source}: the {split} split is not in memory; verify decodes held-out splits only")
+        n = len(part)
+        pixels.append(part.images)
         rows[head] = np.concatenate([rows.get(head, np.empty(0, np.int64)), np.arange(offset, offset + n)])
-        labels[head] = np.concatenate([labels.get(head, np.empty(0, np.int64)), to_head[ds.test.labels]])
+        labels[head] = np.concatenate([labels.get(head, np.empty(0, np.int64)), to_head[part.labels]])
         datasets.setdefault(head, {})[dataset] = n
         offset += n
     if not pixels:
@@ -128,9 +132,9 @@ def pytorch_logits(model: "torch.nn.Module", batch: np.ndarray, head_names: list
 def onnx_file_logits(path: "Path", batch: np.ndarray, head_names: list[str]) -> dict[str, np.ndarray]:
     """An ONNX file's logits from ONNX Runtime on CPU, as verify runs them (for a candidate file the INT8
     repair gates before it becomes an artifact)."""
-    import onnxruntime as ort
+    from transferkit.serving.runtime import onnx_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     parts = [session.run(head_names, {session.get_inputs()[0].name: batch[i : i + BATCH]})
              for i in range(0, len(batch), BATCH)]  # fmt: skip
     return {h: np.concatenate([p[k] for p in parts]) for k, h in enumerate(head_names)}
@@ -139,6 +143,30 @@ def onnx_file_logits(path: "Path", batch: np.ndarray, head_names: list[str]) -> 
 def runtime_logits(runtime: "Runtime", batch: np.ndarray) -> dict[str, np.ndarray]:
     parts = [runtime.run(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)]
     return {h: np.concatenate([p[h] for p in parts]) for h in runtime.heads}
+
+
+def subset(inputs: VerifyInputs, reference: dict[str, np.ndarray], logits: dict[str, np.ndarray], rows: np.ndarray
+           ) -> tuple[VerifyInputs, dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+    """Restrict a comparison to `rows` of inputs.batch: `logits` are the candidate's on those rows, in that
+    order (what a validation over some of the images computes); each head keeps its datasets in order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    position = {int(r): i for i, r in enumerate(rows)}
+    new_rows, labels, datasets = {}, {}, {}
+    for head, head_rows in inputs.rows.items():
+        keep = np.isin(head_rows, rows)
+        if not keep.any():
+            continue
+        new_rows[head] = np.array([position[int(r)] for r in head_rows[keep]], dtype=np.int64)
+        labels[head] = inputs.labels[head][keep]
+        counts, start = {}, 0
+        for dataset, n in inputs.datasets[head].items():
+            k = int(keep[start : start + n].sum())
+            start += n
+            if k:
+                counts[dataset] = k
+        datasets[head] = counts
+    picked = VerifyInputs(inputs.batch[rows], new_rows, labels, datasets)
+    return picked, {h: r[rows] for h, r in reference.items() if h in new_rows}, {h: logits[h] for h in new_rows}
 
 
 def compare(

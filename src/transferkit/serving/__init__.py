@@ -5,7 +5,7 @@ Nothing here imports torch at import time: the serving image has numpy, Pillow, 
 """
 from transferkit.serving.build import BuildResult, build_bento
 from transferkit.serving.client import format_predictions, predict_files
-from transferkit.serving.manifest import read_manifest, servable_formats
+from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime, load_runtime, select_runtime
 from transferkit.serving.server import ServerHandle, resolve_served_model, serve, start_server
 
@@ -22,7 +22,6 @@ __all__ = [
     "read_manifest",
     "resolve_served_model",
     "select_runtime",
-    "servable_formats",
     "serve",
     "start_server",
 ]

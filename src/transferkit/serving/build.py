@@ -27,7 +27,7 @@ import yaml
 
 import transferkit
 from transferkit.errors import TransferkitError
-from transferkit.serving.server import resolve_served_model
+from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
 
 PACKAGE_DIR = Path(transferkit.__file__).resolve().parent
@@ -40,6 +40,8 @@ SERVING_FILES = (
     "transferkit/__init__.py",
     "transferkit/artifact.py",
     "transferkit/errors.py",
+    "transferkit/machine.py",
+    "transferkit/manifest.py",
     "transferkit/preprocess.py",
     "transferkit/utils.py",
     "transferkit/py.typed",

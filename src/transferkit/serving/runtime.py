@@ -11,14 +11,16 @@
 
 Each runner names the format it runs; its --runtime name, file and devices come from that format's row in
 `transferkit.artifact.FORMAT_SPECS`, and a row without a runner fails here at import. An export may hold one
-format at several precisions (`onnx`, `onnx-int8`, `onnx-fp16`: manifest["formats"] keys, see
+format at several precisions (`onnx`, `onnx-int8`, `onnx-fp16`: Manifest.artifacts keys, see
 `transferkit.artifact.artifact_name`); a runner instance serves one of them (`Runtime.artifact`).
 
 `--runtime` takes `auto`, a runtime name (the best of its artifacts) or an artifact name (exactly that one).
 "Best" is, among servable artifacts that can run here: those that run on a GPU here first; then the fastest by
-the throughput export measured and recorded in the manifest (entry["measured"]); artifacts without a
+the throughput measured on a machine like this one (same CPU model, instruction sets and cores: export and
+`transferkit benchmark` record each figure with its machine, transferkit.machine); artifacts without such a
 measurement after those, by the row's `auto_rank` (tensorrt > onnxruntime-gpu > torch on CUDA > onnxruntime on
-CPU > torch on CPU > openvino). Never an artifact whose verification failed, and never a precision the row serves
+CPU > torch on CPU > openvino). The chosen runtime's `selected_because` says which numbers decided, and the server
+logs it. Never an artifact whose verification failed, and never a precision the row serves
 on GPU only (fp16 ONNX) on a CPU. This module imports nothing heavy at import time: the lean serving image has no
 torch, and only the runtime that is used imports its engine.
 """
@@ -27,57 +29,59 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from transferkit.artifact import (
-    FORMAT_SPECS,
-    INPUT_NAME,
-    MAX_BATCH,
-    MIN_BATCH,
-    RUNTIME_NAMES,
-    entry_format,
-    entry_files,
-    spec_for_runtime,
-)
+from transferkit.artifact import FORMAT_SPECS, INPUT_NAME, RUNTIME_NAMES, spec_for_runtime
 from transferkit.errors import ConfigError, TransferkitError
+from transferkit.machine import Machine
+from transferkit.manifest import ArtifactEntry, Manifest, RuntimeOptions
 
 
 class Runtime(ABC):
-    format: ClassVar[str]  # the export format (FORMAT_SPECS / manifest["formats"] key) it loads
+    format: ClassVar[str]  # the export format (a FORMAT_SPECS row) it loads
     name: ClassVar[str]  # what --runtime takes: the row's `runtime`
 
     def __init__(self, artifact: str | None = None) -> None:
-        self.artifact = artifact or self.format  # the manifest["formats"] key this instance loads
+        self.artifact = artifact or self.format  # the Manifest.artifacts key this instance loads
         self.heads: list[str] = []
         self.image_size = 0
         self.max_batch: int | None = None  # larger batches are split into chunks of this size
         self.threads: int | None = None  # intra-op threads (None: the engine's default, usually every core)
+        self.options: RuntimeOptions | None = None  # None: the options export measured fastest (the entry's)
+        self.selected_because = ""  # why select_runtime chose this artifact (the server logs it)
 
     @classmethod
-    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
+    def option_candidates(cls) -> list[RuntimeOptions]:
+        """The runtime options export measures (the first is what load uses when the entry names none)."""
+        return [RuntimeOptions()]
+
+    @classmethod
+    def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
         """None if this runtime can run the artifact (its manifest entry) on this machine, else why not."""
         return None
 
     @classmethod
-    def device_kind(cls, entry: dict[str, Any]) -> str:
+    def device_kind(cls, entry: ArtifactEntry) -> str:
         """Where this runtime would run the artifact here, "gpu" or "cpu": `auto` tries GPU ones first."""
         devices = FORMAT_SPECS[cls.format].devices
         return devices[0] if len(devices) == 1 else "cpu"
 
-    def load(self, export_dir: str | Path, manifest: dict[str, Any]) -> "Runtime":
-        entry = manifest["formats"][self.artifact]
-        path = Path(export_dir) / entry["file"]
+    def load(self, export_dir: str | Path, manifest: Manifest) -> "Runtime":
+        entry = manifest.artifacts[self.artifact]
+        path = Path(export_dir) / entry.file
         if not path.is_file():
             raise TransferkitError(f"{path} not found; re-run `transferkit export RUN --format {self.format}`")
-        self.heads = [o["name"] for o in manifest["outputs"]]
-        self.image_size = int(manifest["preprocessing"]["image_size"])
+        self.heads = manifest.head_names
+        self.image_size = manifest.image_size
+        if self.options is None:
+            self.options = entry.runtime_options
         self._load(path, entry)
         return self
 
     @abstractmethod
-    def _load(self, path: Path, entry: dict[str, Any]) -> None: ...
+    def _load(self, path: Path, entry: ArtifactEntry) -> None: ...
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
@@ -97,6 +101,24 @@ class Runtime(ABC):
         return {h: np.concatenate([p[h] for p in parts]).astype(np.float32, copy=False) for h in self.heads}
 
 
+def onnx_session(model: "str | Path | bytes", providers: list[str] | None = None, threads: int | None = None):
+    """An ONNX Runtime session as transferkit runs every ONNX model (serving, verify, the INT8 search): all graph
+    optimisations (QDQ fusions included), the CPU provider unless `providers` says otherwise, and, with
+    `threads`, that many intra-op threads that sleep instead of spinning when idle."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        # Several serving workers share the cores: each gets its share, and idle ORT threads sleep instead
+        # of spinning, so the CPU time goes to decoding uploads in between model calls.
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=providers or ["CPUExecutionProvider"])
+
+
 class OnnxRuntime(Runtime):
     format = "onnx"
     name = FORMAT_SPECS[format].runtime
@@ -107,13 +129,13 @@ class OnnxRuntime(Runtime):
         self.providers = providers  # None: CUDA when onnxruntime-gpu has it, else CPU
 
     @classmethod
-    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
+    def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
         return None
 
     @classmethod
-    def device_kind(cls, entry: dict[str, Any]) -> str:
+    def device_kind(cls, entry: ArtifactEntry) -> str:
         return "gpu" if cls.unavailable_reason(entry) is None and cls.gpu_available() else "cpu"
 
     @staticmethod
@@ -122,20 +144,12 @@ class OnnxRuntime(Runtime):
 
         return OnnxRuntime.GPU_PROVIDER in ort.get_available_providers()
 
-    def _load(self, path: Path, entry: dict[str, Any]) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
         providers = self.providers or [p for p in (self.GPU_PROVIDER, "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            # Several serving workers share the cores: each gets its share, and idle ORT threads sleep instead
-            # of spinning, so the CPU time goes to decoding uploads in between model calls.
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.session = onnx_session(path, providers, self.threads)
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise TransferkitError(f"{path}: inputs {names}, expected [{INPUT_NAME!r}]")
@@ -159,7 +173,7 @@ class TensorRTRuntime(Runtime):
     name = FORMAT_SPECS[format].runtime
 
     @classmethod
-    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
+    def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
         if importlib.util.find_spec("tensorrt") is None:
             return "tensorrt is not installed; install the [gpu] extra on a CUDA machine"
         if importlib.util.find_spec("torch") is None:
@@ -168,13 +182,12 @@ class TensorRTRuntime(Runtime):
 
         if not torch.cuda.is_available():
             return "no CUDA device visible"
-        built_for = (entry.get("details") or {}).get("built_for_gpu", {})
         here = torch.cuda.get_device_name(torch.cuda.current_device())
-        if built_for.get("name") and built_for["name"] != here:
-            return f"the engine was built for {built_for['name']}, this GPU is {here}; re-export on this machine"
+        if entry.built_for_gpu and entry.built_for_gpu != here:
+            return f"the engine was built for {entry.built_for_gpu}, this GPU is {here}; re-export on this machine"
         return None
 
-    def _load(self, path: Path, entry: dict[str, Any]) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry) -> None:
         import tensorrt as trt
         import torch
 
@@ -184,7 +197,7 @@ class TensorRTRuntime(Runtime):
         if self.engine is None:
             raise TransferkitError(f"{path}: TensorRT could not deserialize the engine (version or GPU mismatch)")
         self.context = self.engine.create_execution_context()
-        self.max_batch = int((entry.get("details") or {}).get("profile", {}).get("max_batch", MAX_BATCH))
+        self.max_batch = entry.max_batch
         self.stream = torch.cuda.Stream()
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -211,7 +224,7 @@ class TorchRuntime(Runtime):
     name = FORMAT_SPECS[format].runtime
 
     @classmethod
-    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
+    def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
         if importlib.util.find_spec("torch") is None:
             return "torch is not installed (the lean serving image leaves it out; use onnxruntime)"
         if cls.device_kind(entry) == "gpu":
@@ -222,19 +235,17 @@ class TorchRuntime(Runtime):
         return None
 
     @classmethod
-    def device_kind(cls, entry: dict[str, Any]) -> str:
+    def device_kind(cls, entry: ArtifactEntry) -> str:
         """The device the package was compiled for (a .pt2 runs only there)."""
-        device = (entry.get("details") or {}).get("device", "cpu")
-        return "gpu" if device == "cuda" else "cpu"
+        return "gpu" if entry.device == "cuda" else "cpu"
 
-    def _load(self, path: Path, entry: dict[str, Any]) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry) -> None:
         import torch
         import torch._inductor
 
         self._torch = torch
-        details = entry.get("details") or {}
-        self.device = torch.device("cuda" if details.get("device") == "cuda" else "cpu")
-        self.max_batch = int(details.get("batch_range", [MIN_BATCH, MAX_BATCH])[1])
+        self.device = torch.device("cuda" if entry.device == "cuda" else "cpu")
+        self.max_batch = entry.max_batch
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = torch._inductor.aoti_load_package(str(path))
@@ -247,28 +258,33 @@ class TorchRuntime(Runtime):
 
 
 class OpenVinoRuntime(Runtime):
-    """Runs the OpenVINO IR (model.xml + model.bin) on the CPU plugin.
+    """Runs the OpenVINO IR (model.xml + model.bin) on the CPU plugin, as OpenVINO's performance guide says.
 
-    One synchronous infer request at a time (serving's batcher makes one call per worker at a time), so the
-    LATENCY hint: one stream using every thread on the whole batch. THROUGHPUT splits the cores into streams
-    that only a caller with several requests in flight can fill; with one call at a time it ran batch 32 about
-    40% slower (2 cores). Inference precision is pinned to f32: on CPUs with AMX or AVX512-BF16 the plugin would
-    otherwise run in bf16 by default, which is not what verify measured.
+    Two ways, and export measures both on its machine and records the faster in the entry's runtime options:
+    LATENCY (one stream using every thread on the whole batch, one infer request) and THROUGHPUT (the plugin
+    splits the threads into streams; one call's batch is split into as many parts as the compiled model's
+    optimal number of infer requests, run at once through an AsyncInferQueue, and put back in order). With
+    one synchronous request THROUGHPUT leaves streams idle, which is why it needs the parallel requests.
+    Inference precision is pinned to f32: on CPUs with AMX or AVX512-BF16 the plugin would otherwise run in
+    bf16 by default, which is not what verify measured.
     """
 
     format = "openvino"
     name = FORMAT_SPECS[format].runtime
-    HINT = "LATENCY"
 
     @classmethod
-    def unavailable_reason(cls, entry: dict[str, Any]) -> str | None:
+    def option_candidates(cls) -> list[RuntimeOptions]:
+        return [RuntimeOptions("LATENCY", 1), RuntimeOptions("THROUGHPUT")]
+
+    @classmethod
+    def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
         try:
             import openvino  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - missing or broken, either way it cannot serve
             return f"openvino does not import ({type(exc).__name__}); pip install 'transferkit[openvino]'"
         return None
 
-    def _load(self, path: Path, entry: dict[str, Any]) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry) -> None:
         import threading
 
         import openvino as ov
@@ -280,7 +296,8 @@ class OpenVinoRuntime(Runtime):
             raise TransferkitError(f"{path}: inputs {names}, expected [{INPUT_NAME!r}]")
         if not model.inputs[0].get_partial_shape()[0].is_dynamic:  # serving sends any batch up to --max-batch
             model.reshape({INPUT_NAME: ov.PartialShape([-1, 3, self.image_size, self.image_size])})
-        config: dict[str, Any] = {"PERFORMANCE_HINT": self.HINT, "INFERENCE_PRECISION_HINT": "f32"}
+        hint = (self.options.performance_hint if self.options else None) or "LATENCY"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)  # workers x threads stays within the cores
         self.compiled = core.compile_model(model, "CPU", config)
@@ -290,18 +307,36 @@ class OpenVinoRuntime(Runtime):
         if len(outputs) != len(self.heads):
             raise TransferkitError(f"{path}: {len(outputs)} outputs, the manifest lists {len(self.heads)} heads")
         self.ports = [by_name.get(h, outputs[k]) for k, h in enumerate(self.heads)]
+        optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        wanted = self.options.infer_requests if self.options and self.options.infer_requests else optimal
+        self.requests = max(1, min(wanted, optimal) if hint == "LATENCY" else wanted)
         self.request = self.compiled.create_infer_request()
-        self._lock = threading.Lock()  # an infer request serves one call at a time
+        self.queue = ov.AsyncInferQueue(self.compiled, self.requests) if self.requests > 1 else None
+        self._lock = threading.Lock()  # the requests serve one call at a time
 
     @property
     def description(self) -> str:
-        return f"{self.name} (CPU)" if self.artifact == self.format else f"{self.name} ({self.artifact}, CPU)"
+        hint = (self.options.performance_hint if self.options else None) or "LATENCY"
+        how = f"CPU, {hint.lower()}" + (f" x{self.requests}" if getattr(self, "requests", 1) > 1 else "")
+        return f"{self.name} ({how})" if self.artifact == self.format else f"{self.name} ({self.artifact}, {how})"
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
-            # share_outputs=False (the default) copies the results out of the request's reused buffers
-            results = self.request.infer({INPUT_NAME: batch}, share_inputs=True)
-            return {h: results[port] for h, port in zip(self.heads, self.ports)}
+            if self.queue is None or len(batch) < 2:
+                # share_outputs=False (the default) copies the results out of the request's reused buffers
+                results = self.request.infer({INPUT_NAME: batch}, share_inputs=True)
+                return {h: results[port] for h, port in zip(self.heads, self.ports)}
+            parts = np.array_split(batch, min(self.requests, len(batch)))
+            out: list[Any] = [None] * len(parts)
+
+            def done(request: Any, k: int) -> None:
+                out[k] = [request.get_tensor(port).data.copy() for port in self.ports]
+
+            self.queue.set_callback(done)
+            for k, part in enumerate(parts):
+                self.queue.start_async({INPUT_NAME: np.ascontiguousarray(part)}, userdata=k)
+            self.queue.wait_all()
+            return {h: np.concatenate([o[i] for o in out]) for i, h in enumerate(self.heads)}
 
 
 _RUNNERS: dict[str, type[Runtime]] = {
@@ -313,73 +348,91 @@ RUNNERS_BY_FORMAT: dict[str, type[Runtime]] = {f: _RUNNERS[f] for f in FORMAT_SP
 RUNTIME_CHOICES = ("auto", *RUNTIMES)  # plus the export's artifact names (onnx, onnx-int8, ...)
 
 
-def runner_for(name: str, entry: dict[str, Any]) -> type[Runtime]:
-    """The runner class of a manifest["formats"] entry."""
-    return RUNNERS_BY_FORMAT[entry_format(name, entry)]
+def runner_for(entry: ArtifactEntry) -> type[Runtime]:
+    """The runner class of a manifest entry."""
+    return RUNNERS_BY_FORMAT[entry.format]
 
 
-def artifact_problem(name: str, manifest: dict[str, Any], export_dir: str | Path | None = None,
-                     for_auto: bool = False) -> str | None:  # fmt: skip
-    """Why the artifact `name` (a manifest["formats"] key) cannot be served here (None when it can)."""
-    entry = manifest.get("formats", {}).get(name)
-    if entry is None or entry.get("status") is None:
+def artifact_problem(name: str, manifest: Manifest, export_dir: str | Path | None = None) -> str | None:
+    """Why the artifact `name` cannot be served here (None when it can)."""
+    entry = manifest.artifacts.get(name)
+    if entry is None:
         fmt, _, precision = name.partition("-")
         hint = f" --precision {precision}" if precision else ""
         return f"the export has no {name} artifact (transferkit export RUN --format {fmt}{hint})"
-    if not entry.get("servable"):
-        return f"the {name} artifact is not servable: {entry.get('status')} (see verify.json)"
+    if not entry.servable:
+        return f"the {name} artifact is not servable: {entry.status} (see verify.json)"
     if export_dir is not None:
-        missing = [f for f in entry_files(entry) if not (Path(export_dir) / f).is_file()]
+        missing = [f for f in entry.files if not (Path(export_dir) / f).is_file()]
         if missing:
             return f"{Path(export_dir) / missing[0]} is missing"
-    cls = runner_for(name, entry)
+    cls = runner_for(entry)
     problem = cls.unavailable_reason(entry)
-    if problem is None and entry.get("precision") in FORMAT_SPECS[cls.format].gpu_only_precisions:
+    if problem is None and entry.precision in FORMAT_SPECS[cls.format].gpu_only_precisions:
         if cls.device_kind(entry) != "gpu":
-            problem = f"{entry['precision']} {cls.format} is served on a GPU only (on this CPU it is slower than fp32)"
+            problem = f"{entry.precision} {cls.format} is served on a GPU only (on this CPU it is slower than fp32)"
     return problem
 
 
-def measured_throughput(entry: dict[str, Any], device: str) -> float | None:
-    """Images/s export measured for this artifact at its benchmark batch on a `device` ("cpu"/"gpu") like the one
-    it would run on here; None when it was not measured there (a CPU number says nothing about a GPU)."""
-    measured = entry.get("measured") or {}
-    value = measured.get("images_per_second")
-    if measured.get("device", "cpu") != device or not isinstance(value, (int, float)) or value <= 0:
-        return None
-    return float(value)
+def measured_throughput(entry: ArtifactEntry, device: str, machine: Machine | None = None) -> float | None:
+    """Images/s measured for this artifact on `device` ("cpu"/"gpu") on a machine like `machine` (default: this
+    one); None when it was not measured on such a machine (a number from another CPU says nothing here)."""
+    m = entry.speed_on(machine or Machine.this(), device)
+    return m.images_per_second if m and m.images_per_second > 0 else None
 
 
-def preference_order(names: list[str], manifest: dict[str, Any]) -> list[str]:
-    """Fastest first: artifacts that would run on a GPU here, then CPU ones; within each, the measured
-    throughput (highest first), then unmeasured ones by the table's auto_rank, then by the row's precision order."""
+def preference_order(names: list[str], manifest: Manifest) -> list[str]:
+    """Fastest first: artifacts that would run on a GPU here, then CPU ones; within each, the throughput measured
+    on a machine like this one (highest first), then unmeasured ones by the table's auto_rank, then by the
+    row's precision order."""
+    machine = Machine.this()
 
     def key(name: str) -> tuple:
-        entry = manifest["formats"][name]
-        cls = runner_for(name, entry)
+        entry = manifest.artifacts[name]
+        cls = runner_for(entry)
         spec = FORMAT_SPECS[cls.format]
         device = cls.device_kind(entry)
-        speed = measured_throughput(entry, device)
-        precision = entry.get("precision", spec.precisions[0])
-        rank = spec.precisions.index(precision) if precision in spec.precisions else len(spec.precisions)
+        speed = measured_throughput(entry, device, machine)
+        rank = spec.precisions.index(entry.precision) if entry.precision in spec.precisions else len(spec.precisions)
         return device != "gpu", speed is None, -(speed or 0.0), spec.auto_rank, rank
 
     return sorted(names, key=key)
 
 
-def auto_order(manifest: dict[str, Any]) -> list[str]:
+def auto_order(manifest: Manifest) -> list[str]:
     """Every artifact of the export, in the order `--runtime auto` tries them."""
-    return preference_order(list(manifest.get("formats", {})), manifest)
+    return preference_order(list(manifest.artifacts), manifest)
 
 
-def select_runtime(name: str, manifest: dict[str, Any], export_dir: str | Path | None = None) -> Runtime:
+def _why(chosen: str, candidates: list[str], manifest: Manifest, name: str) -> str:
+    """One line for the server log: what was chosen, by which numbers, measured where."""
+    machine = Machine.this()
+    speeds = []
+    for c in candidates:
+        entry = manifest.artifacts[c]
+        m = entry.speed_on(machine, runner_for(entry).device_kind(entry))
+        if m is not None and entry.servable:
+            speeds.append(f"{c} {m.images_per_second:,.0f} img/s")
+    if name not in ("auto", *RUNTIMES):
+        return f"{chosen}: asked for by name"
+    entry = manifest.artifacts[chosen]
+    m = entry.speed_on(machine, runner_for(entry).device_kind(entry))
+    if m is None:
+        return (f"{chosen}: no servable artifact was measured on a machine like this one ({machine.describe()}); "
+                "chosen by the formats table's order (run `transferkit benchmark RUN` here to measure)")  # fmt: skip
+    load = f", load {m.load}" if m.load is not None else ""
+    return (f"{chosen}: the fastest verified artifact measured on this machine at batch {m.batch} "
+            f"({'; '.join(speeds)}; by {m.by} {m.created}{load}; {machine.describe()})")  # fmt: skip
+
+
+def select_runtime(name: str, manifest: Manifest, export_dir: str | Path | None = None) -> Runtime:
     """`auto`, a runtime name or an artifact name -> an unloaded Runtime that can serve this export here, or a
-    clear error."""
-    artifacts = manifest.get("formats", {})
+    clear error. Its `selected_because` says why."""
+    artifacts = manifest.artifacts
     if name in artifacts and name not in RUNTIMES:
         candidates = [name]
     elif name == "auto" or name in RUNTIMES:
-        runtime_of = {a: runner_for(a, e).name for a, e in artifacts.items()}
+        runtime_of = {a: runner_for(e).name for a, e in artifacts.items()}
         candidates = preference_order([a for a in artifacts if name == "auto" or runtime_of[a] == name], manifest)
     else:
         choices = ", ".join([*RUNTIME_CHOICES, *(a for a in artifacts if a not in RUNTIMES)])
@@ -388,7 +441,9 @@ def select_runtime(name: str, manifest: dict[str, Any], export_dir: str | Path |
     for candidate in candidates:
         problem = artifact_problem(candidate, manifest, export_dir)
         if problem is None:
-            return runner_for(candidate, artifacts[candidate])(artifact=candidate)
+            runtime = runner_for(artifacts[candidate])(artifact=candidate)
+            runtime.selected_because = _why(candidate, candidates, manifest, name)
+            return runtime
         reasons[candidate] = problem
     if name != "auto" and len(candidates) == 1:
         raise TransferkitError(f"runtime {name} cannot serve this export: {reasons[candidates[0]]}")
@@ -401,12 +456,12 @@ def select_runtime(name: str, manifest: dict[str, Any], export_dir: str | Path |
                            f"here ({detail})")  # fmt: skip
 
 
-def load_runtime(name: str, export_dir: str | Path, manifest: dict[str, Any], threads: int | None = None,
-                 verify: Callable[..., None] | None = None) -> Runtime:
-    """Select and load a runtime. `verify(export_dir, manifest, names=[file])` checks the artifact first
-    (serving passes the manifest's sha256 check, so a file changed after export is never loaded)."""
+def load_runtime(name: str, export_dir: str | Path, manifest: Manifest, threads: int | None = None,
+                 check_files: bool = False) -> Runtime:
+    """Select and load a runtime. `check_files`: check the artifact's files against the manifest's sha256
+    first (serving does, so a file changed after export is never loaded)."""
     runtime = select_runtime(name, manifest, export_dir)
-    if verify is not None:
-        verify(export_dir, manifest, names=entry_files(manifest["formats"][runtime.artifact]))
+    if check_files:
+        manifest.check_files(export_dir, names=manifest.artifacts[runtime.artifact].files)
     runtime.threads = threads
     return runtime.load(export_dir, manifest)

@@ -39,8 +39,7 @@ from typing import Any, Callable
 import psutil
 
 from transferkit.errors import ConfigError, TransferkitError
-from transferkit.serving.manifest import read_manifest, servable_formats, verify_files
-from transferkit.serving.runtime import select_runtime
+from transferkit.serving.resolve import ServedModel, resolve_served_model
 from transferkit.serving.settings import API_KEY_ENV, API_KEY_FILE_ENV, MODEL_ENV, ServingSettings, read_api_key_file
 
 __all__ = ["MODEL_ENV", "ServedModel", "ServerHandle", "free_port", "resolve_served_model", "serve", "start_server"]
@@ -54,48 +53,6 @@ SETTING_FLAGS = {"runtime": "--runtime", "workers": "--workers", "threads": "--t
                  "timeout_s": "--timeout"}  # fmt: skip
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-
-
-@dataclass
-class ServedModel:
-    tag: str  # the BentoML model tag the workers load
-    runtime: str = ""  # the artifact that will be served here (what `auto` or a runtime name resolved to)
-
-
-def stored_model_path(tag: str) -> Path | None:
-    """The directory of a stored BentoML model, or None when the store ($BENTOML_HOME) has no such tag."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        return Path(bentoml.models.get(tag).path)
-    except NotFound:
-        return None
-
-
-def resolve_served_model(run_dir: str | Path, runtime: str = "auto") -> ServedModel:
-    """The run's stored model, checked: exported, verified, in the model store, files intact, servable here."""
-    export_dir = Path(run_dir) / "export"
-    manifest = read_manifest(export_dir)
-    if not servable_formats(manifest):
-        statuses = ", ".join(f"{k}: {v['status']}" for k, v in manifest["formats"].items()) or "none"
-        raise TransferkitError(
-            f"{run_dir}: no exported format passed verification ({statuses}); see {export_dir / 'verify.json'}"
-        )
-    tag = (manifest.get("bentoml") or {}).get("tag")
-    if not tag:
-        raise TransferkitError(f"{run_dir}: the export was not saved to the BentoML model store; re-run the export")
-    model_dir = stored_model_path(tag)
-    if model_dir is None:
-        home = os.environ.get("BENTOML_HOME", "~/bentoml")
-        raise TransferkitError(
-            f"BentoML model {tag} is not in the model store at {home}; re-run `transferkit export {run_dir}` "
-            "(or set BENTOML_HOME to the store it was exported to)"
-        )
-    stored_manifest = read_manifest(model_dir)
-    verify_files(model_dir, stored_manifest)  # a corrupt or replaced file fails here, not in every worker
-    selected = select_runtime(runtime, stored_manifest, model_dir)  # fail here, with the reason, not in the child
-    return ServedModel(tag, selected.artifact)
 
 
 def build_settings(settings: ServingSettings | None = None, api_key_file: str | Path | None = None,
@@ -271,6 +228,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
     print(f"transferkit: serving {model.tag} on http://{host}:{port} (runtime {settings.runtime}, "
           f"{settings.resolved_workers} workers x {settings.resolved_threads} threads, "
           f"api key {'on' if settings.api_key else 'off'}); SIGTERM or Ctrl-C stops", flush=True)  # fmt: skip
+    print(f"transferkit: picked {model.because}", flush=True)
 
     signals: list[int] = []
     # SIGHUP only when not ignored: under `nohup` a closed terminal must not stop the server

@@ -26,7 +26,7 @@ from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
 from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.http_app import create_app
 from transferkit.serving.inputs import ClientError
-from transferkit.serving.manifest import read_manifest, verify_files
+from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import load_runtime
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 
@@ -76,10 +76,10 @@ class TransferkitService:
         self.export_dir = Path(stored.path)
         self.manifest = read_manifest(self.export_dir)
         self.tag = str(stored.tag)
-        self.pre = Preprocessing.from_dict(self.manifest["preprocessing"])  # never re-derived here
-        self.labels: dict[str, list[str]] = self.manifest["heads"]
+        self.pre = Preprocessing.from_dict(self.manifest.preprocessing)  # never re-derived here
+        self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
         self.runtime = load_runtime(SETTINGS.runtime, self.export_dir, self.manifest, threads=SETTINGS.resolved_threads,
-                                    verify=verify_files)  # fmt: skip
+                                    check_files=True)  # fmt: skip
         self.runtime_name = self.runtime.description
         self.batcher = MicroBatcher(self._run_batch, SETTINGS.max_batch, SETTINGS.max_wait_ms, SETTINGS.max_queue,
                                     on_batch=lambda n: _metrics()["batch"].observe(n))  # fmt: skip
@@ -90,7 +90,8 @@ class TransferkitService:
         for n in sorted({1, SETTINGS.max_batch}):  # first calls at a new batch size allocate: do them now
             self._run_batch(np.zeros((n, s, s, 3), np.uint8))
         self.ready = True
-        logger.info("serving %s with %s; settings %s", self.tag, self.runtime_name, SETTINGS.describe())
+        logger.info("serving %s with %s (%s); settings %s", self.tag, self.runtime_name, self.runtime.selected_because,
+                    SETTINGS.describe())  # fmt: skip
 
     def __is_ready__(self) -> bool:
         return self.ready

@@ -1,0 +1,226 @@
+"""The INT8 search: several ways to quantize one artifact, each judged on the validation split, the fastest that
+passes kept, all within a time budget.
+
+    plans (per runtime: export/quantize.py for ONNX Runtime, export/openvino.py for OpenVINO), in order:
+        fully INT8 attempts: the tool's calibration methods and options (minmax, percentile, entropy,
+                             bias correction, more calibration images, ...)
+        mixed-precision attempts (only when no fully INT8 attempt passed, and --int8-fallback auto):
+                             NNCF accuracy control, which keeps the operations that hurt most in fp32
+    for each plan, while the budget (--int8-budget-s) lasts:
+        build it -> logits on the validation split -> SelectionSet.report (the gate's metric, tightened)
+        passed -> images/s at batch 32, measured here; later plans of the same quantized graph are skipped
+    keep the fastest that passed (none passed: the closest, so the gate reports real numbers and it is not
+    served); export_run then gates the kept model once on the held-out test split
+
+Why fully INT8 attempts stop the search before mixed precision: every layer kept in fp32 costs speed, so a
+mixed-precision model is only worth building when no fully INT8 one is accurate enough. Every attempt, with its
+settings, seconds, validation numbers and speed, goes into the manifest entry and verify.json ("attempts").
+
+NNCF accuracy control (`nncf.quantize_with_accuracy_control`) takes a scalar metric and a `max_drop`; here the
+metric is one minus the gate's violation on the validation split (largest |accuracy delta| per dataset and
+disagreement per head, each over its bound), so `max_drop=1` is exactly "passes the gate's bounds" and the
+ranking of what to keep in fp32 uses per-image top-1 agreement with PyTorch.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from transferkit.artifact import INPUT_NAME
+from transferkit.export.job import ExportOptions, SelectionSet
+from transferkit.export.measure import MEASURE_BATCH, batch_of, median_seconds
+from transferkit.export.table import one_line
+
+LOGIT_BATCH = 64  # images per call when computing validation logits
+
+
+@dataclass
+class Candidate:
+    """A quantized model one plan produced (an onnx.ModelProto or an openvino.Model)."""
+
+    model: Any
+    fp32_layers: list[str] = field(default_factory=list)  # what it keeps in fp32, named for people
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    name: str  # ort-minmax, nncf, nncf-accuracy-control, ...
+    settings: dict[str, Any]  # the tool and its options, as recorded
+    build: Callable[[], Candidate]
+    mixed: bool = False  # keeps layers in fp32: tried only when no fully INT8 plan passed
+    # plans with the same `graph` quantize the same operations the same way and differ only in their scales, so
+    # they run at the same speed: once one passes, the others of its graph cannot be faster and are skipped
+    graph: str = ""
+
+
+@dataclass
+class Engine:
+    """How the search runs a candidate: logits on images, and the model's speed at batch 32 on this machine."""
+
+    logits: Callable[[Any, np.ndarray], dict[str, np.ndarray]]
+
+    def images_per_second(self, model: Any, sample: np.ndarray, repeats: int = 5) -> float:
+        x = batch_of(sample)
+        return MEASURE_BATCH / median_seconds(lambda: self.logits(model, x), repeats)
+
+
+@dataclass
+class SearchResult:
+    chosen: Candidate | None  # the fastest that passed on validation, else the closest; None if all failed
+    chosen_plan: str | None
+    passed: bool  # the chosen one passed on the validation split
+    attempts: list[dict[str, Any]]
+    fp32_images_per_second: float | None = None  # the fp32 model in the same engine, for the speedups
+
+
+def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: ExportOptions,
+           fp32_model: Any = None) -> SearchResult:  # fmt: skip
+    """Run the plans (see the module docstring). `fp32_model`: timed once in the same engine, so each attempt's
+    speed is also recorded as a ratio to fp32 on this machine (an INT8 model slower than fp32 is worth knowing)."""
+    start = time.monotonic()
+    fp32_speed = engine.images_per_second(fp32_model, selection.inputs.batch) if fp32_model is not None else None
+    attempts: list[dict[str, Any]] = []
+    passing: list[tuple[float, str, Candidate]] = []
+    passed_graphs: set[str] = set()
+    closest: tuple[float, str, Candidate] | None = None
+    for plan in plans:
+        record: dict[str, Any] = {"name": plan.name, "settings": plan.settings, "mixed_precision": plan.mixed}
+        attempts.append(record)
+        if plan.graph and plan.graph in passed_graphs:
+            record["status"] = "skipped: an attempt with the same quantized graph passed (it runs at the same speed)"
+            continue
+        if plan.mixed and passing:
+            record["status"] = "skipped: a fully INT8 attempt passed (layers kept in fp32 only cost speed)"
+            continue
+        if plan.mixed and options.int8_fallback == "off":
+            record["status"] = "skipped: --int8-fallback off"
+            continue
+        spent = time.monotonic() - start
+        if spent >= options.int8_budget_s:
+            record["status"] = f"skipped: the INT8 budget of {options.int8_budget_s:g} s was spent ({spent:.0f} s)"
+            continue
+        t = time.perf_counter()
+        try:
+            candidate = plan.build()
+            logits = engine.logits(candidate.model, selection.inputs.batch)
+            report = selection.report(logits)
+            violation = selection.violation(logits)
+        except Exception as exc:  # noqa: BLE001 - one failed attempt is recorded, the search goes on
+            record.update(status="error", error=one_line(exc), seconds=round(time.perf_counter() - t, 1))
+            continue
+        record.update(_numbers(report), violation=round(violation, 4), fp32_layers=candidate.fp32_layers,
+                      **candidate.notes)  # fmt: skip
+        if report["passed"]:
+            speed = engine.images_per_second(candidate.model, selection.inputs.batch)
+            record.update(status="passed on validation", images_per_second=round(speed, 1))
+            if fp32_speed:
+                record["speedup_vs_fp32"] = round(speed / fp32_speed, 2)
+            passing.append((speed, plan.name, candidate))
+            passed_graphs.add(plan.graph)
+        else:
+            record["status"] = "failed on validation"
+            if closest is None or violation < closest[0]:
+                closest = (violation, plan.name, candidate)
+        record["seconds"] = round(time.perf_counter() - t, 1)
+    if passing:
+        _, name, chosen = max(passing, key=lambda p: p[0])
+        return SearchResult(chosen, name, True, attempts, fp32_speed)
+    if closest is not None:
+        return SearchResult(closest[2], closest[1], False, attempts, fp32_speed)
+    return SearchResult(None, None, False, attempts, fp32_speed)
+
+
+def _numbers(report: dict[str, Any]) -> dict[str, Any]:
+    per_dataset = {ds: round(v["accuracy_delta_points"], 3) for h in report["heads"].values()
+                   for ds, v in h["per_dataset"].items()}  # fmt: skip
+    agreement = {h: round(v["top1_agreement"], 5) for h, v in report["heads"].items()}
+    return {"validation": {"accuracy_delta_points": per_dataset, "top1_agreement": agreement,
+                           "failures": report["failures"]}}  # fmt: skip
+
+
+def batched_logits(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, heads: list[str]
+                   ) -> dict[str, np.ndarray]:  # fmt: skip
+    parts = [run(images[i : i + LOGIT_BATCH]) for i in range(0, len(images), LOGIT_BATCH)]
+    return {h: np.concatenate([p[h] for p in parts]) for h in heads}
+
+
+class _RevertedOps(logging.Handler):
+    """The operation names NNCF's accuracy restorer reports, at its end, as kept in fp32 (its own report; it
+    logs intermediate reverts too, some of which it steps back from)."""
+
+    PATTERN = re.compile(r"\d+ out of \d+ were reverted back to the floating-point precision:\s*(.*)", re.S)
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.PATTERN.search(record.getMessage())
+        if match:
+            self.names = [n.strip() for n in match.group(1).splitlines() if n.strip()]
+
+
+def nncf_accuracy_control(model: Any, calibration: np.ndarray, selection: SelectionSet, engine: Engine,
+                          options: ExportOptions, **quantize_args: Any) -> Candidate:  # fmt: skip
+    """nncf.quantize_with_accuracy_control with the gate's metric on the validation split (see the module
+    docstring); at most --max-fp32-layers groups of operations are reverted to fp32."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    batch = selection.inputs.batch
+    head_of_row = np.empty(len(batch), dtype=object)
+    for head, rows in selection.inputs.rows.items():
+        head_of_row[rows] = head
+
+    def validation_fn(compiled: Any, items: Any) -> tuple[float, list[float]]:
+        rows = np.array([item["row"] for item in items], dtype=np.int64)
+        logits = engine.logits(compiled, batch[rows])
+        agree = [float(logits[head_of_row[r]][i].argmax() == selection.reference[head_of_row[r]][r].argmax())
+                 for i, r in enumerate(rows)]  # fmt: skip
+        return 1.0 - selection.violation(logits, rows), agree  # 1 for PyTorch itself: NNCF divides by it
+
+    calibration_set = nncf.Dataset([{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))])
+    validation_set = nncf.Dataset([{"row": i} for i in range(len(batch))],
+                                  lambda item: {INPUT_NAME: batch[item["row"] : item["row"] + 1]})  # fmt: skip
+    reverted = _RevertedOps()
+    logger = logging.getLogger("nncf")
+    logger.addHandler(reverted)
+    try:
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration_set, validation_set, validation_fn, max_drop=1.0,
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=max(1, options.max_fp32_layers)),
+            **quantize_args,
+        )  # fmt: skip
+    finally:
+        logger.removeHandler(reverted)
+    return Candidate(quantized, reverted.names)
+
+
+SPLITS = {"calibration": "train", "selection": "val", "gate": "test"}
+
+
+def int8_details(built_from: str, result: SearchResult, calibration: np.ndarray, selection: SelectionSet,
+                 options: ExportOptions) -> dict[str, Any]:  # fmt: skip
+    """The manifest details of an INT8 artifact: what was chosen, from which attempts, on which splits."""
+    chosen = result.chosen
+    return {
+        "built_from": built_from,
+        "quantization": {"chosen": result.chosen_plan, "passed_on_validation": result.passed,
+                         "calibration_images": int(len(calibration)),
+                         "calibration_images_per_dataset": options.calibration_images,
+                         "budget_s": options.int8_budget_s, "fallback": options.int8_fallback,
+                         "fp32_images_per_second": round(result.fp32_images_per_second, 1)
+                         if result.fp32_images_per_second else None},  # fmt: skip
+        "fp32_layers": chosen.fp32_layers if chosen else [],
+        "splits": dict(SPLITS),
+        "selection_images": {h: dict(d) for h, d in selection.inputs.datasets.items()},
+        "attempts": result.attempts,
+    }

@@ -1,0 +1,140 @@
+"""What one export shares between its exporters: the user's options, the job (model, folder, calibration and
+selection data), and what an exporter reports back. Imports no exporter, so every exporter can import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from transferkit.artifact import FormatSpec, Tolerance, artifact_files, artifact_name
+from transferkit.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported by the exporters when they run: `import transferkit.export` stays cheap
+    import torch
+
+    from transferkit.export.verify import VerifyInputs
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # onnxruntime's; NNCF attempts have their own estimators
+FALLBACKS = ("auto", "off")
+
+
+@dataclass
+class SelectionSet:
+    """The validation split of every dataset with the PyTorch fp32 logits on it, and the gate's tolerance.
+
+    INT8 attempts are judged here and the fastest that passes is kept; the chosen artifact is then gated once on
+    the test split (export/verify.py), so the gate is never the data the choice was tuned on. `margin` < 1
+    tightens the bounds here, so a choice that barely passes on one split does not fail on the other by noise.
+    """
+
+    inputs: "VerifyInputs"
+    reference: dict[str, np.ndarray]  # head -> PyTorch logits on inputs.batch
+    tolerance: Tolerance
+    margin: float = 0.75
+
+    def report(self, logits: dict[str, np.ndarray], rows: np.ndarray | None = None) -> dict[str, Any]:
+        """verify.compare on this split (or on `rows` of it) against the tightened tolerance."""
+        from transferkit.export import verify
+
+        tol = replace(self.tolerance, max_acc_delta_points=self.tolerance.max_acc_delta_points * self.margin,
+                      min_top1_agreement=1 - (1 - self.tolerance.min_top1_agreement) * self.margin)  # fmt: skip
+        inputs, reference = self.inputs, self.reference
+        if rows is not None:
+            inputs, reference, logits = verify.subset(inputs, reference, logits, rows)
+        return verify.compare(reference, logits, inputs, "int8", tol)
+
+    def violation(self, logits: dict[str, np.ndarray], rows: np.ndarray | None = None) -> float:
+        """How far from the (tightened) bounds: the largest of |accuracy delta| per dataset over its bound and
+        disagreement per head over its bound. <= 1 passes; 0 is PyTorch exactly."""
+        report = self.report(logits, rows)
+        tol = report["tolerance"]
+        worst = 0.0
+        for head in report["heads"].values():
+            worst = max(worst, (1 - head["top1_agreement"]) / max(1e-9, 1 - tol["min_top1_agreement"]))
+            for ds in head["per_dataset"].values():
+                worst = max(worst, abs(ds["accuracy_delta_points"]) / max(1e-9, tol["max_acc_delta_points"]))
+        return worst
+
+
+@dataclass
+class ExportOptions:
+    """Per-export choices beyond format and precision (CLI: `transferkit export --help`)."""
+
+    simplify: bool = False  # onnxslim the fp32 ONNX graph (what every ONNX-based artifact is built from)
+    calibration_images: int = 512  # INT8: train images per dataset, through the run's preprocessing
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    int8_fallback: str = "auto"  # auto: if no fully-INT8 attempt passes, keep the layers that break it in fp32
+    max_fp32_layers: int = 8  # the repair's budget of layers kept in fp32
+    int8_budget_s: float = 240.0  # INT8: seconds the attempts of one artifact may take before the search stops
+    max_acc_delta_points: float | None = None  # overrides the precision's tolerance (per dataset)
+    min_top1_agreement: float | None = None  # overrides the precision's tolerance (per head)
+
+    def __post_init__(self) -> None:
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"calibration method {self.calibration_method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+        if self.int8_fallback not in FALLBACKS:
+            raise ConfigError(f"--int8-fallback {self.int8_fallback!r}; use one of {', '.join(FALLBACKS)}")
+        if self.calibration_images < 1:
+            raise ConfigError(f"--calibration-images must be >= 1 (train images per dataset), got {self.calibration_images}")
+        if self.max_fp32_layers < 0:
+            raise ConfigError(f"--max-fp32-layers must be >= 0, got {self.max_fp32_layers}")
+        if not self.int8_budget_s > 0:
+            raise ConfigError(f"--int8-budget-s must be > 0 seconds, got {self.int8_budget_s}")
+        if self.max_acc_delta_points is not None and not self.max_acc_delta_points >= 0:
+            raise ConfigError(f"--max-acc-delta must be >= 0 points, got {self.max_acc_delta_points}")
+        if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
+            raise ConfigError(f"--min-agreement must be within [0, 1], got {self.min_top1_agreement}")
+
+    def tolerance(self, spec: FormatSpec, precision: str) -> Tolerance:
+        """The row's tolerance for `precision`, with this export's overrides."""
+        tol = spec.tolerances[precision]
+        return replace(
+            tol,
+            max_acc_delta_points=tol.max_acc_delta_points if self.max_acc_delta_points is None else self.max_acc_delta_points,
+            min_top1_agreement=tol.min_top1_agreement if self.min_top1_agreement is None else self.min_top1_agreement,
+        )
+
+
+@dataclass
+class ExportJob:
+    """What export_run shares between the exporters of one export; each exporter is handed its own part."""
+
+    model: "torch.nn.Module"  # ExportModule in eval mode, on CPU: images -> tuple of logits (head order)
+    export_dir: Path
+    precision: str  # one of the row's precisions
+    device: str  # cpu | cuda | cuda:N: where device-specific artifacts (aoti) are compiled for
+    head_names: list[str]
+    image_size: int
+    artifacts: dict[str, Path] = field(default_factory=dict)  # artifact name -> main file written this export
+    options: ExportOptions = field(default_factory=ExportOptions)
+    # images per dataset -> the calibration set: train images of every dataset, normalised (INT8)
+    calibration: Callable[[int], Any] | None = None
+    # the validation split with the PyTorch reference on it: what INT8 attempts are chosen by (never the test
+    # split the gate judges the chosen artifact on)
+    selection: SelectionSet | None = None
+
+    def example_input(self, batch: int = 2) -> "torch.Tensor":
+        import torch
+
+        # batch 2, not 1: an exporter that sees batch 1 may specialise the dimension to a constant.
+        return torch.zeros(batch, 3, self.image_size, self.image_size)
+
+    def built(self, format: str, precision: str) -> Path:
+        """The main file of an artifact this one is built from (written this export, or an earlier one)."""
+        name = artifact_name(format, precision)
+        return self.artifacts.get(name) or self.export_dir / artifact_files(format, precision)[0]
+
+
+@dataclass
+class Exported:
+    """What an exporter reports: its own record (`details`, for people) and the fields serving reads."""
+
+    details: dict[str, Any]
+    batch_range: tuple[int, int] | None = None  # the batch range compiled in (TensorRT profile, AOTInductor)
+    device: str | None = None  # the device it was compiled for (AOTInductor: cpu | cuda)
+    built_for_gpu: str | None = None  # the GPU a TensorRT engine runs on
+
+
