@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from loadgen import BOUNDARY, CONTENT_TYPE, run_client, run_hey  # noqa: E402
+from loadgen import BOUNDARY, run_client, run_hey  # noqa: E402
 from provenance import commit  # noqa: E402
 
 from transferkit.machine import Machine, load_average  # noqa: E402

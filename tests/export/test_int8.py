@@ -73,16 +73,16 @@ def test_a_hard_int8_case_tries_every_attempt_and_reports_each(int8_strict):
         assert attempts[name]["violation"] > 1 and attempts[name]["seconds"] > 0
     assert attempts["ort-minmax"]["settings"]["method"] == "minmax" and attempts["nncf"]["settings"]["preset"] == "mixed"
     for name in MIXED:  # mixed precision ran because no fully INT8 attempt passed
-        assert attempts[name]["status"] in ("passed on validation", "failed on validation"), attempts[name]
+        assert attempts[name]["status"].startswith(("passed on validation", "failed on validation")), attempts[name]
     repair = attempts["ort-layer-repair"]
     assert 1 <= len(repair["fp32_layers"]) <= 8 and repair["steps"][0] == {"fp32_layers": 1, "passed_on_validation": False}
     assert all(" (backbone." in layer or " (heads." in layer for layer in repair["fp32_layers"][:1])
     assert [s["error_removed"] for s in repair["sensitivity"]] == sorted((s["error_removed"] for s in repair["sensitivity"]), reverse=True)
     assert len(attempts["nncf-accuracy-control"]["fp32_layers"]) >= 1  # what NNCF reverted, by its own report
     quantization = int8.details["quantization"]
-    passed = [n for n, a in attempts.items() if a["status"] == "passed on validation"]
-    if passed:  # the fastest that passed is the one written
-        fastest = max(passed, key=lambda n: attempts[n]["images_per_second"])
+    passed = [n for n, a in attempts.items() if a["status"].startswith("passed on validation")]
+    if passed:  # the fastest that passed is the one written, one faster than fp32 before any slower
+        fastest = max(passed, key=lambda n: (attempts[n]["status"] == "passed on validation", attempts[n]["images_per_second"]))
         assert quantization["chosen"] == fastest and quantization["passed_on_validation"]
     else:  # the closest is written, so the gate reports real numbers on it
         closest = min(attempts.values(), key=lambda a: a.get("violation", 1e9))
@@ -172,9 +172,13 @@ def test_int8_within_the_gate_is_smaller_and_measured(int8_export):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     entry = manifest["formats"]["onnx-int8"]
     attempts = entry["details"]["attempts"]
-    passed = [a for a in attempts if a["status"] == "passed on validation"]
-    assert entry["details"]["fp32_layers"] == [] and passed and not any(a["mixed_precision"] for a in passed)
-    assert entry["details"]["quantization"]["chosen"] == max(passed, key=lambda a: a["images_per_second"])["name"]
+    passed = [a for a in attempts if a["status"].startswith("passed on validation")]
+    assert passed and entry["details"]["quantization"]["passed_on_validation"]
+    best = max(passed, key=lambda a: (a["status"] == "passed on validation", a["images_per_second"]))
+    assert entry["details"]["quantization"]["chosen"] == best["name"]
+    assert all("speedup_vs_fp32" in a for a in passed)  # every passing attempt is timed against fp32 here
+    if not best["mixed_precision"]:
+        assert entry["details"]["fp32_layers"] == []
     # int8 weights: the QDQ file is under a third of fp32's size
     assert (run_dir / "export" / "model-int8.onnx").stat().st_size < 0.35 * (run_dir / "export" / "model.onnx").stat().st_size
     measured = entry["measured"][0]

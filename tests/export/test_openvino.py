@@ -142,15 +142,15 @@ def test_openvino_int8_that_loses_points_is_repaired_with_accuracy_control(tmp_p
                         options=ExportOptions(calibration_images=64))  # fmt: skip
     int8 = result.formats["openvino-int8"]
     attempts = {a["name"]: a for a in int8.details["attempts"]}
-    assert list(attempts) == ["nncf", "nncf-mean-quantile", "nncf-bias-correction", "nncf-more-images",
+    assert list(attempts) == ["nncf", "nncf-bias-correction", "nncf-more-images", "nncf-mean-quantile",
                               "nncf-accuracy-control"]  # fmt: skip
     plain, control = attempts["nncf"], attempts["nncf-accuracy-control"]
-    if any(a["status"] == "passed on validation" for a in attempts.values() if not a["mixed_precision"]):
+    if any(a["status"] == "passed on validation" for a in attempts.values() if not a["mixed_precision"]):  # fast
         pytest.skip("on this CPU a fully INT8 NNCF model already passes: nothing to repair")
-    assert control["status"] in ("passed on validation", "failed on validation"), control
+    assert control["status"].startswith(("passed on validation", "failed on validation")), control
     assert control["fp32_layers"] and control["violation"] < plain["violation"]
     assert control["settings"]["tool"] == "nncf.quantize_with_accuracy_control (OpenVINO)"
-    if control["status"] == "passed on validation":
+    if control["status"].startswith("passed on validation"):
         assert int8.details["quantization"]["chosen"] == "nncf-accuracy-control"
     assert int8.status in (PASSED, VERIFY_FAILED) and int8.verification["heads"]  # then gated on test
 

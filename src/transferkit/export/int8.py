@@ -86,7 +86,7 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
     start = time.monotonic()
     fp32_speed = engine.images_per_second(fp32_model, selection.inputs.batch) if fp32_model is not None else None
     attempts: list[dict[str, Any]] = []
-    passing: list[tuple[float, str, Candidate]] = []
+    passing: list[tuple[float, str, Candidate, bool]] = []  # (img/s, plan, candidate, faster than fp32)
     passed_graphs: set[str] = set()
     closest: tuple[float, str, Candidate] | None = None
     for plan in plans:
@@ -95,7 +95,7 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
         if plan.graph and plan.graph in passed_graphs:
             record["status"] = "skipped: an attempt with the same quantized graph passed (it runs at the same speed)"
             continue
-        if plan.mixed and passing:
+        if plan.mixed and any(fast for _, _, _, fast in passing):
             record["status"] = "skipped: a fully INT8 attempt passed (layers kept in fp32 only cost speed)"
             continue
         if plan.mixed and options.int8_fallback == "off":
@@ -118,18 +118,21 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
                       **candidate.notes)  # fmt: skip
         if report["passed"]:
             speed = engine.images_per_second(candidate.model, selection.inputs.batch)
-            record.update(status="passed on validation", images_per_second=round(speed, 1))
+            fast = fp32_speed is None or speed > fp32_speed
+            record.update(status="passed on validation" if fast else "passed on validation, slower than fp32 here",
+                          images_per_second=round(speed, 1))  # fmt: skip
             if fp32_speed:
                 record["speedup_vs_fp32"] = round(speed / fp32_speed, 2)
-            passing.append((speed, plan.name, candidate))
-            passed_graphs.add(plan.graph)
+            passing.append((speed, plan.name, candidate, fast))
+            if fast:  # a slower one does not end the search: another graph of these scales may be fast
+                passed_graphs.add(plan.graph)
         else:
             record["status"] = "failed on validation"
             if closest is None or violation < closest[0]:
                 closest = (violation, plan.name, candidate)
         record["seconds"] = round(time.perf_counter() - t, 1)
-    if passing:
-        _, name, chosen = max(passing, key=lambda p: p[0])
+    if passing:  # the fastest that passed, preferring any faster than fp32
+        _, name, chosen, _ = max(passing, key=lambda p: (p[3], p[0]))
         return SearchResult(chosen, name, True, attempts, fp32_speed)
     if closest is not None:
         return SearchResult(closest[2], closest[1], False, attempts, fp32_speed)

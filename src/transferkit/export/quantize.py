@@ -66,12 +66,29 @@ class _Reader:
         self.offset = 0
 
 
+MINMAX_BATCHES_IN_MEMORY = 4  # minmax merges its ranges every 4 calibration batches: memory stays flat
+HISTOGRAM_MEMORY_BYTES = 4 * 2**30  # entropy/percentile keep every activation of every image until the end
+
+
+def _activation_bytes_per_image(model_path: Path) -> int:
+    """The float activations one image produces in a shape-inferred model (what histogram calibration holds)."""
+    import onnx
+
+    total = 0
+    for info in onnx.load(str(model_path), load_external_data=False).graph.value_info:
+        t = info.type.tensor_type
+        if t.elem_type == onnx.TensorProto.FLOAT and len(t.shape.dim) > 1:
+            total += 4 * int(np.prod([d.dim_value or 1 for d in t.shape.dim[1:]]))
+    return max(total, 1)
+
+
 def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: np.ndarray, method: str,
-                 symmetric: bool = False) -> None:  # fmt: skip
+                 symmetric: bool = False) -> int:  # fmt: skip
     """Static QDQ quantization: per-channel int8 weights, uint8 (or, `symmetric`, int8) activations calibrated
-    on `calibration`.
-    `prepared` receives the fp32 model as quantized (after onnxruntime's pre-processing): the graph whose node
-    names and tensors the QDQ model shares."""
+    on `calibration` -> the number of images used. onnxruntime's histogram methods (entropy, percentile) keep
+    every activation of every calibration image in memory (15 GB for 512 images at 224 px): they get as many
+    images as fit in HISTOGRAM_MEMORY_BYTES. `prepared` receives the fp32 model as quantized (after
+    onnxruntime's pre-processing): the graph whose node names and tensors the QDQ model shares."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -79,6 +96,12 @@ def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: n
                "percentile": CalibrationMethod.Percentile}  # fmt: skip
     # shape inference + constant folding, as onnxruntime recommends before quantizing
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+    extra: dict[str, Any] = {"QDQKeepRemovableActivations": True, "ActivationSymmetric": symmetric}
+    if method == "minmax":
+        extra["CalibMaxIntermediateOutputs"] = MINMAX_BATCHES_IN_MEMORY
+    else:
+        fits = HISTOGRAM_MEMORY_BYTES // _activation_bytes_per_image(prepared)
+        calibration = calibration[: max(CALIBRATION_BATCH, int(fits))]
     # Clip/Relu stay in the graph (by default the quantizer drops them and lets the Q node's range clip): a layer
     # kept in fp32 then reads the clipped tensor, as in the fp32 model. ORT still fuses them when it loads.
     # `symmetric`: int8 activations with zero points of 0, what TensorRT's explicit quantization accepts (ONNX
@@ -86,8 +109,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: n
     quantize_static(str(prepared), str(out_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
                     per_channel=True, weight_type=QuantType.QInt8,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    calibrate_method=methods[method],
-                    extra_options={"QDQKeepRemovableActivations": True, "ActivationSymmetric": symmetric})  # fmt: skip
+                    calibrate_method=methods[method], extra_options=extra)  # fmt: skip
+    return int(len(calibration))
 
 
 def repairable_layers(qdq: "onnx.ModelProto") -> list[str]:
@@ -228,10 +251,10 @@ def onnx_int8_plans(fp32_path: Path, tmp: Path, job: "ExportJob", calibration: n
 
     def ort(method: str) -> Candidate:
         out = tmp / f"ort-{method}.onnx"
-        quantize_qdq(fp32_path, out, prepared, calibration, method)
+        used = quantize_qdq(fp32_path, out, prepared, calibration, method)
         model = onnx.load(str(out))
         first.setdefault("qdq", model)
-        return Candidate(model)
+        return Candidate(model, notes={"calibration_images_used": used})
 
     def nncf_plain() -> Candidate:
         import nncf
