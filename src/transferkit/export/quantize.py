@@ -66,7 +66,6 @@ class _Reader:
         self.offset = 0
 
 
-MINMAX_BATCHES_IN_MEMORY = 4  # minmax merges its ranges every 4 calibration batches: memory stays flat
 HISTOGRAM_MEMORY_BYTES = 4 * 2**30  # entropy/percentile keep every activation of every image until the end
 
 
@@ -97,9 +96,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: n
     # shape inference + constant folding, as onnxruntime recommends before quantizing
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
     extra: dict[str, Any] = {"QDQKeepRemovableActivations": True, "ActivationSymmetric": symmetric}
-    if method == "minmax":
-        extra["CalibMaxIntermediateOutputs"] = MINMAX_BATCHES_IN_MEMORY
-    else:
+    if method != "minmax":  # (minmax with CalibMaxIntermediateOutputs loses its last ranges: "No data is collected")
         fits = HISTOGRAM_MEMORY_BYTES // _activation_bytes_per_image(prepared)
         calibration = calibration[: max(CALIBRATION_BATCH, int(fits))]
     # Clip/Relu stay in the graph (by default the quantizer drops them and lets the Q node's range clip): a layer
