@@ -4,9 +4,10 @@ passes kept, all within a time budget.
     plans (per runtime: export/quantize.py for ONNX Runtime, export/openvino.py for OpenVINO), in order:
         fully INT8 attempts: the tool's calibration methods and options (minmax, percentile, entropy,
                              bias correction, more calibration images, ...)
-        mixed-precision attempts (only when no fully INT8 attempt passed, and --int8-fallback auto):
-                             NNCF accuracy control, which keeps the operations that hurt most in fp32
-    for each plan, while the budget (--int8-budget-s) lasts:
+        mixed-precision attempts (only while no attempt faster than fp32 has passed, and --int8-fallback
+                             auto): the per-layer repair (ONNX), NNCF accuracy control, each keeping the
+                             operations that hurt most in fp32
+    for each plan, while the budget (--int8-budget-s) lasts (long attempts also stop when it runs out):
         build it -> logits on the validation split -> SelectionSet.report (the gate's metric, tightened)
         passed -> images/s at batch 32, measured here; later plans of the same quantized graph are skipped
     keep the fastest that passed (none passed: the closest, so the gate reports real numbers and it is not
@@ -59,11 +60,21 @@ class Plan:
     graph: str = ""
 
 
+class BudgetSpent(Exception):
+    """Raised inside a long attempt (NNCF accuracy control, the per-layer repair) once the INT8 budget is spent."""
+
+
 @dataclass
 class Engine:
     """How the search runs a candidate: logits on images, and the model's speed at batch 32 on this machine."""
 
     logits: Callable[[Any, np.ndarray], dict[str, np.ndarray]]
+    deadline: float | None = None  # time.monotonic() at which the search's budget is spent (set by search)
+
+    def check_deadline(self) -> None:
+        """Long attempts call this between their steps, so one attempt cannot overrun the budget by minutes."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise BudgetSpent("stopped: the INT8 budget ran out during this attempt")
 
     def images_per_second(self, model: Any, sample: np.ndarray, repeats: int = 5) -> float:
         x = batch_of(sample)
@@ -84,6 +95,7 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
     """Run the plans (see the module docstring). `fp32_model`: timed once in the same engine, so each attempt's
     speed is also recorded as a ratio to fp32 on this machine (an INT8 model slower than fp32 is worth knowing)."""
     start = time.monotonic()
+    engine.deadline = start + options.int8_budget_s
     fp32_speed = engine.images_per_second(fp32_model, selection.inputs.batch) if fp32_model is not None else None
     attempts: list[dict[str, Any]] = []
     passing: list[tuple[float, str, Candidate, bool]] = []  # (img/s, plan, candidate, faster than fp32)
@@ -96,7 +108,7 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
             record["status"] = "skipped: an attempt with the same quantized graph passed (it runs at the same speed)"
             continue
         if plan.mixed and any(fast for _, _, _, fast in passing):
-            record["status"] = "skipped: a fully INT8 attempt passed (layers kept in fp32 only cost speed)"
+            record["status"] = "skipped: an attempt faster than fp32 passed (layers kept in fp32 only cost speed)"
             continue
         if plan.mixed and options.int8_fallback == "off":
             record["status"] = "skipped: --int8-fallback off"
@@ -111,6 +123,9 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
             logits = engine.logits(candidate.model, selection.inputs.batch)
             report = selection.report(logits)
             violation = selection.violation(logits)
+        except BudgetSpent as exc:
+            record.update(status=str(exc), seconds=round(time.perf_counter() - t, 1))
+            continue
         except Exception as exc:  # noqa: BLE001 - one failed attempt is recorded, the search goes on
             record.update(status="error", error=one_line(exc), seconds=round(time.perf_counter() - t, 1))
             continue
@@ -182,6 +197,7 @@ def nncf_accuracy_control(model: Any, calibration: np.ndarray, selection: Select
         head_of_row[rows] = head
 
     def validation_fn(compiled: Any, items: Any) -> tuple[float, list[float]]:
+        engine.check_deadline()  # NNCF validates after every step: the budget is checked as often
         rows = np.array([item["row"] for item in items], dtype=np.int64)
         logits = engine.logits(compiled, batch[rows])
         agree = [float(logits[head_of_row[r]][i].argmax() == selection.reference[head_of_row[r]][r].argmax())
