@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -181,13 +181,16 @@ def _distance(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
     return float(sum(np.mean((g - r) ** 2) / (np.var(r) + 1e-12) for r, g in zip(reference, got)))
 
 
-def rank_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", images: np.ndarray) -> list[tuple[str, float]]:
+def rank_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", images: np.ndarray,
+                check: Callable[[], None] = lambda: None) -> list[tuple[str, float]]:  # fmt: skip
     """Each quantized layer with the fraction of the output error that keeping it alone in fp32 removes,
-    largest first (per-layer sensitivity, measured end to end on `images`)."""
+    largest first (per-layer sensitivity, measured end to end on `images`). `check` runs before each layer's
+    session (the INT8 budget: one session per layer is the repair's slow part at 224 px)."""
     reference = _logits(fp32, images)
     base = _distance(reference, _logits(qdq, images))
     scores = []
     for layer in repairable_layers(qdq):
+        check()
         error = _distance(reference, _logits(keep_in_fp32(qdq, fp32, [layer]), images))
         scores.append((layer, (base - error) / base if base > 0 else 0.0))
     return sorted(scores, key=lambda s: -s[1])
@@ -280,8 +283,9 @@ def onnx_int8_plans(fp32_path: Path, tmp: Path, job: "ExportJob", calibration: n
     return [
         *(Plan(f"ort-{m}", {**ort_settings, "method": m}, lambda m=m: ort(m), graph="ort-qdq") for m in methods),
         Plan("nncf", nncf_settings, nncf_plain, graph="nncf"),
-        # the per-layer repair before NNCF's accuracy control: on the benchmark (docs/export.md) it passed in
-        # seconds at 1.7x fp32, while NNCF's QDQ graph ran at 0.12-0.38x fp32 in ONNX Runtime after minutes
+        # the per-layer repair before NNCF's accuracy control: in benchmarks/export_formats.py runs here it passed
+        # in 7 s at 1.74x fp32 (32 px), while NNCF's QDQ graph ran at 0.12-0.38x fp32 in ONNX Runtime after
+        # 39-678 s
         Plan("ort-layer-repair", {**ort_settings, "method": methods[0], "max_fp32_layers": options.max_fp32_layers,
                                   "ranked_on": "validation"}, layer_repair, mixed=True),
         Plan("nncf-accuracy-control", {**nncf_settings, "tool": "nncf.quantize_with_accuracy_control (ONNX)",
@@ -299,7 +303,7 @@ def repair_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", fp32_path: Pa
 
     selection, budget = job.selection, job.options.max_fp32_layers
     sample = selection.inputs.batch[np.random.default_rng(0).permutation(len(selection.inputs.batch))[:SENSITIVITY_IMAGES]]
-    ranking = rank_layers(qdq, fp32, sample)
+    ranking = rank_layers(qdq, fp32, sample, engine.check_deadline)
     modules = module_names(onnx.load(str(fp32_path)))
     named = lambda layers: [f"{n} ({modules[n]})" if n in modules else n for n in layers]  # noqa: E731
     model, layers, steps = qdq, [], []
