@@ -222,3 +222,34 @@ def test_unrestricted_decode_still_reads_other_formats():
 def test_unknown_format_name_is_a_caller_error():
     with pytest.raises(ValueError, match="MPO"):
         decode_image(_png_bytes(_RGB), formats=("JPEG", "MPO"))
+
+
+def _photo_jpeg(width: int, height: int) -> bytes:
+    from sklearn.datasets import load_sample_images
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_images().images[0]).resize((width, height)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_jpeg_draft_decodes_a_large_photo_at_a_reduced_scale_with_nearly_the_same_pixels():
+    data = _photo_jpeg(1600, 1000)
+    full = decode_image(data)
+    drafted = decode_image(data, draft_size=224)
+    assert full.size == (1600, 1000) and drafted.size == (400, 250)  # 1/4: the smallest scale keeping both >= 224
+    plain, draft = Preprocessing(image_size=224), Preprocessing(image_size=224, jpeg_draft=True)
+    a = plain.pil_to_uint8(full).astype(np.int16)
+    b = draft.pil_to_uint8(drafted).astype(np.int16)
+    assert np.abs(a - b).mean() < 4.0  # the DCT-scaled decode, then the same bilinear resize
+    small = _photo_jpeg(300, 300)
+    assert decode_image(small, draft_size=224).size == (300, 300)  # under 2x the target: the full decode
+    png = io.BytesIO()
+    full.save(png, "PNG")
+    assert decode_image(png.getvalue(), draft_size=224).size == (1600, 1000)  # only JPEG has a DCT to scale
+
+
+def test_jpeg_draft_is_recorded_and_runs_made_before_it_keep_the_full_decode():
+    new = Preprocessing(image_size=224, jpeg_draft=True)
+    assert Preprocessing.from_dict(new.to_dict()) == new and new.to_dict()["jpeg_draft"] is True
+    old = {k: v for k, v in new.to_dict().items() if k != "jpeg_draft"}
+    assert Preprocessing.from_dict(old).jpeg_draft is False and Preprocessing.from_dict(old).draft_size is None

@@ -58,7 +58,7 @@ class Backbone:
     std: tuple[float, float, float]
 
     def preprocessing(self, image_size: int) -> Preprocessing:
-        return Preprocessing(image_size=image_size, mean=self.mean, std=self.std)
+        return Preprocessing(image_size=image_size, mean=self.mean, std=self.std, jpeg_draft=True)
 
     @torch.no_grad()
     def check_input_size(self, image_size: int) -> None:

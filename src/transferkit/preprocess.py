@@ -5,6 +5,11 @@ exactly the tensor the model was trained on:
 
     image (any mode/size) --PIL--> RGB --PIL bilinear resize--> uint8 HxWx3 --/255, -mean, /std--> float NCHW
 
+A JPEG at least twice the target size on both sides is decoded at 1/2, 1/4 or 1/8 scale when `jpeg_draft` is
+on (Pillow's draft mode: the DCT itself skips the detail the resize would throw away), then resized as above.
+New runs record `jpeg_draft: true` in preprocessing.json, so training, verification and serving all see the
+same pixels; a run without the key (made before) keeps the full decode.
+
 The resize happens once, with PIL, when a dataset is loaded or a request is decoded; training augments the
 resulting uint8 pixels on the device and normalizes with `normalize_torch`, serving with `normalize_numpy`.
 Serving needs only NumPy and Pillow (no torch) for this.
@@ -37,6 +42,7 @@ class Preprocessing:
     resize: str = "bilinear"  # PIL filter used for every resize
     channels: str = "RGB"  # grayscale inputs are replicated to 3 channels
     layout: str = field(default="NCHW", repr=False)
+    jpeg_draft: bool = False  # decode large JPEGs at a reduced DCT scale (module docstring); new runs: True
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -57,7 +63,18 @@ class Preprocessing:
             std=tuple(float(v) for v in d["std"]),
             resize=d.get("resize", "bilinear"),
             channels=d.get("channels", "RGB"),
+            jpeg_draft=bool(d.get("jpeg_draft", False)),  # runs made before the option: the full decode
         )
+
+    @property
+    def draft_size(self) -> int | None:
+        """The size a JPEG may be drafted down to (decode_image, `draft`), or None for the full decode."""
+        return self.image_size if self.jpeg_draft else None
+
+    def draft(self, image: Image.Image) -> None:
+        """Before an opened JPEG is loaded: decode it at the smallest DCT scale still >= the target size."""
+        if self.jpeg_draft and image.format == "JPEG":
+            image.draft(image.mode, (self.image_size, self.image_size))
 
     # ---- pixels -> uint8 (PIL; shared by dataset loading and serving) ----
     def pil_to_uint8(self, image: Image.Image) -> np.ndarray:
@@ -178,7 +195,8 @@ def _spoken(formats: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | None = None) -> Image.Image:
+def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | None = None,
+                 draft_size: int | None = None) -> Image.Image:
     """Bytes -> fully decoded PIL image, or an ImageDecodeError naming what is wrong.
 
     `formats` (Pillow names, e.g. SERVED_FORMATS) restricts which Pillow plugins may parse the bytes; None
@@ -186,7 +204,8 @@ def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | N
     ImageFormatError (a recognised format outside `formats`), ImageTooLargeError (over MAX_IMAGE_PIXELS),
     plain ImageDecodeError (empty, corrupt, truncated or unrecognised).
     `Image.open` is lazy, so a truncated file would only fail later; `load()` forces the full decode here,
-    after the header's size has been checked.
+    after the header's size has been checked. `draft_size` (Preprocessing.draft_size): a JPEG is decoded at the
+    smallest DCT scale that keeps both sides >= it.
     """
     accepted = None if formats is None else tuple(f.upper() for f in formats)
     if accepted is not None:
@@ -204,6 +223,8 @@ def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | N
                 f"{name}: image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS} pixel limit; "
                 "downscale it before sending"
             )
+        if draft_size and image.format == "JPEG":
+            image.draft(image.mode, (draft_size, draft_size))
         image.load()
     except ImageDecodeError:
         raise

@@ -52,6 +52,7 @@ def decode_file(path: Path, pre: Preprocessing) -> np.ndarray:
     """One image file -> uint8 (S, S, 3), or a DataError naming the file."""
     try:
         with Image.open(path) as image:
+            pre.draft(image)  # the run's JPEG decode, as serving does it (preprocess.py)
             return pre.pil_to_uint8(image)
     except Exception as exc:
         raise DataError(f"{path}: cannot read image ({exc}); remove or replace the file") from None
