@@ -4,9 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.transferkit-installed
 
-.PHONY: demo test docker-test setup assets clean lint
+.PHONY: demo test docker-test setup assets tools clean lint
 
-setup: $(STAMP) assets
+setup: $(STAMP) assets tools
 
 # Torch first, pinned to the releases this project is tested with (pip takes them from a local wheel
 # cache where one exists, else from PyPI). Then the project with its dev extra.
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 # Offline assets: ImageNet weights into torch's hub cache, MNIST and Fashion-MNIST into the data cache.
 assets: $(STAMP)
 	bash scripts/install_assets.sh $(PY)
+
+# `hey`, the load generator the serving tests and benchmarks use (apt, where this user may)
+tools:
+	bash scripts/install_tools.sh
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -126,7 +126,7 @@ def test_dockerfile_is_lean_non_root_with_healthcheck_and_exec_entrypoint(tmp_pa
     assert check[0].endswith("python") and "/readyz" in check[-1]
 
     entrypoint = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT "))[len("ENTRYPOINT "):])
-    assert entrypoint == ["/app/.venv/bin/bentoml", "serve", "/home/bentoml/bento", "--timeout-graceful-shutdown", "8"]
+    assert entrypoint == ["/app/.venv/bin/bentoml", "serve", "/home/bentoml/bento", "--timeout-graceful-shutdown", "2"]
     assert lines[-1] == "CMD []" and "STOPSIGNAL SIGTERM" in lines
 
     labels = dict(re.findall(r'([\w.]+)="([^"]*)"', body[body.index("LABEL"):body.index("HEALTHCHECK")]))

@@ -18,6 +18,7 @@ import yaml
 from transferkit import cli
 from transferkit.errors import ConfigError
 from transferkit.serving import k8s
+from transferkit.serving.settings import ServingSettings
 from transferkit.serving.k8s import K8sOptions, manifests, write_manifests
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]'")
@@ -99,8 +100,9 @@ def test_grace_period_outlasts_the_prestop_sleep_and_the_drain(tmp_path, monkeyp
     # the drain bound, read from the Dockerfile BentoML renders (not from the module that computes the period)
     dockerfile = render_dockerfile(tmp_path, monkeypatch)
     entrypoint = next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))
-    drain = int(re.search(r'"--timeout-graceful-shutdown", "(\d+)"', entrypoint).group(1))
-    assert k8s.drain_seconds() == drain == 8
+    graceful = int(re.search(r'"--timeout-graceful-shutdown", "(\d+)"', entrypoint).group(1))
+    drain = ServingSettings().drain_s + graceful  # the workers' drain, then uvicorn's own bound
+    assert k8s.drain_seconds() == drain == 10
 
     pod = docs()["deployment.yaml"]["spec"]["template"]["spec"]
     command = container_of(docs()["deployment.yaml"])["lifecycle"]["preStop"]["exec"]["command"]

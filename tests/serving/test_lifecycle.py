@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -137,6 +140,33 @@ def test_sigterm_lets_an_inflight_request_finish_then_stops_every_process(start)
     assert _wait_gone(tree, 2.0) == []
     assert _bindable(port)
     assert "transferkit: stopped" in handle.log_tail()
+
+
+HEY = shutil.which("hey")
+
+
+@pytest.mark.skipif(HEY is None, reason="needs hey, the compiled load generator (`make setup` installs it with apt)")
+def test_sigterm_under_64_concurrent_clients_answers_200_or_503_and_resets_nothing(start, images, tmp_path):
+    """hey's 64 keep-alive clients send raw PNG bodies; SIGTERM arrives mid-load. /readyz turns 503 at once,
+    every request that reached the server is answered 200 or 503 (none reset, no other 5xx), and once the load
+    stops (as when the endpoint leaves the load balancer) the server drains and every process exits."""
+    handle = start(workers=2, drain_timeout=10.0)
+    tree = _tree(handle)
+    body = tmp_path / "digit.png"
+    body.write_bytes(images["digit.png"])
+    hey = subprocess.Popen([HEY, "-z", "4s", "-c", "64", "-m", "POST", "-T", "image/png", "-D", str(body),
+                            handle.url + "/predict"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    time.sleep(1.5)
+    handle.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(handle.url + "/readyz", timeout=5).status_code == 503  # out of rotation at once
+    report, _ = hey.communicate(timeout=60)
+    assert handle.process.wait(timeout=10.0 + MARGIN) == 0, handle.log_tail()
+    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", report)}
+    assert set(codes) <= {200, 503} and codes.get(200, 0) > 0 and codes.get(503, 0) > 0, report
+    assert "Error distribution" not in report, report  # no reset, no refused or cut-off connection
+    assert "requests turned away" in handle.log_tail()
+    assert _wait_gone(tree, 2.0) == []
 
 
 def test_sigint_stops_every_process_and_the_key_stays_out_of_argv(start, tmp_path):

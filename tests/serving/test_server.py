@@ -36,12 +36,27 @@ def _metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
-def test_health_endpoints_and_metrics(server):
+def test_health_endpoints_and_metrics(server, images):
+    """BentoML's per-request middleware is off by default; /metrics still counts answers by status."""
     assert server.url.startswith("http://127.0.0.1:")
     for path in ("/livez", "/readyz"):
         assert httpx.get(server.url + path).status_code == 200
+    before = _metric(httpx.get(server.url + "/metrics").text, 'transferkit_requests_total{status="200"}')
+    answer = httpx.post(server.url + "/predict", content=images["digit.png"], headers={"Content-Type": "image/png"})
     metrics = httpx.get(server.url + "/metrics")
-    assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    assert answer.status_code == 200 and metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert _metric(metrics.text, 'transferkit_requests_total{status="200"}') == before + 1
+
+
+def test_the_served_process_runs_uvicorns_fast_stack(server, images):
+    """uvloop and httptools are dependencies; each worker reports what it really runs (serving/stack.py)."""
+    metrics = httpx.get(server.url + "/metrics").text
+    assert re.search(r'^transferkit_http_stack\{loop="uvloop",parser="httptools"\} 1\.0$', metrics, re.M), metrics
+    assert "HTTP: uvloop loop, httptools parser" in server.log_tail()
+    raw = httpx.post(server.url + "/predict", content=images["digit.png"], headers={"Content-Type": "image/png"})
+    form = httpx.post(server.url + "/predict", files={"image": ("d.png", images["digit.png"], "image/png")})
+    assert raw.status_code == form.status_code == 200 and raw.json() == form.json()
 
 
 def test_predict_files_through_the_client(server, image_files, exported):

@@ -59,6 +59,18 @@ def test_json_base64_images_answer_in_order(client, images):
     assert one.json()["heads"] == _singles(client, images, ["digit.png"])[0]
 
 
+@pytest.mark.parametrize("name, mime", [("china.jpg", "image/jpeg"), ("china.webp", "image/webp"),
+                                        ("digit.png", "image/png")])  # fmt: skip
+def test_a_raw_image_body_answers_like_multipart(client, images, name, mime):
+    """curl --data-binary @a.jpg -H 'Content-Type: image/jpeg' URL/predict?top_k=3: the same answer as -F image=@."""
+    raw = client.post("/predict", content=images[name], headers={"content-type": mime}, params={"top_k": "3"})
+    assert raw.status_code == 200, raw.text
+    form = _post(client, name, images[name], mime, top_k=3)
+    assert raw.json() == form.json() and len(raw.json()["heads"]["digits"]) == 3
+    default = client.post("/predict", content=images[name], headers={"content-type": mime + "; charset=binary"})
+    assert len(default.json()["heads"]["digits"]) == 5  # parameters on the type are ignored; top_k defaults to 5
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A real 1x1 PNG whose IHDR claims another size (with a valid CRC): a decompression bomb's header."""
     png = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
@@ -86,8 +98,20 @@ BAD_UPLOADS = {
     "form without a file": (lambda im: {"data": {"top_k": "3"}}, 415, "multipart/form-data"),
     "no image field": (lambda im: {"files": {"top_k": (None, "3")}}, 400, "no image"),
     "text in image field": (lambda im: {"files": {"image": (None, "photo.jpg")}}, 400, "must be a file upload"),
-    "raw body": (lambda im: {"content": im["china.jpg"], "headers": {"content-type": "image/jpeg"}}, 415,
-                 "multipart/form-data"),
+    "raw body of another type": (lambda im: {"content": im["china.jpg"], "headers": {"content-type": "image/gif"}},
+                                 415, "image/jpeg"),
+    "raw body, no content type": (lambda im: {"content": im["china.jpg"]}, 415, "--data-binary"),
+    "raw body empty": (lambda im: {"content": b"", "headers": {"content-type": "image/png"}}, 400, "body is empty"),
+    "raw body corrupt": (lambda im: {"content": im["china.jpg"][:3000], "headers": {"content-type": "image/jpeg"}},
+                         400, "truncated"),
+    "raw body of a GIF": (lambda im: {"content": encode(Image.new("RGB", (8, 8)), "GIF"),
+                                      "headers": {"content-type": "image/png"}}, 415, "GIF"),
+    "raw body, top_k twice": (lambda im: {"content": im["digit.png"], "headers": {"content-type": "image/png"},
+                                          "params": [("top_k", "2"), ("top_k", "3")]}, 400, "more than once"),
+    "raw body, top_k 0": (lambda im: {"content": im["digit.png"], "headers": {"content-type": "image/png"},
+                                      "params": {"top_k": "0"}}, 400, "top_k"),
+    "query top_k with a form": (lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "params": {"top_k": "2"}},
+                                400, "raw image bodies"),
     "garbage multipart": (lambda im: {"content": b"--x\r\nno headers here\r\n\x00\xff--",
                                       "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400,
                           "multipart"),
@@ -133,7 +157,9 @@ def test_health_endpoints(client):
 def test_openapi_documents_predict_with_every_status_and_the_error_body(client):
     spec = client.get("/docs.json").json()
     operation = spec["paths"]["/predict"]["post"]
-    assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "application/json", "image/jpeg",
+                                                        "image/png", "image/webp"}  # fmt: skip
+    assert [p["name"] for p in operation["parameters"]] == ["top_k"]  # the raw body's top_k, in the query
     assert {"200", "400", "413", "415", "500", "503", "504"} <= set(operation["responses"])
     assert "Retry-After" in operation["responses"]["503"]["headers"]
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]

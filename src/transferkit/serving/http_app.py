@@ -11,13 +11,15 @@ Every answer but a 200 is JSON {"error": "...", "request_id": "..."}; the reques
 X-Request-ID header and is logged with any server-side failure:
 
     400 malformed request or image     401 missing/wrong API key      413 too large (body, pixels, image count)
-    415 not multipart/JSON, or an image format other than JPEG/PNG/WebP
-    503 at capacity (Retry-After)      504 not answered within the deadline      500 a bug (logged with traceback)
+    415 not multipart/JSON/a raw image body, or an image format other than JPEG/PNG/WebP
+    503 at capacity (Retry-After), or shutting down (Connection: close)      504 not answered within the deadline      500 a bug (logged with traceback)
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
+import sys
 import logging
 import re
 import uuid
@@ -29,18 +31,25 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from transferkit.serving.batcher import Overloaded
-from transferkit.serving.inputs import ClientError, parse_json, parse_multipart, read_body
+from transferkit.serving.inputs import RAW_IMAGE_TYPES, ClientError, parse_json, parse_multipart, parse_raw, read_body
 from transferkit.serving.openapi import document
 from transferkit.serving.settings import MAX_UPLOAD_BYTES
 
 logger = logging.getLogger("transferkit.serving")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LARGE_BODY = 256 << 10
+BODY_TYPES = ("multipart/form-data", "application/json", *RAW_IMAGE_TYPES)
+
+
+# Request ids: a random prefix per worker and a counter. Unique across workers and restarts like a uuid4, at
+# a fraction of its cost per request (uuid4 reads the OS's random source every time).
+_ID_PREFIX = uuid.uuid4().hex[:8]
+_ID_COUNTER = itertools.count(1)
 
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    return given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def error(status: int, message: str, request_id: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -58,15 +67,26 @@ def _authorized(request: Request, key: str) -> bool:
 async def predict(request: Request) -> Response:
     import bentoml
 
-    request_id = _request_id(request)
     service = bentoml.get_current_service()
+    response = await _predict(request, service)
+    service.count_answer(response.status_code)
+    return response
+
+
+async def _predict(request: Request, service: Any) -> Response:
+    request_id = _request_id(request)
     settings = service.settings
     if settings.api_key and not _authorized(request, settings.api_key):
         return error(401, "missing or wrong API key; send the header `Authorization: Bearer <key>`", request_id,
                      {"WWW-Authenticate": 'Bearer realm="transferkit"'})  # fmt: skip
+    if service.drain.draining:  # SIGTERM: this client should go to another replica (drain.py)
+        service.drain.turn_away()
+        service.count_refusal("shutting down")
+        return error(503, "the server is shutting down; retry, and another replica will answer", request_id,
+                     {"Connection": "close", "Retry-After": "1"})  # fmt: skip
     try:
-        with service.batcher.admit(1) as admission:  # refuse before reading the body: a flood costs little
-            answer = await asyncio.wait_for(_answer(request, service, admission), settings.timeout_s)
+        with service.drain.request(), service.batcher.admit(1) as admission:  # refuse before reading the body
+            answer = await _within(settings.timeout_s, _answer(request, service, admission))
     except Overloaded as exc:
         service.count_refusal("overloaded")
         return error(503, str(exc), request_id, {"Retry-After": str(exc.retry_after)})
@@ -83,15 +103,30 @@ async def predict(request: Request) -> Response:
     return JSONResponse(answer, headers={"X-Request-ID": request_id})
 
 
+async def _within(seconds: float, work: Any) -> Any:
+    """`work` or asyncio.TimeoutError after `seconds`; asyncio.timeout (3.11+) runs it in this task, where
+    wait_for would make a task per request."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await work
+    return await asyncio.wait_for(work, seconds)
+
+
 async def _answer(request: Request, service: Any, admission: Any) -> dict[str, Any]:
     settings = service.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in ("multipart/form-data", "application/json"):
+    if content_type not in BODY_TYPES:
         got = content_type or "no content type"
-        raise ClientError(415, f"expected multipart/form-data or application/json, got {got}; send the image "
-                               "as a multipart file field `image`, e.g. curl -F image=@photo.jpg URL/predict")
+        raise ClientError(415, f"expected multipart/form-data, application/json or {', '.join(RAW_IMAGE_TYPES)}, "
+                               f"got {got}; e.g. curl -F image=@photo.jpg URL/predict, or curl --data-binary "
+                               "@photo.jpg -H 'Content-Type: image/jpeg' URL/predict")  # fmt: skip
     body = await read_body(request.stream(), request.headers.get("content-length"), MAX_UPLOAD_BYTES)
-    if content_type == "application/json":
+    query_top_k = request.query_params.getlist("top_k")
+    if query_top_k and content_type not in RAW_IMAGE_TYPES:
+        raise ClientError(400, "top_k in the query string is for raw image bodies; send it as a form or JSON field")
+    if content_type in RAW_IMAGE_TYPES:
+        inputs = parse_raw(body, query_top_k)
+    elif content_type == "application/json":
         # base64 of a large body takes milliseconds: off the event loop, which serves every other request
         inputs = (parse_json(body, settings.max_images) if len(body) < LARGE_BODY
                   else await asyncio.to_thread(parse_json, body, settings.max_images))  # fmt: skip
@@ -121,6 +156,15 @@ async def docs(request: Request) -> Response:
     return JSONResponse(document(service.bento_service.openapi_spec.asdict(), service.settings))
 
 
+async def metrics(request: Request) -> Response:
+    """/metrics when BentoML's own route is off with its per-request metrics (settings.py): the same registry
+    (every worker's metrics, BentoML's multiprocess directory), so nothing that scraped it before is lost."""
+    import bentoml
+
+    text, content_type = await asyncio.to_thread(bentoml.get_current_service().metrics_text)
+    return Response(text, media_type=content_type)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing errors on these routes (GET /predict: 405) in the same JSON shape as every other error."""
     status = getattr(exc, "status_code", 500)
@@ -130,5 +174,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app() -> Starlette:
     from starlette.exceptions import HTTPException
 
-    routes = [Route("/predict", predict, methods=["POST"]), Route("/docs.json", docs, methods=["GET"])]
+    routes = [Route("/predict", predict, methods=["POST"]), Route("/docs.json", docs, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -5,6 +5,9 @@
                           top_k=5 (optional)
     application/json      {"images": ["<base64>", ...], "top_k": 5}   -> {"predictions": [...]}
                           {"image": "<base64>"}                       -> {"heads": ...}
+    image/jpeg|png|webp   the file itself as the body, ?top_k=5         -> {"heads": ...}
+                          (curl --data-binary @a.jpg -H 'Content-Type: image/jpeg'; what mosec and
+                          TorchServe clients send: no framing to parse, no base64)
 
 Every problem is a `ClientError` with its HTTP status and a sentence naming the fix: 415 for another content
 type, 413 for a body over the upload limit or more than `max_images` images, 400 for everything malformed.
@@ -24,6 +27,7 @@ from transferkit.serving.settings import MAX_TOP_K
 HINT = ("send multipart/form-data with a file field `image` (or repeated `images`), e.g. "
         "curl -F image=@photo.jpg URL/predict, or JSON {\"images\": [\"<base64>\", ...]}")  # fmt: skip
 FIELDS = ("image", "images", "top_k")
+RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")  # the formats the server decodes (SERVED_FORMATS)
 DEFAULT_TOP_K = 5
 
 
@@ -70,6 +74,15 @@ def parse_top_k(raw: Any) -> int:
     if value is None or not 1 <= value <= MAX_TOP_K:
         raise ClientError(400, f"top_k must be an integer from 1 to {MAX_TOP_K}, got {str(raw)[:40]!r}")
     return value
+
+
+def parse_raw(body: bytes, top_k: list[str]) -> PredictInputs:
+    """A raw image body; `top_k` is the query string's values (at most one)."""
+    if not body:
+        raise ClientError(400, f"the request body is empty; send the image file itself as the body, or {HINT}")
+    if len(top_k) > 1:
+        raise ClientError(400, "top_k given more than once")
+    return PredictInputs([body], parse_top_k(top_k[0]) if top_k else DEFAULT_TOP_K, False, ["image"])
 
 
 def _check_count(n: int, max_images: int) -> None:

@@ -17,9 +17,10 @@ Plain dicts and yaml.safe_dump: no cluster, Docker or Bento is needed, only the 
 - Shutdown: the kubelet sends SIGTERM while the endpoint controllers and kube-proxy are still taking the pod out
   of the Service; a server that stopped accepting at once would refuse what is routed to it in that window.
   A preStop sleep keeps it serving until it is out of rotation; SIGTERM then lets in-flight requests finish
-  within the image's drain bound (read from Dockerfile.j2). terminationGracePeriodSeconds covers the sleep, the
-  drain and the workers' exit, so SIGKILL never cuts a drain short. The sleep runs the image's own Python: the
-  base image need not ship `sleep`, and Kubernetes' own sleep action needs 1.30 or newer.
+  within the image's drain bound (the drain's default and Dockerfile.j2's uvicorn bound).
+  terminationGracePeriodSeconds covers the sleep, the drain and the workers' exit, so SIGKILL never cuts a drain
+  short. The sleep runs the image's own Python: the base image need not ship `sleep`, and Kubernetes' own sleep
+  action needs 1.30 or newer.
 - Security: the restricted Pod Security Standard. runAsNonRoot with the numeric UID of the image's `bentoml`
   user (the kubelet cannot check a user name, and the model files are private to that user), no privilege
   escalation, no capabilities, the default seccomp profile, no service-account token (the server never calls
@@ -33,6 +34,7 @@ Plain dicts and yaml.safe_dump: no cluster, Docker or Bento is needed, only the 
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -43,7 +45,7 @@ import yaml
 
 import transferkit
 from transferkit.errors import ConfigError, TransferkitError
-from transferkit.serving.settings import API_KEY_ENV, PREFIX, default_workers
+from transferkit.serving.settings import API_KEY_ENV, PREFIX, ServingSettings, default_workers
 
 PORT, PORT_NAME, SERVICE_PORT = 3000, "http", 80  # the image's EXPOSE (BentoML's default port)
 IMAGE_UID = 1034  # BentoML's Dockerfile template creates the image's user `bentoml` with this UID and GID
@@ -110,13 +112,14 @@ class K8sOptions:
         return self.memory or f"{256 + 384 * self.workers(runtime)}Mi"
 
 
-def drain_seconds() -> int:
-    """The image's bound on in-flight requests after SIGTERM (`--timeout-graceful-shutdown N` in Dockerfile.j2)."""
+def drain_seconds() -> float:
+    """The image's bound on a worker's stop after SIGTERM: the drain ($TRANSFERKIT_DRAIN_S, its default here as
+    the manifests set no other) plus uvicorn's `--timeout-graceful-shutdown N` in Dockerfile.j2."""
     template = Path(__file__).with_name("Dockerfile.j2").read_text()
     match = re.search(r'"--timeout-graceful-shutdown",\s*"(\d+)"', template)
     if not match:
         raise TransferkitError("serving/Dockerfile.j2 sets no --timeout-graceful-shutdown; the grace period needs it")
-    return int(match.group(1))
+    return ServingSettings().drain_s + int(match.group(1))
 
 
 def resource_name(text: str) -> str:
@@ -172,7 +175,7 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
         "metadata": {"labels": dict(labels), "annotations": dict(annotations)},  # copies: no YAML aliases
         "spec": {
             "automountServiceAccountToken": False,
-            "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + drain_seconds() + EXIT_MARGIN_S,
+            "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + math.ceil(drain_seconds()) + EXIT_MARGIN_S,
             "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
                                 "seccompProfile": {"type": "RuntimeDefault"}},  # fmt: skip
             "containers": [container],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from transferkit.serving.inputs import RAW_IMAGE_TYPES
 from transferkit.serving.settings import MAX_TOP_K, MAX_UPLOAD_BYTES, ServingSettings
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -18,9 +19,11 @@ _STATUSES = {
            "truncated image",
     "401": "API key required (`Authorization: Bearer <key>`) and missing or wrong; only when the server has a key",
     "413": "Request body over the upload limit, an image over the pixel limit, or more images than the limit",
-    "415": "Body neither multipart/form-data nor application/json, or an image that is not JPEG, PNG or WebP",
+    "415": "Body neither multipart/form-data, application/json nor a raw image/jpeg, image/png or image/webp "
+           "body, or an image that is not JPEG, PNG or WebP",
     "500": "Unexpected server error; the message names the request id under which the server logged it",
-    "503": "The worker is at capacity; retry after the number of seconds in Retry-After",
+    "503": "The worker is at capacity, or shutting down (then with `Connection: close`); retry after the number "
+           "of seconds in Retry-After",
     "504": "Not answered within the server's request deadline",
 }  # fmt: skip
 
@@ -64,6 +67,8 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
         "images": {**many, "minItems": 1, "items": {"type": "string", "format": "byte", "minLength": 1},
                    "description": "base64-encoded files"},
         "top_k": top_k}}  # fmt: skip
+    raw = {"type": "string", "format": "binary", "minLength": 1,
+           "description": "the image file itself (curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg')"}
     answer = {"oneOf": [{"$ref": "#/components/schemas/Prediction"}, {"$ref": "#/components/schemas/PredictionList"}]}
     responses: dict[str, Any] = {"200": {"description": "top-k labels per head: one object for `image`, a list "
                                          "for `images`", "content": {"application/json": {"schema": answer}}}}
@@ -76,11 +81,15 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
         "tags": ["Service APIs"],
         "operationId": "transferkit__predict",
         "summary": "Classify images: top-k labels per head",
-        "description": (f"Send exactly one of `image` or `images` (up to {settings.max_images}); the whole body "
-                        f"at most {MAX_UPLOAD_BYTES // 2**20} MB; JPEG, PNG or WebP only."),
+        "description": (f"Send exactly one of `image` or `images` (up to {settings.max_images}), or one image "
+                        f"as the raw body; the whole body at most {MAX_UPLOAD_BYTES // 2**20} MB; JPEG, PNG or "
+                        "WebP only."),
+        "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": top_k,
+                        "description": "for a raw image body only (the other encodings carry top_k inside)"}],
         "requestBody": {"required": True, "content": {
             "multipart/form-data": {"schema": multipart},
-            "application/json": {"schema": as_json}}},
+            "application/json": {"schema": as_json},
+            **{kind: {"schema": raw} for kind in RAW_IMAGE_TYPES}}},
         "responses": responses,
     }  # fmt: skip
     if settings.api_key:

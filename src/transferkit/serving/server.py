@@ -12,10 +12,11 @@ serving on the inherited socket. Hence the lifecycle here:
 - the serve process is a child subreaper (Linux), so orphaned workers re-parent to it and stay findable;
 - the arbiter runs in its own session (terminal signals reach only us; we decide what it gets) and gets
   SIGTERM when we die, even by SIGKILL (PR_SET_PDEATHSIG);
-- SIGTERM/SIGINT/SIGHUP -> SIGTERM to the arbiter, which SIGTERMs the workers; uvicorn then stops accepting,
-  finishes in-flight requests (bounded by `--timeout-graceful-shutdown`, which we derive from the drain
-  timeout: circus itself would wait a day) and exits; whatever is left at the drain deadline is SIGKILLed,
-  reaped, and the port is checked free. A second signal skips the rest of the drain.
+- SIGTERM/SIGINT/SIGHUP -> SIGTERM to the arbiter, which SIGTERMs the workers; each worker drains (drain.py:
+  /readyz 503, new requests 503 with `Connection: close`, accepted ones finish, until quiet or the drain's
+  share of `--drain-timeout`), then uvicorn stops accepting and cancels what is left after
+  `--timeout-graceful-shutdown` (split_drain; circus itself would wait a day) and exits; whatever is left at
+  the drain deadline is SIGKILLed, reaped, and the port is checked free. A second signal skips the rest.
 
 `start_server` runs that same CLI (`python -m transferkit serve`) in the background for tests and scripts.
 """
@@ -200,11 +201,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _command(host: str, port: int, drain_timeout: float) -> list[str]:
-    # uvicorn cancels requests still running a second before our deadline, so workers exit on their own
-    graceful = max(1, int(min(drain_timeout, 86400)) - 1)
+GRACEFUL_S = 1  # uvicorn's own shutdown, after the workers' drain: only what outlasted the drain is still running
+
+
+def split_drain(drain_timeout: float) -> tuple[float, int]:
+    """`--drain-timeout T` -> (the workers' drain, uvicorn's graceful shutdown). The drain (serving/drain.py)
+    answers new requests 503 while accepted ones finish; uvicorn then cancels what is left a second later, and
+    workers exit before our deadline, by which `stop_tree` kills what is still running."""
+    return max(0.0, drain_timeout - GRACEFUL_S - 0.5), GRACEFUL_S
+
+
+def _command(host: str, port: int, graceful_s: int) -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port),
-            "--timeout-graceful-shutdown", str(graceful)]  # fmt: skip
+            "--timeout-graceful-shutdown", str(graceful_s)]  # fmt: skip
 
 
 def _child_env(settings: ServingSettings) -> dict[str, str]:
@@ -223,7 +232,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
     drain_timeout = _drain_arg(drain_timeout)
     settings = build_settings(settings, api_key_file, **overrides)
     model = resolve_served_model(run_dir, settings.runtime)
-    settings = dataclasses.replace(settings, model=model.tag, runtime=model.runtime)
+    drain_s, graceful_s = split_drain(drain_timeout)
+    settings = dataclasses.replace(settings, model=model.tag, runtime=model.runtime, drain_s=drain_s)
     _check_port(host, port)
     print(f"transferkit: serving {model.tag} on http://{host}:{port} (runtime {settings.runtime}, "
           f"{settings.resolved_workers} workers x {settings.resolved_threads} threads, "
@@ -236,7 +246,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
     previous = {sig: signal.signal(sig, lambda s, _f: signals.append(s)) for sig in stop_on}
     try:
         become_subreaper()
-        proc = subprocess.Popen(_command(host, port, drain_timeout), env=_child_env(settings),
+        proc = subprocess.Popen(_command(host, port, graceful_s), env=_child_env(settings),
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=die_with_parent())  # fmt: skip
         try:

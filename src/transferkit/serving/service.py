@@ -24,13 +24,31 @@ import numpy as np
 from transferkit.errors import ImageDecodeError
 from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
 from transferkit.serving.batcher import MicroBatcher
+from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import load_runtime
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
+from transferkit.serving.stack import http_stack
 
 logger = logging.getLogger("transferkit.serving")
+
+
+def _log_like_bentoml() -> None:
+    """A BentoML worker configures its own loggers only (before it imports this module): ours then go to the
+    same output in the same format, so what the worker picked and its drain are in the server log."""
+    ours, theirs = logging.getLogger("transferkit"), logging.getLogger("bentoml")
+    if not ours.handlers and theirs.handlers:
+        ours.handlers = list(theirs.handlers)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+_log_like_bentoml()
+# A small upload (a thumbnail, a digit) decodes in about 0.1 ms, less than handing it to a decode thread costs;
+# larger ones go to the pool, so a multi-megapixel JPEG never holds up the event loop.
+INLINE_DECODE_BYTES = 16 << 10
 
 SETTINGS = ServingSettings.from_env()
 MODEL_TAG = SETTINGS.model or getattr(bentoml.use_arguments(), "model", None) or ""
@@ -55,15 +73,33 @@ def _metrics() -> dict[str, Any]:
     """Prometheus metrics, made on first use: BentoML sets the multiprocess directory in each worker after
     importing this module, and a metric created before that would never reach /metrics."""
     if not _METRICS:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         _METRICS["batch"] = Histogram("transferkit_batch_size", "images per runtime call",
                                       buckets=(1, 2, 4, 8, 16, 32, 64))  # fmt: skip
         _METRICS["refused"] = Counter("transferkit_refused_requests", "requests refused by the server", ["reason"])
+        # one cheap counter in place of BentoML's per-request metrics (off by default, settings.py): the request
+        # and error rates stay on /metrics
+        _METRICS["answers"] = Counter("transferkit_requests", "answered /predict requests", ["status"])
+        _METRICS["stack"] = Gauge("transferkit_http_stack", "the event loop and HTTP parser this worker runs",
+                                  ["loop", "parser"], multiprocess_mode="max")  # fmt: skip
     return _METRICS
 
 
-@bentoml.service(name="transferkit", workers=SETTINGS.resolved_workers, traffic={"timeout": SETTINGS.timeout_s + 5})
+def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
+    """BentoML's own configuration keys for the middleware around every request (settings.py says why they are
+    off by default). Service-level values are BentoML's defaults: BENTOML_CONFIG(_OPTIONS) still override them."""
+    return {
+        "workers": settings.resolved_workers,
+        "traffic": {"timeout": settings.timeout_s + 5},
+        "logging": {"access": {"enabled": settings.access_log}},
+        "metrics": {"enabled": settings.request_metrics},
+        # OpenTelemetry's ASGI middleware is always installed; an excluded URL passes through it untouched
+        "tracing": {"excluded_urls": [] if settings.tracing else ["predict"]},
+    }
+
+
+@bentoml.service(name="transferkit", **bentoml_config(SETTINGS))
 @bentoml.asgi_app(create_app(), path="/")
 class TransferkitService:
     # A class attribute, so `bentoml build` bundles this model into the Bento.
@@ -72,6 +108,9 @@ class TransferkitService:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.ready = False
+        self.stack = http_stack()  # before the drain wraps uvicorn's SIGTERM handler, through which it is found
+        self.drain = Drain(SETTINGS.drain_s)
+        self.drain.install()  # uvicorn's SIGTERM handler is in place by now: the drain runs before it
         stored = self.model_ref  # resolved from the model store ($BENTOML_HOME, or the Bento's own models)
         self.export_dir = Path(stored.path)
         self.manifest = read_manifest(self.export_dir)
@@ -89,12 +128,13 @@ class TransferkitService:
         s = self.pre.image_size
         for n in sorted({1, SETTINGS.max_batch}):  # first calls at a new batch size allocate: do them now
             self._run_batch(np.zeros((n, s, s, 3), np.uint8))
+        _metrics()["stack"].labels(**self.stack).set(1)
         self.ready = True
-        logger.info("serving %s with %s (%s); settings %s", self.tag, self.runtime_name, self.runtime.selected_because,
-                    SETTINGS.describe())  # fmt: skip
+        logger.info("serving %s with %s (%s); HTTP: %s loop, %s parser; settings %s", self.tag, self.runtime_name,
+                    self.runtime.selected_because, self.stack["loop"], self.stack["parser"], SETTINGS.describe())  # fmt: skip
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        return self.ready and not self.drain.draining
 
     @bentoml.on_shutdown
     def _release(self) -> None:
@@ -107,20 +147,33 @@ class TransferkitService:
     def _pixels(self, data: bytes, name: str) -> np.ndarray:
         """Encoded bytes -> uint8 (S,S,3); only JPEG, PNG and WebP are parsed at all."""
         try:
-            image = decode_image(data, name=name, formats=SERVED_FORMATS)
+            image = decode_image(data, name=name, formats=SERVED_FORMATS, draft_size=self.pre.draft_size)
         except ImageDecodeError as exc:
             raise ClientError(exc.http_status, str(exc)) from None
         return self.pre.pil_to_uint8(image)
 
     async def classify(self, images: list[bytes], names: list[str] | None = None, top_k: int = 5) -> list[dict]:
         """Encoded images -> [{"heads": {head: top-k labels}}], in order, through the worker's batcher."""
-        loop = asyncio.get_running_loop()
         names = names or [f"images[{i}]" for i in range(len(images))]
-        pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._pixels, data, name)
-                                        for data, name in zip(images, names)))  # fmt: skip
+        if len(images) == 1 and len(images[0]) <= INLINE_DECODE_BYTES:
+            pixels = [self._pixels(images[0], names[0])]  # cheaper than the hop to a decode thread and back
+        else:
+            loop = asyncio.get_running_loop()
+            pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._pixels, data, name)
+                                            for data, name in zip(images, names)))  # fmt: skip
         logits = await self.batcher.submit(np.stack(pixels))
         return [{"heads": {h: softmax_top_k(logits[h][i], self.labels[h], top_k) for h in self.labels}}
                 for i in range(len(images))]  # fmt: skip
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """What BentoML's /metrics answers: its metrics client reads the multiprocess directory it set up."""
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        client = BentoMLContainer.metrics_client.get()
+        return client.generate_latest(), client.CONTENT_TYPE_LATEST
+
+    def count_answer(self, status: int) -> None:
+        _metrics()["answers"].labels(status=str(status)).inc()
 
     def count_refusal(self, reason: str) -> None:
         _metrics()["refused"].labels(reason=reason).inc()
