@@ -78,8 +78,11 @@ def batch_totals(url: str) -> tuple[float, float]:
     return tuple(sum(float(v) for k, v in found if k == kind) for kind in ("sum", "count"))  # type: ignore
 
 
-def run_hey(hey: str, url: str, body_file: Path, n: int, c: int, cap: float, config: str) -> Level:
-    cmd = [hey, "-n", str(n), "-c", str(c), "-m", "POST", "-t", "20", "-T", CONTENT_TYPE, "-D", str(body_file), url]
+def run_hey(hey: str, url: str, body_file: Path, n: int, c: int, cap: float, config: str,
+            content_type: str = CONTENT_TYPE, seconds: float | None = None) -> Level:  # fmt: skip
+    """`n` requests (or, with `seconds`, as many as that duration takes) from `c` keep-alive clients."""
+    amount = ["-z", f"{seconds:g}s"] if seconds else ["-n", str(n)]
+    cmd = [hey, *amount, "-c", str(c), "-m", "POST", "-t", "20", "-T", content_type, "-D", str(body_file), url]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
     capped = False
