@@ -230,12 +230,12 @@ def main() -> None:
     if not hey:
         sys.exit("serve_peers: needs hey (scripts/install_tools.sh installs it)")
     os.environ["BENTOML_HOME"] = args.bentoml_home
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()  # the peers start in benchmarks/peers/
     (work / "logs").mkdir(parents=True, exist_ok=True)
     machine = Machine.this()
     pythons = {name: peer_python(work, name) for name in PEER_PACKAGES}
     images = bodies(work)
-    small, photo, mid = Path(args.small_run), Path(args.photo_run), train_64px(work)
+    small, photo, mid = Path(args.small_run).resolve(), Path(args.photo_run).resolve(), train_64px(work)
     rows: list[Row] = []
 
     def add(size: int, server: str, encoding: str, results: list[tuple[Level, str]], bound: float | None = None):
