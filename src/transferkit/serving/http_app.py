@@ -171,6 +171,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(status, str(getattr(exc, "detail", "") or exc), _request_id(request), getattr(exc, "headers", None))
 
 
+class PredictFastPath:
+    """ASGI middleware that BentoML runs around its own app (service.py adds it): POST /predict is answered
+    here, so a request skips BentoML's router, its request context, the mount and this app's own router and
+    middleware, which together cost a small image as much CPU as its decode and answer. BentoML's server-error,
+    tracing (the URL excluded unless asked for) and timeout middleware still wrap it; the response is the one
+    the /predict route gives, and every other path goes on to BentoML's app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
+            response = await predict(Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def create_app() -> Starlette:
     from starlette.exceptions import HTTPException
 

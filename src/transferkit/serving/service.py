@@ -22,10 +22,11 @@ import bentoml
 import numpy as np
 
 from transferkit.errors import ImageDecodeError
+from transferkit.predictions import rank, top_labels
 from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
 from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.drain import Drain
-from transferkit.serving.http_app import create_app
+from transferkit.serving.http_app import PredictFastPath, create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import load_runtime
@@ -57,13 +58,6 @@ if not MODEL_TAG:
         f"${MODEL_ENV} is not set: it names the BentoML model to serve. Use `transferkit serve RUN` "
         f"(or `transferkit build RUN`), or set {MODEL_ENV}=<tag from `transferkit export`>"
     )
-
-
-def softmax_top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
-    z = logits.astype(np.float64) - logits.max()
-    p = np.exp(z) / np.exp(z).sum()
-    order = np.argsort(-p, kind="stable")[: min(k, len(labels))]
-    return [{"label": labels[i], "score": round(float(p[i]), 6)} for i in order]
 
 
 _METRICS: dict[str, Any] = {}
@@ -142,7 +136,8 @@ class TransferkitService:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run_batch(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runtime.run(self.pre.normalize_numpy(pixels))
+        """uint8 (B,S,S,3) -> per head, (B, C) RANKED answers."""
+        return {head: rank(logits) for head, logits in self.runtime.run(self.pre.normalize_numpy(pixels)).items()}
 
     def _pixels(self, data: bytes, name: str) -> np.ndarray:
         """Encoded bytes -> uint8 (S,S,3); only JPEG, PNG and WebP are parsed at all."""
@@ -161,8 +156,8 @@ class TransferkitService:
             loop = asyncio.get_running_loop()
             pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._pixels, data, name)
                                             for data, name in zip(images, names)))  # fmt: skip
-        logits = await self.batcher.submit(np.stack(pixels))
-        return [{"heads": {h: softmax_top_k(logits[h][i], self.labels[h], top_k) for h in self.labels}}
+        ranked = await self.batcher.submit(np.stack(pixels))
+        return [{"heads": {h: top_labels(ranked[h][i], self.labels[h], top_k) for h in self.labels}}
                 for i in range(len(images))]  # fmt: skip
 
     def metrics_text(self) -> tuple[bytes, str]:
@@ -177,3 +172,6 @@ class TransferkitService:
 
     def count_refusal(self, reason: str) -> None:
         _metrics()["refused"].labels(reason=reason).inc()
+
+
+TransferkitService.add_asgi_middleware(PredictFastPath)
