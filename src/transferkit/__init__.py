@@ -1,3 +1,10 @@
 """transferkit: fine-tune one pretrained backbone on many datasets, export verified artifacts, serve them."""
 
-__version__ = "0.1.0"
+from transferkit.version import __version__
+
+
+def score(run, inputs, out=None, **options):
+    """Score many images with a run's verified artifact (transferkit.scoring.job.score; `transferkit score`)."""
+    from transferkit.scoring.job import score as _score
+
+    return _score(run, inputs, out, **options)

@@ -173,6 +173,15 @@ def cmd_predict(args) -> None:
     print(json.dumps(results, indent=2))
 
 
+def cmd_score(args) -> None:
+    from transferkit.scoring.job import score
+
+    summary = score(args.run, args.inputs, args.out, top_k=args.top_k, runtime=args.runtime,
+                    batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+                    part_rows=args.part_rows, progress=True)  # fmt: skip
+    print(summary.describe())
+
+
 def cmd_build(args) -> None:
     from transferkit.serving.build import build_bento
 
@@ -234,7 +243,7 @@ def _split_list(value: str | None) -> list[str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from transferkit import __version__
+    from transferkit.version import __version__
     from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES  # the formats table: choices below
 
     parser = _Parser(prog="transferkit", description=__doc__.splitlines()[0])
@@ -311,6 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:3000")
     p.add_argument("--top-k", type=int, default=5)
 
+    p = sub.add_parser(
+        "score",
+        help="score many image files with the run's verified artifact into a Parquet/CSV/JSONL file",
+        description="Score every image in the inputs with RUN's verified artifact, exactly as /predict would "
+        "answer each file, into one predictions file (one row per input, in input order). Work is committed in "
+        "parts: after a crash or kill, the same command resumes where it stopped. A file that cannot be scored "
+        "is a row with its error. Example: transferkit score runs/demo --input photos/ --out preds.parquet",
+    )
+    p.add_argument("run", metavar="RUN", help="a trained and exported run folder")
+    p.add_argument("--input", dest="inputs", action="append", required=True, metavar="SRC",
+                   help="a folder (recursive; .jpg .jpeg .png .webp), a quoted glob, a .txt/.csv/.parquet list with "
+                   "a `path` column, or imagefolder:PATH (class folders are true labels: accuracy per head); "
+                   "repeat for several")
+    p.add_argument("--out", required=True, metavar="PREDS",
+                   help="predictions file; the suffix picks the format: .parquet, .csv or .jsonl")
+    p.add_argument("--top-k", type=int, default=5, help="labels per head and row (default: 5)")
+    p.add_argument("--runtime", default="auto", metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
+                   help="which verified artifact, as for `serve` (default: auto, the fastest measured here)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per runtime call (default: 64)")
+    p.add_argument("--workers", type=int, metavar="N", help="decode threads (default: one per core)")
+    p.add_argument("--threads", type=int, metavar="N", help="runtime threads (default: one per core)")
+    p.add_argument("--part-rows", type=int, default=8192, metavar="N",
+                   help="rows per committed part, at most what a crash costs (default: 8192)")
+
     p = sub.add_parser("build", help="bentoml build: a Bento with the model and its Dockerfile; --image: the image")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--base-image", default=None, metavar="IMAGE",
@@ -336,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func in (("train", cmd_train), ("distill", cmd_distill), ("eval", cmd_eval), ("export", cmd_export),
                        ("benchmark", cmd_benchmark), ("serve", cmd_serve),
-                       ("predict", cmd_predict), ("build", cmd_build)):  # fmt: skip
+                       ("predict", cmd_predict), ("score", cmd_score), ("build", cmd_build)):  # fmt: skip
         sub.choices[name].set_defaults(func=func)
         # also after the command (`transferkit eval RUN --debug`); SUPPRESS keeps the global value otherwise
         sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)

@@ -345,11 +345,11 @@ def package_versions() -> dict[str, str | None]:
 
 def new_manifest(run: "Run", head_names: list[str]) -> Manifest:
     """Everything except the artifacts: what the model is and what goes in and out of it."""
-    import transferkit
+    from transferkit.version import __version__
 
     size = run.preprocessing.image_size
     return Manifest(
-        transferkit_version=transferkit.__version__,
+        transferkit_version=__version__,
         created=now_utc(),
         run_dir=str(Path(run.dir).resolve()),
         source={"file": run.model_path.name, **dataclasses.asdict(FileRecord.of(run.model_path))},

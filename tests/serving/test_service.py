@@ -4,6 +4,7 @@ import asyncio
 import base64
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -225,3 +226,18 @@ def test_at_capacity_a_request_is_refused_at_once_with_retry_after(client, image
     assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
     assert "capacity" in response.json()["error"] and elapsed < 0.1
     assert _post(client, "d.png", images["digit.png"], "image/png").status_code == 200  # slots released
+
+
+def test_score_gives_each_file_the_answer_predict_gives(client, exported, images, tmp_path):
+    """`transferkit score` and POST /predict: the same artifact, decode, preprocessing and ranking per file."""
+    from transferkit.scoring.job import score
+
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+    rows = {Path(r["path"]).name: r for r in score(exported[0], [str(tmp_path)], top_k=4)}
+    assert sorted(rows) == sorted(images)
+    for name, data in images.items():
+        answer = client.post("/predict", files={"image": (name, data)}, data={"top_k": "4"}).json()
+        for head, labels in answer["heads"].items():
+            assert rows[name][f"{head}_labels"] == [a["label"] for a in labels], (name, head)
+            assert rows[name][f"{head}_scores"] == pytest.approx([a["score"] for a in labels], abs=2e-6)

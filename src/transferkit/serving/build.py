@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 import transferkit
+from transferkit.version import __version__
 from transferkit.errors import TransferkitError
 from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
@@ -42,8 +43,10 @@ SERVING_FILES = (
     "transferkit/errors.py",
     "transferkit/machine.py",
     "transferkit/manifest.py",
+    "transferkit/predictions.py",
     "transferkit/preprocess.py",
     "transferkit/utils.py",
+    "transferkit/version.py",
     "transferkit/py.typed",
     "transferkit/serving/*.py",
 )
@@ -93,7 +96,7 @@ def bentofile(runtime: str = "onnxruntime", base_image: str = DEFAULT_BASE_IMAGE
 def render_template(model_tag: str, runtime: str) -> str:
     """Dockerfile.j2 with the image labels filled in (BentoML renders the Jinja parts at containerize time)."""
     text = TEMPLATE.read_text()
-    for key, value in (("MODEL_TAG", model_tag), ("TRANSFERKIT_VERSION", transferkit.__version__),
+    for key, value in (("MODEL_TAG", model_tag), ("TRANSFERKIT_VERSION", __version__),
                        ("RUNTIME", runtime)):  # fmt: skip
         text = text.replace(f"@{key}@", value.replace('"', ""))
     return text

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-import transferkit
+from transferkit.version import __version__
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.serving.settings import API_KEY_ENV, PREFIX, ServingSettings, default_workers
 
@@ -139,7 +139,7 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
     labels = {**selector, "app.kubernetes.io/component": "server", "app.kubernetes.io/managed-by": "transferkit",
               **({"app.kubernetes.io/version": version} if version else {})}  # fmt: skip
     # the image's labels (`docker inspect`), so `kubectl describe` names the model a pod serves
-    annotations = {"transferkit.model": model_tag, "transferkit.version": transferkit.__version__,
+    annotations = {"transferkit.model": model_tag, "transferkit.version": __version__,
                    "transferkit.runtime": runtime}  # fmt: skip
     workers = options.workers(runtime)
     env = [{"name": PREFIX + "WORKERS", "value": str(workers)},
@@ -209,7 +209,7 @@ def render(docs: dict[str, dict], model_tag: str, image_from_bento: bool = False
             lines[at:at] = [f"{indent}# The name `bentoml containerize` gives the image by default. Push the image",
                             f"{indent}# to a registry this cluster pulls from and put its name here (or pass",
                             f"{indent}# `--image REGISTRY/NAME:TAG` to transferkit build)."]
-        header = f"# {doc['kind']} for {model_tag}, written by `transferkit build --k8s` ({transferkit.__version__})"
+        header = f"# {doc['kind']} for {model_tag}, written by `transferkit build --k8s` ({__version__})"
         texts[filename] = "\n".join([header, *lines]) + "\n"
     return texts
 

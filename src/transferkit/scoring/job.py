@@ -1,0 +1,168 @@
+"""`transferkit score` and `transferkit.score()`: many image files -> one predictions file, resumable.
+
+    score(run, inputs)                      an iterator of rows (dicts), in input order
+    score(run, inputs, out="preds.parquet")  writes the file (output.py) and returns a Summary
+
+Both run the same code as the command: sources.py lists the inputs, engine.py decodes and infers, output.py
+commits parts and joins them. The defaults fit the machine: a decode thread and a runtime thread per core (the
+runtime works while the decode threads wait on files and Pillow's C code), batches of 64.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from transferkit.errors import ConfigError
+from transferkit.scoring.engine import Scorer, local_batches
+from transferkit.scoring.output import PartWriter, check_output, schema
+from transferkit.scoring.sources import iter_items, open_sources
+
+BATCH_SIZE = 64
+PART_ROWS = 8192  # rows per committed part: what a kill can cost, at most
+
+
+@dataclass
+class Summary:
+    images: int = 0  # rows in the output (resumed ones included)
+    resumed: int = 0  # rows committed by an earlier, interrupted run of the same job
+    errors: Counter = field(default_factory=Counter)  # error_kind -> rows
+    correct: Counter = field(default_factory=Counter)  # head -> rows whose top-1 is the true label
+    labelled: Counter = field(default_factory=Counter)  # head -> rows with a true label and a prediction
+    seconds: float = 0.0  # this run's wall time
+    artifact: str = ""
+    out: Path | None = None
+
+    def add(self, rows: list[dict[str, Any]], heads: list[str]) -> None:
+        self.images += len(rows)
+        for row in rows:
+            if row["error_kind"]:
+                self.errors[row["error_kind"]] += 1
+                continue
+            for head in heads:
+                truth = row.get(f"{head}_true")
+                if truth is not None:
+                    self.labelled[head] += 1
+                    self.correct[head] += row[f"{head}_labels"][0] == truth
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.images - self.resumed) / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        errors = ", ".join(f"{n} {kind}" for kind, n in self.errors.most_common()) or "none"
+        lines = [f"scored {self.images:,} images with {self.artifact} in {self.seconds:.1f} s "
+                 f"({self.images_per_second:,.0f} img/s{f'; {self.resumed:,} resumed from an earlier run' if self.resumed else ''})",
+                 f"errors: {errors}"]  # fmt: skip
+        for head in self.labelled:
+            lines.append(f"accuracy {head}: {self.correct[head] / self.labelled[head]:.4f} "
+                         f"({self.correct[head]:,}/{self.labelled[head]:,})")  # fmt: skip
+        if self.out:
+            lines.append(f"predictions: {self.out}")
+        return "\n".join(lines)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int) -> None:
+    problems = []
+    if not 1 <= top_k <= 100:
+        problems.append(f"--top-k must be 1..100, got {top_k}")
+    if batch_size < 1:
+        problems.append(f"--batch-size must be >= 1, got {batch_size}")
+    if part_rows < 1:
+        problems.append(f"--part-rows must be >= 1, got {part_rows}")
+    if workers is not None and workers < 1:
+        problems.append(f"--workers must be >= 1, got {workers}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = None, *, top_k: int = 5,
+          runtime: str = "auto", batch_size: int = BATCH_SIZE, workers: int | None = None, threads: int | None = None,
+          part_rows: int = PART_ROWS, progress: bool = False) -> "Summary | Iterator[dict[str, Any]]":  # fmt: skip
+    """Score every image in `inputs` (folders, globs, list files, imagefolder:PATH) with RUN's verified artifact.
+    Without `out`: an iterator of rows. With it: the file written (resuming an interrupted run) and a Summary."""
+    specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    _check(top_k, batch_size, workers, part_rows)
+    out_path = check_output(out) if out is not None else None
+    scorer = Scorer(run, runtime, threads=threads or default_workers())
+    sources = open_sources([str(s) for s in specs], scorer.labels)
+    with_truth = any(s.kind == "imagefolder" for s in sources)
+    workers = workers or default_workers()
+    if out_path is None:
+        return itertools.chain.from_iterable(local_batches(scorer, iter_items(sources), batch_size, workers, top_k,
+                                                           with_truth))  # fmt: skip
+    return _write(scorer, sources, out_path, top_k, batch_size, workers, with_truth, part_rows, progress)
+
+
+def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, workers: int, with_truth: bool,
+           part_rows: int, progress: bool) -> Summary:  # fmt: skip
+    heads = list(scorer.labels)
+    # parts end on batch boundaries: a resumed run forms the same batches, so its rows are the same to the bit
+    part_rows = max(batch_size, part_rows // batch_size * batch_size)
+    job = {**scorer.identity(), "inputs": [s.spec for s in sources], "top_k": top_k, "batch_size": batch_size,
+           "part_rows": part_rows, "format": 1}  # fmt: skip
+    writer = PartWriter(out, schema(heads, with_truth), job)
+    summary = Summary(artifact=scorer.artifact, out=out)
+    for table in writer.tables():  # an interrupted run's rows count in the summary
+        summary.add(table.to_pylist(), heads)
+    summary.resumed = summary.images
+    total = sum(s.count() for s in sources)
+    bar = Progress(total, summary.resumed, enabled=progress)
+    start = time.monotonic()
+    items = itertools.islice(iter_items(sources), summary.resumed, None)
+    pending: list[dict[str, Any]] = []
+    for rows in local_batches(scorer, items, batch_size, workers, top_k, with_truth):
+        pending += rows
+        summary.add(rows, heads)
+        bar.update(summary.images)
+        if len(pending) >= part_rows:
+            writer.commit(pending[:part_rows])
+            pending = pending[part_rows:]
+    if pending:
+        writer.commit(pending)
+    writer.finish()
+    summary.seconds = time.monotonic() - start
+    bar.close(summary.images)
+    return summary
+
+
+class Progress:
+    """img/s and ETA on stderr: redrawn in place on a terminal, else one line every LOG_EVERY_S."""
+
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.total, self.start_done, self.enabled = total, done, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < (0.5 if self.tty else self.LOG_EVERY_S):
+            return
+        self.last = now
+        rate = (done - self.start_done) / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (f"scored {done:,}/{self.total:,} ({100 * done / max(self.total, 1):.1f}%)  {rate:,.0f} img/s  "
+                f"ETA {_clock(eta)}")  # fmt: skip
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self, done: int) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
