@@ -6,7 +6,7 @@ a. bare ONNX Runtime (images/s at batch 1/8/32/64) and the per-image decode, in-
 b. benchmarks/decode_only_service.py: one BentoML worker that decodes the upload and runs no model;
 c. transferkit with batching on (max batch 32) and off (1), at the default worker count and with one worker.
 Load from `hey` (an httpx asyncio client without it). A full run takes many minutes and loads every core:
-run it on an otherwise idle machine. Prints the tables and writes docs/serving.md.
+run it on an otherwise idle machine. Prints the tables and writes docs/serving-load.md.
 """
 from __future__ import annotations
 
@@ -299,7 +299,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer requests, c=64 only")
     ap.add_argument("--run", default=None, help="an exported run dir to serve instead of making models")
     ap.add_argument("--max-seconds", type=float, default=180.0, help="cap on one level's duration")
-    ap.add_argument("--out", default="docs/serving.md")
+    ap.add_argument("--out", default="docs/serving-load.md")
     args = ap.parse_args()
     args.requests = args.requests or (300 if args.quick else 2000)
     args.levels = [64] if args.quick else [int(v) for v in args.levels.split(",")]

@@ -18,13 +18,13 @@ same variables, e.g. `docker run -e TRANSFERKIT_API_KEY=...`).
     TRANSFERKIT_ACCESS_LOG     1: BentoML's access log line per request (default 0)
     TRANSFERKIT_REQUEST_METRICS  1: BentoML's per-request Prometheus metrics (default 0; transferkit's own stay)
     TRANSFERKIT_TRACING        1: OpenTelemetry spans for /predict (default 0; configure BentoML's exporter)
+    TRANSFERKIT_API_KEY        bearer key for /predict (or TRANSFERKIT_API_KEY_FILE: a file holding it)
 
-The last three are BentoML middleware on every request. A py-spy profile of a worker under `hey` load (32 px
+ACCESS_LOG, REQUEST_METRICS and TRACING switch BentoML middleware that runs on every request. A py-spy profile of a worker under `hey` load (32 px
 demo model, 2 workers, raw PNG bodies, 2-core AVX2 machine) put about 40% of its event-loop CPU in them, the
 OpenTelemetry middleware alone about 30% with no exporter configured; with all three off the same server went
 from 661 to 1,007 req/s at 64 clients. So they are off unless asked for; each maps onto BentoML's own
 configuration keys (service.py), which BENTOML_CONFIG still overrides.
-    TRANSFERKIT_API_KEY        bearer key for /predict (or TRANSFERKIT_API_KEY_FILE: a file holding it)
 """
 from __future__ import annotations
 
