@@ -192,15 +192,15 @@ def artifact_bound(run: Path, artifact: str, image: Path, cores: int) -> float:
 
     from transferkit.export.measure import median_seconds
     from transferkit.manifest import read_manifest
-    from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
+    from transferkit.preprocess import Preprocessing
     from transferkit.serving.runtime import load_runtime
 
     manifest = read_manifest(run / "export")
     pre = Preprocessing.from_dict(manifest.preprocessing)
     data = image.read_bytes()
-    decode = median_seconds(lambda: pre.pil_to_uint8(decode_image(data, formats=SERVED_FORMATS)), 50)
+    decode = median_seconds(lambda: pre.decode_served(data), 50)  # as the server decodes it
     runtime = load_runtime(artifact, run / "export", manifest, threads=THREADS)
-    batch = pre.normalize_numpy(np.stack([pre.pil_to_uint8(decode_image(data))] * MAX_BATCH))
+    batch = pre.normalize_numpy(np.stack([pre.decode_served(data)] * MAX_BATCH))
     runtime.run(batch)
     infer = median_seconds(lambda: runtime.run(batch), 10) / MAX_BATCH
     return cores / (decode + infer)

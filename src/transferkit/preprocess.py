@@ -73,8 +73,12 @@ class Preprocessing:
 
     def draft(self, image: Image.Image) -> None:
         """Before an opened JPEG is loaded: decode it at the smallest DCT scale still >= the target size."""
-        if self.jpeg_draft and image.format == "JPEG":
-            image.draft(image.mode, (self.image_size, self.image_size))
+        _draft(image, self.draft_size)
+
+    def decode_served(self, data: bytes, name: str = "upload") -> np.ndarray:
+        """A client's encoded image -> uint8 (S, S, 3), as the server and `transferkit score` read it: only
+        SERVED_FORMATS, this run's JPEG draft decode; an ImageDecodeError (or subclass) names the problem."""
+        return self.pil_to_uint8(decode_image(data, name=name, formats=SERVED_FORMATS, draft_size=self.draft_size))
 
     # ---- pixels -> uint8 (PIL; shared by dataset loading and serving) ----
     def pil_to_uint8(self, image: Image.Image) -> np.ndarray:
@@ -223,8 +227,7 @@ def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | N
                 f"{name}: image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS} pixel limit; "
                 "downscale it before sending"
             )
-        if draft_size and image.format == "JPEG":
-            image.draft(image.mode, (draft_size, draft_size))
+        _draft(image, draft_size)
         image.load()
     except ImageDecodeError:
         raise
@@ -242,6 +245,12 @@ def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | N
         detail = str(exc) or type(exc).__name__
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({detail}); re-encode or re-upload it") from None
     return image
+
+
+def _draft(image: Image.Image, size: int | None) -> None:
+    """Before load(): a JPEG decoded at the smallest DCT scale that keeps both sides >= size (None: full)."""
+    if size and image.format == "JPEG":
+        image.draft(image.mode, (size, size))
 
 
 def _unidentified(data: bytes, name: str, accepted: tuple[str, ...] | None, send: str) -> ImageDecodeError:

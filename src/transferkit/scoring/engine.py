@@ -26,10 +26,10 @@ import numpy as np
 from transferkit.errors import ImageDecodeError, ImageFormatError, ImageTooLargeError, TransferkitError
 from transferkit.manifest import read_manifest
 from transferkit.predictions import rank, top_labels
-from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
+from transferkit.preprocess import Preprocessing
 from transferkit.scoring.sources import Item
+from transferkit.serving.settings import MAX_UPLOAD_BYTES
 
-MAX_FILE_BYTES = 20 * 1024 * 1024  # the server's request body limit (serving/settings.py MAX_UPLOAD_BYTES)
 PREFETCH = 2  # batches decoding ahead of the one being inferred
 
 
@@ -68,8 +68,8 @@ class Scorer:
         """One file -> uint8 (S, S, 3), or ScoreError."""
         try:
             size = os.stat(path).st_size
-            if size > MAX_FILE_BYTES:
-                raise ScoreError("too large", f"{path}: {size / 2**20:.1f} MB, over the {MAX_FILE_BYTES >> 20} MB limit "
+            if size > MAX_UPLOAD_BYTES:
+                raise ScoreError("too large", f"{path}: {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES >> 20} MB limit "
                                               "the server has for one upload; downscale or re-encode it")  # fmt: skip
             with open(path, "rb") as f:
                 data = f.read()
@@ -80,7 +80,7 @@ class Scorer:
         except OSError as exc:
             raise ScoreError("unreadable", f"{path}: cannot be read ({exc.strerror or exc})") from None
         try:
-            image = decode_image(data, name=path, formats=SERVED_FORMATS, draft_size=self.pre.draft_size)
+            return self.pre.decode_served(data, path)
         except ImageTooLargeError as exc:
             raise ScoreError("too large", str(exc)) from None
         except ImageFormatError as exc:
@@ -88,7 +88,6 @@ class Scorer:
         except ImageDecodeError as exc:
             raise ScoreError("not an image" if "not a recognised image" in str(exc) or "empty" in str(exc)
                              else "corrupt", str(exc)) from None  # fmt: skip
-        return self.pre.pil_to_uint8(image)
 
     def infer(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 (B, S, S, 3) -> per head (B, C) ranked classes, in chunks the artifact accepts."""

@@ -10,7 +10,6 @@ runtime works while the decode threads wait on files and Pillow's C code), batch
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from transferkit.errors import ConfigError
 from transferkit.scoring.engine import Scorer, local_batches
 from transferkit.scoring.output import PartWriter, check_output, schema
 from transferkit.scoring.sources import iter_items, open_sources
+from transferkit.serving.settings import cpu_count
 
 BATCH_SIZE = 64
 PART_ROWS = 8192  # rows per committed part: what a kill can cost, at most
@@ -67,10 +67,6 @@ class Summary:
         return "\n".join(lines)
 
 
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int) -> None:
     problems = []
     if not 1 <= top_k <= 100:
@@ -93,10 +89,10 @@ def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = Non
     specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     _check(top_k, batch_size, workers, part_rows)
     out_path = check_output(out) if out is not None else None
-    scorer = Scorer(run, runtime, threads=threads or default_workers())
+    scorer = Scorer(run, runtime, threads=threads or cpu_count())
     sources = open_sources([str(s) for s in specs], scorer.labels)
     with_truth = any(s.kind == "imagefolder" for s in sources)
-    workers = workers or default_workers()
+    workers = workers or cpu_count()
     if out_path is None:
         return itertools.chain.from_iterable(local_batches(scorer, iter_items(sources), batch_size, workers, top_k,
                                                            with_truth))  # fmt: skip

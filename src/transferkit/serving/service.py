@@ -23,7 +23,7 @@ import numpy as np
 
 from transferkit.errors import ImageDecodeError
 from transferkit.predictions import rank, top_labels
-from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
+from transferkit.preprocess import Preprocessing
 from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import PredictFastPath, create_app
@@ -142,10 +142,9 @@ class TransferkitService:
     def _pixels(self, data: bytes, name: str) -> np.ndarray:
         """Encoded bytes -> uint8 (S,S,3); only JPEG, PNG and WebP are parsed at all."""
         try:
-            image = decode_image(data, name=name, formats=SERVED_FORMATS, draft_size=self.pre.draft_size)
+            return self.pre.decode_served(data, name)
         except ImageDecodeError as exc:
             raise ClientError(exc.http_status, str(exc)) from None
-        return self.pre.pil_to_uint8(image)
 
     async def classify(self, images: list[bytes], names: list[str] | None = None, top_k: int = 5) -> list[dict]:
         """Encoded images -> [{"heads": {head: top-k labels}}], in order, through the worker's batcher."""
