@@ -178,7 +178,8 @@ def cmd_score(args) -> None:
 
     summary = score(args.run, args.inputs, args.out, top_k=args.top_k, runtime=args.runtime,
                     batch_size=args.batch_size, workers=args.workers, threads=args.threads,
-                    part_rows=args.part_rows, progress=True)  # fmt: skip
+                    part_rows=args.part_rows, progress=True, engine=args.engine, ray_address=args.ray_address,
+                    num_cpus=args.num_cpus, num_gpus=args.num_gpus)  # fmt: skip
     print(summary.describe())
 
 
@@ -339,10 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
                    help="which verified artifact, as for `serve` (default: auto, the fastest measured here)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per runtime call (default: 64)")
-    p.add_argument("--workers", type=int, metavar="N", help="decode threads (default: one per core)")
-    p.add_argument("--threads", type=int, metavar="N", help="runtime threads (default: one per core)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="local: decode threads (default: one per core); ray: actors (default: the cluster's CPUs / "
+                   "--num-cpus)")
+    p.add_argument("--threads", type=int, metavar="N", help="local: runtime threads (default: one per core)")
     p.add_argument("--part-rows", type=int, default=8192, metavar="N",
-                   help="rows per committed part, at most what a crash costs (default: 8192)")
+                   help="local: rows per committed part, at most what a crash costs (default: 8192)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this machine, no extra services; ray: Ray Data actors on a Ray cluster, OUT becomes "
+                   "a folder of Parquet files (needs the [ray] extra) (default: local)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="ray: the cluster to join, e.g. 127.0.0.1:6379 or auto (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=float, metavar="N",
+                   help="ray: CPUs per actor, also its decode and runtime threads (default: 1)")
+    p.add_argument("--num-gpus", type=float, default=0.0, metavar="N", help="ray: GPUs per actor (default: 0)")
 
     p = sub.add_parser("build", help="bentoml build: a Bento with the model and its Dockerfile; --image: the image")
     p.add_argument("run", metavar="RUN")

@@ -115,7 +115,7 @@ class Scorer:
         return rows
 
 
-def _decode(scorer: Scorer, path: str) -> np.ndarray | ScoreError:
+def decode_file(scorer: Scorer, path: str) -> np.ndarray | ScoreError:
     try:
         return scorer.pixels(path)
     except ScoreError as exc:
@@ -134,7 +134,7 @@ def local_batches(scorer: Scorer, items: Iterable[Item], batch_size: int, worker
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transferkit-decode") as pool:
         pending: deque[tuple[list[Item], list[Future]]] = deque()
         for batch in batched(items, batch_size):
-            pending.append((batch, [pool.submit(_decode, scorer, item.path) for item in batch]))
+            pending.append((batch, [pool.submit(decode_file, scorer, item.path) for item in batch]))
             if len(pending) > PREFETCH:
                 yield _finish(scorer, *pending.popleft(), top_k, with_truth)
         while pending:

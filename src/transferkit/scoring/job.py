@@ -2,10 +2,12 @@
 
     score(run, inputs)                      an iterator of rows (dicts), in input order
     score(run, inputs, out="preds.parquet")  writes the file (output.py) and returns a Summary
+    score(run, inputs, out="preds.parquet", engine="ray")   the same rows from a Ray cluster (ray_engine.py)
 
 Both run the same code as the command: sources.py lists the inputs, engine.py decodes and infers, output.py
 commits parts and joins them. The defaults fit the machine: a decode thread and a runtime thread per core (the
-runtime works while the decode threads wait on files and Pillow's C code), batches of 64.
+runtime works while the decode threads wait on files and Pillow's C code), batches of 64. The ray engine runs
+engine.py's Scorer in a pool of Ray actors instead and writes a folder of Parquet files.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from transferkit.errors import ConfigError
+import pyarrow.parquet as pq
+
+from transferkit.errors import ConfigError, TransferkitError
 from transferkit.scoring.engine import Scorer, local_batches
 from transferkit.scoring.output import PartWriter, check_output, schema
 from transferkit.scoring.sources import iter_items, open_sources
@@ -67,8 +71,18 @@ class Summary:
         return "\n".join(lines)
 
 
-def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int) -> None:
+ENGINES = ("local", "ray")
+
+
+def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int, engine: str, num_cpus: float | None,
+           num_gpus: float) -> None:  # fmt: skip
     problems = []
+    if engine not in ENGINES:
+        problems.append(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if num_cpus is not None and num_cpus <= 0:
+        problems.append(f"--num-cpus must be > 0, got {num_cpus}")
+    if num_gpus < 0:
+        problems.append(f"--num-gpus must be >= 0, got {num_gpus}")
     if not 1 <= top_k <= 100:
         problems.append(f"--top-k must be 1..100, got {top_k}")
     if batch_size < 1:
@@ -83,11 +97,19 @@ def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int) -> 
 
 def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = None, *, top_k: int = 5,
           runtime: str = "auto", batch_size: int = BATCH_SIZE, workers: int | None = None, threads: int | None = None,
-          part_rows: int = PART_ROWS, progress: bool = False) -> "Summary | Iterator[dict[str, Any]]":  # fmt: skip
+          part_rows: int = PART_ROWS, progress: bool = False, engine: str = "local", ray_address: str | None = None,
+          num_cpus: float | None = None, num_gpus: float = 0.0) -> "Summary | Iterator[dict[str, Any]]":  # fmt: skip
     """Score every image in `inputs` (folders, globs, list files, imagefolder:PATH) with RUN's verified artifact.
-    Without `out`: an iterator of rows. With it: the file written (resuming an interrupted run) and a Summary."""
+    Without `out`: an iterator of rows. With it: the file written (resuming an interrupted run) and a Summary.
+    engine="ray": `workers` actors (default: the cluster's CPUs / num_cpus), each with `num_cpus` CPUs (default
+    1) and `num_gpus` GPUs, on the cluster at `ray_address` (default: a local Ray started for this job)."""
     specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    _check(top_k, batch_size, workers, part_rows)
+    _check(top_k, batch_size, workers, part_rows, engine, num_cpus, num_gpus)
+    if engine == "ray":
+        if out is None:
+            raise ConfigError("the ray engine writes its rows to a Parquet folder; give out= (--out PREDS.parquet)")
+        return _ray(Path(run), specs, Path(out), top_k, runtime, batch_size, workers, num_cpus or 1.0, num_gpus,
+                    ray_address, progress)  # fmt: skip
     out_path = check_output(out) if out is not None else None
     scorer = Scorer(run, runtime, threads=threads or cpu_count())
     sources = open_sources([str(s) for s in specs], scorer.labels)
@@ -128,6 +150,34 @@ def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, work
     writer.finish()
     summary.seconds = time.monotonic() - start
     bar.close(summary.images)
+    return summary
+
+
+def _ray(run: Path, specs: list, out: Path, top_k: int, runtime: str, batch_size: int, workers: int | None,
+         num_cpus: float, num_gpus: float, address: str | None, progress: bool) -> Summary:  # fmt: skip
+    """The ray engine: the driver resolves the artifact once (every actor loads that one), Ray scores."""
+    from transferkit.manifest import read_manifest
+    from transferkit.scoring.ray_engine import check_ray_output, ray_score
+    from transferkit.serving.runtime import select_runtime
+
+    check_ray_output(out)
+    export_dir = run / "export"
+    if not (export_dir / "manifest.json").is_file():
+        what = "does not exist" if not run.is_dir() else "has no export"
+        raise TransferkitError(f"run {run} {what}; train it, then `transferkit export {run}`")
+    manifest = read_manifest(export_dir)
+    artifact = select_runtime(runtime, manifest, export_dir).artifact
+    heads = {h: list(c) for h, c in manifest.heads.items()}
+    sources = open_sources([str(s) for s in specs], heads)
+    with_truth = any(s.kind == "imagefolder" for s in sources)
+    start = time.monotonic()
+    ray_score(run, sources, out, runtime=artifact, top_k=top_k, batch_size=batch_size, actors=workers,
+              cpus_per_actor=num_cpus, gpus_per_actor=num_gpus, address=address, with_truth=with_truth,
+              progress=progress)  # fmt: skip
+    summary = Summary(artifact=artifact, out=out, seconds=time.monotonic() - start)
+    columns = ["error_kind", *(f"{h}_labels" for h in heads), *(f"{h}_true" for h in heads if with_truth)]
+    for part in sorted(out.glob("part-*.parquet")):
+        summary.add(pq.read_table(part, columns=columns).to_pylist(), list(heads))
     return summary
 
 
