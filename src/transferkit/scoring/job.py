@@ -39,6 +39,7 @@ class Summary:
     correct: Counter = field(default_factory=Counter)  # head -> rows whose top-1 is the true label
     labelled: Counter = field(default_factory=Counter)  # head -> rows with a true label and a prediction
     seconds: float = 0.0  # this run's wall time
+    startup_seconds: float = 0.0  # of which: connecting to or starting Ray (the ray engine)
     artifact: str = ""
     out: Path | None = None
 
@@ -63,6 +64,8 @@ class Summary:
         lines = [f"scored {self.images:,} images with {self.artifact} in {self.seconds:.1f} s "
                  f"({self.images_per_second:,.0f} img/s{f'; {self.resumed:,} resumed from an earlier run' if self.resumed else ''})",
                  f"errors: {errors}"]  # fmt: skip
+        if self.startup_seconds:
+            lines[0] += f"; Ray start-up {self.startup_seconds:.1f} s of it"
         for head in self.labelled:
             lines.append(f"accuracy {head}: {self.correct[head] / self.labelled[head]:.4f} "
                          f"({self.correct[head]:,}/{self.labelled[head]:,})")  # fmt: skip
@@ -171,10 +174,11 @@ def _ray(run: Path, specs: list, out: Path, top_k: int, runtime: str, batch_size
     sources = open_sources([str(s) for s in specs], heads)
     with_truth = any(s.kind == "imagefolder" for s in sources)
     start = time.monotonic()
-    ray_score(run, sources, out, runtime=artifact, top_k=top_k, batch_size=batch_size, actors=workers,
+    job = ray_score(run, sources, out, runtime=artifact, top_k=top_k, batch_size=batch_size, actors=workers,
               cpus_per_actor=num_cpus, gpus_per_actor=num_gpus, address=address, with_truth=with_truth,
               progress=progress)  # fmt: skip
-    summary = Summary(artifact=artifact, out=out, seconds=time.monotonic() - start)
+    summary = Summary(artifact=artifact, out=out, seconds=time.monotonic() - start,
+                      startup_seconds=job["startup_seconds"])  # fmt: skip
     columns = ["error_kind", *(f"{h}_labels" for h in heads), *(f"{h}_true" for h in heads if with_truth)]
     for part in sorted(out.glob("part-*.parquet")):
         summary.add(pq.read_table(part, columns=columns).to_pylist(), list(heads))

@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import socket
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,11 +146,13 @@ def _check_reachable(address: str) -> None:
 def ray_score(run: Path, sources: list[Source], out: Path, *, runtime: str, top_k: int, batch_size: int,
               actors: int | None, cpus_per_actor: float, gpus_per_actor: float, address: str | None,
               with_truth: bool, progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Score every input on Ray and commit OUT; returns the row count and the number of actors."""
+    """Score every input on Ray and commit OUT; returns the row count, the number of actors and the seconds
+    spent connecting to (or starting) Ray."""
     check_ray_output(out)
+    started = time.monotonic()
     ray, connected = connect(address)
     try:
-        return _run(ray, run, sources, out, runtime=runtime, top_k=top_k, batch_size=batch_size, actors=actors,
+        return {"startup_seconds": time.monotonic() - started} | _run(ray, run, sources, out, runtime=runtime, top_k=top_k, batch_size=batch_size, actors=actors,
                     cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, with_truth=with_truth,
                     progress=progress)  # fmt: skip
     finally:
