@@ -64,7 +64,17 @@ def _same_rows(ray_out: Path, local_out: Path) -> None:
     assert got.drop_columns(["input_index"]).equals(pq.read_table(local_out))
 
 
-def test_local_ray_gives_the_local_engines_rows(exported, images, tmp_path):
+@pytest.fixture
+def restored_environ():
+    """ray.init sets variables of its own in os.environ (RAY_AUTH_MODE=token, ...); the processes later tests
+    start must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_local_ray_gives_the_local_engines_rows(exported, images, tmp_path, restored_environ):
     run_dir = exported[0]
     local = score(run_dir, [f"imagefolder:{images}"], tmp_path / "local.parquet", top_k=3, batch_size=8)
     try:

@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, metavar="N",
                    help="local: decode threads (default: one per core); ray: actors (default: the cluster's CPUs / "
                    "--num-cpus)")
-    p.add_argument("--threads", type=int, metavar="N", help="local: runtime threads (default: one per core)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="local: runtime threads in all, shared by one inference stream per core (default: one per "
+                   "core)")
     p.add_argument("--part-rows", type=int, default=8192, metavar="N",
                    help="local: rows per committed part, at most what a crash costs (default: 8192)")
     p.add_argument("--engine", default="local", choices=("local", "ray"),

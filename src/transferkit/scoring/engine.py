@@ -6,18 +6,25 @@ read, decoded and resized exactly as the server does it (the server's formats an
 draft decode), normalized the same way, and answered by the same ranking (predictions.py), so a row holds the
 labels and scores `/predict` gives for that file.
 
-`local_batches` is the one-machine pipeline: decode in a thread pool (Pillow releases the GIL while it decodes
-and resizes), the runtime on large batches in the calling thread, and the decode of the next batches running
-while this one is inferred. At most PREFETCH + 1 batches of pixels exist at a time, whatever the number of
-inputs. A file that cannot be scored (missing, unreadable, not an image, corrupt, too large) is a row with its
-error and the batch goes on without it.
+`local_batches` is the one-machine pipeline: decode in a pool of processes (start_decoders), each batch's
+files split into one task per process; inference in `streams` threads, each
+with a runtime of its own (ONNX Runtime and OpenVINO release the GIL while they run); the decode of the next
+batches running while these are inferred. On a CPU there is one stream per core, each runtime on one thread:
+at the batch sizes of bulk scoring, two single-threaded runs on two cores do more than one run on two threads
+(the intra-op threads of a small model wait on each other), and this is the shape the machine's bound assumes.
+At most PREFETCH + streams + 1 batches of pixels exist at a time, whatever the number of inputs. A file that
+cannot be scored (missing, unreadable, not an image, corrupt, too large) is a row with its error and the batch
+goes on without it.
 """
 from __future__ import annotations
 
 import itertools
+import math
+import multiprocessing
 import os
+import queue
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -28,7 +35,7 @@ from transferkit.manifest import read_manifest
 from transferkit.predictions import rank, top_labels
 from transferkit.preprocess import Preprocessing
 from transferkit.scoring.sources import Item
-from transferkit.serving.settings import MAX_UPLOAD_BYTES
+from transferkit.serving.settings import MAX_UPLOAD_BYTES, cpu_count
 
 PREFETCH = 2  # batches decoding ahead of the one being inferred
 
@@ -42,8 +49,12 @@ class ScoreError(Exception):
 
 
 class Scorer:
-    def __init__(self, run_dir: str | Path, runtime: str = "auto", threads: int | None = None) -> None:
-        from transferkit.serving.runtime import load_runtime
+    """`streams`: runtimes loaded side by side, for that many batches inferred at once (None: one per core on a
+    CPU, one on a GPU); `threads`: runtime threads in all, shared out between the streams (None: one per core)."""
+
+    def __init__(self, run_dir: str | Path, runtime: str = "auto", threads: int | None = None,
+                 streams: int | None = 1) -> None:  # fmt: skip
+        from transferkit.serving.runtime import select_runtime
 
         self.run_dir = Path(run_dir)
         export_dir = self.run_dir / "export"
@@ -51,8 +62,21 @@ class Scorer:
             what = "does not exist" if not self.run_dir.is_dir() else "has no export"
             raise TransferkitError(f"run {run_dir} {what}; train it, then `transferkit export {run_dir}`")
         self.manifest = read_manifest(export_dir)
-        self.runtime = load_runtime(runtime, export_dir, self.manifest, threads=threads, check_files=True)
-        self.artifact = self.runtime.artifact
+        chosen = select_runtime(runtime, self.manifest, export_dir)
+        self.artifact = chosen.artifact
+        entry = self.manifest.artifacts[self.artifact]
+        self.manifest.check_files(export_dir, names=entry.files)  # never load a file changed after export
+        cores = cpu_count()
+        if streams is None:
+            streams = 1 if type(chosen).device_kind(entry) == "gpu" else cores
+        self.streams = max(1, streams)
+        per_stream = max(1, (threads or cores) // self.streams)
+        runtimes = [chosen] + [select_runtime(self.artifact, self.manifest, export_dir) for _ in range(self.streams - 1)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # the runtimes not running a batch right now
+        for loaded in runtimes:
+            loaded.threads = per_stream
+            self._free.put(loaded.load(export_dir, self.manifest))
+        self.runtime = runtimes[0]
         self.pre = Preprocessing.from_dict(self.manifest.preprocessing)
         self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
         self.max_batch = self.manifest.artifacts[self.artifact].max_batch
@@ -66,33 +90,17 @@ class Scorer:
 
     def pixels(self, path: str) -> np.ndarray:
         """One file -> uint8 (S, S, 3), or ScoreError."""
-        try:
-            size = os.stat(path).st_size
-            if size > MAX_UPLOAD_BYTES:
-                raise ScoreError("too large", f"{path}: {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES >> 20} MB limit "
-                                              "the server has for one upload; downscale or re-encode it")  # fmt: skip
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise ScoreError("missing", f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise ScoreError("unreadable", f"{path}: a folder, not an image file") from None
-        except OSError as exc:
-            raise ScoreError("unreadable", f"{path}: cannot be read ({exc.strerror or exc})") from None
-        try:
-            return self.pre.decode_served(data, path)
-        except ImageTooLargeError as exc:
-            raise ScoreError("too large", str(exc)) from None
-        except ImageFormatError as exc:
-            raise ScoreError("format", str(exc)) from None
-        except ImageDecodeError as exc:
-            raise ScoreError("not an image" if "not a recognised image" in str(exc) or "empty" in str(exc)
-                             else "corrupt", str(exc)) from None  # fmt: skip
+        return read_pixels(self.pre, path)
 
     def infer(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 (B, S, S, 3) -> per head (B, C) ranked classes, in chunks the artifact accepts."""
-        parts = [self.runtime.run(self.pre.normalize_numpy(pixels[i : i + self.max_batch]))
-                 for i in range(0, len(pixels), self.max_batch)]  # fmt: skip
+        """uint8 (B, S, S, 3) -> per head (B, C) ranked classes, in chunks the artifact accepts; thread-safe:
+        each call takes a runtime no other call is using (waiting for one when all `streams` are busy)."""
+        runtime = self._free.get()
+        try:
+            parts = [runtime.run(self.pre.normalize_numpy(pixels[i : i + self.max_batch]))
+                     for i in range(0, len(pixels), self.max_batch)]  # fmt: skip
+        finally:
+            self._free.put(runtime)
         return {h: rank(np.concatenate([p[h] for p in parts])) for h in self.labels}
 
     def rows(self, items: list[Item], decoded: list[np.ndarray | ScoreError], top_k: int,
@@ -115,6 +123,32 @@ class Scorer:
         return rows
 
 
+def read_pixels(pre: Preprocessing, path: str) -> np.ndarray:
+    """One file -> uint8 (S, S, 3) as the server decodes it, or ScoreError naming what is wrong."""
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_UPLOAD_BYTES:
+            raise ScoreError("too large", f"{path}: {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES >> 20} MB limit "
+                                          "the server has for one upload; downscale or re-encode it")  # fmt: skip
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ScoreError("missing", f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ScoreError("unreadable", f"{path}: a folder, not an image file") from None
+    except OSError as exc:
+        raise ScoreError("unreadable", f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return pre.decode_served(data, path)
+    except ImageTooLargeError as exc:
+        raise ScoreError("too large", str(exc)) from None
+    except ImageFormatError as exc:
+        raise ScoreError("format", str(exc)) from None
+    except ImageDecodeError as exc:
+        raise ScoreError("not an image" if "not a recognised image" in str(exc) or "empty" in str(exc)
+                         else "corrupt", str(exc)) from None  # fmt: skip
+
+
 def decode_file(scorer: Scorer, path: str) -> np.ndarray | ScoreError:
     try:
         return scorer.pixels(path)
@@ -128,18 +162,62 @@ def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def local_batches(scorer: Scorer, items: Iterable[Item], batch_size: int, workers: int, top_k: int,
-                  with_truth: bool) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
-    """Rows in input order, one list per batch; the decode of the next PREFETCH batches overlaps inference."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transferkit-decode") as pool:
-        pending: deque[tuple[list[Item], list[Future]]] = deque()
+def decode_in_process(pre: dict, paths: list[str]) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """In a decode process: the files' pixels stacked (one array crosses the pipe, not one per file) and the
+    errors as (position, kind, message)."""
+    preprocessing = Preprocessing.from_dict(pre)
+    good, errors = [], []
+    for i, path in enumerate(paths):
+        try:
+            good.append(read_pixels(preprocessing, path))
+        except ScoreError as exc:
+            errors.append((i, exc.kind, str(exc)))
+    size = preprocessing.image_size
+    return (np.stack(good) if good else np.empty((0, size, size, 3), np.uint8)), errors
+
+
+def _ready() -> None:
+    """A task that only makes the pool start its processes."""
+
+
+def start_decoders(workers: int) -> ProcessPoolExecutor:
+    """The decode processes, started now: call this before any runtime is loaded. They are forked (no
+    re-import of the caller's main module, so `transferkit.score()` works from any script) while this process
+    has no runtime threads yet; a fork taken later would copy threads and locks mid-use."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(_ready).result()  # a fork pool starts every process at its first task
+    return pool
+
+
+def _from_process(result: tuple[np.ndarray, list[tuple[int, str, str]]], n: int) -> list[np.ndarray | ScoreError]:
+    stacked, errors = result
+    failed = {i: ScoreError(kind, message) for i, kind, message in errors}
+    pixels = iter(stacked)
+    return [failed[i] if i in failed else next(pixels) for i in range(n)]
+
+
+def local_batches(scorer: Scorer, items: Iterable[Item], batch_size: int, decoders: ProcessPoolExecutor,
+                  workers: int, top_k: int, with_truth: bool) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
+    """Rows in input order, one list per batch: each batch decoded by the `workers` decode processes
+    (start_decoders; Pillow's format parsers are Python that holds the GIL, so threads would decode small
+    images one at a time), one task per worker, not per file (a task costs more than a small image's decode);
+    then inferred by one of the scorer's streams; the decode of the next PREFETCH batches overlaps inference."""
+    pre = scorer.pre.to_dict()
+    with ThreadPoolExecutor(max_workers=scorer.streams, thread_name_prefix="transferkit-infer") as infer_pool:
+        pending: deque[Future] = deque()
         for batch in batched(items, batch_size):
-            pending.append((batch, [pool.submit(decode_file, scorer, item.path) for item in batch]))
-            if len(pending) > PREFETCH:
-                yield _finish(scorer, *pending.popleft(), top_k, with_truth)
+            step = math.ceil(len(batch) / workers)
+            paths = [[item.path for item in batch[i : i + step]] for i in range(0, len(batch), step)]
+            decoding = [decoders.submit(decode_in_process, pre, chunk) for chunk in paths]
+            sizes = [len(chunk) for chunk in paths]
+            pending.append(infer_pool.submit(_finish, scorer, batch, decoding, sizes, top_k, with_truth))
+            if len(pending) > PREFETCH + scorer.streams:
+                yield pending.popleft().result()
         while pending:
-            yield _finish(scorer, *pending.popleft(), top_k, with_truth)
+            yield pending.popleft().result()
 
 
-def _finish(scorer: Scorer, batch: list[Item], futures: list[Future], top_k: int, with_truth: bool) -> list[dict]:
-    return scorer.rows(batch, [f.result() for f in futures], top_k, with_truth)
+def _finish(scorer: Scorer, batch: list[Item], decoding: list[Future], sizes: list[int], top_k: int,
+            with_truth: bool) -> list[dict]:  # fmt: skip
+    decoded = [d for f, n in zip(decoding, sizes) for d in _from_process(f.result(), n)]
+    return scorer.rows(batch, decoded, top_k, with_truth)

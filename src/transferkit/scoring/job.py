@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 
 from transferkit.errors import ConfigError, TransferkitError
-from transferkit.scoring.engine import Scorer, local_batches
+from transferkit.scoring.engine import Scorer, local_batches, start_decoders
 from transferkit.scoring.output import PartWriter, check_output, schema
 from transferkit.scoring.sources import iter_items, open_sources
 from transferkit.serving.settings import cpu_count
@@ -114,18 +114,31 @@ def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = Non
         return _ray(Path(run), specs, Path(out), top_k, runtime, batch_size, workers, num_cpus or 1.0, num_gpus,
                     ray_address, progress)  # fmt: skip
     out_path = check_output(out) if out is not None else None
-    scorer = Scorer(run, runtime, threads=threads or cpu_count())
-    sources = open_sources([str(s) for s in specs], scorer.labels)
-    with_truth = any(s.kind == "imagefolder" for s in sources)
     workers = workers or cpu_count()
+    decoders = start_decoders(workers)  # before the runtimes load: the processes are forked
+    try:
+        scorer = Scorer(run, runtime, threads=threads, streams=None)
+        sources = open_sources([str(s) for s in specs], scorer.labels)
+    except BaseException:
+        decoders.shutdown(cancel_futures=True)
+        raise
+    with_truth = any(s.kind == "imagefolder" for s in sources)
     if out_path is None:
-        return itertools.chain.from_iterable(local_batches(scorer, iter_items(sources), batch_size, workers, top_k,
-                                                           with_truth))  # fmt: skip
-    return _write(scorer, sources, out_path, top_k, batch_size, workers, with_truth, part_rows, progress)
+        return _rows(scorer, sources, batch_size, decoders, workers, top_k, with_truth)
+    with decoders:
+        return _write(scorer, sources, out_path, top_k, batch_size, decoders, workers, with_truth, part_rows,
+                      progress)  # fmt: skip
 
 
-def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, workers: int, with_truth: bool,
-           part_rows: int, progress: bool) -> Summary:  # fmt: skip
+def _rows(scorer: Scorer, sources, batch_size: int, decoders, workers: int, top_k: int,
+          with_truth: bool) -> Iterator[dict[str, Any]]:  # fmt: skip
+    with decoders:
+        for rows in local_batches(scorer, iter_items(sources), batch_size, decoders, workers, top_k, with_truth):
+            yield from rows
+
+
+def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, decoders, workers: int,
+           with_truth: bool, part_rows: int, progress: bool) -> Summary:  # fmt: skip
     heads = list(scorer.labels)
     # parts end on batch boundaries: a resumed run forms the same batches, so its rows are the same to the bit
     part_rows = max(batch_size, part_rows // batch_size * batch_size)
@@ -141,7 +154,7 @@ def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, work
     start = time.monotonic()
     items = itertools.islice(iter_items(sources), summary.resumed, None)
     pending: list[dict[str, Any]] = []
-    for rows in local_batches(scorer, items, batch_size, workers, top_k, with_truth):
+    for rows in local_batches(scorer, items, batch_size, decoders, workers, top_k, with_truth):
         pending += rows
         summary.add(rows, heads)
         bar.update(summary.images)
