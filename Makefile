@@ -38,5 +38,10 @@ docker-test: setup
 	if [ -f $(DOCKER_SETUP) ]; then bash $(DOCKER_SETUP); fi
 	$(PY) -m pytest -q -m docker
 
+# ruff: lint rules and formatting from pyproject.toml ([tool.ruff]); CI runs it before the tests
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
 clean:
 	rm -rf runs .pytest_cache

@@ -7,6 +7,7 @@ to a temporary file), Pillow opens, decodes and resizes it as a model server mus
 Whatever a model server adds on top of this costs throughput, so this is the yardstick a one-worker BentoML
 API sets on the same machine.
 """
+
 import os
 from pathlib import Path
 

@@ -10,6 +10,7 @@ test accuracy per dataset, parameters, model.pt size and CPU latency at batch 32
 this process), against the goal: student within 1 point of each teacher on its dataset at <= 0.5x the
 teachers' summed latency. Every number comes from a run this script performs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,16 +27,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from provenance import commit, write_report
+from transfer import run  # benchmarks/transfer.py: the same timed training run
 
 from transferkit.config import TrainConfig  # noqa: E402
 from transferkit.data import load_dataset
 from transferkit.evaluation.distill import LATENCY_BATCH, measure_latencies
 from transferkit.runs import load_run, load_run_model
 from transferkit.training import augment
-from transferkit.training.eval_matrix import evaluate_matrices
 from transferkit.training.distill import teacher_input
-from provenance import commit, write_report
-from transfer import run  # benchmarks/transfer.py: the same timed training run
+from transferkit.training.eval_matrix import evaluate_matrices
 
 DATASETS = ("mnist", "fashion-mnist")
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
@@ -104,8 +105,11 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--teacher-size", type=int, default=64)
     ap.add_argument("--student-sizes", default="32,48", help="comma-separated input sizes of the students")
-    ap.add_argument("--students", default="mobilenet_v2:imagenet",
-                    help="comma-separated BACKBONE:WEIGHTS; `none` weights train from scratch at lr 3e-3")
+    ap.add_argument(
+        "--students",
+        default="mobilenet_v2:imagenet",
+        help="comma-separated BACKBONE:WEIGHTS; `none` weights train from scratch at lr 3e-3",
+    )
     ap.add_argument("--temperature", type=float, default=defaults.temperature)
     ap.add_argument("--kd-weight", type=float, default=defaults.kd_weight)
     ap.add_argument("--compare-kd", default="4:0.9", help="TEMPERATURE:KD_WEIGHT of one more distillation of the "
@@ -146,7 +150,9 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
 
     every = [*teachers.values(), *(p for s in students for p in (s.distilled, s.plain, s.compare) if p is not None)]
     acc = {p: own_accuracy(p) for p in every}
-    upsampled = {(d, size): accuracy_on_student_view(teachers[d], d, size, args.limit) for d in DATASETS for size in sizes}
+    upsampled = {
+        (d, size): accuracy_on_student_view(teachers[d], d, size, args.limit) for d in DATASETS for size in sizes
+    }
     measured = [*teachers.values(), *(s.distilled for s in students)]
     cost = dict(zip(measured, costs(measured, args.latency_rounds)))
     teacher_ms = sum(cost[teachers[d]]["ms"] for d in DATASETS)
@@ -185,7 +191,9 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     for s in students:
         lines.append(f"| **student {s.backbone} ({s.weights}), distilled** | {s.size} px | {cells(s.distilled)} "
                      f"| {cost_cells(s.distilled)} |")  # fmt: skip
-        lines.append(f"| same student, no teachers (plain multi-task) | {s.size} px | {cells(s.plain)} | (same) | | | |")
+        lines.append(
+            f"| same student, no teachers (plain multi-task) | {s.size} px | {cells(s.plain)} | (same) | | | |"
+        )
         if s.compare is not None:
             lines.append(f"| same student, distilled with temperature {compare_t:g}, kd_weight {compare_w:g} | "
                          f"{s.size} px | {cells(s.compare)} | (same) | | | |")  # fmt: skip
@@ -195,7 +203,10 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         gaps = {d: 100 * (acc[s.distilled][d] - acc[teachers[d]][d]) for d in DATASETS}
         ratio = cost[s.distilled]["ms"] / teacher_ms
         met = all(g >= -1.0 for g in gaps.values()) and ratio <= 0.5
-        vs = lambda other: ", ".join(f"{NAMES[d]} {100 * (acc[s.distilled][d] - acc[other][d]):+.2f}" for d in DATASETS)  # noqa: E731
+
+        def vs(other, s=s):
+            return ", ".join(f"{NAMES[d]} {100 * (acc[s.distilled][d] - acc[other][d]):+.2f}" for d in DATASETS)
+
         line = (f"- student {s.backbone} ({s.weights}) at {s.size} px: "
                 + ", ".join(f"{NAMES[d]} {g:+.2f} points vs its teacher" for d, g in gaps.items())
                 + f"; latency {ratio:.2f}x the teachers' sum: **goal {'met' if met else 'not met'}**. "
@@ -203,20 +214,30 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         if s.compare is not None:
             line += f" Defaults vs temperature {compare_t:g}, kd_weight {compare_w:g}: {vs(s.compare)} points."
         lines.append(line)
-    val_rows = [(f"{s.size} px {kind}", d) for s in students for kind, d in
-                (("distilled", s.distilled), ("plain", s.plain), (f"T={compare_t:g}/{compare_w:g}", s.compare)) if d]
+    val_rows = [
+        (f"{s.size} px {kind}", d)
+        for s in students
+        for kind, d in (("distilled", s.distilled), ("plain", s.plain), (f"T={compare_t:g}/{compare_w:g}", s.compare))
+        if d
+    ]
     lines += [
         "",
         "Validation split (the epoch each model.pt keeps; what a setting is to be chosen on, the test split above "
         "being for the report): "
-        + "; ".join(f"{name}: " + ", ".join(f"{NAMES[d]} {v:.4f}" for d, v in best_val(run_dir).items())
-                    for name, run_dir in val_rows) + ".",
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{NAMES[d]} {v:.4f}" for d, v in best_val(run_dir).items())
+            for name, run_dir in val_rows
+        )
+        + ".",
         "",
         "Teachers as they are fed during distillation (the student's view resized on the device to "
         f"{args.teacher_size} px, training/distill.py) instead of their own PIL-resized input: "
-        + "; ".join(f"from {size} px: " + ", ".join(f"{NAMES[d]} {upsampled[d, size]:.4f}" for d in DATASETS)
-                    for size in sizes)
-        + " (native: " + ", ".join(f"{NAMES[d]} {acc[teachers[d]][d]:.4f}" for d in DATASETS) + ").",
+        + "; ".join(
+            f"from {size} px: " + ", ".join(f"{NAMES[d]} {upsampled[d, size]:.4f}" for d in DATASETS) for size in sizes
+        )
+        + " (native: "
+        + ", ".join(f"{NAMES[d]} {acc[teachers[d]][d]:.4f}" for d in DATASETS)
+        + ").",
         "",
         "Where the latency win comes from: a MobileNetV2 student runs the teachers' network once, on fewer pixels, "
         "instead of two networks at full size: a smaller input and one shared backbone, not a smaller network. On "
@@ -229,7 +250,9 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         if s.weights != "none":
             continue
         steps = -(-len(DATASETS) * args.limit // args.batch_size) * args.epochs
-        fit = ", ".join(f"{name} {last_train_acc(d):.2f}" for name, d in (("distilled", s.distilled), ("plain", s.plain)))
+        fit = ", ".join(
+            f"{name} {last_train_acc(d):.2f}" for name, d in (("distilled", s.distilled), ("plain", s.plain))
+        )
         lines.append(
             f"\nOnly MobileNetV2's ImageNet weights ship offline here, so {s.backbone} starts from random "
             f"weights, and {steps} steps are far too few for that: last-epoch training accuracy (train-mode "

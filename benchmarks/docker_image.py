@@ -9,6 +9,7 @@ and server started here is removed at the end. Needs a Docker engine (`/work/sha
 one and the local base image) and `hey` (else an httpx asyncio client). Prints the tables and writes
 docs/docker.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-
 from loadgen import BOUNDARY, Level, run_client, run_hey
 from provenance import commit, write_report
 from serve_load import prepare_models, serving_env
@@ -232,8 +232,14 @@ def main() -> None:
         digit = (load_digits().images[0] * (255 / 16)).astype(np.uint8)  # 8x8, 0..16 -> an MNIST-like 28x28
         Image.fromarray(digit, mode="L").resize((28, 28), Image.BILINEAR).save(out := io.BytesIO(), format="PNG")
         png = out.getvalue()
-        body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+        body = (
+            (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + png
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        )
         (body_file := tmp / "body.multipart").write_bytes(body)
 
         container_label, bare_label = "container (docker run -p 127.0.0.1:...)", "bare `transferkit serve`"

@@ -17,6 +17,7 @@ The report records the command, the commit, the CPU (name, instruction sets, whe
 per run the benchmark table, which INT8 attempt was chosen and what it kept in fp32, and a summary of the
 INT8 goals (servable INT8 >= 2.5x ONNX Runtime fp32 at batch 32 inside the gate, file <= 0.3x fp32).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,7 +103,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=600, help="images per split of each 224 px run")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "docs" / "export.md"))
-    parser.add_argument("--workdir", default=str(ROOT / "runs" / "export-bench"), help="where the runs and their store go")
+    parser.add_argument(
+        "--workdir", default=str(ROOT / "runs" / "export-bench"), help="where the runs and their store go"
+    )
     args = parser.parse_args()
 
     from transferkit.export import format_export_table
@@ -121,7 +124,7 @@ def main() -> None:
         runs.append((f"224 px Fashion-MNIST, seed {seed}, {args.limit} images per split", out, "fp32,int8"))
 
     exports = []
-    for label, run_dir, precisions in runs:  # phase 1
+    for _label, run_dir, precisions in runs:  # phase 1
         shutil.rmtree(run_dir / "export", ignore_errors=True)  # every artifact made by this commit
         start = time.perf_counter()
         result, seconds = export_one(run_dir, precisions)

@@ -1,5 +1,6 @@
 """Load generation for benchmarks/serve_load.py: start a BentoML server, drive it with `hey` (or an asyncio
 client when hey is missing), and read what came back (status counts, latency percentiles, batch sizes)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -2,6 +2,7 @@
 
 Its own module, free of torch and of training code, so that the serving benchmarks (a client and servers in
 other processes) can use it too."""
+
 from __future__ import annotations
 
 import subprocess

@@ -19,6 +19,7 @@ machine:
 Memory: peak RSS of `transferkit score` as a fresh process over a list of 10k paths and of 100k (the 10k listed
 ten times), 32 px.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -197,8 +198,11 @@ def main() -> None:
         plain = torch_loop(run, files, cores)
         ray_wall, ray_job = ray_engine(run, folder, work / f"preds-{size}-ray.parquet", artifact)
         rows.append((size, len(files), artifact, local, top, decode_ms, infer_ms, plain, ray_wall, ray_job, load))
-        print(f"{size} px: local {local:,.0f} img/s ({artifact}); bound {top:,.0f}; torch loop {plain:,.0f}; "
-              f"ray {ray_wall:,.0f} ({ray_job:,.0f} once up)", flush=True)
+        print(
+            f"{size} px: local {local:,.0f} img/s ({artifact}); bound {top:,.0f}; torch loop {plain:,.0f}; "
+            f"ray {ray_wall:,.0f} ({ray_job:,.0f} once up)",
+            flush=True,
+        )
     small = files_of(work / "small")
     (work / "10k.txt").write_text("\n".join(small) + "\n")
     (work / "100k.txt").write_text("\n".join(small * 10) + "\n")

@@ -11,6 +11,7 @@ where hey is missing); the served artifact is read from the server's own log lin
 row: the artifact's batch-32 throughput in one process on this machine (from the manifest), the bound a server
 can at best reach. Writes the section between the markers in docs/serving-load.md (appended when absent).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,7 +98,7 @@ def main() -> None:
     out = Path(args.out)
     text = out.read_text() if out.is_file() else ""
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     atomic_write_text(out, text)

@@ -8,6 +8,7 @@ c. transferkit with batching on (max batch 32) and off (1), at the default worke
 Load from `hey` (an httpx asyncio client without it). A full run takes many minutes and loads every core:
 run it on an otherwise idle machine. Prints the tables and writes docs/serving-load.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-
-from provenance import commit, write_report  # noqa: E402
 from loadgen import BOUNDARY, CONTENT_TYPE, Level, batch_totals, run_client, run_hey, serving  # noqa: E402
+from provenance import commit, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DECODE_ONLY = "decode-only, 1 worker"
@@ -49,7 +49,7 @@ INTRO = (
     "short warm-up, then {requests} requests (rounded up to a multiple of the concurrency, at least 4 per "
     "connection; at most {cap:g} s). req/s counts 200 answers only; p50/p99 cover all answers, refusals included. "
     "The decode-only service (`benchmarks/decode_only_service.py`) is a one-worker `@bentoml.api` that decodes "
-    "and resizes the upload and runs no model; \"vs decode-only\" divides by its req/s at the same concurrency. "
+    'and resizes the upload and runs no model; "vs decode-only" divides by its req/s at the same concurrency. '
     "Mean batch: images per runtime call during the level (`transferkit_batch_size` on /metrics). The first "
     "table of each model is measured in-process, without HTTP."
 )
@@ -99,8 +99,10 @@ def flood(model: Model, common: dict[str, str], tmp: Path, body_file: Path, hey:
                 lines.append(f"| {clients} | {code} | {len(lats)} | {p50:,.1f} | {p99:,.1f} |")
             recovered = re.findall(r"\[(\d+)\]\s+(\d+) responses", after)
             other = sum(len(v) for c, v in by_status.items() if c >= 500 and c != 503)
-            notes.append(f"- {clients} clients: other 5xx {other}; afterwards "
-                         + (", ".join(f"{c}: {k}" for c, k in recovered) or "no answer"))
+            notes.append(
+                f"- {clients} clients: other 5xx {other}; afterwards "
+                + (", ".join(f"{c}: {k}" for c, k in recovered) or "no answer")
+            )
     return lines + ["", *notes, ""]
 
 
@@ -181,7 +183,7 @@ def bare(model: Model, png: bytes, quick: bool) -> tuple[dict[int, float], float
     runtime = {}
     for n in (1, 8, 32, 64):
         x = np.random.default_rng(0).standard_normal((n, 3, model.size, model.size), dtype=np.float32)
-        runtime[n] = rate(lambda: session.run(None, {"images": x}), n, repeats, target)
+        runtime[n] = rate(lambda x=x: session.run(None, {"images": x}), n, repeats, target)
     pre = Preprocessing.from_dict(model.preprocessing)  # the server's own decode path
     return runtime, rate(lambda: pre.pil_to_uint8(decode_image(png, formats=SERVED_FORMATS)), 1, repeats, target)
 
@@ -209,7 +211,9 @@ def measure_size(model: Model, args, tmp: Path, body: bytes, body_file: Path, he
         levels += [level(srv, c, DECODE_ONLY, False) for c in args.levels]
     if default_workers > 1:  # the same yardstick at transferkit's worker count: what batching must hide
         env["DECODE_ONLY_WORKERS"] = str(default_workers)
-        with serving("decode_only_service:DecodeOnlyService", env, tmp / f"decode-{model.size}-dw.log", cwd=HERE) as srv:
+        with serving(
+            "decode_only_service:DecodeOnlyService", env, tmp / f"decode-{model.size}-dw.log", cwd=HERE
+        ) as srv:
             levels += [level(srv, c, decode_only_label(default_workers), False) for c in args.levels]
     for batching, max_batch, workers in CONFIGS:
         knobs = {"TRANSFERKIT_MODEL": model.tag, "TRANSFERKIT_MAX_BATCH": str(max_batch)}
@@ -250,15 +254,19 @@ def size_section(model: Model, runtime: dict[int, float], decode: float, levels:
     for workers in (None, 1):
         on, off = (find(levels, label(b, workers, dw)) for b in ("on", "off"))
         if on and off and off.ok_rps:
-            lines += ["", f"Batching on / off at c=64, {'1 worker' if workers else 'default workers'}: "
-                          f"**{on.ok_rps / off.ok_rps:.2f}x** ({on.ok_rps:,.0f} vs {off.ok_rps:,.0f} req/s)"]
+            lines += [
+                "",
+                f"Batching on / off at c=64, {'1 worker' if workers else 'default workers'}: "
+                f"**{on.ok_rps / off.ok_rps:.2f}x** ({on.ok_rps:,.0f} vs {off.ok_rps:,.0f} req/s)",
+            ]
     return lines + [""]
 
 
 def goals(by_size: dict[int, list[Level]], dw: int) -> list[str]:
     rows = ["| goal | scope | measured | met |", "|---|---|---|---|"]
     add = lambda goal, scope, measured, ok: rows.append(  # noqa: E731
-        f"| {goal} | {scope} | {measured} | {'n/a' if ok is None else 'yes' if ok else '**no**'} |")
+        f"| {goal} | {scope} | {measured} | {'n/a' if ok is None else 'yes' if ok else '**no**'} |"
+    )
     served = [lv for levels in by_size.values() for lv in levels if not lv.config.startswith("decode-only")]
     bad = sum(n for lv in served for code, n in lv.statuses.items() if code >= 500 and code != 503)
     add("0 non-503 5xx at every level", f"every transferkit level ({len(served)})", bad, bad == 0)
@@ -278,8 +286,12 @@ def goals(by_size: dict[int, list[Level]], dw: int) -> list[str]:
             add("p99 <= 0.5 s", scope, f"{p99:.3f} s", p99 <= 0.5)
             same = find(levels, decode_only_label(dw)) if workers is None and dw > 1 else None
             if same is not None and same.ok_rps:
-                add("close to 1.0x decode-only at the same worker count", scope,
-                    f"{lv.ok_rps / same.ok_rps:.2f}x ({lv.ok_rps:,.0f} vs {same.ok_rps:,.0f} req/s)", None)
+                add(
+                    "close to 1.0x decode-only at the same worker count",
+                    scope,
+                    f"{lv.ok_rps / same.ok_rps:.2f}x ({lv.ok_rps:,.0f} vs {same.ok_rps:,.0f} req/s)",
+                    None,
+                )
     for workers in (None, 1):
         on, off = (find(by_size.get(64, []), label(b, workers, dw)) for b in ("on", "off"))
         scope = f"64 px, {'1 worker' if workers else 'default workers'}, c=64"
@@ -324,16 +336,26 @@ def main() -> None:
         from transferkit.serving.settings import ServingSettings
 
         hey = shutil.which("hey")
-        generator = (f"`hey` ({hey}), keep-alive connections" if hey else "a Python httpx asyncio client (hey is "
-                     "not installed; this client needs more CPU than hey, which it takes from the servers)")
+        generator = (
+            f"`hey` ({hey}), keep-alive connections"
+            if hey
+            else "a Python httpx asyncio client (hey is "
+            "not installed; this client needs more CPU than hey, which it takes from the servers)"
+        )
         defaults = ServingSettings()
         digit = (load_digits().images[0] * (255 / 16)).astype(np.uint8)  # 8x8, 0..16 -> an MNIST-like 28x28
         Image.fromarray(digit, mode="L").resize((28, 28), Image.BILINEAR).save(out := io.BytesIO(), format="PNG")
         png = out.getvalue()
         cpuinfo = Path("/proc/cpuinfo")
         cpu = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
-        body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+        body = (
+            (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + png
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        )
         (body_file := tmp / "body.multipart").write_bytes(body)
         print(f"load generator: {generator}", file=sys.stderr, flush=True)
         sections, by_size = [], {}

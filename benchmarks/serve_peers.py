@@ -17,6 +17,7 @@ every 224 px row is compared with the bound of its artifact: cores / (decode + i
 one thread), measured in this process. The fast HTTP stack is measured on and off (off: uvloop and httptools
 hidden from the workers, which then report asyncio and h11 on /metrics).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,12 @@ def bodies(workdir: Path) -> dict[str, tuple[Path, Path, Path, str]]:
         image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         raw = workdir / name
         raw.write_bytes(buf.getvalue())
-        out[name] = (raw, _multipart(workdir, name, mime, buf.getvalue(), "image"),
-                     _multipart(workdir, name, mime, buf.getvalue(), "images"), mime)
+        out[name] = (
+            raw,
+            _multipart(workdir, name, mime, buf.getvalue(), "image"),
+            _multipart(workdir, name, mime, buf.getvalue(), "images"),
+            mime,
+        )
     return out
 
 
@@ -124,7 +129,17 @@ def peer_server(kind: str, python: Path, config: str, log: Path, probe: tuple[Pa
         argv = [str(python), "mosec_server.py", "--address", "127.0.0.1", "--port", str(port), "--timeout", "20000"]
         url = f"http://127.0.0.1:{port}/inference"
     else:
-        argv = [str(python), "-m", "bentoml", "serve", "bentoml_service:Plain", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [
+            str(python),
+            "-m",
+            "bentoml",
+            "serve",
+            "bentoml_service:Plain",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         url = f"http://127.0.0.1:{port}/predict"
     env = {**os.environ, "PEER_CONFIG": config, "BENTOML_HOME": str(log.parent / "peer-bentoml")}
     with open(log, "ab") as out:
@@ -137,7 +152,12 @@ def peer_server(kind: str, python: Path, config: str, log: Path, probe: tuple[Pa
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind} did not start:\n{log.read_text(errors='replace')[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.post(url, content=body.read_bytes(), headers={"content-type": content_type}, timeout=5).status_code == 200:
+                if (
+                    httpx.post(
+                        url, content=body.read_bytes(), headers={"content-type": content_type}, timeout=5
+                    ).status_code
+                    == 200
+                ):
                     break
             time.sleep(0.5)
         yield url
@@ -146,7 +166,9 @@ def peer_server(kind: str, python: Path, config: str, log: Path, probe: tuple[Pa
 
 
 @contextlib.contextmanager
-def transferkit_server(run: Path, log: Path, runtime: str = "onnx", max_batch: int = MAX_BATCH, fast_stack: bool = True):
+def transferkit_server(
+    run: Path, log: Path, runtime: str = "onnx", max_batch: int = MAX_BATCH, fast_stack: bool = True
+):
     from transferkit.serving import start_server
 
     hide = None
@@ -242,8 +264,11 @@ def main() -> None:
     def add(size: int, server: str, encoding: str, results: list[tuple[Level, str]], bound: float | None = None):
         rows.extend(Row(size, server, encoding, level, load, bound) for level, load in results)
         for level, _ in results:
-            print(f"{size} px | {server} | {encoding} | c={level.concurrency} | {level.ok_rps:,.0f} req/s | "
-                  f"{level.counts()}", flush=True)
+            print(
+                f"{size} px | {server} | {encoding} | c={level.concurrency} | {level.ok_rps:,.0f} req/s | "
+                f"{level.counts()}",
+                flush=True,
+            )
 
     logs = work / "logs"
     for size, run, image in ((32, small, "digit.png"), (224, photo, "china.jpg")):
@@ -252,12 +277,21 @@ def main() -> None:
         with peer_server("mosec", pythons["mosec"], config, logs / f"mosec-{size}.log", (raw, mime)) as url:
             add(size, "mosec", "raw body", measure(hey, url, raw, mime, args.seconds, "mosec"))
         multipart = f"multipart/form-data; boundary={BOUNDARY}"
-        with peer_server("bentoml", pythons["bentoml"], config, logs / f"plain-{size}.log", (form_images, multipart)) as url:
-            add(size, "plain BentoML (batchable API)", "multipart", measure(hey, url, form_images, multipart, args.seconds, "plain"))
+        with peer_server(
+            "bentoml", pythons["bentoml"], config, logs / f"plain-{size}.log", (form_images, multipart)
+        ) as url:
+            add(
+                size,
+                "plain BentoML (batchable API)",
+                "multipart",
+                measure(hey, url, form_images, multipart, args.seconds, "plain"),
+            )
         runtimes = ["onnx"] + (["auto"] if size == 224 else [])
         for runtime in runtimes:
             with transferkit_server(run, logs / f"transferkit-{size}-{runtime}.log", runtime=runtime) as server:
-                artifact = server.log_tail(200).split("picked ", 1)[-1].split(":", 1)[0] if runtime == "auto" else "onnx"
+                artifact = (
+                    server.log_tail(200).split("picked ", 1)[-1].split(":", 1)[0] if runtime == "auto" else "onnx"
+                )
                 name = f"transferkit ({artifact}{', auto' if runtime == 'auto' else ''}, {stack_of(server.url)})"
                 measured = [("raw body", measure(hey, server.url + "/predict", raw, mime, args.seconds, name))]
                 if runtime == "onnx":

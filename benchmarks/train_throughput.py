@@ -10,6 +10,7 @@ synthetic: the same model, optimiser and loss on random tensors already on the d
            path costs. Both are timed in the same process, alternating, after warm-up; median of rounds.
 Prints a table and appends it to docs/train_throughput.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,7 +120,10 @@ def main() -> None:
             "# Training throughput: real loop vs synthetic-data ceiling\n\n"
             "Measured by `benchmarks/train_throughput.py` (both numbers from the same process, median of rounds).\n"
             "ratio = real / synthetic: the share of the model's own speed the data path keeps.\n\n"
-            + header + "\n|" + "---|" * (header.count("|") - 1) + "\n"
+            + header
+            + "\n|"
+            + "---|" * (header.count("|") - 1)
+            + "\n"
         )
     with out.open("a") as f:
         f.write(row + "\n")

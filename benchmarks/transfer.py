@@ -17,6 +17,7 @@ f. Distillation: two teachers (MobileNetV2 at 64 px, one per dataset) into one s
 Sections a-d share runs and always run together; e and f run alone or after them.
 Every number comes from a run this script performs; settings and seeds are written beside the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from provenance import commit, write_report
+
 from transferkit.config import TrainConfig
 from transferkit.runs import load_run
 from transferkit.training import train
@@ -64,8 +66,12 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results.md")
     ap.add_argument("--sections", default="a,b,c,d", help="a,b,c,d (together), e and/or f")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of section e")
-    ap.add_argument("--arms", default=None, help="section e: rerun only these arms (comma-separated keys of "
-                    "transfer_adaptation.ARMS), keeping the others from ROOT/section_e.json")
+    ap.add_argument(
+        "--arms",
+        default=None,
+        help="section e: rerun only these arms (comma-separated keys of "
+        "transfer_adaptation.ARMS), keeping the others from ROOT/section_e.json",
+    )
     ap.add_argument("--adaptation-out", default="docs/adaptation.md", help="where section e is written")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -92,10 +98,13 @@ def section_e(args) -> None:
     saved = Path(args.root) / "section_e.json"
     arms = args.arms.split(",") if args.arms else None
     if arms and not saved.is_file():
-        raise SystemExit(f"--arms keeps the other arms from {saved}, which does not exist: run section e without --arms")
+        raise SystemExit(
+            f"--arms keeps the other arms from {saved}, which does not exist: run section e without --arms"
+        )
     previous = json.loads(saved.read_text()) if arms else None
-    same = dict(image_size=args.image_size, limit=args.limit, epochs=args.epochs, batch_size=args.batch_size,
-                seeds=seeds)  # the arms kept from before must have been measured the same way
+    same = dict(
+        image_size=args.image_size, limit=args.limit, epochs=args.epochs, batch_size=args.batch_size, seeds=seeds
+    )  # the arms kept from before must have been measured the same way
     if previous is not None and previous.get("settings") != same:
         raise SystemExit(f"{saved} was measured with {previous.get('settings')}, not {same}: rerun every arm")
     unknown = set(arms or []) - {key for key, _, _ in ARMS}

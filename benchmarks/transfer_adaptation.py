@@ -14,6 +14,7 @@ with as many MNIST train images), which is not part of the recipe.
 The recipe was chosen on the digits validation split; the test split is reported, never used to choose.
 Writes the measured part of docs/adaptation.md between its markers and keeps the text around them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,9 +48,12 @@ ARMS = [
     ("default", "**default `--unlabeled digits`** (AdaBN + mean teacher + 3 rounds)", dict(unlabeled=["digits"])),
     ("no-teacher", "default without the mean teacher (`--teacher-ema 0`)", dict(unlabeled=["digits"], teacher_ema=0.0)),
     ("one-round", "default with one round (`--rounds 1`)", dict(unlabeled=["digits"], rounds=1)),
-    ("noisy", "default, then distilled into a fresh student (`distill --teachers` the default run, `--unlabeled "
-     "digits`; time: the student's, on top of the default run's)",
-     dict(unlabeled=["digits"], teachers="e-default-seed{seed}")),
+    (
+        "noisy",
+        "default, then distilled into a fresh student (`distill --teachers` the default run, `--unlabeled "
+        "digits`; time: the student's, on top of the default run's)",
+        dict(unlabeled=["digits"], teachers="e-default-seed{seed}"),
+    ),
     ("target", "target-supervised (MNIST + digits labels)", dict(data=["mnist", "digits"])),
 ]
 
@@ -122,7 +126,9 @@ def run_section_e(base: TrainConfig, root: Path, seeds: list[int], commit: str, 
         for key, _, overrides in ARMS:
             if key not in keys:
                 continue
-            d, wall, cpu = _train(f"e-{key}-seed{seed}", replace(base, seed=seed), root, _overrides(overrides, root, seed))
+            d, wall, cpu = _train(
+                f"e-{key}-seed{seed}", replace(base, seed=seed), root, _overrides(overrides, root, seed)
+            )
             entry = {"seed": seed, "commit": commit, "wall_s": wall, "cpu_s": cpu, **_scores(d)}
             if (d / "rounds.json").is_file():
                 entry["rounds"] = json.loads((d / "rounds.json").read_text())["rounds"]
@@ -157,8 +163,13 @@ def section_e_markdown(data: dict, settings: str) -> str:
     lines = [
         BEGIN,
         f"Produced by {'; then '.join(data['commands'])}; seeds {', '.join(map(str, seeds))}."
-        + ("" if len(at) == 1 else " Arms by the commit they ran at: "
-           + "; ".join(f"{c}: {', '.join(keys)}" for c, keys in at.items()) + "."),
+        + (
+            ""
+            if len(at) == 1
+            else " Arms by the commit they ran at: "
+            + "; ".join(f"{c}: {', '.join(keys)}" for c, keys in at.items())
+            + "."
+        ),
         f"Settings: {settings}.",
         "",
         "| run | digits test % | gap closed | digits val % | MNIST test % | wall s / run (x previous) | CPU s / run (x previous) |",
@@ -178,7 +189,8 @@ def section_e_markdown(data: dict, settings: str) -> str:
     lines += [
         "",
         "Gap closed on the validation split (what the recipe was chosen on): "
-        + ", ".join(f"{k} {gap(mean_val, k):.1%}" for k in res if k not in ("source", "target")) + ".",
+        + ", ".join(f"{k} {gap(mean_val, k):.1%}" for k in res if k not in ("source", "target"))
+        + ".",
         "",
         "Pseudo-labels in the last epoch (kept share of the unlabeled images seen, and how many of those were "
         "right; true labels used only for this report), and for rounds the labels handed to the last round:",

@@ -4,13 +4,14 @@ ImageNet-pretrained MobileNetV2 fine-tuned on MNIST + Fashion-MNIST together (on
 32 px, evaluated on both test sets, exported to ONNX and verified against PyTorch, served by BentoML on
 127.0.0.1, queried with real test images, one corrupt file and a burst of concurrent clients, then stopped.
 """
+
 from __future__ import annotations
 
 import asyncio
 import shutil
 import sys
-from collections import Counter
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx

@@ -1,4 +1,5 @@
 """Shared fixtures. Everything runs on real data shipped with the project's setup (see README)."""
+
 from __future__ import annotations
 
 import os
@@ -94,7 +95,9 @@ def _stop_leftover_servers(session) -> None:
             lines.append(f"  pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
         except psutil.Error:
             lines.append(f"  pid {proc.pid}")
-    message = f"{len(left)} server process(es) started by this test session outlived it (now killed):\n" + "\n".join(lines)
+    message = f"{len(left)} server process(es) started by this test session outlived it (now killed):\n" + "\n".join(
+        lines
+    )
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.ensure_newline()

@@ -1,10 +1,11 @@
 """Helpers shared by tests (import as `from tests.helpers import run_cli`)."""
+
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 # command-line fragments of the server processes a test may start: the CLI, BentoML's arbiter, its workers
 SERVER_COMMANDS = ("transferkit serve", "bentoml serve", "_bentoml_impl.worker")
@@ -12,7 +13,9 @@ SERVER_COMMANDS = ("transferkit serve", "bentoml serve", "_bentoml_impl.worker")
 SESSION_ENV = "PYTEST_TRANSFERKIT_SESSION"
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = True, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m transferkit ARGS` as a user would; returns the completed process."""
     proc = subprocess.run(
         [sys.executable, "-m", "transferkit", *args],

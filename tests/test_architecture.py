@@ -1,4 +1,5 @@
 """docs/architecture.md stays true: every module it names exists, and every module of the package is named."""
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """End to end through the CLI, as a user runs it: train -> export (verified) -> a real `bentoml serve`
 process on 127.0.0.1 -> real HTTP requests with real image files -> predict; plus the error contract."""
+
 import json
 import os
 import re

@@ -1,4 +1,5 @@
 """What `transferkit eval` draws: confusion matrices a reader can read without the labels.json at hand."""
+
 import matplotlib
 
 matplotlib.use("Agg")

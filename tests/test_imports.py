@@ -7,6 +7,7 @@
   torch-side packages (transferkit.export, .training, .data), directly or through what it imports at module
   level. Only serving/runtime.py may import torch and tensorrt, inside the methods of its optional runtimes.
 """
+
 from __future__ import annotations
 
 import ast

@@ -1,4 +1,5 @@
 """The session-end check (tests/conftest.py) finds server processes this session started, and only those."""
+
 import os
 import subprocess
 import sys

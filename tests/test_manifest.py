@@ -1,5 +1,6 @@
 """manifest.json through transferkit.manifest: real exports round-trip, version 1 migrates, the stored copy holds
 exactly what is stored, and measurements count only on a machine like the one they were taken on."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,6 @@
 """`transferkit score`: real images (scikit-learn's photos and digits) through the tiny run's verified ONNX
 artifact, bad files as error rows, the three output formats, resume after kill -9, refused bad input."""
+
 from __future__ import annotations
 
 import io
@@ -161,7 +162,9 @@ def test_parts_of_another_job_are_never_mixed_in(tmp_path):
 def test_kill_9_then_the_same_command_resumes_to_the_same_file(exported, photos, tmp_path):
     """Thousands of rows in small parts; SIGKILL once a few parts are committed; the rerun's output equals an
     uninterrupted run's row for row (nothing missing, nothing twice)."""
-    files = sorted(str(p) for p in photos.rglob("*") if p.suffix in (".png", ".jpg", ".webp") and ".hidden" not in p.parts)
+    files = sorted(
+        str(p) for p in photos.rglob("*") if p.suffix in (".png", ".jpg", ".webp") and ".hidden" not in p.parts
+    )
     (tmp_path / "list.txt").write_text("\n".join(files * 600) + "\n")  # 4,800 rows
     args = ["score", str(exported[0]), "--input", str(tmp_path / "list.txt"), "--batch-size", "16",
             "--part-rows", "64", "--top-k", "2"]  # fmt: skip

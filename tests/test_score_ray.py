@@ -1,6 +1,7 @@
 """`transferkit score --engine ray`: the same rows as the local engine from a real Ray (a local one, and a
 two-node cluster on 127.0.0.1), and a node killed mid-run: the job finishes or fails loudly, and the output is
 never half written."""
+
 from __future__ import annotations
 
 import os

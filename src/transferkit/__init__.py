@@ -2,6 +2,8 @@
 
 from transferkit.version import __version__
 
+__all__ = ["__version__", "score"]
+
 
 def score(run, inputs, out=None, **options):
     """Score many images with a run's verified artifact (transferkit.scoring.job.score; `transferkit score`)."""

@@ -19,6 +19,7 @@ CLI reads it to build `--help` without loading any engine. Who reads what:
 Adding a format is one FormatSpec row below, plus its exporter (registered in export/formats.py) and its
 runner (a Runtime subclass registered in serving/runtime.py). A row without either fails at import.
 """
+
 from __future__ import annotations
 
 import re

@@ -3,6 +3,7 @@
 Every failure is one line on stderr (`transferkit: error: ...`) and exit status 2; `--debug` shows the
 traceback instead. Ctrl-C exits with 130.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,9 @@ _DISTILL_TEXT = (
 def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAIN_TEXT) -> None:
     from transferkit.config import TrainConfig
 
-    p = sub.add_parser(command, help=text[0], description=text[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        command, help=text[0], description=text[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     helps = _field_help()
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -73,7 +76,9 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
             p.add_argument(flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS,
                            help=f"{text} (default: {default})")  # fmt: skip
     p.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig keys")
-    p.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS, help="run directory (default: runs/<data>-<time>)")
+    p.add_argument(
+        "--out", metavar="DIR", default=argparse.SUPPRESS, help="run directory (default: runs/<data>-<time>)"
+    )
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
 
 
@@ -112,12 +117,16 @@ def cmd_distill(args) -> None:
         from transferkit.runs import load_run
 
         if not load_run(args.resume).config.teachers:
-            raise TransferkitError(f"{args.resume} is not a distillation; continue it with `transferkit train --resume`")
+            raise TransferkitError(
+                f"{args.resume} is not a distillation; continue it with `transferkit train --resume`"
+            )
     elif not getattr(args, "teachers", None):
         from transferkit.config import load_config_file
 
         if not (args.config and load_config_file(args.config).get("teachers")):
-            raise TransferkitError("distill needs --teachers RUN[,RUN...]: the finished runs whose heads teach the student")
+            raise TransferkitError(
+                "distill needs --teachers RUN[,RUN...]: the finished runs whose heads teach the student"
+            )
     cmd_train(args)
 
 
@@ -132,7 +141,6 @@ def cmd_eval(args) -> None:
 
 def cmd_export(args) -> None:
     from transferkit.export import export_run, format_export_table
-
     from transferkit.export.job import ExportOptions
 
     options = ExportOptions(simplify=args.simplify, calibration_images=args.calibration_images,
@@ -244,8 +252,8 @@ def _split_list(value: str | None) -> list[str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from transferkit.version import __version__
     from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES  # the formats table: choices below
+    from transferkit.version import __version__
 
     parser = _Parser(prog="transferkit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
@@ -261,30 +269,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export, verify against PyTorch, store in the BentoML model store")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--format", default="onnx", metavar="{" + ",".join(FORMAT_SPECS) + "}[,...]",
-                   help="comma-separated; " + "; ".join(f"{s.name}: {s.description}" for s in FORMAT_SPECS.values()))
-    p.add_argument("--precision", default=PRECISIONS[0], metavar="{" + ",".join(PRECISIONS) + "}[,...]",
-                   help="comma-separated; every format at each precision it takes: "
-                   + "; ".join(f"{n} {', '.join(s.precisions)}" for n, s in FORMAT_SPECS.items()))
+    p.add_argument(
+        "--format",
+        default="onnx",
+        metavar="{" + ",".join(FORMAT_SPECS) + "}[,...]",
+        help="comma-separated; " + "; ".join(f"{s.name}: {s.description}" for s in FORMAT_SPECS.values()),
+    )
+    p.add_argument(
+        "--precision",
+        default=PRECISIONS[0],
+        metavar="{" + ",".join(PRECISIONS) + "}[,...]",
+        help="comma-separated; every format at each precision it takes: "
+        + "; ".join(f"{n} {', '.join(s.precisions)}" for n, s in FORMAT_SPECS.items()),
+    )
     p.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim (verified too)")
-    p.add_argument("--calibration-images", type=int, default=512, metavar="N",
-                   help="int8: train images per dataset for calibration (seeded subset) (default: 512)")
-    p.add_argument("--calibration-method", default="minmax", choices=("minmax", "entropy", "percentile"),
-                   help="int8 (onnx): the onnxruntime calibration method tried first; the others follow if it "
-                   "fails on the validation split (default: minmax)")
-    p.add_argument("--int8-fallback", default="auto", choices=("auto", "off"),
-                   help="int8: when no fully INT8 attempt passes on the validation split, auto keeps the layers "
-                   "that break it in fp32 (NNCF accuracy control; for onnx also the per-layer repair) (default: auto)")
-    p.add_argument("--max-fp32-layers", type=int, default=8, metavar="N",
-                   help="int8 mixed precision: at most this many layers (NNCF: groups of operations) kept in fp32 "
-                   "(default: 8)")
-    p.add_argument("--int8-budget-s", type=float, default=240.0, metavar="SECONDS",
-                   help="int8: seconds the attempts of one artifact may take; attempts not started by then are "
-                   "skipped and recorded as such (default: 240)")
-    p.add_argument("--max-acc-delta", type=float, metavar="POINTS",
-                   help="gate: max |accuracy change| per dataset, overriding the precision's (fp32 0.5, fp16 0.3, int8 1)")
-    p.add_argument("--min-agreement", type=float, metavar="FRACTION",
-                   help="gate: min top-1 agreement with PyTorch per head, overriding the precision's (0.99, 0.995, 0.97)")
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=512,
+        metavar="N",
+        help="int8: train images per dataset for calibration (seeded subset) (default: 512)",
+    )
+    p.add_argument(
+        "--calibration-method",
+        default="minmax",
+        choices=("minmax", "entropy", "percentile"),
+        help="int8 (onnx): the onnxruntime calibration method tried first; the others follow if it "
+        "fails on the validation split (default: minmax)",
+    )
+    p.add_argument(
+        "--int8-fallback",
+        default="auto",
+        choices=("auto", "off"),
+        help="int8: when no fully INT8 attempt passes on the validation split, auto keeps the layers "
+        "that break it in fp32 (NNCF accuracy control; for onnx also the per-layer repair) (default: auto)",
+    )
+    p.add_argument(
+        "--max-fp32-layers",
+        type=int,
+        default=8,
+        metavar="N",
+        help="int8 mixed precision: at most this many layers (NNCF: groups of operations) kept in fp32 (default: 8)",
+    )
+    p.add_argument(
+        "--int8-budget-s",
+        type=float,
+        default=240.0,
+        metavar="SECONDS",
+        help="int8: seconds the attempts of one artifact may take; attempts not started by then are "
+        "skipped and recorded as such (default: 240)",
+    )
+    p.add_argument(
+        "--max-acc-delta",
+        type=float,
+        metavar="POINTS",
+        help="gate: max |accuracy change| per dataset, overriding the precision's (fp32 0.5, fp16 0.3, int8 1)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="FRACTION",
+        help="gate: min top-1 agreement with PyTorch per head, overriding the precision's (0.99, 0.995, 0.97)",
+    )
 
     p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
     p.add_argument("run", metavar="RUN")
@@ -300,10 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--runtime", metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
-                   help="auto: the fastest verified artifact usable here (by the throughput export measured); a "
-                   "runtime: its best artifact; an artifact name from the export (onnx-int8, ...): exactly that "
-                   "one (default: auto)")
+    p.add_argument(
+        "--runtime",
+        metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
+        help="auto: the fastest verified artifact usable here (by the throughput export measured); a "
+        "runtime: its best artifact; an artifact name from the export (onnx-int8, ...): exactly that "
+        "one (default: auto)",
+    )
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: per CPU and runtime)")
     p.add_argument("--threads", type=int, metavar="N", help="runtime threads per worker (default: cores / workers)")
     p.add_argument("--max-batch", type=int, metavar="N", help="images per runtime call (default: 32)")
@@ -311,10 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, metavar="N", help="images admitted per worker; beyond: 503 (default: 256)")
     p.add_argument("--max-images", type=int, metavar="N", help="images per request (default: 32)")
     p.add_argument("--timeout", type=float, metavar="S", dest="timeout_s", help="per-request deadline (default: 10)")
-    p.add_argument("--api-key-file", metavar="PATH",
-                   help="require `Authorization: Bearer KEY` on /predict (default: $TRANSFERKIT_API_KEY, else off)")
-    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
-                   help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 10)")
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="require `Authorization: Bearer KEY` on /predict (default: $TRANSFERKIT_API_KEY, else off)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 10)",
+    )
 
     p = sub.add_parser("predict", help="send images to a running server and print the answers as JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -330,55 +387,118 @@ def build_parser() -> argparse.ArgumentParser:
         "is a row with its error. Example: transferkit score runs/demo --input photos/ --out preds.parquet",
     )
     p.add_argument("run", metavar="RUN", help="a trained and exported run folder")
-    p.add_argument("--input", dest="inputs", action="append", required=True, metavar="SRC",
-                   help="a folder (recursive; .jpg .jpeg .png .webp), a quoted glob, a .txt/.csv/.parquet list with "
-                   "a `path` column, or imagefolder:PATH (class folders are true labels: accuracy per head); "
-                   "repeat for several")
-    p.add_argument("--out", required=True, metavar="PREDS",
-                   help="predictions file; the suffix picks the format: .parquet, .csv or .jsonl")
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        required=True,
+        metavar="SRC",
+        help="a folder (recursive; .jpg .jpeg .png .webp), a quoted glob, a .txt/.csv/.parquet list with "
+        "a `path` column, or imagefolder:PATH (class folders are true labels: accuracy per head); "
+        "repeat for several",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="PREDS",
+        help="predictions file; the suffix picks the format: .parquet, .csv or .jsonl",
+    )
     p.add_argument("--top-k", type=int, default=5, help="labels per head and row (default: 5)")
-    p.add_argument("--runtime", default="auto", metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
-                   help="which verified artifact, as for `serve` (default: auto, the fastest measured here)")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
+        help="which verified artifact, as for `serve` (default: auto, the fastest measured here)",
+    )
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per runtime call (default: 64)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="local: decode threads (default: one per core); ray: actors (default: the cluster's CPUs / "
-                   "--num-cpus)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="local: runtime threads in all, shared by one inference stream per core (default: one per "
-                   "core)")
-    p.add_argument("--part-rows", type=int, default=8192, metavar="N",
-                   help="local: rows per committed part, at most what a crash costs (default: 8192)")
-    p.add_argument("--engine", default="local", choices=("local", "ray"),
-                   help="local: this machine, no extra services; ray: Ray Data actors on a Ray cluster, OUT becomes "
-                   "a folder of Parquet files (needs the [ray] extra) (default: local)")
-    p.add_argument("--ray-address", metavar="ADDRESS",
-                   help="ray: the cluster to join, e.g. 127.0.0.1:6379 or auto (default: start a local Ray)")
-    p.add_argument("--num-cpus", type=float, metavar="N",
-                   help="ray: CPUs per actor, also its decode and runtime threads (default: 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="local: decode threads (default: one per core); ray: actors (default: the cluster's CPUs / --num-cpus)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="local: runtime threads in all, shared by one inference stream per core (default: one per core)",
+    )
+    p.add_argument(
+        "--part-rows",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="local: rows per committed part, at most what a crash costs (default: 8192)",
+    )
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "ray"),
+        help="local: this machine, no extra services; ray: Ray Data actors on a Ray cluster, OUT becomes "
+        "a folder of Parquet files (needs the [ray] extra) (default: local)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="ray: the cluster to join, e.g. 127.0.0.1:6379 or auto (default: start a local Ray)",
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=float,
+        metavar="N",
+        help="ray: CPUs per actor, also its decode and runtime threads (default: 1)",
+    )
     p.add_argument("--num-gpus", type=float, default=0.0, metavar="N", help="ray: GPUs per actor (default: 0)")
 
     p = sub.add_parser("build", help="bentoml build: a Bento with the model and its Dockerfile; --image: the image")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--base-image", default=None, metavar="IMAGE",
-                   help="base image with Python 3.11 (default: python:3.11-slim)")
-    p.add_argument("--runtime", default="onnxruntime", choices=_BuildRuntimes(), metavar="RUNTIME",
-                   help="the runtime installed in the image, its Python packages only: %(choices)s (the run needs "
-                   "a verified artifact it serves) (default: onnxruntime)")
-    p.add_argument("--image", default=None, metavar="TAG",
-                   help="also build the container image TAG with `bentoml containerize` (needs Docker)")
-    p.add_argument("--k8s", default=None, metavar="DIR",
-                   help="also write Kubernetes manifests into DIR: deployment.yaml, service.yaml, hpa.yaml "
-                   "(image: --image TAG, else the Bento tag); needs no Docker")
-    p.add_argument("--k8s-cpu", metavar="CPU",
-                   help="CPU request and limit per pod, e.g. 2 or 500m; sets the server's workers (default: 2)")
-    p.add_argument("--k8s-memory", metavar="MEM",
-                   help="memory request and limit per pod, e.g. 2Gi (default: 256Mi + 384Mi per worker)")
+    p.add_argument(
+        "--base-image", default=None, metavar="IMAGE", help="base image with Python 3.11 (default: python:3.11-slim)"
+    )
+    p.add_argument(
+        "--runtime",
+        default="onnxruntime",
+        choices=_BuildRuntimes(),
+        metavar="RUNTIME",
+        help="the runtime installed in the image, its Python packages only: %(choices)s (the run needs "
+        "a verified artifact it serves) (default: onnxruntime)",
+    )
+    p.add_argument(
+        "--image",
+        default=None,
+        metavar="TAG",
+        help="also build the container image TAG with `bentoml containerize` (needs Docker)",
+    )
+    p.add_argument(
+        "--k8s",
+        default=None,
+        metavar="DIR",
+        help="also write Kubernetes manifests into DIR: deployment.yaml, service.yaml, hpa.yaml "
+        "(image: --image TAG, else the Bento tag); needs no Docker",
+    )
+    p.add_argument(
+        "--k8s-cpu",
+        metavar="CPU",
+        help="CPU request and limit per pod, e.g. 2 or 500m; sets the server's workers (default: 2)",
+    )
+    p.add_argument(
+        "--k8s-memory",
+        metavar="MEM",
+        help="memory request and limit per pod, e.g. 2Gi (default: 256Mi + 384Mi per worker)",
+    )
     p.add_argument("--k8s-min-replicas", type=int, metavar="N", help="autoscaler minimum (default: 1)")
     p.add_argument("--k8s-max-replicas", type=int, metavar="N", help="autoscaler maximum (default: 4)")
-    p.add_argument("--k8s-target-cpu", type=int, metavar="PERCENT",
-                   help="autoscaler target CPU utilisation, percent of the request (default: 70)")
-    p.add_argument("--k8s-api-key-secret", metavar="NAME[:KEY]",
-                   help="set TRANSFERKIT_API_KEY from this Secret's KEY (default key: api-key)")
+    p.add_argument(
+        "--k8s-target-cpu",
+        type=int,
+        metavar="PERCENT",
+        help="autoscaler target CPU utilisation, percent of the request (default: 70)",
+    )
+    p.add_argument(
+        "--k8s-api-key-secret",
+        metavar="NAME[:KEY]",
+        help="set TRANSFERKIT_API_KEY from this Secret's KEY (default key: api-key)",
+    )
 
     for name, func in (("train", cmd_train), ("distill", cmd_distill), ("eval", cmd_eval), ("export", cmd_export),
                        ("benchmark", cmd_benchmark), ("serve", cmd_serve),

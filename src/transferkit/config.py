@@ -3,6 +3,7 @@
 Every field has a default and a comment saying why. Unknown keys and bad values are refused with a
 message naming the key and the fix, before any data is loaded or any weight is touched.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,7 +83,7 @@ class TrainConfig:
     out: str | None = None  # run directory; default runs/<datasets>-<time>
 
     # ---------------------------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         from transferkit.data import DatasetSpec, check_dataset_name
 
         if not self.data:
@@ -111,7 +112,9 @@ class TrainConfig:
         if not 0.0 <= self.pseudo_threshold <= 1.0:
             raise ConfigError(f"pseudo_threshold must be in [0, 1], got {self.pseudo_threshold}")
         if not (0.0 <= self.unlabeled_start < 1.0 and 0.0 <= self.unlabeled_rampup <= 1.0):
-            raise ConfigError("unlabeled_start must be in [0, 1) and unlabeled_rampup in [0, 1] (fractions of training)")
+            raise ConfigError(
+                "unlabeled_start must be in [0, 1) and unlabeled_rampup in [0, 1] (fractions of training)"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
@@ -155,7 +158,9 @@ def parse_sampling(spec: str) -> float:
     m = re.fullmatch(r"temperature:([0-9]*\.?[0-9]+)", spec)
     if m:
         return float(m.group(1))
-    raise ConfigError(f"sampling must be proportional, balanced or temperature:ALPHA (e.g. temperature:0.5), got {spec!r}")
+    raise ConfigError(
+        f"sampling must be proportional, balanced or temperature:ALPHA (e.g. temperature:0.5), got {spec!r}"
+    )
 
 
 def _check_head_weight_count(head_weights: list[float] | None, heads: str, datasets: list[str]) -> None:
@@ -166,7 +171,9 @@ def _check_head_weight_count(head_weights: list[float] | None, heads: str, datas
         return
     n = len(head_weights)
     if heads == "separate" and n != len(datasets):
-        raise ConfigError(f"head_weights has {n} values but there are {len(datasets)} heads (one per dataset: {datasets})")
+        raise ConfigError(
+            f"head_weights has {n} values but there are {len(datasets)} heads (one per dataset: {datasets})"
+        )
     if n > len(datasets):
         raise ConfigError(
             f"head_weights has {n} values but there can be at most {len(datasets)} heads (one per dataset: {datasets})"
@@ -185,7 +192,9 @@ def _check_distillation(cfg: TrainConfig) -> None:
     if len(set(cfg.teachers)) != len(cfg.teachers):
         raise ConfigError(f"teachers lists a run twice: {cfg.teachers}")
     if cfg.heads != "shared":
-        raise ConfigError("distillation takes its heads from the teachers, merged by class names; drop --heads separate")
+        raise ConfigError(
+            "distillation takes its heads from the teachers, merged by class names; drop --heads separate"
+        )
     for teacher in cfg.teachers:
         if not Path(teacher).expanduser().is_dir():
             raise ConfigError(
@@ -195,12 +204,16 @@ def _check_distillation(cfg: TrainConfig) -> None:
     from transferkit.data import DatasetSpec
 
     if any(DatasetSpec.parse(text).head for text in cfg.unlabeled):
-        raise ConfigError("in distillation unlabeled images train every head through the teachers; drop =HEAD from --unlabeled")
+        raise ConfigError(
+            "in distillation unlabeled images train every head through the teachers; drop =HEAD from --unlabeled"
+        )
 
 
 def _check_adaptation(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.teacher_ema < 1.0:
-        raise ConfigError(f"teacher_ema must be in [0, 1) (e.g. 0.99; 0 turns the mean teacher off), got {cfg.teacher_ema}")
+        raise ConfigError(
+            f"teacher_ema must be in [0, 1) (e.g. 0.99; 0 turns the mean teacher off), got {cfg.teacher_ema}"
+        )
     if cfg.rounds < 1:
         raise ConfigError(f"rounds must be >= 1 (1: no self-training rounds), got {cfg.rounds}")
     if cfg.round_epochs < 1:
@@ -259,7 +272,9 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
                 except ValueError:
                     pass
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and value != int(value)):
-                raise ConfigError(f"{source}: {key} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
+                raise ConfigError(
+                    f"{source}: {key} must be {'an integer' if typ is int else 'a number'}, got {value!r}"
+                )
             return typ(value)
     if not isinstance(value, str):
         raise ConfigError(f"{source}: {key} must be a string, got {value!r}")

@@ -5,6 +5,7 @@ core count, and the load while it was measured.
 is 2.7x fp32 on a CPU with AVX-512 VNNI can be slower than fp32 on one with AVX2 alone, so a number from the
 export machine says nothing about a different serving machine. Imports nothing heavy (serving image).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,12 +26,12 @@ class Machine:
     cores: int  # logical CPUs this process may use
 
     @classmethod
-    def this(cls) -> "Machine":
+    def this(cls) -> Machine:
         name, flags = _cpuinfo()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return cls(name, tuple(f for f in SPEED_FLAGS if f in flags), cores)
 
-    def same_kind(self, other: "Machine | None") -> bool:
+    def same_kind(self, other: Machine | None) -> bool:
         """The same CPU model, instruction sets and core count: its speed figures hold here."""
         return other is not None and (self.cpu, self.flags, self.cores) == (other.cpu, other.flags, other.cores)
 
@@ -46,7 +47,7 @@ class Machine:
         return {"cpu": self.cpu, "flags": list(self.flags), "cores": self.cores}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Machine":
+    def from_dict(cls, d: dict[str, Any]) -> Machine:
         return cls(str(d.get("cpu", "")), tuple(d.get("flags") or ()), int(d.get("cores", 0)))
 
 

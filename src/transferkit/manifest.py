@@ -32,6 +32,7 @@ Version 1 kept the serving fields inside "details" (profile.max_batch, batch_ran
 "measured" object with no machine; `_migrate_v1` moves them, and its measurements, lacking a machine, are not
 trusted by `--runtime auto` on any machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,7 +69,7 @@ class FileRecord:
     bytes: int
 
     @classmethod
-    def of(cls, path: Path) -> "FileRecord":
+    def of(cls, path: Path) -> FileRecord:
         return cls(sha256_file(path), path.stat().st_size)
 
 
@@ -113,7 +114,7 @@ class Measurement:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Measurement":
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
         machine = Machine.from_dict(d["machine"]) if d.get("machine") else None
         return cls(float(d["images_per_second"]), int(d.get("batch", 32)), str(d.get("device", "cpu")),
                    str(d.get("runtime", "")), machine, d.get("load"), str(d.get("by", "export")),
@@ -155,9 +156,11 @@ class ArtifactEntry:
         here = [m for m in self.measured if m.device == device and (device == "gpu" or machine.same_kind(m.machine))]
         return here[-1] if here else None
 
-    def with_measurement(self, m: Measurement) -> "ArtifactEntry":
+    def with_measurement(self, m: Measurement) -> ArtifactEntry:
         """This entry with `m` replacing any earlier measurement on the same kind of machine and device."""
-        kept = tuple(o for o in self.measured if not (o.device == m.device and m.machine and m.machine.same_kind(o.machine)))
+        kept = tuple(
+            o for o in self.measured if not (o.device == m.device and m.machine and m.machine.same_kind(o.machine))
+        )
         return dataclasses.replace(self, measured=(*kept, m))
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +173,7 @@ class ArtifactEntry:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, name: str, d: dict[str, Any]) -> "ArtifactEntry":
+    def from_dict(cls, name: str, d: dict[str, Any]) -> ArtifactEntry:
         batch_range = tuple(d["batch_range"]) if d.get("batch_range") else None
         return cls(name, d["format"], d["precision"], d["runtime"], tuple(d["files"]), d["status"], d.get("error"),
                    batch_range, d.get("device"), d.get("built_for_gpu"),  # type: ignore[arg-type]
@@ -211,7 +214,7 @@ class Manifest:
         """Artifacts that passed verify against PyTorch: the only ones serving may load."""
         return [name for name, e in self.artifacts.items() if e.servable]
 
-    def with_artifact(self, entry: ArtifactEntry, records: dict[str, FileRecord | None] | None = None) -> "Manifest":
+    def with_artifact(self, entry: ArtifactEntry, records: dict[str, FileRecord | None] | None = None) -> Manifest:
         """This manifest with `entry` replacing the artifact of its name; `records` (file -> record, None to
         forget the file) update the file list."""
         files = dict(self.files)
@@ -222,7 +225,7 @@ class Manifest:
                 files[name] = record
         return dataclasses.replace(self, artifacts={**self.artifacts, entry.name: entry}, files=files)
 
-    def stored(self) -> "Manifest":
+    def stored(self) -> Manifest:
         """What a BentoML model of this export holds: the servable artifacts and their files, nothing else, so
         every file the stored manifest lists is there to check and load."""
         keep = {n: e for n, e in self.artifacts.items() if e.servable}
@@ -268,7 +271,7 @@ class Manifest:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
         version = d.get("manifest_version")
         if version == 1:
             d = _migrate_v1(d)
@@ -302,7 +305,8 @@ def _migrate_v1(d: dict[str, Any]) -> dict[str, Any]:
         fmt = e.get("format") or name  # the first version-1 manifests keyed entries by format and named no format
         profile = details.get("profile") or {}
         batch_range = details.get("batch_range") or (
-            [profile.get("min_batch", 1), profile["max_batch"]] if "max_batch" in profile else None)
+            [profile.get("min_batch", 1), profile["max_batch"]] if "max_batch" in profile else None
+        )
         gpu = details.get("built_for_gpu") or {}
         measured = e.get("measured")
         formats[name] = {
@@ -343,7 +347,7 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def new_manifest(run: "Run", head_names: list[str]) -> Manifest:
+def new_manifest(run: Run, head_names: list[str]) -> Manifest:
     """Everything except the artifacts: what the model is and what goes in and out of it."""
     from transferkit.version import __version__
 

@@ -5,6 +5,7 @@ Any torchvision classification model works as a backbone: its final ImageNet cla
 our heads. Like timm's `pretrained_cfg`, the model carries its input definition (`model.preprocessing`):
 mean/std come from the weights' own transforms, never re-typed, so no caller has to pass them along.
 """
+
 from __future__ import annotations
 
 import re

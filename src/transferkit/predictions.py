@@ -4,6 +4,7 @@ One definition for everything that answers with labels (the HTTP server, `transf
 the same labels and scores from either. Work is done once per batch: per image, numpy on a row of ten values
 costs more than the decode of a small image.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -14,6 +14,7 @@ The resize happens once, with PIL, when a dataset is loaded or a request is deco
 resulting uint8 pixels on the device and normalizes with `normalize_torch`, serving with `normalize_numpy`.
 Serving needs only NumPy and Pillow (no torch) for this.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,7 +57,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(
             image_size=int(d["image_size"]),
             mean=tuple(float(v) for v in d["mean"]),
@@ -199,8 +200,9 @@ def _spoken(formats: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def decode_image(data: bytes, name: str = "upload", formats: tuple[str, ...] | None = None,
-                 draft_size: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, name: str = "upload", formats: tuple[str, ...] | None = None, draft_size: int | None = None
+) -> Image.Image:
     """Bytes -> fully decoded PIL image, or an ImageDecodeError naming what is wrong.
 
     `formats` (Pillow names, e.g. SERVED_FORMATS) restricts which Pillow plugins may parse the bytes; None

@@ -8,6 +8,7 @@ RUN/
   metrics.json         per-epoch history and the best epoch
   checkpoint.pt        full training state for --resume (optimizer, scheduler, RNG, sampler position)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class Labels:
         return {"heads": self.heads, "datasets": self.datasets, "specs": self.specs}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Labels":
+    def from_dict(cls, d: dict) -> Labels:
         return cls(heads={k: list(v) for k, v in d["heads"].items()}, datasets=dict(d.get("datasets", {})),
                    specs=dict(d.get("specs", {})))  # fmt: skip
 

@@ -1,12 +1,14 @@
 """Small shared helpers: atomic writes (a crash never leaves a half-written artifact), hashing, JSON."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

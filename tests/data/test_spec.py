@@ -1,4 +1,5 @@
 """DatasetSpec: one grammar for --data, --unlabeled, config files and labels.json."""
+
 from pathlib import Path
 
 import pytest

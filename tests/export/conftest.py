@@ -1,4 +1,5 @@
 """Fixtures for export tests (the session's exported tiny run is `exported`, in tests/conftest.py)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The formats table is the one source: CLI choices, exporters, runners, `auto` order, tolerances, contract."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit import artifact
 from tests.export.tiny import manifest_with, with_speed
+from transferkit import artifact
 from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES, STATUSES, TOLERANCES, check_device
 from transferkit.errors import ConfigError
 
@@ -89,7 +90,9 @@ def test_tolerances_come_from_the_table():
     n = 100
     ref = np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32)
     labels = ref.argmax(1)
-    inputs = verify.VerifyInputs(np.zeros((n, 3, 8, 8), np.float32), {"h": np.arange(n)}, {"h": labels}, {"h": {"d": n}})
+    inputs = verify.VerifyInputs(
+        np.zeros((n, 3, 8, 8), np.float32), {"h": np.arange(n)}, {"h": labels}, {"h": {"d": n}}
+    )
     shifted = {"h": ref + np.float32(0.01 * np.abs(ref).max())}
     assert not verify.compare({"h": ref}, shifted, inputs, "fp32")["passed"]
     report = verify.compare({"h": ref}, shifted, inputs, "fp32", TOLERANCES["fp16"])

@@ -1,5 +1,6 @@
 """Reduced precision: INT8 ONNX chosen among its attempts on validation and gated on test, a failed INT8 that
 blocks nothing, fp16 ONNX with fp32 I/O, served by artifact name."""
+
 import json
 
 import numpy as np
@@ -72,7 +73,9 @@ def test_a_hard_int8_case_tries_every_attempt_and_reports_each(int8_strict):
         assert attempts[name]["status"] == "failed on validation", attempts[name]
         assert set(attempts[name]["validation"]["accuracy_delta_points"]) == {"digits", "fashion-mnist"}
         assert attempts[name]["violation"] > 1 and attempts[name]["seconds"] > 0
-    assert attempts["ort-minmax"]["settings"]["method"] == "minmax" and attempts["nncf"]["settings"]["preset"] == "mixed"
+    assert (
+        attempts["ort-minmax"]["settings"]["method"] == "minmax" and attempts["nncf"]["settings"]["preset"] == "mixed"
+    )
     repaired_fast = attempts["ort-layer-repair"]["status"] == "passed on validation"
     for name in MIXED:  # mixed precision ran because no fully INT8 attempt passed
         if name == "nncf-accuracy-control" and repaired_fast:
@@ -80,15 +83,22 @@ def test_a_hard_int8_case_tries_every_attempt_and_reports_each(int8_strict):
             continue
         assert attempts[name]["status"].startswith(("passed on validation", "failed on validation")), attempts[name]
     repair = attempts["ort-layer-repair"]
-    assert 1 <= len(repair["fp32_layers"]) <= 8 and repair["steps"][0] == {"fp32_layers": 1, "passed_on_validation": False}
+    assert 1 <= len(repair["fp32_layers"]) <= 8 and repair["steps"][0] == {
+        "fp32_layers": 1,
+        "passed_on_validation": False,
+    }
     assert all(" (backbone." in layer or " (heads." in layer for layer in repair["fp32_layers"][:1])
-    assert [s["error_removed"] for s in repair["sensitivity"]] == sorted((s["error_removed"] for s in repair["sensitivity"]), reverse=True)
+    assert [s["error_removed"] for s in repair["sensitivity"]] == sorted(
+        (s["error_removed"] for s in repair["sensitivity"]), reverse=True
+    )
     if not repaired_fast:
         assert len(attempts["nncf-accuracy-control"]["fp32_layers"]) >= 1  # what NNCF reverted, by its own report
     quantization = int8.details["quantization"]
     passed = [n for n, a in attempts.items() if a["status"].startswith("passed on validation")]
     if passed:  # the fastest that passed is the one written, one faster than fp32 before any slower
-        fastest = max(passed, key=lambda n: (attempts[n]["status"] == "passed on validation", attempts[n]["images_per_second"]))
+        fastest = max(
+            passed, key=lambda n: (attempts[n]["status"] == "passed on validation", attempts[n]["images_per_second"])
+        )
         assert quantization["chosen"] == fastest and quantization["passed_on_validation"]
     else:  # the closest is written, so the gate reports real numbers on it
         closest = min(attempts.values(), key=lambda a: a.get("violation", 1e9))
@@ -129,7 +139,11 @@ def test_without_fallback_mixed_precision_is_skipped_and_reported(int8_failed):
     assert int8.status == VERIFY_FAILED and "accuracy delta" in int8.error and not result.ok
     attempts = {a["name"]: a for a in int8.details["attempts"]}
     assert all(attempts[n]["status"] == "skipped: --int8-fallback off" for n in MIXED)
-    assert int8.verification["tolerance"] == {"max_abs_diff": None, "min_top1_agreement": 0.97, "max_acc_delta_points": 1.0}
+    assert int8.verification["tolerance"] == {
+        "max_abs_diff": None,
+        "min_top1_agreement": 0.97,
+        "max_acc_delta_points": 1.0,
+    }
     assert result.formats["onnx"].status == PASSED
 
 
@@ -137,7 +151,6 @@ def test_a_failed_artifact_never_blocks_the_others(int8_failed, tmp_path):
     """onnx passed, onnx-int8 failed: the stored model holds exactly what passed, so the run serves (a real
     server answers a real image), builds and benchmarks; re-exporting onnx alone drops the failed entry."""
     import bentoml
-
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -186,7 +199,9 @@ def test_int8_within_the_gate_is_smaller_and_measured(int8_export):
     if not best["mixed_precision"]:
         assert entry["details"]["fp32_layers"] == []
     # int8 weights: the QDQ file is under a third of fp32's size
-    assert (run_dir / "export" / "model-int8.onnx").stat().st_size < 0.35 * (run_dir / "export" / "model.onnx").stat().st_size
+    assert (run_dir / "export" / "model-int8.onnx").stat().st_size < 0.35 * (
+        run_dir / "export" / "model.onnx"
+    ).stat().st_size
     measured = entry["measured"][0]
     assert measured["images_per_second"] > 0 and manifest["formats"]["onnx"]["measured"][0]["batch"] == 32
     assert measured["machine"]["cpu"] and measured["by"] == "export" and "load" in measured
@@ -226,7 +241,9 @@ def test_a_broken_calibration_fails_every_attempt_and_writes_the_closest(probe_r
     module, heads = ExportModule(model).eval(), list(model.head_names)
     val = verify.load_verify_inputs(run, 64, "val")
     options = ExportOptions(int8_fallback="off")  # mixed precision is the hard case's test; keep this one short
-    selection = SelectionSet(val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8"))
+    selection = SelectionSet(
+        val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8")
+    )
     constant = np.zeros((8, 3, 32, 32), np.float32)
     job = ExportJob(module, tmp_path, "int8", "cpu", heads, 32, options=options, calibration=lambda n: constant,
                     selection=selection)  # fmt: skip

@@ -1,4 +1,5 @@
 """ONNX export of the tiny two-head run: artifacts, ONNX contract, dynamic batch, manifest, verify.json, store."""
+
 import json
 
 import numpy as np
@@ -64,7 +65,9 @@ def test_manifest_fields_and_hashes(exported):
     assert manifest["backbone"] == "mobilenet_v2" and manifest["run_dir"] == str(run_dir.resolve())
     assert manifest["preprocessing"] == json.loads((run_dir / "preprocessing.json").read_text())
     assert manifest["heads"] == HEADS
-    assert manifest["inputs"] == [{"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32], "layout": "NCHW"}]
+    assert manifest["inputs"] == [
+        {"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32], "layout": "NCHW"}
+    ]
     assert [o["name"] for o in manifest["outputs"]] == list(HEADS)
     onnx_path = run_dir / "export" / "model.onnx"
     assert manifest["files"]["model.onnx"] == {"sha256": sha256_file(onnx_path), "bytes": onnx_path.stat().st_size}
@@ -89,7 +92,11 @@ def test_verify_report_per_head(exported):
         assert h["max_abs_diff"] < 1e-4 <= h["allowed_max_abs_diff"]
         assert h["top1_agreement"] == 1.0 and abs(h["accuracy_delta_points"]) == 0.0
         assert 0.0 <= h["accuracy_pytorch"] <= 1.0
-    assert report["tolerances"]["fp32"] == {"max_abs_diff": 1e-3, "min_top1_agreement": 0.99, "max_acc_delta_points": 0.5}
+    assert report["tolerances"]["fp32"] == {
+        "max_abs_diff": 1e-3,
+        "min_top1_agreement": 0.99,
+        "max_acc_delta_points": 0.5,
+    }
 
 
 def test_bentoml_store_holds_the_servable_files(exported):

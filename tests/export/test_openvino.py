@@ -1,6 +1,7 @@
 """OpenVINO IR: fp32 and NNCF int8 exported from the tiny run, verified through the serving runtime, stored with
 both files of each IR, selected by `--runtime`, checked by sha256 before loading, and served by the service with
 no onnxruntime installed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,12 +111,17 @@ def test_auto_picks_openvino_where_it_measured_faster(ov_export, monkeypatch):
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
     export_dir = ov_export[0] / "export"
     manifest = read_manifest(export_dir)
-    manifest = dataclasses.replace(manifest, artifacts={n: e for n, e in manifest.artifacts.items() if n != "openvino-int8"})
+    manifest = dataclasses.replace(
+        manifest, artifacts={n: e for n, e in manifest.artifacts.items() if n != "openvino-int8"}
+    )
     for name, speed in (("onnx", 1000.0), ("openvino", 2000.0)):
         manifest = with_speed(manifest, name, speed)
     assert auto_order(manifest)[0] == "openvino"
     chosen = select_runtime("auto", manifest, export_dir)
-    assert chosen.artifact == "openvino" and "fastest verified artifact measured on this machine" in chosen.selected_because
+    assert (
+        chosen.artifact == "openvino"
+        and "fastest verified artifact measured on this machine" in chosen.selected_because
+    )
     assert "openvino 2,000 img/s" in chosen.selected_because and "onnx 1,000 img/s" in chosen.selected_because
     manifest = with_speed(manifest, "onnx", 3000.0)
     assert select_runtime("auto", manifest, export_dir).artifact == "onnx"
@@ -174,8 +180,10 @@ def test_the_ir_is_built_from_the_fp32_onnx_file_and_served_on_cpu_only():
     assert row.requires("fp32") == row.requires("int8") == (("onnx", "fp32"),)
     assert row.devices == ("cpu",) and row.companions == (".bin",) and row.auto_rank > FORMATS["onnx"].auto_rank
     # serving imports runtime.py where neither openvino nor onnxruntime is installed; only loading needs one
-    code = ("import sys\nfor m in ('openvino', 'onnxruntime', 'torch'): sys.modules[m] = None\n"
-            "import transferkit.serving.runtime as r\nprint(r.OpenVinoRuntime.unavailable_reason({}))")
+    code = (
+        "import sys\nfor m in ('openvino', 'onnxruntime', 'torch'): sys.modules[m] = None\n"
+        "import transferkit.serving.runtime as r\nprint(r.OpenVinoRuntime.unavailable_reason({}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and "transferkit[openvino]" in done.stdout, done.stderr
 

@@ -1,4 +1,5 @@
 """Bad options are refused before any work; AOTInductor export on this machine (slow)."""
+
 import json
 
 import pytest

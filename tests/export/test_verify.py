@@ -1,4 +1,5 @@
 """Verify (exported formats against PyTorch): tolerances on synthetic logits, and a tampered ONNX file that must not be served."""
+
 import json
 
 import numpy as np

@@ -4,6 +4,7 @@ Two heads from two real datasets (sklearn digits, Fashion-MNIST), 32 px, ImageNe
 heads are random, so accuracy is ~10%: enough for contract tests (verify compares runtimes, not quality).
 Everything is made once per test session and cached here (both conftests call these helpers).
 """
+
 from __future__ import annotations
 
 import shutil

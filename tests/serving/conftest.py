@@ -1,4 +1,5 @@
 """Fixtures for serving tests: the exported tiny run, real test images, the service behind an ASGI client."""
+
 from __future__ import annotations
 
 import importlib

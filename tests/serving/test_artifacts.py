@@ -1,4 +1,5 @@
 """Exported files are checked against manifest.json (size, then sha256) before serving loads them."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """MicroBatcher on its own (no server): merging, order, admission, errors, abandoned requests, idle latency."""
+
 import asyncio
 import time
 

@@ -1,6 +1,7 @@
 """`build_bento`: a Bento with the service code, the stored model and a Dockerfile; it serves from the Bento.
 The recipe (bentofile and Dockerfile template) is checked without Docker; tests/serving/test_docker_image.py
 builds and runs the image."""
+
 import json
 import os
 import re
@@ -122,14 +123,14 @@ def test_dockerfile_is_lean_non_root_with_healthcheck_and_exec_entrypoint(tmp_pa
 
     healthcheck = next(line for line in lines if line.startswith("HEALTHCHECK"))
     assert "--interval=" in healthcheck
-    check = json.loads(body[body.index("CMD [", body.index("HEALTHCHECK")) + 4:].split("\n", 1)[0])
+    check = json.loads(body[body.index("CMD [", body.index("HEALTHCHECK")) + 4 :].split("\n", 1)[0])
     assert check[0].endswith("python") and "/readyz" in check[-1]
 
-    entrypoint = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT "))[len("ENTRYPOINT "):])
+    entrypoint = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT "))[len("ENTRYPOINT ") :])
     assert entrypoint == ["/app/.venv/bin/bentoml", "serve", "/home/bentoml/bento", "--timeout-graceful-shutdown", "2"]
     assert lines[-1] == "CMD []" and "STOPSIGNAL SIGTERM" in lines
 
-    labels = dict(re.findall(r'([\w.]+)="([^"]*)"', body[body.index("LABEL"):body.index("HEALTHCHECK")]))
+    labels = dict(re.findall(r'([\w.]+)="([^"]*)"', body[body.index("LABEL") : body.index("HEALTHCHECK")]))
     import transferkit
 
     assert labels["transferkit.model"] == "transferkit-demo:abc123"

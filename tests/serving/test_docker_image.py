@@ -3,6 +3,7 @@
 Needs a Docker engine (`make docker-test` sets one up where /work/shared/tools/docker-setup.sh exists); skipped,
 with the reason, where none answers. The default test run leaves it out (`-m "not docker"` in pyproject.toml).
 """
+
 import json
 import os
 import subprocess
@@ -69,8 +70,8 @@ def wait_ready(url: str, container: str, limit: float = 120) -> float:
 def expected_top_labels(export_dir, data: bytes) -> dict[str, str]:
     """Top-1 label per head for an encoded image, computed here on the host from the exported ONNX file and its
     manifest's preprocessing: no HTTP, no container, no batching."""
-    from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
     from transferkit.manifest import read_manifest
+    from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
     from transferkit.serving.runtime import load_runtime
 
     manifest = read_manifest(export_dir)

@@ -4,6 +4,7 @@ in flight and traffic has stopped, or at the deadline.
 SIGTERM is delivered here by calling the installed handler, as the interpreter does when the signal arrives:
 a real signal to the test process itself (which holds ONNX Runtime, OpenVINO and torch threads by then) is left
 to tests/serving/test_lifecycle.py, which sends it to a real server under load."""
+
 from __future__ import annotations
 
 import asyncio

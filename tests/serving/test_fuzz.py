@@ -1,5 +1,6 @@
 """Property-based fuzzing of /predict (in-process, the same ASGI app the server runs): whatever the bytes,
 the answer is a 200 or a 4xx with a JSON error, never a 5xx, and the service answers a good request after."""
+
 import base64
 
 from hypothesis import HealthCheck, given, settings

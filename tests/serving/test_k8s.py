@@ -6,6 +6,7 @@ schema cannot see: names that must point at each other, the grace period against
 user against the image's. The writer needs no Bento, so most tests call it directly; the CLI tests replace
 `bentoml build` with a stand-in, but one (slow). The `docker` test runs the image the way the Deployment does.
 """
+
 import io
 import os
 import re
@@ -18,8 +19,8 @@ import yaml
 from transferkit import cli
 from transferkit.errors import ConfigError
 from transferkit.serving import k8s
-from transferkit.serving.settings import ServingSettings
 from transferkit.serving.k8s import K8sOptions, manifests, write_manifests
+from transferkit.serving.settings import ServingSettings
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]'")
 from kubernetes_validate.utils import all_versions  # noqa: E402

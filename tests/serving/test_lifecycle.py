@@ -4,6 +4,7 @@ BentoML's circus arbiter starts each worker with setsid(), so the workers are ou
 survive their parent; these tests record the whole tree (psutil) before the signal and check that nothing
 of it is left afterwards, that the port is free, and that a request in flight still gets its answer.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,8 +76,14 @@ class SlowUpload:
         buf = io.BytesIO()
         Image.new("RGB", (48, 48), (200, 40, 90)).save(buf, "PNG")
         b = "lifecycle-boundary"
-        self.body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-                     "Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{b}--\r\n".encode()
+        self.body = (
+            (
+                f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + buf.getvalue()
+            + f"\r\n--{b}--\r\n".encode()
+        )
         self.headers = {"Content-Type": f"multipart/form-data; boundary={b}", "Content-Length": str(len(self.body))}
         self.url, self.pause = url, pause
         self.started = threading.Event()

@@ -1,4 +1,5 @@
 """Runtimes on the exported ONNX: selection rules, refusal of unverified formats, batch handling."""
+
 import dataclasses
 
 import numpy as np
@@ -48,7 +49,9 @@ def test_auto_picks_onnxruntime_here_and_explicit_choices_explain_themselves(exp
 
 
 def test_a_format_that_failed_verification_is_never_selected(exported, manifest):
-    failed = manifest.with_artifact(dataclasses.replace(manifest.artifacts["onnx"], status="export ok but verification failed"))
+    failed = manifest.with_artifact(
+        dataclasses.replace(manifest.artifacts["onnx"], status="export ok but verification failed")
+    )
     for name in ("auto", "onnxruntime"):
         with pytest.raises(TransferkitError, match="not servable"):
             select_runtime(name, failed, exported[0] / "export")

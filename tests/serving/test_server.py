@@ -1,6 +1,7 @@
 """A real `transferkit serve` on 127.0.0.1 used as clients use it: many at once. Health, metrics, the client,
 a concurrent burst answered in full with batched runtime calls, and the OpenAPI document checked by an
 OpenAPI-driven fuzzer against the live server."""
+
 import re
 import shutil
 import subprocess
@@ -11,8 +12,8 @@ import httpx
 import pytest
 
 from tests.export.tiny import make_tiny_run
-from transferkit.errors import TransferkitError
 from tests.serving.conftest import concurrent_posts
+from transferkit.errors import TransferkitError
 from transferkit.serving import predict_files, resolve_served_model, start_server
 
 
@@ -93,10 +94,27 @@ def test_the_openapi_document_holds_under_an_openapi_driven_fuzzer(server):
     request to succeed; a schema cannot say "these bytes decode as an image", so random bytes get a 400."""
     st = Path(sys.executable).with_name("st")
     config = Path(__file__).with_name("schemathesis.toml")
-    proc = subprocess.run([str(st), "--config-file", str(config), "run", server.url + "/docs.json", "--checks", "all",
-                           "--exclude-checks", "positive_data_acceptance", "--max-examples", "60", "--seed", "1",
-                           "--no-color"],  # fmt: skip
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(st),
+            "--config-file",
+            str(config),
+            "run",
+            server.url + "/docs.json",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            "60",
+            "--seed",
+            "1",
+            "--no-color",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\d+ generated, \d+ passed", proc.stdout), proc.stdout[-2000:]
 

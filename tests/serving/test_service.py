@@ -1,5 +1,6 @@
 """The service in-process (ASGI test client): real images in, top-k per head out, in request order; every
 kind of bad input gets a 4xx JSON error with a request id, and the service keeps answering."""
+
 import asyncio
 import base64
 import struct
@@ -187,8 +188,9 @@ def live_service(client):
     return bentoml.get_current_service()
 
 
-def test_a_runtime_failure_is_a_json_500_with_a_request_id_and_the_service_goes_on(client, images, live_service,
-                                                                                   monkeypatch, caplog):
+def test_a_runtime_failure_is_a_json_500_with_a_request_id_and_the_service_goes_on(
+    client, images, live_service, monkeypatch, caplog
+):
     def broken(batch):
         raise RuntimeError("simulated engine failure")
 

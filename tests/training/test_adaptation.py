@@ -1,4 +1,5 @@
 """Adaptation to the unlabeled images: AdaBN, the mean teacher, self-training rounds, their config and resume."""
+
 import copy
 import json
 import re
@@ -91,8 +92,9 @@ def test_teacher_follows_the_student_by_ema_and_is_the_one_called(digits_32):
 
 
 def test_trainer_takes_pseudo_labels_from_the_teacher(tmp_path):
-    cfg = config_from_dict({**TINY, "teacher_ema": 0.9, "unlabeled_start": 0.0, "unlabeled_rampup": 0.0,
-                           "out": str(tmp_path / "r")})
+    cfg = config_from_dict(
+        {**TINY, "teacher_ema": 0.9, "unlabeled_start": 0.0, "unlabeled_rampup": 0.0, "out": str(tmp_path / "r")}
+    )
     loop = TrainLoop(cfg.validate(), tmp_path / "r", DistInfo(), torch.device("cpu"), resuming=False)
     seen = {"teacher": [], "student": []}
     loop.labeller.teacher.register_forward_hook(lambda m, i, o: seen["teacher"].append(len(i[0])))
@@ -159,8 +161,15 @@ class _Killed(Exception):
 
 
 def test_resume_with_the_teacher_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    values = {**TINY, "epochs": 2, "teacher_ema": 0.9, "adapt_bn": True, "unlabeled_start": 0.0,
-              "unlabeled_rampup": 0.0, "checkpoint_every": 3}
+    values = {
+        **TINY,
+        "epochs": 2,
+        "teacher_ema": 0.9,
+        "adapt_bn": True,
+        "unlabeled_start": 0.0,
+        "unlabeled_rampup": 0.0,
+        "checkpoint_every": 3,
+    }
     reference = train(config_from_dict({**values, "out": str(tmp_path / "ref")}))
 
     original = TrainLoop.train_step

@@ -1,5 +1,6 @@
 """Distillation (`transferkit distill`): the KD loss by hand, heads merged by class names, teachers fed at their
 own input size, and a real two-teacher run that evaluates, exports, serves and resumes after a kill."""
+
 import json
 import os
 import signal
@@ -165,7 +166,9 @@ def test_options_are_refused_before_any_data(tiny_run, tmp_path):
         check_teacher(unfinished)
     proc = run_cli("distill", "--data", "mnist", "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2 and "distill needs --teachers" in proc.stderr
-    proc = run_cli("distill", "--teachers", str(unfinished), "--data", "mnist", "--out", str(tmp_path / "r"), check=False)
+    proc = run_cli(
+        "distill", "--teachers", str(unfinished), "--data", "mnist", "--out", str(tmp_path / "r"), check=False
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "train --resume" in proc.stderr, proc.stderr
 
 
@@ -174,7 +177,10 @@ def test_distilled_run_evaluates_exports_and_serves(distilled, tiny_run, teacher
     from transferkit.manifest import read_manifest
     from transferkit.serving.runtime import load_runtime
 
-    assert json.loads((distilled / "labels.json").read_text())["datasets"] == {"mnist": "mnist", "fashion-mnist": "fashion-mnist"}
+    assert json.loads((distilled / "labels.json").read_text())["datasets"] == {
+        "mnist": "mnist",
+        "fashion-mnist": "fashion-mnist",
+    }
     assert "kd_loss" in json.loads((distilled / "metrics.json").read_text())["history"][0]
     proc = run_cli("eval", str(distilled))
     assert "student beside its teachers" in proc.stdout and "teacher mnist48" in proc.stdout

@@ -1,4 +1,5 @@
 """Step progress: a tqdm bar on a terminal, a plain line every few seconds elsewhere (CI, nohup, docker logs)."""
+
 import io
 
 from transferkit.training.metrics_log import LineProgress, progress_bar

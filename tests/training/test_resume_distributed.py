@@ -1,4 +1,5 @@
 """Exact resume after SIGKILL, and torchrun with two CPU processes (gloo)."""
+
 import json
 import os
 import signal

@@ -1,4 +1,5 @@
 """labels.json records each dataset's spec; export verification reloads datasets by it, never by position."""
+
 import json
 
 import pytest
@@ -27,7 +28,9 @@ def test_training_setup_records_every_dataset_spec(digits_folder, tmp_path):
     config = TrainConfig(data=["digits", folder], image_size=32, limit=32, weights="none", heads="separate")
     setup = build_setup(config.validate(), torch.device("cpu"))
     assert setup.plan.labels.specs == {"digits": "digits", digits_folder.name: folder}
-    assert setup.model.preprocessing == setup.preprocessing == Preprocessing(image_size=32, jpeg_draft=True)  # a new run
+    assert (
+        setup.model.preprocessing == setup.preprocessing == Preprocessing(image_size=32, jpeg_draft=True)
+    )  # a new run
     save_run_metadata(tmp_path, config, setup.preprocessing, setup.plan.labels)
     assert json.loads((tmp_path / "labels.json").read_text())["specs"][digits_folder.name] == folder
     assert load_run(tmp_path).labels == setup.plan.labels

@@ -33,7 +33,9 @@ def test_order_is_a_function_of_seed_and_epoch():
     b = MultiDatasetSampler([40, 40], 8, seed=5)
     assert all(np.array_equal(x, y) for x, y in zip(a.epoch_batches(2), b.epoch_batches(2)))
     assert not all(np.array_equal(x, y) for x, y in zip(a.epoch_batches(2), a.epoch_batches(3)))
-    assert not np.array_equal(np.concatenate(a.epoch_batches(0)), np.concatenate(MultiDatasetSampler([40, 40], 8, seed=6).epoch_batches(0)))
+    assert not np.array_equal(
+        np.concatenate(a.epoch_batches(0)), np.concatenate(MultiDatasetSampler([40, 40], 8, seed=6).epoch_batches(0))
+    )
 
 
 def test_shards_partition_a_batch():

@@ -1,4 +1,5 @@
 """Fine-tune schedule options through the CLI on tiny real runs."""
+
 import json
 import math
 

@@ -1,4 +1,5 @@
 """Training through the CLI on real data at 32 px: run directory, determinism, transfer, pseudo-labels."""
+
 import json
 
 import pytest

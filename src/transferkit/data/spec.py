@@ -9,6 +9,7 @@
 dataset's short name: the registry name, or an image folder's directory name. That name keys labels.json,
 heads and manifests; the spec itself says where the images come from.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ class DatasetSpec:
     head: str | None = None  # for unlabeled datasets: the head (or a labelled dataset standing for it)
 
     @classmethod
-    def parse(cls, text: "str | DatasetSpec", with_head: bool = True) -> "DatasetSpec":
+    def parse(cls, text: str | DatasetSpec, with_head: bool = True) -> DatasetSpec:
         """`NAME`, `imagefolder:PATH`, and (with_head) either with `=HEAD`. Without `with_head` an `=` is
         part of the name or path, as it is for `--data`, where heads are planned from class names."""
         if isinstance(text, DatasetSpec):
@@ -52,13 +53,13 @@ class DatasetSpec:
             return self.source
         return Path(self.path).expanduser().resolve().name or "images"
 
-    def resolved(self) -> "DatasetSpec":
+    def resolved(self) -> DatasetSpec:
         """The same dataset with an absolute folder path, valid from any working directory."""
         if self.path is None:
             return self
         return replace(self, source=f"{IMAGEFOLDER}{Path(self.path).expanduser().resolve()}")
 
-    def without_head(self) -> "DatasetSpec":
+    def without_head(self) -> DatasetSpec:
         return replace(self, head=None)
 
     def __str__(self) -> str:

@@ -5,6 +5,7 @@ model costs to serve: parameters, model.pt size and CPU latency at batch 32. Lat
 process, round-robin over the models (one call of each per round, median over rounds), so a machine busy
 with other work slows every model alike instead of whichever happened to run during the busy spell.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -75,7 +76,9 @@ def measure_latencies(models: list[torch.nn.Module], sizes: list[int], rounds: i
 
 def measure_costs(run: Run, rounds: int = 10) -> list[ModelCost]:
     """Student and every teacher that still exists: parameters, model.pt bytes, median CPU latency."""
-    dirs = [("student", run.dir)] + [(f"teacher {Path(t).name}", Path(t)) for t in run.config.teachers if Path(t).is_dir()]
+    dirs = [("student", run.dir)] + [
+        (f"teacher {Path(t).name}", Path(t)) for t in run.config.teachers if Path(t).is_dir()
+    ]
     models, runs = [], []
     for _, d in dirs:
         model, r = load_run_model(d)  # on the CPU

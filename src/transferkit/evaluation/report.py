@@ -6,6 +6,7 @@
 The matrix itself (which head can score which dataset, accuracy and coverage per cell) is computed by
 transferkit.training.eval_matrix; this module writes what a reader looks at.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.runs import load_run
 from transferkit.evaluation.distill import ModelCost, format_costs, format_side_by_side, measure_costs
+from transferkit.runs import load_run
 from transferkit.training.eval_matrix import Matrix, evaluate_all, format_matrix
 from transferkit.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
 

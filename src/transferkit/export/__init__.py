@@ -7,6 +7,7 @@ Every format is checked against PyTorch on held-out images (`verify`) before it 
 servable files are saved to the BentoML model store (`store`), where the service loads them from. The formats
 table, status words and tolerances are data in `transferkit.artifact`; `FORMATS` joins them to the exporters.
 """
+
 from transferkit.artifact import (
     EXPORT_FAILED,
     EXPORTED,

@@ -5,6 +5,7 @@ CPU, a CUDA package on CUDA. It is loaded with `torch._inductor.aoti_load_packag
 serving time (the lean ONNX serving image does not have it). Compiling needs a C++ compiler; on a 2-core CPU
 it takes about a minute for mobilenet_v2.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ def aoti_unavailable_reason(device: str) -> str | None:
     return None
 
 
-def export_aoti(model: "torch.nn.Module", example: "torch.Tensor", path: Path, device: str,
+def export_aoti(model: torch.nn.Module, example: torch.Tensor, path: Path, device: str,
                 batch_range: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
     """Compile `model` for `device` with a dynamic batch in `batch_range` (min, max) into the .pt2 `path`."""
     import torch

@@ -11,12 +11,14 @@ not timed; a runner with several runtime options (OpenVINO: latency and throughp
 Writes RUN/export/benchmark.json, and records each servable artifact's batch-32 figure (its fastest options) in
 the manifest as this machine's measurement: what `serve --runtime auto` picks by on this machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +152,9 @@ def format_benchmark_table(rows: list[BenchmarkRow], batches: tuple[int, ...] = 
         lat = [f"{r.latency_ms[b]:.2f}" if b in r.latency_ms else "-" for b in batches]
         tput = r.throughput(big)
         timed = big in r.latency_ms
-        vs_onnx = f"{onnx.latency_ms[big] / r.latency_ms[big]:.2f}x" if timed and onnx and big in onnx.latency_ms else "-"
+        vs_onnx = (
+            f"{onnx.latency_ms[big] / r.latency_ms[big]:.2f}x" if timed and onnx and big in onnx.latency_ms else "-"
+        )
         vs_torch = f"{base.latency_ms[big] / r.latency_ms[big]:.2f}x" if timed else "-"
         hint = r.options.get("performance_hint")
         name = f"{r.format} [{hint.lower()}]" if hint else r.format

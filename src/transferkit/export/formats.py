@@ -21,12 +21,13 @@ asks for `onnx` and `onnx-int8` (transferkit.artifact.artifact_name). An artifac
 (`requires`): tensorrt from the ONNX file of its precision (int8 from the QDQ model, the others from fp32),
 onnx-int8 from the fp32 ONNX file, openvino (both precisions) from the fp32 ONNX file (export/openvino.py).
 """
+
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 from transferkit.artifact import (
     FORMAT_SPECS,
@@ -40,9 +41,9 @@ from transferkit.artifact import (
 )
 from transferkit.errors import ConfigError
 from transferkit.export.aoti import aoti_unavailable_reason, export_aoti
+from transferkit.export.job import Exported, ExportJob
 from transferkit.export.onnx import export_onnx, export_onnx_fp16, onnx_unavailable_reason, simplify_onnx
 from transferkit.export.openvino import export_openvino, openvino_requires, openvino_unavailable_reason
-from transferkit.export.job import Exported, ExportJob
 from transferkit.export.quantize import quantization_unavailable_reason, quantize_for_tensorrt, quantize_onnx_int8
 from transferkit.export.tensorrt import build_engine, tensorrt_unavailable_reason
 
@@ -97,8 +98,11 @@ def _export_aoti(job: ExportJob, path: Path) -> Exported:
 
 EXPORTERS: dict[str, Exporter] = {
     "onnx": Exporter(_export_onnx, _onnx_unavailable, requires=_onnx_requires),
-    "tensorrt": Exporter(_export_tensorrt, lambda device, precision: tensorrt_unavailable_reason(),
-                         requires=lambda precision: (("onnx", "fp32"),)),  # fmt: skip
+    "tensorrt": Exporter(
+        _export_tensorrt,
+        lambda device, precision: tensorrt_unavailable_reason(),
+        requires=lambda precision: (("onnx", "fp32"),),
+    ),  # fmt: skip
     "aoti": Exporter(_export_aoti, lambda device, precision: aoti_unavailable_reason(device)),
     "openvino": Exporter(export_openvino, openvino_unavailable_reason, requires=openvino_requires),
 }
@@ -113,7 +117,7 @@ class ExportFormat(FormatSpec):
     requires: Callable[[str], tuple[tuple[str, str], ...]] = lambda precision: ()
 
     @classmethod
-    def join(cls, spec: FormatSpec, exporter: Exporter) -> "ExportFormat":
+    def join(cls, spec: FormatSpec, exporter: Exporter) -> ExportFormat:
         data = {f.name: getattr(spec, f.name) for f in fields(FormatSpec)}
         return cls(**data, export=exporter.export, unavailable=exporter.unavailable, requires=exporter.requires)
 

@@ -22,13 +22,15 @@ metric is one minus the gate's violation on the validation split (largest |accur
 disagreement per head, each over its bound), so `max_drop=1` is exactly "passes the gate's bounds" and the
 ranking of what to keep in fp32 uses per-image top-1 agreement with PyTorch.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -232,12 +234,17 @@ def int8_details(built_from: str, result: SearchResult, calibration: np.ndarray,
     chosen = result.chosen
     return {
         "built_from": built_from,
-        "quantization": {"chosen": result.chosen_plan, "passed_on_validation": result.passed,
-                         "calibration_images": int(len(calibration)),
-                         "calibration_images_per_dataset": options.calibration_images,
-                         "budget_s": options.int8_budget_s, "fallback": options.int8_fallback,
-                         "fp32_images_per_second": round(result.fp32_images_per_second, 1)
-                         if result.fp32_images_per_second else None},  # fmt: skip
+        "quantization": {
+            "chosen": result.chosen_plan,
+            "passed_on_validation": result.passed,
+            "calibration_images": int(len(calibration)),
+            "calibration_images_per_dataset": options.calibration_images,
+            "budget_s": options.int8_budget_s,
+            "fallback": options.int8_fallback,
+            "fp32_images_per_second": round(result.fp32_images_per_second, 1)
+            if result.fp32_images_per_second
+            else None,
+        },  # fmt: skip
         "fp32_layers": chosen.fp32_layers if chosen else [],
         "splits": dict(SPLITS),
         "selection_images": {h: dict(d) for h, d in selection.inputs.datasets.items()},

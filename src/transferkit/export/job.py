@@ -1,11 +1,13 @@
 """What one export shares between its exporters: the user's options, the job (model, folder, calibration and
 selection data), and what an exporter reports back. Imports no exporter, so every exporter can import it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,7 +32,7 @@ class SelectionSet:
     tightens the bounds here, so a choice that barely passes on one split does not fail on the other by noise.
     """
 
-    inputs: "VerifyInputs"
+    inputs: VerifyInputs
     reference: dict[str, np.ndarray]  # head -> PyTorch logits on inputs.batch
     tolerance: Tolerance
     margin: float = 0.75
@@ -74,11 +76,15 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         if self.calibration_method not in CALIBRATION_METHODS:
-            raise ConfigError(f"calibration method {self.calibration_method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+            raise ConfigError(
+                f"calibration method {self.calibration_method!r}; use one of {', '.join(CALIBRATION_METHODS)}"
+            )
         if self.int8_fallback not in FALLBACKS:
             raise ConfigError(f"--int8-fallback {self.int8_fallback!r}; use one of {', '.join(FALLBACKS)}")
         if self.calibration_images < 1:
-            raise ConfigError(f"--calibration-images must be >= 1 (train images per dataset), got {self.calibration_images}")
+            raise ConfigError(
+                f"--calibration-images must be >= 1 (train images per dataset), got {self.calibration_images}"
+            )
         if self.max_fp32_layers < 0:
             raise ConfigError(f"--max-fp32-layers must be >= 0, got {self.max_fp32_layers}")
         if not self.int8_budget_s > 0:
@@ -93,7 +99,9 @@ class ExportOptions:
         tol = spec.tolerances[precision]
         return replace(
             tol,
-            max_acc_delta_points=tol.max_acc_delta_points if self.max_acc_delta_points is None else self.max_acc_delta_points,
+            max_acc_delta_points=tol.max_acc_delta_points
+            if self.max_acc_delta_points is None
+            else self.max_acc_delta_points,
             min_top1_agreement=tol.min_top1_agreement if self.min_top1_agreement is None else self.min_top1_agreement,
         )
 
@@ -102,7 +110,7 @@ class ExportOptions:
 class ExportJob:
     """What export_run shares between the exporters of one export; each exporter is handed its own part."""
 
-    model: "torch.nn.Module"  # ExportModule in eval mode, on CPU: images -> tuple of logits (head order)
+    model: torch.nn.Module  # ExportModule in eval mode, on CPU: images -> tuple of logits (head order)
     export_dir: Path
     precision: str  # one of the row's precisions
     device: str  # cpu | cuda | cuda:N: where device-specific artifacts (aoti) are compiled for
@@ -116,7 +124,7 @@ class ExportJob:
     # split the gate judges the chosen artifact on)
     selection: SelectionSet | None = None
 
-    def example_input(self, batch: int = 2) -> "torch.Tensor":
+    def example_input(self, batch: int = 2) -> torch.Tensor:
         import torch
 
         # batch 2, not 1: an exporter that sees batch 1 may specialise the dimension to a constant.
@@ -136,5 +144,3 @@ class Exported:
     batch_range: tuple[int, int] | None = None  # the batch range compiled in (TensorRT profile, AOTInductor)
     device: str | None = None  # the device it was compiled for (AOTInductor: cpu | cuda)
     built_for_gpu: str | None = None  # the GPU a TensorRT engine runs on
-
-

@@ -7,12 +7,14 @@ INT8 search compares attempts, and how `transferkit benchmark` times every artif
 Each figure is recorded with the machine (CPU name, instruction sets, cores) and its load average, because
 `--runtime auto` trusts a speed only on a machine like the one it was measured on (transferkit.machine).
 """
+
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,7 +44,7 @@ def batch_of(images: np.ndarray, n: int = MEASURE_BATCH) -> np.ndarray:
     return np.ascontiguousarray(np.resize(images, (n, *images.shape[1:])))
 
 
-def measure_artifact(make_runtime: Callable[[], "Runtime"], verified: "Runtime", export_dir: Path, manifest: Manifest,
+def measure_artifact(make_runtime: Callable[[], Runtime], verified: Runtime, export_dir: Path, manifest: Manifest,
                      images: np.ndarray, repeats: int = 7, by: str = "export") -> tuple[Measurement | None, list[dict[str, Any]]]:  # fmt: skip  # noqa: E501
     """Images/s at batch 32 under each runtime option the runner offers (OpenVINO: latency and throughput
     hints); -> the fastest as a Measurement, and every option's figure. The runtime that verified the artifact
@@ -71,9 +73,6 @@ def measure_artifact(make_runtime: Callable[[], "Runtime"], verified: "Runtime",
                        options), tuning  # fmt: skip
 
 
-def _loaded(runtime: "Runtime", options, export_dir: Path, manifest: Manifest) -> "Runtime":
+def _loaded(runtime: Runtime, options, export_dir: Path, manifest: Manifest) -> Runtime:
     runtime.options = options
     return runtime.load(export_dir, manifest)
-
-
-

@@ -5,6 +5,7 @@ Only if it fails do we fall back to the TorchScript exporter, and the manifest r
 fallback is never silent. Weights are embedded (`external_data=False`): one file is easier to hash, copy and
 serve; ONNX's protobuf limit makes that work up to 2 GB, far above the backbones used here.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,7 +32,7 @@ def onnx_unavailable_reason() -> str | None:
     return None
 
 
-def export_onnx(model: "torch.nn.Module", example: "torch.Tensor", path: Path, head_names: list[str]) -> dict[str, Any]:
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, head_names: list[str]) -> dict[str, Any]:
     """Write `path` atomically from `model` traced on `example` (N,3,S,S); -> details for the manifest."""
     import torch
 
@@ -94,7 +95,7 @@ def check_onnx(path: Path, head_names: list[str], image_size: int) -> None:
         raise TransferkitError(f"{path}: input shape {shape}; expected [batch, 3, {image_size}, {image_size}]")
 
 
-def export_onnx_fp16(model: "torch.nn.Module", example: "torch.Tensor", path: Path,
+def export_onnx_fp16(model: torch.nn.Module, example: torch.Tensor, path: Path,
                      head_names: list[str]) -> dict[str, Any]:  # fmt: skip
     """fp16 weights and activations with fp32 `images` in and fp32 logits out: the cast is part of the graph,
     so clients, the service and the runtimes see the same contract as fp32. Exported from a half-precision copy

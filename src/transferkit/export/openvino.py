@@ -24,6 +24,7 @@ An IR is two files: the XML graph and the weights it names by stem (model-int8.x
 are written into a temporary folder beside the target, fsynced, then renamed, weights first and the XML last,
 so a reader never finds a new XML with old weights and a failed export leaves no half-written pair.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,7 +49,7 @@ INSTALL_HINT = "pip install 'transferkit[openvino]'"
 NNCF_PRESET = "mixed"  # symmetric int8 weights, asymmetric uint8 activations (like the QDQ model's)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_problem(module: str) -> str | None:
     """Why `module` does not import (missing, or a broken install), once per process."""
     try:
@@ -68,7 +69,7 @@ def openvino_requires(precision: str) -> tuple[tuple[str, str], ...]:
     return (("onnx", "fp32"),)  # both precisions start from the verified fp32 ONNX file
 
 
-def export_openvino(job: "ExportJob", path: Path) -> Exported:
+def export_openvino(job: ExportJob, path: Path) -> Exported:
     """The ONNX fp32 file -> the IR at `path` (and its .bin) for job.precision -> manifest details."""
     import openvino as ov
 
@@ -86,7 +87,7 @@ def export_openvino(job: "ExportJob", path: Path) -> Exported:
     return Exported(details)
 
 
-def convert(onnx_path: Path, head_names: list[str]) -> "openvino.Model":
+def convert(onnx_path: Path, head_names: list[str]) -> openvino.Model:
     """ONNX -> an in-memory OpenVINO model, checked to keep what serving relies on: one input named
     INPUT_NAME with a dynamic batch, and one output per head, named after it (a name conversion dropped is put
     back, so the runtime can always read the heads by name)."""
@@ -99,7 +100,9 @@ def convert(onnx_path: Path, head_names: list[str]) -> "openvino.Model":
     if not model.inputs[0].get_partial_shape()[0].is_dynamic:
         raise TransferkitError(f"{onnx_path.name}: the batch dimension of {INPUT_NAME!r} is static after conversion")
     if len(model.outputs) != len(head_names):
-        raise TransferkitError(f"{onnx_path.name} converts to {len(model.outputs)} outputs, expected the heads {head_names}")
+        raise TransferkitError(
+            f"{onnx_path.name} converts to {len(model.outputs)} outputs, expected the heads {head_names}"
+        )
     for output, head in zip(model.outputs, head_names):
         if head not in output.get_names():  # the ONNX outputs are the heads, in order (export/onnx.py)
             output.get_tensor().set_names({head, *output.get_names()})
@@ -133,7 +136,7 @@ class OpenVinoEngine(Engine):
         return batched_logits(run, images, self.heads)
 
 
-def openvino_int8_plans(model: "openvino.Model", job: "ExportJob", calibration: np.ndarray, engine: OpenVinoEngine
+def openvino_int8_plans(model: openvino.Model, job: ExportJob, calibration: np.ndarray, engine: OpenVinoEngine
                         ) -> list[Plan]:  # fmt: skip
     """What the search tries for openvino-int8, in order: NNCF's default (mixed preset, fast bias correction), full
     bias correction, then NNCF accuracy control (mixed precision, only if neither passed), then twice the
@@ -146,7 +149,7 @@ def openvino_int8_plans(model: "openvino.Model", job: "ExportJob", calibration: 
     options = job.options
     preset = nncf.QuantizationPreset(NNCF_PRESET)
 
-    def dataset(images: np.ndarray) -> "nncf.Dataset":
+    def dataset(images: np.ndarray) -> nncf.Dataset:
         return nncf.Dataset([{INPUT_NAME: images[i : i + 1]} for i in range(len(images))])  # one image per item
 
     def quantize(images: np.ndarray = calibration, **kwargs: Any) -> Candidate:
@@ -174,7 +177,7 @@ def openvino_int8_plans(model: "openvino.Model", job: "ExportJob", calibration: 
     ]  # fmt: skip
 
 
-def quantize_nncf(model: "openvino.Model", job: "ExportJob") -> tuple["openvino.Model", dict[str, Any]]:
+def quantize_nncf(model: openvino.Model, job: ExportJob) -> tuple[openvino.Model, dict[str, Any]]:
     """The fastest NNCF INT8 model that passes on the validation split (export/int8.py), with every attempt."""
     if job.calibration is None or job.selection is None:
         raise TransferkitError("INT8 export needs calibration images and the validation split (export_run gives both)")
@@ -189,7 +192,7 @@ def quantize_nncf(model: "openvino.Model", job: "ExportJob") -> tuple["openvino.
                                              job.options)  # fmt: skip
 
 
-def save_ir(model: "openvino.Model", path: Path) -> None:
+def save_ir(model: openvino.Model, path: Path) -> None:
     """Write the IR pair at `path` (.xml) and path.with_suffix('.bin') atomically: weights first, XML last."""
     import openvino as ov
 

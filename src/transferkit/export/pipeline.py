@@ -15,6 +15,7 @@ Options are checked before any work. An artifact exported again replaces its ent
 time keep their earlier entries only if they passed, their files are unchanged, and they were exported from the
 same model.pt (same sha256); a failed earlier entry is dropped, so it never lingers in the manifest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.artifact import EXPORT_FAILED, EXPORTED, PASSED, UNAVAILABLE, VERIFY_FAILED, artifact_files, artifact_name, check_device  # noqa: E501
+from transferkit.artifact import (  # noqa: E501
+    EXPORT_FAILED,
+    EXPORTED,
+    PASSED,
+    UNAVAILABLE,
+    VERIFY_FAILED,
+    artifact_files,
+    artifact_name,
+    check_device,
+)
 from transferkit.errors import ConfigError
 from transferkit.export import verify
 from transferkit.export.formats import FORMATS, ArtifactRequest, ExportFormat, check_request, with_requirements
@@ -133,7 +143,9 @@ def export_run(
     selection = None
     if any(r.precision == "int8" for r in plan):  # INT8 chooses among its attempts on the validation split
         val = verify.load_verify_inputs(run, verify_images, split="val")
-        selection = SelectionSet(val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8"))
+        selection = SelectionSet(
+            val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8")
+        )
     job = ExportJob(module, export_dir, "fp32", device, heads, run.preprocessing.image_size, options=options,
                     calibration=lambda n: verify.load_calibration_images(run, n), selection=selection)  # fmt: skip
 
@@ -325,4 +337,3 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
         write_manifest(export_dir, manifest)
         return ExportResult(Path(run_dir), export_dir, results, old.tag)
     return _finish(run_dir, export_dir, manifest, _verify_document(inputs, results), results, store)
-

@@ -16,12 +16,14 @@ step costs one validation, not a new calibration. It stays beside NNCF's accurac
 layers differently (end-to-end logit error here, per-image agreement there), and the search keeps whichever
 passes faster. The same QDQ form is what TensorRT's explicit quantization consumes (export/tensorrt.py).
 """
+
 from __future__ import annotations
 
 import importlib.util
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -113,13 +115,13 @@ def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: n
     return int(len(calibration))
 
 
-def repairable_layers(qdq: "onnx.ModelProto") -> list[str]:
+def repairable_layers(qdq: onnx.ModelProto) -> list[str]:
     """Quantized layers, in graph order: nodes of REPAIRABLE_OPS with at least one input from DequantizeLinear."""
     dq_outputs = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return [n.name for n in qdq.graph.node if n.op_type in REPAIRABLE_OPS and any(i in dq_outputs for i in n.input)]
 
 
-def keep_in_fp32(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", layers: list[str]) -> "onnx.ModelProto":
+def keep_in_fp32(qdq: onnx.ModelProto, fp32: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
     """A copy of the QDQ model where `layers` run in fp32: each reads the inputs it has in the fp32 model (the
     fp32 tensors and weights its Q/DQ pairs stood for); Q/DQ nodes and initializers left unread are removed."""
     import onnx
@@ -152,7 +154,7 @@ def keep_in_fp32(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", layers: list[s
     return model
 
 
-def _prune(model: "onnx.ModelProto") -> None:
+def _prune(model: onnx.ModelProto) -> None:
     """Drop nodes whose outputs nobody reads (repeatedly: a dead DQ makes its Q dead) and unread initializers."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
@@ -168,7 +170,7 @@ def _prune(model: "onnx.ModelProto") -> None:
         graph.initializer.remove(init)
 
 
-def _logits(model: "onnx.ModelProto", images: np.ndarray) -> list[np.ndarray]:
+def _logits(model: onnx.ModelProto, images: np.ndarray) -> list[np.ndarray]:
     from transferkit.serving.runtime import onnx_session
 
     session = onnx_session(model.SerializeToString())
@@ -181,7 +183,7 @@ def _distance(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
     return float(sum(np.mean((g - r) ** 2) / (np.var(r) + 1e-12) for r, g in zip(reference, got)))
 
 
-def rank_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", images: np.ndarray,
+def rank_layers(qdq: onnx.ModelProto, fp32: onnx.ModelProto, images: np.ndarray,
                 check: Callable[[], None] = lambda: None) -> list[tuple[str, float]]:  # fmt: skip
     """Each quantized layer with the fraction of the output error that keeping it alone in fp32 removes,
     largest first (per-layer sensitivity, measured end to end on `images`). `check` runs before each layer's
@@ -196,7 +198,7 @@ def rank_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", images: np.ndar
     return sorted(scores, key=lambda s: -s[1])
 
 
-def module_names(model: "onnx.ModelProto") -> dict[str, str]:
+def module_names(model: onnx.ModelProto) -> dict[str, str]:
     """ONNX node name -> the PyTorch module it came from (the exporter's name scopes, `backbone.features.0.1`),
     so the repair's log names layers the way the model's code does."""
     import ast
@@ -230,7 +232,7 @@ class OnnxEngine(Engine):
         self.heads = heads
         self._cache: tuple[Any, Any] | None = None  # (model, session): the model held, so its id stays unique
 
-    def _logits(self, model: "onnx.ModelProto", images: np.ndarray) -> dict[str, np.ndarray]:
+    def _logits(self, model: onnx.ModelProto, images: np.ndarray) -> dict[str, np.ndarray]:
         from transferkit.serving.runtime import onnx_session
 
         if self._cache is None or self._cache[0] is not model:
@@ -240,7 +242,7 @@ class OnnxEngine(Engine):
                               self.heads)  # fmt: skip
 
 
-def onnx_int8_plans(fp32_path: Path, tmp: Path, job: "ExportJob", calibration: np.ndarray, engine: OnnxEngine
+def onnx_int8_plans(fp32_path: Path, tmp: Path, job: ExportJob, calibration: np.ndarray, engine: OnnxEngine
                     ) -> list[Plan]:  # fmt: skip
     """What the search tries for onnx-int8, in order: onnxruntime's static QDQ quantization with each calibration
     method (the chosen --calibration-method first), NNCF's; then, mixed precision, the per-layer repair of the
@@ -294,7 +296,7 @@ def onnx_int8_plans(fp32_path: Path, tmp: Path, job: "ExportJob", calibration: n
     ]  # fmt: skip
 
 
-def repair_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", fp32_path: Path, job: "ExportJob",
+def repair_layers(qdq: onnx.ModelProto, fp32: onnx.ModelProto, fp32_path: Path, job: ExportJob,
                   engine: OnnxEngine) -> Candidate:  # fmt: skip
     """The per-layer repair of a QDQ model: rank layers by how much keeping each alone in fp32 brings the logits
     back (on validation images), then keep the worst 1, 2, 4, ... (up to --max-fp32-layers) in fp32 until the
@@ -302,7 +304,9 @@ def repair_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", fp32_path: Pa
     import onnx
 
     selection, budget = job.selection, job.options.max_fp32_layers
-    sample = selection.inputs.batch[np.random.default_rng(0).permutation(len(selection.inputs.batch))[:SENSITIVITY_IMAGES]]
+    sample = selection.inputs.batch[
+        np.random.default_rng(0).permutation(len(selection.inputs.batch))[:SENSITIVITY_IMAGES]
+    ]
     ranking = rank_layers(qdq, fp32, sample, engine.check_deadline)
     modules = module_names(onnx.load(str(fp32_path)))
     named = lambda layers: [f"{n} ({modules[n]})" if n in modules else n for n in layers]  # noqa: E731
@@ -319,7 +323,7 @@ def repair_layers(qdq: "onnx.ModelProto", fp32: "onnx.ModelProto", fp32_path: Pa
     return Candidate(model, named(layers), {"steps": steps, "sensitivity": sensitivity})
 
 
-def quantize_onnx_int8(fp32_path: Path, path: Path, job: "ExportJob") -> dict[str, Any]:
+def quantize_onnx_int8(fp32_path: Path, path: Path, job: ExportJob) -> dict[str, Any]:
     """fp32 ONNX -> the fastest INT8 model that passes on the validation split, at `path` (atomically) ->
     manifest details, with every attempt."""
     import onnx
@@ -340,7 +344,7 @@ def quantize_onnx_int8(fp32_path: Path, path: Path, job: "ExportJob") -> dict[st
     return int8_details(fp32_path.name, result, calibration, job.selection, job.options)
 
 
-def quantize_for_tensorrt(fp32_path: Path, out_path: Path, job: "ExportJob") -> dict[str, Any]:
+def quantize_for_tensorrt(fp32_path: Path, out_path: Path, job: ExportJob) -> dict[str, Any]:
     """The QDQ model a TensorRT INT8 engine is built from: symmetric int8 activations, same calibration images
     and method as onnx-int8. The engine is gated by verify like every artifact (no per-layer repair there)."""
     if job.calibration is None:

@@ -6,6 +6,7 @@ The stored model holds the servable artifacts, their manifest.json and verify.js
 (backbone, heads, formats) so `bentoml models list/get` says what it is. The store lives in $BENTOML_HOME
 (default ~/bentoml). Each export adds a new version under the run's model name.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -7,6 +7,7 @@ onnx    passed  fp32       8.9 MB  digits  1.9e-06  100.0%       97.3%      97.3
 
 Imports nothing from the rest of export at run time, so the exporters can use `one_line` too.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

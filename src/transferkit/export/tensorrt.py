@@ -8,6 +8,7 @@ An engine is specific to the GPU model and TensorRT version it was built with, s
 and serving refuses an engine built for another GPU. Needs the [gpu] extra (`tensorrt`) and a CUDA device;
 elsewhere the format reports "not available here" with the reason, and nothing is faked.
 """
+
 from __future__ import annotations
 
 import importlib.util

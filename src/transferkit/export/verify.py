@@ -20,6 +20,7 @@ overridable per export (`--max-acc-delta`, `--min-agreement`):
   fp16       5e-2                    0.995               0.3
   int8       not checked             0.97                1.0
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -51,7 +52,7 @@ class VerifyInputs:
     datasets: dict[str, dict[str, int]]  # head -> {dataset: images used}
 
 
-def dataset_sources(run: "Run") -> dict[str, str]:
+def dataset_sources(run: Run) -> dict[str, str]:
     """labels.json dataset keys (short names) -> the DatasetSpec load_dataset takes: the one labels.json
     recorded, or (runs made before it recorded them) the config.data entry of that name."""
     from transferkit.data import DatasetSpec
@@ -60,11 +61,13 @@ def dataset_sources(run: "Run") -> dict[str, str]:
     keys = list(run.labels.datasets)
     missing = [k for k in keys if k not in short_to_source]
     if missing:
-        raise DataError(f"cannot tell which config.data entry held dataset(s) {missing}; config.data = {run.config.data}")
+        raise DataError(
+            f"cannot tell which config.data entry held dataset(s) {missing}; config.data = {run.config.data}"
+        )
     return {k: short_to_source[k] for k in keys}
 
 
-def load_verify_inputs(run: "Run", images_per_dataset: int, split: str = "test") -> VerifyInputs:
+def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -> VerifyInputs:
     """`split` images of every dataset in run.labels.datasets (a seeded subset of `images_per_dataset`): the
     test split for the gate, the validation split for choosing among INT8 attempts."""
     from transferkit.data import load_dataset
@@ -97,7 +100,7 @@ def load_verify_inputs(run: "Run", images_per_dataset: int, split: str = "test")
     return VerifyInputs(pre.normalize_numpy(np.concatenate(pixels)), rows, labels, datasets)
 
 
-def load_calibration_images(run: "Run", images_per_dataset: int) -> np.ndarray:
+def load_calibration_images(run: Run, images_per_dataset: int) -> np.ndarray:
     """Train-split images of every dataset of the run (a seeded subset of `images_per_dataset` each, the same
     on every export), normalised by the run's preprocessing: what INT8 calibration sees. Never test images:
     those are what the gate judges the quantized model on."""
@@ -118,7 +121,7 @@ def load_calibration_images(run: "Run", images_per_dataset: int) -> np.ndarray:
     return pre.normalize_numpy(np.concatenate(parts))
 
 
-def pytorch_logits(model: "torch.nn.Module", batch: np.ndarray, head_names: list[str]) -> dict[str, np.ndarray]:
+def pytorch_logits(model: torch.nn.Module, batch: np.ndarray, head_names: list[str]) -> dict[str, np.ndarray]:
     """The reference: ExportModule in fp32 eval mode on CPU."""
     import torch
 
@@ -129,7 +132,7 @@ def pytorch_logits(model: "torch.nn.Module", batch: np.ndarray, head_names: list
     return {h: np.concatenate([o[k] for o in outs]) for k, h in enumerate(head_names)}
 
 
-def onnx_file_logits(path: "Path", batch: np.ndarray, head_names: list[str]) -> dict[str, np.ndarray]:
+def onnx_file_logits(path: Path, batch: np.ndarray, head_names: list[str]) -> dict[str, np.ndarray]:
     """An ONNX file's logits from ONNX Runtime on CPU, as verify runs them (for a candidate file the INT8
     repair gates before it becomes an artifact)."""
     from transferkit.serving.runtime import onnx_session
@@ -140,7 +143,7 @@ def onnx_file_logits(path: "Path", batch: np.ndarray, head_names: list[str]) -> 
     return {h: np.concatenate([p[k] for p in parts]) for k, h in enumerate(head_names)}
 
 
-def runtime_logits(runtime: "Runtime", batch: np.ndarray) -> dict[str, np.ndarray]:
+def runtime_logits(runtime: Runtime, batch: np.ndarray) -> dict[str, np.ndarray]:
     parts = [runtime.run(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)]
     return {h: np.concatenate([p[h] for p in parts]) for h in runtime.heads}
 
@@ -227,4 +230,3 @@ def compare(
         failures += head_failures
     return {"passed": not failures, "precision": precision, "tolerance": asdict(tol), "heads": heads,
             "failures": failures}  # fmt: skip
-

@@ -16,6 +16,7 @@ At most PREFETCH + streams + 1 batches of pixels exist at a time, whatever the n
 cannot be scored (missing, unreadable, not an image, corrupt, too large) is a row with its error and the batch
 goes on without it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,9 +25,10 @@ import multiprocessing
 import os
 import queue
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +73,9 @@ class Scorer:
             streams = 1 if type(chosen).device_kind(entry) == "gpu" else cores
         self.streams = max(1, streams)
         per_stream = max(1, (threads or cores) // self.streams)
-        runtimes = [chosen] + [select_runtime(self.artifact, self.manifest, export_dir) for _ in range(self.streams - 1)]
+        runtimes = [chosen] + [
+            select_runtime(self.artifact, self.manifest, export_dir) for _ in range(self.streams - 1)
+        ]
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # the runtimes not running a batch right now
         for loaded in runtimes:
             loaded.threads = per_stream

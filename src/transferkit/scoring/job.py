@@ -9,15 +9,17 @@ commits parts and joins them. The defaults fit the machine: a decode thread and 
 runtime works while the decode threads wait on files and Pillow's C code), batches of 64. The ray engine runs
 engine.py's Scorer in a pool of Ray actors instead and writes a folder of Parquet files.
 """
+
 from __future__ import annotations
 
 import itertools
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -101,7 +103,7 @@ def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int, eng
 def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = None, *, top_k: int = 5,
           runtime: str = "auto", batch_size: int = BATCH_SIZE, workers: int | None = None, threads: int | None = None,
           part_rows: int = PART_ROWS, progress: bool = False, engine: str = "local", ray_address: str | None = None,
-          num_cpus: float | None = None, num_gpus: float = 0.0) -> "Summary | Iterator[dict[str, Any]]":  # fmt: skip
+          num_cpus: float | None = None, num_gpus: float = 0.0) -> Summary | Iterator[dict[str, Any]]:  # fmt: skip
     """Score every image in `inputs` (folders, globs, list files, imagefolder:PATH) with RUN's verified artifact.
     Without `out`: an iterator of rows. With it: the file written (resuming an interrupted run) and a Summary.
     engine="ray": `workers` actors (default: the cluster's CPUs / num_cpus), each with `num_cpus` CPUs (default

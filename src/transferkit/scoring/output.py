@@ -11,13 +11,15 @@ Columns: `path`; per head `<head>_labels` and `<head>_scores` (the top-k, best f
 inputs, `<head>_true`; `error` (the message, empty when scored) and `error_kind`. In CSV the label and score
 lists are JSON arrays.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +34,10 @@ JOB_FILE = "job.json"
 def schema(heads: list[str], with_truth: bool) -> pa.Schema:
     fields = [pa.field("path", pa.string())]
     for head in heads:
-        fields += [pa.field(f"{head}_labels", pa.list_(pa.string())), pa.field(f"{head}_scores", pa.list_(pa.float64()))]
+        fields += [
+            pa.field(f"{head}_labels", pa.list_(pa.string())),
+            pa.field(f"{head}_scores", pa.list_(pa.float64())),
+        ]
         if with_truth:
             fields.append(pa.field(f"{head}_true", pa.string()))
     return pa.schema(fields + [pa.field("error", pa.string()), pa.field("error_kind", pa.string())])

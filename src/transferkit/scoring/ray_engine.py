@@ -20,6 +20,7 @@ batches as the local engine and the rows are the same to the bit. On a cluster o
 the run folder and OUT must be at the same paths on every node (a shared filesystem), as Ray's own file
 readers require of local paths.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transferkit.errors import ConfigError, TransferkitError
-from transferkit.scoring.engine import Scorer, ScoreError, decode_file
+from transferkit.scoring.engine import ScoreError, Scorer, decode_file
 from transferkit.scoring.output import schema
 from transferkit.scoring.sources import Item, Source, iter_items
 
@@ -51,7 +52,9 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401 - the data extra (pyarrow, pandas) comes with it
     except ImportError:
-        raise ConfigError("--engine ray needs Ray Data: pip install 'transferkit[ray]' (or pip install 'ray[data]')") from None
+        raise ConfigError(
+            "--engine ray needs Ray Data: pip install 'transferkit[ray]' (or pip install 'ray[data]')"
+        ) from None
     return ray
 
 

@@ -13,14 +13,15 @@ position), and paths stream: a folder of millions of files is never held as a li
 before any image is scored: a missing SRC, a list without a `path` column or an imagefolder whose classes no
 head knows is refused with the fix.
 """
+
 from __future__ import annotations
 
 import csv
 import glob
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from transferkit.errors import ConfigError
 
@@ -68,7 +69,9 @@ class Source:
 def open_sources(specs: list[str], heads: dict[str, list[str]]) -> list[Source]:
     """SRC strings -> checked Sources, or a ConfigError naming the bad one and the fix."""
     if not specs:
-        raise ConfigError("no inputs; give --input with a folder, a glob, a .txt/.csv/.parquet list or imagefolder:PATH")
+        raise ConfigError(
+            "no inputs; give --input with a folder, a glob, a .txt/.csv/.parquet list or imagefolder:PATH"
+        )
     return [_open(spec, heads) for spec in specs]
 
 
@@ -107,7 +110,9 @@ def _imagefolder(spec: str, root: Path, heads: dict[str, list[str]]) -> Source:
         raise ConfigError(f"input {spec}: {root} has no class folders; imagefolder:PATH needs PATH/<class>/<image>")
     matching = tuple(h for h, labels in heads.items() if set(classes) <= set(labels))
     if not matching:
-        known = "; ".join(f"{h}: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}" for h, labels in heads.items())
+        known = "; ".join(
+            f"{h}: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}" for h, labels in heads.items()
+        )
         raise ConfigError(f"input {spec}: no head of this model has all of its classes ({', '.join(classes[:6])}"
                           f"{', ...' if len(classes) > 6 else ''}); the heads' labels: {known}. Rename the class "
                           "folders, or give the plain folder to score without accuracy")  # fmt: skip
@@ -132,7 +137,9 @@ def _check_list(path: Path, kind: str) -> None:
         with open(path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         if "path" not in header:
-            raise ConfigError(f"input {path}: the CSV has no `path` column (its columns: {', '.join(header) or 'none'})")
+            raise ConfigError(
+                f"input {path}: the CSV has no `path` column (its columns: {', '.join(header) or 'none'})"
+            )
     elif kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -3,9 +3,10 @@
 Nothing here imports torch at import time: the serving image has numpy, Pillow, ONNX Runtime and BentoML only.
 (`transferkit.serving.service` is the BentoML service module; it is imported by `bentoml serve`, not here.)
 """
+
+from transferkit.manifest import read_manifest
 from transferkit.serving.build import BuildResult, build_bento
 from transferkit.serving.client import format_predictions, predict_files
-from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime, load_runtime, select_runtime
 from transferkit.serving.server import ServerHandle, resolve_served_model, serve, start_server
 

@@ -17,6 +17,7 @@ Back-pressure: `admit` counts images from the moment a request is accepted until
 queued or running). Past `max_queue` the request is refused at once (the caller answers 503 with Retry-After),
 so a flood gets fast refusals instead of an ever-growing queue and timeouts for everyone.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,9 +26,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class MicroBatcher:
 
     # ---- admission ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def admit(self, images: int = 1) -> Iterator["_Admission"]:
+    def admit(self, images: int = 1) -> Iterator[_Admission]:
         admission = _Admission(self)
         try:
             admission.add(images)

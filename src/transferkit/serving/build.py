@@ -13,6 +13,7 @@ ready. The build context is a temporary folder with only the serving modules, so
 site-packages matter. `bentoml build` runs as a child process and locks the Python requirements with uv against
 the package index, so it needs that index and can take a minute.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,10 @@ from pathlib import Path
 import yaml
 
 import transferkit
-from transferkit.version import __version__
 from transferkit.errors import TransferkitError
 from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
+from transferkit.version import __version__
 
 PACKAGE_DIR = Path(transferkit.__file__).resolve().parent
 TEMPLATE = PACKAGE_DIR / "serving" / "Dockerfile.j2"

@@ -1,4 +1,5 @@
 """HTTP client for a running transferkit server: `predict_files(["a.jpg"], url)` -> the server's answers."""
+
 from __future__ import annotations
 
 import mimetypes

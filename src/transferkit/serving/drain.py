@@ -14,6 +14,7 @@ So on SIGTERM a worker first drains:
 uvicorn installs its SIGTERM handler before the service starts; the service then wraps it (install()), and the
 drain calls it when it ends, so uvicorn's shutdown and its re-raised signal behave exactly as before.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 logger = logging.getLogger("transferkit.serving")
 

@@ -14,14 +14,15 @@ X-Request-ID header and is logged with any server-side failure:
     415 not multipart/JSON/a raw image body, or an image format other than JPEG/PNG/WebP
     503 at capacity (Retry-After), or shutting down (Connection: close)      504 not answered within the deadline      500 a bug (logged with traceback)
 """
+
 from __future__ import annotations
 
 import asyncio
 import hmac
 import itertools
-import sys
 import logging
 import re
+import sys
 import uuid
 from typing import Any
 
@@ -192,6 +193,9 @@ class PredictFastPath:
 def create_app() -> Starlette:
     from starlette.exceptions import HTTPException
 
-    routes = [Route("/predict", predict, methods=["POST"]), Route("/docs.json", docs, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
+    routes = [
+        Route("/predict", predict, methods=["POST"]),
+        Route("/docs.json", docs, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

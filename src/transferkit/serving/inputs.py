@@ -14,13 +14,15 @@ type, 413 for a body over the upload limit or more than `max_images` images, 400
 The body is read here with a running byte count, so an oversized upload is refused while it streams in,
 before it is buffered whole.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from transferkit.serving.settings import MAX_TOP_K
 

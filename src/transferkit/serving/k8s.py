@@ -32,6 +32,7 @@ Plain dicts and yaml.safe_dump: no cluster, Docker or Bento is needed, only the 
 - The selector is name + instance only: a Deployment's selector is immutable, so it must not carry a version.
 - An API key comes from a Secret, never as a literal in a manifest that may land in version control.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,9 @@ from pathlib import Path
 
 import yaml
 
-from transferkit.version import __version__
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.serving.settings import API_KEY_ENV, PREFIX, ServingSettings, default_workers
+from transferkit.version import __version__
 
 PORT, PORT_NAME, SERVICE_PORT = 3000, "http", 80  # the image's EXPOSE (BentoML's default port)
 IMAGE_UID = 1034  # BentoML's Dockerfile template creates the image's user `bentoml` with this UID and GID
@@ -142,10 +143,13 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
     annotations = {"transferkit.model": model_tag, "transferkit.version": __version__,
                    "transferkit.runtime": runtime}  # fmt: skip
     workers = options.workers(runtime)
-    env = [{"name": PREFIX + "WORKERS", "value": str(workers)},
-           {"name": PREFIX + "THREADS", "value": str(max(1, options.whole_cpus // workers))},
-           # the writable places under a read-only root: BentoML's home and ONNX Runtime's cache
-           {"name": "BENTOML_HOME", "value": "/tmp/bentoml"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"}]
+    env = [
+        {"name": PREFIX + "WORKERS", "value": str(workers)},
+        {"name": PREFIX + "THREADS", "value": str(max(1, options.whole_cpus // workers))},
+        # the writable places under a read-only root: BentoML's home and ONNX Runtime's cache
+        {"name": "BENTOML_HOME", "value": "/tmp/bentoml"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+    ]
     if options.api_key_secret:
         secret, _, key = options.api_key_secret.partition(":")
         env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": key or "api-key"}}})
@@ -165,10 +169,14 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
         "startupProbe": probe("/readyz", delay=2, period=2, timeout=2, failures=60),
         "readinessProbe": probe("/readyz", delay=0, period=5, timeout=3, failures=3),
         "livenessProbe": probe("/livez", delay=0, period=10, timeout=5, failures=3),
-        "lifecycle": {"preStop": {"exec": {"command": [IMAGE_PYTHON, "-c",
-                                                       f"import time; time.sleep({PRESTOP_SLEEP_S})"]}}},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},  # fmt: skip
+        "lifecycle": {
+            "preStop": {"exec": {"command": [IMAGE_PYTHON, "-c", f"import time; time.sleep({PRESTOP_SLEEP_S})"]}}
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },  # fmt: skip
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     pod = {
@@ -176,8 +184,12 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
         "spec": {
             "automountServiceAccountToken": False,
             "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + math.ceil(drain_seconds()) + EXIT_MARGIN_S,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
-                                "seccompProfile": {"type": "RuntimeDefault"}},  # fmt: skip
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": IMAGE_UID,
+                "runAsGroup": IMAGE_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },  # fmt: skip
             "containers": [container],
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}}],
         },
@@ -206,9 +218,11 @@ def render(docs: dict[str, dict], model_tag: str, image_from_bento: bool = False
         if image_from_bento and doc["kind"] == "Deployment":
             at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("image: "))
             indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
-            lines[at:at] = [f"{indent}# The name `bentoml containerize` gives the image by default. Push the image",
-                            f"{indent}# to a registry this cluster pulls from and put its name here (or pass",
-                            f"{indent}# `--image REGISTRY/NAME:TAG` to transferkit build)."]
+            lines[at:at] = [
+                f"{indent}# The name `bentoml containerize` gives the image by default. Push the image",
+                f"{indent}# to a registry this cluster pulls from and put its name here (or pass",
+                f"{indent}# `--image REGISTRY/NAME:TAG` to transferkit build).",
+            ]
         header = f"# {doc['kind']} for {model_tag}, written by `transferkit build --k8s` ({__version__})"
         texts[filename] = "\n".join([header, *lines]) + "\n"
     return texts

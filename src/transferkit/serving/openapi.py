@@ -5,6 +5,7 @@ exactly: both request encodings, both answer shapes, and every status code with 
 the one place that does, so a change to the route's inputs or answers belongs here too. The document is
 checked by an OpenAPI-driven fuzzer in the tests.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,11 +68,19 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
         "images": {**many, "minItems": 1, "items": {"type": "string", "format": "byte", "minLength": 1},
                    "description": "base64-encoded files"},
         "top_k": top_k}}  # fmt: skip
-    raw = {"type": "string", "format": "binary", "minLength": 1,
-           "description": "the image file itself (curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg')"}
+    raw = {
+        "type": "string",
+        "format": "binary",
+        "minLength": 1,
+        "description": "the image file itself (curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg')",
+    }
     answer = {"oneOf": [{"$ref": "#/components/schemas/Prediction"}, {"$ref": "#/components/schemas/PredictionList"}]}
-    responses: dict[str, Any] = {"200": {"description": "top-k labels per head: one object for `image`, a list "
-                                         "for `images`", "content": {"application/json": {"schema": answer}}}}
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "top-k labels per head: one object for `image`, a list for `images`",
+            "content": {"application/json": {"schema": answer}},
+        }
+    }
     for status, text in _STATUSES.items():
         if status == "401" and not settings.api_key:
             continue

@@ -2,6 +2,7 @@
 in the BentoML model store, its files matching their sha256, servable on this machine. Needs no torch and no
 process supervision (`build` imports this, not the server).
 """
+
 from __future__ import annotations
 
 import os

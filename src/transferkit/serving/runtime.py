@@ -24,6 +24,7 @@ logs it. Never an artifact whose verification failed, and never a precision the 
 on GPU only (fp16 ONNX) on a CPU. This module imports nothing heavy at import time: the lean serving image has no
 torch, and only the runtime that is used imports its engine.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -68,7 +69,7 @@ class Runtime(ABC):
         devices = FORMAT_SPECS[cls.format].devices
         return devices[0] if len(devices) == 1 else "cpu"
 
-    def load(self, export_dir: str | Path, manifest: Manifest) -> "Runtime":
+    def load(self, export_dir: str | Path, manifest: Manifest) -> Runtime:
         entry = manifest.artifacts[self.artifact]
         path = Path(export_dir) / entry.file
         if not path.is_file():
@@ -101,7 +102,7 @@ class Runtime(ABC):
         return {h: np.concatenate([p[h] for p in parts]).astype(np.float32, copy=False) for h in self.heads}
 
 
-def onnx_session(model: "str | Path | bytes", providers: list[str] | None = None, threads: int | None = None):
+def onnx_session(model: str | Path | bytes, providers: list[str] | None = None, threads: int | None = None):
     """An ONNX Runtime session as transferkit runs every ONNX model (serving, verify, the INT8 search): all graph
     optimisations (QDQ fusions included), the CPU provider unless `providers` says otherwise, and, with
     `threads`, that many intra-op threads that sleep instead of spinning when idle."""
@@ -159,7 +160,11 @@ class OnnxRuntime(Runtime):
         if not hasattr(self, "session"):
             return super().description
         provider = self.session.get_providers()[0]
-        return f"{self.name} ({provider})" if self.artifact == self.format else f"{self.name} ({self.artifact}, {provider})"
+        return (
+            f"{self.name} ({provider})"
+            if self.artifact == self.format
+            else f"{self.name} ({self.artifact}, {provider})"
+        )
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.heads, {INPUT_NAME: batch})
@@ -456,8 +461,9 @@ def select_runtime(name: str, manifest: Manifest, export_dir: str | Path | None 
                            f"here ({detail})")  # fmt: skip
 
 
-def load_runtime(name: str, export_dir: str | Path, manifest: Manifest, threads: int | None = None,
-                 check_files: bool = False) -> Runtime:
+def load_runtime(
+    name: str, export_dir: str | Path, manifest: Manifest, threads: int | None = None, check_files: bool = False
+) -> Runtime:
     """Select and load a runtime. `check_files`: check the artifact's files against the manifest's sha256
     first (serving does, so a file changed after export is never loaded)."""
     runtime = select_runtime(name, manifest, export_dir)

@@ -20,6 +20,7 @@ serving on the inherited socket. Hence the lifecycle here:
 
 `start_server` runs that same CLI (`python -m transferkit serve`) in the background for tests and scripts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,10 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -56,8 +58,9 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def build_settings(settings: ServingSettings | None = None, api_key_file: str | Path | None = None,
-                   **overrides: Any) -> ServingSettings:
+def build_settings(
+    settings: ServingSettings | None = None, api_key_file: str | Path | None = None, **overrides: Any
+) -> ServingSettings:
     """ServingSettings from (lowest first) defaults, $TRANSFERKIT_* (unless `settings` is given), then
     `overrides` (None means not given). The key: `api_key_file`, else $TRANSFERKIT_API_KEY(_FILE)."""
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ServingSettings)}
@@ -137,6 +140,7 @@ def stop_tree(proc: subprocess.Popen, timeout: float, orphans: bool = False,
     is still tracked. `orphans`: this process is the subreaper of `proc`'s tree, so all of its own other
     descendants count as well (and are reaped here).
     """
+
     def scan() -> list[psutil.Process]:
         return [p for p in descendants() if p.pid != proc.pid] if orphans else descendants(proc.pid)
 
@@ -306,7 +310,7 @@ class ServerHandle:
                           RuntimeWarning, stacklevel=2)  # fmt: skip
         return killed
 
-    def __enter__(self) -> "ServerHandle":
+    def __enter__(self) -> ServerHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:

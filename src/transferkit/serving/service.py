@@ -10,6 +10,7 @@ workers x threads stays within the cores), a small decode thread pool and a Micr
 the environment (settings.py): `transferkit serve` sets them, a container takes them with `docker run -e`.
 The model tag is $TRANSFERKIT_MODEL or the Bento argument `model` that `transferkit build` records.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,13 +23,13 @@ import bentoml
 import numpy as np
 
 from transferkit.errors import ImageDecodeError
+from transferkit.manifest import read_manifest
 from transferkit.predictions import rank, top_labels
 from transferkit.preprocess import Preprocessing
 from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import PredictFastPath, create_app
 from transferkit.serving.inputs import ClientError
-from transferkit.manifest import read_manifest
 from transferkit.serving.runtime import load_runtime
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 from transferkit.serving.stack import http_stack
@@ -118,7 +119,9 @@ class TransferkitService:
                                     on_batch=lambda n: _metrics()["batch"].observe(n))  # fmt: skip
         # Decoding is Python + Pillow work per image; a few threads overlap it with socket I/O and the model call
         # without oversubscribing the cores the other workers use.
-        self.decode_pool = ThreadPoolExecutor(max(2, SETTINGS.resolved_threads), thread_name_prefix="transferkit-decode")
+        self.decode_pool = ThreadPoolExecutor(
+            max(2, SETTINGS.resolved_threads), thread_name_prefix="transferkit-decode"
+        )
         s = self.pre.image_size
         for n in sorted({1, SETTINGS.max_batch}):  # first calls at a new batch size allocate: do them now
             self._run_batch(np.zeros((n, s, s, 3), np.uint8))

@@ -26,12 +26,13 @@ OpenTelemetry middleware alone about 30% with no exporter configured; with all t
 from 661 to 1,007 req/s at 64 clients. So they are off unless asked for; each maps onto BentoML's own
 configuration keys (service.py), which BENTOML_CONFIG still overrides.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 
 from transferkit.artifact import FORMAT_SPECS, MAX_BATCH
 from transferkit.errors import ConfigError
@@ -120,7 +121,7 @@ class ServingSettings:
         return env
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "ServingSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ServingSettings:
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for f in fields(cls):

@@ -7,6 +7,7 @@ they are importable (`loop="auto"`, `http="auto"`, BentoML's settings). The work
 exports it on /metrics as `transferkit_http_stack{loop=...,parser=...} 1`, so a deployment that lost the fast
 stack (a trimmed image, a changed dependency) shows it.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -16,11 +16,12 @@ BatchNorm statistics. Self-training rounds are in rounds.py.
 Either way the labeller runs without gradients on the weak view only, so the student's forward and backward
 carry the labelled batch and the strong view, not the weak view as well.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ class PseudoLabeller:
         self.started = False  # the teacher is a copy of the student from the first pseudo-labelled step on
 
     @classmethod
-    def for_run(cls, config, model: nn.Module, pre: Preprocessing) -> "PseudoLabeller":
+    def for_run(cls, config, model: nn.Module, pre: Preprocessing) -> PseudoLabeller:
         """The labeller a run's config asks for; no teacher copy where nothing is pseudo-labelled."""
         labels = bool(config.unlabeled) and not config.teachers
         return cls(model, pre, config.teacher_ema if labels else 0.0, config.adapt_bn)

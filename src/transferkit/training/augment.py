@@ -7,6 +7,7 @@ strong: translation, rotation ±15°, scale 0.9-1.1, brightness/contrast jitter,
 All randomness comes from one torch.Generator on the training device whose state is checkpointed, so a
 resumed run draws the same augmentations as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import math

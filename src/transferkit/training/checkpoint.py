@@ -4,6 +4,7 @@ Holds everything the next step depends on: model, optimizer, scheduler, EMA, the
 epoch's batch order (which `MultiDatasetSampler` regenerates from the seed), the freeze stage, the
 augmentation generator and the global CPU/CUDA RNG states (dropout), and the history so far.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

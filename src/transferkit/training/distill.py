@@ -28,6 +28,7 @@ interpolate per teacher; a second, un-augmented pool at each teacher's size woul
 and give targets for a view the student never sees. A teacher larger than the student therefore sees the
 student's detail upsampled (benchmarks/distill.py reports the teachers' accuracy fed that way).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -115,7 +116,9 @@ def _merge(labels: list[Labels], label_map: LabelMap):
     return entries, plan_heads([(key, classes) for key, _, _, classes in entries], "shared", label_map)
 
 
-def plan_student_heads(labels: list[Labels], datasets: list[tuple[str, list[str]]], label_map: LabelMap) -> tuple[HeadPlan, dict[str, list[tuple[int, str]]]]:
+def plan_student_heads(
+    labels: list[Labels], datasets: list[tuple[str, list[str]]], label_map: LabelMap
+) -> tuple[HeadPlan, dict[str, list[tuple[int, str]]]]:
     """-> (the student's HeadPlan: heads from the teachers, each dataset on the head with its class names;
     {student head: [(teacher index, teacher head)]})."""
     entries, merged = _merge(labels, label_map)

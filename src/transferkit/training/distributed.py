@@ -4,6 +4,7 @@ NCCL on GPUs (one per process, by LOCAL_RANK), gloo on CPU. Every process builds
 (the sampler is a function of seed and epoch) and trains on its strided slice; gradients are averaged by
 DDP. Only rank 0 writes artifacts and prints progress.
 """
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 into it. A cell is the accuracy over the dataset's images whose class exists in the head, with the
 coverage (share of images that could be scored). A run started with --init also scores its source run on
 the same datasets, side by side, and a distilled run scores each of its teachers the same way."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ def evaluate_all(run: Run, extra: list[str] | None, split: str, teachers: bool =
         result.source = _score_other(run.config.init, specs, loaded, run.config.limit, split, device)
     for teacher in run.config.teachers if teachers else []:
         gone = not Path(teacher).is_dir()
-        result.teachers[teacher] = None if gone else _score_other(teacher, specs, loaded, run.config.limit, split, device)
+        result.teachers[teacher] = (
+            None if gone else _score_other(teacher, specs, loaded, run.config.limit, split, device)
+        )
     return result
 
 

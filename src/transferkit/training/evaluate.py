@@ -1,4 +1,5 @@
 """Batched inference and accuracy, shared by validation during training and `transferkit eval`."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ label space; evaluation scores a head on any dataset whose classes map into it. 
 normalisation (case, surrounding whitespace, `_`/`-`/space runs), and an optional label map turns synonyms
 into one canonical name first (`{"sneaker": "shoe", "ankle boot": "boot"}`).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ class LabelMap:
         self.synonyms = {normalize_class_name(k): normalize_class_name(v) for k, v in (synonyms or {}).items()}
 
     @classmethod
-    def from_file(cls, path: str | Path | None) -> "LabelMap":
+    def from_file(cls, path: str | Path | None) -> LabelMap:
         if path is None:
             return cls()
         text = Path(path).read_text()

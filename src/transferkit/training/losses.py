@@ -1,6 +1,7 @@
 """Per-step losses. Every head computes a loss on every sample and masks out samples of other heads, so
 a batch may lack a dataset entirely (its head then contributes zero) and every parameter stays in the
 graph (DistributedDataParallel needs no `find_unused_parameters`)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Per-epoch metrics: RUN/metrics.json (history + best), RUN/metrics.csv, optional TensorBoard events;
 and the step progress shown while an epoch runs (`progress_bar`)."""
+
 from __future__ import annotations
 
 import csv
@@ -33,13 +34,17 @@ class MetricsLog:
             except ImportError:
                 from transferkit.errors import ConfigError
 
-                raise ConfigError("--tensorboard needs the tensorboard package: pip install 'transferkit[tensorboard]'") from None
+                raise ConfigError(
+                    "--tensorboard needs the tensorboard package: pip install 'transferkit[tensorboard]'"
+                ) from None
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def add(self, record: dict) -> None:
         self.history.append(record)
         best = max(self.history, key=lambda r: r["val_acc_mean"])
-        atomic_write_json(self.run_dir / "metrics.json", {"best_epoch": best["epoch"], "best": best, "history": self.history})
+        atomic_write_json(
+            self.run_dir / "metrics.json", {"best_epoch": best["epoch"], "best": best, "history": self.history}
+        )
         rows = [flatten(r) for r in self.history]
         fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
         buf = io.StringIO()

@@ -5,6 +5,7 @@ in forward order, so grouping them by "block" (the name up to its first numeric 
 `features.3`, `layer2.1`, or the top-level module `conv1`) gives blocks from stem to top. The heads get the
 full lr; block k of K gets lr * decay^(K - k).
 """
+
 from __future__ import annotations
 
 import math

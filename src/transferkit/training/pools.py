@@ -8,11 +8,12 @@ Two ways to feed a step, behind one `Pool.iterate(index_batches)`:
   processes decodes the step's files into pinned memory, prefetching ahead, and copies them asynchronously.
 Either way the step sees the same uint8 batch, so the two paths train identically.
 """
+
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -14,6 +14,7 @@ RUN[/round<k>]/pseudo_labels.json which images it was given, with which labels, 
 has true labels, for the report only) how many of them are right. RUN/rounds.json sums the rounds up.
 `train --resume RUN` continues whichever round was interrupted.
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,7 +75,7 @@ class RoundLabels:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RoundLabels":
+    def from_dict(cls, d: dict) -> RoundLabels:
         kept = len(d["index"])
         correct = None if d["accuracy"] is None else int(round(d["accuracy"] * kept))
         return cls(d["round"], np.asarray(d["index"], np.int64), np.asarray(d["labels"], np.int64),

@@ -7,6 +7,7 @@ An epoch has ceil(sum(n_i) / batch_size) steps whatever alpha is, so epochs stay
 Every epoch's order is a pure function of (seed, epoch): a resumed run regenerates it and skips the steps
 already done, and every process of a distributed run sees the same global batch and takes its own slice.
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 
 Kept apart from the loop (trainer.py) so that `eval`, tests and benchmarks can build the same pieces.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,9 @@ class TrainingSetup:
         return self.steps_per_epoch * self.config.epochs
 
 
-def load_datasets(config: TrainConfig, pre: Preprocessing) -> tuple[list[ImageDataset], list[tuple[ImageDataset, str | None]]]:
+def load_datasets(
+    config: TrainConfig, pre: Preprocessing
+) -> tuple[list[ImageDataset], list[tuple[ImageDataset, str | None]]]:
     """-> (labelled datasets, [(unlabeled dataset, the head it names or None)])."""
     budget = int(config.max_in_memory_gb * 2**30)
     labelled = [load_dataset(DatasetSpec.parse(s, with_head=False), pre, config.limit, budget) for s in config.data]

@@ -4,6 +4,7 @@ One optimiser step = one global batch from the multi-dataset sampler (+ unlabele
 pseudo-labelling), split into `grad_accum` micro-batches and, under torchrun, across processes.
 Validation every epoch; the best epoch's weights (EMA weights when EMA is on) become model.pt.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,9 @@ def train(config: TrainConfig) -> Path:
     config.validate()
     run_dir = Path(config.out) if config.out else default_run_dir(config)
     if (run_dir / "checkpoint.pt").exists() or (run_dir / "model.pt").exists() or self_training.has_rounds(run_dir):
-        raise TransferkitError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+        raise TransferkitError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
+        )
     config.out = str(run_dir)
     _absolute_paths(config)
     return _run(config, run_dir, resuming=False)

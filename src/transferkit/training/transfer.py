@@ -1,5 +1,6 @@
 """Sequential transfer (`--init RUN`): reuse an earlier run's backbone and the head rows of every class name
 the new label space shares with it. Rows of new class names keep their fresh initialisation."""
+
 from __future__ import annotations
 
 import torch
@@ -54,6 +55,10 @@ def describe_mapping(mapping: dict) -> list[str]:
         else:
             lines.append(
                 f"init: head {head} <- {m['from']}: {len(m['reused'])} rows reused"
-                + (f", {len(m['new'])} new ({', '.join(m['new'][:5])}{'…' if len(m['new']) > 5 else ''})" if m["new"] else "")
+                + (
+                    f", {len(m['new'])} new ({', '.join(m['new'][:5])}{'…' if len(m['new']) > 5 else ''})"
+                    if m["new"]
+                    else ""
+                )
             )
     return lines
