@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         metavar="N",
-        help="local: decode threads (default: one per core); ray: actors (default: the cluster's CPUs / --num-cpus)",
+        help="local: decode processes (default: one per core); ray: actors (default: the cluster's CPUs / --num-cpus)",
     )
     p.add_argument(
         "--threads",
