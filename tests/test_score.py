@@ -185,3 +185,12 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_file(exported, photos,
     assert f"{committed * 64:,} resumed" in done.stdout
     assert pq.read_table(out).equals(pq.read_table(whole))
     assert pq.read_table(out).num_rows == 4800 and not parts.exists()
+
+
+def test_inference_streams_follow_the_cores_and_the_threads_asked_for(exported):
+    from transferkit.scoring.engine import Scorer
+    from transferkit.serving.settings import cpu_count
+
+    assert Scorer(exported[0], streams=None).streams == cpu_count()  # one single-threaded runtime per core
+    one = Scorer(exported[0], threads=1, streams=None)
+    assert one.streams == 1 and one.runtime.threads == 1  # never more threads than asked for

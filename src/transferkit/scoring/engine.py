@@ -69,8 +69,8 @@ class Scorer:
         entry = self.manifest.artifacts[self.artifact]
         self.manifest.check_files(export_dir, names=entry.files)  # never load a file changed after export
         cores = cpu_count()
-        if streams is None:
-            streams = 1 if type(chosen).device_kind(entry) == "gpu" else cores
+        if streams is None:  # one per core, never more than the threads asked for
+            streams = 1 if type(chosen).device_kind(entry) == "gpu" else min(cores, threads or cores)
         self.streams = max(1, streams)
         per_stream = max(1, (threads or cores) // self.streams)
         runtimes = [chosen] + [

@@ -5,9 +5,9 @@
     score(run, inputs, out="preds.parquet", engine="ray")   the same rows from a Ray cluster (ray_engine.py)
 
 Both run the same code as the command: sources.py lists the inputs, engine.py decodes and infers, output.py
-commits parts and joins them. The defaults fit the machine: a decode thread and a runtime thread per core (the
-runtime works while the decode threads wait on files and Pillow's C code), batches of 64. The ray engine runs
-engine.py's Scorer in a pool of Ray actors instead and writes a folder of Parquet files.
+commits parts and joins them. The defaults fit the machine: a decode process and a single-threaded inference
+stream per core (engine.py says why), batches of 64. The ray engine runs engine.py's Scorer in a pool of Ray
+actors instead and writes a folder of Parquet files.
 """
 
 from __future__ import annotations
