@@ -154,10 +154,12 @@ def ray_score(run: Path, sources: list[Source], out: Path, *, runtime: str, top_
     check_ray_output(out)
     started = time.monotonic()
     ray, connected = connect(address)
+    startup = time.monotonic() - started
     try:
-        return {"startup_seconds": time.monotonic() - started} | _run(ray, run, sources, out, runtime=runtime, top_k=top_k, batch_size=batch_size, actors=actors,
+        done = _run(ray, run, sources, out, runtime=runtime, top_k=top_k, batch_size=batch_size, actors=actors,
                     cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, with_truth=with_truth,
                     progress=progress)  # fmt: skip
+        return {**done, "startup_seconds": startup}
     finally:
         if connected:  # a Ray this job started (or joined) is left as it was found: no process stays behind
             ray.shutdown()
