@@ -179,6 +179,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_file(exported, photos,
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _no_process_left(str(out))  # the decode processes die with the job
     committed = len(list(parts.glob("part-*.parquet")))
     assert not out.exists() and 5 <= committed < 75, "the kill must land mid-run"
     done = run_cli(*args, "--out", str(out))
@@ -194,3 +195,14 @@ def test_inference_streams_follow_the_cores_and_the_threads_asked_for(exported):
     assert Scorer(exported[0], streams=None).streams == cpu_count()  # one single-threaded runtime per core
     one = Scorer(exported[0], threads=1, streams=None)
     assert one.streams == 1 and one.runtime.threads == 1  # never more threads than asked for
+
+
+def _no_process_left(marker: str) -> None:
+    """No process whose command line names `marker` outlives a few seconds (forked children keep it)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        if not found:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes left behind: {found}")

@@ -19,11 +19,14 @@ goes on without it.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -184,11 +187,22 @@ def _ready() -> None:
     """A task that only makes the pool start its processes."""
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a decode process: end when the scoring process ends, even by kill -9 (Linux PR_SET_PDEATHSIG; the
+    signal follows the thread that forked, which is the one that called start_decoders). Without it a killed
+    job would leave its decode processes waiting forever on a queue no one writes to."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+
 def start_decoders(workers: int) -> ProcessPoolExecutor:
     """The decode processes, started now: call this before any runtime is loaded. They are forked (no
     re-import of the caller's main module, so `transferkit.score()` works from any script) while this process
     has no runtime threads yet; a fork taken later would copy threads and locks mid-use."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))  # fmt: skip
     pool.submit(_ready).result()  # a fork pool starts every process at its first task
     return pool
 
