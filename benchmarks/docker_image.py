@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import platform
@@ -31,10 +30,9 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from loadgen import BOUNDARY, Level, run_client, run_hey
 from provenance import commit, write_report
-from serve_load import prepare_models, serving_env
+from serve_load import digit_upload, prepare_models, serving_env
 
 LOCAL_BASE_IMAGE = "transferkit-base:bookworm"  # what docker-setup.sh builds where no registry is reachable
 CLIENTS = 64
@@ -184,8 +182,6 @@ def main() -> None:
     try:
         import bentoml
         import onnxruntime
-        from PIL import Image
-        from sklearn.datasets import load_digits
 
         from transferkit.serving import start_server
         from transferkit.serving.build import DEFAULT_BASE_IMAGE, check_docker
@@ -229,17 +225,7 @@ def main() -> None:
             print(f"  docker run -> ready {ready:.1f}s, docker stop {stops[-1][0]:.1f}s exit {stops[-1][1]}",
                   file=sys.stderr, flush=True)  # fmt: skip
 
-        digit = (load_digits().images[0] * (255 / 16)).astype(np.uint8)  # 8x8, 0..16 -> an MNIST-like 28x28
-        Image.fromarray(digit, mode="L").resize((28, 28), Image.BILINEAR).save(out := io.BytesIO(), format="PNG")
-        png = out.getvalue()
-        body = (
-            (
-                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n"
-            ).encode()
-            + png
-            + f"\r\n--{BOUNDARY}--\r\n".encode()
-        )
+        png, body = digit_upload()
         (body_file := tmp / "body.multipart").write_bytes(body)
 
         container_label, bare_label = "container (docker run -p 127.0.0.1:...)", "bare `transferkit serve`"

@@ -172,6 +172,22 @@ def rate(fn, items: int, repeats: int, target_s: float) -> float:
     return statistics.median(rates)
 
 
+def digit_upload() -> tuple[bytes, bytes]:
+    """(a 28x28 PNG digit from scikit-learn's digits, the multipart body that uploads it in the field `image`):
+    the request every serving benchmark sends."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digit = (load_digits().images[0] * (255 / 16)).astype(np.uint8)  # 8x8, 0..16 -> an MNIST-like 28x28
+    Image.fromarray(digit, mode="L").resize((28, 28), Image.BILINEAR).save(out := io.BytesIO(), format="PNG")
+    png = out.getvalue()
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    )
+    return png, head.encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
 def bare(model: Model, png: bytes, quick: bool) -> tuple[dict[int, float], float]:
     import onnxruntime as ort
 
@@ -330,8 +346,6 @@ def main() -> None:
     try:
         import bentoml
         import onnxruntime
-        from PIL import Image
-        from sklearn.datasets import load_digits
 
         from transferkit.serving.settings import ServingSettings
 
@@ -343,19 +357,9 @@ def main() -> None:
             "not installed; this client needs more CPU than hey, which it takes from the servers)"
         )
         defaults = ServingSettings()
-        digit = (load_digits().images[0] * (255 / 16)).astype(np.uint8)  # 8x8, 0..16 -> an MNIST-like 28x28
-        Image.fromarray(digit, mode="L").resize((28, 28), Image.BILINEAR).save(out := io.BytesIO(), format="PNG")
-        png = out.getvalue()
+        png, body = digit_upload()
         cpuinfo = Path("/proc/cpuinfo")
         cpu = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
-        body = (
-            (
-                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n"
-            ).encode()
-            + png
-            + f"\r\n--{BOUNDARY}--\r\n".encode()
-        )
         (body_file := tmp / "body.multipart").write_bytes(body)
         print(f"load generator: {generator}", file=sys.stderr, flush=True)
         sections, by_size = [], {}
