@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import ImageDecodeError, ImageFormatError, ImageTooLargeError, TransferkitError
-from transferkit.manifest import read_manifest
+from transferkit.manifest import Manifest, read_manifest
 from transferkit.predictions import rank, top_labels
 from transferkit.preprocess import Preprocessing
 from transferkit.scoring.sources import Item
@@ -53,6 +53,15 @@ class ScoreError(Exception):
         self.kind = kind
 
 
+def open_export(run_dir: Path) -> tuple[Path, Manifest]:
+    """RUN -> (RUN/export, its manifest), or the error that says what to run first."""
+    export_dir = run_dir / "export"
+    if not (export_dir / "manifest.json").is_file():
+        what = "does not exist" if not run_dir.is_dir() else "has no export"
+        raise TransferkitError(f"run {run_dir} {what}; train it, then `transferkit export {run_dir}`")
+    return export_dir, read_manifest(export_dir)
+
+
 class Scorer:
     """`streams`: runtimes loaded side by side, for that many batches inferred at once (None: one per core on a
     CPU, one on a GPU); `threads`: runtime threads in all, shared out between the streams (None: one per core)."""
@@ -62,11 +71,7 @@ class Scorer:
         from transferkit.serving.runtime import select_runtime
 
         self.run_dir = Path(run_dir)
-        export_dir = self.run_dir / "export"
-        if not (export_dir / "manifest.json").is_file():
-            what = "does not exist" if not self.run_dir.is_dir() else "has no export"
-            raise TransferkitError(f"run {run_dir} {what}; train it, then `transferkit export {run_dir}`")
-        self.manifest = read_manifest(export_dir)
+        export_dir, self.manifest = open_export(self.run_dir)
         chosen = select_runtime(runtime, self.manifest, export_dir)
         self.artifact = chosen.artifact
         entry = self.manifest.artifacts[self.artifact]

@@ -23,8 +23,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from transferkit.errors import ConfigError, TransferkitError
-from transferkit.scoring.engine import Scorer, local_batches, start_decoders
+from transferkit.errors import ConfigError
+from transferkit.scoring.engine import Scorer, local_batches, open_export, start_decoders
 from transferkit.scoring.output import PartWriter, check_output, schema
 from transferkit.scoring.sources import iter_items, open_sources
 from transferkit.serving.settings import cpu_count
@@ -174,16 +174,11 @@ def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, deco
 def _ray(run: Path, specs: list, out: Path, top_k: int, runtime: str, batch_size: int, workers: int | None,
          num_cpus: float, num_gpus: float, address: str | None, progress: bool) -> Summary:  # fmt: skip
     """The ray engine: the driver resolves the artifact once (every actor loads that one), Ray scores."""
-    from transferkit.manifest import read_manifest
     from transferkit.scoring.ray_engine import check_ray_output, ray_score
     from transferkit.serving.runtime import select_runtime
 
     check_ray_output(out)
-    export_dir = run / "export"
-    if not (export_dir / "manifest.json").is_file():
-        what = "does not exist" if not run.is_dir() else "has no export"
-        raise TransferkitError(f"run {run} {what}; train it, then `transferkit export {run}`")
-    manifest = read_manifest(export_dir)
+    export_dir, manifest = open_export(run)
     artifact = select_runtime(runtime, manifest, export_dir).artifact
     heads = {h: list(c) for h, c in manifest.heads.items()}
     sources = open_sources([str(s) for s in specs], heads)
