@@ -53,8 +53,10 @@ def test_health_endpoints_and_metrics(server, images):
 def test_the_served_process_runs_uvicorns_fast_stack(server, images):
     """uvloop and httptools are dependencies; each worker reports what it really runs (serving/stack.py)."""
     metrics = httpx.get(server.url + "/metrics").text
-    assert re.search(r'^transferkit_http_stack\{loop="uvloop",parser="httptools"\} 1\.0$', metrics, re.M), metrics
-    assert "HTTP: uvloop loop, httptools parser" in server.log_tail()
+    assert re.search(r'^transferkit_http_stack\{loop="uvloop",parser="httptools\+coalesced"\} 1\.0$', metrics, re.M), (
+        metrics
+    )
+    assert "HTTP: uvloop loop, httptools+coalesced parser" in server.log_tail()
     raw = httpx.post(server.url + "/predict", content=images["digit.png"], headers={"Content-Type": "image/png"})
     form = httpx.post(server.url + "/predict", files={"image": ("d.png", images["digit.png"], "image/png")})
     assert raw.status_code == form.status_code == 200 and raw.json() == form.json()
@@ -155,3 +157,14 @@ def test_serve_refuses_a_model_file_changed_in_the_store(exported, tmp_path):
     error = proc.stderr.strip()
     assert "model.onnx" in error and "sha256" in error and "transferkit export" in error
     assert len(re.findall(r"[0-9a-f]{64}", error)) >= 2  # expected and actual
+
+
+def test_bentomls_access_log_still_sees_predict_when_asked_for(exported, images, tmp_path):
+    """By default POST /predict is answered in front of BentoML's middleware (protocol.py); with the access log
+    on it is answered inside it, so the log has its line. Last in this file: a second server on the same
+    BentoML home starts /metrics afresh for every server there, which the burst test above reads."""
+    with start_server(exported[0], log_path=tmp_path / "serve.log", workers=1, access_log=True) as handle:
+        answer = httpx.post(handle.url + "/predict", content=images["digit.png"], headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200 and answer.json()["heads"]
+        log = handle.log_tail(400)
+    assert re.search(r"method=POST,path=/predict.*status=200", log), log

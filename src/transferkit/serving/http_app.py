@@ -173,11 +173,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 class PredictFastPath:
-    """ASGI middleware that BentoML runs around its own app (service.py adds it): POST /predict is answered
-    here, so a request skips BentoML's router, its request context, the mount and this app's own router and
-    middleware, which together cost a small image as much CPU as its decode and answer. BentoML's server-error,
-    tracing (the URL excluded unless asked for) and timeout middleware still wrap it; the response is the one
-    the /predict route gives, and every other path goes on to BentoML's app."""
+    """ASGI middleware that answers POST /predict itself and passes every other request on. The service puts it
+    in front of everything BentoML wraps around its app (protocol.py), or, when a setting needs BentoML's
+    tracing, access log or per-request metrics to see /predict, inside them (`add_asgi_middleware`). Either
+    way a request skips BentoML's router, its request context, the mount and this app's own router, which
+    together cost a small image as much CPU as its decode and answer; the response is the one the /predict
+    route gives."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

@@ -43,7 +43,14 @@ import psutil
 
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.serving.resolve import ServedModel, resolve_served_model
-from transferkit.serving.settings import API_KEY_ENV, API_KEY_FILE_ENV, MODEL_ENV, ServingSettings, read_api_key_file
+from transferkit.serving.settings import (
+    API_KEY_ENV,
+    API_KEY_FILE_ENV,
+    MODEL_ENV,
+    PREFIX,
+    ServingSettings,
+    read_api_key_file,
+)
 
 __all__ = ["MODEL_ENV", "ServedModel", "ServerHandle", "free_port", "resolve_served_model", "serve", "start_server"]
 
@@ -355,6 +362,9 @@ def start_server(
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_FILE_ENV, API_KEY_ENV)}
     if settings.api_key:
         env[API_KEY_ENV] = settings.api_key
+    # settings `serve` takes no flag for (the middleware switches) reach it the way a container is given them
+    unflagged = {f.name for f in dataclasses.fields(settings)} - set(SETTING_FLAGS) - {"model", "api_key", "drain_s"}
+    env.update({k: v for k, v in settings.to_env().items() if k.removeprefix(PREFIX).lower() in unflagged})
     log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="transferkit-serve-", suffix=".log")[1])
     log = open(log_path, "ab")
     proc = subprocess.Popen(serve_command(run_dir, host, port, settings, drain_timeout), env=env,

@@ -30,6 +30,7 @@ from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import PredictFastPath, create_app
 from transferkit.serving.inputs import ClientError
+from transferkit.serving.protocol import install as install_coalescing_protocol
 from transferkit.serving.runtime import load_runtime
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 from transferkit.serving.stack import http_stack
@@ -60,6 +61,12 @@ if not MODEL_TAG:
         f"(or `transferkit build RUN`), or set {MODEL_ENV}=<tag from `transferkit export`>"
     )
 
+
+# Before this worker's uvicorn loads its config: each answer leaves in one write, and POST /predict is answered
+# in front of BentoML's middleware unless a setting needs that middleware to see it (protocol.py). Without
+# httptools, /predict is answered from inside BentoML's middleware (add_asgi_middleware below).
+PREDICT_IN_FRONT = not (SETTINGS.tracing or SETTINGS.access_log or SETTINGS.request_metrics)
+install_coalescing_protocol(front=PredictFastPath if PREDICT_IN_FRONT else None)
 
 _METRICS: dict[str, Any] = {}
 

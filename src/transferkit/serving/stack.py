@@ -39,5 +39,7 @@ def _uvicorn_server() -> Any:
 
 
 def _parser_name(protocol: type) -> str:
+    if hasattr(protocol, "stack_name"):  # ours (protocol.py): httptools, one write per answer
+        return protocol.stack_name
     module = protocol.__module__.rsplit(".", 1)[-1]  # uvicorn.protocols.http.httptools_impl -> httptools_impl
     return module.removesuffix("_impl")
