@@ -34,6 +34,18 @@ def test_numpy_and_torch_normalisation_agree():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_numpy_normalisation_is_the_plain_formula_bit_for_bit():
+    """The lookup table gives exactly what (x / 255 - mean) / std gives in float32, for every pixel value."""
+    pre = Preprocessing(image_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    batch = np.concatenate([every_value, np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), np.uint8)])
+    x = batch.astype(np.float32) * (1.0 / 255.0)
+    plain = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    out = pre.normalize_numpy(batch)
+    assert out.flags["C_CONTIGUOUS"] and out.dtype == np.float32
+    assert np.array_equal(out, plain.transpose(0, 3, 1, 2))
+
+
 def test_array_path_matches_pil_path():
     """Dataset loading (arrays) and serving (decoded files) must give the same pixels."""
     pre = Preprocessing(image_size=24)
