@@ -13,8 +13,8 @@ True)` service taking PIL images (benchmarks/peers/). Every server: 2 workers x 
 2-core machine, its own batching with max batch 32, the same decode, resize, normalisation and top-5 answer.
 Load: `hey` (required), keep-alive clients at c=64 and c=256 for `--seconds` each after a 2 s warm-up; req/s
 counts 200 answers. At 224 px transferkit also serves the artifact `--runtime auto` picks on this machine, and
-every 224 px row is compared with the bound of its artifact: cores / (decode + inference per image at batch 32,
-one thread), measured in this process. The fast HTTP stack is measured on and off (off: uvloop and httptools
+every 224 px row is compared with the bound of its artifact: cores / (decode + normalise + inference per image at
+batch 32, one thread), measured in this process. The fast HTTP stack is measured on and off (off: uvloop and httptools
 hidden from the workers, which then report asyncio and h11 on /metrics).
 """
 
@@ -209,7 +209,8 @@ def measure(hey: str, url: str, body: Path, content_type: str, seconds: float, l
 
 
 def artifact_bound(run: Path, artifact: str, image: Path, cores: int) -> float:
-    """Requests/s the cores allow for this artifact: cores / (decode + inference per image), one thread each."""
+    """Requests/s the cores allow for this artifact: cores / (decode + normalise + inference per image), one
+    thread each: the work the server cannot skip, without HTTP, queueing or batching."""
     import numpy as np
 
     from transferkit.export.measure import median_seconds
@@ -222,10 +223,12 @@ def artifact_bound(run: Path, artifact: str, image: Path, cores: int) -> float:
     data = image.read_bytes()
     decode = median_seconds(lambda: pre.decode_served(data), 50)  # as the server decodes it
     runtime = load_runtime(artifact, run / "export", manifest, threads=THREADS)
-    batch = pre.normalize_numpy(np.stack([pre.decode_served(data)] * MAX_BATCH))
+    pixels = np.stack([pre.decode_served(data)] * MAX_BATCH)
+    normalise = median_seconds(lambda: pre.normalize_numpy(pixels), 10) / MAX_BATCH
+    batch = pre.normalize_numpy(pixels)
     runtime.run(batch)
     infer = median_seconds(lambda: runtime.run(batch), 10) / MAX_BATCH
-    return cores / (decode + infer)
+    return cores / (decode + normalise + infer)
 
 
 def train_64px(workdir: Path) -> Path:
@@ -335,8 +338,9 @@ def report(rows: list[Row], machine: Machine, args: argparse.Namespace, images: 
         f"field `images`). Images: a {png}-byte 28x28 PNG digit at 32 and 64 px, scikit-learn's 640x427 china.jpg "
         f"({jpg:,} bytes, quality 90) at 224 px. Load: `hey`, keep-alive clients, {args.seconds:g} s per level after a "
         "2 s warm-up; req/s counts 200 answers; p50/p99 over all answers. `transferkit (X, loop+parser)`: the served "
-        "artifact and the HTTP stack each worker reports on /metrics. Bound (224 px): cores / (decode + inference "
-        f"per image at batch {MAX_BATCH}, one thread) for the row's artifact, measured in one process.",
+        "artifact and the HTTP stack each worker reports on /metrics. Bound (224 px): cores / (decode + normalise + "
+        f"inference per image at batch {MAX_BATCH}, one thread) for the row's artifact, measured in one process "
+        "with the servers stopped.",
     ]
     mosec = {(r.size, r.level.concurrency): r.level for r in rows if r.server == "mosec"}
     for size in sorted({r.size for r in rows}):
