@@ -195,7 +195,7 @@ def stack_of(url: str) -> str:
 
     import httpx
 
-    found = re.search(r'transferkit_http_stack\{loop="(\w+)",parser="(\w+)"\}', httpx.get(url + "/metrics").text)
+    found = re.search(r'transferkit_http_stack\{loop="([^"]+)",parser="([^"]+)"\}', httpx.get(url + "/metrics").text)
     return f"{found.group(1)}+{found.group(2)}" if found else "unknown"
 
 

@@ -165,3 +165,21 @@ def test_every_train_option_has_help_text():
     helps = _field_help()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if not helps.get(f.name)]
     assert not missing, f"TrainConfig fields without a comment (empty --help): {missing}"
+
+
+def test_export_takes_device_and_verify_images(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+
+    if not torch.cuda.is_available():  # refused before any work, naming the flag
+        proc = run_cli("export", str(tiny_run), "--device", "cuda", check=False)
+        assert proc.returncode == 2 and "--device cuda: torch finds no CUDA device" in proc.stderr, proc.stderr
+    proc = run_cli("export", str(tiny_run), "--verify-images", "0", check=False)
+    assert proc.returncode == 2 and "--verify-images must be >= 1" in proc.stderr, proc.stderr
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export"))
+    run_cli("export", str(run), "--format", "onnx", "--verify-images", "24")
+    verify = json.loads((run / "export" / "verify.json").read_text())
+    assert verify["formats"]["onnx"]["passed"]
+    assert {n for per_head in verify["images"].values() for n in per_head.values()} == {24}, verify["images"]

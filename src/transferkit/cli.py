@@ -149,7 +149,7 @@ def cmd_export(args) -> None:
                             max_acc_delta_points=args.max_acc_delta,
                             min_top1_agreement=args.min_agreement)  # fmt: skip
     result = export_run(args.run, formats=_split_list(args.format), precision=_split_list(args.precision) or [],
-                        options=options)  # fmt: skip
+                        verify_images=args.verify_images, device=args.device, options=options)  # fmt: skip
     print(format_export_table(result))  # ends with the BentoML model tag
     print(result.export_dir)
     if not result.ok:
@@ -281,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{" + ",".join(PRECISIONS) + "}[,...]",
         help="comma-separated; every format at each precision it takes: "
         + "; ".join(f"{n} {', '.join(s.precisions)}" for n, s in FORMAT_SPECS.items()),
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="{cpu,cuda,cuda:N}",
+        help="where device-bound artifacts run: aoti is compiled for it; ONNX is verified on CUDA through "
+        "onnxruntime-gpu when it is cuda (fp16 ONNX is, wherever CUDA is there) (default: cpu)",
+    )
+    p.add_argument(
+        "--verify-images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="held-out test images per dataset that every artifact is checked on against PyTorch (default: 256)",
     )
     p.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim (verified too)")
     p.add_argument(

@@ -27,6 +27,7 @@ from typing import Any
 from transferkit.artifact import (  # noqa: E501
     EXPORT_FAILED,
     EXPORTED,
+    FORMAT_SPECS,
     PASSED,
     UNAVAILABLE,
     VERIFY_FAILED,
@@ -109,9 +110,14 @@ class ExportResult:
 
 
 def _check_options(device: str, verify_images: int) -> None:
-    check_device(device)
+    if check_device(device) == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch finds no CUDA device on this machine; export with "
+                              "--device cpu, or on a machine with the GPU that will serve")  # fmt: skip
     if verify_images < 1:
-        raise ConfigError(f"verify_images must be >= 1 (held-out images per dataset for verify), got {verify_images}")
+        raise ConfigError(f"--verify-images must be >= 1 (held-out images per dataset for verify), got {verify_images}")
 
 
 def export_run(
@@ -153,7 +159,7 @@ def export_run(
     for req in plan:
         result = _build_one(req, job, results)
         if result.status == EXPORTED:
-            result = _verify_one(req.row, result, manifest, export_dir, inputs, reference, options)
+            result = _verify_one(req.row, result, manifest, export_dir, inputs, reference, options, device)
         results[req.name] = result
         manifest = _record(manifest, req.row, result)
 
@@ -187,26 +193,39 @@ def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResul
                         export_seconds=time.perf_counter() - start, files=paths)  # fmt: skip
 
 
-def _verification_runtime(row: ExportFormat, artifact: str):
+def _onnx_verified_on_gpu(row: ExportFormat, precision: str, device: str) -> bool:
+    """ONNX is checked on the provider that will serve it: CUDA for a GPU export or a precision served on a GPU
+    only (fp16), where onnxruntime-gpu has it; the CPU otherwise (the verification then says so)."""
+    from transferkit.serving.runtime import OnnxRuntime
+
+    wants_gpu = device != "cpu" or precision in FORMAT_SPECS[row.name].gpu_only_precisions
+    return wants_gpu and OnnxRuntime.gpu_available()
+
+
+def _verification_runtime(row: ExportFormat, artifact: str, precision: str, device: str):
     from transferkit.serving.runtime import RUNNERS_BY_FORMAT, OnnxRuntime
 
-    if row.runtime == "onnxruntime":  # verify runs on CPU, fp32 input, like the reference
-        return OnnxRuntime(artifact, providers=["CPUExecutionProvider"])
+    if row.runtime == "onnxruntime":  # fp32 input, like the reference
+        on_gpu = _onnx_verified_on_gpu(row, precision, device)
+        return OnnxRuntime(artifact, providers=[OnnxRuntime.GPU_PROVIDER] * on_gpu + ["CPUExecutionProvider"])
     return RUNNERS_BY_FORMAT[row.name](artifact)
 
 
-def _verify_one(row, result, manifest: Manifest, export_dir, inputs, reference, options: ExportOptions) -> FormatResult:
+def _verify_one(row, result, manifest: Manifest, export_dir, inputs, reference, options: ExportOptions,
+                device: str = "cpu") -> FormatResult:  # fmt: skip
     """Load the artifact through the serving runtime and compare it with the PyTorch reference; if it passes,
     measure its throughput with the same runtime, under each runtime option it offers."""
     manifest = _record(manifest, row, result)  # the runtime reads files and serving fields from the entry
     start = time.perf_counter()
     runtime = None
     try:
-        runtime = _verification_runtime(row, result.format).load(export_dir, manifest)
+        runtime = _verification_runtime(row, result.format, result.precision, device).load(export_dir, manifest)
         logits = verify.runtime_logits(runtime, inputs.batch)
         tolerance = options.tolerance(row, result.precision)
         report = verify.compare(reference, logits, inputs, result.precision, tolerance)
         report["runtime"] = runtime.description
+        if result.precision in FORMAT_SPECS[row.name].gpu_only_precisions and "CUDA" not in runtime.description:
+            report["note"] = "verified on the CPU; served on a GPU only"
     except Exception as exc:  # noqa: BLE001
         report = {"passed": False, "failures": [f"verification could not run: {one_line(exc)}"]}
     result.verify_seconds = time.perf_counter() - start
@@ -214,7 +233,8 @@ def _verify_one(row, result, manifest: Manifest, export_dir, inputs, reference, 
     result.status = PASSED if report["passed"] else VERIFY_FAILED
     result.error = None if report["passed"] else "; ".join(report["failures"])
     if report["passed"] and runtime is not None:
-        result.measured, result.tuning = measure_artifact(lambda: _verification_runtime(row, result.format), runtime,
+        fresh = lambda: _verification_runtime(row, result.format, result.precision, device)  # noqa: E731
+        result.measured, result.tuning = measure_artifact(fresh, runtime,
                                                           export_dir, manifest, inputs.batch)  # fmt: skip
     return result
 
@@ -328,7 +348,8 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
             manifest = _record(manifest, row, results[name])
             continue
         result = FormatResult(name, EXPORTED, entry.precision, file=files[0], exported=exported, files=files)
-        results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference, options)
+        results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference, options,
+                                    entry.device or "cpu")  # fmt: skip
         manifest = _record(manifest, row, results[name])
     unchanged = old.servable() == manifest.servable() and old.files == manifest.files
     if unchanged and old.bentoml:

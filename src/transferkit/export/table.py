@@ -68,6 +68,8 @@ def format_export_table(result: ExportResult) -> str:
     for r in result.formats.values():
         if r.error:
             lines.append(f"{r.format}: {r.error}")
+        if (r.verification or {}).get("note"):
+            lines.append(f"{r.format}: {r.verification['note']}")
     lines.append(f"export dir: {result.export_dir}")
     lines.append(f"manifest:   {result.manifest_path}")
     lines.append(f"verify:     {result.verify_path}")
