@@ -20,7 +20,7 @@ from transferkit.export import FORMATS, PASSED, export_run
         ({"formats": ()}, ["no export format"]),
         ({"formats": ("onnx", "onnx")}, ["twice"]),
         ({"device": "tpu"}, ["cpu", "cuda"]),
-        ({"verify_images": 0}, ["verify_images"]),
+        ({"verify_images": 0}, ["--verify-images"]),
     ],
 )
 def test_bad_options_are_config_errors_before_any_work(fresh_run, kwargs, words):
