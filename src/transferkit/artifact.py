@@ -40,7 +40,9 @@ EXPORTED = "exported, not verified yet"  # the file is written; verify has not r
 VERIFY_FAILED = "export ok but verification failed"
 EXPORT_FAILED = "export failed"
 UNAVAILABLE = "not available here"
-STATUSES = (PASSED, EXPORTED, VERIFY_FAILED, EXPORT_FAILED, UNAVAILABLE)
+# an INT8 artifact that passed the gate but measured slower than its format's fp32 on this machine: not offered
+SLOWER_THAN_FP32 = "passed, but slower than fp32 here"
+STATUSES = (PASSED, EXPORTED, VERIFY_FAILED, EXPORT_FAILED, UNAVAILABLE, SLOWER_THAN_FP32)
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ def cmd_export(args) -> None:
                             calibration_method=args.calibration_method, int8_fallback=args.int8_fallback,
                             max_fp32_layers=args.max_fp32_layers, int8_budget_s=args.int8_budget_s,
                             max_acc_delta_points=args.max_acc_delta,
-                            min_top1_agreement=args.min_agreement)  # fmt: skip
+                            min_top1_agreement=args.min_agreement, slower_int8=args.slower_int8)  # fmt: skip
     result = export_run(args.run, formats=_split_list(args.format), precision=_split_list(args.precision) or [],
                         verify_images=args.verify_images, device=args.device, options=options)  # fmt: skip
     print(format_export_table(result))  # ends with the BentoML model tag
@@ -332,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="int8: seconds the attempts of one artifact may take; attempts not started by then are "
         "skipped and recorded as such (default: 240)",
+    )
+    p.add_argument(
+        "--slower-int8",
+        default="withhold",
+        choices=("withhold", "offer"),
+        help="an INT8 artifact that passes the gate but measures slower than its format's fp32 here: withhold "
+        "it from serving (status 'passed, but slower than fp32 here'), or offer it anyway, for its size "
+        "(default: withhold)",
     )
     p.add_argument(
         "--max-acc-delta",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.export.tiny import copy_run
-from transferkit.artifact import PASSED, VERIFY_FAILED
+from transferkit.artifact import PASSED, SLOWER_THAN_FP32, VERIFY_FAILED
 from transferkit.errors import ConfigError, TransferkitError
 
 pytestmark = pytest.mark.slow
@@ -48,9 +48,9 @@ def int8_failed(probe_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_export(probe_run, tmp_path_factory):
     """The same int8 export with a gate the user widened (--max-acc-delta 25 --min-agreement 0.5) and no repair:
-    a servable int8 artifact for the serving tests."""
+    a servable int8 artifact for the serving tests, offered even where it measures slower than fp32."""
     return _export_int8(probe_run, tmp_path_factory, max_acc_delta_points=25.0, min_top1_agreement=0.5,
-                        int8_fallback="off")  # fmt: skip
+                        int8_fallback="off", slower_int8="offer")  # fmt: skip
 
 
 FULL_INT8 = ["ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
@@ -103,15 +103,41 @@ def test_a_hard_int8_case_tries_every_attempt_and_reports_each(int8_strict):
     else:  # the closest is written, so the gate reports real numbers on it
         closest = min(attempts.values(), key=lambda a: a.get("violation", 1e9))
         assert quantization["chosen"] == closest["name"] and not quantization["passed_on_validation"]
-    assert int8.status in (PASSED, VERIFY_FAILED) and int8.verification["heads"]
+    assert int8.status in (PASSED, VERIFY_FAILED, SLOWER_THAN_FP32) and int8.verification["heads"]
     verify_doc = json.loads((run_dir / "export" / "verify.json").read_text())
     assert verify_doc["formats"]["onnx-int8"]["attempts"] == int8.details["attempts"]
     assert verify_doc["formats"]["onnx-int8"]["quantization"]["chosen"] == quantization["chosen"]
     manifest = read_manifest(run_dir / "export")
-    if int8.status == VERIFY_FAILED:
+    if int8.status == SLOWER_THAN_FP32:  # withheld: slower than fp32 on this machine
+        assert int8.measured.images_per_second < result.formats["onnx"].measured.images_per_second
+        assert "not offered; serve onnx" in int8.error
+    if int8.status in (VERIFY_FAILED, SLOWER_THAN_FP32):
         with pytest.raises(TransferkitError, match="not servable"):
             select_runtime("onnx-int8", manifest, run_dir / "export")
         assert select_runtime("auto", manifest, run_dir / "export").artifact == "onnx"
+
+
+def test_an_int8_slower_than_its_fp32_is_withheld_with_its_numbers():
+    """The rule itself, on the results export_run builds: INT8 that passed the gate but measured slower than the
+    same format's fp32 in this export is not offered; faster, failed or unmeasured ones are left as they are."""
+    from transferkit.export.pipeline import FormatResult, _withhold_if_slower
+    from transferkit.manifest import Measurement
+
+    def result(name, precision, status, img_s):
+        measured = Measurement(img_s, 32, "cpu", "onnxruntime (CPUExecutionProvider)", None) if img_s else None
+        return FormatResult(name, status, precision, measured=measured)
+
+    fp32 = result("onnx", "fp32", PASSED, 200.0)
+    slow, fast = result("onnx-int8", "int8", PASSED, 168.0), result("onnx-int8", "int8", PASSED, 410.0)
+    failed, unmeasured = result("onnx-int8", "int8", VERIFY_FAILED, None), result("onnx-int8", "int8", PASSED, None)
+    for r in (slow, fast, failed, unmeasured):
+        _withhold_if_slower(r, fp32)
+    assert slow.status == SLOWER_THAN_FP32 and not slow.servable
+    assert slow.error.startswith("passed the gate but runs at 0.84x of onnx on this machine (168 vs 200 img/s")
+    assert (fast.status, failed.status, unmeasured.status) == (PASSED, VERIFY_FAILED, PASSED)
+    alone = result("onnx-int8", "int8", PASSED, 168.0)
+    _withhold_if_slower(alone, None)  # no fp32 measured in this export: nothing to compare with
+    assert alone.status == PASSED
 
 
 def test_int8_is_chosen_on_validation_and_gated_on_test(int8_strict):

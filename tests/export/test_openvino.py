@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.export.tiny import VERIFY_IMAGES, copy_run, with_speed
-from transferkit.artifact import PASSED, VERIFY_FAILED
+from transferkit.artifact import PASSED, SLOWER_THAN_FP32, VERIFY_FAILED
 from transferkit.errors import ArtifactMismatchError
 from transferkit.export import export_run
 from transferkit.export.job import ExportOptions
@@ -60,12 +60,14 @@ def test_int8_ir_is_exported_and_gated(ov_export):
     """Random heads on a tiny model may or may not pass the INT8 gate; what is honest: the IR was written and
     verify judged it with numbers, never an export failure."""
     int8 = ov_export[1].formats["openvino-int8"]
-    assert int8.status in (PASSED, VERIFY_FAILED), int8.error
+    assert int8.status in (PASSED, VERIFY_FAILED, SLOWER_THAN_FP32), int8.error
     assert int8.file.name == "model-int8.xml" and [f.name for f in int8.files] == ["model-int8.xml", "model-int8.bin"]
     for report in int8.verification["heads"].values():
         assert 0 <= report["top1_agreement"] <= 1 and "accuracy_delta_points" in report
     if int8.status == VERIFY_FAILED:
         assert int8.error and int8.verification["failures"]
+    if int8.status == SLOWER_THAN_FP32:  # passed the gate, withheld: slower than openvino fp32 here
+        assert "not offered; serve openvino" in int8.error and not int8.verification["failures"]
     q = int8.details["quantization"]
     assert q["calibration_images"] == 2 * CALIBRATION_IMAGES and q["chosen"].startswith("nncf")
     first = int8.details["attempts"][0]

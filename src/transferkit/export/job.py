@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # torch is imported by the exporters when they run: `import t
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # onnxruntime's; NNCF attempts have their own estimators
 FALLBACKS = ("auto", "off")
+SLOWER_INT8 = ("withhold", "offer")  # an INT8 artifact measured slower than its fp32: not offered, or offered
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ExportOptions:
     int8_budget_s: float = 240.0  # INT8: seconds the attempts of one artifact may take before the search stops
     max_acc_delta_points: float | None = None  # overrides the precision's tolerance (per dataset)
     min_top1_agreement: float | None = None  # overrides the precision's tolerance (per head)
+    slower_int8: str = "withhold"  # offer: serve an INT8 slower than fp32 here too (for its size, say)
 
     def __post_init__(self) -> None:
         if self.calibration_method not in CALIBRATION_METHODS:
@@ -81,6 +83,8 @@ class ExportOptions:
             )
         if self.int8_fallback not in FALLBACKS:
             raise ConfigError(f"--int8-fallback {self.int8_fallback!r}; use one of {', '.join(FALLBACKS)}")
+        if self.slower_int8 not in SLOWER_INT8:
+            raise ConfigError(f"--slower-int8 {self.slower_int8!r}; use one of {', '.join(SLOWER_INT8)}")
         if self.calibration_images < 1:
             raise ConfigError(
                 f"--calibration-images must be >= 1 (train images per dataset), got {self.calibration_images}"

@@ -29,6 +29,7 @@ from transferkit.artifact import (  # noqa: E501
     EXPORTED,
     FORMAT_SPECS,
     PASSED,
+    SLOWER_THAN_FP32,
     UNAVAILABLE,
     VERIFY_FAILED,
     artifact_files,
@@ -160,6 +161,8 @@ def export_run(
         result = _build_one(req, job, results)
         if result.status == EXPORTED:
             result = _verify_one(req.row, result, manifest, export_dir, inputs, reference, options, device)
+            if options.slower_int8 == "withhold":
+                _withhold_if_slower(result, results.get(artifact_name(req.row.name, "fp32")))
         results[req.name] = result
         manifest = _record(manifest, req.row, result)
 
@@ -200,6 +203,22 @@ def _onnx_verified_on_gpu(row: ExportFormat, precision: str, device: str) -> boo
 
     wants_gpu = device != "cpu" or precision in FORMAT_SPECS[row.name].gpu_only_precisions
     return wants_gpu and OnnxRuntime.gpu_available()
+
+
+def _withhold_if_slower(result: FormatResult, fp32: FormatResult | None) -> None:
+    """An INT8 artifact that passed the gate but runs slower than its own format's fp32, both measured here in
+    this export, is not offered: serving it would trade accuracy for nothing (`--slower-int8 offer` keeps it
+    servable, for its size). Its file and numbers stay."""
+    if result.status != PASSED or result.precision != "int8" or not result.measured:
+        return
+    if fp32 is None or fp32.status != PASSED or not fp32.measured:
+        return
+    ratio = result.measured.images_per_second / fp32.measured.images_per_second
+    if ratio < 1.0:
+        result.status = SLOWER_THAN_FP32
+        result.error = (f"passed the gate but runs at {ratio:.2f}x of {fp32.format} on this machine "
+                        f"({result.measured.images_per_second:,.0f} vs {fp32.measured.images_per_second:,.0f} img/s "
+                        f"at batch {result.measured.batch}): not offered; serve {fp32.format}")  # fmt: skip
 
 
 def _verification_runtime(row: ExportFormat, artifact: str, precision: str, device: str):
@@ -350,6 +369,7 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
         result = FormatResult(name, EXPORTED, entry.precision, file=files[0], exported=exported, files=files)
         results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference, options,
                                     entry.device or "cpu")  # fmt: skip
+        _withhold_if_slower(results[name], results.get(artifact_name(row.name, "fp32")))
         manifest = _record(manifest, row, results[name])
     unchanged = old.servable() == manifest.servable() and old.files == manifest.files
     if unchanged and old.bentoml:
