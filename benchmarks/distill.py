@@ -28,15 +28,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from provenance import commit, write_report
-from transfer import run  # benchmarks/transfer.py: the same timed training run
+from timed_run import run  # the timed training run benchmarks/transfer.py uses too
 
 from transferkit.config import TrainConfig  # noqa: E402
 from transferkit.data import load_dataset
-from transferkit.evaluation.distill import LATENCY_BATCH, measure_latencies
+from transferkit.evaluation.costs import LATENCY_BATCH, measure_latencies
+from transferkit.evaluation.matrix import evaluate_matrices
 from transferkit.runs import load_run, load_run_model
 from transferkit.training import augment
 from transferkit.training.distill import teacher_input
-from transferkit.training.eval_matrix import evaluate_matrices
 
 DATASETS = ("mnist", "fashion-mnist")
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}

@@ -185,7 +185,7 @@ def main() -> None:
 
         from transferkit.serving import start_server
         from transferkit.serving.build import DEFAULT_BASE_IMAGE, check_docker
-        from transferkit.serving.server import free_port
+        from transferkit.serving.processes import free_port
         from transferkit.serving.settings import ServingSettings
 
         buildx = check_docker()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.serving.server import die_with_parent, free_port, stop_tree
+from transferkit.serving.processes import die_with_parent, free_port, stop_tree
 
 BOUNDARY = "transferkit-load-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"

@@ -42,13 +42,13 @@ from loadgen import BOUNDARY, Level, run_hey  # noqa: E402
 from provenance import commit, write_report  # noqa: E402
 
 from transferkit.machine import Machine, load_average  # noqa: E402
-from transferkit.serving.server import die_with_parent, free_port, stop_tree  # noqa: E402
+from transferkit.serving.processes import die_with_parent, free_port, stop_tree  # noqa: E402
 
 WORKERS, THREADS, MAX_BATCH = 2, 1, 32
 LEVELS = (64, 256)
 PEER_PACKAGES = {
     "mosec": ["mosec==0.9.8"],
-    "bentoml": ["bentoml==1.4.40"],  # the version transferkit serves with: the same framework, used plainly
+    "bentoml": [f"bentoml=={metadata.version('bentoml')}"],  # the version transferkit serves with, used plainly
 }
 
 

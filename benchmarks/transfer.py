@@ -22,30 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from provenance import commit, write_report
+from timed_run import run
 
 from transferkit.config import TrainConfig
+from transferkit.evaluation.matrix import evaluate_matrices
 from transferkit.runs import load_run
-from transferkit.training import train
-from transferkit.training.eval_matrix import evaluate_matrices
-
-
-def run(name: str, base: TrainConfig, root: Path, **overrides) -> Path:
-    out = root / name
-    if out.exists():
-        shutil.rmtree(out)
-    cfg = replace(base, out=str(out), **overrides)
-    t = time.perf_counter()
-    train(cfg)
-    print(f"[{name}] trained in {time.perf_counter() - t:.0f}s", flush=True)
-    return out
 
 
 def score(run_dir: Path, head: str, dataset: str, extra: list[str] | None = None) -> float:

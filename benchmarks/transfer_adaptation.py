@@ -29,10 +29,10 @@ import torch
 
 from transferkit.config import TrainConfig
 from transferkit.data import DatasetSpec, load_dataset
+from transferkit.evaluation.matrix import evaluate_matrices
 from transferkit.runs import load_run, load_run_model
 from transferkit.training import train
 from transferkit.training.adaptation import adapt_batchnorm
-from transferkit.training.eval_matrix import evaluate_matrices
 from transferkit.training.evaluate import accuracy, predict_logits
 
 BEGIN, END = "<!-- section e: begin (written by benchmarks/transfer.py) -->", "<!-- section e: end -->"

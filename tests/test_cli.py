@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import run_cli
-from transferkit.serving.server import free_port
+from transferkit.serving.processes import free_port
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:

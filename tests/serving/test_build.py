@@ -20,7 +20,7 @@ def test_build_bento_contains_model_code_and_dockerfile(exported, images, tmp_pa
     import bentoml
 
     from transferkit.serving import build_bento
-    from transferkit.serving.server import _stop, free_port
+    from transferkit.serving.processes import free_port, stop_tree
 
     run_dir, export = exported
     result = build_bento(run_dir)  # runs `bentoml build` (uv locks requirements against the index)
@@ -70,7 +70,7 @@ def test_build_bento_contains_model_code_and_dockerfile(exported, images, tmp_pa
         response = httpx.post(url + "/predict", files={"image": ("d.png", images["digit.png"], "image/png")})
         assert response.status_code == 200 and response.json()["model"] == export.bentoml_tag
     finally:
-        _stop(proc, group=True)
+        stop_tree(proc, 15.0)
 
 
 def render_dockerfile(tmp_path, monkeypatch, base_image="python:3.11-slim") -> str:

@@ -103,7 +103,7 @@ def test_image_is_lean_and_labelled(built_image):
 
 
 def test_container_serves_and_stops_cleanly(built_image, images, exported):
-    from transferkit.serving.server import free_port
+    from transferkit.serving.processes import free_port
 
     tag, model_tag = built_image
     expected = expected_top_labels(exported[0] / "export", images["digit.png"])

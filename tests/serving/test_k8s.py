@@ -305,7 +305,7 @@ def run_as_deployed(tag: str, model_tag: str, png: bytes) -> None:
     capabilities, its env and resources. The server gets ready, answers (an upload big enough to be spooled to
     /tmp too), the preStop command runs in the image, and SIGTERM stops it within the grace period."""
     from tests.serving.test_docker_image import docker, wait_ready
-    from transferkit.serving.server import free_port
+    from transferkit.serving.processes import free_port
 
     deployment = manifests(tag, model_tag)["deployment.yaml"]
     pod, container = deployment["spec"]["template"]["spec"], container_of(deployment)

@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import run_cli
-from transferkit.serving.server import descendants, free_port, start_server
+from transferkit.serving.harness import start_server
+from transferkit.serving.processes import descendants, free_port
 
 DRAIN = 6.0
 MARGIN = 4.0  # process exit and reaping after the drain deadline, on a busy 2-core machine

@@ -122,7 +122,7 @@ def test_the_openapi_document_holds_under_an_openapi_driven_fuzzer(server):
 
 
 def test_client_reports_an_unreachable_server(image_files):
-    from transferkit.serving.server import free_port
+    from transferkit.serving.processes import free_port
 
     with pytest.raises(TransferkitError, match="cannot reach the server"):
         predict_files([image_files["china.jpg"]], f"http://127.0.0.1:{free_port()}")

@@ -4,7 +4,7 @@
     print(result.table)                            # also in result.report_path (report.md, with the plots)
 
 The matrix itself (which head can score which dataset, accuracy and coverage per cell) is computed by
-transferkit.training.eval_matrix; this module writes what a reader looks at.
+transferkit.evaluation.matrix; this module writes what a reader looks at.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.evaluation.distill import ModelCost, format_costs, format_side_by_side, measure_costs
+from transferkit.evaluation.costs import ModelCost, format_costs, format_side_by_side, measure_costs
+from transferkit.evaluation.matrix import Matrix, evaluate_all, format_matrix
 from transferkit.runs import load_run
-from transferkit.training.eval_matrix import Matrix, evaluate_all, format_matrix
 from transferkit.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
 
 # Beyond this many classes the cell text is smaller than the pixels it sits on (CIFAR-100: 10,000 cells);

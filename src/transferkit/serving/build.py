@@ -17,6 +17,7 @@ the package index, so it needs that index and can take a minute.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,24 @@ SERVING_FILES = (
     "transferkit/py.typed",
     "transferkit/serving/*.py",
 )
-BENTOML_PACKAGE = "bentoml==1.4.40"
+
+
+def bentoml_requirement() -> str:
+    """The image's BentoML: transferkit's own pinned requirement, read from its installed metadata, so that
+    pyproject.toml is the one place the pin is written (an image on another BentoML would serve differently)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        declared = requires("transferkit") or []
+    except PackageNotFoundError:
+        declared = []
+    for requirement in declared:
+        spec = requirement.split(";")[0].replace(" ", "")
+        if re.fullmatch(r"bentoml==[\w.]+", spec):
+            return spec
+    raise TransferkitError("transferkit's metadata pins no bentoml version; reinstall it (pip install -e .)")
+
+
 # uvloop and httptools: uvicorn's fast event loop and HTTP parser (serving/stack.py), in the image as in the venv
 COMMON_PACKAGES = ("numpy>=1.26", "pillow>=10", "httpx>=0.27", "uvloop>=0.19", "httptools>=0.6")
 # Per runtime, its Python packages only (`--runtime openvino` leaves onnxruntime out: serving imports an engine only
@@ -85,7 +103,7 @@ def bentofile(runtime: str = "onnxruntime", base_image: str = DEFAULT_BASE_IMAGE
         "labels": {"project": "transferkit"},
         "include": list(SERVING_FILES),
         "exclude": ["**/__pycache__"],
-        "python": {"packages": [BENTOML_PACKAGE, *RUNTIME_PACKAGES[runtime], *COMMON_PACKAGES]},
+        "python": {"packages": [bentoml_requirement(), *RUNTIME_PACKAGES[runtime], *COMMON_PACKAGES]},
         "docker": {
             "base_image": base_image,
             "dockerfile_template": TEMPLATE_IN_CONTEXT,

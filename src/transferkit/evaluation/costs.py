@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from transferkit.evaluation.matrix import Matrix
 from transferkit.runs import Run, load_run_model
-from transferkit.training.eval_matrix import Matrix
 
 LATENCY_BATCH = 32
 
