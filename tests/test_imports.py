@@ -166,7 +166,7 @@ def test_the_graph_sees_the_imports_it_must_see():
     edges = {(i.source, i.target, i.module_level) for i in imports}
     assert ("transferkit.cli", "transferkit.errors", True) in edges
     assert ("transferkit.serving.runtime", "torch", False) in edges  # inside a method
-    assert ("transferkit.serving.server", "psutil", True) in edges
+    assert ("transferkit.serving.processes", "psutil", True) in edges
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"a"}}) == [["a", "a"]] and find_cycles({"a": {"b"}}) == []
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
-from transferkit.serving.processes import check_port, free_port, stop_tree
+from transferkit.serving.processes import check_port, die_with_parent, free_port, stop_tree
 from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.server import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -98,9 +98,11 @@ def start_server(
     env.update({k: v for k, v in settings.to_env().items() if k.removeprefix(PREFIX).lower() in unflagged})
     log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="transferkit-serve-", suffix=".log")[1])
     log = open(log_path, "ab")
+    # its own session (a Ctrl-C meant for the caller reaches it only through the handle), and SIGTERM, a
+    # graceful stop, when the caller dies without stopping it (a killed test run leaves no server behind)
     proc = subprocess.Popen(serve_command(run_dir, host, port, settings, drain_timeout), env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
     handle = ServerHandle(f"http://{host}:{port}", model.tag, proc, log_path, log, drain_timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
