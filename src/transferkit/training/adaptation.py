@@ -29,6 +29,7 @@ from torch import nn
 from transferkit.preprocess import Preprocessing
 from transferkit.training import augment
 from transferkit.training.optim import EMA
+from transferkit.training.precision import autocast, model_input
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -57,7 +58,7 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _inputs(batch_uint8: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    return pre.normalize_torch(augment.to_unit(batch_uint8)).contiguous(memory_format=torch.channels_last)
+    return model_input(pre, augment.to_unit(batch_uint8))
 
 
 @torch.no_grad()
@@ -124,9 +125,9 @@ class PseudoLabeller:
             self.teacher.load_state_dict(student.state_dict())
             self.started = True
         model = self.teacher if self.teacher is not None else student
-        x = self.pre.normalize_torch(weak_unit).contiguous(memory_format=torch.channels_last)
+        x = model_input(self.pre, weak_unit)
         device = x.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             if self.adapt_bn:
                 with batch_statistics(model):
                     return model(x)

@@ -48,6 +48,7 @@ from transferkit.training.checkpoint import load_checkpoint
 from transferkit.training.labels import HeadPlan, LabelMap, class_index_map, plan_heads
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.pools import Pool, _pool
+from transferkit.training.precision import autocast, model_input
 
 
 @dataclass
@@ -68,7 +69,7 @@ def teacher_input(x_unit: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     size = pre.image_size
     if tuple(x_unit.shape[-2:]) != (size, size):
         x_unit = F.interpolate(x_unit, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return pre.normalize_torch(x_unit).contiguous(memory_format=torch.channels_last)
+    return model_input(pre, x_unit)
 
 
 def check_teacher(path: str | Path) -> None:
@@ -178,7 +179,7 @@ def soft_targets(teachers: list[Teacher], x_unit: torch.Tensor, temperature: flo
     counts: dict[str, int] = {}
     for teacher in teachers:
         x = teacher.prepare(x_unit)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        with autocast(x.device):
             logits = teacher.model(x)
         for head, teacher_head, order in teacher.routes:
             probs = (logits[teacher_head].float()[:, order] / temperature).softmax(1)
@@ -238,8 +239,8 @@ def forward_backward(loop, labelled, unlabeled, batch_len: int) -> dict:
     x = augment.to_unit(images)
     x = augment.weak_view(x, loop.aug_gen) if cfg.augment else x
     targets = soft_targets(loop.teachers, x, cfg.temperature)  # the same view, at each teacher's size
-    x = setup.preprocessing.normalize_torch(x).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(loop.device.type, dtype=torch.bfloat16, enabled=loop.device.type == "cuda"):
+    x = model_input(setup.preprocessing, x)
+    with autocast(loop.device):
         logits = loop.train_model(x)
     loss, kd, correct = distillation_loss(
         logits, targets, labels, head_ids, setup.head_order, setup.head_weights, setup.class_weights,

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from transferkit.preprocess import Preprocessing
+from transferkit.training.precision import autocast, model_input
 
 
 @torch.no_grad()
@@ -22,14 +23,13 @@ def predict_logits(
     model.eval()
     device = torch.device(device)
     out: dict[str, list[np.ndarray]] = {}
-    amp = device.type == "cuda"
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         x = torch.as_tensor(chunk).to(device, non_blocking=True)
         if x.shape[-1] == 3:  # NHWC numpy layout
             x = x.permute(0, 3, 1, 2)
-        x = pre.normalize_torch(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        x = model_input(pre, x)
+        with autocast(device):
             logits = model(x)
         for name, value in logits.items():
             if heads is None or name in heads:

@@ -32,6 +32,7 @@ from transferkit.training.adaptation import adapt_batchnorm
 from transferkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from transferkit.training.distributed import barrier
 from transferkit.training.pools import Pool
+from transferkit.training.precision import autocast, model_input
 from transferkit.training.sampling import MultiDatasetSampler
 from transferkit.utils import atomic_write_json, read_json
 
@@ -97,8 +98,8 @@ def label_pool(model: torch.nn.Module, pool: Pool, head_order: list[str], pre, a
     model.eval()
     conf, guess, truth = [], [], []
     for images, true, heads in pool.iterate(order):
-        x = pre.normalize_torch(images.float().div_(255.0)).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        x = model_input(pre, images.float().div_(255.0))
+        with autocast(x.device):
             logits = model(x)
         probs = torch.zeros(len(images), device=images.device)
         pred = torch.zeros(len(images), dtype=torch.long, device=images.device)
