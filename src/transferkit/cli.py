@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from transferkit.errors import TransferkitError
+from transferkit.options import add_options, flags, given
 
 # TrainConfig fields that take a comma-separated list on the command line
 _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
@@ -143,11 +144,7 @@ def cmd_export(args) -> None:
     from transferkit.export import export_run, format_export_table
     from transferkit.export.job import ExportOptions
 
-    options = ExportOptions(simplify=args.simplify, calibration_images=args.calibration_images,
-                            calibration_method=args.calibration_method, int8_fallback=args.int8_fallback,
-                            max_fp32_layers=args.max_fp32_layers, int8_budget_s=args.int8_budget_s,
-                            max_acc_delta_points=args.max_acc_delta,
-                            min_top1_agreement=args.min_agreement, slower_int8=args.slower_int8)  # fmt: skip
+    options = ExportOptions(**given(args, ExportOptions))
     result = export_run(args.run, formats=_split_list(args.format), precision=_split_list(args.precision) or [],
                         verify_images=args.verify_images, device=args.device, options=options)  # fmt: skip
     print(format_export_table(result))  # ends with the BentoML model tag
@@ -212,21 +209,19 @@ def cmd_build(args) -> None:
     print(result.bento_path)
 
 
-_K8S_OPTIONS = ("cpu", "memory", "min_replicas", "max_replicas", "target_cpu", "api_key_secret")
-
-
 def _k8s_options(args):
     """build's --k8s-* options as K8sOptions (unset ones keep its defaults); None without --k8s."""
-    given = {name: getattr(args, "k8s_" + name) for name in _K8S_OPTIONS if getattr(args, "k8s_" + name) is not None}
-    if not args.k8s:
-        if given:
-            flags = ", ".join("--k8s-" + name.replace("_", "-") for name in given)
-            raise TransferkitError(f"{flags}: only with --k8s DIR (the folder for the Kubernetes manifests)")
-        return None
     from transferkit.serving.k8s import K8sOptions, check_out_dir
 
+    chosen = given(args, K8sOptions, prefix="k8s-")
+    if not args.k8s:
+        if chosen:
+            names = flags(K8sOptions, prefix="k8s-")
+            raise TransferkitError(f"{', '.join(names[n] for n in chosen)}: only with --k8s DIR (the folder for the "
+                                   "Kubernetes manifests)")  # fmt: skip
+        return None
     check_out_dir(args.k8s)
-    return K8sOptions(**given)
+    return K8sOptions(**chosen)
 
 
 class _BuildRuntimes:
@@ -296,63 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="held-out test images per dataset that every artifact is checked on against PyTorch (default: 256)",
     )
-    p.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim (verified too)")
-    p.add_argument(
-        "--calibration-images",
-        type=int,
-        default=512,
-        metavar="N",
-        help="int8: train images per dataset for calibration (seeded subset) (default: 512)",
-    )
-    p.add_argument(
-        "--calibration-method",
-        default="minmax",
-        choices=("minmax", "entropy", "percentile"),
-        help="int8 (onnx): the onnxruntime calibration method tried first; the others follow if it "
-        "fails on the validation split (default: minmax)",
-    )
-    p.add_argument(
-        "--int8-fallback",
-        default="auto",
-        choices=("auto", "off"),
-        help="int8: when no fully INT8 attempt passes on the validation split, auto keeps the layers "
-        "that break it in fp32 (NNCF accuracy control; for onnx also the per-layer repair) (default: auto)",
-    )
-    p.add_argument(
-        "--max-fp32-layers",
-        type=int,
-        default=8,
-        metavar="N",
-        help="int8 mixed precision: at most this many layers (NNCF: groups of operations) kept in fp32 (default: 8)",
-    )
-    p.add_argument(
-        "--int8-budget-s",
-        type=float,
-        default=240.0,
-        metavar="SECONDS",
-        help="int8: seconds the attempts of one artifact may take; attempts not started by then are "
-        "skipped and recorded as such (default: 240)",
-    )
-    p.add_argument(
-        "--slower-int8",
-        default="withhold",
-        choices=("withhold", "offer"),
-        help="an INT8 artifact that passes the gate but measures slower than its format's fp32 here: withhold "
-        "it from serving (status 'passed, but slower than fp32 here'), or offer it anyway, for its size "
-        "(default: withhold)",
-    )
-    p.add_argument(
-        "--max-acc-delta",
-        type=float,
-        metavar="POINTS",
-        help="gate: max |accuracy change| per dataset, overriding the precision's (fp32 0.5, fp16 0.3, int8 1)",
-    )
-    p.add_argument(
-        "--min-agreement",
-        type=float,
-        metavar="FRACTION",
-        help="gate: min top-1 agreement with PyTorch per head, overriding the precision's (0.99, 0.995, 0.97)",
-    )
+    from transferkit.export.job import ExportOptions  # numpy, no torch
+
+    add_options(p, ExportOptions)
 
     p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
     p.add_argument("run", metavar="RUN")
@@ -365,23 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(up to --drain-timeout) and stop every server process. Unset options fall back to $TRANSFERKIT_* "
         "(see transferkit/serving/settings.py), then to the defaults.",
     )
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("run", metavar="RUN", help="a trained and exported run folder")
     p.add_argument(
-        "--runtime",
-        metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
-        help="auto: the fastest verified artifact usable here (by the throughput export measured); a "
-        "runtime: its best artifact; an artifact name from the export (onnx-int8, ...): exactly that "
-        "one (default: auto)",
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)"
     )
-    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: per CPU and runtime)")
-    p.add_argument("--threads", type=int, metavar="N", help="runtime threads per worker (default: cores / workers)")
-    p.add_argument("--max-batch", type=int, metavar="N", help="images per runtime call (default: 32)")
-    p.add_argument("--max-wait-ms", type=float, metavar="MS", help="batching wait for more images (default: 2)")
-    p.add_argument("--max-queue", type=int, metavar="N", help="images admitted per worker; beyond: 503 (default: 256)")
-    p.add_argument("--max-images", type=int, metavar="N", help="images per request (default: 32)")
-    p.add_argument("--timeout", type=float, metavar="S", dest="timeout_s", help="per-request deadline (default: 10)")
+    p.add_argument("--port", type=int, default=3000, help="(default: 3000)")
+    from transferkit.serving.settings import ServingSettings  # numpy-free
+
+    add_options(p, ServingSettings, unset_is_none=True)  # unset: $TRANSFERKIT_*, then the defaults
     p.add_argument(
         "--api-key-file",
         metavar="PATH",
@@ -498,29 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write Kubernetes manifests into DIR: deployment.yaml, service.yaml, hpa.yaml "
         "(image: --image TAG, else the Bento tag); needs no Docker",
     )
-    p.add_argument(
-        "--k8s-cpu",
-        metavar="CPU",
-        help="CPU request and limit per pod, e.g. 2 or 500m; sets the server's workers (default: 2)",
-    )
-    p.add_argument(
-        "--k8s-memory",
-        metavar="MEM",
-        help="memory request and limit per pod, e.g. 2Gi (default: 256Mi + 384Mi per worker)",
-    )
-    p.add_argument("--k8s-min-replicas", type=int, metavar="N", help="autoscaler minimum (default: 1)")
-    p.add_argument("--k8s-max-replicas", type=int, metavar="N", help="autoscaler maximum (default: 4)")
-    p.add_argument(
-        "--k8s-target-cpu",
-        type=int,
-        metavar="PERCENT",
-        help="autoscaler target CPU utilisation, percent of the request (default: 70)",
-    )
-    p.add_argument(
-        "--k8s-api-key-secret",
-        metavar="NAME[:KEY]",
-        help="set TRANSFERKIT_API_KEY from this Secret's KEY (default key: api-key)",
-    )
+    from transferkit.serving.k8s import K8sOptions
+
+    add_options(p, K8sOptions, prefix="k8s-", unset_is_none=True)  # only with --k8s; unset: K8sOptions' defaults
 
     for name, func in (("train", cmd_train), ("distill", cmd_distill), ("eval", cmd_eval), ("export", cmd_export),
                        ("benchmark", cmd_benchmark), ("serve", cmd_serve),

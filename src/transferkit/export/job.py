@@ -13,6 +13,7 @@ import numpy as np
 
 from transferkit.artifact import FormatSpec, Tolerance, artifact_files, artifact_name
 from transferkit.errors import ConfigError
+from transferkit.options import cli
 
 if TYPE_CHECKING:  # torch is imported by the exporters when they run: `import transferkit.export` stays cheap
     import torch
@@ -66,15 +67,33 @@ class SelectionSet:
 class ExportOptions:
     """Per-export choices beyond format and precision (CLI: `transferkit export --help`)."""
 
-    simplify: bool = False  # onnxslim the fp32 ONNX graph (what every ONNX-based artifact is built from)
-    calibration_images: int = 512  # INT8: train images per dataset, through the run's preprocessing
-    calibration_method: str = "minmax"  # minmax | entropy | percentile
-    int8_fallback: str = "auto"  # auto: if no fully-INT8 attempt passes, keep the layers that break it in fp32
-    max_fp32_layers: int = 8  # the repair's budget of layers kept in fp32
-    int8_budget_s: float = 240.0  # INT8: seconds the attempts of one artifact may take before the search stops
-    max_acc_delta_points: float | None = None  # overrides the precision's tolerance (per dataset)
-    min_top1_agreement: float | None = None  # overrides the precision's tolerance (per head)
-    slower_int8: str = "withhold"  # offer: serve an INT8 slower than fp32 here too (for its size, say)
+    simplify: bool = field(default=False, metadata=cli())  # simplify the ONNX graph with onnxslim (verified too)
+    # int8: train images per dataset for calibration, a seeded subset through the run's preprocessing
+    calibration_images: int = field(default=512, metadata=cli(metavar="N"))
+    # int8 (onnx): the onnxruntime calibration method tried first; the others follow if it fails on validation
+    calibration_method: str = field(default="minmax", metadata=cli(choices=CALIBRATION_METHODS))
+    # int8: when no fully INT8 attempt passes on the validation split, auto keeps the layers that break it in
+    # fp32 (NNCF accuracy control; for onnx also the per-layer repair)
+    int8_fallback: str = field(default="auto", metadata=cli(choices=FALLBACKS))
+    # int8 mixed precision: at most this many layers (NNCF: groups of operations) kept in fp32
+    max_fp32_layers: int = field(default=8, metadata=cli(metavar="N"))
+    # int8: seconds the attempts of one artifact may take; attempts not started by then are skipped and recorded
+    int8_budget_s: float = field(default=240.0, metadata=cli(metavar="SECONDS"))
+    # gate: max absolute accuracy change per dataset (points), overriding the precision's
+    max_acc_delta_points: float | None = field(
+        default=None,
+        metadata=cli("--max-acc-delta", metavar="POINTS", type=float, default_text="fp32 0.5, fp16 0.3, int8 1"),
+    )
+    # gate: min top-1 agreement with PyTorch per head, overriding the precision's
+    min_top1_agreement: float | None = field(
+        default=None,
+        metadata=cli(
+            "--min-agreement", metavar="FRACTION", type=float, default_text="fp32 0.99, fp16 0.995, int8 0.97"
+        ),
+    )
+    # an INT8 artifact that passes the gate but measures slower than its format's fp32 here: withhold it from
+    # serving (status 'passed, but slower than fp32 here'), or offer it anyway, for its size
+    slower_int8: str = field(default="withhold", metadata=cli(choices=SLOWER_INT8))
 
     def __post_init__(self) -> None:
         if self.calibration_method not in CALIBRATION_METHODS:

@@ -39,12 +39,13 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from transferkit.errors import ConfigError, TransferkitError
+from transferkit.options import cli
 from transferkit.serving.settings import API_KEY_ENV, PREFIX, ServingSettings, default_workers
 from transferkit.version import __version__
 
@@ -66,13 +67,16 @@ MIN_MEMORY = 256 * 2**20  # below this not even one worker with a small model fi
 
 @dataclass(frozen=True)
 class K8sOptions:
-    cpu: str = "2"  # request = limit per pod; sets the server's workers
-    # request = limit per pod; None: 256Mi + 384Mi per worker (2 workers serving MobileNetV2 at 32 px: ~310 MiB)
-    memory: str | None = None
-    min_replicas: int = 1
-    max_replicas: int = 4
-    target_cpu: int = 70  # HPA target, percent of the CPU request
-    api_key_secret: str | None = None  # NAME or NAME:KEY (default key: api-key)
+    # CPU request and limit per pod, e.g. 2 or 500m; sets the server's workers
+    cpu: str = field(default="2", metadata=cli(metavar="CPU"))
+    # memory request and limit per pod, e.g. 2Gi (2 workers serving MobileNetV2 at 32 px use ~310 MiB)
+    memory: str | None = field(default=None, metadata=cli(metavar="MEM", default_text="256Mi + 384Mi per worker"))
+    min_replicas: int = field(default=1, metadata=cli(metavar="N"))  # autoscaler minimum
+    max_replicas: int = field(default=4, metadata=cli(metavar="N"))  # autoscaler maximum
+    # autoscaler target, percent of the CPU request
+    target_cpu: int = field(default=70, metadata=cli(metavar="PERCENT"))
+    # set TRANSFERKIT_API_KEY from this Secret's KEY (default key: api-key)
+    api_key_secret: str | None = field(default=None, metadata=cli(metavar="NAME[:KEY]", default_text="none"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cpu", str(self.cpu))  # K8sOptions(cpu=2) as well as "2"

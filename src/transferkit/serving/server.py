@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import ConfigError, TransferkitError
+from transferkit.options import flags
 from transferkit.serving.processes import become_subreaper, can_bind, check_port, die_with_parent, stop_tree
 from transferkit.serving.resolve import ServedModel, resolve_served_model
 from transferkit.serving.settings import (
@@ -47,9 +48,7 @@ SERVICE = "transferkit.serving.service:TransferkitService"
 DEFAULT_DRAIN_TIMEOUT = 10.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # ServingSettings field -> `transferkit serve` option (the model comes from RUN, the key never goes in argv)
-SETTING_FLAGS = {"runtime": "--runtime", "workers": "--workers", "threads": "--threads", "max_batch": "--max-batch",
-                 "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue", "max_images": "--max-images",
-                 "timeout_s": "--timeout"}  # fmt: skip
+SETTING_FLAGS = flags(ServingSettings)
 
 
 def build_settings(

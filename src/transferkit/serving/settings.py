@@ -34,8 +34,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from transferkit.artifact import FORMAT_SPECS, MAX_BATCH
+from transferkit.artifact import FORMAT_SPECS, MAX_BATCH, RUNTIME_NAMES
 from transferkit.errors import ConfigError
+from transferkit.options import cli
 
 PREFIX = "TRANSFERKIT_"
 MODEL_ENV = PREFIX + "MODEL"
@@ -71,14 +72,18 @@ def default_workers(runtime: str, cpus: int | None = None) -> int:
 @dataclass(frozen=True)
 class ServingSettings:
     model: str = ""
-    runtime: str = "auto"
-    workers: int = 0  # 0: default_workers(runtime)
-    threads: int = 0  # 0: cores // workers
-    max_batch: int = 32
-    max_wait_ms: float = 2.0
-    max_queue: int = 256
-    max_images: int = 32
-    timeout_s: float = 10.0
+    # auto: the fastest verified artifact usable here (by the throughput export measured); a runtime: its best
+    # artifact; an artifact name from the export (onnx-int8, ...): exactly that one
+    runtime: str = field(default="auto", metadata=cli(metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT"))
+    # worker processes (0: one per core up to 4 on CPU runtimes, one for a GPU runtime)
+    workers: int = field(default=0, metadata=cli(metavar="N", default_text="per CPU and runtime"))
+    # runtime threads per worker
+    threads: int = field(default=0, metadata=cli(metavar="N", default_text="cores / workers"))
+    max_batch: int = field(default=32, metadata=cli(metavar="N"))  # images per runtime call (1: no batching)
+    max_wait_ms: float = field(default=2.0, metadata=cli(metavar="MS"))  # batching wait for more images
+    max_queue: int = field(default=256, metadata=cli(metavar="N"))  # images admitted per worker; beyond: 503
+    max_images: int = field(default=32, metadata=cli(metavar="N"))  # images per request; beyond: 413
+    timeout_s: float = field(default=10.0, metadata=cli("--timeout", metavar="S"))  # per-request deadline; past it: 504
     drain_s: float = 8.0  # drain.py; the image's bound, which Kubernetes' grace period covers (k8s.py)
     access_log: bool = False
     request_metrics: bool = False
