@@ -219,3 +219,27 @@ def test_serving_never_imports_torch_or_the_torch_side_packages():
                 if len(chain) > 2:  # direct imports are reported above
                     problems.append(f"importing {module} imports {target}: " + " -> ".join(reversed(chain)))
     assert not problems, "\n".join(problems)
+
+
+def test_the_serving_image_holds_every_module_the_service_imports():
+    """The image and the Bento get SERVING_FILES only (serving/build.py): everything `transferkit.serving.service`
+    imports at module level, with the packages above, must be among them, or the container fails to start."""
+    from fnmatch import fnmatch
+
+    from transferkit.serving.build import SERVING_FILES
+
+    module_level: dict[str, set[str]] = {}
+    for imp in import_graph():
+        if imp.module_level and imp.target.startswith("transferkit"):
+            module_level.setdefault(imp.source, set()).add(imp.target)
+    modules = _modules()
+    seen, todo = {f"{SERVING}.service"}, [f"{SERVING}.service"]
+    while todo:
+        current = todo.pop()
+        for target in module_level.get(current, set()) | set(_parents(current)):
+            if target not in seen and target in modules:
+                seen.add(target)
+                todo.append(target)
+    files = {m: modules[m].relative_to(PACKAGE_DIR.parent).as_posix() for m in seen}
+    missing = sorted(f for f in files.values() if not any(fnmatch(f, pattern) for pattern in SERVING_FILES))
+    assert len(seen) > 10 and not missing, f"imported by the service but not in the image: {missing}"

@@ -172,10 +172,21 @@ def cmd_serve(args) -> None:
 def cmd_predict(args) -> None:
     import json
 
-    from transferkit.serving.client import predict_files
+    from transferkit.serving.client import api_key_from, expand_images, predict_files, write_results
 
-    results = predict_files(args.images, url=args.url, top_k=args.top_k)
-    print(json.dumps(results, indent=2))
+    if args.out and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):  # refused before any request
+        raise TransferkitError(f"--out {args.out}: the suffix picks the format; use .jsonl or .csv")
+    files = expand_images(args.images)
+    results = predict_files(files, url=args.url, top_k=args.top_k, api_key=api_key_from(args.api_key_file),
+                            concurrency=args.concurrency, errors="record")  # fmt: skip
+    if args.out:
+        print(write_results(results, args.out))
+    else:
+        print(json.dumps(results, indent=2))
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise TransferkitError(f"{len(failed)} of {len(results)} images were refused, e.g. {failed[0]['file']}: "
+                               f"{failed[0]['error']}")  # fmt: skip
 
 
 def cmd_score(args) -> None:
@@ -327,10 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 10)",
     )
 
-    p = sub.add_parser("predict", help="send images to a running server and print the answers as JSON")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--url", default="http://127.0.0.1:3000")
-    p.add_argument("--top-k", type=int, default=5)
+    p = sub.add_parser(
+        "predict",
+        help="send images to a running server and print the answers as JSON",
+        description="POST every image to a running `transferkit serve` (or its container) and print the answers as "
+        "JSON, or write them with --out. A file the server refuses becomes a row with its error, the rest go on, "
+        "and the exit status is 2. Example: transferkit predict photos/ --concurrency 8 --out preds.csv",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (recursive: .jpg .jpeg .png .webp) or quoted globs ('shots/*.jpg')")  # fmt: skip
+    p.add_argument("--url", default="http://127.0.0.1:3000", help="the server (default: http://127.0.0.1:3000)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per head and image (default: 5)")
+    p.add_argument("--api-key-file", metavar="PATH",
+                   help="a file holding the server's API key (default: $TRANSFERKIT_API_KEY, then "
+                        "$TRANSFERKIT_API_KEY_FILE, else none)")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight at once (default: 4)")
+    p.add_argument(
+        "--out", metavar="FILE", help="write the answers to FILE.jsonl or FILE.csv (default: JSON on stdout)"
+    )
 
     p = sub.add_parser(
         "score",

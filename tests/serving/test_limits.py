@@ -2,6 +2,8 @@
 Retry-After (never another 5xx) and the server answers normally afterwards; /predict needs the bearer key,
 health and metrics do not."""
 
+import json
+
 import httpx
 import pytest
 
@@ -44,10 +46,46 @@ def test_a_flood_past_the_queue_gets_503_with_retry_after_and_the_server_recover
     assert 'transferkit_refused_requests_total{reason="overloaded"}' in metrics
 
 
-def test_more_images_than_the_queue_holds_are_refused_by_the_request_limit(strict_server, images):
-    files = [("images", ("d.png", images["digit.png"]))] * (MAX_QUEUE + 1)
+@pytest.mark.parametrize("extra", [1, 2, 30])  # one past the limit, and past what the multipart parser reads
+def test_more_images_than_the_request_limit_are_always_413(strict_server, images, extra):
+    files = [("images", ("d.png", images["digit.png"]))] * (MAX_QUEUE + extra)
     response = httpx.post(strict_server.url + "/predict", files=files, headers=AUTH)
-    assert response.status_code == 413 and "over the limit" in response.json()["error"]
+    assert response.status_code == 413 and "over the limit" in response.json()["error"], response.text
+
+
+def test_predict_sends_the_key_scores_a_folder_and_writes_every_row(strict_server, images, tmp_path):
+    """`transferkit predict FOLDER --api-key-file --concurrency --out x.csv`: one row per image in order; a file
+    the server refuses is a row with its error, and the exit status says so."""
+    import csv
+
+    from tests.helpers import run_cli
+
+    folder = tmp_path / "shots"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.png", "b.png", "sub/c.png"):
+        (folder / name).write_bytes(images["digit.png"])
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    out = tmp_path / "preds.csv"
+    common = ["predict", str(folder), "--url", strict_server.url, "--concurrency", "2", "--top-k", "3"]
+    proc = run_cli(*common, "--api-key-file", str(key_file), "--out", str(out))
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == [str(folder / n) for n in ("a.png", "b.png", "sub/c.png")]
+    assert all(r["error"] == "" and len(r["digits_labels"].split(";")) == 3 for r in rows), rows
+    assert proc.stdout.strip() == str(out)
+    refused = run_cli(*common, check=False)  # no key
+    assert refused.returncode == 2 and "requires an API key" in refused.stderr
+    (folder / "broken.png").write_bytes(images["digit.png"][:40])
+    jsonl = tmp_path / "preds.jsonl"
+    failed = run_cli(*common, "--out", str(jsonl), check=False, env={"TRANSFERKIT_API_KEY": KEY})
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert failed.returncode == 2 and "1 of 4 images were refused" in failed.stderr
+    assert [("error" in r, r.get("status")) for r in lines] == [
+        (False, None),
+        (False, None),
+        (True, 400),
+        (False, None),
+    ]
 
 
 @pytest.mark.parametrize("header, status", [(None, 401), ("Bearer wrong-key", 401), ("Basic " + KEY, 401),

@@ -46,13 +46,13 @@ class Source:
 
     def items(self) -> Iterator[Item]:
         if self.kind == "folder":
-            yield from (Item(p) for p in _walk(self.root))
+            yield from (Item(p) for p in walk_images(self.root))
         elif self.kind == "glob":
             yield from (Item(p) for p in sorted(glob.glob(self.spec, recursive=True)) if os.path.isfile(p))
         elif self.kind == "imagefolder":
             for class_dir in _class_dirs(self.root):
                 truth = {head: class_dir.name for head in self.truth_heads}
-                yield from (Item(p, truth) for p in _walk(class_dir))
+                yield from (Item(p, truth) for p in walk_images(class_dir))
         else:
             base = self.root.parent
             for raw in _list_paths(self.root, self.kind):
@@ -123,7 +123,7 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _walk(root: Path) -> Iterator[str]:
+def walk_images(root: Path) -> Iterator[str]:
     """Image files below root: a folder's files, then its sub-folders', each sorted; the same order every call."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

@@ -45,6 +45,7 @@ SERVING_FILES = (
     "transferkit/errors.py",
     "transferkit/machine.py",
     "transferkit/manifest.py",
+    "transferkit/options.py",
     "transferkit/predictions.py",
     "transferkit/preprocess.py",
     "transferkit/utils.py",

@@ -1,12 +1,20 @@
-"""HTTP client for a running transferkit server: `predict_files(["a.jpg"], url)` -> the server's answers."""
+"""HTTP client for a running transferkit server (`transferkit predict`): `predict_files(["a.jpg"], url)` -> the
+server's answers; folders and globs expanded, the API key sent, several requests at once, answers to a file."""
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
+import json
 import mimetypes
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
+from transferkit.utils import atomic_write_text
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 
@@ -28,37 +36,125 @@ def _server_message(response: Any) -> str:
     return str(body)[:500]
 
 
-def predict_files(
-    paths: list[str | Path], url: str = DEFAULT_URL, top_k: int = 5, timeout: float = 60.0
-) -> list[dict[str, Any]]:
-    """POST each image to URL/predict -> one answer per file, with "file" added.
+def expand_images(specs: list[str]) -> list[Path]:
+    """IMAGE arguments -> files, in order: a file as given, a folder's images (recursive; the suffixes /predict
+    decodes), a quoted glob's files. A folder or glob that finds nothing, or a missing path, is an error."""
+    from transferkit.scoring.sources import SCORED_SUFFIXES, walk_images  # stdlib only: light for the CLI
 
-    Raises TransferkitError for a missing file, an unreachable server, or a 4xx/5xx answer (quoting the
-    server's message).
+    out: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = [Path(p) for p in walk_images(path)]
+            if not found:
+                raise TransferkitError(f"{spec}: no {' '.join(SCORED_SUFFIXES)} images in this folder")
+        elif path.is_file():
+            found = [path]
+        elif set("*?[") & set(spec):
+            found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(spec), recursive=True)) if os.path.isfile(p)]
+            if not found:
+                raise TransferkitError(f"{spec}: the pattern matches no file")
+        else:
+            raise TransferkitError(f"{spec}: no such file or folder")
+        out.extend(found)
+    return out
+
+
+def api_key_from(path: str | Path | None = None) -> str | None:
+    """The key for a server that requires one: `path`, else $TRANSFERKIT_API_KEY, else $TRANSFERKIT_API_KEY_FILE."""
+    from transferkit.serving.settings import API_KEY_ENV, API_KEY_FILE_ENV, read_api_key_file
+
+    if path is not None:
+        return read_api_key_file(path)
+    if os.environ.get(API_KEY_ENV, "").strip():
+        return os.environ[API_KEY_ENV].strip()
+    if os.environ.get(API_KEY_FILE_ENV):
+        return read_api_key_file(os.environ[API_KEY_FILE_ENV])
+    return None
+
+
+def predict_files(
+    paths: list[str | Path],
+    url: str = DEFAULT_URL,
+    top_k: int = 5,
+    timeout: float = 60.0,
+    *,
+    api_key: str | None = None,
+    concurrency: int = 1,
+    errors: str = "raise",
+) -> list[dict[str, Any]]:
+    """POST each image to URL/predict, `concurrency` at a time -> one answer per file, in order, with "file"
+    added.
+
+    Raises TransferkitError for a missing file, an unreachable server or a refused key. A file the server
+    answers with another 4xx/5xx raises too (quoting the server's message), or, with errors="record", becomes
+    {"file", "status", "error"} and the rest go on.
     """
     import httpx
 
+    if concurrency < 1:
+        raise TransferkitError(f"--concurrency must be >= 1, got {concurrency}")
+    if errors not in ("raise", "record"):
+        raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
     files = [Path(p) for p in paths]
     for p in files:
         if not p.is_file():
             raise TransferkitError(f"{p}: no such file")
-    results = []
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as client:
-        for p in files:
-            mime = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
-            try:
-                response = client.post(
-                    "/predict", files={"image": (p.name, p.read_bytes(), mime)}, data={"top_k": str(top_k)}
-                )
-            except httpx.TransportError as exc:
-                raise TransferkitError(
-                    f"cannot reach the server at {url} ({type(exc).__name__}: {exc}); "
-                    "start it with `transferkit serve RUN` or pass --url"
-                ) from None
-            if response.status_code >= 400:
-                raise TransferkitError(f"{p}: the server answered {response.status_code}: {_server_message(response)}")
-            results.append({"file": str(p), **response.json()})
-    return results
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def one(client: Any, p: Path) -> dict[str, Any]:
+        mime = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+        try:
+            response = client.post("/predict", files={"image": (p.name, p.read_bytes(), mime)},
+                                   data={"top_k": str(top_k)})  # fmt: skip
+        except httpx.TransportError as exc:
+            raise TransferkitError(
+                f"cannot reach the server at {url} ({type(exc).__name__}: {exc}); "
+                "start it with `transferkit serve RUN` or pass --url"
+            ) from None
+        if response.status_code == 401:
+            hint = "the key was refused" if api_key else "it requires an API key"
+            raise TransferkitError(f"the server at {url} answered 401: {hint}; pass --api-key-file PATH or set "
+                                   "$TRANSFERKIT_API_KEY")  # fmt: skip
+        if response.status_code >= 400:
+            message = f"the server answered {response.status_code}: {_server_message(response)}"
+            if errors == "raise":
+                raise TransferkitError(f"{p}: {message}")
+            return {"file": str(p), "status": response.status_code, "error": message}
+        return {"file": str(p), **response.json()}
+
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers) as client:
+        if concurrency == 1 or len(files) == 1:
+            return [one(client, p) for p in files]
+        with ThreadPoolExecutor(min(concurrency, len(files))) as pool:  # httpx.Client is safe across threads
+            return list(pool.map(lambda p: one(client, p), files))
+
+
+def write_results(results: list[dict[str, Any]], out: str | Path) -> Path:
+    """The answers as .jsonl (one object per line, as the server gave it) or .csv (per head: top-1 label, its
+    score, and the top-k labels joined by ';'), written atomically."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in results)
+    elif suffix == ".csv":
+        heads = next((list(r["heads"]) for r in results if "heads" in r), [])
+        columns = ["file", "error"] + [f"{h}_{c}" for h in heads for c in ("top1", "score", "labels")]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+        writer.writeheader()
+        for r in results:
+            row = {"file": r["file"], "error": r.get("error", "")}
+            for h, preds in r.get("heads", {}).items():
+                if preds:
+                    row.update({f"{h}_top1": preds[0]["label"], f"{h}_score": preds[0]["score"],
+                                f"{h}_labels": ";".join(p["label"] for p in preds)})  # fmt: skip
+            writer.writerow(row)
+        text = buffer.getvalue()
+    else:
+        raise TransferkitError(f"--out {out}: the suffix picks the format; use .jsonl or .csv")
+    atomic_write_text(out, text)
+    return out
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:

@@ -136,6 +136,9 @@ async def parse_multipart(form_parser: Any, max_images: int) -> PredictInputs:
         form = await form_parser(max_files=max_images + 1, max_fields=len(FIELDS) + max_images)
     except Exception as exc:  # noqa: BLE001 - malformed framing, too many parts: python-multipart's many errors
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        if "too many files" in detail.lower():  # Starlette stops at max_files: too many images is always 413
+            raise ClientError(413, f"more than {max_images} images in one request, over the limit; split the "
+                                   "request") from None  # fmt: skip
         raise ClientError(400, f"could not parse the multipart body ({detail}); {HINT}") from None
     try:
         unknown = sorted(set(form.keys()) - set(FIELDS))
