@@ -257,11 +257,27 @@ def _split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+_PROGRAM = (
+    "transferkit fine-tunes one pretrained backbone on several image-classification datasets at once, exports it\n"
+    "to ONNX, OpenVINO, TensorRT or AOTInductor artifacts checked against PyTorch, and serves the fastest\n"
+    "verified one over HTTP with BentoML (or scores folders of images, or builds a container image)."
+)
+_EXAMPLE = """a first run, on built-in data:
+  transferkit train --data mnist,fashion-mnist --image-size 32 --epochs 2 --out runs/demo
+  transferkit export runs/demo --format onnx
+  transferkit serve runs/demo                  # then: curl -F image=@digit.png 127.0.0.1:3000/predict
+your own photos (one folder per class, ideally train/ val/ test/ below it):
+  transferkit train --data imagefolder:photos --image-size 224 --batch-size 32 --out runs/photos
+
+`transferkit COMMAND --help` lists a command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES  # the formats table: choices below
     from transferkit.version import __version__
 
-    parser = _Parser(prog="transferkit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="transferkit", description=_PROGRAM, epilog=_EXAMPLE,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
