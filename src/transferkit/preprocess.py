@@ -194,6 +194,7 @@ _NAMES = {"WEBP": "WebP", "JPEG2000": "JPEG 2000"}
 # What the HTTP server decodes. Camera JPEGs that Pillow calls "MPO" (several pictures in one file) are opened
 # by the JPEG plugin, so "JPEG" covers them; "MPO" itself is not an open-able format name in Pillow.
 SERVED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+SERVED_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")  # the file names of SERVED_FORMATS
 
 
 def _sniff_format(data: bytes) -> tuple[str, str | None] | None:

@@ -40,8 +40,13 @@ def test_imagefolder_with_train_and_val(digits_folder):
     ds = load_dataset(f"imagefolder:{digits_folder}", PRE)
     assert ds.name == digits_folder.name
     assert ds.classes == [f"class_{i}" for i in range(10)]
-    assert len(ds.train) > len(ds.val) > 0
-    assert len(ds.test) == len(ds.val)  # no test/: the val split is the report split
+    assert len(ds.train) > len(ds.val) > 0 and len(ds.test) > 0
+    # no test/: the test split is carved from train/ (seeded), never the val split that chose the best epoch
+    val_rows, test_rows = {r.tobytes() for r in ds.val.images}, [r.tobytes() for r in ds.test.images]
+    train_rows = {r.tobytes() for r in ds.train.images}
+    assert sum(r in val_rows for r in test_rows) < 3 and sum(r in train_rows for r in test_rows) < 3
+    again = load_dataset(f"imagefolder:{digits_folder}", PRE)
+    assert [r.tobytes() for r in again.test.images] == test_rows  # seeded: the same split every time
 
 
 def test_imagefolder_without_splits(tmp_path, digits_folder):
@@ -72,3 +77,20 @@ def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(DataError, match="mnist"):
         load_dataset("imagenet-21k", PRE)
     assert "imagefolder:PATH" in available_datasets()
+
+
+def test_imagefolder_warns_about_formats_the_server_refuses(tmp_path, digits_folder, capsys):
+    """Training reads .bmp; /predict answers 415 to it: the user hears so once, before deploying."""
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(digits_folder / "train", folder)
+    first = sorted((folder / "class_0").glob("*.png"))[0]
+    Image.open(first).save(first.with_suffix(".bmp"))
+    first.unlink()
+    load_dataset(f"imagefolder:{folder}", PRE)
+    err = capsys.readouterr().err
+    assert err.count("the server decodes .jpg .jpeg .png .webp only and answers 415") == 1, err
+    assert "1 image(s) are .bmp" in err

@@ -15,7 +15,7 @@ from PIL import Image
 
 from transferkit.data.base import Split, limit_indices, seeded_split
 from transferkit.errors import DataError
-from transferkit.preprocess import Preprocessing
+from transferkit.preprocess import SERVED_SUFFIXES, Preprocessing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -47,6 +47,18 @@ def _warn_skipped(spec: str, folders: list[Path], classes: list[str]) -> None:
         print(f"transferkit: warning: imagefolder:{spec}: skipped {len(skipped)} file(s) with suffix "
               f"{', '.join(suffixes[:5])}{', ...' if len(suffixes) > 5 else ''} (e.g. {skipped[0]}); "
               f"read are {' '.join(sorted(IMAGE_SUFFIXES))}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _warn_not_served(spec: str, files: list[Path]) -> None:
+    """Training reads BMP, GIF, TIFF, PPM and PGM too; the server decodes only SERVED_SUFFIXES and answers 415
+    to the rest. Say so once per dataset, before a user deploys a model their own files cannot reach."""
+    other = [p for p in files if p.suffix.lower() not in SERVED_SUFFIXES]
+    if other:
+        suffixes = sorted({p.suffix.lower() for p in other})
+        print(f"transferkit: warning: imagefolder:{spec}: {len(other)} image(s) are {' '.join(suffixes)} "
+              f"(e.g. {other[0]}); training reads them, but the server decodes {' '.join(SERVED_SUFFIXES)} "
+              "only and answers 415: convert such files before sending them to /predict", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def decode_file(path: Path, pre: Preprocessing) -> np.ndarray:
@@ -107,12 +119,21 @@ def load_imagefolder(
             if "test" not in listed:
                 listed["test"] = ([paths[i] for i in te], labels[te])
         elif "test" not in listed:
-            listed["test"] = listed["val"]  # no separate test set: report on val, as torchvision users expect
+            # no test/: a seeded test split is carved from train, not val, so that the export gate and the
+            # report never judge the images that chose the best epoch
+            paths, labels = listed["train"]
+            tr, va, te = seeded_split(len(labels), (0.0, 0.15))
+            tr = np.sort(np.concatenate([tr, va]))  # seeded_split keeps one image for a val split not wanted here
+            listed["train"] = ([paths[i] for i in tr], labels[tr])
+            listed["test"] = ([paths[i] for i in te], labels[te])
+            print(f"transferkit: note: imagefolder:{path}: no test/ folder; a seeded 15% of train/ ({len(te)} "
+                  "images) is held out as the test split", file=sys.stderr, flush=True)  # fmt: skip
     else:
         paths, labels = _list_images(root, classes)
         tr, va, te = seeded_split(len(labels), (0.15, 0.15))
         for split, idx in zip(("train", "val", "test"), (tr, va, te)):
             listed[split] = ([paths[i] for i in idx], labels[idx])
+    _warn_not_served(path, [p for paths, _ in listed.values() for p in paths])
     splits = {}
     for split, (paths, labels) in listed.items():
         if len(paths) == 0:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.errors import ConfigError
+from transferkit.preprocess import SERVED_SUFFIXES
 
-SCORED_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # preprocess.SERVED_FORMATS: what /predict decodes
+SCORED_SUFFIXES = SERVED_SUFFIXES  # what /predict decodes
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 IMAGEFOLDER = "imagefolder:"
 _GLOB_CHARS = set("*?[")
