@@ -111,6 +111,11 @@ class ExportResult:
 
 
 def _check_options(device: str, verify_images: int) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError("export verifies every artifact through ONNX Runtime, which is not installed: pip install "
+                          "'transferkit[cpu]' (or 'transferkit[gpu]' on a CUDA machine)")  # fmt: skip
     if check_device(device) == "gpu":
         import torch
 

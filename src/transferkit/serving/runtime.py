@@ -132,7 +132,7 @@ class OnnxRuntime(Runtime):
     @classmethod
     def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
+            return "ONNX Runtime is not installed: pip install 'transferkit[cpu]' (or 'transferkit[gpu]' for CUDA)"
         return None
 
     @classmethod
@@ -141,6 +141,8 @@ class OnnxRuntime(Runtime):
 
     @staticmethod
     def gpu_available() -> bool:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return False
         import onnxruntime as ort
 
         return OnnxRuntime.GPU_PROVIDER in ort.get_available_providers()
