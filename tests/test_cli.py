@@ -92,6 +92,12 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
         proc = run_cli(*args, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith("transferkit: error:"), (args, proc.stderr)
         assert proc.stderr.count("\n") == 1
+    for command in ("eval", "export", "serve", "benchmark", "build"):  # a missing run folder: said in one line
+        proc = run_cli(command, str(tmp_path / "nosuchrun"), check=False)
+        assert proc.returncode == 2 and proc.stderr == (
+            f"transferkit: error: {tmp_path / 'nosuchrun'}: no such folder; pass the run folder `transferkit train` "
+            "printed\n"
+        ), (command, proc.stderr)
     proc = run_cli("predict", str(tmp_path / "missing.png"), check=False)
     assert proc.returncode == 2 and "no such file" in proc.stderr
     proc = run_cli("train", "--data", "digits", "--no-such-option", check=False)

@@ -14,13 +14,29 @@ import re
 import sys
 from pathlib import Path
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import ConfigError, TransferkitError
 from transferkit.options import add_options, flags, given
 
 # TrainConfig fields that take a comma-separated list on the command line
 _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
 _BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment", "adapt_bn"}
 _NOT_FLAGS = {"out"}  # added by hand below
+# `train --help` groups: the first TrainConfig field of each group, in the config's order (README's table too)
+_TRAIN_GROUPS = {"data": "data", "backbone": "model", "epochs": "schedule", "pseudo_threshold": "pseudo-labels",
+                 "teachers": "distillation", "seed": "system"}  # fmt: skip
+_TRAIN_EXAMPLES = """examples:
+  transferkit train --data mnist,fashion-mnist --image-size 32 --epochs 4 --out runs/demo
+  transferkit train --data imagefolder:~/photos --image-size 224 --batch-size 32 --freeze-epochs 1
+  transferkit train --data mnist --unlabeled digits --rounds 3          # labelled source, unlabeled target
+  transferkit train --resume runs/demo                                  # continue after an interruption
+
+datasets:
+{datasets}"""
+_DISTILL_EXAMPLES = """example:
+  transferkit distill --teachers runs/mnist,runs/fashion --data mnist,fashion-mnist --image-size 32 --epochs 6
+
+datasets:
+{datasets}"""
 # an unexpected exception's message is cut here (torch's can run to pages); --debug shows all of it
 _MAX_MESSAGE = 400
 _DEBUG_HELP = "on an error, show the full traceback instead of one line"
@@ -57,24 +73,29 @@ _DISTILL_TEXT = (
 
 def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAIN_TEXT) -> None:
     from transferkit.config import TrainConfig
+    from transferkit.data.registry import available_datasets
 
-    p = sub.add_parser(
-        command, help=text[0], description=text[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    names = "\n".join(f"  {name:15s} {text}" for name, text in available_datasets().items())
+    examples = _TRAIN_EXAMPLES if command == "train" else _DISTILL_EXAMPLES
+    p = sub.add_parser(command, help=text[0], description=text[1], epilog=examples.format(datasets=names),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     helps = _field_help()
     defaults = TrainConfig()
+    group = p
     for f in dataclasses.fields(TrainConfig):
+        if f.name in _TRAIN_GROUPS:
+            group = p.add_argument_group(_TRAIN_GROUPS[f.name])
         if f.name in _NOT_FLAGS:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         text = helps.get(f.name, "")
         if f.name in _BOOL_FIELDS:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{text} (default: {default})")  # fmt: skip
         else:
             meta = "A,B,..." if f.name in _LIST_FIELDS else f.name.upper()
-            p.add_argument(flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS,
+            group.add_argument(flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS,
                            help=f"{text} (default: {default})")  # fmt: skip
     p.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig keys")
     p.add_argument(
@@ -107,9 +128,22 @@ def cmd_train(args) -> None:
     else:
         values = load_config_file(args.config) if args.config else {}
         values.update({k: _parse_value(k, v) for k, v in flags.items()})
-        run_dir = train(config_from_dict(values, source=args.config or "command line"))  # validates first
+        try:
+            run_dir = train(config_from_dict(values, source=args.config or "command line"))  # validates first
+        except ConfigError as exc:  # said as the command line says it, unless a config file was given
+            raise ConfigError(_as_flags(str(exc)) if not args.config else str(exc)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(run_dir)
+
+
+def _as_flags(message: str) -> str:
+    """A config error as the command line says it: `image_size` -> `--image-size` (the multi-word keys only:
+    `data` or `lr` could be plain words in the sentence)."""
+    from transferkit.config import TrainConfig
+
+    for name in sorted((f.name for f in dataclasses.fields(TrainConfig) if "_" in f.name), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){name}\b", "--" + name.replace("_", "-"), message)
+    return message
 
 
 def cmd_distill(args) -> None:

@@ -322,6 +322,12 @@ def _migrate_v1(d: dict[str, Any]) -> dict[str, Any]:
 def read_manifest(export_dir: str | Path) -> Manifest:
     """EXPORT_DIR/manifest.json, or an error that says how to make it."""
     path = Path(export_dir) / MANIFEST_NAME
+    run_dir = Path(export_dir).parent
+    if not run_dir.is_dir():
+        raise TransferkitError(f"{run_dir}: no such folder; pass the run folder `transferkit train` printed")
+    if not (run_dir / "config.yaml").is_file() and not path.is_file():
+        raise TransferkitError(f"{run_dir} is not a transferkit run folder (it has no config.yaml); pass the run "
+                               "folder `transferkit train` printed")  # fmt: skip
     if not path.is_file():
         raise TransferkitError(
             f"{path} not found: the run has not been exported; run `transferkit export {Path(export_dir).parent}`"

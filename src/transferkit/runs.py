@@ -64,10 +64,12 @@ def save_run_metadata(run_dir: Path, config: TrainConfig, pre: Preprocessing, la
 
 def load_run(run_dir: str | Path) -> Run:
     d = Path(run_dir)
+    if not d.is_dir():
+        raise TransferkitError(f"{d}: no such folder; pass the run folder `transferkit train` printed")
     missing = [n for n in ("config.yaml", "preprocessing.json", "labels.json") if not (d / n).is_file()]
-    if not d.is_dir() or missing:
+    if missing:
         raise TransferkitError(
-            f"{d} is not a transferkit run directory (missing {missing or 'the folder'}); "
+            f"{d} is not a transferkit run directory (missing {missing}); "
             f"pass the folder printed by `transferkit train`"
         )
     config = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), source=str(d / "config.yaml"))

@@ -130,7 +130,7 @@ def test_bad_adaptation_values_are_refused(values, message):
 def test_bad_adaptation_option_is_refused_before_work(tmp_path):
     proc = run_cli("train", "--data", "mnist", "--unlabeled", "digits", "--teacher-ema", "1.5", "--out",
                    str(tmp_path / "r"), check=False)  # fmt: skip
-    assert proc.returncode == 2 and "teacher_ema must be in [0, 1)" in proc.stderr and not (tmp_path / "r").exists()
+    assert proc.returncode == 2 and "--teacher-ema must be in [0, 1)" in proc.stderr and not (tmp_path / "r").exists()
 
 
 def test_two_rounds_second_learns_the_first_rounds_labels(tmp_path):
