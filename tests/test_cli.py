@@ -189,3 +189,24 @@ def test_export_takes_device_and_verify_images(tiny_run, tmp_path):
     verify = json.loads((run / "export" / "verify.json").read_text())
     assert verify["formats"]["onnx"]["passed"]
     assert {n for per_head in verify["images"].values() for n in per_head.values()} == {24}, verify["images"]
+
+
+def test_export_of_a_run_whose_data_moved_says_how_and_takes_data(digits_folder, tmp_path):
+    """A run trained on an image folder that is gone (another machine): export names the fix, and --data points
+    verification at the folder's new place."""
+    import shutil
+
+    folder = tmp_path / "shots"
+    shutil.copytree(digits_folder, folder)
+    run = tmp_path / "run"
+    run_cli("train", "--data", f"imagefolder:{folder}", "--limit", "120", "--epochs", "1", "--image-size", "32",
+            "--batch-size", "32", "--out", str(run))  # fmt: skip
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    proc = run_cli("export", str(run), "--verify-images", "32", check=False)
+    assert proc.returncode == 2 and "--data shots=imagefolder:PATH" in proc.stderr, proc.stderr
+    run_cli("export", str(run), "--verify-images", "32", "--data", f"shots=imagefolder:{moved}")
+    verify = json.loads((run / "export" / "verify.json").read_text())
+    assert verify["formats"]["onnx"]["passed"]
+    wrong = run_cli("export", str(run), "--data", f"nope=imagefolder:{moved}", check=False)
+    assert wrong.returncode == 2 and "the run has no dataset 'nope'; its datasets: shots" in wrong.stderr

@@ -180,7 +180,8 @@ def cmd_export(args) -> None:
 
     options = ExportOptions(**given(args, ExportOptions))
     result = export_run(args.run, formats=_split_list(args.format), precision=_split_list(args.precision) or [],
-                        verify_images=args.verify_images, device=args.device, options=options)  # fmt: skip
+                        verify_images=args.verify_images, device=args.device, options=options,
+                        data=_split_list(args.data))  # fmt: skip
     print(format_export_table(result))  # ends with the BentoML model tag
     print(result.export_dir)
     if not result.ok:
@@ -351,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="held-out test images per dataset that every artifact is checked on against PyTorch (default: 256)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="[NAME=]SPEC,...",
+        help="where the run's datasets are on this machine, for a run trained elsewhere: imagefolder:PATH (matched "
+        "by folder name) or NAME=imagefolder:PATH (default: the paths saved at training)",
     )
     from transferkit.export.job import ExportOptions  # numpy, no torch
 

@@ -134,6 +134,7 @@ def export_run(
     device: str = "cpu",
     store: bool = True,
     options: ExportOptions | None = None,
+    data: list[str] | None = None,
 ) -> ExportResult:
     """Export, verify and store a trained run. Raises ConfigError/DataError before any work on bad input.
     `precision` may list several (`fp32,int8`): every format is exported at each precision it takes."""
@@ -144,6 +145,7 @@ def export_run(
     from transferkit.runs import load_run_model  # torch: imported only when exporting
 
     model, run = load_run_model(run_dir)
+    run = verify.with_data(run, data)  # `--data`: the run's datasets where they are on this machine
     inputs = verify.load_verify_inputs(run, verify_images)  # a missing dataset fails here, before exporting
     export_dir = run.export_dir
     export_dir.mkdir(parents=True, exist_ok=True)

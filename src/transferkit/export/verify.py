@@ -67,6 +67,28 @@ def dataset_sources(run: Run) -> dict[str, str]:
     return {k: short_to_source[k] for k in keys}
 
 
+def with_data(run: Run, data: list[str] | None) -> Run:
+    """The run with its datasets read from `data` instead of the paths saved at training (`export --data`, for
+    a run trained on another machine). Each item names a dataset of the run, by its name (`imagefolder:PATH`
+    whose folder has the dataset's name) or explicitly (`NAME=imagefolder:PATH`)."""
+    import dataclasses
+
+    from transferkit.data import DatasetSpec
+
+    if not data:
+        return run
+    specs = dict(dataset_sources(run))
+    for item in data:
+        name, sep, spec = item.partition("=")
+        name, spec = (name, spec) if sep and not name.startswith("imagefolder:") else (None, item)
+        name = name or DatasetSpec.parse(spec, with_head=False).name
+        if name not in specs:
+            raise DataError(f"--data {item}: the run has no dataset {name!r}; its datasets: {', '.join(specs)} "
+                            "(name one explicitly: NAME=imagefolder:PATH)")  # fmt: skip
+        specs[name] = spec
+    return dataclasses.replace(run, labels=dataclasses.replace(run.labels, specs=specs))
+
+
 def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -> VerifyInputs:
     """`split` images of every dataset in run.labels.datasets (a seeded subset of `images_per_dataset`): the
     test split for the gate, the validation split for choosing among INT8 attempts."""
@@ -81,7 +103,9 @@ def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -
         try:
             ds = load_dataset(source, pre, limit=images_per_dataset)
         except Exception as exc:
-            raise DataError(f"cannot load held-out images of {source} for verification: {exc}") from None
+            hint = ("; if the run was trained on another machine, point at the data here: transferkit export RUN "
+                    f"--data {dataset}=imagefolder:PATH") if source.startswith("imagefolder:") else ""  # fmt: skip
+            raise DataError(f"cannot load held-out images of {source} for verification: {exc}{hint}") from None
         missing = sorted(set(ds.classes) - set(classes))
         if missing:
             raise DataError(f"{source}: classes {missing[:5]} are not in head {head!r}; was the run trained on it?")
