@@ -44,3 +44,27 @@ def test_sampling_specs():
 
 def test_defaults_validate_with_data():
     assert TrainConfig(data=["digits"]).validate().backbone == "mobilenet_v2"
+
+
+def test_batch_size_auto_is_the_default_and_is_measured_on_a_cpu():
+    """`--batch-size auto` (0 in the config) picks the largest batch whose measured step fits the budget; the
+    measurement leaves the model's weights, BatchNorm statistics and the global RNG as they were."""
+    import torch
+
+    from transferkit.config import TrainConfig, config_from_dict
+    from transferkit.model import MultiHeadModel, create_backbone
+    from transferkit.training.memory import CANDIDATES, MemoryEstimate, auto_batch_size
+
+    assert TrainConfig().batch_size == 0 and config_from_dict({"batch_size": "auto"}).batch_size == 0
+    model = MultiHeadModel(create_backbone("mobilenet_v2", "none"), {"h": ["a", "b"]}, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    batch, how = auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=False)
+    assert batch in CANDIDATES and how.startswith("batch size auto: a training step measured")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and torch.equal(
+        rng, torch.get_rng_state()
+    )
+    # the choice itself: the largest candidate whose step fits
+    estimate = MemoryEstimate(fixed_bytes=2**30, per_image_bytes=90 * 2**20, budget_bytes=4 * 2**30)
+    assert estimate.choose() == 32 and MemoryEstimate(0, 10 * 2**30, 2**30).choose() == 8
+    assert auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=True)[0] == 128

@@ -36,7 +36,9 @@ class TrainConfig:
     init: str | None = None  # RUN dir to start from (sequential transfer): backbone + heads with matching classes
     # ---- optimisation ----
     epochs: int = 3  # one epoch draws as many images as the labelled train splits hold (each once if proportional)
-    batch_size: int = 128  # per optimiser step (split across processes under torchrun)
+    # per optimiser step (split across processes under torchrun); auto (0): on a CPU the largest of 8..128 whose
+    # training step fits --max-memory-gb, measured with one forward/backward at start; 128 on a GPU
+    batch_size: int = 0
     lr: float = 1e-3  # AdamW peak learning rate (of the heads when layer_decay is set)
     weight_decay: float = 0.01  # AdamW decay of weight matrices (not biases or norms), against over-fitting
     warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to zero
@@ -78,6 +80,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (CUDA)
     workers: int = 2  # DataLoader worker processes decoding image folders streamed from disk
     max_in_memory_gb: float = 8.0  # a training split larger than this (decoded uint8) streams from disk
+    max_memory_gb: float = 0.0  # --batch-size auto: RAM one training step may take; 0: half of what is available
     checkpoint_every: int = 200  # optimiser steps between checkpoints (also one at each epoch end)
     tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard
     out: str | None = None  # run directory; default runs/<datasets>-<time>
@@ -95,7 +98,11 @@ class TrainConfig:
             raise ConfigError(f"two datasets have the same name {names}; rename one image folder")
         for text in self.unlabeled:
             check_dataset_name(DatasetSpec.parse(text).without_head())
-        _positive(self, "image_size", "epochs", "batch_size", "grad_accum", "unlabeled_ratio", "checkpoint_every")
+        _positive(self, "image_size", "epochs", "grad_accum", "unlabeled_ratio", "checkpoint_every")
+        if self.batch_size < 0:
+            raise ConfigError(f"batch_size must be a positive number of images or auto, got {self.batch_size}")
+        if self.max_memory_gb < 0:
+            raise ConfigError(f"max_memory_gb must be >= 0 (0: half the available RAM), got {self.max_memory_gb}")
         if self.image_size < 16:
             raise ConfigError(f"image_size {self.image_size} is too small; use 16 or more (32-64 for quick runs)")
         if self.workers < 0 or self.max_in_memory_gb < 0:
@@ -243,6 +250,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
 
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     text = str(hint)
+    if key == "batch_size" and isinstance(value, str) and value.strip().lower() == "auto":
+        return 0  # resolved when the model is built (training/memory.py)
     if value is None:
         if "None" in text:
             return None

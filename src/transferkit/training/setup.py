@@ -6,6 +6,8 @@ Kept apart from the loop (trainer.py) so that `eval`, tests and benchmarks can b
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +20,7 @@ from transferkit.preprocess import Preprocessing
 from transferkit.training.distill import plan_student_heads, teacher_labels, teacher_only_pool
 from transferkit.training.labels import HeadPlan, LabelMap, plan_heads
 from transferkit.training.losses import DistributionAlignment, auto_class_weights
+from transferkit.training.memory import auto_batch_size
 from transferkit.training.optim import param_groups, warmup_cosine
 from transferkit.training.pools import Pool, labelled_pool, unlabeled_pool
 from transferkit.training.sampling import CyclingSampler, MultiDatasetSampler
@@ -87,6 +90,10 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     head_order = model.head_names
     # channels_last: ~2x faster convolutions on CPU (oneDNN) and the layout tensor cores want on GPU
     model.to(device, memory_format=torch.channels_last)
+    if config.batch_size == 0:  # --batch-size auto: measured here, recorded in the run's config.yaml
+        config.batch_size, how = auto_batch_size(model, config.image_size, device, config.max_memory_gb,
+                                                 int(os.environ.get("WORLD_SIZE", "1")) > 1)  # fmt: skip
+        print(f"transferkit: {how}", file=sys.stderr, flush=True)
     pool = labelled_pool(datasets, plan, head_order, pre, device, config.workers)
     sampler = MultiDatasetSampler(pool.sizes, config.batch_size, parse_sampling(config.sampling), config.seed)
     setup = TrainingSetup(config, device, pre, datasets, plan, label_map, head_order, model, pool, sampler)
