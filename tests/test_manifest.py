@@ -90,8 +90,15 @@ def test_an_unknown_version_or_a_broken_file_names_the_fix(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in V1.items() if k != "heads"}))
     with pytest.raises(TransferkitError, match="malformed.*re-run the export"):
         read_manifest(tmp_path)
-    with pytest.raises(TransferkitError, match="not been exported"):
-        read_manifest(tmp_path / "nothing")
+    run = tmp_path / "run"  # a run folder (it has config.yaml) that was never exported
+    run.mkdir()
+    (run / "config.yaml").write_text("data: [digits]\n")
+    with pytest.raises(TransferkitError, match="not been exported.*transferkit export"):
+        read_manifest(run / "export")
+    with pytest.raises(TransferkitError, match="not a transferkit run folder"):
+        read_manifest(tmp_path / "nothing")  # tmp_path is no run
+    with pytest.raises(TransferkitError, match="no such folder"):
+        read_manifest(tmp_path / "gone" / "export")
 
 
 def test_the_stored_copy_lists_only_servable_artifacts_and_their_files():
