@@ -55,8 +55,8 @@ def main() -> None:
         "",
         "One forward and backward pass of the model (`--weights none`, one head of 10 classes, channels_last) at 8 "
         "and 16 images, resident memory sampled every millisecond, as `--batch-size auto` measures it at the start "
-        "of training. Below about 5 MB per image the allocator's reuse hides the growth; those sizes fit any budget "
-        "at batch 128. The data held in memory comes on top (`--max-in-memory-gb`).",
+        "of training (freed memory handed back to the system before each probe, so the growth is the step's own). "
+        "The data held in memory comes on top (`--max-in-memory-gb`).",
         "",
         "| backbone | image size | MB per image | batch 128 | auto batch at "
         + " / ".join(f"{gb} GB" for gb in BUDGETS_GB)

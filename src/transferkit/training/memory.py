@@ -3,7 +3,7 @@
 Fine-tuning at 224 px with a batch of 128 held about 10 GB of RAM for MobileNetV2, enough for the kernel to kill
 a larger backbone on a laptop without a word. So on a CPU the default is measured, not assumed: one forward and
 backward pass of the real model at 8 and at 16 images, with the process's resident memory sampled every
-millisecond, gives the step's fixed cost and its cost per image; the batch is the largest of 8, 16, ..., 128
+millisecond (memory freed earlier handed back to the system first), gives the step's fixed cost and its cost per image; the batch is the largest of 8, 16, ..., 128
 (128 being the default the recipes were tuned at) whose step fits `--max-memory-gb` (default: half the RAM
 available once the data is loaded). The measurement runs in eval mode under a forked RNG on random pixels, so
 the model's weights, BatchNorm statistics and every random stream are as they were. On a GPU, or under torchrun
@@ -63,15 +63,34 @@ class _PeakRss:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+def _release_freed_memory() -> None:
+    """Hand memory the process freed back to the system (glibc's malloc_trim), so that resident memory counts
+    what is in use: otherwise buffers freed by earlier work (decoding the data, a previous probe) are reused
+    by the probe without growing the process, and the step looks cheaper than it is."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: the estimate may read low after large temporary allocations
+        pass
+
+
 def measure(model: torch.nn.Module, image_size: int, budget_bytes: float) -> MemoryEstimate:
     """One forward/backward of `model` (on the CPU) at each probe batch size -> its memory model."""
     was_training = model.training
-    start = psutil.Process().memory_info().rss
     peaks = []
     with torch.random.fork_rng(devices=[]):
         model.eval()  # no BatchNorm statistics updated, no dropout drawn
         for batch in _PROBES:
             x = torch.rand(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+            _release_freed_memory()
+            start = psutil.Process().memory_info().rss
             with _PeakRss() as rss:
                 out = model(x)
                 sum(v.float().mean() for v in out.values()).backward()
