@@ -89,6 +89,7 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        default = "auto" if f.name == "batch_size" and default == 0 else default  # 0 is how a config says auto
         text = helps.get(f.name, "")
         if f.name in _BOOL_FIELDS:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

@@ -36,9 +36,8 @@ class TrainConfig:
     init: str | None = None  # RUN dir to start from (sequential transfer): backbone + heads with matching classes
     # ---- optimisation ----
     epochs: int = 3  # one epoch draws as many images as the labelled train splits hold (each once if proportional)
-    # per optimiser step (split across processes under torchrun); auto (0): on a CPU the largest of 8..128 whose
-    # training step fits --max-memory-gb, measured with one forward/backward at start; 128 on a GPU
-    batch_size: int = 0
+    # split across processes under torchrun; auto is measured on a CPU (training/memory.py), 128 on a GPU
+    batch_size: int = 0  # images per optimiser step; auto (0): the largest up to 128 whose step fits --max-memory-gb
     lr: float = 1e-3  # AdamW peak learning rate (of the heads when layer_decay is set)
     weight_decay: float = 0.01  # AdamW decay of weight matrices (not biases or norms), against over-fitting
     warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to zero
