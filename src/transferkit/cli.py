@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import re
 import sys
 from pathlib import Path
 
 from transferkit.errors import ConfigError, TransferkitError
-from transferkit.options import add_options, flags, given
+from transferkit.options import add_options, field_comments, flags, given
 
 # TrainConfig fields that take a comma-separated list on the command line
 _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
@@ -51,10 +50,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _field_help() -> dict[str, str]:
     """Each TrainConfig field's trailing comment is its --help text: one source of documentation."""
-    from transferkit import config
+    from transferkit.config import TrainConfig
 
-    src = inspect.getsource(config.TrainConfig)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]+#(.*)$", src, re.M)}
+    return {k: v for k, v in field_comments(TrainConfig, above_too=False).items() if v}
 
 
 _TRAIN_TEXT = (

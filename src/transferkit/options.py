@@ -33,14 +33,16 @@ def cli(flag: str | None = None, *, metavar: str | None = None, choices: tuple[s
     return {CLI: {k: v for k, v in spec.items() if v is not None}}
 
 
-def field_comments(cls: type) -> dict[str, str]:
-    """field name -> its comment: the lines of comment right above the field, then its trailing comment."""
+def field_comments(cls: type, above_too: bool = True) -> dict[str, str]:
+    """field name -> its comment: the lines of comment right above the field (unless `above_too` is False:
+    TrainConfig keeps its design notes there), then its trailing comment."""
     out: dict[str, str] = {}
     above: list[str] = []
     for line in inspect.getsource(cls).splitlines():
         comment = _COMMENT.match(line)
         if comment:
-            above.append(comment.group(1).strip())
+            if above_too:
+                above.append(comment.group(1).strip())
             continue
         found = _FIELD.match(line)
         if found and not line.strip().startswith(("def ", "return", "@")):
