@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from provenance import commit, write_report  # noqa: E402
+from provenance import command_line, commit, write_report  # noqa: E402
 
 from transferkit.machine import Machine, load_average  # noqa: E402
 
@@ -135,7 +135,7 @@ def main() -> None:
     timings = [benchmark_run(run_dir, repeats=args.repeats) for _, run_dir, _ in runs]
     load_after = load_average()
 
-    command = "python benchmarks/export_formats.py " + " ".join(sys.argv[1:])
+    command = command_line()
     lines = [
         "# Export: every format x precision, gated and timed (32 px and 224 px)",
         "",

@@ -22,6 +22,13 @@ def commit() -> str:
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def command_line() -> str:
+    """How this benchmark was started, as a report quotes it: `python benchmarks/NAME.py ARGS`."""
+    root, script = Path(__file__).resolve().parent.parent, Path(sys.argv[0]).resolve()
+    shown = script.relative_to(root) if script.is_relative_to(root) else script
+    return " ".join(["python", str(shown), *sys.argv[1:]])
+
+
 def write_report(path: str | Path, lines: list[str]) -> None:
     """Print a benchmark's Markdown report and write it to `path` atomically: a run killed while writing
     leaves the previous report whole."""

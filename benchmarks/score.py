@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from provenance import commit, write_report  # noqa: E402
+from provenance import command_line, commit, write_report  # noqa: E402
 
 from transferkit.machine import Machine, load_average  # noqa: E402
 
@@ -224,7 +224,7 @@ def main() -> None:
 
 
 def report(rows: list[tuple], rss: dict[str, float], scale: tuple, machine: Machine, cores: int) -> list[str]:
-    command = "python benchmarks/score.py " + " ".join(sys.argv[1:])
+    command = command_line()
     lines = [
         "# Bulk scoring: `transferkit score`, local engine and Ray, on one machine",
         "",

@@ -39,7 +39,7 @@ PEERS_DIR = Path(__file__).resolve().parent / "peers"
 sys.path.insert(0, str(ROOT / "src"))
 
 from loadgen import BOUNDARY, Level, run_hey  # noqa: E402
-from provenance import commit, write_report  # noqa: E402
+from provenance import command_line, commit, write_report  # noqa: E402
 
 from transferkit.machine import Machine, load_average  # noqa: E402
 from transferkit.serving.processes import die_with_parent, free_port, stop_tree  # noqa: E402
@@ -324,7 +324,7 @@ def _ms(level: Level, p: int) -> str:
 
 
 def report(rows: list[Row], machine: Machine, args: argparse.Namespace, images: dict) -> list[str]:
-    command = "python benchmarks/serve_peers.py " + " ".join(sys.argv[1:])
+    command = command_line()
     png, jpg = (images[n][0].stat().st_size for n in ("digit.png", "china.jpg"))
     lines = [
         "# Serving against the peers: transferkit, mosec, plain BentoML",

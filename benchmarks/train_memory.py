@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from provenance import commit, write_report  # noqa: E402
+from provenance import command_line, commit, write_report  # noqa: E402
 
 from transferkit.machine import Machine  # noqa: E402
 from transferkit.model import MultiHeadModel, create_backbone  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> None:
             rows.append(row)
             print(f"{name} {size}px: {row[2]:.1f} MB/image, batch 128 {row[3]:.2f} GB, auto {picks}", flush=True)
             del model, backbone
-    command = "python benchmarks/train_memory.py " + " ".join(sys.argv[1:])
+    command = command_line()
     lines = [
         "# Memory of a training step, by backbone and image size (CPU)",
         "",

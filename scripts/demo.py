@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -32,6 +31,9 @@ from transferkit.preprocess import Preprocessing
 from transferkit.serving import format_predictions, predict_files, start_server
 from transferkit.training import train
 from transferkit.utils import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from provenance import commit  # noqa: E402  (the commit every measured page names, "+changes" included)
 
 RUN = Path("runs/demo")
 GOALS = {"mnist": 0.95, "fashion-mnist": 0.85}
@@ -122,13 +124,6 @@ def main() -> int:
     return 0 if served_all and all(accuracies[n] >= g for n, g in GOALS.items()) else 1
 
 
-def _commit() -> str:
-    """The commit the demo ran at, with "+changes" when tracked files differ from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    return (head or "unknown") + (" +changes" if dirty.stdout.strip() else "")
-
-
 def write_report(path: Path, accuracies: dict, times: dict, verification: dict, corrupt: str, still: int,
                  burst_codes: dict) -> None:  # fmt: skip
     """docs/demo.md, from this run's numbers only."""
@@ -136,7 +131,7 @@ def write_report(path: Path, accuracies: dict, times: dict, verification: dict, 
         "# `make demo`: measured",
         "",
         f"Written by `scripts/demo.py` (`make demo` = setup + that script) on {time.strftime('%Y-%m-%d')}, commit "
-        f"{_commit()}. Machine: {Machine.this().describe()}.",
+        f"{commit()}. Machine: {Machine.this().describe()}.",
         "",
         "| step | time |",
         "|---|---|",
