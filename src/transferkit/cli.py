@@ -206,10 +206,10 @@ def cmd_serve(args) -> None:
 def cmd_predict(args) -> None:
     import json
 
-    from transferkit.serving.client import api_key_from, expand_images, predict_files, write_results
+    from transferkit.serving.client import api_key_from, check_out, expand_images, predict_files, write_results
 
-    if args.out and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):  # refused before any request
-        raise TransferkitError(f"--out {args.out}: the suffix picks the format; use .jsonl or .csv")
+    if args.out:
+        check_out(args.out)  # refused before any request
     files = expand_images(args.images)
     results = predict_files(files, url=args.url, top_k=args.top_k, api_key=api_key_from(args.api_key_file),
                             concurrency=args.concurrency, errors="record")  # fmt: skip

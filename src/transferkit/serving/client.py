@@ -130,14 +130,23 @@ def predict_files(
             return list(pool.map(lambda p: one(client, p), files))
 
 
+OUT_SUFFIXES = (".jsonl", ".csv")
+
+
+def check_out(out: str | Path) -> Path:
+    """The --out path, or an error when its suffix names no format write_results writes."""
+    if Path(out).suffix.lower() not in OUT_SUFFIXES:
+        raise TransferkitError(f"--out {out}: the suffix picks the format; use .jsonl or .csv")
+    return Path(out)
+
+
 def write_results(results: list[dict[str, Any]], out: str | Path) -> Path:
     """The answers as .jsonl (one object per line, as the server gave it) or .csv (per head: top-1 label, its
     score, and the top-k labels joined by ';'), written atomically."""
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix == ".jsonl":
+    out = check_out(out)
+    if out.suffix.lower() == ".jsonl":
         text = "".join(json.dumps(r) + "\n" for r in results)
-    elif suffix == ".csv":
+    else:  # .csv
         heads = next((list(r["heads"]) for r in results if "heads" in r), [])
         columns = ["file", "error"] + [f"{h}_{c}" for h in heads for c in ("top1", "score", "labels")]
         buffer = io.StringIO()
@@ -151,8 +160,6 @@ def write_results(results: list[dict[str, Any]], out: str | Path) -> Path:
                                 f"{h}_labels": ";".join(p["label"] for p in preds)})  # fmt: skip
             writer.writerow(row)
         text = buffer.getvalue()
-    else:
-        raise TransferkitError(f"--out {out}: the suffix picks the format; use .jsonl or .csv")
     atomic_write_text(out, text)
     return out
 
