@@ -111,11 +111,10 @@ class ExportResult:
 
 
 def _check_options(device: str, verify_images: int) -> None:
-    import importlib.util
+    from transferkit.serving.runtime import OnnxRuntime
 
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise ConfigError("export verifies every artifact through ONNX Runtime, which is not installed: pip install "
-                          "'transferkit[cpu]' (or 'transferkit[gpu]' on a CUDA machine)")  # fmt: skip
+    if missing := OnnxRuntime.missing():
+        raise ConfigError(f"export verifies every artifact through ONNX Runtime. {missing}")
     if check_device(device) == "gpu":
         import torch
 

@@ -129,11 +129,16 @@ class OnnxRuntime(Runtime):
         super().__init__(artifact)
         self.providers = providers  # None: CUDA when onnxruntime-gpu has it, else CPU
 
-    @classmethod
-    def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
+    @staticmethod
+    def missing() -> str | None:
+        """Why ONNX Runtime cannot run here (it is an install extra, see pyproject.toml), or None."""
         if importlib.util.find_spec("onnxruntime") is None:
             return "ONNX Runtime is not installed: pip install 'transferkit[cpu]' (or 'transferkit[gpu]' for CUDA)"
         return None
+
+    @classmethod
+    def unavailable_reason(cls, entry: ArtifactEntry) -> str | None:
+        return cls.missing()
 
     @classmethod
     def device_kind(cls, entry: ArtifactEntry) -> str:
@@ -141,7 +146,7 @@ class OnnxRuntime(Runtime):
 
     @staticmethod
     def gpu_available() -> bool:
-        if importlib.util.find_spec("onnxruntime") is None:
+        if OnnxRuntime.missing():
             return False
         import onnxruntime as ort
 
