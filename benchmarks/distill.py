@@ -80,8 +80,10 @@ def costs(run_dirs: list[Path], rounds: int) -> list[dict]:
         models.append(model.to(memory_format=torch.channels_last))
         sizes.append(r.preprocessing.image_size)
     ms = measure_latencies(models, sizes, rounds)
-    return [{"params": sum(p.numel() for p in m.parameters()), "bytes": (d / "model.pt").stat().st_size, "ms": t}
-            for d, m, t in zip(run_dirs, models, ms)]  # fmt: skip
+    return [
+        {"params": sum(p.numel() for p in m.parameters()), "bytes": (d / "model.pt").stat().st_size, "ms": t}
+        for d, m, t in zip(run_dirs, models, ms)
+    ]
 
 
 @dataclass
@@ -112,8 +114,12 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     )
     ap.add_argument("--temperature", type=float, default=defaults.temperature)
     ap.add_argument("--kd-weight", type=float, default=defaults.kd_weight)
-    ap.add_argument("--compare-kd", default="4:0.9", help="TEMPERATURE:KD_WEIGHT of one more distillation of the "
-                    "first student, beside the one above (the textbook setting); `none` to skip")  # fmt: skip
+    ap.add_argument(
+        "--compare-kd",
+        default="4:0.9",
+        help="TEMPERATURE:KD_WEIGHT of one more distillation of the "
+        "first student, beside the one above (the textbook setting); `none` to skip",
+    )
     ap.add_argument("--latency-rounds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default="runs/bench-distill")
@@ -121,8 +127,14 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     args = ap.parse_args(argv)
     command = command or " ".join(["python", *sys.argv])
     root = Path(args.root)
-    base = TrainConfig(data=["mnist"], limit=args.limit, epochs=args.epochs, batch_size=args.batch_size,
-                       seed=args.seed, device=args.device)  # fmt: skip
+    base = TrainConfig(
+        data=["mnist"],
+        limit=args.limit,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
     sizes = [int(x) for x in args.student_sizes.split(",")]
     compare_t, compare_w = (None, None) if args.compare_kd == "none" else map(float, args.compare_kd.split(":"))
     source = commit()  # the code the runs use, not whatever is checked out when they end
@@ -135,16 +147,35 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         backbone, _, weights = spec.partition(":")
         weights = weights or "imagenet"
         for size in sizes:
-            common = dict(data=list(DATASETS), image_size=size, backbone=backbone, weights=weights,
-                          lr=3e-3 if weights == "none" else base.lr)  # fmt: skip
+            common = dict(
+                data=list(DATASETS),
+                image_size=size,
+                backbone=backbone,
+                weights=weights,
+                lr=3e-3 if weights == "none" else base.lr,
+            )
             name = f"student-{backbone}-{size}px"
-            distilled = run(f"{name}-distilled", base, root, teachers=teacher_dirs, temperature=args.temperature,
-                            kd_weight=args.kd_weight, **common)  # fmt: skip
+            distilled = run(
+                f"{name}-distilled",
+                base,
+                root,
+                teachers=teacher_dirs,
+                temperature=args.temperature,
+                kd_weight=args.kd_weight,
+                **common,
+            )
             plain = run(f"{name}-plain", base, root, **common)
             compare = None
             if compare_t is not None and not students:
-                compare = run(f"{name}-distilled-t{compare_t:g}-kd{compare_w:g}", base, root, teachers=teacher_dirs,
-                              temperature=compare_t, kd_weight=compare_w, **common)  # fmt: skip
+                compare = run(
+                    f"{name}-distilled-t{compare_t:g}-kd{compare_w:g}",
+                    base,
+                    root,
+                    teachers=teacher_dirs,
+                    temperature=compare_t,
+                    kd_weight=compare_w,
+                    **common,
+                )
             students.append(Student(backbone, weights, size, distilled, plain, compare))
     train_minutes = (time.perf_counter() - t0) / 60
 
@@ -186,19 +217,29 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for d in DATASETS:
-        lines.append(f"| teacher {NAMES[d]} (mobilenet_v2, imagenet) | {args.teacher_size} px | {cells(teachers[d])} "
-                     f"| {cost_cells(teachers[d])} |")  # fmt: skip
+        lines.append(
+            f"| teacher {NAMES[d]} (mobilenet_v2, imagenet) | {args.teacher_size} px | {cells(teachers[d])} "
+            f"| {cost_cells(teachers[d])} |"
+        )
     for s in students:
-        lines.append(f"| **student {s.backbone} ({s.weights}), distilled** | {s.size} px | {cells(s.distilled)} "
-                     f"| {cost_cells(s.distilled)} |")  # fmt: skip
+        lines.append(
+            f"| **student {s.backbone} ({s.weights}), distilled** | {s.size} px | {cells(s.distilled)} "
+            f"| {cost_cells(s.distilled)} |"
+        )
         lines.append(
             f"| same student, no teachers (plain multi-task) | {s.size} px | {cells(s.plain)} | (same) | | | |"
         )
         if s.compare is not None:
-            lines.append(f"| same student, distilled with temperature {compare_t:g}, kd_weight {compare_w:g} | "
-                         f"{s.size} px | {cells(s.compare)} | (same) | | | |")  # fmt: skip
-    lines += ["", "Goal: the distilled student within 1 point of each teacher on its dataset, at <= 0.5x the "
-              "teachers' summed latency.", ""]  # fmt: skip
+            lines.append(
+                f"| same student, distilled with temperature {compare_t:g}, kd_weight {compare_w:g} | "
+                f"{s.size} px | {cells(s.compare)} | (same) | | | |"
+            )
+    lines += [
+        "",
+        "Goal: the distilled student within 1 point of each teacher on its dataset, at <= 0.5x the "
+        "teachers' summed latency.",
+        "",
+    ]
     for s in students:
         gaps = {d: 100 * (acc[s.distilled][d] - acc[teachers[d]][d]) for d in DATASETS}
         ratio = cost[s.distilled]["ms"] / teacher_ms
@@ -207,10 +248,12 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         def vs(other, s=s):
             return ", ".join(f"{NAMES[d]} {100 * (acc[s.distilled][d] - acc[other][d]):+.2f}" for d in DATASETS)
 
-        line = (f"- student {s.backbone} ({s.weights}) at {s.size} px: "
-                + ", ".join(f"{NAMES[d]} {g:+.2f} points vs its teacher" for d, g in gaps.items())
-                + f"; latency {ratio:.2f}x the teachers' sum: **goal {'met' if met else 'not met'}**. "
-                f"Distilled vs no teachers: {vs(s.plain)} points.")  # fmt: skip
+        line = (
+            f"- student {s.backbone} ({s.weights}) at {s.size} px: "
+            + ", ".join(f"{NAMES[d]} {g:+.2f} points vs its teacher" for d, g in gaps.items())
+            + f"; latency {ratio:.2f}x the teachers' sum: **goal {'met' if met else 'not met'}**. "
+            f"Distilled vs no teachers: {vs(s.plain)} points."
+        )
         if s.compare is not None:
             line += f" Defaults vs temperature {compare_t:g}, kd_weight {compare_w:g}: {vs(s.compare)} points."
         lines.append(line)

@@ -53,20 +53,43 @@ def fresh_base(base: str, mark: str) -> str:
     the build that starts from it is cold. The legacy builder, as `transferkit build` uses it without buildx."""
     tag = f"transferkit-bench-base:{mark}"
     dockerfile = f"FROM {base}\nLABEL transferkit.benchmark={mark}\n"
-    subprocess.run(["docker", "build", "-q", "-t", tag, "-"], input=dockerfile, text=True, check=True,
-                   capture_output=True, env={**os.environ, "DOCKER_BUILDKIT": "0"}, timeout=120)  # fmt: skip
+    subprocess.run(
+        ["docker", "build", "-q", "-t", tag, "-"],
+        input=dockerfile,
+        text=True,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        timeout=120,
+    )
     return tag
 
 
 def timed_build(run_dir: Path, base: str, image: str, log_path: Path) -> dict[str, float]:
     """`transferkit build RUN --image IMAGE --base-image BASE` as a user runs it -> seconds: total, and the split
     at the first line of the docker build (`bentoml build` with its requirement lock before it, the image after)."""
-    cmd = [sys.executable, "-m", "transferkit", "build", str(run_dir), "--image", image, "--base-image", base,
-           "--runtime", RUNTIME]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "build",
+        str(run_dir),
+        "--image",
+        image,
+        "--base-image",
+        base,
+        "--runtime",
+        RUNTIME,
+    ]
     start, split = time.monotonic(), None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         for line in proc.stdout:
             log.write(line)
             if split is None and re.search(r"Sending build context|Step 1/\d+ : FROM", line):
@@ -135,8 +158,11 @@ def busy_share(seconds: float = 2.0) -> float:
 
 
 def load(url: str, body: bytes, body_file: Path, hey: str | None, requests: int, cap: float, config: str) -> Level:
-    go = ((lambda n: run_hey(hey, url, body_file, n, CLIENTS, cap, config)) if hey else
-          (lambda n: asyncio.run(run_client(url, body, n, CLIENTS, cap, config))))  # fmt: skip
+    go = (
+        (lambda n: run_hey(hey, url, body_file, n, CLIENTS, cap, config))
+        if hey
+        else (lambda n: asyncio.run(run_client(url, body, n, CLIENTS, cap, config)))
+    )
     go(CLIENTS * 4)  # warm-up: connections, allocator, thread pools
     level = go(CLIENTS * max(4, -(-requests // CLIENTS)))
     print(f"  {config}: {level.ok_rps:,.0f} req/s (200) | {level.counts()}", file=sys.stderr, flush=True)
@@ -150,8 +176,9 @@ def ms(level: Level, p: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=None, help="an exported run dir (default: make one as serve_load.py does)")
-    ap.add_argument("--base-image", default=None, help=f"default: {LOCAL_BASE_IMAGE} when present, else "
-                    "transferkit's default")  # fmt: skip
+    ap.add_argument(
+        "--base-image", default=None, help=f"default: {LOCAL_BASE_IMAGE} when present, else transferkit's default"
+    )
     ap.add_argument("--workers", type=int, default=None, help="serving workers, both servers (default: serve's)")
     ap.add_argument("--requests", type=int, default=4096, help="requests per load level (c=64)")
     ap.add_argument("--rounds", type=int, default=3, help="load rounds, alternating container and bare server")
@@ -165,8 +192,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tk-docker-bench-"))
     # set before bentoml is imported: the model, the Bentos and the bare server use a private store. An empty uv
     # cache makes the cold build's requirement lock cold too; the warm build then finds it filled.
-    os.environ.update(BENTOML_HOME=str(tmp / "bentoml"), BENTOML_DO_NOT_TRACK="True", OMP_WAIT_POLICY="PASSIVE",
-                      UV_CACHE_DIR=str(tmp / "uv-cache"))  # fmt: skip
+    os.environ.update(
+        BENTOML_HOME=str(tmp / "bentoml"),
+        BENTOML_DO_NOT_TRACK="True",
+        OMP_WAIT_POLICY="PASSIVE",
+        UV_CACHE_DIR=str(tmp / "uv-cache"),
+    )
     for stray in set(os.environ) - set(serving_env()):  # only the knobs set here reach either server
         del os.environ[stray]
 
@@ -189,8 +220,11 @@ def main() -> None:
         from transferkit.serving.settings import ServingSettings
 
         buildx = check_docker()
-        base = args.base_image or (LOCAL_BASE_IMAGE if docker("image", "inspect", LOCAL_BASE_IMAGE, check=False)
-                                   .returncode == 0 else DEFAULT_BASE_IMAGE)  # fmt: skip
+        base = args.base_image or (
+            LOCAL_BASE_IMAGE
+            if docker("image", "inspect", LOCAL_BASE_IMAGE, check=False).returncode == 0
+            else DEFAULT_BASE_IMAGE
+        )
         if docker("image", "inspect", base, check=False).returncode != 0:
             docker("pull", base, timeout=600)
         workers = args.workers or ServingSettings().resolved_workers
@@ -211,10 +245,17 @@ def main() -> None:
         print(f"  warm: {warm['total']:.1f}s", file=sys.stderr, flush=True)
         size, base_size = image_bytes(images[1]), image_bytes(base)
         image = images[1]
-        inside = docker("run", "--rm", "--entrypoint", "/app/.venv/bin/python", image, "-c",
-                        "import platform, bentoml, onnxruntime, numpy, PIL; print(f'bentoml {bentoml.__version__}, "
-                        "onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}, Pillow {PIL.__version__}, "
-                        "Python {platform.python_version()}')").stdout.strip()  # fmt: skip
+        inside = docker(
+            "run",
+            "--rm",
+            "--entrypoint",
+            "/app/.venv/bin/python",
+            image,
+            "-c",
+            "import platform, bentoml, onnxruntime, numpy, PIL; print(f'bentoml {bentoml.__version__}, "
+            "onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}, Pillow {PIL.__version__}, "
+            "Python {platform.python_version()}')",
+        ).stdout.strip()
 
         env = {"TRANSFERKIT_WORKERS": str(workers)}
         starts, stops = [], []
@@ -222,8 +263,11 @@ def main() -> None:
             cid, ready = containers.run(image, free_port(), env)
             starts.append(ready)
             stops.append(containers.stop(cid))
-            print(f"  docker run -> ready {ready:.1f}s, docker stop {stops[-1][0]:.1f}s exit {stops[-1][1]}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"  docker run -> ready {ready:.1f}s, docker stop {stops[-1][0]:.1f}s exit {stops[-1][1]}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         png, body = digit_upload()
         (body_file := tmp / "body.multipart").write_bytes(body)
@@ -239,8 +283,17 @@ def main() -> None:
             for r in range(args.rounds):  # alternating, so drift on the shared machine hits both alike
                 for url, which in ((f"http://127.0.0.1:{port}", container_label), (server.url, bare_label)):
                     busy.append(busy_share())
-                    levels.append(load(f"{url}/predict", body, body_file, hey, args.requests, args.max_seconds,
-                                       f"{which}, round {r + 1}"))  # fmt: skip
+                    levels.append(
+                        load(
+                            f"{url}/predict",
+                            body,
+                            body_file,
+                            hey,
+                            args.requests,
+                            args.max_seconds,
+                            f"{which}, round {r + 1}",
+                        )
+                    )
             stops.append(containers.stop(cid))
         tally = {}
         for which in (container_label, bare_label):
@@ -253,12 +306,16 @@ def main() -> None:
         cpu = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
         engine = docker("version", "-f", "{{.Server.Version}}").stdout.strip()
         n = CLIENTS * max(4, -(-args.requests // CLIENTS))
-        hey_cmd = (f"`hey -n {n} -c {CLIENTS} -m POST -t 20 -T 'multipart/form-data; boundary={BOUNDARY}' -D body "
-                   f"URL/predict`" if hey else "the httpx client")  # fmt: skip
+        hey_cmd = (
+            f"`hey -n {n} -c {CLIENTS} -m POST -t 20 -T 'multipart/form-data; boundary={BOUNDARY}' -D body URL/predict`"
+            if hey
+            else "the httpx client"
+        )
         med = statistics.median
         stop_codes = sorted({code for _, code in stops})
         summary = [
-            "| measure | value |", "|---|---|",
+            "| measure | value |",
+            "|---|---|",
             f"| image build, cold | **{cold['total']:.1f} s** (`bentoml build` {cold['bento']:.1f} s + docker build "
             f"{cold['docker']:.1f} s; {cold['cached']} of {cold['steps']} steps from cache; other work before: "
             f"{cold_busy:.0%}) |",
@@ -273,22 +330,37 @@ def main() -> None:
             f"| `docker stop` | **{med(s for s, _ in stops):.1f} s** median of {len(stops)} "
             f"({', '.join(f'{s:.1f}' for s, _ in stops)}; the last one right after the load), exit code "
             f"{', '.join(map(str, stop_codes))} |",
-        ]  # fmt: skip
-        load_rows = ["| server, c=64 | req/s (200) | p50 ms | p99 ms | status counts | other work before |",
-                     "|---|---|---|---|---|---|"]  # fmt: skip
-        load_rows += [f"| {lv.config} | {lv.ok_rps:,.0f} | {ms(lv, 50)} | {ms(lv, 99)} | {lv.counts()} | {b:.0%} |"
-                      for lv, b in zip(levels, busy)]  # fmt: skip
+        ]
+        load_rows = [
+            "| server, c=64 | req/s (200) | p50 ms | p99 ms | status counts | other work before |",
+            "|---|---|---|---|---|---|",
+        ]
+        load_rows += [
+            f"| {lv.config} | {lv.ok_rps:,.0f} | {ms(lv, 50)} | {ms(lv, 99)} | {lv.counts()} | {b:.0%} |"
+            for lv, b in zip(levels, busy)
+        ]
         ratio = tally[container_label] / tally[bare_label] if tally[bare_label] else float("nan")
         lines = [
-            "# The container image: build, size, start, stop, load", "",
+            "# The container image: build, size, start, stop, load",
+            "",
             f"Produced by `{' '.join(['python', *sys.argv])}` at commit {commit()} on "
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
-            f"The run: `{model.tag}`, " + ("the exported run given with `--run`" if args.run else
-            "ImageNet MobileNetV2 with two untrained 10-class heads at 32 px, exported to ONNX and verified, as "
-            "`benchmarks/serve_load.py` makes it (accuracy plays no part here)") + f". The image: "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+            "",
+            f"The run: `{model.tag}`, "
+            + (
+                "the exported run given with `--run`"
+                if args.run
+                else "ImageNet MobileNetV2 with two untrained 10-class heads at 32 px, exported to ONNX and verified, as "
+                "`benchmarks/serve_load.py` makes it (accuracy plays no part here)"
+            )
+            + f". The image: "
             f"`transferkit build RUN --image TAG --base-image {base} --runtime {RUNTIME}`, "
-            + ("BuildKit (buildx)." if buildx else "the legacy builder (`DOCKER_BUILDKIT=0`: the docker client "
-            "here has no buildx)."), "",
+            + (
+                "BuildKit (buildx)."
+                if buildx
+                else "the legacy builder (`DOCKER_BUILDKIT=0`: the docker client here has no buildx)."
+            ),
+            "",
             f"- machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
             f"{cpu.group(1).strip() if cpu else platform.processor() or 'unknown CPU'}, {platform.platform()}; "
             f"Docker engine {engine}. The container has no CPU or memory limit: it runs on the same cores as the "
@@ -296,8 +368,12 @@ def main() -> None:
             f"(1/5/15 min): {' / '.join(f'{v:.1f}' for v in load_before)}, before any of its own work: other work "
             "on the machine shows here.",
             f"- versions in the image: {inside}; on the host (the bare server): bentoml {bentoml.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}", "",
-            "## Summary", "", *summary, "",
+            f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}",
+            "",
+            "## Summary",
+            "",
+            *summary,
+            "",
             "**Cold** means: the base image is present locally (nothing is pulled), but under a fresh image ID (a "
             "copy with one extra label and no new layer, made just before), so Docker has no cached layer to "
             "build on; the Bento store has no Bento of this run and uv's cache is empty, so `bentoml build` locks "
@@ -306,10 +382,12 @@ def main() -> None:
             "is downloaded from the package index during the build. **Warm** is the same command right after: a "
             "new Bento (a new version, the uv cache filled), and Docker reuses every layer up to the one that "
             "copies the Bento, which changes with each Bento version. Each build time is the wall time of the "
-            "`transferkit build` command, split at the docker build's first output line. \"Other work before\" "
+            '`transferkit build` command, split at the docker build\'s first output line. "Other work before" '
             "here and below: the share of the CPUs busy in the 2 s before, while nothing of this run was working "
-            "(its servers, when up, idle): what else on the machine the measurement shared the cores with.", "",
-            f"## Load at {CLIENTS} concurrent clients", "",
+            "(its servers, when up, idle): what else on the machine the measurement shared the cores with.",
+            "",
+            f"## Load at {CLIENTS} concurrent clients",
+            "",
             f"Both servers serve the same run with {workers} workers x {threads} ONNX Runtime threads "
             f"(`TRANSFERKIT_WORKERS={workers}`: `docker run -e` for the container, `--workers` for the bare "
             f"server), other settings at their defaults, no API key. Each request is POST /predict with one 28x28 "
@@ -317,12 +395,15 @@ def main() -> None:
             f"generator: {generator}, on the host: {hey_cmd}, after a warm-up of {CLIENTS * 4} requests; at most "
             f"{args.max_seconds:g} s per level. The container is reached through its port published on 127.0.0.1, "
             "as a client on this machine reaches it: through Docker's userland proxy (`docker-proxy`), one more "
-            "process on the same cores. req/s counts 200 answers; p50/p99 cover all answers.", "",
-            *load_rows, "",
+            "process on the same cores. req/s counts 200 answers; p50/p99 cover all answers.",
+            "",
+            *load_rows,
+            "",
             f"Container / bare, mean over the rounds: **{ratio:.2f}x** ({tally[container_label]:,.0f} vs "
             f"{tally[bare_label]:,.0f} req/s). Answers other than 200: {bad}; requests without any HTTP answer "
-            f"(reset, timeout): {dropped}.", "",
-        ]  # fmt: skip
+            f"(reset, timeout): {dropped}.",
+            "",
+        ]
         write_report(args.out, lines)
     finally:
         containers.remove_all()

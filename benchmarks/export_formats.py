@@ -41,8 +41,26 @@ def train_photo_run(out: Path, seed: int, limit: int) -> Path:
     if (out / "model.pt").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)  # an interrupted run: train it again
-    cmd = [sys.executable, "-m", "transferkit", "train", "--data", "fashion-mnist", "--image-size", "224",
-           "--limit", str(limit), "--epochs", "1", "--batch-size", "32", "--seed", str(seed), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--image-size",
+        "224",
+        "--limit",
+        str(limit),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out
 
@@ -63,9 +81,11 @@ def attempt_lines(result) -> list[str]:
             continue
         q = r.details["quantization"]
         kept = r.details.get("fp32_layers") or []
-        lines.append(f"- `{name}`: gate on test **{r.status}**; chosen `{q['chosen']}` "
-                     f"({'passed' if q['passed_on_validation'] else 'failed'} on validation); kept in fp32: "
-                     f"{len(kept)} ({', '.join(f'`{x}`' for x in kept[:6])}{', ...' if len(kept) > 6 else ''})")  # fmt: skip
+        lines.append(
+            f"- `{name}`: gate on test **{r.status}**; chosen `{q['chosen']}` "
+            f"({'passed' if q['passed_on_validation'] else 'failed'} on validation); kept in fp32: "
+            f"{len(kept)} ({', '.join(f'`{x}`' for x in kept[:6])}{', ...' if len(kept) > 6 else ''})"
+        )
         for a in attempts:
             v = a.get("validation", {})
             deltas = ", ".join(f"{d} {x:+.2f}" for d, x in v.get("accuracy_delta_points", {}).items())
@@ -78,8 +98,11 @@ def attempt_lines(result) -> list[str]:
 
 def summary_row(label: str, rows, result, export_s: dict[str, float]) -> list[str]:
     """One line of the INT8 goals table: the fastest servable INT8 artifact of a run against ONNX Runtime fp32."""
-    timed = {r.format + (f" [{r.options['performance_hint'].lower()}]" if r.options.get("performance_hint") else ""): r
-             for r in rows if 32 in r.latency_ms}  # fmt: skip
+    timed = {
+        r.format + (f" [{r.options['performance_hint'].lower()}]" if r.options.get("performance_hint") else ""): r
+        for r in rows
+        if 32 in r.latency_ms
+    }
     onnx = timed.get("onnx")
     int8 = [(k, r) for k, r in timed.items() if r.precision == "int8"]
     if not onnx or not int8:
@@ -92,8 +115,10 @@ def summary_row(label: str, rows, result, export_s: dict[str, float]) -> list[st
     ort = f"{onnx.latency_ms[32] / ort_int8.latency_ms[32]:.2f}x" if ort_int8 else "not servable"
     kept = len(result.formats[best.format].details.get("fp32_layers") or [])
     seconds = max(export_s.get("onnx-int8", 0.0), export_s.get("openvino-int8", 0.0))
-    return [f"| {label} | {name} | {onnx.latency_ms[32] / best.latency_ms[32]:.2f}x | {ort} | {size} | {kept} | "
-            f"{seconds:.0f} |"]  # fmt: skip
+    return [
+        f"| {label} | {name} | {onnx.latency_ms[32] / best.latency_ms[32]:.2f}x | {ort} | {size} | {kept} | "
+        f"{seconds:.0f} |"
+    ]
 
 
 def main() -> None:
@@ -157,10 +182,21 @@ def main() -> None:
     for (label, _, _), rows, (result, seconds, _) in zip(runs, timings, exports):
         lines += summary_row(label, rows, result, seconds)
     for (label, _, _), rows, (result, seconds, total) in zip(runs, timings, exports):
-        lines += ["", f"## {label}", "", f"Export of every artifact: {total:.0f} s ("
-                  + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ").", "",
-                  format_benchmark_table(rows, markdown=True), "", "INT8 attempts:", "",
-                  *(attempt_lines(result) or ["- none"]), ""]  # fmt: skip
+        lines += [
+            "",
+            f"## {label}",
+            "",
+            f"Export of every artifact: {total:.0f} s ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+            + ").",
+            "",
+            format_benchmark_table(rows, markdown=True),
+            "",
+            "INT8 attempts:",
+            "",
+            *(attempt_lines(result) or ["- none"]),
+            "",
+        ]
     write_report(args.out, lines)
 
 

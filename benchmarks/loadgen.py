@@ -51,9 +51,15 @@ def serving(target: str, env: dict[str, str], log_path: Path, cwd: Path | None =
     url = f"http://127.0.0.1:{(port := free_port())}"
     argv = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv + (["--working-dir", str(cwd)] if cwd else []), env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=die_with_parent())  # fmt: skip
+        proc = subprocess.Popen(
+            argv + (["--working-dir", str(cwd)] if cwd else []),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         try:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and proc.poll() is None:
@@ -79,13 +85,28 @@ def batch_totals(url: str) -> tuple[float, float]:
     return tuple(sum(float(v) for k, v in found if k == kind) for kind in ("sum", "count"))  # type: ignore
 
 
-def run_hey(hey: str, url: str, body_file: Path, n: int, c: int, cap: float, config: str,
-            content_type: str = CONTENT_TYPE, seconds: float | None = None) -> Level:  # fmt: skip
+def run_hey(
+    hey: str,
+    url: str,
+    body_file: Path,
+    n: int,
+    c: int,
+    cap: float,
+    config: str,
+    content_type: str = CONTENT_TYPE,
+    seconds: float | None = None,
+) -> Level:
     """`n` requests (or, with `seconds`, as many as that duration takes) from `c` keep-alive clients."""
     amount = ["-z", f"{seconds:g}s"] if seconds else ["-n", str(n)]
     cmd = [hey, *amount, "-c", str(c), "-m", "POST", "-t", "20", "-T", content_type, "-D", str(body_file), url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=die_with_parent(),
+    )
     capped = False
     try:
         out = proc.communicate(timeout=cap)[0]

@@ -99,9 +99,27 @@ def ray_engine(run: Path, folder: Path, out: Path, artifact: str) -> tuple[float
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "transferkit", "score", str(run), "--input", str(folder), "--out",
-                           str(out), "--engine", "ray", "--runtime", artifact], env=env, capture_output=True,
-                          text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "score",
+            str(run),
+            "--input",
+            str(folder),
+            "--out",
+            str(out),
+            "--engine",
+            "ray",
+            "--runtime",
+            artifact,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall = time.perf_counter() - start
     found = re.search(r"scored ([\d,]+) images with \S+ in ([\d.]+) s .*Ray start-up ([\d.]+) s", done.stdout)
     if not found:
@@ -171,8 +189,12 @@ def peak_rss_mb(run: Path, list_file: Path, out: Path) -> tuple[float, float]:
     import re
 
     out.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "score", str(run), "--input", str(list_file),
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferkit", "score", str(run), "--input", str(list_file), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -194,8 +216,10 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     machine = Machine.this()
     rows = []
-    for size, run, folder in ((32, Path(args.small_run), small_images(work / "small", args.images)),
-                              (224, Path(args.photo_run), photo_images(work / "photos", args.images))):  # fmt: skip
+    for size, run, folder in (
+        (32, Path(args.small_run), small_images(work / "small", args.images)),
+        (224, Path(args.photo_run), photo_images(work / "photos", args.images)),
+    ):
         files = files_of(folder)
         load = load_average()
         local, artifact = local_engine(run, folder, work / f"preds-{size}.parquet")
@@ -243,15 +267,22 @@ def report(rows: list[tuple], rss: dict[str, float], scale: tuple, machine: Mach
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size, n, artifact, local, top, decode_ms, infer_ms, plain, ray_wall, ray_job, load in rows:
-        lines.append(f"| {size} px | {n:,} | {artifact} | {local:,.0f} | {top:,.0f} | {local / top:.2f} | "
-                     f"{decode_ms:.2f} | {infer_ms:.2f} | {plain:,.0f} | {local / plain:.2f}x | {ray_wall:,.0f} | "
-                     f"{ray_wall / local:.2f}x | {ray_job:,.0f} ({ray_job / local:.2f}x) | {load} |")  # fmt: skip
-    lines += ["", f"Peak RSS of `transferkit score` (32 px run, a fresh process): {rss['10k']:.0f} MB at 10k inputs, "
-              f"{rss['100k']:.0f} MB at 100k (the 10k listed ten times): {rss['100k'] / rss['10k']:.2f}x.", "",
-              f"100k inputs at 32 px (the same list): local {scale[0]:,.0f} img/s, Ray {scale[1]:,.0f} img/s whole "
-              f"command ({scale[1] / scale[0]:.2f}x local), {scale[2]:,.0f} once up ({scale[2] / scale[0]:.2f}x).", "",
-              "Goals: local >= 0.85x the bound and >= 2x the PyTorch loop; Ray on one machine >= 0.7x the local "
-              "engine; RSS at 100k within 1.2x of 10k."]  # fmt: skip
+        lines.append(
+            f"| {size} px | {n:,} | {artifact} | {local:,.0f} | {top:,.0f} | {local / top:.2f} | "
+            f"{decode_ms:.2f} | {infer_ms:.2f} | {plain:,.0f} | {local / plain:.2f}x | {ray_wall:,.0f} | "
+            f"{ray_wall / local:.2f}x | {ray_job:,.0f} ({ray_job / local:.2f}x) | {load} |"
+        )
+    lines += [
+        "",
+        f"Peak RSS of `transferkit score` (32 px run, a fresh process): {rss['10k']:.0f} MB at 10k inputs, "
+        f"{rss['100k']:.0f} MB at 100k (the 10k listed ten times): {rss['100k'] / rss['10k']:.2f}x.",
+        "",
+        f"100k inputs at 32 px (the same list): local {scale[0]:,.0f} img/s, Ray {scale[1]:,.0f} img/s whole "
+        f"command ({scale[1] / scale[0]:.2f}x local), {scale[2]:,.0f} once up ({scale[2] / scale[0]:.2f}x).",
+        "",
+        "Goals: local >= 0.85x the bound and >= 2x the PyTorch loop; Ray on one machine >= 0.7x the local "
+        "engine; RSS at 100k within 1.2x of 10k.",
+    ]
     return lines
 
 

@@ -41,8 +41,14 @@ def photo_body() -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(load_sample_images().images[0]).save(buf, format="JPEG", quality=90)
-    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="china.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{BOUNDARY}--\r\n".encode()  # fmt: skip
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="china.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + buf.getvalue()
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
 
 
 def main() -> None:
@@ -72,26 +78,38 @@ def main() -> None:
             with start_server(run_dir, runtime=runtime, log_path=Path(tmp) / f"{runtime}.log") as server:
                 url = f"{server.url}/predict"
                 asyncio.run(run_client(url, body, 64, 8, 60, "warm-up"))  # first calls allocate
-                level = (run_hey(hey, url, body_file, args.requests, args.concurrency, args.max_seconds, label) if hey
-                         else asyncio.run(run_client(url, body, args.requests, args.concurrency, args.max_seconds, label)))  # fmt: skip
+                level = (
+                    run_hey(hey, url, body_file, args.requests, args.concurrency, args.max_seconds, label)
+                    if hey
+                    else asyncio.run(run_client(url, body, args.requests, args.concurrency, args.max_seconds, label))
+                )
                 picked = re.search(r"picked (\S+?):", server.log_tail(200))
             artifact = picked.group(1) if picked else runtime
             entry = manifest.artifacts.get(artifact)
             bound = entry.speed_on(machine, "cpu") if entry else None
             rows.append((label, artifact, level, bound, load))
     base = rows[0][2].ok_rps
-    lines = [BEGIN, "", f"### Served artifact at {manifest.image_size} px: ONNX Runtime fp32 vs what `auto` picks", "",
-             f"`python benchmarks/serve_artifacts.py --run {run_dir}` at commit {commit()}, {machine.describe()}; "
-             f"{args.requests} requests of a 640x427 JPEG at c={args.concurrency} from "
-             f"{'`hey`' if hey else 'an httpx asyncio client (hey is not installed)'}; default workers and threads.",
-             "", "| config | served artifact | req/s | vs ORT fp32 | p50 ms | p99 ms | answers | artifact img/s, batch 32, one "
-             "process | req/s / that bound | load before |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        BEGIN,
+        "",
+        f"### Served artifact at {manifest.image_size} px: ONNX Runtime fp32 vs what `auto` picks",
+        "",
+        f"`python benchmarks/serve_artifacts.py --run {run_dir}` at commit {commit()}, {machine.describe()}; "
+        f"{args.requests} requests of a 640x427 JPEG at c={args.concurrency} from "
+        f"{'`hey`' if hey else 'an httpx asyncio client (hey is not installed)'}; default workers and threads.",
+        "",
+        "| config | served artifact | req/s | vs ORT fp32 | p50 ms | p99 ms | answers | artifact img/s, batch 32, one "
+        "process | req/s / that bound | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, artifact, level, bound, load in rows:
         p50, p99 = (f"{level.latencies[p] * 1000:.0f}" if p in level.latencies else "-" for p in (50, 99))
         b = f"{bound.images_per_second:,.0f}" if bound else "-"
         ratio = f"{level.ok_rps / bound.images_per_second:.2f}" if bound else "-"
-        lines.append(f"| {label} | {artifact} | {level.ok_rps:,.1f} | {level.ok_rps / base:.2f}x | {p50} | {p99} | "
-                     f"{level.counts()} | {b} | {ratio} | {load} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {artifact} | {level.ok_rps:,.1f} | {level.ok_rps / base:.2f}x | {p50} | {p99} | "
+            f"{level.counts()} | {b} | {ratio} | {load} |"
+        )
     lines += ["", END]
     section = "\n".join(lines)
     print(section)

@@ -73,22 +73,50 @@ def flood(model: Model, common: dict[str, str], tmp: Path, body_file: Path, hey:
     """Back-pressure: many clients against a small admission budget. Per-request rows from `hey -o csv` split
     the latency of refusals (503) from that of answers, which hey's summary mixes. hey is a closed loop: a
     refused client sends its next request at once, so this is a worst case for the refusal path."""
-    env = {**common, "TRANSFERKIT_MODEL": model.tag, "TRANSFERKIT_MAX_QUEUE": str(FLOOD_QUEUE),
-           "TRANSFERKIT_MAX_IMAGES": str(FLOOD_QUEUE)}  # fmt: skip
-    lines = [f"## Back-pressure ({model.size} px model)", "",
-             f"`TRANSFERKIT_MAX_QUEUE={FLOOD_QUEUE}` images per worker, default workers; `hey -o csv` gives the "
-             "latency per status. After each flood, one client sends 20 requests.", "",
-             "| clients | status | requests | p50 ms | p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
+    env = {
+        **common,
+        "TRANSFERKIT_MODEL": model.tag,
+        "TRANSFERKIT_MAX_QUEUE": str(FLOOD_QUEUE),
+        "TRANSFERKIT_MAX_IMAGES": str(FLOOD_QUEUE),
+    }
+    lines = [
+        f"## Back-pressure ({model.size} px model)",
+        "",
+        f"`TRANSFERKIT_MAX_QUEUE={FLOOD_QUEUE}` images per worker, default workers; `hey -o csv` gives the "
+        "latency per status. After each flood, one client sends 20 requests.",
+        "",
+        "| clients | status | requests | p50 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
     notes = []
     with serving("transferkit.serving.service:TransferkitService", env, tmp / "flood.log") as base:
         for clients in FLOOD_CLIENTS:
             n = clients * max(4, -(-requests // clients))
-            cmd = [hey, "-n", str(n), "-c", str(clients), "-m", "POST", "-t", "20", "-T", CONTENT_TYPE,
-                   "-D", str(body_file), "-o", "csv", f"{base}/predict"]  # fmt: skip
+            cmd = [
+                hey,
+                "-n",
+                str(n),
+                "-c",
+                str(clients),
+                "-m",
+                "POST",
+                "-t",
+                "20",
+                "-T",
+                CONTENT_TYPE,
+                "-D",
+                str(body_file),
+                "-o",
+                "csv",
+                f"{base}/predict",
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
-            after = subprocess.run([hey, "-n", "20", "-c", "1", "-m", "POST", "-T", CONTENT_TYPE, "-D",
-                                    str(body_file), f"{base}/predict"], capture_output=True, text=True,
-                                   timeout=60).stdout  # fmt: skip
+            after = subprocess.run(
+                [hey, "-n", "20", "-c", "1", "-m", "POST", "-T", CONTENT_TYPE, "-D", str(body_file), f"{base}/predict"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
             by_status: dict[int, list[float]] = {}
             for row in out.splitlines()[1:]:
                 cells = row.split(",")
@@ -119,9 +147,12 @@ def make_run(run_dir: Path, size: int) -> Path:
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", "imagenet", heads, image_size=size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_metadata(run_dir, TrainConfig(data=list(heads), image_size=size, weights="imagenet"), model.preprocessing,
-                      Labels(heads=heads, datasets={name: name for name in heads},
-                             specs={name: name for name in heads}))  # fmt: skip
+    save_run_metadata(
+        run_dir,
+        TrainConfig(data=list(heads), image_size=size, weights="imagenet"),
+        model.preprocessing,
+        Labels(heads=heads, datasets={name: name for name in heads}, specs={name: name for name in heads}),
+    )
     torch.save(model.state_dict(), run_dir / "model.pt")
     return run_dir
 
@@ -143,8 +174,9 @@ def prepare_models(args: argparse.Namespace, tmp: Path, user_home: Path) -> list
         if not (user_home / "models" / name / version).is_dir():
             raise SystemExit(f"model {model.tag} is not in the BentoML store at {user_home}")
         # the servers read the private store: the model is copied there and the user's store stays untouched
-        shutil.copytree(user_home / "models" / name / version, Path(os.environ["BENTOML_HOME"]) / "models" / name
-                        / version)  # fmt: skip
+        shutil.copytree(
+            user_home / "models" / name / version, Path(os.environ["BENTOML_HOME"]) / "models" / name / version
+        )
         return [model]
     from transferkit.export import export_run
 
@@ -204,20 +236,27 @@ def bare(model: Model, png: bytes, quick: bool) -> tuple[dict[int, float], float
     return runtime, rate(lambda: pre.pil_to_uint8(decode_image(png, formats=SERVED_FORMATS)), 1, repeats, target)
 
 
-def measure_size(model: Model, args, tmp: Path, body: bytes, body_file: Path, hey: str | None,
-                 default_workers: int) -> list[Level]:  # fmt: skip
+def measure_size(
+    model: Model, args, tmp: Path, body: bytes, body_file: Path, hey: str | None, default_workers: int
+) -> list[Level]:
     def level(base: str, c: int, config: str, batches: bool) -> Level:
         url = f"{base}/predict"
-        go = ((lambda n, cap: run_hey(hey, url, body_file, n, c, cap, config)) if hey else
-              (lambda n, cap: asyncio.run(run_client(url, body, n, c, cap, config))))  # fmt: skip
+        go = (
+            (lambda n, cap: run_hey(hey, url, body_file, n, c, cap, config))
+            if hey
+            else (lambda n, cap: asyncio.run(run_client(url, body, n, c, cap, config)))
+        )
         go(max(c, 50), 60)  # warm-up: connections, allocator, thread pools
         before = batch_totals(base) if batches else None
         result = go(c * max(4, -(-args.requests // c)), args.max_seconds)  # hey sends n // c per connection
         if before is not None:
             total, calls = (a - b for a, b in zip(batch_totals(base), before))
             result.mean_batch = total / calls if calls else None
-        print(f"  {model.size} px | {config} | c={c}: {result.ok_rps:,.0f} req/s (200) | {result.counts()}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"  {model.size} px | {config} | c={c}: {result.ok_rps:,.0f} req/s (200) | {result.counts()}",
+            file=sys.stderr,
+            flush=True,
+        )
         return result
 
     common = serving_env()
@@ -257,16 +296,21 @@ def size_section(model: Model, runtime: dict[int, float], decode: float, levels:
     best = max(runtime, key=runtime.get)
     lines = [f"## {model.size} px model (`{model.tag}`)", "", "| stage (in-process) | images/s |", "|---|---|"]
     lines += [f"| ONNX Runtime, batch {n}{' (best)' if n == best else ''} | {r:,.0f} |" for n, r in runtime.items()]
-    lines += [f"| decode: Pillow open + load + RGB + resize to {model.size} px, 1 thread | {decode:,.0f} |", "",
-              "| configuration | concurrency | req/s | p50 ms | p99 ms | status counts | vs decode-only | mean batch |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        f"| decode: Pillow open + load + RGB + resize to {model.size} px, 1 thread | {decode:,.0f} |",
+        "",
+        "| configuration | concurrency | req/s | p50 ms | p99 ms | status counts | vs decode-only | mean batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = {lv.concurrency: lv.ok_rps for lv in levels if lv.config == DECODE_ONLY}
     ms = {p: lambda lv, p=p: f"{lv.latencies[p] * 1000:,.1f}" if p in lv.latencies else "n/a" for p in (50, 99)}
     for lv in levels:
         ratio = f"{lv.ok_rps / base[lv.concurrency]:.2f}x" if base.get(lv.concurrency) else "n/a"
         batch = f"{lv.mean_batch:.1f}" if lv.mean_batch is not None else "-"
-        lines.append(f"| {lv.config} | {lv.concurrency} | {lv.ok_rps:,.0f} | {ms[50](lv)} | {ms[99](lv)} | "
-                     f"{lv.counts()} | {ratio} | {batch} |")  # fmt: skip
+        lines.append(
+            f"| {lv.config} | {lv.concurrency} | {lv.ok_rps:,.0f} | {ms[50](lv)} | {ms[99](lv)} | "
+            f"{lv.counts()} | {ratio} | {batch} |"
+        )
     for workers in (None, 1):
         on, off = (find(levels, label(b, workers, dw)) for b in ("on", "off"))
         if on and off and off.ok_rps:
@@ -294,11 +338,19 @@ def goals(by_size: dict[int, list[Level]], dw: int) -> list[str]:
                 add("the c=64 goals", scope, "not measured", None)
                 continue
             answered, refused = sum(lv.statuses.values()) + sum(lv.errors.values()), lv.statuses.get(503, 0)
-            add("<= 1% 503", scope, f"{refused / max(answered, 1):.2%} ({refused} of {answered})",
-                refused <= 0.01 * answered)  # fmt: skip
+            add(
+                "<= 1% 503",
+                scope,
+                f"{refused / max(answered, 1):.2%} ({refused} of {answered})",
+                refused <= 0.01 * answered,
+            )
             base_rps, p99 = base.ok_rps if base else 0.0, lv.latencies.get(99, float("inf"))
-            add(">= 1.0x decode-only, 1 worker", scope, f"{lv.ok_rps / max(base_rps, 1e-9):.2f}x ({lv.ok_rps:,.0f} "
-                f"vs {base_rps:,.0f} req/s)", base_rps > 0 and lv.ok_rps >= base_rps)  # fmt: skip
+            add(
+                ">= 1.0x decode-only, 1 worker",
+                scope,
+                f"{lv.ok_rps / max(base_rps, 1e-9):.2f}x ({lv.ok_rps:,.0f} vs {base_rps:,.0f} req/s)",
+                base_rps > 0 and lv.ok_rps >= base_rps,
+            )
             add("p99 <= 0.5 s", scope, f"{p99:.3f} s", p99 <= 0.5)
             same = find(levels, decode_only_label(dw)) if workers is None and dw > 1 else None
             if same is not None and same.ok_rps:
@@ -371,19 +423,27 @@ def main() -> None:
                 sections += flood(model, serving_env(), tmp, body_file, hey, args.requests)
         quick = " (`--quick` smoke run: c=64 only, few requests; not a result)" if args.quick else ""
         lines = [
-            "# Serving under load: bare runtime, decode-only BentoML, transferkit", "",
+            "# Serving under load: bare runtime, decode-only BentoML, transferkit",
+            "",
             f"Produced by `{' '.join(['python', *sys.argv])}` at commit {commit()} on "
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{quick}.", "",
-            INTRO.format(png=len(png), generator=generator, requests=args.requests, cap=args.max_seconds), "",
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{quick}.",
+            "",
+            INTRO.format(png=len(png), generator=generator, requests=args.requests, cap=args.max_seconds),
+            "",
             f"- machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
             f"{cpu.group(1).strip() if cpu else platform.processor() or 'unknown CPU'}, {platform.platform()}",
             f"- transferkit: default {defaults.resolved_workers} workers x {defaults.resolved_threads} ONNX Runtime "
             f"threads, 1 worker x {ServingSettings(workers=1).resolved_threads} threads; batching on = max batch "
             f"32, off = 1; max wait {defaults.max_wait_ms:g} ms; max queue {defaults.max_queue} images per worker",
             f"- versions: bentoml {bentoml.__version__}, onnxruntime {onnxruntime.__version__}, "
-            f"Python {platform.python_version()}", "",
-            *sections, "## Goals", "", *goals(by_size, defaults.resolved_workers), "",
-        ]  # fmt: skip
+            f"Python {platform.python_version()}",
+            "",
+            *sections,
+            "## Goals",
+            "",
+            *goals(by_size, defaults.resolved_workers),
+            "",
+        ]
         write_report(args.out, lines)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

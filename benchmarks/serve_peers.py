@@ -86,8 +86,10 @@ def bodies(workdir: Path) -> dict[str, tuple[Path, Path, Path, str]]:
 
     digit = Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8), mode="L").resize((28, 28))
     out = {}
-    for name, image, fmt, mime in (("digit.png", digit, "PNG", "image/png"),
-                                   ("china.jpg", Image.fromarray(load_sample_images().images[0]), "JPEG", "image/jpeg")):  # fmt: skip
+    for name, image, fmt, mime in (
+        ("digit.png", digit, "PNG", "image/png"),
+        ("china.jpg", Image.fromarray(load_sample_images().images[0]), "JPEG", "image/jpeg"),
+    ):
         buf = io.BytesIO()
         image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         raw = workdir / name
@@ -103,8 +105,12 @@ def bodies(workdir: Path) -> dict[str, tuple[Path, Path, Path, str]]:
 
 def _multipart(workdir: Path, name: str, mime: str, data: bytes, field: str) -> Path:
     path = workdir / f"{name}.{field}.multipart"
-    path.write_bytes(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
-                     f"Content-Type: {mime}\r\n\r\n".encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode())  # fmt: skip
+    path.write_bytes(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        f"Content-Type: {mime}\r\n\r\n".encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
     return path
 
 
@@ -113,10 +119,18 @@ def peer_config(run: Path, workdir: Path) -> str:
 
     manifest = read_manifest(run / "export")
     pre = manifest.preprocessing
-    return json.dumps({"model": str(run / "export" / manifest.artifacts["onnx"].files[0]),
-                       "image_size": manifest.image_size, "mean": pre["mean"], "std": pre["std"],
-                       "heads": {h: list(c) for h, c in manifest.heads.items()}, "max_batch": MAX_BATCH,
-                       "workers": WORKERS, "threads": THREADS})  # fmt: skip
+    return json.dumps(
+        {
+            "model": str(run / "export" / manifest.artifacts["onnx"].files[0]),
+            "image_size": manifest.image_size,
+            "mean": pre["mean"],
+            "std": pre["std"],
+            "heads": {h: list(c) for h, c in manifest.heads.items()},
+            "max_batch": MAX_BATCH,
+            "workers": WORKERS,
+            "threads": THREADS,
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -143,8 +157,16 @@ def peer_server(kind: str, python: Path, config: str, log: Path, probe: tuple[Pa
         url = f"http://127.0.0.1:{port}/predict"
     env = {**os.environ, "PEER_CONFIG": config, "BENTOML_HOME": str(log.parent / "peer-bentoml")}
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, cwd=PEERS_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            cwd=PEERS_DIR,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
     try:
         body, content_type = probe
         deadline = time.monotonic() + 180
@@ -181,8 +203,9 @@ def transferkit_server(
     if hide:
         os.environ["PYTHONPATH"] = str(hide) + (os.pathsep + old if old else "")
     try:
-        with start_server(run, runtime=runtime, log_path=log, workers=WORKERS, threads=THREADS,
-                          max_batch=max_batch) as server:  # fmt: skip
+        with start_server(
+            run, runtime=runtime, log_path=log, workers=WORKERS, threads=THREADS, max_batch=max_batch
+        ) as server:
             yield server
     finally:
         if hide:
@@ -236,8 +259,26 @@ def train_64px(workdir: Path) -> Path:
     run = workdir / "fashion-64px"
     if not (run / "model.pt").is_file():
         shutil.rmtree(run, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "transferkit", "train", "--data", "fashion-mnist", "--image-size", "64",
-                        "--limit", "300", "--epochs", "1", "--out", str(run)], check=True, cwd=ROOT)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "transferkit",
+                "train",
+                "--data",
+                "fashion-mnist",
+                "--image-size",
+                "64",
+                "--limit",
+                "300",
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
     # exported every time (seconds), so the model is in this run's store ($BENTOML_HOME), whichever that is
     subprocess.run([sys.executable, "-m", "transferkit", "export", str(run), "--format", "onnx"], check=True, cwd=ROOT)
     return run
@@ -298,8 +339,9 @@ def main() -> None:
                 name = f"transferkit ({artifact}{', auto' if runtime == 'auto' else ''}, {stack_of(server.url)})"
                 measured = [("raw body", measure(hey, server.url + "/predict", raw, mime, args.seconds, name))]
                 if runtime == "onnx":
-                    measured.append(("multipart", measure(hey, server.url + "/predict", form_image, multipart,
-                                                          args.seconds, name)))  # fmt: skip
+                    measured.append(
+                        ("multipart", measure(hey, server.url + "/predict", form_image, multipart, args.seconds, name))
+                    )
             # the bound is measured with the server stopped: nothing else runs on the cores
             bound = artifact_bound(run, artifact, raw, WORKERS * THREADS) if size == 224 else None
             for encoding, results in measured:
@@ -314,8 +356,27 @@ def main() -> None:
             name = f"transferkit (onnx), max batch {max_batch}"
             load = load_average()
             run_hey(hey, server.url + "/predict", raw, 0, 16, 30, "warm-up", mime, seconds=2)
-            add(64, name, "raw body", [(run_hey(hey, server.url + "/predict", raw, 0, 64, args.seconds + 60, name, mime,
-                                                seconds=args.seconds), load)])  # fmt: skip
+            add(
+                64,
+                name,
+                "raw body",
+                [
+                    (
+                        run_hey(
+                            hey,
+                            server.url + "/predict",
+                            raw,
+                            0,
+                            64,
+                            args.seconds + 60,
+                            name,
+                            mime,
+                            seconds=args.seconds,
+                        ),
+                        load,
+                    )
+                ],
+            )
     write_report(args.out, report(rows, machine, args, images))
 
 
@@ -344,16 +405,24 @@ def report(rows: list[Row], machine: Machine, args: argparse.Namespace, images: 
     ]
     mosec = {(r.size, r.level.concurrency): r.level for r in rows if r.server == "mosec"}
     for size in sorted({r.size for r in rows}):
-        lines += ["", f"## {size} px", "", "| server | body | clients | req/s | vs mosec | p50 ms | p99 ms | answers | "
-                  "bound req/s | vs bound | load (1 min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## {size} px",
+            "",
+            "| server | body | clients | req/s | vs mosec | p50 ms | p99 ms | answers | "
+            "bound req/s | vs bound | load (1 min) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r.size == size):
             peer = mosec.get((size, r.level.concurrency))
             vs = f"{r.level.ok_rps / peer.ok_rps:.2f}x" if peer and peer.ok_rps else "-"
             bound = f"{r.bound:,.0f}" if r.bound else "-"
             vs_bound = f"{r.level.ok_rps / r.bound:.2f}" if r.bound else "-"
-            lines.append(f"| {r.server} | {r.encoding} | {r.level.concurrency} | {r.level.ok_rps:,.0f} | {vs} | "
-                         f"{_ms(r.level, 50)} | {_ms(r.level, 99)} | {r.level.counts()} | {bound} | {vs_bound} | "
-                         f"{r.load} |")  # fmt: skip
+            lines.append(
+                f"| {r.server} | {r.encoding} | {r.level.concurrency} | {r.level.ok_rps:,.0f} | {vs} | "
+                f"{_ms(r.level, 50)} | {_ms(r.level, 99)} | {r.level.counts()} | {bound} | {vs_bound} | "
+                f"{r.load} |"
+            )
     lines += ["", "## Goals (same run)", "", *goal_lines(rows, mosec)]
     return lines
 
@@ -368,33 +437,48 @@ def goal_lines(rows: list[Row], mosec: dict) -> list[str]:
     for c in LEVELS:
         best, peer = ours(32, c, fast), mosec.get((32, c))
         if best and peer:
-            out.append(f"- 32 px, c={c}: transferkit {best.level.ok_rps:,.0f} req/s ({best.encoding}) vs mosec "
-                       f"{peer.ok_rps:,.0f}: **{best.level.ok_rps / peer.ok_rps:.2f}x** (goal >= 1.0x)")  # fmt: skip
+            out.append(
+                f"- 32 px, c={c}: transferkit {best.level.ok_rps:,.0f} req/s ({best.encoding}) vs mosec "
+                f"{peer.ok_rps:,.0f}: **{best.level.ok_rps / peer.ok_rps:.2f}x** (goal >= 1.0x)"
+            )
         auto, peer = ours(224, c, lambda r: "auto" in r.server), mosec.get((224, c))
         if auto and peer:
-            out.append(f"- 224 px, c={c}: transferkit `auto` {auto.level.ok_rps:,.0f} req/s vs mosec {peer.ok_rps:,.0f}: "
-                       f"**{auto.level.ok_rps / peer.ok_rps:.2f}x** (goal >= 1.2x); vs its artifact's bound "
-                       f"{auto.bound:,.0f}: **{auto.level.ok_rps / auto.bound:.2f}** (goal >= 0.9)")  # fmt: skip
+            out.append(
+                f"- 224 px, c={c}: transferkit `auto` {auto.level.ok_rps:,.0f} req/s vs mosec {peer.ok_rps:,.0f}: "
+                f"**{auto.level.ok_rps / peer.ok_rps:.2f}x** (goal >= 1.2x); vs its artifact's bound "
+                f"{auto.bound:,.0f}: **{auto.level.ok_rps / auto.bound:.2f}** (goal >= 0.9)"
+            )
     for size in (32, 224):
         mine = ours(size, 64, (lambda r: "auto" in r.server) if size == 224 else fast)
         peer = mosec.get((size, 64))
         if mine and peer and 99 in mine.level.latencies and 99 in peer.latencies:
-            out.append(f"- p99 at c=64, {size} px: transferkit {_ms(mine.level, 99)} ms vs mosec {_ms(peer, 99)} ms "
-                       "(goal: no worse)")  # fmt: skip
-    bad = sum(n for r in rows if r.server.startswith("transferkit")
-              for code, n in r.level.statuses.items() if code not in (200, 503))  # fmt: skip
+            out.append(
+                f"- p99 at c=64, {size} px: transferkit {_ms(mine.level, 99)} ms vs mosec {_ms(peer, 99)} ms "
+                "(goal: no worse)"
+            )
+    bad = sum(
+        n
+        for r in rows
+        if r.server.startswith("transferkit")
+        for code, n in r.level.statuses.items()
+        if code not in (200, 503)
+    )
     lost = sum(sum(r.level.errors.values()) for r in rows if r.server.startswith("transferkit"))
     out.append(f"- transferkit answers other than 200/503: {bad}; requests without an answer: {lost} (goal: 0)")
     on, off = (ours(64, 64, lambda r, m=m: r.server.endswith(f"max batch {m}")) for m in (32, 1))
     if on and off and off.level.ok_rps:
-        out.append(f"- batching on vs off at 64 px, c=64: {on.level.ok_rps:,.0f} vs {off.level.ok_rps:,.0f} req/s: "
-                   f"**{on.level.ok_rps / off.level.ok_rps:.2f}x** (goal >= 1.5x)")  # fmt: skip
+        out.append(
+            f"- batching on vs off at 64 px, c=64: {on.level.ok_rps:,.0f} vs {off.level.ok_rps:,.0f} req/s: "
+            f"**{on.level.ok_rps / off.level.ok_rps:.2f}x** (goal >= 1.5x)"
+        )
     for c in LEVELS:
         slow = ours(32, c, lambda r: "fast stack off" in r.server)
         same = ours(32, c, lambda r: fast(r) and r.encoding == "raw body")
         if slow and same and slow.level.ok_rps:
-            out.append(f"- fast HTTP stack (uvloop + httptools) on vs off, 32 px raw body, c={c}: "
-                       f"{same.level.ok_rps:,.0f} vs {slow.level.ok_rps:,.0f} req/s ({same.level.ok_rps / slow.level.ok_rps:.2f}x)")  # fmt: skip
+            out.append(
+                f"- fast HTTP stack (uvloop + httptools) on vs off, 32 px raw body, c={c}: "
+                f"{same.level.ok_rps:,.0f} vs {slow.level.ok_rps:,.0f} req/s ({same.level.ok_rps / slow.level.ok_rps:.2f}x)"
+            )
     return out
 
 

@@ -41,8 +41,10 @@ def main() -> None:
             model = MultiHeadModel(backbone, {"head": [str(i) for i in range(10)]}, size)
             model.to(memory_format=torch.channels_last)
             estimate = measure(model, size, 0)
-            picks = [estimate.__class__(estimate.fixed_bytes, estimate.per_image_bytes, gb * 2**30).choose()
-                     for gb in BUDGETS_GB]  # fmt: skip
+            picks = [
+                estimate.__class__(estimate.fixed_bytes, estimate.per_image_bytes, gb * 2**30).choose()
+                for gb in BUDGETS_GB
+            ]
             row = (name, size, estimate.per_image_bytes / 2**20, estimate.step_bytes(128) / 2**30, picks)
             rows.append(row)
             print(f"{name} {size}px: {row[2]:.1f} MB/image, batch 128 {row[3]:.2f} GB, auto {picks}", flush=True)

@@ -58,9 +58,17 @@ def main() -> None:
     args = ap.parse_args()
 
     device = resolve_device(args.device)
-    config = TrainConfig(data=["mnist", "fashion-mnist"], image_size=args.image_size, batch_size=args.batch_size,
-                         limit=args.limit, epochs=1, compile=args.compile, ema=args.ema, device=str(device),
-                         checkpoint_every=10**9).validate()  # fmt: skip
+    config = TrainConfig(
+        data=["mnist", "fashion-mnist"],
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        epochs=1,
+        compile=args.compile,
+        ema=args.ema,
+        device=str(device),
+        checkpoint_every=10**9,
+    ).validate()
     loop = TrainLoop(config, Path(tempfile.mkdtemp(prefix="tk-bench-")), DistInfo(), device, resuming=False)
     setup = loop.setup
     model, train_model = loop.model, loop.train_model
@@ -105,11 +113,15 @@ def main() -> None:
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    header = ("| date | device | model | input | batch | precision | compile | real img/s | synthetic img/s | ratio "
-              "| commit | command |")  # fmt: skip
-    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {card} | {config.backbone} | {s}px | {n} | {precision} | "
-           f"{'yes' if args.compile else 'no'} | {r:,.0f} | {c:,.0f} | {r / c:.2f} | {commit()} | "
-           f"`{' '.join(['python', *sys.argv])}` |")  # fmt: skip
+    header = (
+        "| date | device | model | input | batch | precision | compile | real img/s | synthetic img/s | ratio "
+        "| commit | command |"
+    )
+    row = (
+        f"| {datetime.now(timezone.utc):%Y-%m-%d} | {card} | {config.backbone} | {s}px | {n} | {precision} | "
+        f"{'yes' if args.compile else 'no'} | {r:,.0f} | {c:,.0f} | {r / c:.2f} | {commit()} | "
+        f"`{' '.join(['python', *sys.argv])}` |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     print(row)

@@ -78,8 +78,14 @@ def section_e(args) -> None:
     import torch
     from transfer_adaptation import ARMS, run_section_e, section_e_markdown, write_section_e
 
-    base = TrainConfig(data=["mnist"], image_size=args.image_size, limit=args.limit, epochs=args.epochs,
-                       batch_size=args.batch_size, device=args.device)  # fmt: skip
+    base = TrainConfig(
+        data=["mnist"],
+        image_size=args.image_size,
+        limit=args.limit,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     seeds = [int(s) for s in args.seeds.split(",")]
     measured = commit()  # the code the runs use, not whatever is checked out when they end
     saved = Path(args.root) / "section_e.json"
@@ -101,13 +107,15 @@ def section_e(args) -> None:
     data = run_section_e(base, Path(args.root), seeds, measured, arms, previous)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     digits = "/".join(str(min(n, args.limit)) for n in (1257, 270, 270))
-    settings = (f"MobileNetV2 (ImageNet), {args.image_size} px, limit {args.limit} images per split per dataset "
-                f"(digits train/val/test: {digits}), {args.epochs} epochs (rounds after the first: "
-                f"{base.round_epochs}), "
-                f"batch {args.batch_size}, AdamW lr {base.lr} warm-up+cosine, pseudo-label threshold "
-                f"{base.pseudo_threshold}; device {device} with {torch.get_num_threads()} threads; "
-                f"{'whole section' if arms is None else 'the arms this command ran'} "
-                f"{(time.perf_counter() - t0) / 60:.0f} min")  # fmt: skip
+    settings = (
+        f"MobileNetV2 (ImageNet), {args.image_size} px, limit {args.limit} images per split per dataset "
+        f"(digits train/val/test: {digits}), {args.epochs} epochs (rounds after the first: "
+        f"{base.round_epochs}), "
+        f"batch {args.batch_size}, AdamW lr {base.lr} warm-up+cosine, pseudo-label threshold "
+        f"{base.pseudo_threshold}; device {device} with {torch.get_num_threads()} threads; "
+        f"{'whole section' if arms is None else 'the arms this command ran'} "
+        f"{(time.perf_counter() - t0) / 60:.0f} min"
+    )
     import os
 
     env = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ]
@@ -123,8 +131,15 @@ def section_e(args) -> None:
 
 def sections_a_to_d(args) -> None:
     root = Path(args.root)
-    base = TrainConfig(data=["mnist"], image_size=args.image_size, limit=args.limit, epochs=args.epochs,
-                       batch_size=args.batch_size, seed=args.seed, device=args.device)  # fmt: skip
+    base = TrainConfig(
+        data=["mnist"],
+        image_size=args.image_size,
+        limit=args.limit,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
     few = dict(epochs=args.few_epochs, batch_size=min(args.batch_size, 64))
     measured = commit()  # the code the runs use, not whatever is checked out when they end
     t0 = time.perf_counter()
@@ -149,8 +164,16 @@ def sections_a_to_d(args) -> None:
     # c. pretrained vs random init, 500 labelled Fashion-MNIST images
     c_runs = {}
     for weights in ("imagenet", "none"):
-        d = run(f"c-fashion500-{weights}", base, root, data=["fashion-mnist"], limit=500, weights=weights,
-                lr=1e-3 if weights == "imagenet" else 3e-3, **few)  # fmt: skip
+        d = run(
+            f"c-fashion500-{weights}",
+            base,
+            root,
+            data=["fashion-mnist"],
+            limit=500,
+            weights=weights,
+            lr=1e-3 if weights == "imagenet" else 3e-3,
+            **few,
+        )
         c_runs[weights] = score(d, "fashion-mnist", "fashion-mnist")
 
     # d. sequential transfer onto digits
@@ -162,11 +185,13 @@ def sections_a_to_d(args) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
-    settings = (f"MobileNetV2 ({'ImageNet' if base.weights == 'imagenet' else base.weights}), {args.image_size}px, "
-                f"limit {args.limit} images per split, {args.epochs} epochs (few-label and digits runs: "
-                f"{args.few_epochs} epochs, batch {few['batch_size']}), batch {args.batch_size}, seed {args.seed}, "
-                f"AdamW lr 1e-3 (random init: 3e-3) warm-up+cosine, pseudo-label threshold {base.pseudo_threshold}; device {device}; "
-                f"all runs {total / 60:.1f} min")  # fmt: skip
+    settings = (
+        f"MobileNetV2 ({'ImageNet' if base.weights == 'imagenet' else base.weights}), {args.image_size}px, "
+        f"limit {args.limit} images per split, {args.epochs} epochs (few-label and digits runs: "
+        f"{args.few_epochs} epochs, batch {few['batch_size']}), batch {args.batch_size}, seed {args.seed}, "
+        f"AdamW lr 1e-3 (random init: 3e-3) warm-up+cosine, pseudo-label threshold {base.pseudo_threshold}; device {device}; "
+        f"all runs {total / 60:.1f} min"
+    )
     lines = [
         "# Transfer-learning results",
         "",

@@ -91,8 +91,10 @@ def final_model_adabn(run_dir: Path, seed: int) -> dict[str, dict[str, float]]:
     mixed = torch.cat([target, source])[torch.from_numpy(rng.permutation(2 * len(target)))]
 
     def score(m) -> dict[str, float]:
-        return {d.name: accuracy(predict_logits(m, d.test.images, pre, heads=["mnist"])["mnist"], d.test.labels)
-                for d in (digits, mnist)}  # fmt: skip
+        return {
+            d.name: accuracy(predict_logits(m, d.test.images, pre, heads=["mnist"])["mnist"], d.test.labels)
+            for d in (digits, mnist)
+        }
 
     out = {"own": score(model)}
     for key, images in (("target", target), ("mix", mixed)):
@@ -112,8 +114,14 @@ def _overrides(overrides: dict, root: Path, seed: int) -> dict:
     return {**overrides, "teachers": [str(teacher)]}
 
 
-def run_section_e(base: TrainConfig, root: Path, seeds: list[int], commit: str, arms: list[str] | None = None,
-                  previous: dict | None = None) -> dict:  # fmt: skip
+def run_section_e(
+    base: TrainConfig,
+    root: Path,
+    seeds: list[int],
+    commit: str,
+    arms: list[str] | None = None,
+    previous: dict | None = None,
+) -> dict:
     """Train and score every arm (or only `arms`, keeping the other arms' entries of `previous`) on every seed."""
     keys = [key for key, _, _ in ARMS if arms is None or key in arms]
     kept = previous or {"results": {}, "adabn_final": {}}
@@ -138,8 +146,11 @@ def run_section_e(base: TrainConfig, root: Path, seeds: list[int], commit: str, 
             results[key].append(entry)
             if key in adabn_final:
                 adabn_final[key].append(final_model_adabn(d, seed))
-            print(f"[e/{key}] seed {seed}: digits test {entry['digits_test']:.4f}  val {entry['digits_val']:.4f}  "
-                  f"MNIST test {entry['mnist_test']:.4f}", flush=True)  # fmt: skip
+            print(
+                f"[e/{key}] seed {seed}: digits test {entry['digits_test']:.4f}  val {entry['digits_val']:.4f}  "
+                f"MNIST test {entry['mnist_test']:.4f}",
+                flush=True,
+            )
     return {"results": results, "adabn_final": adabn_final}
 
 
@@ -202,8 +213,10 @@ def section_e_markdown(data: dict, settings: str) -> str:
             text = f"- {key}: {_ms([e['pseudo'][0] for e in rows])}% kept, {_ms([e['pseudo'][1] for e in rows])}% right"
             given = [e["rounds"][-1]["pseudo_labels"] for e in res[key] if "rounds" in e]
             if given:
-                text += (f"; between rounds {_ms([g['coverage'] for g in given])}% of digits train labelled, "
-                         f"{_ms([g['accuracy'] for g in given])}% right")  # fmt: skip
+                text += (
+                    f"; between rounds {_ms([g['coverage'] for g in given])}% of digits train labelled, "
+                    f"{_ms([g['accuracy'] for g in given])}% right"
+                )
             lines.append(text)
     lines += [
         "",
@@ -215,8 +228,10 @@ def section_e_markdown(data: dict, settings: str) -> str:
     ]
     for key, entries in data["adabn_final"].items():
         for stats in ("own", "target", "mix"):
-            lines.append(f"| {key} | {stats} | {_ms([e[stats]['digits'] for e in entries])} | "
-                         f"{_ms([e[stats]['mnist'] for e in entries])} |")  # fmt: skip
+            lines.append(
+                f"| {key} | {stats} | {_ms([e[stats]['digits'] for e in entries])} | "
+                f"{_ms([e[stats]['mnist'] for e in entries])} |"
+            )
     lines.append(END)
     return "\n".join(lines)
 

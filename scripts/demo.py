@@ -61,8 +61,9 @@ async def burst(url: str, image: bytes, clients: int) -> Counter:
     """`clients` requests at once, one connection each: HTTP status -> count."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        responses = await asyncio.gather(*(client.post(f"{url}/predict", files={"image": ("x.png", image)})
-                                           for _ in range(clients)))  # fmt: skip
+        responses = await asyncio.gather(
+            *(client.post(f"{url}/predict", files={"image": ("x.png", image)}) for _ in range(clients))
+        )
     return Counter(r.status_code for r in responses)
 
 
@@ -111,8 +112,10 @@ def main() -> int:
     for name, goal in GOALS.items():
         verdict = "ok" if accuracies[name] >= goal else "BELOW GOAL"
         print(f"{name:15s} test accuracy {accuracies[name]:.4f}  (goal >= {goal:.2f}: {verdict})")
-    print(f"time: train {t_train - t0:.0f}s, eval+export {t_export - t_train:.0f}s, serve {t_end - t_export:.0f}s, "
-          f"total {t_end - t0:.0f}s")  # fmt: skip
+    print(
+        f"time: train {t_train - t0:.0f}s, eval+export {t_export - t_train:.0f}s, serve {t_end - t_export:.0f}s, "
+        f"total {t_end - t0:.0f}s"
+    )
     print(f"run directory: {RUN}")
     times = {"train": t_train - t0, "eval+export": t_export - t_train, "serve": t_end - t_export, "total": t_end - t0}
     verification = exported.formats["onnx"].verification["heads"]
@@ -124,8 +127,9 @@ def main() -> int:
     return 0 if served_all and all(accuracies[n] >= g for n, g in GOALS.items()) else 1
 
 
-def write_report(path: Path, accuracies: dict, times: dict, verification: dict, corrupt: str, still: int,
-                 burst_codes: dict) -> None:  # fmt: skip
+def write_report(
+    path: Path, accuracies: dict, times: dict, verification: dict, corrupt: str, still: int, burst_codes: dict
+) -> None:
     """docs/demo.md, from this run's numbers only."""
     lines = [
         "# `make demo`: measured",
@@ -149,7 +153,7 @@ def write_report(path: Path, accuracies: dict, times: dict, verification: dict, 
         + ", ".join(
             f"max |Δlogit| {h['max_abs_diff']:.1e} and top-1 agreement {h['top1_agreement']:.1%} ({head} head)"
             for head, h in verification.items()
-        )  # fmt: skip
+        )
         + ".",
         "",
         f"The corrupt upload was answered `{corrupt[:160]}`; `/readyz` answered {still} afterwards. 128 concurrent "

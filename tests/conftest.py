@@ -53,8 +53,21 @@ def tiny_run_process(tmp_path_factory) -> subprocess.CompletedProcess:
     """The `transferkit train` behind tiny_run, run once per session; its stdout and stderr, for tests of
     what training prints."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    return run_cli("train", "--data", "mnist,fashion-mnist", "--limit", "256", "--epochs", "1", "--image-size", "32",
-                   "--batch-size", "64", "--out", str(out))  # fmt: skip
+    return run_cli(
+        "train",
+        "--data",
+        "mnist,fashion-mnist",
+        "--limit",
+        "256",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "64",
+        "--out",
+        str(out),
+    )
 
 
 @pytest.fixture(scope="session")

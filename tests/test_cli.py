@@ -53,8 +53,11 @@ def test_train_export_serve_predict(tiny_run, tmp_path):
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "transferkit", "serve", str(tiny_run), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_ready(url, server)
         labels = json.loads((tiny_run / "labels.json").read_text())["heads"]
@@ -115,8 +118,12 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path)
 
     run = tmp_path / "run"
     run.mkdir()
-    save_run_metadata(run, TrainConfig(data=["digits"], image_size=32), Preprocessing(image_size=32),
-                      Labels(heads={"digits": [str(i) for i in range(10)]}, datasets={"digits": "digits"}))  # fmt: skip
+    save_run_metadata(
+        run,
+        TrainConfig(data=["digits"], image_size=32),
+        Preprocessing(image_size=32),
+        Labels(heads={"digits": [str(i) for i in range(10)]}, datasets={"digits": "digits"}),
+    )
     (run / "model.pt").write_bytes(b"this is not a state dict\n" * 20)
     proc = run_cli("eval", str(run), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -137,10 +144,12 @@ def test_main_exit_statuses(monkeypatch, capsys):
 
         return command
 
-    cases = [(ConfigError("bad --lr; pass a number"), 2, "transferkit: error: bad --lr; pass a number\n"),
-             (KeyError("head"), 2, "transferkit: error: KeyError: 'head' (re-run with --debug for the traceback)\n"),
-             (ValueError("a\n  b"), 2, "transferkit: error: ValueError: a b (re-run with --debug for the traceback)\n"),
-             (KeyboardInterrupt(), 130, "transferkit: interrupted\n")]  # fmt: skip
+    cases = [
+        (ConfigError("bad --lr; pass a number"), 2, "transferkit: error: bad --lr; pass a number\n"),
+        (KeyError("head"), 2, "transferkit: error: KeyError: 'head' (re-run with --debug for the traceback)\n"),
+        (ValueError("a\n  b"), 2, "transferkit: error: ValueError: a b (re-run with --debug for the traceback)\n"),
+        (KeyboardInterrupt(), 130, "transferkit: interrupted\n"),
+    ]
     for exc, status, stderr in cases:
         monkeypatch.setattr(cli, "cmd_build", raising(exc))
         with pytest.raises(SystemExit) as exit_info:
@@ -199,8 +208,21 @@ def test_export_of_a_run_whose_data_moved_says_how_and_takes_data(digits_folder,
     folder = tmp_path / "shots"
     shutil.copytree(digits_folder, folder)
     run = tmp_path / "run"
-    run_cli("train", "--data", f"imagefolder:{folder}", "--limit", "120", "--epochs", "1", "--image-size", "32",
-            "--batch-size", "32", "--out", str(run))  # fmt: skip
+    run_cli(
+        "train",
+        "--data",
+        f"imagefolder:{folder}",
+        "--limit",
+        "120",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--out",
+        str(run),
+    )
     moved = tmp_path / "elsewhere"
     folder.rename(moved)
     proc = run_cli("export", str(run), "--verify-images", "32", check=False)

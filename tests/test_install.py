@@ -17,9 +17,24 @@ RUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
 
 def _resolved(extra: str, tmp_path: Path) -> set[str]:
     report = tmp_path / f"{extra}.json"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                           "--report", str(report), f".[{extra}]"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            f".[{extra}]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0 and ("Name or service not known" in proc.stderr or "NewConnectionError" in proc.stderr):
         pytest.skip("no package index reachable from here: the resolution needs one")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -36,8 +36,14 @@ def test_an_openvino_and_int8_export_round_trips(tmp_path):
 
     pytest.importorskip("openvino")
     run_dir = make_tiny_run(tmp_path / "run")
-    export_run(run_dir, formats="onnx,openvino", precision="fp32", verify_images=32, store=False,
-               options=ExportOptions(calibration_images=16))  # fmt: skip
+    export_run(
+        run_dir,
+        formats="onnx,openvino",
+        precision="fp32",
+        verify_images=32,
+        store=False,
+        options=ExportOptions(calibration_images=16),
+    )
     manifest = read_manifest(run_dir / "export")
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     ov = manifest.artifacts["openvino"]
@@ -46,28 +52,60 @@ def test_an_openvino_and_int8_export_round_trips(tmp_path):
 
 
 V1 = {
-    "manifest_version": 1, "transferkit_version": "0.1.0", "created": "2026-01-01T00:00:00Z", "run_dir": "/runs/x",
-    "source": {"file": "model.pt", "sha256": "ab" * 32, "bytes": 10}, "backbone": "mobilenet_v2",
-    "preprocessing": {"image_size": 32}, "heads": {"digits": [str(i) for i in range(10)]},
+    "manifest_version": 1,
+    "transferkit_version": "0.1.0",
+    "created": "2026-01-01T00:00:00Z",
+    "run_dir": "/runs/x",
+    "source": {"file": "model.pt", "sha256": "ab" * 32, "bytes": 10},
+    "backbone": "mobilenet_v2",
+    "preprocessing": {"image_size": 32},
+    "heads": {"digits": [str(i) for i in range(10)]},
     "datasets": {"mnist": "digits"},
     "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32], "layout": "NCHW"}],
     "outputs": [{"name": "digits", "dtype": "float32", "shape": ["batch", 10]}],
     "formats": {
-        "onnx": {"file": "model.onnx", "runtime": "onnxruntime", "precision": "fp32", "status": PASSED,
-                 "servable": True, "error": None, "details": {"opset": 18},
-                 "measured": {"images_per_second": 6000.0, "batch": 32, "device": "cpu", "runtime": "onnxruntime"}},
-        "tensorrt-fp16": {"format": "tensorrt", "file": "model-fp16.engine", "files": ["model-fp16.engine"],
-                          "runtime": "tensorrt", "precision": "fp16", "status": PASSED, "servable": True,
-                          "details": {"built_for_gpu": {"name": "NVIDIA H200"},
-                                      "profile": {"min_batch": 1, "opt_batch": 8, "max_batch": 64}}},
-        "aoti": {"format": "aoti", "file": "model.pt2", "runtime": "torch", "precision": "fp32", "status": VERIFY_FAILED,
-                 "servable": False, "error": "digits: top-1 agreement 90% < 99%",
-                 "details": {"device": "cuda", "batch_range": [1, 64]}},
+        "onnx": {
+            "file": "model.onnx",
+            "runtime": "onnxruntime",
+            "precision": "fp32",
+            "status": PASSED,
+            "servable": True,
+            "error": None,
+            "details": {"opset": 18},
+            "measured": {"images_per_second": 6000.0, "batch": 32, "device": "cpu", "runtime": "onnxruntime"},
+        },
+        "tensorrt-fp16": {
+            "format": "tensorrt",
+            "file": "model-fp16.engine",
+            "files": ["model-fp16.engine"],
+            "runtime": "tensorrt",
+            "precision": "fp16",
+            "status": PASSED,
+            "servable": True,
+            "details": {
+                "built_for_gpu": {"name": "NVIDIA H200"},
+                "profile": {"min_batch": 1, "opt_batch": 8, "max_batch": 64},
+            },
+        },
+        "aoti": {
+            "format": "aoti",
+            "file": "model.pt2",
+            "runtime": "torch",
+            "precision": "fp32",
+            "status": VERIFY_FAILED,
+            "servable": False,
+            "error": "digits: top-1 agreement 90% < 99%",
+            "details": {"device": "cuda", "batch_range": [1, 64]},
+        },
     },
-    "files": {"model.onnx": {"sha256": "cd" * 32, "bytes": 5}, "model-fp16.engine": {"sha256": "ef" * 32, "bytes": 6},
-              "model.pt2": {"sha256": "01" * 32, "bytes": 7}},
-    "versions": {"python": "3.11"}, "bentoml": {"tag": "transferkit-x:abc", "model_name": "transferkit-x"},
-}  # fmt: skip
+    "files": {
+        "model.onnx": {"sha256": "cd" * 32, "bytes": 5},
+        "model-fp16.engine": {"sha256": "ef" * 32, "bytes": 6},
+        "model.pt2": {"sha256": "01" * 32, "bytes": 7},
+    },
+    "versions": {"python": "3.11"},
+    "bentoml": {"tag": "transferkit-x:abc", "model_name": "transferkit-x"},
+}
 
 
 def test_version_1_is_migrated_on_read(tmp_path):

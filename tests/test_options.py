@@ -25,8 +25,21 @@ def test_every_option_field_has_help_and_one_default(cls):
 
 
 def test_export_flags_reach_export_options():
-    args = build_parser().parse_args(["export", "RUN", "--max-acc-delta", "2", "--min-agreement", "0.9",
-                                      "--slower-int8", "offer", "--int8-budget-s", "60", "--simplify"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "export",
+            "RUN",
+            "--max-acc-delta",
+            "2",
+            "--min-agreement",
+            "0.9",
+            "--slower-int8",
+            "offer",
+            "--int8-budget-s",
+            "60",
+            "--simplify",
+        ]
+    )
     options = ExportOptions(**given(args, ExportOptions))
     assert (options.max_acc_delta_points, options.min_top1_agreement, options.slower_int8) == (2.0, 0.9, "offer")
     assert options.int8_budget_s == 60.0 and options.simplify and options.calibration_images == 512

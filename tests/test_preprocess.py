@@ -121,8 +121,12 @@ def test_exif_orientation_is_applied():
     out = pre.pil_to_uint8(decoded).mean(axis=2)
     assert out.shape == (16, 16)
     # quadrant cores, away from the resize's blended border rows and columns
-    quadrants = {"top-left": out[1:7, 1:7], "top-right": out[1:7, 9:15],
-                 "bottom-left": out[9:15, 1:7], "bottom-right": out[9:15, 9:15]}  # fmt: skip
+    quadrants = {
+        "top-left": out[1:7, 1:7],
+        "top-right": out[1:7, 9:15],
+        "bottom-left": out[9:15, 1:7],
+        "bottom-right": out[9:15, 9:15],
+    }
     assert quadrants["top-right"].min() > 200, out
     assert all(q.max() < 55 for name, q in quadrants.items() if name != "top-right"), out
 

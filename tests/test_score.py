@@ -60,11 +60,27 @@ def test_a_folder_scores_in_order_with_an_error_row_per_bad_file(exported, photo
     table = pq.read_table(out).to_pylist()
     names = [Path(r["path"]).relative_to(photos).as_posix() for r in table]
     # a folder's own files first, then its sub-folders, each sorted
-    assert names == ["digit0.png", "digit1.png", "digit2.png", "gif-named.png", "notes.jpg", "a/flower.webp",
-                     "b/china.jpg", "b/truncated.jpg"]  # fmt: skip
+    assert names == [
+        "digit0.png",
+        "digit1.png",
+        "digit2.png",
+        "gif-named.png",
+        "notes.jpg",
+        "a/flower.webp",
+        "b/china.jpg",
+        "b/truncated.jpg",
+    ]
     kinds = {n: r["error_kind"] for n, r in zip(names, table)}
-    assert kinds == {"a/flower.webp": None, "b/china.jpg": None, "b/truncated.jpg": "corrupt", "digit0.png": None,
-                     "digit1.png": None, "digit2.png": None, "gif-named.png": "format", "notes.jpg": "not an image"}  # fmt: skip
+    assert kinds == {
+        "a/flower.webp": None,
+        "b/china.jpg": None,
+        "b/truncated.jpg": "corrupt",
+        "digit0.png": None,
+        "digit1.png": None,
+        "digit2.png": None,
+        "gif-named.png": "format",
+        "notes.jpg": "not an image",
+    }
     for row in table:
         if row["error_kind"]:
             assert row["error"].startswith(row["path"]) and row["digits_labels"] is None
@@ -89,7 +105,8 @@ def test_csv_and_jsonl_hold_the_same_rows_as_parquet(exported, photos, tmp_path)
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == [r["path"] for r in expected]
     assert [json.loads(r["digits_labels"]) if r["digits_labels"] else None for r in rows] == [
-        r["digits_labels"] for r in expected]  # fmt: skip
+        r["digits_labels"] for r in expected
+    ]
     assert [r["error_kind"] or None for r in rows] == [r["error_kind"] for r in expected]
 
 
@@ -110,8 +127,11 @@ def test_imagefolder_inputs_report_accuracy(exported, tmp_path):
     run_dir = exported[0]
     digits = load_digits()
     for i in range(40):
-        _save(Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8), mode="L"),
-              tmp_path / "folder" / str(digits.target[i]) / f"{i}.png", "PNG")  # fmt: skip
+        _save(
+            Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8), mode="L"),
+            tmp_path / "folder" / str(digits.target[i]) / f"{i}.png",
+            "PNG",
+        )
     summary = score(run_dir, [f"imagefolder:{tmp_path / 'folder'}"], tmp_path / "p.parquet")
     rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
     assert [r["digits_true"] for r in rows] == [Path(r["path"]).parent.name for r in rows]
@@ -121,11 +141,14 @@ def test_imagefolder_inputs_report_accuracy(exported, tmp_path):
     assert "accuracy digits" in summary.describe()
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("nosuch/folder", "no such file or folder"),
-    ("imagefolder:{photos}", "no head of this model has all of its classes"),
-    ("{photos}/readme.txt", None),  # a .txt list: its lines are paths (here, one missing file)
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nosuch/folder", "no such file or folder"),
+        ("imagefolder:{photos}", "no head of this model has all of its classes"),
+        ("{photos}/readme.txt", None),  # a .txt list: its lines are paths (here, one missing file)
+    ],
+)
 def test_bad_inputs_are_refused_before_scoring(exported, photos, tmp_path, spec, message):
     spec = spec.format(photos=photos)
     if message is None:
@@ -166,14 +189,27 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_file(exported, photos,
         str(p) for p in photos.rglob("*") if p.suffix in (".png", ".jpg", ".webp") and ".hidden" not in p.parts
     )
     (tmp_path / "list.txt").write_text("\n".join(files * 600) + "\n")  # 4,800 rows
-    args = ["score", str(exported[0]), "--input", str(tmp_path / "list.txt"), "--batch-size", "16",
-            "--part-rows", "64", "--top-k", "2"]  # fmt: skip
+    args = [
+        "score",
+        str(exported[0]),
+        "--input",
+        str(tmp_path / "list.txt"),
+        "--batch-size",
+        "16",
+        "--part-rows",
+        "64",
+        "--top-k",
+        "2",
+    ]
     whole = tmp_path / "whole.parquet"
     run_cli(*args, "--out", str(whole))
     out = tmp_path / "resumed.parquet"
     parts = out.with_name(out.name + ".parts")
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferkit", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while len(list(parts.glob("part-*.parquet"))) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

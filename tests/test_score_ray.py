@@ -24,8 +24,12 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
 # Ray turns 127.0.0.1 into the machine's outward address unless told this is a single-machine cluster; the
 # cluster's nodes and every driver of these tests stay on loopback.
-RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60"}  # fmt: skip
+RAY_ENV = {
+    **os.environ,
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60",
+}
 CLUSTER = """
 import sys
 from ray.cluster_utils import Cluster
@@ -53,7 +57,8 @@ def images(tmp_path_factory) -> Path:
     for i in range(40):
         (root / str(digits.target[i])).mkdir(exist_ok=True)
         Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8), mode="L").save(
-            root / str(digits.target[i]) / f"{i:03d}.png")  # fmt: skip
+            root / str(digits.target[i]) / f"{i:03d}.png"
+        )
     Image.fromarray(load_sample_images().images[0]).save(root / "3" / "china.jpg", quality=90)
     (root / "5" / "notes.jpg").write_text("not a picture")
     return root
@@ -80,8 +85,9 @@ def test_local_ray_gives_the_local_engines_rows(exported, images, tmp_path, rest
     local = score(run_dir, [f"imagefolder:{images}"], tmp_path / "local.parquet", top_k=3, batch_size=8)
     try:
         ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-        got = score(run_dir, [f"imagefolder:{images}"], tmp_path / "ray.parquet", top_k=3, batch_size=8,
-                    engine="ray", workers=2)  # fmt: skip
+        got = score(
+            run_dir, [f"imagefolder:{images}"], tmp_path / "ray.parquet", top_k=3, batch_size=8, engine="ray", workers=2
+        )
         assert ray.is_initialized()  # a Ray the caller started is left to the caller
     finally:
         ray.shutdown()
@@ -111,8 +117,9 @@ def _free_port() -> int:
 def cluster():
     """A real two-node Ray cluster on 127.0.0.1 (a head and a second node, one CPU each, separate raylets and
     object stores), run by a helper process that kills the second node when told to."""
-    helper = subprocess.Popen([sys.executable, "-c", CLUSTER], env=RAY_ENV, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    helper = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER], env=RAY_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         address = helper.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), address
@@ -132,8 +139,18 @@ def test_a_two_node_cluster_gives_the_local_engines_rows(exported, images, clust
     address, _ = cluster
     args = ["score", str(exported[0]), "--input", str(images), "--top-k", "2", "--batch-size", "8"]
     run_cli(*args, "--out", str(tmp_path / "local.parquet"))
-    done = run_cli(*args, "--out", str(tmp_path / "ray.parquet"), "--engine", "ray", "--ray-address", address,
-                   "--workers", "2", env=RAY_ENV)  # fmt: skip
+    done = run_cli(
+        *args,
+        "--out",
+        str(tmp_path / "ray.parquet"),
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        "--workers",
+        "2",
+        env=RAY_ENV,
+    )
     assert "scored 42 images" in done.stdout
     _same_rows(tmp_path / "ray.parquet", tmp_path / "local.parquet")
 
@@ -148,9 +165,26 @@ def test_a_node_killed_mid_run_never_leaves_half_an_output(exported, images, clu
     args = ["score", str(exported[0]), "--input", str(tmp_path / "list.txt"), "--batch-size", "16", "--top-k", "2"]
     run_cli(*args, "--out", str(tmp_path / "local.parquet"))
     out = tmp_path / "ray.parquet"
-    job = subprocess.Popen([sys.executable, "-m", "transferkit", *args, "--out", str(out), "--engine", "ray",
-                            "--ray-address", address, "--workers", "2"], env=RAY_ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            *args,
+            "--out",
+            str(out),
+            "--engine",
+            "ray",
+            "--ray-address",
+            address,
+            "--workers",
+            "2",
+        ],
+        env=RAY_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while not list(tmp_path.glob("ray.parquet.staging-*/rows/*.parquet")) and time.monotonic() < deadline:
         assert job.poll() is None, job.communicate()

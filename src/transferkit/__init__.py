@@ -30,15 +30,32 @@ def train(config: Any = None, **options: Any):
     return train_run(config if config is not None else config_from_dict(options, source="transferkit.train"))
 
 
-def export(run, formats=("onnx",), precision="fp32", *, verify_images: int = 256, device: str = "cpu",
-           store: bool = True, data=None, **options: Any):  # fmt: skip
+def export(
+    run,
+    formats=("onnx",),
+    precision="fp32",
+    *,
+    verify_images: int = 256,
+    device: str = "cpu",
+    store: bool = True,
+    data=None,
+    **options: Any,
+):
     """Export, verify against PyTorch and store (`transferkit export`) -> ExportResult; `options` are
     ExportOptions fields (int8_budget_s=120, slower_int8="offer", ...)."""
     from transferkit.export import export_run
     from transferkit.export.job import ExportOptions
 
-    return export_run(run, formats, precision, verify_images=verify_images, device=device, store=store,
-                      options=ExportOptions(**options), data=list(data) if data else None)  # fmt: skip
+    return export_run(
+        run,
+        formats,
+        precision,
+        verify_images=verify_images,
+        device=device,
+        store=store,
+        options=ExportOptions(**options),
+        data=list(data) if data else None,
+    )
 
 
 def evaluate(run, data=None, split: str = "test"):

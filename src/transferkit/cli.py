@@ -21,8 +21,14 @@ _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
 _BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment", "adapt_bn"}
 _NOT_FLAGS = {"out"}  # added by hand below
 # `train --help` groups: the first TrainConfig field of each group, in the config's order (docs/guide-training.md's table too)
-_TRAIN_GROUPS = {"data": "data", "backbone": "model", "epochs": "schedule", "pseudo_threshold": "pseudo-labels",
-                 "teachers": "distillation", "seed": "system"}  # fmt: skip
+_TRAIN_GROUPS = {
+    "data": "data",
+    "backbone": "model",
+    "epochs": "schedule",
+    "pseudo_threshold": "pseudo-labels",
+    "teachers": "distillation",
+    "seed": "system",
+}
 _TRAIN_EXAMPLES = """examples:
   transferkit train --data mnist,fashion-mnist --image-size 32 --epochs 4 --out runs/demo
   transferkit train --data imagefolder:~/photos --image-size 224 --batch-size 32 --freeze-epochs 1
@@ -75,8 +81,13 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
 
     names = "\n".join(f"  {name:15s} {text}" for name, text in available_datasets().items())
     examples = _TRAIN_EXAMPLES if command == "train" else _DISTILL_EXAMPLES
-    p = sub.add_parser(command, help=text[0], description=text[1], epilog=examples.format(datasets=names),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        command,
+        help=text[0],
+        description=text[1],
+        epilog=examples.format(datasets=names),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     helps = _field_help()
     defaults = TrainConfig()
     group = p
@@ -90,12 +101,18 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
         default = "auto" if f.name == "batch_size" and default == 0 else default  # 0 is how a config says auto
         text = helps.get(f.name, "")
         if f.name in _BOOL_FIELDS:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{text} (default: {default})")  # fmt: skip
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{text} (default: {default})",
+            )
         else:
             meta = "A,B,..." if f.name in _LIST_FIELDS else f.name.upper()
-            group.add_argument(flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS,
-                           help=f"{text} (default: {default})")  # fmt: skip
+            group.add_argument(
+                flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS, help=f"{text} (default: {default})"
+            )
     p.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig keys")
     p.add_argument(
         "--out", metavar="DIR", default=argparse.SUPPRESS, help="run directory (default: runs/<data>-<time>)"
@@ -178,9 +195,15 @@ def cmd_export(args) -> None:
     from transferkit.export.job import ExportOptions
 
     options = ExportOptions(**given(args, ExportOptions))
-    result = export_run(args.run, formats=_split_list(args.format), precision=_split_list(args.precision) or [],
-                        verify_images=args.verify_images, device=args.device, options=options,
-                        data=_split_list(args.data))  # fmt: skip
+    result = export_run(
+        args.run,
+        formats=_split_list(args.format),
+        precision=_split_list(args.precision) or [],
+        verify_images=args.verify_images,
+        device=args.device,
+        options=options,
+        data=_split_list(args.data),
+    )
     print(format_export_table(result))  # ends with the BentoML model tag
     print(result.export_dir)
     if not result.ok:
@@ -199,8 +222,16 @@ def cmd_serve(args) -> None:
     from transferkit.serving.server import SETTING_FLAGS, serve
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS}
-    sys.exit(serve(args.run, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
-                   api_key_file=args.api_key_file, **overrides))  # fmt: skip
+    sys.exit(
+        serve(
+            args.run,
+            host=args.host,
+            port=args.port,
+            drain_timeout=args.drain_timeout,
+            api_key_file=args.api_key_file,
+            **overrides,
+        )
+    )
 
 
 def cmd_predict(args) -> None:
@@ -211,25 +242,44 @@ def cmd_predict(args) -> None:
     if args.out:
         check_out(args.out)  # refused before any request
     files = expand_images(args.images)
-    results = predict_files(files, url=args.url, top_k=args.top_k, api_key=api_key_from(args.api_key_file),
-                            concurrency=args.concurrency, errors="record")  # fmt: skip
+    results = predict_files(
+        files,
+        url=args.url,
+        top_k=args.top_k,
+        api_key=api_key_from(args.api_key_file),
+        concurrency=args.concurrency,
+        errors="record",
+    )
     if args.out:
         print(write_results(results, args.out))
     else:
         print(json.dumps(results, indent=2))
     failed = [r for r in results if "error" in r]
     if failed:
-        raise TransferkitError(f"{len(failed)} of {len(results)} images were refused, e.g. {failed[0]['file']}: "
-                               f"{failed[0]['error']}")  # fmt: skip
+        raise TransferkitError(
+            f"{len(failed)} of {len(results)} images were refused, e.g. {failed[0]['file']}: {failed[0]['error']}"
+        )
 
 
 def cmd_score(args) -> None:
     from transferkit.scoring.job import score
 
-    summary = score(args.run, args.inputs, args.out, top_k=args.top_k, runtime=args.runtime,
-                    batch_size=args.batch_size, workers=args.workers, threads=args.threads,
-                    part_rows=args.part_rows, progress=True, engine=args.engine, ray_address=args.ray_address,
-                    num_cpus=args.num_cpus, num_gpus=args.num_gpus)  # fmt: skip
+    summary = score(
+        args.run,
+        args.inputs,
+        args.out,
+        top_k=args.top_k,
+        runtime=args.runtime,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        threads=args.threads,
+        part_rows=args.part_rows,
+        progress=True,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+    )
     print(summary.describe())
 
 
@@ -248,8 +298,14 @@ def cmd_build(args) -> None:
     if k8s is not None:
         from transferkit.serving.k8s import bento_model_tag, write_manifests
 
-        paths = write_manifests(args.k8s, image=args.image or result.tag, model_tag=bento_model_tag(result.bento_path),
-                                options=k8s, runtime=args.runtime, image_from_bento=not args.image)  # fmt: skip
+        paths = write_manifests(
+            args.k8s,
+            image=args.image or result.tag,
+            model_tag=bento_model_tag(result.bento_path),
+            options=k8s,
+            runtime=args.runtime,
+            image_from_bento=not args.image,
+        )
         print(f"kubernetes: {' '.join(str(p) for p in paths)}  (kubectl apply -f {args.k8s})")
     print(result.bento_path)
 
@@ -262,8 +318,9 @@ def _k8s_options(args):
     if not args.k8s:
         if chosen:
             names = flags(K8sOptions, prefix="k8s-")
-            raise TransferkitError(f"{', '.join(names[n] for n in chosen)}: only with --k8s DIR (the folder for the "
-                                   "Kubernetes manifests)")  # fmt: skip
+            raise TransferkitError(
+                f"{', '.join(names[n] for n in chosen)}: only with --k8s DIR (the folder for the Kubernetes manifests)"
+            )
         return None
     check_out_dir(args.k8s)
     return K8sOptions(**chosen)
@@ -310,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES  # the formats table: choices below
     from transferkit.version import __version__
 
-    parser = _Parser(prog="transferkit", description=_PROGRAM, epilog=_EXAMPLE,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = _Parser(
+        prog="transferkit", description=_PROGRAM, epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -401,13 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON, or write them with --out. A file the server refuses becomes a row with its error, the rest go on, "
         "and the exit status is 2. Example: transferkit predict photos/ --concurrency 8 --out preds.csv",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files, folders (recursive: .jpg .jpeg .png .webp) or quoted globs ('shots/*.jpg')")  # fmt: skip
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, folders (recursive: .jpg .jpeg .png .webp) or quoted globs ('shots/*.jpg')",
+    )
     p.add_argument("--url", default="http://127.0.0.1:3000", help="the server (default: http://127.0.0.1:3000)")
     p.add_argument("--top-k", type=int, default=5, help="labels per head and image (default: 5)")
-    p.add_argument("--api-key-file", metavar="PATH",
-                   help="a file holding the server's API key (default: $TRANSFERKIT_API_KEY, then "
-                        "$TRANSFERKIT_API_KEY_FILE, else none)")  # fmt: skip
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="a file holding the server's API key (default: $TRANSFERKIT_API_KEY, then "
+        "$TRANSFERKIT_API_KEY_FILE, else none)",
+    )
     p.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight at once (default: 4)")
     p.add_argument(
         "--out", metavar="FILE", help="write the answers to FILE.jsonl or FILE.csv (default: JSON on stdout)"
@@ -515,9 +580,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_options(p, K8sOptions, prefix="k8s-", unset_is_none=True)  # only with --k8s; unset: K8sOptions' defaults
 
-    for name, func in (("train", cmd_train), ("distill", cmd_distill), ("eval", cmd_eval), ("export", cmd_export),
-                       ("benchmark", cmd_benchmark), ("serve", cmd_serve),
-                       ("predict", cmd_predict), ("score", cmd_score), ("build", cmd_build)):  # fmt: skip
+    for name, func in (
+        ("train", cmd_train),
+        ("distill", cmd_distill),
+        ("eval", cmd_eval),
+        ("export", cmd_export),
+        ("benchmark", cmd_benchmark),
+        ("serve", cmd_serve),
+        ("predict", cmd_predict),
+        ("score", cmd_score),
+        ("build", cmd_build),
+    ):
         sub.choices[name].set_defaults(func=func)
         # also after the command (`transferkit eval RUN --debug`); SUPPRESS keeps the global value otherwise
         sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)

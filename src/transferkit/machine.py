@@ -15,8 +15,19 @@ from pathlib import Path
 from typing import Any
 
 # The flags (as /proc/cpuinfo spells them) that change which kernels ONNX Runtime and OpenVINO pick.
-SPEED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-               "amx_tile", "amx_int8", "amx_bf16")  # fmt: skip
+SPEED_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 
 
 @dataclass(frozen=True)

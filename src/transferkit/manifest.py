@@ -55,8 +55,18 @@ if TYPE_CHECKING:
 MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 VERIFY_NAME = "verify.json"
-_VERSIONED = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino",
-              "nncf", "bentoml")  # fmt: skip
+_VERSIONED = (
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "openvino",
+    "nncf",
+    "bentoml",
+)
 
 
 def now_utc() -> str:
@@ -116,9 +126,17 @@ class Measurement:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurement:
         machine = Machine.from_dict(d["machine"]) if d.get("machine") else None
-        return cls(float(d["images_per_second"]), int(d.get("batch", 32)), str(d.get("device", "cpu")),
-                   str(d.get("runtime", "")), machine, d.get("load"), str(d.get("by", "export")),
-                   str(d.get("created", "")), RuntimeOptions(**(d.get("runtime_options") or {})))  # fmt: skip
+        return cls(
+            float(d["images_per_second"]),
+            int(d.get("batch", 32)),
+            str(d.get("device", "cpu")),
+            str(d.get("runtime", "")),
+            machine,
+            d.get("load"),
+            str(d.get("by", "export")),
+            str(d.get("created", "")),
+            RuntimeOptions(**(d.get("runtime_options") or {})),
+        )
 
 
 @dataclass(frozen=True)
@@ -165,20 +183,40 @@ class ArtifactEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": self.format, "precision": self.precision, "runtime": self.runtime, "files": list(self.files),
-            "file": self.file, "status": self.status, "servable": self.servable, "error": self.error,
-            "batch_range": list(self.batch_range) if self.batch_range else None, "device": self.device,
-            "built_for_gpu": self.built_for_gpu, "runtime_options": self.runtime_options.to_dict(),
-            "measured": [m.to_dict() for m in self.measured], "details": self.details,
-        }  # fmt: skip
+            "format": self.format,
+            "precision": self.precision,
+            "runtime": self.runtime,
+            "files": list(self.files),
+            "file": self.file,
+            "status": self.status,
+            "servable": self.servable,
+            "error": self.error,
+            "batch_range": list(self.batch_range) if self.batch_range else None,
+            "device": self.device,
+            "built_for_gpu": self.built_for_gpu,
+            "runtime_options": self.runtime_options.to_dict(),
+            "measured": [m.to_dict() for m in self.measured],
+            "details": self.details,
+        }
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> ArtifactEntry:
         batch_range = tuple(d["batch_range"]) if d.get("batch_range") else None
-        return cls(name, d["format"], d["precision"], d["runtime"], tuple(d["files"]), d["status"], d.get("error"),
-                   batch_range, d.get("device"), d.get("built_for_gpu"),  # type: ignore[arg-type]
-                   RuntimeOptions(**(d.get("runtime_options") or {})),
-                   tuple(Measurement.from_dict(m) for m in d.get("measured") or ()), dict(d.get("details") or {}))  # fmt: skip
+        return cls(
+            name,
+            d["format"],
+            d["precision"],
+            d["runtime"],
+            tuple(d["files"]),
+            d["status"],
+            d.get("error"),
+            batch_range,
+            d.get("device"),
+            d.get("built_for_gpu"),  # type: ignore[arg-type]
+            RuntimeOptions(**(d.get("runtime_options") or {})),
+            tuple(Measurement.from_dict(m) for m in d.get("measured") or ()),
+            dict(d.get("details") or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -243,8 +281,9 @@ class Manifest:
                 continue
             path = export_dir / name
             if not path.is_file():
-                raise ArtifactMismatchError(f"{path}: missing, but {MANIFEST_NAME} lists it (expected sha256 "
-                                            f"{record.sha256}); {fix}")  # fmt: skip
+                raise ArtifactMismatchError(
+                    f"{path}: missing, but {MANIFEST_NAME} lists it (expected sha256 {record.sha256}); {fix}"
+                )
             size = path.stat().st_size
             # size first: a truncated or partly copied file (the common case) is then reported as such
             if size != record.bytes:
@@ -255,20 +294,29 @@ class Manifest:
                 )
             actual = sha256_file(path)
             if actual != record.sha256:
-                raise ArtifactMismatchError(f"{path}: sha256 mismatch: expected {record.sha256} ({MANIFEST_NAME}), "
-                                            f"actual {actual}; the file is corrupt or was replaced; {fix}")  # fmt: skip
+                raise ArtifactMismatchError(
+                    f"{path}: sha256 mismatch: expected {record.sha256} ({MANIFEST_NAME}), "
+                    f"actual {actual}; the file is corrupt or was replaced; {fix}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "manifest_version": MANIFEST_VERSION, "transferkit_version": self.transferkit_version,
-            "created": self.created, "run_dir": self.run_dir, "source": self.source, "backbone": self.backbone,
-            "preprocessing": self.preprocessing, "heads": {h: list(c) for h, c in self.heads.items()},
+            "manifest_version": MANIFEST_VERSION,
+            "transferkit_version": self.transferkit_version,
+            "created": self.created,
+            "run_dir": self.run_dir,
+            "source": self.source,
+            "backbone": self.backbone,
+            "preprocessing": self.preprocessing,
+            "heads": {h: list(c) for h, c in self.heads.items()},
             "datasets": self.datasets,
-            "inputs": [_tensor_dict(t) for t in self.inputs], "outputs": [_tensor_dict(t) for t in self.outputs],
+            "inputs": [_tensor_dict(t) for t in self.inputs],
+            "outputs": [_tensor_dict(t) for t in self.outputs],
             "formats": {n: e.to_dict() for n, e in self.artifacts.items()},
             "files": {n: dataclasses.asdict(r) for n, r in self.files.items()},
-            "versions": self.versions, "bentoml": self.bentoml,
-        }  # fmt: skip
+            "versions": self.versions,
+            "bentoml": self.bentoml,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -276,16 +324,26 @@ class Manifest:
         if version == 1:
             d = _migrate_v1(d)
         elif version != MANIFEST_VERSION:
-            raise TransferkitError(f"manifest_version {version}: this transferkit reads versions 1 and "
-                                   f"{MANIFEST_VERSION}; re-run the export")  # fmt: skip
+            raise TransferkitError(
+                f"manifest_version {version}: this transferkit reads versions 1 and "
+                f"{MANIFEST_VERSION}; re-run the export"
+            )
         return cls(
-            d["transferkit_version"], d["created"], d["run_dir"], dict(d["source"]), d["backbone"],
-            dict(d["preprocessing"]), {h: tuple(c) for h, c in d["heads"].items()}, dict(d["datasets"]),
-            tuple(_tensor(t) for t in d["inputs"]), tuple(_tensor(t) for t in d["outputs"]),
+            d["transferkit_version"],
+            d["created"],
+            d["run_dir"],
+            dict(d["source"]),
+            d["backbone"],
+            dict(d["preprocessing"]),
+            {h: tuple(c) for h, c in d["heads"].items()},
+            dict(d["datasets"]),
+            tuple(_tensor(t) for t in d["inputs"]),
+            tuple(_tensor(t) for t in d["outputs"]),
             {n: ArtifactEntry.from_dict(n, e) for n, e in d.get("formats", {}).items()},
             {n: FileRecord(r["sha256"], int(r["bytes"])) for n, r in (d.get("files") or {}).items()},
-            dict(d.get("versions") or {}), d.get("bentoml"),
-        )  # fmt: skip
+            dict(d.get("versions") or {}),
+            d.get("bentoml"),
+        )
 
 
 def _tensor_dict(t: TensorSpec) -> dict[str, Any]:
@@ -310,12 +368,19 @@ def _migrate_v1(d: dict[str, Any]) -> dict[str, Any]:
         gpu = details.get("built_for_gpu") or {}
         measured = e.get("measured")
         formats[name] = {
-            "format": fmt, "precision": e.get("precision", "fp32"), "runtime": e.get("runtime", ""),
-            "files": list(e.get("files") or [e["file"]]), "status": e["status"], "error": e.get("error"),
-            "batch_range": batch_range, "device": details.get("device"),
-            "built_for_gpu": gpu.get("name") if isinstance(gpu, dict) else gpu, "runtime_options": {},
-            "measured": [{**measured, "machine": None}] if measured else [], "details": details,
-        }  # fmt: skip
+            "format": fmt,
+            "precision": e.get("precision", "fp32"),
+            "runtime": e.get("runtime", ""),
+            "files": list(e.get("files") or [e["file"]]),
+            "status": e["status"],
+            "error": e.get("error"),
+            "batch_range": batch_range,
+            "device": details.get("device"),
+            "built_for_gpu": gpu.get("name") if isinstance(gpu, dict) else gpu,
+            "runtime_options": {},
+            "measured": [{**measured, "machine": None}] if measured else [],
+            "details": details,
+        }
     return {**d, "manifest_version": MANIFEST_VERSION, "formats": formats}
 
 
@@ -326,8 +391,10 @@ def read_manifest(export_dir: str | Path) -> Manifest:
     if not run_dir.is_dir():
         raise TransferkitError(f"{run_dir}: no such folder; pass the run folder `transferkit train` printed")
     if not (run_dir / "config.yaml").is_file() and not path.is_file():
-        raise TransferkitError(f"{run_dir} is not a transferkit run folder (it has no config.yaml); pass the run "
-                               "folder `transferkit train` printed")  # fmt: skip
+        raise TransferkitError(
+            f"{run_dir} is not a transferkit run folder (it has no config.yaml); pass the run "
+            "folder `transferkit train` printed"
+        )
     if not path.is_file():
         raise TransferkitError(
             f"{path} not found: the run has not been exported; run `transferkit export {Path(export_dir).parent}`"

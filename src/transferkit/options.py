@@ -26,8 +26,14 @@ _FIELD = re.compile(r"^\s+(\w+): [^#\n]*?(?:\s#\s?(?P<comment>.*))?$")
 _COMMENT = re.compile(r"^\s+#\s?(.*)$")
 
 
-def cli(flag: str | None = None, *, metavar: str | None = None, choices: tuple[str, ...] | None = None,
-        type: Any = None, default_text: str | None = None) -> dict[str, Any]:  # fmt: skip
+def cli(
+    flag: str | None = None,
+    *,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    type: Any = None,
+    default_text: str | None = None,
+) -> dict[str, Any]:
     """Field metadata that makes the field a command-line option; `flag` defaults to --field-name."""
     spec = {"flag": flag, "metavar": metavar, "choices": choices, "type": type, "default_text": default_text}
     return {CLI: {k: v for k, v in spec.items() if v is not None}}
@@ -46,7 +52,7 @@ def field_comments(cls: type, above_too: bool = True) -> dict[str, str]:
             continue
         found = _FIELD.match(line)
         if found and not line.strip().startswith(("def ", "return", "@")):
-            trailing = (found.group("comment") or "").replace("fmt: skip", "").strip()
+            trailing = (found.group("comment") or "").strip()
             out[found.group(1)] = " ".join([*above, trailing]).strip()
         above = []
     return out
@@ -102,5 +108,7 @@ def given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, An
 def markdown_rows(cls: type, prefix: str = "") -> list[str]:
     """`| flag | default | what it does |` rows for a README table, from the same fields."""
     helps, names = field_comments(cls), flags(cls, prefix)
-    return [f"| `{names[f.name]}` | {spec.get('default_text', _default(f))} | {helps.get(f.name, '')} |"
-            for f, spec in _options(cls)]  # fmt: skip
+    return [
+        f"| `{names[f.name]}` | {spec.get('default_text', _default(f))} | {helps.get(f.name, '')} |"
+        for f, spec in _options(cls)
+    ]

@@ -187,8 +187,14 @@ _MAGIC: tuple[tuple[bytes, int, str, str | None], ...] = (
     (b"\x00\x00\x00\x0cJXL \r\n\x87\n", 0, "JPEG XL", None),
     (b"\xff\x0a", 0, "JPEG XL", None),
 )
-_FTYP = {b"avif": ("AVIF", "AVIF"), b"avis": ("AVIF", "AVIF"), b"heic": ("HEIC", None), b"heix": ("HEIC", None),
-         b"mif1": ("HEIF", None), b"msf1": ("HEIF", None)}  # fmt: skip
+_FTYP = {
+    b"avif": ("AVIF", "AVIF"),
+    b"avis": ("AVIF", "AVIF"),
+    b"heic": ("HEIC", None),
+    b"heix": ("HEIC", None),
+    b"mif1": ("HEIF", None),
+    b"msf1": ("HEIF", None),
+}
 _NAMES = {"WEBP": "WebP", "JPEG2000": "JPEG 2000"}
 
 # What the HTTP server decodes. Camera JPEGs that Pillow calls "MPO" (several pictures in one file) are opened

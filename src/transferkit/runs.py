@@ -36,8 +36,11 @@ class Labels:
 
     @classmethod
     def from_dict(cls, d: dict) -> Labels:
-        return cls(heads={k: list(v) for k, v in d["heads"].items()}, datasets=dict(d.get("datasets", {})),
-                   specs=dict(d.get("specs", {})))  # fmt: skip
+        return cls(
+            heads={k: list(v) for k, v in d["heads"].items()},
+            datasets=dict(d.get("datasets", {})),
+            specs=dict(d.get("specs", {})),
+        )
 
 
 @dataclass

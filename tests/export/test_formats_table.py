@@ -60,7 +60,11 @@ def test_every_row_has_an_exporter_and_a_runner():
         row = FORMATS[name]
         assert callable(row.export) and callable(row.unavailable)
         assert (row.filename, row.runtime, row.devices, row.precisions) == (
-            spec.filename, spec.runtime, spec.devices, spec.precisions)  # fmt: skip
+            spec.filename,
+            spec.runtime,
+            spec.devices,
+            spec.precisions,
+        )
         for precision in row.precisions:  # what an artifact is built from is itself an artifact of the table
             for fmt, dep_precision in row.requires(precision):
                 assert (fmt, dep_precision) != (name, precision) and dep_precision in FORMAT_SPECS[fmt].precisions
@@ -167,12 +171,20 @@ def test_auto_order_prefers_measured_throughput_on_the_same_device(monkeypatch):
     from transferkit.serving.runtime import OnnxRuntime, auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
-    manifest = manifest_with(onnx={"speed": 1000}, aoti={"speed": 1200}, tensorrt={},
-                             **{"onnx-int8": {"precision": "int8", "speed": 1500}, "onnx-fp16": {"precision": "fp16"}})  # fmt: skip
+    manifest = manifest_with(
+        onnx={"speed": 1000},
+        aoti={"speed": 1200},
+        tensorrt={},
+        **{"onnx-int8": {"precision": "int8", "speed": 1500}, "onnx-fp16": {"precision": "fp16"}},
+    )
     assert auto_order(manifest) == ["tensorrt", "onnx-int8", "aoti", "onnx", "onnx-fp16"]
     # a number measured on a GPU says nothing about this CPU: it is ignored, and onnx falls back to its rank
-    manifest = manifest_with(onnx={"speed": 99999, "measured_on": "gpu"}, aoti={"speed": 1200}, tensorrt={},
-                             **{"onnx-int8": {"precision": "int8", "speed": 1500}, "onnx-fp16": {"precision": "fp16"}})  # fmt: skip
+    manifest = manifest_with(
+        onnx={"speed": 99999, "measured_on": "gpu"},
+        aoti={"speed": 1200},
+        tensorrt={},
+        **{"onnx-int8": {"precision": "int8", "speed": 1500}, "onnx-fp16": {"precision": "fp16"}},
+    )
     assert auto_order(manifest) == ["tensorrt", "onnx-int8", "aoti", "onnx", "onnx-fp16"]
     assert auto_order(with_speed(manifest, "onnx", 99999))[:2] == ["tensorrt", "onnx"]
 

@@ -27,8 +27,13 @@ def _export_int8(probe_run, tmp_path_factory, **options):
     from transferkit.export.job import ExportOptions
 
     run_dir = copy_run(probe_run, tmp_path_factory.mktemp("int8") / "run")
-    result = export_run(run_dir, formats="onnx", precision="fp32,int8", verify_images=128,
-                        options=ExportOptions(calibration_images=64, **options))  # fmt: skip
+    result = export_run(
+        run_dir,
+        formats="onnx",
+        precision="fp32,int8",
+        verify_images=128,
+        options=ExportOptions(calibration_images=64, **options),
+    )
     return run_dir, result
 
 
@@ -49,8 +54,14 @@ def int8_failed(probe_run, tmp_path_factory):
 def int8_export(probe_run, tmp_path_factory):
     """The same int8 export with a gate the user widened (--max-acc-delta 25 --min-agreement 0.5) and no repair:
     a servable int8 artifact for the serving tests, offered even where it measures slower than fp32."""
-    return _export_int8(probe_run, tmp_path_factory, max_acc_delta_points=25.0, min_top1_agreement=0.5,
-                        int8_fallback="off", slower_int8="offer")  # fmt: skip
+    return _export_int8(
+        probe_run,
+        tmp_path_factory,
+        max_acc_delta_points=25.0,
+        min_top1_agreement=0.5,
+        int8_fallback="off",
+        slower_int8="offer",
+    )
 
 
 FULL_INT8 = ["ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
@@ -271,8 +282,9 @@ def test_a_broken_calibration_fails_every_attempt_and_writes_the_closest(probe_r
         val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8")
     )
     constant = np.zeros((8, 3, 32, 32), np.float32)
-    job = ExportJob(module, tmp_path, "int8", "cpu", heads, 32, options=options, calibration=lambda n: constant,
-                    selection=selection)  # fmt: skip
+    job = ExportJob(
+        module, tmp_path, "int8", "cpu", heads, 32, options=options, calibration=lambda n: constant, selection=selection
+    )
     fp32 = tmp_path / "model.onnx"
     export_onnx(module, job.example_input(), fp32, heads)
     details = quantize_onnx_int8(fp32, tmp_path / "model-int8.onnx", job)
@@ -347,8 +359,16 @@ def test_the_tensorrt_qdq_model_is_symmetric_and_runs(exported, tmp_path):
     run_dir = exported[0]
     rng = np.random.default_rng(0)
     calibration = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
-    job = ExportJob(None, tmp_path, "int8", "cuda", ["digits", "fashion-mnist"], 32,
-                    options=ExportOptions(calibration_images=16), calibration=lambda n: calibration[:n])  # fmt: skip
+    job = ExportJob(
+        None,
+        tmp_path,
+        "int8",
+        "cuda",
+        ["digits", "fashion-mnist"],
+        32,
+        options=ExportOptions(calibration_images=16),
+        calibration=lambda n: calibration[:n],
+    )
     details = quantize_for_tensorrt(run_dir / "export" / "model.onnx", tmp_path / "qdq.onnx", job)
     assert details["activations"] == "int8 symmetric" and details["calibration_images"] == 16
     model = onnx.load(str(tmp_path / "qdq.onnx"))

@@ -34,8 +34,13 @@ IR_FILES = ["model.xml", "model.bin", "model-int8.xml", "model-int8.bin"]
 def ov_export(exported, tmp_path_factory):
     """(run_dir, ExportResult): the exported tiny run plus openvino and openvino-int8 (stored in BentoML)."""
     run_dir = copy_run(exported[0], tmp_path_factory.mktemp("openvino") / "tiny-openvino")
-    result = export_run(run_dir, formats=("openvino",), precision="fp32,int8", verify_images=VERIFY_IMAGES,
-                        options=ExportOptions(calibration_images=CALIBRATION_IMAGES))  # fmt: skip
+    result = export_run(
+        run_dir,
+        formats=("openvino",),
+        precision="fp32,int8",
+        verify_images=VERIFY_IMAGES,
+        options=ExportOptions(calibration_images=CALIBRATION_IMAGES),
+    )
     return run_dir, result
 
 
@@ -87,7 +92,8 @@ def test_manifest_lists_both_files_of_each_ir(ov_export):
     assert manifest.artifacts["onnx"].status == PASSED  # what the IR is built from, kept
     # the IR pair is staged in a temporary folder: nothing of it is left beside the artifacts
     assert sorted(p.name for p in export_dir.iterdir()) == sorted(
-        ["manifest.json", "verify.json", "model.onnx", *IR_FILES])  # fmt: skip
+        ["manifest.json", "verify.json", "model.onnx", *IR_FILES]
+    )
     verify_doc = json.loads((export_dir / "verify.json").read_text())
     assert {"openvino", "openvino-int8"} <= set(verify_doc["formats"])
 
@@ -146,8 +152,14 @@ def test_openvino_int8_that_loses_points_is_repaired_with_accuracy_control(tmp_p
     from tests.export.tiny import make_probe_run
 
     run_dir = make_probe_run(tmp_path_factory.mktemp("openvino-repair") / "probe")
-    result = export_run(run_dir, formats="openvino", precision="int8", verify_images=VERIFY_IMAGES, store=False,
-                        options=ExportOptions(calibration_images=64))  # fmt: skip
+    result = export_run(
+        run_dir,
+        formats="openvino",
+        precision="int8",
+        verify_images=VERIFY_IMAGES,
+        store=False,
+        options=ExportOptions(calibration_images=64),
+    )
     int8 = result.formats["openvino-int8"]
     attempts = {a["name"]: a for a in int8.details["attempts"]}
     assert list(attempts) == ["nncf", "nncf-bias-correction", "nncf-accuracy-control", "nncf-more-images"]
@@ -226,10 +238,20 @@ def test_the_service_answers_with_openvino_without_onnxruntime(ov_export, tmp_pa
     Image.fromarray((load_digits().images[3] * 255 / 16).astype(np.uint8), mode="L").resize((64, 64)).save(buf, "PNG")
     image = tmp_path / "digit.png"
     image.write_bytes(buf.getvalue())
-    env = {**os.environ, "TRANSFERKIT_MODEL": ov_export[1].bentoml_tag, "TRANSFERKIT_RUNTIME": "openvino",
-           "TRANSFERKIT_WORKERS": "1", "TRANSFERKIT_THREADS": "1"}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_ONNXRUNTIME, str(image)], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "TRANSFERKIT_MODEL": ov_export[1].bentoml_tag,
+        "TRANSFERKIT_RUNTIME": "openvino",
+        "TRANSFERKIT_WORKERS": "1",
+        "TRANSFERKIT_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE_WITHOUT_ONNXRUNTIME, str(image)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     status, body = done.stdout.strip().splitlines()[-2:]
     assert status == "200", body

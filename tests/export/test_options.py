@@ -59,7 +59,11 @@ def test_aoti_export_on_cpu_passes_and_keeps_the_onnx_entry(exported, tmp_path):
     assert manifest["formats"]["aoti"]["device"] == "cpu" and manifest["formats"]["aoti"]["batch_range"] == [1, 64]
     assert manifest["formats"]["onnx"]["status"] == PASSED  # unchanged onnx from the same model.pt: kept
     assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
-        "manifest.json", "model.onnx", "model.pt2", "verify.json"]  # fmt: skip
+        "manifest.json",
+        "model.onnx",
+        "model.pt2",
+        "verify.json",
+    ]
     runtime = load_runtime("torch", run_dir / "export", read_manifest(run_dir / "export"))
     import numpy as np
 

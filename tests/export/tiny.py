@@ -109,8 +109,15 @@ def manifest_with(**artifacts):
     for name, spec in artifacts.items():
         fmt = name.partition("-")[0]
         precision = spec.get("precision", FORMAT_SPECS[fmt].precisions[0])
-        entry = ArtifactEntry(name, fmt, precision, FORMAT_SPECS[fmt].runtime, tuple(artifact_files(fmt, precision)),
-                              PASSED, device=spec.get("device"))  # fmt: skip
+        entry = ArtifactEntry(
+            name,
+            fmt,
+            precision,
+            FORMAT_SPECS[fmt].runtime,
+            tuple(artifact_files(fmt, precision)),
+            PASSED,
+            device=spec.get("device"),
+        )
         manifest = manifest.with_artifact(entry)
         if "speed" in spec:
             manifest = with_speed(manifest, name, spec["speed"], device=spec.get("measured_on", "cpu"))

@@ -55,8 +55,13 @@ def test_build_bento_contains_model_code_and_dockerfile(exported, images, tmp_pa
     # serve the Bento itself, with no $TRANSFERKIT_MODEL: the Bento argument names the model
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_MODEL"}
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", result.tag, "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", result.tag, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):
@@ -83,8 +88,9 @@ def render_dockerfile(tmp_path, monkeypatch, base_image="python:3.11-slim") -> s
     bentofile_path = stage_context(tmp_path, "transferkit-demo:abc123", "onnxruntime", base_image)
     monkeypatch.chdir(tmp_path)  # BentoML reads a Dockerfile template only from under the working directory
     docker = yaml.safe_load(bentofile_path.read_text())["docker"]
-    return generate_containerfile(DockerOptions(**docker), str(tmp_path), conda=CondaOptions(), bento_fs=tmp_path,
-                                  enable_buildkit=False)  # fmt: skip
+    return generate_containerfile(
+        DockerOptions(**docker), str(tmp_path), conda=CondaOptions(), bento_fs=tmp_path, enable_buildkit=False
+    )
 
 
 def test_repo_bentofile_is_the_packaged_recipe():

@@ -96,8 +96,15 @@ def test_image_is_lean_and_labelled(built_image):
     labels = config["Labels"]
     assert labels["transferkit.model"] == model_tag and labels["transferkit.runtime"] == "onnxruntime"
     # no compilers, git or gnupg; the server runs as a user without a root uid
-    found = docker("run", "--rm", "--entrypoint", "sh", tag, "-c",
-                   "id -u; for c in gcc cc g++ make git gpg gpg2 curl; do command -v $c; done; true")  # fmt: skip
+    found = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        tag,
+        "-c",
+        "id -u; for c in gcc cc g++ make git gpg gpg2 curl; do command -v $c; done; true",
+    )
     uid, *tools = found.stdout.split()
     assert uid != "0" and tools == [], tools
 
@@ -108,8 +115,9 @@ def test_container_serves_and_stops_cleanly(built_image, images, exported):
     tag, model_tag = built_image
     expected = expected_top_labels(exported[0] / "export", images["digit.png"])
     port = free_port()
-    container = docker("run", "-d", "-p", f"127.0.0.1:{port}:3000", "-e", f"TRANSFERKIT_API_KEY={API_KEY}",
-                       tag).stdout.strip()  # fmt: skip
+    container = docker(
+        "run", "-d", "-p", f"127.0.0.1:{port}:3000", "-e", f"TRANSFERKIT_API_KEY={API_KEY}", tag
+    ).stdout.strip()
     try:
         url = f"http://127.0.0.1:{port}"
         print(f"ready {wait_ready(url, container):.1f}s after docker run")

@@ -40,15 +40,22 @@ def test_mutated_real_images_never_get_a_5xx(client, images, data):
 
 
 @FUZZ
-@given(payload=st.binary(max_size=2048), field=st.sampled_from(["image", "images", "top_k", "other"]),
-       filename=st.one_of(st.none(), st.text(max_size=20)), mime=st.text(max_size=30))  # fmt: skip
+@given(
+    payload=st.binary(max_size=2048),
+    field=st.sampled_from(["image", "images", "top_k", "other"]),
+    filename=st.one_of(st.none(), st.text(max_size=20)),
+    mime=st.text(max_size=30),
+)
 def test_arbitrary_uploads_never_get_a_5xx(client, payload, field, filename, mime):
     _check(client.post("/predict", files={field: (filename, payload, mime or None)}))
 
 
 @FUZZ
-@given(body=st.binary(max_size=2048), boundary=st.text(st.characters(codec="ascii"), min_size=0, max_size=20),
-       content_type=st.sampled_from(["multipart/form-data", "application/json", "image/png", ""]))  # fmt: skip
+@given(
+    body=st.binary(max_size=2048),
+    boundary=st.text(st.characters(codec="ascii"), min_size=0, max_size=20),
+    content_type=st.sampled_from(["multipart/form-data", "application/json", "image/png", ""]),
+)
 def test_arbitrary_bodies_never_get_a_5xx(client, body, boundary, content_type):
     header = f"{content_type}; boundary={boundary}" if content_type.startswith("multipart") else content_type
     _check(client.post("/predict", content=body, headers={"content-type": header}))
@@ -62,11 +69,15 @@ json_values = st.recursive(
 
 
 @FUZZ
-@given(value=st.one_of(
-    json_values,
-    st.fixed_dictionaries({"images": st.lists(st.binary(max_size=256).map(lambda b: base64.b64encode(b).decode()),
-                                              max_size=40)}, optional={"top_k": json_values}),
-))  # fmt: skip
+@given(
+    value=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {"images": st.lists(st.binary(max_size=256).map(lambda b: base64.b64encode(b).decode()), max_size=40)},
+            optional={"top_k": json_values},
+        ),
+    )
+)
 def test_arbitrary_json_never_gets_a_5xx(client, value):
     _check(client.post("/predict", json=value))
 

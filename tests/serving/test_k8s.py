@@ -56,9 +56,11 @@ def test_written_files_pass_the_kubernetes_schema(tmp_path, version):
 
 def test_the_schema_check_refuses_broken_manifests():
     """The validation above can fail: a misspelt field, a wrong type and a missing required field are caught."""
-    for corrupt in (lambda d: d["spec"]["template"]["spec"]["containers"][0].update(livenesProbe={}),
-                    lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriodSeconds="18s"),
-                    lambda d: d["spec"].pop("selector")):  # fmt: skip
+    for corrupt in (
+        lambda d: d["spec"]["template"]["spec"]["containers"][0].update(livenesProbe={}),
+        lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriodSeconds="18s"),
+        lambda d: d["spec"].pop("selector"),
+    ):
         deployment = docs()["deployment.yaml"]
         corrupt(deployment)
         with pytest.raises(kubernetes_validate.ValidationError):
@@ -118,8 +120,9 @@ def test_security_context_matches_the_image_user(tmp_path, monkeypatch):
 
     from tests.serving.test_build import render_dockerfile
 
-    users = [line.split()[1] for line in render_dockerfile(tmp_path, monkeypatch).splitlines()
-             if line.startswith("USER ")]  # fmt: skip
+    users = [
+        line.split()[1] for line in render_dockerfile(tmp_path, monkeypatch).splitlines() if line.startswith("USER ")
+    ]
     assert users[-1] == "bentoml"  # the user BentoML's template creates with BENTO_UID_GID
     deployment = docs()["deployment.yaml"]
     pod = deployment["spec"]["template"]["spec"]
@@ -135,8 +138,10 @@ def test_security_context_matches_the_image_user(tmp_path, monkeypatch):
     assert env["BENTOML_HOME"].startswith("/tmp/") and env["XDG_CACHE_HOME"].startswith("/tmp/")
 
 
-@pytest.mark.parametrize("cpu, workers, threads, memory", [("500m", 1, 1, "640Mi"), ("2", 2, 1, "1024Mi"),
-                                                           ("1.5", 1, 1, "640Mi"), ("8", 4, 2, "1792Mi")])  # fmt: skip
+@pytest.mark.parametrize(
+    "cpu, workers, threads, memory",
+    [("500m", 1, 1, "640Mi"), ("2", 2, 1, "1024Mi"), ("1.5", 1, 1, "640Mi"), ("8", 4, 2, "1792Mi")],
+)
 def test_workers_follow_the_cpu_request(cpu, workers, threads, memory):
     container = container_of(docs(cpu=cpu)["deployment.yaml"])
     env = env_of(container)
@@ -152,16 +157,19 @@ def test_api_key_comes_from_a_secret_only_when_asked():
         assert env["TRANSFERKIT_API_KEY"] == {"secretKeyRef": {"name": "tk-key", "key": key}}
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"min_replicas": 5, "max_replicas": 2}, r"--k8s-min-replicas \(5\) is above --k8s-max-replicas \(2\)"),
-    ({"min_replicas": 0}, "--k8s-min-replicas must be >= 1"),
-    ({"cpu": "two"}, "--k8s-cpu 'two' is not a positive CPU quantity"),
-    ({"cpu": "0"}, "--k8s-cpu '0' is not a positive CPU quantity"),
-    ({"memory": "100Mi"}, "--k8s-memory 100Mi is below 256Mi"),
-    ({"memory": "1 GB"}, "--k8s-memory '1 GB' is not a memory quantity"),
-    ({"target_cpu": 0}, "--k8s-target-cpu must be 1..100"),
-    ({"api_key_secret": "Bad_Name"}, "--k8s-api-key-secret 'Bad_Name' is not NAME or NAME:KEY"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"min_replicas": 5, "max_replicas": 2}, r"--k8s-min-replicas \(5\) is above --k8s-max-replicas \(2\)"),
+        ({"min_replicas": 0}, "--k8s-min-replicas must be >= 1"),
+        ({"cpu": "two"}, "--k8s-cpu 'two' is not a positive CPU quantity"),
+        ({"cpu": "0"}, "--k8s-cpu '0' is not a positive CPU quantity"),
+        ({"memory": "100Mi"}, "--k8s-memory 100Mi is below 256Mi"),
+        ({"memory": "1 GB"}, "--k8s-memory '1 GB' is not a memory quantity"),
+        ({"target_cpu": 0}, "--k8s-target-cpu must be 1..100"),
+        ({"api_key_secret": "Bad_Name"}, "--k8s-api-key-secret 'Bad_Name' is not NAME or NAME:KEY"),
+    ],
+)
 def test_broken_options_are_refused_with_a_clear_message(options, message):
     with pytest.raises(ConfigError, match=message):
         K8sOptions(**options)
@@ -208,9 +216,13 @@ def fake_build(tmp_path, calls):
 
     def build_bento(run, base_image=None, runtime="onnxruntime", image=None):
         calls.append({"run": run, "image": image})
-        return BuildResult(tag="transferkit-demo:bento1", bento_path=bento, dockerfile_path=bento / "Dockerfile",
-                           containerize_command="bentoml containerize transferkit-demo:bento1",
-                           image=image)  # fmt: skip
+        return BuildResult(
+            tag="transferkit-demo:bento1",
+            bento_path=bento,
+            dockerfile_path=bento / "Dockerfile",
+            containerize_command="bentoml containerize transferkit-demo:bento1",
+            image=image,
+        )
 
     return build_bento
 
@@ -235,10 +247,13 @@ def test_cli_writes_the_manifests_after_the_build(tmp_path, monkeypatch, capsys)
     assert container_of(yaml.safe_load(text))["image"] == IMAGE and "bentoml containerize" not in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--k8s-min-replicas", "5", "--k8s-max-replicas", "2"], r"--k8s-min-replicas \(5\) is above"),
-    (["--k8s-cpu", "lots"], "--k8s-cpu 'lots'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--k8s-min-replicas", "5", "--k8s-max-replicas", "2"], r"--k8s-min-replicas \(5\) is above"),
+        (["--k8s-cpu", "lots"], "--k8s-cpu 'lots'"),
+    ],
+)
 def test_cli_refuses_bad_options_before_building(tmp_path, monkeypatch, capsys, argv, message):
     calls: list = []
     monkeypatch.setattr("transferkit.serving.build.build_bento", fake_build(tmp_path, calls))
@@ -310,10 +325,21 @@ def run_as_deployed(tag: str, model_tag: str, png: bytes) -> None:
     deployment = manifests(tag, model_tag)["deployment.yaml"]
     pod, container = deployment["spec"]["template"]["spec"], container_of(deployment)
     user = pod["securityContext"]
-    flags = ["--read-only", "--tmpfs", "/tmp", "--user", f"{user['runAsUser']}:{user['runAsGroup']}",
-             "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-             "--cpus", container["resources"]["limits"]["cpu"],
-             "--memory", container["resources"]["limits"]["memory"].replace("Mi", "m")]  # fmt: skip
+    flags = [
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--user",
+        f"{user['runAsUser']}:{user['runAsGroup']}",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--cpus",
+        container["resources"]["limits"]["cpu"],
+        "--memory",
+        container["resources"]["limits"]["memory"].replace("Mi", "m"),
+    ]
     for name, value in env_of(container).items():
         flags += ["-e", f"{name}={value}"]
     port, name = free_port(), f"tk-k8s-{os.getpid()}"

@@ -125,8 +125,13 @@ def start(exported, tmp_path):
     handles = []
 
     def _start(**settings):
-        handle = start_server(exported[0], port=None, log_path=tmp_path / f"serve{len(handles)}.log",
-                              drain_timeout=settings.pop("drain_timeout", DRAIN), **settings)  # fmt: skip
+        handle = start_server(
+            exported[0],
+            port=None,
+            log_path=tmp_path / f"serve{len(handles)}.log",
+            drain_timeout=settings.pop("drain_timeout", DRAIN),
+            **settings,
+        )
         handles.append(handle)
         return handle
 
@@ -162,8 +167,12 @@ def test_sigterm_under_64_concurrent_clients_answers_200_or_503_and_resets_nothi
     tree = _tree(handle)
     body = tmp_path / "digit.png"
     body.write_bytes(images["digit.png"])
-    hey = subprocess.Popen([HEY, "-z", "4s", "-c", "64", "-m", "POST", "-T", "image/png", "-D", str(body),
-                            handle.url + "/predict"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    hey = subprocess.Popen(
+        [HEY, "-z", "4s", "-c", "64", "-m", "POST", "-T", "image/png", "-D", str(body), handle.url + "/predict"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(1.5)
     handle.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)

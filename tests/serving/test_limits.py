@@ -20,8 +20,15 @@ def strict_server(exported, tmp_path_factory):
     folder = tmp_path_factory.mktemp("strict")
     key_file = folder / "api.key"
     key_file.write_text(KEY + "\n")
-    with start_server(exported[0], port=None, log_path=folder / "serve.log", workers=1, max_queue=MAX_QUEUE,
-                      max_images=MAX_QUEUE, api_key_file=key_file) as handle:  # fmt: skip
+    with start_server(
+        exported[0],
+        port=None,
+        log_path=folder / "serve.log",
+        workers=1,
+        max_queue=MAX_QUEUE,
+        max_images=MAX_QUEUE,
+        api_key_file=key_file,
+    ) as handle:
         yield handle
 
 
@@ -88,12 +95,15 @@ def test_predict_sends_the_key_scores_a_folder_and_writes_every_row(strict_serve
     ]
 
 
-@pytest.mark.parametrize("header, status", [(None, 401), ("Bearer wrong-key", 401), ("Basic " + KEY, 401),
-                                            (f"Bearer {KEY}", 200), (f"bearer {KEY}", 200)])  # fmt: skip
+@pytest.mark.parametrize(
+    "header, status",
+    [(None, 401), ("Bearer wrong-key", 401), ("Basic " + KEY, 401), (f"Bearer {KEY}", 200), (f"bearer {KEY}", 200)],
+)
 def test_the_api_key_is_required_for_predict(strict_server, images, header, status):
     headers = {"Authorization": header} if header else {}
-    response = httpx.post(strict_server.url + "/predict", files={"image": ("d.png", images["digit.png"])},
-                          headers=headers)  # fmt: skip
+    response = httpx.post(
+        strict_server.url + "/predict", files={"image": ("d.png", images["digit.png"])}, headers=headers
+    )
     assert response.status_code == status, response.text
     if status == 401:
         assert "API key" in response.json()["error"] and response.headers["www-authenticate"].startswith("Bearer")

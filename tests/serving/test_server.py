@@ -112,7 +112,7 @@ def test_the_openapi_document_holds_under_an_openapi_driven_fuzzer(server):
             "--seed",
             "1",
             "--no-color",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -150,9 +150,13 @@ def test_serve_refuses_a_model_file_changed_in_the_store(exported, tmp_path):
     data = bytearray(tampered.read_bytes())
     data[len(data) // 2] ^= 0xFF
     tampered.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "serve", str(exported[0]), "--port", "0"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferkit", "serve", str(exported[0]), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")},
+    )
     assert proc.returncode == 2, proc.stderr
     error = proc.stderr.strip()
     assert "model.onnx" in error and "sha256" in error and "transferkit export" in error

@@ -17,8 +17,9 @@ def _post(client, name, data, mime="image/jpeg", **form):
     return client.post("/predict", files={"image": (name, data, mime)}, data={k: str(v) for k, v in form.items()})
 
 
-@pytest.mark.parametrize("name, mime", [("china.jpg", "image/jpeg"), ("china.webp", "image/webp"),
-                                        ("digit.png", "image/png")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, mime", [("china.jpg", "image/jpeg"), ("china.webp", "image/webp"), ("digit.png", "image/png")]
+)
 def test_predict_answers_top_k_per_head(client, images, exported, name, mime):
     response = _post(client, name, images[name], mime, top_k=3)
     assert response.status_code == 200, response.text
@@ -61,8 +62,9 @@ def test_json_base64_images_answer_in_order(client, images):
     assert one.json()["heads"] == _singles(client, images, ["digit.png"])[0]
 
 
-@pytest.mark.parametrize("name, mime", [("china.jpg", "image/jpeg"), ("china.webp", "image/webp"),
-                                        ("digit.png", "image/png")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, mime", [("china.jpg", "image/jpeg"), ("china.webp", "image/webp"), ("digit.png", "image/png")]
+)
 def test_a_raw_image_body_answers_like_multipart(client, images, name, mime):
     """curl --data-binary @a.jpg -H 'Content-Type: image/jpeg' URL/predict?top_k=3: the same answer as -F image=@."""
     raw = client.post("/predict", content=images[name], headers={"content-type": mime}, params={"top_k": "3"})
@@ -83,16 +85,22 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 BAD_UPLOADS = {
     # case: (request kwargs builder, status, words in the error)
-    "not an image": (lambda im: {"files": {"image": ("notes.txt", b"just some text", "text/plain")}}, 400,
-                     "not a recognised image"),
+    "not an image": (
+        lambda im: {"files": {"image": ("notes.txt", b"just some text", "text/plain")}},
+        400,
+        "not a recognised image",
+    ),
     "empty": (lambda im: {"files": {"image": ("e.jpg", b"")}}, 400, "empty file"),
     "truncated": (lambda im: {"files": {"image": ("h.jpg", im["china.jpg"][:3000])}}, 400, "truncated"),
     "gif": (lambda im: {"files": {"image": ("c.gif", encode(Image.new("RGB", (8, 8)), "GIF"))}}, 415, "GIF"),
     "tiff": (lambda im: {"files": {"image": ("c.tif", encode(Image.new("RGB", (8, 8)), "TIFF"))}}, 415, "TIFF"),
     "dds": (lambda im: {"files": {"image": ("c.dds", encode(Image.new("RGBA", (8, 8)), "DDS"))}}, 415, "DDS"),
     "ico": (lambda im: {"files": {"image": ("c.ico", encode(Image.new("RGB", (16, 16)), "ICO"))}}, 415, "ICO"),
-    "eps": (lambda im: {"files": {"image": ("c.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")}}, 415,
-            "EPS"),
+    "eps": (
+        lambda im: {"files": {"image": ("c.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")}},
+        415,
+        "EPS",
+    ),
     "svg": (lambda im: {"files": {"image": ("c.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>')}}, 415, "SVG"),
     "200 megapixels": (lambda im: {"files": {"image": ("b.png", _png_claiming(20000, 10000))}}, 413, "pixel limit"),
     "64+ megapixels": (lambda im: {"files": {"image": ("b.png", _png_claiming(9000, 9000))}}, 413, "pixel limit"),
@@ -100,40 +108,83 @@ BAD_UPLOADS = {
     "form without a file": (lambda im: {"data": {"top_k": "3"}}, 415, "multipart/form-data"),
     "no image field": (lambda im: {"files": {"top_k": (None, "3")}}, 400, "no image"),
     "text in image field": (lambda im: {"files": {"image": (None, "photo.jpg")}}, 400, "must be a file upload"),
-    "raw body of another type": (lambda im: {"content": im["china.jpg"], "headers": {"content-type": "image/gif"}},
-                                 415, "image/jpeg"),
+    "raw body of another type": (
+        lambda im: {"content": im["china.jpg"], "headers": {"content-type": "image/gif"}},
+        415,
+        "image/jpeg",
+    ),
     "raw body, no content type": (lambda im: {"content": im["china.jpg"]}, 415, "--data-binary"),
     "raw body empty": (lambda im: {"content": b"", "headers": {"content-type": "image/png"}}, 400, "body is empty"),
-    "raw body corrupt": (lambda im: {"content": im["china.jpg"][:3000], "headers": {"content-type": "image/jpeg"}},
-                         400, "truncated"),
-    "raw body of a GIF": (lambda im: {"content": encode(Image.new("RGB", (8, 8)), "GIF"),
-                                      "headers": {"content-type": "image/png"}}, 415, "GIF"),
-    "raw body, top_k twice": (lambda im: {"content": im["digit.png"], "headers": {"content-type": "image/png"},
-                                          "params": [("top_k", "2"), ("top_k", "3")]}, 400, "more than once"),
-    "raw body, top_k 0": (lambda im: {"content": im["digit.png"], "headers": {"content-type": "image/png"},
-                                      "params": {"top_k": "0"}}, 400, "top_k"),
-    "query top_k with a form": (lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "params": {"top_k": "2"}},
-                                400, "raw image bodies"),
-    "garbage multipart": (lambda im: {"content": b"--x\r\nno headers here\r\n\x00\xff--",
-                                      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400,
-                          "multipart"),
-    "two image fields": (lambda im: {"files": [("image", ("a.jpg", im["china.jpg"])),
-                                               ("image", ("b.jpg", im["china.jpg"]))]}, 400, "one image per"),
-    "image and images": (lambda im: {"files": [("image", ("a.jpg", im["china.jpg"])),
-                                               ("images", ("b.jpg", im["china.jpg"]))]}, 400, "not both"),
+    "raw body corrupt": (
+        lambda im: {"content": im["china.jpg"][:3000], "headers": {"content-type": "image/jpeg"}},
+        400,
+        "truncated",
+    ),
+    "raw body of a GIF": (
+        lambda im: {"content": encode(Image.new("RGB", (8, 8)), "GIF"), "headers": {"content-type": "image/png"}},
+        415,
+        "GIF",
+    ),
+    "raw body, top_k twice": (
+        lambda im: {
+            "content": im["digit.png"],
+            "headers": {"content-type": "image/png"},
+            "params": [("top_k", "2"), ("top_k", "3")],
+        },
+        400,
+        "more than once",
+    ),
+    "raw body, top_k 0": (
+        lambda im: {"content": im["digit.png"], "headers": {"content-type": "image/png"}, "params": {"top_k": "0"}},
+        400,
+        "top_k",
+    ),
+    "query top_k with a form": (
+        lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "params": {"top_k": "2"}},
+        400,
+        "raw image bodies",
+    ),
+    "garbage multipart": (
+        lambda im: {
+            "content": b"--x\r\nno headers here\r\n\x00\xff--",
+            "headers": {"content-type": "multipart/form-data; boundary=x"},
+        },
+        400,
+        "multipart",
+    ),
+    "two image fields": (
+        lambda im: {"files": [("image", ("a.jpg", im["china.jpg"])), ("image", ("b.jpg", im["china.jpg"]))]},
+        400,
+        "one image per",
+    ),
+    "image and images": (
+        lambda im: {"files": [("image", ("a.jpg", im["china.jpg"])), ("images", ("b.jpg", im["china.jpg"]))]},
+        400,
+        "not both",
+    ),
     "too many images": (lambda im: {"files": [("images", ("d.png", im["digit.png"]))] * 33}, 413, "over the limit"),
     "top_k 0": (lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "data": {"top_k": "0"}}, 400, "top_k"),
-    "top_k text": (lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "data": {"top_k": "many"}}, 400,
-                   "top_k"),
+    "top_k text": (
+        lambda im: {"files": {"image": ("c.jpg", im["china.jpg"])}, "data": {"top_k": "many"}},
+        400,
+        "top_k",
+    ),
     "json not an object": (lambda im: {"json": ["a"]}, 400, "must be an object"),
     "json bad base64": (lambda im: {"json": {"images": ["%%%"]}}, 400, "not valid base64"),
     "json unknown field": (lambda im: {"json": {"images": ["AAAA"], "url": "http://x"}}, 400, "unknown JSON field"),
-    "json broken": (lambda im: {"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400,
-                    "does not parse"),
-    "json one bad image among good": (lambda im: {"json": {"images": [base64.b64encode(im["digit.png"]).decode(),
-                                                                      base64.b64encode(b"GIF89a....").decode()]}},
-                                      415, "images[1]"),
-}  # fmt: skip
+    "json broken": (
+        lambda im: {"content": b'{"images": [', "headers": {"content-type": "application/json"}},
+        400,
+        "does not parse",
+    ),
+    "json one bad image among good": (
+        lambda im: {
+            "json": {"images": [base64.b64encode(im["digit.png"]).decode(), base64.b64encode(b"GIF89a....").decode()]}
+        },
+        415,
+        "images[1]",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
@@ -159,8 +210,13 @@ def test_health_endpoints(client):
 def test_openapi_documents_predict_with_every_status_and_the_error_body(client):
     spec = client.get("/docs.json").json()
     operation = spec["paths"]["/predict"]["post"]
-    assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "application/json", "image/jpeg",
-                                                        "image/png", "image/webp"}  # fmt: skip
+    assert set(operation["requestBody"]["content"]) == {
+        "multipart/form-data",
+        "application/json",
+        "image/jpeg",
+        "image/png",
+        "image/webp",
+    }
     assert [p["name"] for p in operation["parameters"]] == ["top_k"]  # the raw body's top_k, in the query
     assert {"200", "400", "413", "415", "500", "503", "504"} <= set(operation["responses"])
     assert "Retry-After" in operation["responses"]["503"]["headers"]

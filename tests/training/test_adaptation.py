@@ -21,8 +21,18 @@ from transferkit.training.evaluate import predict_logits
 from transferkit.training.rounds import class_balanced
 from transferkit.training.trainer import TrainLoop
 
-TINY = dict(data=["mnist"], unlabeled=["digits"], limit=128, epochs=1, image_size=32, batch_size=32,
-            device="cpu", rounds=1, teacher_ema=0.0, adapt_bn=False)  # fmt: skip
+TINY = dict(
+    data=["mnist"],
+    unlabeled=["digits"],
+    limit=128,
+    epochs=1,
+    image_size=32,
+    batch_size=32,
+    device="cpu",
+    rounds=1,
+    teacher_ema=0.0,
+    adapt_bn=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +138,43 @@ def test_bad_adaptation_values_are_refused(values, message):
 
 
 def test_bad_adaptation_option_is_refused_before_work(tmp_path):
-    proc = run_cli("train", "--data", "mnist", "--unlabeled", "digits", "--teacher-ema", "1.5", "--out",
-                   str(tmp_path / "r"), check=False)  # fmt: skip
+    proc = run_cli(
+        "train",
+        "--data",
+        "mnist",
+        "--unlabeled",
+        "digits",
+        "--teacher-ema",
+        "1.5",
+        "--out",
+        str(tmp_path / "r"),
+        check=False,
+    )
     assert proc.returncode == 2 and "--teacher-ema must be in [0, 1)" in proc.stderr and not (tmp_path / "r").exists()
 
 
 def test_two_rounds_second_learns_the_first_rounds_labels(tmp_path):
     out = tmp_path / "r"
-    proc = run_cli("train", "--data", "mnist", "--unlabeled", "digits", "--rounds", "2", "--adapt-bn", "--limit", "128",
-                   "--epochs", "1", "--image-size", "32", "--batch-size", "64", "--out", str(out))  # fmt: skip
+    proc = run_cli(
+        "train",
+        "--data",
+        "mnist",
+        "--unlabeled",
+        "digits",
+        "--rounds",
+        "2",
+        "--adapt-bn",
+        "--limit",
+        "128",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "64",
+        "--out",
+        str(out),
+    )
     assert "round 2/2:" in proc.stderr and proc.stdout.strip().splitlines()[-1] == str(out)
     assert (out / "round1" / "model.pt").is_file() and (out / "model.pt").is_file()
     given = json.loads((out / "pseudo_labels.json").read_text())
@@ -152,8 +190,12 @@ def test_two_rounds_second_learns_the_first_rounds_labels(tmp_path):
     predicted = predict_logits(model, images, model.preprocessing)["mnist"].argmax(1)
     assert (predicted[given["index"]] == np.asarray(given["labels"])).mean() > 0.97
     # a finished run with rounds: resume has nothing left to do, and train refuses to overwrite it
-    assert "already holds a run" in run_cli("train", "--data", "mnist", "--unlabeled", "digits", "--rounds", "2",
-                                            "--out", str(out), check=False).stderr  # fmt: skip
+    assert (
+        "already holds a run"
+        in run_cli(
+            "train", "--data", "mnist", "--unlabeled", "digits", "--rounds", "2", "--out", str(out), check=False
+        ).stderr
+    )
 
 
 class _Killed(Exception):

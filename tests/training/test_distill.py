@@ -30,16 +30,41 @@ from transferkit.training.distill import (
 from transferkit.training.labels import LabelMap
 
 # 2 datasets x 128 train images at batch 32: 8 steps
-DISTILL = ["--data", "mnist,fashion-mnist", "--limit", "128", "--epochs", "1", "--image-size", "32",
-           "--batch-size", "32", "--seed", "3"]  # fmt: skip
+DISTILL = [
+    "--data",
+    "mnist,fashion-mnist",
+    "--limit",
+    "128",
+    "--epochs",
+    "1",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
 def teacher48(tmp_path_factory):
     """A second real teacher, MNIST only, trained at 48 px (tiny_run is MNIST + Fashion-MNIST at 32 px)."""
     out = tmp_path_factory.mktemp("teachers") / "mnist48"
-    run_cli("train", "--data", "mnist", "--limit", "128", "--epochs", "1", "--image-size", "48", "--batch-size", "64",
-            "--out", str(out))  # fmt: skip
+    run_cli(
+        "train",
+        "--data",
+        "mnist",
+        "--limit",
+        "128",
+        "--epochs",
+        "1",
+        "--image-size",
+        "48",
+        "--batch-size",
+        "64",
+        "--out",
+        str(out),
+    )
     return out
 
 
@@ -56,8 +81,12 @@ def _fake_teacher(run_dir, heads: dict[str, list[str]], image_size: int = 32, se
     torch.manual_seed(seed)
     model = build_model("mobilenet_v2", "none", heads, image_size)
     run_dir.mkdir(parents=True)
-    save_run_metadata(run_dir, TrainConfig(data=list(heads), image_size=image_size, weights="none"), model.preprocessing,
-                      Labels(heads=heads, datasets={h: h for h in heads}))  # fmt: skip
+    save_run_metadata(
+        run_dir,
+        TrainConfig(data=list(heads), image_size=image_size, weights="none"),
+        model.preprocessing,
+        Labels(heads=heads, datasets={h: h for h in heads}),
+    )
     torch.save(model.state_dict(), run_dir / "model.pt")
     return run_dir
 
@@ -84,14 +113,23 @@ def test_distillation_loss_weighs_kd_on_every_image_and_labels_where_they_exist(
     q_a, q_b = _softmax(np.array([[3.0, 0.0]] * 3)), _softmax(np.array([[0.0, 1.0, 2.0]] * 3))
     labels, head_ids = np.array([1, 0, -1]), np.array([0, 1, -1])  # the third image is unlabeled
     t, w = 3.0, 0.75
-    kd = sum(np.mean([np.sum(qr * np.log(qr / pr)) for qr, pr in zip(q, _softmax(z / t))]) * t * t
-             for z, q in ((z_a, q_a), (z_b, q_b)))  # fmt: skip
+    kd = sum(
+        np.mean([np.sum(qr * np.log(qr / pr)) for qr, pr in zip(q, _softmax(z / t))]) * t * t
+        for z, q in ((z_a, q_a), (z_b, q_b))
+    )
     ce = -np.log(_softmax(z_a)[0, 1]) - np.log(_softmax(z_b)[1, 0])  # each head's mean over its own images
     f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     total, kd_part, correct = distillation_loss(
-        {"a": f(z_a), "b": f(z_b)}, {"a": f(q_a), "b": f(q_b)}, torch.tensor(labels), torch.tensor(head_ids),
-        ["a", "b"], [1.0, 1.0], [None, None], t, w,
-    )  # fmt: skip
+        {"a": f(z_a), "b": f(z_b)},
+        {"a": f(q_a), "b": f(q_b)},
+        torch.tensor(labels),
+        torch.tensor(head_ids),
+        ["a", "b"],
+        [1.0, 1.0],
+        [None, None],
+        t,
+        w,
+    )
     assert kd_part.item() == pytest.approx(kd, rel=1e-5)
     assert total.item() == pytest.approx(w * kd + (1 - w) * ce, rel=1e-5)
     assert correct.tolist() == [False, True, False]
@@ -103,8 +141,10 @@ def test_heads_merge_by_class_names_and_soft_targets_are_averaged(tmp_path):
     digits_b = _fake_teacher(tmp_path / "b", {"numbers": reversed_digits, "fashion": FASHION}, image_size=48, seed=2)
     config = TrainConfig(data=["mnist", "fashion-mnist"], teachers=[str(digits_a), str(digits_b)], temperature=2.0)
     labels = [Labels.from_dict(json.loads((d / "labels.json").read_text())) for d in (digits_a, digits_b)]
-    mnist_reversed = [(name, reversed_digits if name == "mnist" else classes)
-                      for name, classes in (("mnist", DIGITS), ("fashion-mnist", FASHION))]  # fmt: skip
+    mnist_reversed = [
+        (name, reversed_digits if name == "mnist" else classes)
+        for name, classes in (("mnist", DIGITS), ("fashion-mnist", FASHION))
+    ]
     plan, sources = plan_student_heads(labels, mnist_reversed, LabelMap())
     # same class set -> one head (named after the first teacher's, in its order); another set -> its own head
     assert plan.labels.heads == {"digits": DIGITS, "fashion": FASHION}
@@ -131,8 +171,16 @@ def test_each_teacher_sees_the_batch_at_its_own_size_and_statistics(tiny_run, te
     from transferkit.training.distributed import DistInfo
     from transferkit.training.trainer import TrainLoop
 
-    config = TrainConfig(data=["mnist"], teachers=[str(tiny_run), str(teacher48)], image_size=32, limit=64,
-                         batch_size=16, epochs=1, device="cpu", out=str(tmp_path / "r"))  # fmt: skip
+    config = TrainConfig(
+        data=["mnist"],
+        teachers=[str(tiny_run), str(teacher48)],
+        image_size=32,
+        limit=64,
+        batch_size=16,
+        epochs=1,
+        device="cpu",
+        out=str(tmp_path / "r"),
+    )
     loop = TrainLoop(config, tmp_path / "r", DistInfo(), torch.device("cpu"), resuming=False)
     seen: dict[str, torch.Tensor] = {}
     for name, model in (("student", loop.model), *((t.dir.name, t.model) for t in loop.teachers)):
@@ -201,8 +249,19 @@ def test_distilled_run_evaluates_exports_and_serves(distilled, tiny_run, teacher
 
 def test_sigkill_mid_distillation_then_resume_matches_uninterrupted(distilled, tiny_run, teacher48, tmp_path):
     run = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "transferkit", "distill", "--teachers", f"{tiny_run},{teacher48}", *DISTILL,
-           "--checkpoint-every", "1", "--out", str(run)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "distill",
+        "--teachers",
+        f"{tiny_run},{teacher48}",
+        *DISTILL,
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(run),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt, killed_at = run / "checkpoint.pt", None
     deadline = time.monotonic() + 300
@@ -220,8 +279,10 @@ def test_sigkill_mid_distillation_then_resume_matches_uninterrupted(distilled, t
     out = run_cli("train", "--resume", str(run))  # teachers reloaded from the paths in config.yaml
     assert "at epoch 1, step" in out.stderr and "distill: teacher" in out.stderr
     keep = ("epoch", "train_loss", "train_acc", "kd_loss", "val_acc")
-    history = [[{k: h[k] for k in keep} for h in json.loads((d / "metrics.json").read_text())["history"]]
-               for d in (run, distilled)]  # fmt: skip
+    history = [
+        [{k: h[k] for k in keep} for h in json.loads((d / "metrics.json").read_text())["history"]]
+        for d in (run, distilled)
+    ]
     assert history[0] == history[1]
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (run, distilled))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -23,8 +23,9 @@ def test_each_head_is_scored_only_on_its_own_samples():
 
 def test_a_batch_without_a_dataset_is_fine():
     logits = _logits(4)
-    total, _ = masked_head_losses(logits, torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long),
-                                  ["h0", "h1"], [1.0, 5.0], [None, None])  # fmt: skip
+    total, _ = masked_head_losses(
+        logits, torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long), ["h0", "h1"], [1.0, 5.0], [None, None]
+    )
     torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits["h0"], torch.tensor([0, 1, 2, 0])))
 
 

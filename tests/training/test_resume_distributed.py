@@ -12,8 +12,22 @@ import torch
 
 from tests.helpers import run_cli
 
-ARGS = ["--data", "digits,fashion-mnist", "--limit", "256", "--image-size", "32", "--batch-size", "32",
-        "--epochs", "2", "--seed", "7", "--ema", "0.9"]  # fmt: skip
+ARGS = [
+    "--data",
+    "digits,fashion-mnist",
+    "--limit",
+    "256",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--seed",
+    "7",
+    "--ema",
+    "0.9",
+]
 
 
 def _history(run_dir):
@@ -60,10 +74,24 @@ def test_resume_refuses_other_options(tiny_run):
 def _torchrun(args: list[str], out) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "transferkit", "train", *args, "--out", str(out)],  # fmt: skip
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "transferkit",
+            "train",
+            *args,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(str(out)) == 1  # only rank 0 prints the run directory
 
@@ -72,8 +100,25 @@ def _torchrun(args: list[str], out) -> None:
 def test_two_gloo_processes_equal_one_process_when_batchnorm_is_frozen(tmp_path):
     """Heads-only training (backbone and its BatchNorm frozen, no augmentation): every process's gradient is
     deterministic, so DDP's average over two half-batches must equal the one-process full-batch step."""
-    args = ["--data", "digits", "--limit", "256", "--image-size", "32", "--batch-size", "64", "--epochs", "1",
-            "--freeze-epochs", "1", "--no-augment", "--seed", "1", "--device", "cpu"]  # fmt: skip
+    args = [
+        "--data",
+        "digits",
+        "--limit",
+        "256",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--freeze-epochs",
+        "1",
+        "--no-augment",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+    ]
     run_cli("train", *args, "--out", str(tmp_path / "single"))
     _torchrun(args, tmp_path / "multi")
     a = torch.load(tmp_path / "single" / "model.pt", weights_only=True)
@@ -87,8 +132,24 @@ def test_two_gloo_processes_equal_one_process_when_batchnorm_is_frozen(tmp_path)
 def test_two_gloo_processes_fine_tune_like_one_process(tmp_path):
     """Full fine-tuning: BatchNorm statistics are per process (half batches), so results agree within a
     tolerance, not exactly."""
-    args = ["--data", "digits", "--limit", "512", "--image-size", "32", "--batch-size", "64", "--epochs", "3",
-            "--lr", "0.002", "--seed", "1", "--device", "cpu"]  # fmt: skip
+    args = [
+        "--data",
+        "digits",
+        "--limit",
+        "512",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.002",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+    ]
     run_cli("train", *args, "--out", str(tmp_path / "single"))
     _torchrun(args, tmp_path / "multi")
     one, two = _history(tmp_path / "single"), _history(tmp_path / "multi")

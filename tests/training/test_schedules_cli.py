@@ -9,8 +9,23 @@ import yaml
 
 from tests.helpers import run_cli
 
-FROZEN = ["--data", "digits", "--limit", "256", "--image-size", "32", "--batch-size", "64", "--epochs", "1",
-          "--freeze-epochs", "1", "--no-augment", "--seed", "2"]  # fmt: skip
+FROZEN = [
+    "--data",
+    "digits",
+    "--limit",
+    "256",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--freeze-epochs",
+    "1",
+    "--no-augment",
+    "--seed",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +59,39 @@ def test_freeze_keeps_the_backbone_at_its_pretrained_weights(frozen_run):
 def test_many_options_together(tmp_path):
     out = tmp_path / "all"
     proc = run_cli(
-        "train", "--data", "digits,fashion-mnist", "--limit", "128", "--image-size", "32", "--batch-size", "32",
-        "--epochs", "2", "--freeze-epochs", "1", "--layer-decay", "0.7", "--ema", "0.9", "--grad-accum", "2",
-        "--label-smoothing", "0.1", "--class-weights", "auto", "--early-stop", "3",
-        "--sampling", "temperature:0.5", "--head-weights", "1,0.5", "--tensorboard", "--out", str(out),
-    )  # fmt: skip
+        "train",
+        "--data",
+        "digits,fashion-mnist",
+        "--limit",
+        "128",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--freeze-epochs",
+        "1",
+        "--layer-decay",
+        "0.7",
+        "--ema",
+        "0.9",
+        "--grad-accum",
+        "2",
+        "--label-smoothing",
+        "0.1",
+        "--class-weights",
+        "auto",
+        "--early-stop",
+        "3",
+        "--sampling",
+        "temperature:0.5",
+        "--head-weights",
+        "1,0.5",
+        "--tensorboard",
+        "--out",
+        str(out),
+    )
     assert "unfreezing the backbone" in proc.stderr
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
@@ -56,17 +99,57 @@ def test_many_options_together(tmp_path):
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,") and "val_acc/digits" in header
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert {k: config[k] for k in ("freeze_epochs", "layer_decay", "ema", "grad_accum", "label_smoothing",
-                                   "class_weights", "early_stop", "sampling", "head_weights", "tensorboard")} == {
-        "freeze_epochs": 1, "layer_decay": 0.7, "ema": 0.9, "grad_accum": 2, "label_smoothing": 0.1,
-        "class_weights": "auto", "early_stop": 3, "sampling": "temperature:0.5", "head_weights": [1.0, 0.5],
-        "tensorboard": True}  # fmt: skip
+    assert {
+        k: config[k]
+        for k in (
+            "freeze_epochs",
+            "layer_decay",
+            "ema",
+            "grad_accum",
+            "label_smoothing",
+            "class_weights",
+            "early_stop",
+            "sampling",
+            "head_weights",
+            "tensorboard",
+        )
+    } == {
+        "freeze_epochs": 1,
+        "layer_decay": 0.7,
+        "ema": 0.9,
+        "grad_accum": 2,
+        "label_smoothing": 0.1,
+        "class_weights": "auto",
+        "early_stop": 3,
+        "sampling": "temperature:0.5",
+        "head_weights": [1.0, 0.5],
+        "tensorboard": True,
+    }
 
 
 # Heads only (backbone and BatchNorm frozen), no augmentation, and the gradient clipped to a norm of 1e-12:
 # AdamW's steps are then ~1e-9, so the model is, to the loss's precision, the same at every step.
-STILL = ["--data", "digits", "--limit", "64", "--image-size", "32", "--batch-size", "32", "--epochs", "3",
-         "--freeze-epochs", "3", "--no-augment", "--seed", "1", "--clip-grad", "1e-12", "--early-stop", "1"]  # fmt: skip
+STILL = [
+    "--data",
+    "digits",
+    "--limit",
+    "64",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "3",
+    "--freeze-epochs",
+    "3",
+    "--no-augment",
+    "--seed",
+    "1",
+    "--clip-grad",
+    "1e-12",
+    "--early-stop",
+    "1",
+]
 
 
 def test_clip_grad_early_stop_and_label_smoothing_take_effect(tmp_path):

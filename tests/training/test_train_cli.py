@@ -94,8 +94,9 @@ def test_mnist_and_digits_share_one_head(tmp_path):
 def test_unlabeled_pseudo_labels_and_eval_matrix(tmp_path):
     out = tmp_path / "r"
     # threshold 0: every pseudo-label is confident enough, so coverage (kept / unlabelled seen) is exactly 1
-    proc = run_cli("train", "--data", "mnist", "--unlabeled", "digits", "--pseudo-threshold", "0", *TINY,
-                   "--out", str(out))  # fmt: skip
+    proc = run_cli(
+        "train", "--data", "mnist", "--unlabeled", "digits", "--pseudo-threshold", "0", *TINY, "--out", str(out)
+    )
     assert "unlabeled: digits is pseudo-labelled by head mnist" in proc.stderr
     record = json.loads((out / "metrics.json").read_text())["history"][0]
     assert record["pseudo_coverage"] == 1.0 and 0.0 <= record["pseudo_accuracy"] <= 1.0

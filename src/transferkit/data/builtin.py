@@ -21,8 +21,17 @@ NativeSplits = dict[str, tuple[np.ndarray, np.ndarray]]
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def load_digits() -> tuple[NativeSplits, list[str]]:

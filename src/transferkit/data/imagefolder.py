@@ -39,14 +39,23 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarr
 def _warn_skipped(spec: str, folders: list[Path], classes: list[str]) -> None:
     """Files in class folders without an image suffix are not read; say so once, with a count, so that a folder
     of .heic photos is not silently a smaller dataset. Hidden files (.DS_Store) are not counted."""
-    skipped = [p for folder in folders for name in classes if (folder / name).is_dir()
-               for p in (folder / name).rglob("*")
-               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES]  # fmt: skip
+    skipped = [
+        p
+        for folder in folders
+        for name in classes
+        if (folder / name).is_dir()
+        for p in (folder / name).rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
+    ]
     if skipped:
         suffixes = sorted({p.suffix.lower() or "(none)" for p in skipped})
-        print(f"transferkit: warning: imagefolder:{spec}: skipped {len(skipped)} file(s) with suffix "
-              f"{', '.join(suffixes[:5])}{', ...' if len(suffixes) > 5 else ''} (e.g. {skipped[0]}); "
-              f"read are {' '.join(sorted(IMAGE_SUFFIXES))}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"transferkit: warning: imagefolder:{spec}: skipped {len(skipped)} file(s) with suffix "
+            f"{', '.join(suffixes[:5])}{', ...' if len(suffixes) > 5 else ''} (e.g. {skipped[0]}); "
+            f"read are {' '.join(sorted(IMAGE_SUFFIXES))}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _warn_not_served(spec: str, files: list[Path]) -> None:
@@ -55,10 +64,13 @@ def _warn_not_served(spec: str, files: list[Path]) -> None:
     other = [p for p in files if p.suffix.lower() not in SERVED_SUFFIXES]
     if other:
         suffixes = sorted({p.suffix.lower() for p in other})
-        print(f"transferkit: warning: imagefolder:{spec}: {len(other)} image(s) are {' '.join(suffixes)} "
-              f"(e.g. {other[0]}); training reads them, but the server decodes {' '.join(SERVED_SUFFIXES)} "
-              "only and answers 415: convert such files before sending them to /predict", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"transferkit: warning: imagefolder:{spec}: {len(other)} image(s) are {' '.join(suffixes)} "
+            f"(e.g. {other[0]}); training reads them, but the server decodes {' '.join(SERVED_SUFFIXES)} "
+            "only and answers 415: convert such files before sending them to /predict",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def decode_file(path: Path, pre: Preprocessing) -> np.ndarray:
@@ -126,8 +138,12 @@ def load_imagefolder(
             tr = np.sort(np.concatenate([tr, va]))  # seeded_split keeps one image for a val split not wanted here
             listed["train"] = ([paths[i] for i in tr], labels[tr])
             listed["test"] = ([paths[i] for i in te], labels[te])
-            print(f"transferkit: note: imagefolder:{path}: no test/ folder; a seeded 15% of train/ ({len(te)} "
-                  "images) is held out as the test split", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"transferkit: note: imagefolder:{path}: no test/ folder; a seeded 15% of train/ ({len(te)} "
+                "images) is held out as the test split",
+                file=sys.stderr,
+                flush=True,
+            )
     else:
         paths, labels = _list_images(root, classes)
         tr, va, te = seeded_split(len(labels), (0.15, 0.15))

@@ -50,9 +50,11 @@ def check_dataset_name(spec: str | DatasetSpec) -> DatasetSpec:
 
 
 def load_dataset(
-    spec: str | DatasetSpec, pre: Preprocessing, limit: int | None = None,
+    spec: str | DatasetSpec,
+    pre: Preprocessing,
+    limit: int | None = None,
     max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES,
-) -> ImageDataset:  # fmt: skip
+) -> ImageDataset:
     """Load all three splits of the dataset `spec` names, resized to `pre.image_size`, at most `limit` images
     per split. An image folder whose train split would exceed `max_in_memory_bytes` keeps it on disk."""
     spec = check_dataset_name(spec)

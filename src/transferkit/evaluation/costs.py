@@ -50,8 +50,13 @@ def format_side_by_side(student: Matrix, teachers: dict[str, Matrix | None], spl
         row = [d]
         for matrix in [student, *teachers.values()]:
             head, cell = dataset_cell(matrix, d) if matrix is not None else (None, None)
-            row.append("run gone" if matrix is None else "-" if cell is None
-                       else f"{cell.accuracy:.4f}{'*' if cell.own else ''} ({head})")  # fmt: skip
+            row.append(
+                "run gone"
+                if matrix is None
+                else "-"
+                if cell is None
+                else f"{cell.accuracy:.4f}{'*' if cell.own else ''} ({head})"
+            )
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) + 2 for i in range(len(header))]
     lines = [f"student beside its teachers on the {split} split (each model's head for the dataset; * = trained on it)"]
@@ -96,22 +101,39 @@ def format_costs(costs: list[ModelCost]) -> str:
     student, teachers = costs[0], costs[1:]
     rows = [(c.name, c.image_size, c.params, c.model_bytes, c.latency_ms) for c in costs]
     if len(teachers) > 1:
-        rows.append(("teachers together", 0, sum(c.params for c in teachers), sum(c.model_bytes for c in teachers),
-                     sum(c.latency_ms for c in teachers)))  # fmt: skip
+        rows.append(
+            (
+                "teachers together",
+                0,
+                sum(c.params for c in teachers),
+                sum(c.model_bytes for c in teachers),
+                sum(c.latency_ms for c in teachers),
+            )
+        )
     width = max(len(r[0]) for r in rows) + 2
     lines = [
         f"cost to serve (CPU, {torch.get_num_threads()} threads, median ms per batch of {LATENCY_BATCH}; "
         "ratios: this row / student)",
-        "model".ljust(width) + "input".rjust(7) + "params".rjust(12) + "model.pt".rjust(11) + "ms b=32".rjust(10)
-        + "params x".rjust(10) + "size x".rjust(8) + "latency x".rjust(11),
-    ]  # fmt: skip
+        "model".ljust(width)
+        + "input".rjust(7)
+        + "params".rjust(12)
+        + "model.pt".rjust(11)
+        + "ms b=32".rjust(10)
+        + "params x".rjust(10)
+        + "size x".rjust(8)
+        + "latency x".rjust(11),
+    ]
     for name, size, params, nbytes, ms in rows:
         lines.append(
-            name.ljust(width) + (f"{size}px" if size else "").rjust(7) + f"{params / 1e6:.2f}M".rjust(12)
-            + f"{nbytes / 2**20:.1f} MiB".rjust(11) + f"{ms:.1f}".rjust(10)
-            + f"{params / student.params:.2f}".rjust(10) + f"{nbytes / student.model_bytes:.2f}".rjust(8)
+            name.ljust(width)
+            + (f"{size}px" if size else "").rjust(7)
+            + f"{params / 1e6:.2f}M".rjust(12)
+            + f"{nbytes / 2**20:.1f} MiB".rjust(11)
+            + f"{ms:.1f}".rjust(10)
+            + f"{params / student.params:.2f}".rjust(10)
+            + f"{nbytes / student.model_bytes:.2f}".rjust(8)
             + f"{ms / student.latency_ms:.2f}".rjust(11)
-        )  # fmt: skip
+        )
     if teachers:
         summed = sum(c.latency_ms for c in teachers)
         lines.append(f"student latency / teachers' summed latency: {student.latency_ms / summed:.2f}")

@@ -63,8 +63,9 @@ def score_matrix(model, run: Run, datasets: list[ImageDataset], split: str, devi
             target = np.asarray([mapping.get(int(c), -1) for c in part.labels])
             keep = target >= 0
             own = run.labels.datasets.get(ds.name) == head
-            cells[head][ds.name] = Cell(accuracy(logits[head][keep], target[keep]), int(keep.sum()),
-                                        float(keep.mean()), own)  # fmt: skip
+            cells[head][ds.name] = Cell(
+                accuracy(logits[head][keep], target[keep]), int(keep.sum()), float(keep.mean()), own
+            )
             if own:
                 cm = confusion_matrix(logits[head][keep].argmax(1), target[keep], len(classes))
                 confusion[head] = confusion.get(head, 0) + cm
@@ -105,8 +106,14 @@ def evaluate_all(run: Run, extra: list[str] | None, split: str, teachers: bool =
     return result
 
 
-def _score_other(run_dir: str, specs: list[DatasetSpec], loaded: dict[Preprocessing, list[ImageDataset]],
-                 limit: int | None, split: str, device) -> Matrix:  # fmt: skip
+def _score_other(
+    run_dir: str,
+    specs: list[DatasetSpec],
+    loaded: dict[Preprocessing, list[ImageDataset]],
+    limit: int | None,
+    split: str,
+    device,
+) -> Matrix:
     other_model, other_run = load_run_model(run_dir)
     other_model.to(device, memory_format=torch.channels_last)
     if other_run.preprocessing not in loaded:  # the other model sees the data at its own input definition

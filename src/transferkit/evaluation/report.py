@@ -147,8 +147,10 @@ def _report_markdown(run, table: str, plots: list[str]) -> str:
         + (f", init from `{cfg.init}`" if cfg.init else ""),
     ]
     if cfg.teachers:
-        lines.append(f"- distilled from {', '.join(f'`{t}`' for t in cfg.teachers)} (temperature {cfg.temperature}, "
-                     f"kd_weight {cfg.kd_weight})")  # fmt: skip
+        lines.append(
+            f"- distilled from {', '.join(f'`{t}`' for t in cfg.teachers)} (temperature {cfg.temperature}, "
+            f"kd_weight {cfg.kd_weight})"
+        )
     lines += [
         "",
         "## Evaluation matrix",

@@ -36,8 +36,9 @@ def aoti_unavailable_reason(device: str) -> str | None:
     return None
 
 
-def export_aoti(model: torch.nn.Module, example: torch.Tensor, path: Path, device: str,
-                batch_range: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
+def export_aoti(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, device: str, batch_range: tuple[int, int]
+) -> dict[str, Any]:
     """Compile `model` for `device` with a dynamic batch in `batch_range` (min, max) into the .pt2 `path`."""
     import torch
 

@@ -59,8 +59,9 @@ def _inputs(size: int, batches: tuple[int, ...]) -> dict[int, np.ndarray]:
     return {b: rng.standard_normal((b, 3, size, size)).astype(np.float32) for b in batches}
 
 
-def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repeats: int = 20,
-                  record: bool = True) -> list[BenchmarkRow]:  # fmt: skip
+def benchmark_run(
+    run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repeats: int = 20, record: bool = True
+) -> list[BenchmarkRow]:
     """Time PyTorch and every artifact (each runtime option of runners that have several) side by side.
     `record`: the batch-32 figure of each servable artifact, with its fastest options, goes into the manifest
     (RUN/export and the stored model's copy) as this machine's measurement, which `--runtime auto` reads."""
@@ -89,8 +90,9 @@ def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repea
     for name, entry in manifest.artifacts.items():
         size = sum((export_dir / f).stat().st_size for f in entry.files if (export_dir / f).is_file()) or None
         heads = (verify["formats"].get(name) or {}).get("heads", {})
-        accuracy = {ds: d["accuracy_format"] for h, r in heads.items()
-                    for ds, d in (r.get("per_dataset") or {h: r}).items()}  # fmt: skip
+        accuracy = {
+            ds: d["accuracy_format"] for h, r in heads.items() for ds, d in (r.get("per_dataset") or {h: r}).items()
+        }
         problem = artifact_problem(name, manifest, export_dir)
         if problem:
             rows.append(BenchmarkRow(name, entry.status, size, entry.precision, accuracy, note=problem))
@@ -109,12 +111,28 @@ def benchmark_run(run_dir: str | Path, batches: tuple[int, ...] = (1, 32), repea
             timed.append((row, options, runtime))
         best, options, runtime = max(timed, key=lambda t: t[0].throughput(big) or 0)
         if big == MEASURE_BATCH:
-            m = Measurement(round(best.throughput(big), 1), big, runtime.device_kind(entry), runtime.description,
-                            machine, load, "benchmark", now_utc(), options)  # fmt: skip
+            m = Measurement(
+                round(best.throughput(big), 1),
+                big,
+                runtime.device_kind(entry),
+                runtime.description,
+                machine,
+                load,
+                "benchmark",
+                now_utc(),
+                options,
+            )
             manifest = manifest.with_artifact(dataclasses.replace(entry.with_measurement(m), runtime_options=options))
-    atomic_write_json(export_dir / "benchmark.json", {"batches": list(batches), "repeats": repeats,
-                                                      "machine": machine.to_dict(), "load": load,
-                                                      "rows": [asdict(r) for r in rows]})  # fmt: skip
+    atomic_write_json(
+        export_dir / "benchmark.json",
+        {
+            "batches": list(batches),
+            "repeats": repeats,
+            "machine": machine.to_dict(),
+            "load": load,
+            "rows": [asdict(r) for r in rows],
+        },
+    )
     if record:
         _record_measurements(export_dir, manifest)
     return rows
@@ -143,8 +161,11 @@ def format_benchmark_table(rows: list[BenchmarkRow], batches: tuple[int, ...] = 
     base = rows[0]
     onnx = next((r for r in rows if r.format == ONNX_FP32 and r.latency_ms), None)
     big = max(batches)
-    header = ["artifact", "status", "size", "accuracy"] + [f"ms b={b}" for b in batches] + [f"img/s b={big}",
-              f"vs onnx b={big}", f"vs torch b={big}", "runtime / note"]  # fmt: skip
+    header = (
+        ["artifact", "status", "size", "accuracy"]
+        + [f"ms b={b}" for b in batches]
+        + [f"img/s b={big}", f"vs onnx b={big}", f"vs torch b={big}", "runtime / note"]
+    )
     table = []
     for r in rows:
         acc = ", ".join(f"{h} {a:.2%}" for h, a in r.accuracy.items()) or "-"

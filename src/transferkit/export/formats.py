@@ -102,7 +102,7 @@ EXPORTERS: dict[str, Exporter] = {
         _export_tensorrt,
         lambda device, precision: tensorrt_unavailable_reason(),
         requires=lambda precision: (("onnx", "fp32"),),
-    ),  # fmt: skip
+    ),
     "aoti": Exporter(_export_aoti, lambda device, precision: aoti_unavailable_reason(device)),
     "openvino": Exporter(export_openvino, openvino_unavailable_reason, requires=openvino_requires),
 }
@@ -153,8 +153,9 @@ def _names(value: tuple[str, ...] | list[str] | str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
 
 
-def check_request(formats: tuple[str, ...] | list[str] | str, precision: tuple[str, ...] | list[str] | str = "fp32"
-                  ) -> list[ArtifactRequest]:  # fmt: skip
+def check_request(
+    formats: tuple[str, ...] | list[str] | str, precision: tuple[str, ...] | list[str] | str = "fp32"
+) -> list[ArtifactRequest]:
     """Validate --format/--precision before any work -> the artifacts asked for: every format at every
     precision it takes. An unknown name, a precision no listed format takes, or a format that takes none of
     the listed precisions is an error."""

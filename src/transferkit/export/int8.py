@@ -92,8 +92,9 @@ class SearchResult:
     fp32_images_per_second: float | None = None  # the fp32 model in the same engine, for the speedups
 
 
-def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: ExportOptions,
-           fp32_model: Any = None) -> SearchResult:  # fmt: skip
+def search(
+    plans: list[Plan], engine: Engine, selection: SelectionSet, options: ExportOptions, fp32_model: Any = None
+) -> SearchResult:
     """Run the plans (see the module docstring). `fp32_model`: timed once in the same engine, so each attempt's
     speed is also recorded as a ratio to fp32 on this machine (an INT8 model slower than fp32 is worth knowing)."""
     start = time.monotonic()
@@ -131,13 +132,16 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
         except Exception as exc:  # noqa: BLE001 - one failed attempt is recorded, the search goes on
             record.update(status="error", error=one_line(exc), seconds=round(time.perf_counter() - t, 1))
             continue
-        record.update(_numbers(report), violation=round(violation, 4), fp32_layers=candidate.fp32_layers,
-                      **candidate.notes)  # fmt: skip
+        record.update(
+            _numbers(report), violation=round(violation, 4), fp32_layers=candidate.fp32_layers, **candidate.notes
+        )
         if report["passed"]:
             speed = engine.images_per_second(candidate.model, selection.inputs.batch)
             fast = fp32_speed is None or speed > fp32_speed
-            record.update(status="passed on validation" if fast else "passed on validation, slower than fp32 here",
-                          images_per_second=round(speed, 1))  # fmt: skip
+            record.update(
+                status="passed on validation" if fast else "passed on validation, slower than fp32 here",
+                images_per_second=round(speed, 1),
+            )
             if fp32_speed:
                 record["speedup_vs_fp32"] = round(speed / fp32_speed, 2)
             passing.append((speed, plan.name, candidate, fast))
@@ -157,15 +161,22 @@ def search(plans: list[Plan], engine: Engine, selection: SelectionSet, options: 
 
 
 def _numbers(report: dict[str, Any]) -> dict[str, Any]:
-    per_dataset = {ds: round(v["accuracy_delta_points"], 3) for h in report["heads"].values()
-                   for ds, v in h["per_dataset"].items()}  # fmt: skip
+    per_dataset = {
+        ds: round(v["accuracy_delta_points"], 3) for h in report["heads"].values() for ds, v in h["per_dataset"].items()
+    }
     agreement = {h: round(v["top1_agreement"], 5) for h, v in report["heads"].items()}
-    return {"validation": {"accuracy_delta_points": per_dataset, "top1_agreement": agreement,
-                           "failures": report["failures"]}}  # fmt: skip
+    return {
+        "validation": {
+            "accuracy_delta_points": per_dataset,
+            "top1_agreement": agreement,
+            "failures": report["failures"],
+        }
+    }
 
 
-def batched_logits(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, heads: list[str]
-                   ) -> dict[str, np.ndarray]:  # fmt: skip
+def batched_logits(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, heads: list[str]
+) -> dict[str, np.ndarray]:
     parts = [run(images[i : i + LOGIT_BATCH]) for i in range(0, len(images), LOGIT_BATCH)]
     return {h: np.concatenate([p[h] for p in parts]) for h in heads}
 
@@ -186,8 +197,14 @@ class _RevertedOps(logging.Handler):
             self.names = [n.strip() for n in match.group(1).splitlines() if n.strip()]
 
 
-def nncf_accuracy_control(model: Any, calibration: np.ndarray, selection: SelectionSet, engine: Engine,
-                          options: ExportOptions, **quantize_args: Any) -> Candidate:  # fmt: skip
+def nncf_accuracy_control(
+    model: Any,
+    calibration: np.ndarray,
+    selection: SelectionSet,
+    engine: Engine,
+    options: ExportOptions,
+    **quantize_args: Any,
+) -> Candidate:
     """nncf.quantize_with_accuracy_control with the gate's metric on the validation split (see the module
     docstring); at most --max-fp32-layers groups of operations are reverted to fp32."""
     import nncf
@@ -202,24 +219,33 @@ def nncf_accuracy_control(model: Any, calibration: np.ndarray, selection: Select
         engine.check_deadline()  # NNCF validates after every step: the budget is checked as often
         rows = np.array([item["row"] for item in items], dtype=np.int64)
         logits = engine.logits(compiled, batch[rows])
-        agree = [float(logits[head_of_row[r]][i].argmax() == selection.reference[head_of_row[r]][r].argmax())
-                 for i, r in enumerate(rows)]  # fmt: skip
+        agree = [
+            float(logits[head_of_row[r]][i].argmax() == selection.reference[head_of_row[r]][r].argmax())
+            for i, r in enumerate(rows)
+        ]
         return 1.0 - selection.violation(logits, rows), agree  # 1 for PyTorch itself: NNCF divides by it
 
     calibration_set = nncf.Dataset([{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))])
-    validation_set = nncf.Dataset([{"row": i} for i in range(len(batch))],
-                                  lambda item: {INPUT_NAME: batch[item["row"] : item["row"] + 1]})  # fmt: skip
+    validation_set = nncf.Dataset(
+        [{"row": i} for i in range(len(batch))], lambda item: {INPUT_NAME: batch[item["row"] : item["row"] + 1]}
+    )
     reverted = _RevertedOps()
     logger = logging.getLogger("nncf")
     logger.addHandler(reverted)
     try:
         quantized = nncf.quantize_with_accuracy_control(
-            model, calibration_set, validation_set, validation_fn, max_drop=1.0,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
+            model,
+            calibration_set,
+            validation_set,
+            validation_fn,
+            max_drop=1.0,
+            drop_type=nncf.DropType.ABSOLUTE,
+            subset_size=len(calibration),
             advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                max_num_iterations=max(1, options.max_fp32_layers)),
+                max_num_iterations=max(1, options.max_fp32_layers)
+            ),
             **quantize_args,
-        )  # fmt: skip
+        )
     finally:
         logger.removeHandler(reverted)
     return Candidate(quantized, reverted.names)
@@ -228,8 +254,9 @@ def nncf_accuracy_control(model: Any, calibration: np.ndarray, selection: Select
 SPLITS = {"calibration": "train", "selection": "val", "gate": "test"}
 
 
-def int8_details(built_from: str, result: SearchResult, calibration: np.ndarray, selection: SelectionSet,
-                 options: ExportOptions) -> dict[str, Any]:  # fmt: skip
+def int8_details(
+    built_from: str, result: SearchResult, calibration: np.ndarray, selection: SelectionSet, options: ExportOptions
+) -> dict[str, Any]:
     """The manifest details of an INT8 artifact: what was chosen, from which attempts, on which splits."""
     chosen = result.chosen
     return {
@@ -244,7 +271,7 @@ def int8_details(built_from: str, result: SearchResult, calibration: np.ndarray,
             "fp32_images_per_second": round(result.fp32_images_per_second, 1)
             if result.fp32_images_per_second
             else None,
-        },  # fmt: skip
+        },
         "fp32_layers": chosen.fp32_layers if chosen else [],
         "splits": dict(SPLITS),
         "selection_images": {h: dict(d) for h, d in selection.inputs.datasets.items()},

@@ -43,8 +43,11 @@ class SelectionSet:
         """verify.compare on this split (or on `rows` of it) against the tightened tolerance."""
         from transferkit.export import verify
 
-        tol = replace(self.tolerance, max_acc_delta_points=self.tolerance.max_acc_delta_points * self.margin,
-                      min_top1_agreement=1 - (1 - self.tolerance.min_top1_agreement) * self.margin)  # fmt: skip
+        tol = replace(
+            self.tolerance,
+            max_acc_delta_points=self.tolerance.max_acc_delta_points * self.margin,
+            min_top1_agreement=1 - (1 - self.tolerance.min_top1_agreement) * self.margin,
+        )
         inputs, reference = self.inputs, self.reference
         if rows is not None:
             inputs, reference, logits = verify.subset(inputs, reference, logits, rows)

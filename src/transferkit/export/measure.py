@@ -44,8 +44,15 @@ def batch_of(images: np.ndarray, n: int = MEASURE_BATCH) -> np.ndarray:
     return np.ascontiguousarray(np.resize(images, (n, *images.shape[1:])))
 
 
-def measure_artifact(make_runtime: Callable[[], Runtime], verified: Runtime, export_dir: Path, manifest: Manifest,
-                     images: np.ndarray, repeats: int = 7, by: str = "export") -> tuple[Measurement | None, list[dict[str, Any]]]:  # fmt: skip  # noqa: E501
+def measure_artifact(
+    make_runtime: Callable[[], Runtime],
+    verified: Runtime,
+    export_dir: Path,
+    manifest: Manifest,
+    images: np.ndarray,
+    repeats: int = 7,
+    by: str = "export",
+) -> tuple[Measurement | None, list[dict[str, Any]]]:  # noqa: E501
     """Images/s at batch 32 under each runtime option the runner offers (OpenVINO: latency and throughput
     hints); -> the fastest as a Measurement, and every option's figure. The runtime that verified the artifact
     is timed for the default options, so nothing is loaded twice for a runner with one option."""
@@ -69,8 +76,9 @@ def measure_artifact(make_runtime: Callable[[], Runtime], verified: Runtime, exp
     if not results:
         return None, tuning
     speed, options, description = max(results, key=lambda r: r[0])
-    return Measurement(round(speed, 1), MEASURE_BATCH, device, description, machine, load, by, now_utc(),
-                       options), tuning  # fmt: skip
+    return Measurement(
+        round(speed, 1), MEASURE_BATCH, device, description, machine, load, by, now_utc(), options
+    ), tuning
 
 
 def _loaded(runtime: Runtime, options, export_dir: Path, manifest: Manifest) -> Runtime:

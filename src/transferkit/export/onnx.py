@@ -95,8 +95,9 @@ def check_onnx(path: Path, head_names: list[str], image_size: int) -> None:
         raise TransferkitError(f"{path}: input shape {shape}; expected [batch, 3, {image_size}, {image_size}]")
 
 
-def export_onnx_fp16(model: torch.nn.Module, example: torch.Tensor, path: Path,
-                     head_names: list[str]) -> dict[str, Any]:  # fmt: skip
+def export_onnx_fp16(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, head_names: list[str]
+) -> dict[str, Any]:
     """fp16 weights and activations with fp32 `images` in and fp32 logits out: the cast is part of the graph,
     so clients, the service and the runtimes see the same contract as fp32. Exported from a half-precision copy
     of the model by the same exporter as fp32 (no graph rewriting after the fact)."""
@@ -130,5 +131,8 @@ def simplify_onnx(path: Path, head_names: list[str], image_size: int) -> dict[st
     slim = onnxslim.slim(before)
     atomic_write(path, lambda tmp: onnx.save(slim, str(tmp)))
     check_onnx(path, head_names, image_size)
-    return {"tool": f"onnxslim {getattr(onnxslim, '__version__', '')}".strip(),
-            "nodes_before": len(before.graph.node), "nodes_after": len(slim.graph.node)}  # fmt: skip
+    return {
+        "tool": f"onnxslim {getattr(onnxslim, '__version__', '')}".strip(),
+        "nodes_before": len(before.graph.node),
+        "nodes_after": len(slim.graph.node),
+    }

@@ -136,8 +136,9 @@ class OpenVinoEngine(Engine):
         return batched_logits(run, images, self.heads)
 
 
-def openvino_int8_plans(model: openvino.Model, job: ExportJob, calibration: np.ndarray, engine: OpenVinoEngine
-                        ) -> list[Plan]:  # fmt: skip
+def openvino_int8_plans(
+    model: openvino.Model, job: ExportJob, calibration: np.ndarray, engine: OpenVinoEngine
+) -> list[Plan]:
     """What the search tries for openvino-int8, in order: NNCF's default (mixed preset, fast bias correction), full
     bias correction, then NNCF accuracy control (mixed precision, only if neither passed), then twice the
     calibration images. Accuracy control comes before the slowest full attempt so that it still fits the budget
@@ -161,20 +162,39 @@ def openvino_int8_plans(model: openvino.Model, job: ExportJob, calibration: np.n
             raise TransferkitError(f"the train splits have no more than the {len(calibration)} images already used")
         return quantize(images)
 
-    base = {"tool": "nncf.quantize (OpenVINO)", "nncf": nncf.__version__, "preset": NNCF_PRESET,
-            "subset_size": int(len(calibration)), "fast_bias_correction": True}  # fmt: skip
+    base = {
+        "tool": "nncf.quantize (OpenVINO)",
+        "nncf": nncf.__version__,
+        "preset": NNCF_PRESET,
+        "subset_size": int(len(calibration)),
+        "fast_bias_correction": True,
+    }
     return [
         Plan("nncf", base, quantize, graph="nncf"),
-        Plan("nncf-bias-correction", {**base, "fast_bias_correction": False},
-             lambda: quantize(fast_bias_correction=False), graph="nncf"),
-        Plan("nncf-accuracy-control", {**base, "tool": "nncf.quantize_with_accuracy_control (OpenVINO)",
-                                       "max_drop": "the gate's bounds on validation",
-                                       "max_num_iterations": options.max_fp32_layers},
-             lambda: nncf_accuracy_control(model, calibration, job.selection, engine, options, preset=preset),
-             mixed=True),
-        Plan("nncf-more-images", {**base, "calibration_images_per_dataset": 2 * options.calibration_images},
-             more_images, graph="nncf"),
-    ]  # fmt: skip
+        Plan(
+            "nncf-bias-correction",
+            {**base, "fast_bias_correction": False},
+            lambda: quantize(fast_bias_correction=False),
+            graph="nncf",
+        ),
+        Plan(
+            "nncf-accuracy-control",
+            {
+                **base,
+                "tool": "nncf.quantize_with_accuracy_control (OpenVINO)",
+                "max_drop": "the gate's bounds on validation",
+                "max_num_iterations": options.max_fp32_layers,
+            },
+            lambda: nncf_accuracy_control(model, calibration, job.selection, engine, options, preset=preset),
+            mixed=True,
+        ),
+        Plan(
+            "nncf-more-images",
+            {**base, "calibration_images_per_dataset": 2 * options.calibration_images},
+            more_images,
+            graph="nncf",
+        ),
+    ]
 
 
 def quantize_nncf(model: openvino.Model, job: ExportJob) -> tuple[openvino.Model, dict[str, Any]]:
@@ -183,13 +203,17 @@ def quantize_nncf(model: openvino.Model, job: ExportJob) -> tuple[openvino.Model
         raise TransferkitError("INT8 export needs calibration images and the validation split (export_run gives both)")
     calibration = job.calibration(job.options.calibration_images)
     engine = OpenVinoEngine(job.head_names)
-    result = search(openvino_int8_plans(model, job, calibration, engine), engine, job.selection, job.options,
-                    fp32_model=model)  # fmt: skip
+    result = search(
+        openvino_int8_plans(model, job, calibration, engine), engine, job.selection, job.options, fp32_model=model
+    )
     if result.chosen is None:
-        raise TransferkitError("every INT8 attempt failed: " + "; ".join(
-            f"{a['name']}: {a.get('error', a['status'])}" for a in result.attempts))  # fmt: skip
-    return result.chosen.model, int8_details(job.built("onnx", "fp32").name, result, calibration, job.selection,
-                                             job.options)  # fmt: skip
+        raise TransferkitError(
+            "every INT8 attempt failed: "
+            + "; ".join(f"{a['name']}: {a.get('error', a['status'])}" for a in result.attempts)
+        )
+    return result.chosen.model, int8_details(
+        job.built("onnx", "fp32").name, result, calibration, job.selection, job.options
+    )
 
 
 def save_ir(model: openvino.Model, path: Path) -> None:

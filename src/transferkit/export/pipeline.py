@@ -119,8 +119,10 @@ def _check_options(device: str, verify_images: int) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: torch finds no CUDA device on this machine; export with "
-                              "--device cpu, or on a machine with the GPU that will serve")  # fmt: skip
+            raise ConfigError(
+                f"--device {device}: torch finds no CUDA device on this machine; export with "
+                "--device cpu, or on a machine with the GPU that will serve"
+            )
     if verify_images < 1:
         raise ConfigError(f"--verify-images must be >= 1 (held-out images per dataset for verify), got {verify_images}")
 
@@ -159,8 +161,17 @@ def export_run(
         selection = SelectionSet(
             val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8")
         )
-    job = ExportJob(module, export_dir, "fp32", device, heads, run.preprocessing.image_size, options=options,
-                    calibration=lambda n: verify.load_calibration_images(run, n), selection=selection)  # fmt: skip
+    job = ExportJob(
+        module,
+        export_dir,
+        "fp32",
+        device,
+        heads,
+        run.preprocessing.image_size,
+        options=options,
+        calibration=lambda n: verify.load_calibration_images(run, n),
+        selection=selection,
+    )
 
     results: dict[str, FormatResult] = {}
     for req in plan:
@@ -185,8 +196,9 @@ def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResul
     needs = [artifact_name(f, p) for f, p in row.requires(precision)]
     failed_deps = [d for d in needs if d not in done or done[d].file is None]
     if failed_deps:
-        return FormatResult(req.name, EXPORT_FAILED, precision, error=f"needs {failed_deps}, which failed",
-                            requested=req.requested)  # fmt: skip
+        return FormatResult(
+            req.name, EXPORT_FAILED, precision, error=f"needs {failed_deps}, which failed", requested=req.requested
+        )
     paths = [job.export_dir / f for f in req.files]
     job.precision = precision
     start = time.perf_counter()
@@ -195,11 +207,25 @@ def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResul
     except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, not raised
         for path in paths:
             path.unlink(missing_ok=True)  # never leave an earlier export's file looking current
-        return FormatResult(req.name, EXPORT_FAILED, precision, error=one_line(exc), requested=req.requested,
-                            export_seconds=time.perf_counter() - start)  # fmt: skip
+        return FormatResult(
+            req.name,
+            EXPORT_FAILED,
+            precision,
+            error=one_line(exc),
+            requested=req.requested,
+            export_seconds=time.perf_counter() - start,
+        )
     job.artifacts[req.name] = paths[0]
-    return FormatResult(req.name, EXPORTED, precision, file=paths[0], exported=exported, requested=req.requested,
-                        export_seconds=time.perf_counter() - start, files=paths)  # fmt: skip
+    return FormatResult(
+        req.name,
+        EXPORTED,
+        precision,
+        file=paths[0],
+        exported=exported,
+        requested=req.requested,
+        export_seconds=time.perf_counter() - start,
+        files=paths,
+    )
 
 
 def _onnx_verified_on_gpu(row: ExportFormat, precision: str, device: str) -> bool:
@@ -222,9 +248,11 @@ def _withhold_if_slower(result: FormatResult, fp32: FormatResult | None) -> None
     ratio = result.measured.images_per_second / fp32.measured.images_per_second
     if ratio < 1.0:
         result.status = SLOWER_THAN_FP32
-        result.error = (f"passed the gate but runs at {ratio:.2f}x of {fp32.format} on this machine "
-                        f"({result.measured.images_per_second:,.0f} vs {fp32.measured.images_per_second:,.0f} img/s "
-                        f"at batch {result.measured.batch}): not offered; serve {fp32.format}")  # fmt: skip
+        result.error = (
+            f"passed the gate but runs at {ratio:.2f}x of {fp32.format} on this machine "
+            f"({result.measured.images_per_second:,.0f} vs {fp32.measured.images_per_second:,.0f} img/s "
+            f"at batch {result.measured.batch}): not offered; serve {fp32.format}"
+        )
 
 
 def _verification_runtime(row: ExportFormat, artifact: str, precision: str, device: str):
@@ -236,8 +264,9 @@ def _verification_runtime(row: ExportFormat, artifact: str, precision: str, devi
     return RUNNERS_BY_FORMAT[row.name](artifact)
 
 
-def _verify_one(row, result, manifest: Manifest, export_dir, inputs, reference, options: ExportOptions,
-                device: str = "cpu") -> FormatResult:  # fmt: skip
+def _verify_one(
+    row, result, manifest: Manifest, export_dir, inputs, reference, options: ExportOptions, device: str = "cpu"
+) -> FormatResult:
     """Load the artifact through the serving runtime and compare it with the PyTorch reference; if it passes,
     measure its throughput with the same runtime, under each runtime option it offers."""
     manifest = _record(manifest, row, result)  # the runtime reads files and serving fields from the entry
@@ -259,8 +288,7 @@ def _verify_one(row, result, manifest: Manifest, export_dir, inputs, reference, 
     result.error = None if report["passed"] else "; ".join(report["failures"])
     if report["passed"] and runtime is not None:
         fresh = lambda: _verification_runtime(row, result.format, result.precision, device)  # noqa: E731
-        result.measured, result.tuning = measure_artifact(fresh, runtime,
-                                                          export_dir, manifest, inputs.batch)  # fmt: skip
+        result.measured, result.tuning = measure_artifact(fresh, runtime, export_dir, manifest, inputs.batch)
     return result
 
 
@@ -271,12 +299,20 @@ def _entry(row: ExportFormat, result: FormatResult) -> ArtifactEntry:
     if result.tuning:
         details["runtime_options_measured"] = result.tuning
     return ArtifactEntry(
-        name=result.format, format=row.name, precision=result.precision, runtime=row.runtime, files=tuple(names),
-        status=result.status, error=result.error, batch_range=exported.batch_range, device=exported.device,
+        name=result.format,
+        format=row.name,
+        precision=result.precision,
+        runtime=row.runtime,
+        files=tuple(names),
+        status=result.status,
+        error=result.error,
+        batch_range=exported.batch_range,
+        device=exported.device,
         built_for_gpu=exported.built_for_gpu,
         runtime_options=result.measured.runtime_options if result.measured else RuntimeOptions(),
-        measured=(result.measured,) if result.measured else (), details=details,
-    )  # fmt: skip
+        measured=(result.measured,) if result.measured else (),
+        details=details,
+    )
 
 
 def _record(manifest: Manifest, row: ExportFormat, result: FormatResult) -> Manifest:
@@ -321,8 +357,9 @@ def _carry_over(export_dir: Path, manifest: Manifest, verify_doc: dict, exclude:
         if name in exclude or entry.format not in FORMATS or not entry.servable:
             continue
         recorded = {f: old.files.get(f) for f in entry.files}
-        if all(recorded.values()) and all((export_dir / f).is_file() and FileRecord.of(export_dir / f) == recorded[f]
-                                          for f in entry.files):  # fmt: skip
+        if all(recorded.values()) and all(
+            (export_dir / f).is_file() and FileRecord.of(export_dir / f) == recorded[f] for f in entry.files
+        ):
             manifest = manifest.with_artifact(entry, recorded)
             if name in old_verify.get("formats", {}):
                 verify_doc["formats"][name] = old_verify["formats"][name]
@@ -373,8 +410,9 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
             manifest = _record(manifest, row, results[name])
             continue
         result = FormatResult(name, EXPORTED, entry.precision, file=files[0], exported=exported, files=files)
-        results[name] = _verify_one(row, result, manifest, export_dir, inputs, reference, options,
-                                    entry.device or "cpu")  # fmt: skip
+        results[name] = _verify_one(
+            row, result, manifest, export_dir, inputs, reference, options, entry.device or "cpu"
+        )
         _withhold_if_slower(results[name], results.get(artifact_name(row.name, "fp32")))
         manifest = _record(manifest, row, results[name])
     unchanged = old.servable() == manifest.servable() and old.files == manifest.files

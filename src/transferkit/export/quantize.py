@@ -83,8 +83,9 @@ def _activation_bytes_per_image(model_path: Path) -> int:
     return max(total, 1)
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: np.ndarray, method: str,
-                 symmetric: bool = False) -> int:  # fmt: skip
+def quantize_qdq(
+    fp32_path: Path, out_path: Path, prepared: Path, calibration: np.ndarray, method: str, symmetric: bool = False
+) -> int:
     """Static QDQ quantization: per-channel int8 weights, uint8 (or, `symmetric`, int8) activations calibrated
     on `calibration` -> the number of images used. onnxruntime's histogram methods (entropy, percentile) keep
     every activation of every calibration image in memory (15 GB for 512 images at 224 px): they get as many
@@ -93,8 +94,11 @@ def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: n
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     # shape inference + constant folding, as onnxruntime recommends before quantizing
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
     extra: dict[str, Any] = {"QDQKeepRemovableActivations": True, "ActivationSymmetric": symmetric}
@@ -108,10 +112,17 @@ def quantize_qdq(fp32_path: Path, out_path: Path, prepared: Path, calibration: n
     # kept in fp32 then reads the clipped tensor, as in the fp32 model. ORT still fuses them when it loads.
     # `symmetric`: int8 activations with zero points of 0, what TensorRT's explicit quantization accepts (ONNX
     # Runtime on x86 is faster with the default uint8 activations).
-    quantize_static(str(prepared), str(out_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                    per_channel=True, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    calibrate_method=methods[method], extra_options=extra)  # fmt: skip
+    quantize_static(
+        str(prepared),
+        str(out_path),
+        _Reader(calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        calibrate_method=methods[method],
+        extra_options=extra,
+    )
     return int(len(calibration))
 
 
@@ -183,8 +194,9 @@ def _distance(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
     return float(sum(np.mean((g - r) ** 2) / (np.var(r) + 1e-12) for r, g in zip(reference, got)))
 
 
-def rank_layers(qdq: onnx.ModelProto, fp32: onnx.ModelProto, images: np.ndarray,
-                check: Callable[[], None] = lambda: None) -> list[tuple[str, float]]:  # fmt: skip
+def rank_layers(
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, images: np.ndarray, check: Callable[[], None] = lambda: None
+) -> list[tuple[str, float]]:
     """Each quantized layer with the fraction of the output error that keeping it alone in fp32 removes,
     largest first (per-layer sensitivity, measured end to end on `images`). `check` runs before each layer's
     session (the INT8 budget: one session per layer is the repair's slow part at 224 px)."""
@@ -238,12 +250,14 @@ class OnnxEngine(Engine):
         if self._cache is None or self._cache[0] is not model:
             self._cache = (model, onnx_session(model.SerializeToString()))
         session = self._cache[1]
-        return batched_logits(lambda x: dict(zip(self.heads, session.run(self.heads, {INPUT_NAME: x}))), images,
-                              self.heads)  # fmt: skip
+        return batched_logits(
+            lambda x: dict(zip(self.heads, session.run(self.heads, {INPUT_NAME: x}))), images, self.heads
+        )
 
 
-def onnx_int8_plans(fp32_path: Path, tmp: Path, job: ExportJob, calibration: np.ndarray, engine: OnnxEngine
-                    ) -> list[Plan]:  # fmt: skip
+def onnx_int8_plans(
+    fp32_path: Path, tmp: Path, job: ExportJob, calibration: np.ndarray, engine: OnnxEngine
+) -> list[Plan]:
     """What the search tries for onnx-int8, in order: onnxruntime's static QDQ quantization with each calibration
     method (the chosen --calibration-method first), NNCF's; then, mixed precision, the per-layer repair of the
     first QDQ model and NNCF accuracy control."""
@@ -265,22 +279,31 @@ def onnx_int8_plans(fp32_path: Path, tmp: Path, job: ExportJob, calibration: np.
         import nncf
 
         dataset = nncf.Dataset([{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))])
-        return Candidate(nncf.quantize(onnx.load(str(fp32_path)), dataset, preset=nncf.QuantizationPreset.MIXED,
-                                       subset_size=len(calibration)))  # fmt: skip
+        return Candidate(
+            nncf.quantize(
+                onnx.load(str(fp32_path)), dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration)
+            )
+        )
 
     def nncf_controlled() -> Candidate:
         import nncf
 
-        return nncf_accuracy_control(onnx.load(str(fp32_path)), calibration, selection, engine, options,
-                                     preset=nncf.QuantizationPreset.MIXED)  # fmt: skip
+        return nncf_accuracy_control(
+            onnx.load(str(fp32_path)), calibration, selection, engine, options, preset=nncf.QuantizationPreset.MIXED
+        )
 
     def layer_repair() -> Candidate:
         if "qdq" not in first:
             ort(methods[0])
         return repair_layers(first["qdq"], onnx.load(str(prepared)), fp32_path, job, engine)
 
-    ort_settings = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
-                    "weights": "int8", "activations": "uint8"}  # fmt: skip
+    ort_settings = {
+        "tool": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "per_channel": True,
+        "weights": "int8",
+        "activations": "uint8",
+    }
     nncf_settings = {"tool": "nncf.quantize (ONNX)", "preset": "mixed", "subset_size": int(len(calibration))}
     return [
         *(Plan(f"ort-{m}", {**ort_settings, "method": m}, lambda m=m: ort(m), graph="ort-qdq") for m in methods),
@@ -288,16 +311,34 @@ def onnx_int8_plans(fp32_path: Path, tmp: Path, job: ExportJob, calibration: np.
         # the per-layer repair before NNCF's accuracy control: in benchmarks/export_formats.py runs here it passed
         # in 7 s at 1.74x fp32 (32 px), while NNCF's QDQ graph ran at 0.12-0.38x fp32 in ONNX Runtime after
         # 39-678 s
-        Plan("ort-layer-repair", {**ort_settings, "method": methods[0], "max_fp32_layers": options.max_fp32_layers,
-                                  "ranked_on": "validation"}, layer_repair, mixed=True),
-        Plan("nncf-accuracy-control", {**nncf_settings, "tool": "nncf.quantize_with_accuracy_control (ONNX)",
-                                       "max_drop": "the gate's bounds on validation",
-                                       "max_num_iterations": options.max_fp32_layers}, nncf_controlled, mixed=True),
-    ]  # fmt: skip
+        Plan(
+            "ort-layer-repair",
+            {
+                **ort_settings,
+                "method": methods[0],
+                "max_fp32_layers": options.max_fp32_layers,
+                "ranked_on": "validation",
+            },
+            layer_repair,
+            mixed=True,
+        ),
+        Plan(
+            "nncf-accuracy-control",
+            {
+                **nncf_settings,
+                "tool": "nncf.quantize_with_accuracy_control (ONNX)",
+                "max_drop": "the gate's bounds on validation",
+                "max_num_iterations": options.max_fp32_layers,
+            },
+            nncf_controlled,
+            mixed=True,
+        ),
+    ]
 
 
-def repair_layers(qdq: onnx.ModelProto, fp32: onnx.ModelProto, fp32_path: Path, job: ExportJob,
-                  engine: OnnxEngine) -> Candidate:  # fmt: skip
+def repair_layers(
+    qdq: onnx.ModelProto, fp32: onnx.ModelProto, fp32_path: Path, job: ExportJob, engine: OnnxEngine
+) -> Candidate:
     """The per-layer repair of a QDQ model: rank layers by how much keeping each alone in fp32 brings the logits
     back (on validation images), then keep the worst 1, 2, 4, ... (up to --max-fp32-layers) in fp32 until the
     validation split passes. Each step is one graph edit, not a new calibration."""
@@ -338,8 +379,10 @@ def quantize_onnx_int8(fp32_path: Path, path: Path, job: ExportJob) -> dict[str,
         plans = onnx_int8_plans(fp32_path, Path(tmp), job, calibration, engine)
         result = search(plans, engine, job.selection, job.options, fp32_model=onnx.load(str(fp32_path)))
         if result.chosen is None:
-            raise TransferkitError("every INT8 attempt failed: " + "; ".join(
-                f"{a['name']}: {a.get('error', a['status'])}" for a in result.attempts))  # fmt: skip
+            raise TransferkitError(
+                "every INT8 attempt failed: "
+                + "; ".join(f"{a['name']}: {a.get('error', a['status'])}" for a in result.attempts)
+            )
         atomic_write(path, lambda out: onnx.save(result.chosen.model, str(out)))
     return int8_details(fp32_path.name, result, calibration, job.selection, job.options)
 
@@ -351,8 +394,19 @@ def quantize_for_tensorrt(fp32_path: Path, out_path: Path, job: ExportJob) -> di
         raise TransferkitError("INT8 export needs calibration images (export_run gives them)")
     calibration = job.calibration(job.options.calibration_images)
     with tempfile.TemporaryDirectory(prefix="transferkit-int8-") as tmp:
-        quantize_qdq(fp32_path, out_path, Path(tmp) / "prepared.onnx", calibration, job.options.calibration_method,
-                     symmetric=True)  # fmt: skip
-    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "int8 symmetric",
-            "weights": "int8 per channel", "method": job.options.calibration_method,
-            "calibration_images": int(len(calibration))}  # fmt: skip
+        quantize_qdq(
+            fp32_path,
+            out_path,
+            Path(tmp) / "prepared.onnx",
+            calibration,
+            job.options.calibration_method,
+            symmetric=True,
+        )
+    return {
+        "tool": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "activations": "int8 symmetric",
+        "weights": "int8 per channel",
+        "method": job.options.calibration_method,
+        "calibration_images": int(len(calibration)),
+    }

@@ -16,8 +16,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transferkit.export.pipeline import ExportResult, FormatResult
 
-COLUMNS = ("format", "status", "precision", "size", "head", "max|Δ|", "top-1 agree", "acc torch", "acc format",
-           "Δacc pts", "export s")  # fmt: skip
+COLUMNS = (
+    "format",
+    "status",
+    "precision",
+    "size",
+    "head",
+    "max|Δ|",
+    "top-1 agree",
+    "acc torch",
+    "acc format",
+    "Δacc pts",
+    "export s",
+)
 
 
 def one_line(exc: BaseException, limit: int = 500) -> str:

@@ -51,8 +51,9 @@ def gpu_identity() -> dict[str, Any]:
     return {"name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
 
 
-def build_engine(onnx_path: Path, path: Path, precision: str, image_size: int,
-                 batch_range: tuple[int, int, int]) -> dict[str, Any]:  # fmt: skip
+def build_engine(
+    onnx_path: Path, path: Path, precision: str, image_size: int, batch_range: tuple[int, int, int]
+) -> dict[str, Any]:
     """model.onnx -> the engine at `path`, with a (min, opt, max) `batch_range` profile; fp16 when asked;
     for int8, `onnx_path` is a QDQ model (explicit quantization)."""
     import tensorrt as trt

@@ -83,8 +83,10 @@ def with_data(run: Run, data: list[str] | None) -> Run:
         name, spec = (name, spec) if sep and not name.startswith("imagefolder:") else (None, item)
         name = name or DatasetSpec.parse(spec, with_head=False).name
         if name not in specs:
-            raise DataError(f"--data {item}: the run has no dataset {name!r}; its datasets: {', '.join(specs)} "
-                            "(name one explicitly: NAME=imagefolder:PATH)")  # fmt: skip
+            raise DataError(
+                f"--data {item}: the run has no dataset {name!r}; its datasets: {', '.join(specs)} "
+                "(name one explicitly: NAME=imagefolder:PATH)"
+            )
         specs[name] = spec
     return dataclasses.replace(run, labels=dataclasses.replace(run.labels, specs=specs))
 
@@ -103,8 +105,14 @@ def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -
         try:
             ds = load_dataset(source, pre, limit=images_per_dataset)
         except Exception as exc:
-            hint = ("; if the run was trained on another machine, point at the data here: transferkit export RUN "
-                    f"--data {dataset}=imagefolder:PATH") if source.startswith("imagefolder:") else ""  # fmt: skip
+            hint = (
+                (
+                    "; if the run was trained on another machine, point at the data here: transferkit export RUN "
+                    f"--data {dataset}=imagefolder:PATH"
+                )
+                if source.startswith("imagefolder:")
+                else ""
+            )
             raise DataError(f"cannot load held-out images of {source} for verification: {exc}{hint}") from None
         missing = sorted(set(ds.classes) - set(classes))
         if missing:
@@ -162,8 +170,10 @@ def onnx_file_logits(path: Path, batch: np.ndarray, head_names: list[str]) -> di
     from transferkit.serving.runtime import onnx_session
 
     session = onnx_session(path)
-    parts = [session.run(head_names, {session.get_inputs()[0].name: batch[i : i + BATCH]})
-             for i in range(0, len(batch), BATCH)]  # fmt: skip
+    parts = [
+        session.run(head_names, {session.get_inputs()[0].name: batch[i : i + BATCH]})
+        for i in range(0, len(batch), BATCH)
+    ]
     return {h: np.concatenate([p[k] for p in parts]) for k, h in enumerate(head_names)}
 
 
@@ -172,8 +182,9 @@ def runtime_logits(runtime: Runtime, batch: np.ndarray) -> dict[str, np.ndarray]
     return {h: np.concatenate([p[h] for p in parts]) for h in runtime.heads}
 
 
-def subset(inputs: VerifyInputs, reference: dict[str, np.ndarray], logits: dict[str, np.ndarray], rows: np.ndarray
-           ) -> tuple[VerifyInputs, dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+def subset(
+    inputs: VerifyInputs, reference: dict[str, np.ndarray], logits: dict[str, np.ndarray], rows: np.ndarray
+) -> tuple[VerifyInputs, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Restrict a comparison to `rows` of inputs.batch: `logits` are the candidate's on those rows, in that
     order (what a validation over some of the images computes); each head keeps its datasets in order."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -234,8 +245,12 @@ def compare(
             ds_ref = float((ref[part].argmax(1) == y[part]).mean())
             ds_got = float((got[part].argmax(1) == y[part]).mean())
             ds_delta = 100.0 * (ds_got - ds_ref)
-            per_dataset[dataset] = {"images": n, "accuracy_pytorch": ds_ref, "accuracy_format": ds_got,
-                                    "accuracy_delta_points": ds_delta}  # fmt: skip
+            per_dataset[dataset] = {
+                "images": n,
+                "accuracy_pytorch": ds_ref,
+                "accuracy_format": ds_got,
+                "accuracy_delta_points": ds_delta,
+            }
             if len(inputs.datasets[head]) > 1 and abs(ds_delta) > bound:
                 head_failures.append(f"{head}/{dataset}: accuracy delta {ds_delta:+.2f} points beyond ±{bound}")
         heads[head] = {
@@ -252,5 +267,10 @@ def compare(
             "passed": not head_failures,
         }
         failures += head_failures
-    return {"passed": not failures, "precision": precision, "tolerance": asdict(tol), "heads": heads,
-            "failures": failures}  # fmt: skip
+    return {
+        "passed": not failures,
+        "precision": precision,
+        "tolerance": asdict(tol),
+        "heads": heads,
+        "failures": failures,
+    }

@@ -66,8 +66,9 @@ class Scorer:
     """`streams`: runtimes loaded side by side, for that many batches inferred at once (None: one per core on a
     CPU, one on a GPU); `threads`: runtime threads in all, shared out between the streams (None: one per core)."""
 
-    def __init__(self, run_dir: str | Path, runtime: str = "auto", threads: int | None = None,
-                 streams: int | None = 1) -> None:  # fmt: skip
+    def __init__(
+        self, run_dir: str | Path, runtime: str = "auto", threads: int | None = None, streams: int | None = 1
+    ) -> None:
         from transferkit.serving.runtime import select_runtime
 
         self.run_dir = Path(run_dir)
@@ -96,9 +97,12 @@ class Scorer:
     def identity(self) -> dict[str, Any]:
         """What the rows depend on: a resumed job must have the same (output.py)."""
         entry = self.manifest.artifacts[self.artifact]
-        return {"run": str(self.run_dir.resolve()), "artifact": self.artifact,
-                "artifact_sha256": [self.manifest.files[f].sha256 for f in entry.files if f in self.manifest.files],
-                "preprocessing": self.pre.to_dict()}  # fmt: skip
+        return {
+            "run": str(self.run_dir.resolve()),
+            "artifact": self.artifact,
+            "artifact_sha256": [self.manifest.files[f].sha256 for f in entry.files if f in self.manifest.files],
+            "preprocessing": self.pre.to_dict(),
+        }
 
     def pixels(self, path: str) -> np.ndarray:
         """One file -> uint8 (S, S, 3), or ScoreError."""
@@ -109,14 +113,17 @@ class Scorer:
         each call takes a runtime no other call is using (waiting for one when all `streams` are busy)."""
         runtime = self._free.get()
         try:
-            parts = [runtime.run(self.pre.normalize_numpy(pixels[i : i + self.max_batch]))
-                     for i in range(0, len(pixels), self.max_batch)]  # fmt: skip
+            parts = [
+                runtime.run(self.pre.normalize_numpy(pixels[i : i + self.max_batch]))
+                for i in range(0, len(pixels), self.max_batch)
+            ]
         finally:
             self._free.put(runtime)
         return {h: rank(np.concatenate([p[h] for p in parts])) for h in self.labels}
 
-    def rows(self, items: list[Item], decoded: list[np.ndarray | ScoreError], top_k: int,
-             with_truth: bool) -> list[dict[str, Any]]:  # fmt: skip
+    def rows(
+        self, items: list[Item], decoded: list[np.ndarray | ScoreError], top_k: int, with_truth: bool
+    ) -> list[dict[str, Any]]:
         good = [i for i, d in enumerate(decoded) if not isinstance(d, ScoreError)]
         ranked = self.infer(np.stack([decoded[i] for i in good])) if good else {}
         position = {i: n for n, i in enumerate(good)}
@@ -140,8 +147,11 @@ def read_pixels(pre: Preprocessing, path: str) -> np.ndarray:
     try:
         size = os.stat(path).st_size
         if size > MAX_UPLOAD_BYTES:
-            raise ScoreError("too large", f"{path}: {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES >> 20} MB limit "
-                                          "the server has for one upload; downscale or re-encode it")  # fmt: skip
+            raise ScoreError(
+                "too large",
+                f"{path}: {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES >> 20} MB limit "
+                "the server has for one upload; downscale or re-encode it",
+            )
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
@@ -157,8 +167,9 @@ def read_pixels(pre: Preprocessing, path: str) -> np.ndarray:
     except ImageFormatError as exc:
         raise ScoreError("format", str(exc)) from None
     except ImageDecodeError as exc:
-        raise ScoreError("not an image" if "not a recognised image" in str(exc) or "empty" in str(exc)
-                         else "corrupt", str(exc)) from None  # fmt: skip
+        raise ScoreError(
+            "not an image" if "not a recognised image" in str(exc) or "empty" in str(exc) else "corrupt", str(exc)
+        ) from None
 
 
 def decode_file(scorer: Scorer, path: str) -> np.ndarray | ScoreError:
@@ -206,8 +217,12 @@ def start_decoders(workers: int) -> ProcessPoolExecutor:
     """The decode processes, started now: call this before any runtime is loaded. They are forked (no
     re-import of the caller's main module, so `transferkit.score()` works from any script) while this process
     has no runtime threads yet; a fork taken later would copy threads and locks mid-use."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_die_with_parent, initargs=(os.getpid(),))  # fmt: skip
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
     pool.submit(_ready).result()  # a fork pool starts every process at its first task
     return pool
 
@@ -219,8 +234,15 @@ def _from_process(result: tuple[np.ndarray, list[tuple[int, str, str]]], n: int)
     return [failed[i] if i in failed else next(pixels) for i in range(n)]
 
 
-def local_batches(scorer: Scorer, items: Iterable[Item], batch_size: int, decoders: ProcessPoolExecutor,
-                  workers: int, top_k: int, with_truth: bool) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
+def local_batches(
+    scorer: Scorer,
+    items: Iterable[Item],
+    batch_size: int,
+    decoders: ProcessPoolExecutor,
+    workers: int,
+    top_k: int,
+    with_truth: bool,
+) -> Iterator[list[dict[str, Any]]]:
     """Rows in input order, one list per batch: each batch decoded by the `workers` decode processes
     (start_decoders; Pillow's format parsers are Python that holds the GIL, so threads would decode small
     images one at a time), one task per worker, not per file (a task costs more than a small image's decode);
@@ -240,7 +262,8 @@ def local_batches(scorer: Scorer, items: Iterable[Item], batch_size: int, decode
             yield pending.popleft().result()
 
 
-def _finish(scorer: Scorer, batch: list[Item], decoding: list[Future], sizes: list[int], top_k: int,
-            with_truth: bool) -> list[dict]:  # fmt: skip
+def _finish(
+    scorer: Scorer, batch: list[Item], decoding: list[Future], sizes: list[int], top_k: int, with_truth: bool
+) -> list[dict]:
     decoded = [d for f, n in zip(decoding, sizes) for d in _from_process(f.result(), n)]
     return scorer.rows(batch, decoded, top_k, with_truth)

@@ -63,14 +63,18 @@ class Summary:
 
     def describe(self) -> str:
         errors = ", ".join(f"{n} {kind}" for kind, n in self.errors.most_common()) or "none"
-        lines = [f"scored {self.images:,} images with {self.artifact} in {self.seconds:.1f} s "
-                 f"({self.images_per_second:,.0f} img/s{f'; {self.resumed:,} resumed from an earlier run' if self.resumed else ''})",
-                 f"errors: {errors}"]  # fmt: skip
+        lines = [
+            f"scored {self.images:,} images with {self.artifact} in {self.seconds:.1f} s "
+            f"({self.images_per_second:,.0f} img/s{f'; {self.resumed:,} resumed from an earlier run' if self.resumed else ''})",
+            f"errors: {errors}",
+        ]
         if self.startup_seconds:
             lines[0] += f"; Ray start-up {self.startup_seconds:.1f} s of it"
         for head in self.labelled:
-            lines.append(f"accuracy {head}: {self.correct[head] / self.labelled[head]:.4f} "
-                         f"({self.correct[head]:,}/{self.labelled[head]:,})")  # fmt: skip
+            lines.append(
+                f"accuracy {head}: {self.correct[head] / self.labelled[head]:.4f} "
+                f"({self.correct[head]:,}/{self.labelled[head]:,})"
+            )
         if self.out:
             lines.append(f"predictions: {self.out}")
         return "\n".join(lines)
@@ -79,8 +83,15 @@ class Summary:
 ENGINES = ("local", "ray")
 
 
-def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int, engine: str, num_cpus: float | None,
-           num_gpus: float) -> None:  # fmt: skip
+def _check(
+    top_k: int,
+    batch_size: int,
+    workers: int | None,
+    part_rows: int,
+    engine: str,
+    num_cpus: float | None,
+    num_gpus: float,
+) -> None:
     problems = []
     if engine not in ENGINES:
         problems.append(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -100,10 +111,23 @@ def _check(top_k: int, batch_size: int, workers: int | None, part_rows: int, eng
         raise ConfigError("; ".join(problems))
 
 
-def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = None, *, top_k: int = 5,
-          runtime: str = "auto", batch_size: int = BATCH_SIZE, workers: int | None = None, threads: int | None = None,
-          part_rows: int = PART_ROWS, progress: bool = False, engine: str = "local", ray_address: str | None = None,
-          num_cpus: float | None = None, num_gpus: float = 0.0) -> Summary | Iterator[dict[str, Any]]:  # fmt: skip
+def score(
+    run: str | Path,
+    inputs: list[str] | str,
+    out: str | Path | None = None,
+    *,
+    top_k: int = 5,
+    runtime: str = "auto",
+    batch_size: int = BATCH_SIZE,
+    workers: int | None = None,
+    threads: int | None = None,
+    part_rows: int = PART_ROWS,
+    progress: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float = 0.0,
+) -> Summary | Iterator[dict[str, Any]]:
     """Score every image in `inputs` (folders, globs, list files, imagefolder:PATH) with RUN's verified artifact.
     Without `out`: an iterator of rows. With it: the file written (resuming an interrupted run) and a Summary.
     engine="ray": `workers` actors (default: the cluster's CPUs / num_cpus), each with `num_cpus` CPUs (default
@@ -113,8 +137,19 @@ def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = Non
     if engine == "ray":
         if out is None:
             raise ConfigError("the ray engine writes its rows to a Parquet folder; give out= (--out PREDS.parquet)")
-        return _ray(Path(run), specs, Path(out), top_k, runtime, batch_size, workers, num_cpus or 1.0, num_gpus,
-                    ray_address, progress)  # fmt: skip
+        return _ray(
+            Path(run),
+            specs,
+            Path(out),
+            top_k,
+            runtime,
+            batch_size,
+            workers,
+            num_cpus or 1.0,
+            num_gpus,
+            ray_address,
+            progress,
+        )
     out_path = check_output(out) if out is not None else None
     workers = workers or cpu_count()
     decoders = start_decoders(workers)  # before the runtimes load: the processes are forked
@@ -128,24 +163,40 @@ def score(run: str | Path, inputs: list[str] | str, out: str | Path | None = Non
     if out_path is None:
         return _rows(scorer, sources, batch_size, decoders, workers, top_k, with_truth)
     with decoders:
-        return _write(scorer, sources, out_path, top_k, batch_size, decoders, workers, with_truth, part_rows,
-                      progress)  # fmt: skip
+        return _write(scorer, sources, out_path, top_k, batch_size, decoders, workers, with_truth, part_rows, progress)
 
 
-def _rows(scorer: Scorer, sources, batch_size: int, decoders, workers: int, top_k: int,
-          with_truth: bool) -> Iterator[dict[str, Any]]:  # fmt: skip
+def _rows(
+    scorer: Scorer, sources, batch_size: int, decoders, workers: int, top_k: int, with_truth: bool
+) -> Iterator[dict[str, Any]]:
     with decoders:
         for rows in local_batches(scorer, iter_items(sources), batch_size, decoders, workers, top_k, with_truth):
             yield from rows
 
 
-def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, decoders, workers: int,
-           with_truth: bool, part_rows: int, progress: bool) -> Summary:  # fmt: skip
+def _write(
+    scorer: Scorer,
+    sources,
+    out: Path,
+    top_k: int,
+    batch_size: int,
+    decoders,
+    workers: int,
+    with_truth: bool,
+    part_rows: int,
+    progress: bool,
+) -> Summary:
     heads = list(scorer.labels)
     # parts end on batch boundaries: a resumed run forms the same batches, so its rows are the same to the bit
     part_rows = max(batch_size, part_rows // batch_size * batch_size)
-    job = {**scorer.identity(), "inputs": [s.spec for s in sources], "top_k": top_k, "batch_size": batch_size,
-           "part_rows": part_rows, "format": 1}  # fmt: skip
+    job = {
+        **scorer.identity(),
+        "inputs": [s.spec for s in sources],
+        "top_k": top_k,
+        "batch_size": batch_size,
+        "part_rows": part_rows,
+        "format": 1,
+    }
     writer = PartWriter(out, schema(heads, with_truth), job)
     summary = Summary(artifact=scorer.artifact, out=out)
     for table in writer.tables():  # an interrupted run's rows count in the summary
@@ -171,8 +222,19 @@ def _write(scorer: Scorer, sources, out: Path, top_k: int, batch_size: int, deco
     return summary
 
 
-def _ray(run: Path, specs: list, out: Path, top_k: int, runtime: str, batch_size: int, workers: int | None,
-         num_cpus: float, num_gpus: float, address: str | None, progress: bool) -> Summary:  # fmt: skip
+def _ray(
+    run: Path,
+    specs: list,
+    out: Path,
+    top_k: int,
+    runtime: str,
+    batch_size: int,
+    workers: int | None,
+    num_cpus: float,
+    num_gpus: float,
+    address: str | None,
+    progress: bool,
+) -> Summary:
     """The ray engine: the driver resolves the artifact once (every actor loads that one), Ray scores."""
     from transferkit.scoring.ray_engine import check_ray_output, ray_score
     from transferkit.serving.runtime import select_runtime
@@ -184,11 +246,23 @@ def _ray(run: Path, specs: list, out: Path, top_k: int, runtime: str, batch_size
     sources = open_sources([str(s) for s in specs], heads)
     with_truth = any(s.kind == "imagefolder" for s in sources)
     start = time.monotonic()
-    job = ray_score(run, sources, out, runtime=artifact, top_k=top_k, batch_size=batch_size, actors=workers,
-              cpus_per_actor=num_cpus, gpus_per_actor=num_gpus, address=address, with_truth=with_truth,
-              progress=progress)  # fmt: skip
-    summary = Summary(artifact=artifact, out=out, seconds=time.monotonic() - start,
-                      startup_seconds=job["startup_seconds"])  # fmt: skip
+    job = ray_score(
+        run,
+        sources,
+        out,
+        runtime=artifact,
+        top_k=top_k,
+        batch_size=batch_size,
+        actors=workers,
+        cpus_per_actor=num_cpus,
+        gpus_per_actor=num_gpus,
+        address=address,
+        with_truth=with_truth,
+        progress=progress,
+    )
+    summary = Summary(
+        artifact=artifact, out=out, seconds=time.monotonic() - start, startup_seconds=job["startup_seconds"]
+    )
     columns = ["error_kind", *(f"{h}_labels" for h in heads), *(f"{h}_true" for h in heads if with_truth)]
     for part in sorted(out.glob("part-*.parquet")):
         summary.add(pq.read_table(part, columns=columns).to_pylist(), list(heads))
@@ -212,8 +286,10 @@ class Progress:
         self.last = now
         rate = (done - self.start_done) / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = (f"scored {done:,}/{self.total:,} ({100 * done / max(self.total, 1):.1f}%)  {rate:,.0f} img/s  "
-                f"ETA {_clock(eta)}")  # fmt: skip
+        line = (
+            f"scored {done:,}/{self.total:,} ({100 * done / max(self.total, 1):.1f}%)  {rate:,.0f} img/s  "
+            f"ETA {_clock(eta)}"
+        )
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self, done: int) -> None:

@@ -73,8 +73,10 @@ class PartWriter:
         before = json.loads(job_file.read_text())
         if before != self.job:
             changed = sorted(k for k in set(before) | set(self.job) if before.get(k) != self.job.get(k))
-            raise ConfigError(f"{self.parts_dir} holds an unfinished job with other {', '.join(changed)}; run the same "
-                              f"command again to resume it, or delete {self.parts_dir} to start over")  # fmt: skip
+            raise ConfigError(
+                f"{self.parts_dir} holds an unfinished job with other {', '.join(changed)}; run the same "
+                f"command again to resume it, or delete {self.parts_dir} to start over"
+            )
         return sorted(self.parts_dir.glob("part-*.parquet"))
 
     @property
@@ -124,5 +126,9 @@ def _write_csv(f, table: pa.Table) -> None:
     writer = csv.writer(f)
     names = table.schema.names
     for row in table.to_pylist():
-        writer.writerow([json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ("" if v is None else v)
-                         for v in (row[n] for n in names)])  # fmt: skip
+        writer.writerow(
+            [
+                json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ("" if v is None else v)
+                for v in (row[n] for n in names)
+            ]
+        )

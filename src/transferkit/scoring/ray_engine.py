@@ -60,11 +60,14 @@ def require_ray():
 
 def check_ray_output(out: Path) -> None:
     if out.suffix.lower() != ".parquet":
-        raise ConfigError(f"--out {out}: the ray engine writes a folder of Parquet files (Ray's write_parquet); "
-                          f"name it like {out.with_suffix('.parquet').name}")  # fmt: skip
+        raise ConfigError(
+            f"--out {out}: the ray engine writes a folder of Parquet files (Ray's write_parquet); "
+            f"name it like {out.with_suffix('.parquet').name}"
+        )
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; the ray engine writes a folder there. Remove it or choose "
-                          "another name")  # fmt: skip
+        raise ConfigError(
+            f"--out {out} is a file; the ray engine writes a folder there. Remove it or choose another name"
+        )
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist; create it first")
 
@@ -131,8 +134,10 @@ def connect(address: str | None):
         else:
             ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
     except ConnectionError as exc:
-        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "
-                          "`ray start --head`, or leave --ray-address out to start a local Ray") from None  # fmt: skip
+        raise ConfigError(
+            f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "
+            "`ray start --head`, or leave --ray-address out to start a local Ray"
+        ) from None
     return ray, True
 
 
@@ -142,13 +147,27 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "
-                          "`ray start --head`, or leave --ray-address out to start a local Ray") from None  # fmt: skip
+        raise ConfigError(
+            f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "
+            "`ray start --head`, or leave --ray-address out to start a local Ray"
+        ) from None
 
 
-def ray_score(run: Path, sources: list[Source], out: Path, *, runtime: str, top_k: int, batch_size: int,
-              actors: int | None, cpus_per_actor: float, gpus_per_actor: float, address: str | None,
-              with_truth: bool, progress: bool) -> dict[str, Any]:  # fmt: skip
+def ray_score(
+    run: Path,
+    sources: list[Source],
+    out: Path,
+    *,
+    runtime: str,
+    top_k: int,
+    batch_size: int,
+    actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    address: str | None,
+    with_truth: bool,
+    progress: bool,
+) -> dict[str, Any]:
     """Score every input on Ray and commit OUT; returns the row count, the number of actors and the seconds
     spent connecting to (or starting) Ray."""
     check_ray_output(out)
@@ -156,18 +175,41 @@ def ray_score(run: Path, sources: list[Source], out: Path, *, runtime: str, top_
     ray, connected = connect(address)
     startup = time.monotonic() - started
     try:
-        done = _run(ray, run, sources, out, runtime=runtime, top_k=top_k, batch_size=batch_size, actors=actors,
-                    cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, with_truth=with_truth,
-                    progress=progress)  # fmt: skip
+        done = _run(
+            ray,
+            run,
+            sources,
+            out,
+            runtime=runtime,
+            top_k=top_k,
+            batch_size=batch_size,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            with_truth=with_truth,
+            progress=progress,
+        )
         return {**done, "startup_seconds": startup}
     finally:
         if connected:  # a Ray this job started (or joined) is left as it was found: no process stays behind
             ray.shutdown()
 
 
-def _run(ray, run: Path, sources: list[Source], out: Path, *, runtime: str, top_k: int, batch_size: int,
-         actors: int | None, cpus_per_actor: float, gpus_per_actor: float, with_truth: bool,
-         progress: bool) -> dict[str, Any]:  # fmt: skip
+def _run(
+    ray,
+    run: Path,
+    sources: list[Source],
+    out: Path,
+    *,
+    runtime: str,
+    top_k: int,
+    batch_size: int,
+    actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    with_truth: bool,
+    progress: bool,
+) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy, DataContext
 
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -189,10 +231,20 @@ def _run(ray, run: Path, sources: list[Source], out: Path, *, runtime: str, top_
         threads = max(1, int(cpus_per_actor))
         rows = ray.data.from_arrow_refs(parts).map_batches(
             BatchScorer,
-            fn_constructor_kwargs={"run": str(run.resolve()), "runtime": runtime, "threads": threads,
-                                   "decode_threads": threads, "top_k": top_k, "with_truth": with_truth},
-            batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors),
-            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)  # fmt: skip
+            fn_constructor_kwargs={
+                "run": str(run.resolve()),
+                "runtime": runtime,
+                "threads": threads,
+                "decode_threads": threads,
+                "top_k": top_k,
+                "with_truth": with_truth,
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+        )
         # writing takes no CPU of its own: the actors hold every CPU the pool asks for, and a write task that
         # waited for a free one would wait forever
         rows.write_parquet(str(staging / "rows"), ray_remote_args={"num_cpus": 0})
@@ -221,8 +273,10 @@ def _commit(rows_dir: Path, out: Path, total: int) -> None:
     expected = 0
     for first, last, n, path in files:
         if first != expected or last != expected + n - 1:
-            raise TransferkitError(f"the Ray job's output is missing or repeats rows from input {expected} "
-                                   f"({path.name} starts at {first}); {out} is unchanged")  # fmt: skip
+            raise TransferkitError(
+                f"the Ray job's output is missing or repeats rows from input {expected} "
+                f"({path.name} starts at {first}); {out} is unchanged"
+            )
         expected += n
     if seen != total:
         raise TransferkitError(f"the Ray job wrote {seen} rows for {total} inputs; {out} is unchanged")

@@ -90,15 +90,18 @@ def _open(spec: str, heads: dict[str, list[str]]) -> Source:
     if path.is_file():
         kind = path.suffix.lower().lstrip(".")
         if f".{kind}" not in LIST_SUFFIXES:
-            raise ConfigError(f"input {spec}: a single file is read as a list of paths, and {path.suffix or 'no suffix'} "
-                              f"is not a list format ({', '.join(LIST_SUFFIXES)}); to score images, give their folder "
-                              "or a glob")  # fmt: skip
+            raise ConfigError(
+                f"input {spec}: a single file is read as a list of paths, and {path.suffix or 'no suffix'} "
+                f"is not a list format ({', '.join(LIST_SUFFIXES)}); to score images, give their folder "
+                "or a glob"
+            )
         _check_list(path, kind)
         return Source(spec, kind, path)
     if _GLOB_CHARS & set(spec):
         return Source(spec, "glob", path)
-    raise ConfigError(f"input {spec}: no such file or folder; give a folder, a glob, a .txt/.csv/.parquet list "
-                      "or imagefolder:PATH")  # fmt: skip
+    raise ConfigError(
+        f"input {spec}: no such file or folder; give a folder, a glob, a .txt/.csv/.parquet list or imagefolder:PATH"
+    )
 
 
 def _imagefolder(spec: str, root: Path, heads: dict[str, list[str]]) -> Source:
@@ -114,9 +117,11 @@ def _imagefolder(spec: str, root: Path, heads: dict[str, list[str]]) -> Source:
         known = "; ".join(
             f"{h}: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}" for h, labels in heads.items()
         )
-        raise ConfigError(f"input {spec}: no head of this model has all of its classes ({', '.join(classes[:6])}"
-                          f"{', ...' if len(classes) > 6 else ''}); the heads' labels: {known}. Rename the class "
-                          "folders, or give the plain folder to score without accuracy")  # fmt: skip
+        raise ConfigError(
+            f"input {spec}: no head of this model has all of its classes ({', '.join(classes[:6])}"
+            f"{', ...' if len(classes) > 6 else ''}); the heads' labels: {known}. Rename the class "
+            "folders, or give the plain folder to score without accuracy"
+        )
     return Source(spec, "imagefolder", root, matching)
 
 

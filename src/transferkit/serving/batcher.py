@@ -52,8 +52,14 @@ class _Item:
 
 
 class MicroBatcher:
-    def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        max_batch: int = 32,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0

@@ -116,8 +116,7 @@ def bentofile(runtime: str = "onnxruntime", base_image: str = DEFAULT_BASE_IMAGE
 def render_template(model_tag: str, runtime: str) -> str:
     """Dockerfile.j2 with the image labels filled in (BentoML renders the Jinja parts at containerize time)."""
     text = TEMPLATE.read_text()
-    for key, value in (("MODEL_TAG", model_tag), ("TRANSFERKIT_VERSION", __version__),
-                       ("RUNTIME", runtime)):  # fmt: skip
+    for key, value in (("MODEL_TAG", model_tag), ("TRANSFERKIT_VERSION", __version__), ("RUNTIME", runtime)):
         text = text.replace(f"@{key}@", value.replace('"', ""))
     return text
 
@@ -137,8 +136,13 @@ def stage_context(dest: Path, model_tag: str, runtime: str, base_image: str) -> 
     return path
 
 
-def build_bento(run_dir: str | Path, base_image: str | None = None, runtime: str = "onnxruntime",
-                image: str | None = None, timeout: float = 1800) -> BuildResult:  # fmt: skip
+def build_bento(
+    run_dir: str | Path,
+    base_image: str | None = None,
+    runtime: str = "onnxruntime",
+    image: str | None = None,
+    timeout: float = 1800,
+) -> BuildResult:
     """Build the Bento for an exported run (and, with `image`, the container image). The run must have been
     exported with a format the chosen runtime serves."""
     import bentoml
@@ -152,9 +156,23 @@ def build_bento(run_dir: str | Path, base_image: str | None = None, runtime: str
     env = {k: v for k, v in os.environ.items() if k != MODEL_ENV}  # the Bento argument is what counts
     with tempfile.TemporaryDirectory(prefix="transferkit-build-") as context:
         bentofile_path = stage_context(Path(context), model.tag, runtime, base_image)
-        cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile_path), "--name", name,
-               "--arg", f"model={model.tag}", "--label", f"model={model.tag.replace(':', '_')}",
-               "--output", "tag", context]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "build",
+            "-f",
+            str(bentofile_path),
+            "--name",
+            name,
+            "--arg",
+            f"model={model.tag}",
+            "--label",
+            f"model={model.tag.replace(':', '_')}",
+            "--output",
+            "tag",
+            context,
+        ]
         try:
             done = subprocess.run(cmd, env=env, cwd=context, stdout=subprocess.PIPE, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -166,8 +184,9 @@ def build_bento(run_dir: str | Path, base_image: str | None = None, runtime: str
     dockerfile = bento_path / "env" / "docker" / "Dockerfile"
     if not dockerfile.is_file():
         raise TransferkitError(f"bentoml build made {tag} but {dockerfile} is missing")
-    result = BuildResult(tag=tag, bento_path=bento_path, dockerfile_path=dockerfile,
-                         containerize_command=f"bentoml containerize {tag}")  # fmt: skip
+    result = BuildResult(
+        tag=tag, bento_path=bento_path, dockerfile_path=dockerfile, containerize_command=f"bentoml containerize {tag}"
+    )
     if image:
         containerize(tag, image, timeout=timeout)
         result.image = image
@@ -183,8 +202,10 @@ def check_docker() -> bool:
     except subprocess.TimeoutExpired:
         info = None
     if info is None or info.returncode != 0:
-        raise TransferkitError("no Docker engine answers (`docker info` failed): start it (`sudo dockerd &` or "
-                               "`systemctl start docker`) or set DOCKER_HOST, then re-run")  # fmt: skip
+        raise TransferkitError(
+            "no Docker engine answers (`docker info` failed): start it (`sudo dockerd &` or "
+            "`systemctl start docker`) or set DOCKER_HOST, then re-run"
+        )
     buildx = subprocess.run(["docker", "buildx", "version"], capture_output=True, timeout=30)
     return buildx.returncode == 0
 

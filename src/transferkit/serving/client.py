@@ -105,8 +105,9 @@ def predict_files(
     def one(client: Any, p: Path) -> dict[str, Any]:
         mime = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
         try:
-            response = client.post("/predict", files={"image": (p.name, p.read_bytes(), mime)},
-                                   data={"top_k": str(top_k)})  # fmt: skip
+            response = client.post(
+                "/predict", files={"image": (p.name, p.read_bytes(), mime)}, data={"top_k": str(top_k)}
+            )
         except httpx.TransportError as exc:
             raise TransferkitError(
                 f"cannot reach the server at {url} ({type(exc).__name__}: {exc}); "
@@ -114,8 +115,9 @@ def predict_files(
             ) from None
         if response.status_code == 401:
             hint = "the key was refused" if api_key else "it requires an API key"
-            raise TransferkitError(f"the server at {url} answered 401: {hint}; pass --api-key-file PATH or set "
-                                   "$TRANSFERKIT_API_KEY")  # fmt: skip
+            raise TransferkitError(
+                f"the server at {url} answered 401: {hint}; pass --api-key-file PATH or set $TRANSFERKIT_API_KEY"
+            )
         if response.status_code >= 400:
             message = f"the server answered {response.status_code}: {_server_message(response)}"
             if errors == "raise":
@@ -156,8 +158,13 @@ def write_results(results: list[dict[str, Any]], out: str | Path) -> Path:
             row = {"file": r["file"], "error": r.get("error", "")}
             for h, preds in r.get("heads", {}).items():
                 if preds:
-                    row.update({f"{h}_top1": preds[0]["label"], f"{h}_score": preds[0]["score"],
-                                f"{h}_labels": ";".join(p["label"] for p in preds)})  # fmt: skip
+                    row.update(
+                        {
+                            f"{h}_top1": preds[0]["label"],
+                            f"{h}_score": preds[0]["score"],
+                            f"{h}_labels": ";".join(p["label"] for p in preds),
+                        }
+                    )
             writer.writerow(row)
         text = buffer.getvalue()
     atomic_write_text(out, text)

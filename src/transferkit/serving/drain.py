@@ -89,8 +89,12 @@ class Drain:
             if self.active == 0 and now - self.last_arrival >= self.quiet_s:
                 break
             await asyncio.sleep(POLL_S)
-        logger.info("drained in %.1f s (%d requests turned away, %d still in flight); stopping",
-                    time.monotonic() - start, self.turned_away, self.active)  # fmt: skip
+        logger.info(
+            "drained in %.1f s (%d requests turned away, %d still in flight); stopping",
+            time.monotonic() - start,
+            self.turned_away,
+            self.active,
+        )
         stop()
 
 

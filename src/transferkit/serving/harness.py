@@ -54,8 +54,11 @@ class ServerHandle:
             self._log.close()
             self._log = None
         if killed:
-            warnings.warn(f"transferkit serve did not stop by itself; killed pids {killed} (log: {self.log_path})",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"transferkit serve did not stop by itself; killed pids {killed} (log: {self.log_path})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return killed
 
     def __enter__(self) -> ServerHandle:
@@ -100,9 +103,15 @@ def start_server(
     log = open(log_path, "ab")
     # its own session (a Ctrl-C meant for the caller reaches it only through the handle), and SIGTERM, a
     # graceful stop, when the caller dies without stopping it (a killed test run leaves no server behind)
-    proc = subprocess.Popen(serve_command(run_dir, host, port, settings, drain_timeout), env=env,
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
+    proc = subprocess.Popen(
+        serve_command(run_dir, host, port, settings, drain_timeout),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent(),
+    )
     handle = ServerHandle(f"http://{host}:{port}", model.tag, proc, log_path, log, drain_timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

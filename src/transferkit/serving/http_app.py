@@ -54,8 +54,11 @@ def _request_id(request: Request) -> str:
 
 
 def error(status: int, message: str, request_id: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "request_id": request_id}, status_code=status,
-                        headers={"X-Request-ID": request_id, **(headers or {})})  # fmt: skip
+    return JSONResponse(
+        {"error": message, "request_id": request_id},
+        status_code=status,
+        headers={"X-Request-ID": request_id, **(headers or {})},
+    )
 
 
 def _authorized(request: Request, key: str) -> bool:
@@ -78,13 +81,21 @@ async def _predict(request: Request, service: Any) -> Response:
     request_id = _request_id(request)
     settings = service.settings
     if settings.api_key and not _authorized(request, settings.api_key):
-        return error(401, "missing or wrong API key; send the header `Authorization: Bearer <key>`", request_id,
-                     {"WWW-Authenticate": 'Bearer realm="transferkit"'})  # fmt: skip
+        return error(
+            401,
+            "missing or wrong API key; send the header `Authorization: Bearer <key>`",
+            request_id,
+            {"WWW-Authenticate": 'Bearer realm="transferkit"'},
+        )
     if service.drain.draining:  # SIGTERM: this client should go to another replica (drain.py)
         service.drain.turn_away()
         service.count_refusal("shutting down")
-        return error(503, "the server is shutting down; retry, and another replica will answer", request_id,
-                     {"Connection": "close", "Retry-After": "1"})  # fmt: skip
+        return error(
+            503,
+            "the server is shutting down; retry, and another replica will answer",
+            request_id,
+            {"Connection": "close", "Retry-After": "1"},
+        )
     try:
         with service.drain.request(), service.batcher.admit(1) as admission:  # refuse before reading the body
             answer = await _within(settings.timeout_s, _answer(request, service, admission))
@@ -95,12 +106,10 @@ async def _predict(request: Request, service: Any) -> Response:
         return error(exc.status, str(exc), request_id)
     except asyncio.TimeoutError:
         service.count_refusal("timeout")
-        return error(504, f"not answered within {settings.timeout_s:g} s; retry later or send fewer images",
-                     request_id)  # fmt: skip
+        return error(504, f"not answered within {settings.timeout_s:g} s; retry later or send fewer images", request_id)
     except Exception:  # noqa: BLE001 - a bug: logged in full, answered in JSON, and the worker keeps serving
         logger.exception("request %s failed", request_id)
-        return error(500, f"internal error; the server log has the details under request id {request_id}",
-                     request_id)  # fmt: skip
+        return error(500, f"internal error; the server log has the details under request id {request_id}", request_id)
     return JSONResponse(answer, headers={"X-Request-ID": request_id})
 
 
@@ -118,9 +127,12 @@ async def _answer(request: Request, service: Any, admission: Any) -> dict[str, A
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in BODY_TYPES:
         got = content_type or "no content type"
-        raise ClientError(415, f"expected multipart/form-data, application/json or {', '.join(RAW_IMAGE_TYPES)}, "
-                               f"got {got}; e.g. curl -F image=@photo.jpg URL/predict, or curl --data-binary "
-                               "@photo.jpg -H 'Content-Type: image/jpeg' URL/predict")  # fmt: skip
+        raise ClientError(
+            415,
+            f"expected multipart/form-data, application/json or {', '.join(RAW_IMAGE_TYPES)}, "
+            f"got {got}; e.g. curl -F image=@photo.jpg URL/predict, or curl --data-binary "
+            "@photo.jpg -H 'Content-Type: image/jpeg' URL/predict",
+        )
     body = await read_body(request.stream(), request.headers.get("content-length"), MAX_UPLOAD_BYTES)
     query_top_k = request.query_params.getlist("top_k")
     if query_top_k and content_type not in RAW_IMAGE_TYPES:
@@ -129,8 +141,11 @@ async def _answer(request: Request, service: Any, admission: Any) -> dict[str, A
         inputs = parse_raw(body, query_top_k)
     elif content_type == "application/json":
         # base64 of a large body takes milliseconds: off the event loop, which serves every other request
-        inputs = (parse_json(body, settings.max_images) if len(body) < LARGE_BODY
-                  else await asyncio.to_thread(parse_json, body, settings.max_images))  # fmt: skip
+        inputs = (
+            parse_json(body, settings.max_images)
+            if len(body) < LARGE_BODY
+            else await asyncio.to_thread(parse_json, body, settings.max_images)
+        )
     else:
         inputs = await parse_multipart(_form_parser(request, body), settings.max_images)
     admission.add(len(inputs.images) - 1)

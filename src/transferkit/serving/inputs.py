@@ -26,8 +26,10 @@ from typing import Any
 
 from transferkit.serving.settings import MAX_TOP_K
 
-HINT = ("send multipart/form-data with a file field `image` (or repeated `images`), e.g. "
-        "curl -F image=@photo.jpg URL/predict, or JSON {\"images\": [\"<base64>\", ...]}")  # fmt: skip
+HINT = (
+    "send multipart/form-data with a file field `image` (or repeated `images`), e.g. "
+    'curl -F image=@photo.jpg URL/predict, or JSON {"images": ["<base64>", ...]}'
+)
 FIELDS = ("image", "images", "top_k")
 RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")  # the formats the server decodes (SERVED_FORMATS)
 DEFAULT_TOP_K = 5
@@ -137,8 +139,9 @@ async def parse_multipart(form_parser: Any, max_images: int) -> PredictInputs:
     except Exception as exc:  # noqa: BLE001 - malformed framing, too many parts: python-multipart's many errors
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         if "too many files" in detail.lower():  # Starlette stops at max_files: too many images is always 413
-            raise ClientError(413, f"more than {max_images} images in one request, over the limit; split the "
-                                   "request") from None  # fmt: skip
+            raise ClientError(
+                413, f"more than {max_images} images in one request, over the limit; split the request"
+            ) from None
         raise ClientError(400, f"could not parse the multipart body ({detail}); {HINT}") from None
     try:
         unknown = sorted(set(form.keys()) - set(FIELDS))
@@ -148,8 +151,11 @@ async def parse_multipart(form_parser: Any, max_images: int) -> PredictInputs:
         if single and listed:
             raise ClientError(400, "send either `image` (one file) or `images` (several), not both")
         if len(single) > 1:
-            raise ClientError(400, f"{len(single)} `image` fields; send one image per `image` field, or use "
-                                   "the repeated `images` field for several")  # fmt: skip
+            raise ClientError(
+                400,
+                f"{len(single)} `image` fields; send one image per `image` field, or use "
+                "the repeated `images` field for several",
+            )
         many = bool(listed)
         files = listed if many else single
         _check_count(len(files), max_images)

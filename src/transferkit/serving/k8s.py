@@ -58,8 +58,7 @@ TMP_SIZE = "1Gi"  # uploads over 1 MB are spooled to /tmp while they are read (2
 FILES = ("deployment.yaml", "service.yaml", "hpa.yaml")
 _CPU = re.compile(r"(\d+(?:\.\d+)?)(m?)")
 _MEMORY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
-_BYTES = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}  # fmt: skip
+_BYTES = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 MIN_MEMORY = 256 * 2**20  # below this not even one worker with a small model fits
@@ -92,16 +91,19 @@ class K8sOptions:
         if self.min_replicas < 1:
             problems.append(f"--k8s-min-replicas must be >= 1, got {self.min_replicas}")
         if self.max_replicas < self.min_replicas:
-            problems.append(f"--k8s-min-replicas ({self.min_replicas}) is above --k8s-max-replicas "
-                            f"({self.max_replicas}): pass a minimum <= the maximum")  # fmt: skip
+            problems.append(
+                f"--k8s-min-replicas ({self.min_replicas}) is above --k8s-max-replicas "
+                f"({self.max_replicas}): pass a minimum <= the maximum"
+            )
         if not 1 <= self.target_cpu <= 100:
-            problems.append(f"--k8s-target-cpu must be 1..100 (percent of the CPU request), "
-                            f"got {self.target_cpu}")  # fmt: skip
+            problems.append(f"--k8s-target-cpu must be 1..100 (percent of the CPU request), got {self.target_cpu}")
         if self.api_key_secret is not None:
             name, _, key = self.api_key_secret.partition(":")
             if not _SECRET_NAME.fullmatch(name) or (key and not _SECRET_KEY.fullmatch(key)):
-                problems.append(f"--k8s-api-key-secret {self.api_key_secret!r} is not NAME or NAME:KEY "
-                                "(NAME: lowercase letters, digits, '-' and '.')")  # fmt: skip
+                problems.append(
+                    f"--k8s-api-key-secret {self.api_key_secret!r} is not NAME or NAME:KEY "
+                    "(NAME: lowercase letters, digits, '-' and '.')"
+                )
         if problems:
             raise ConfigError("kubernetes options: " + "; ".join(problems))
 
@@ -134,18 +136,22 @@ def resource_name(text: str) -> str:
     return name[:63].rstrip("-")
 
 
-def manifests(image: str, model_tag: str, options: K8sOptions | None = None, runtime: str = "onnxruntime",
-              name: str | None = None) -> dict[str, dict]:  # fmt: skip
+def manifests(
+    image: str, model_tag: str, options: K8sOptions | None = None, runtime: str = "onnxruntime", name: str | None = None
+) -> dict[str, dict]:
     """{file name: manifest} for the Deployment, the Service and the HorizontalPodAutoscaler."""
     options = options or K8sOptions()
     name = resource_name(name or model_tag.split(":")[0])
     selector = {"app.kubernetes.io/name": "transferkit", "app.kubernetes.io/instance": name}
     version = re.sub(r"[^A-Za-z0-9_.-]", "", model_tag.partition(":")[2])[:63].strip("-_.")
-    labels = {**selector, "app.kubernetes.io/component": "server", "app.kubernetes.io/managed-by": "transferkit",
-              **({"app.kubernetes.io/version": version} if version else {})}  # fmt: skip
+    labels = {
+        **selector,
+        "app.kubernetes.io/component": "server",
+        "app.kubernetes.io/managed-by": "transferkit",
+        **({"app.kubernetes.io/version": version} if version else {}),
+    }
     # the image's labels (`docker inspect`), so `kubectl describe` names the model a pod serves
-    annotations = {"transferkit.model": model_tag, "transferkit.version": __version__,
-                   "transferkit.runtime": runtime}  # fmt: skip
+    annotations = {"transferkit.model": model_tag, "transferkit.version": __version__, "transferkit.runtime": runtime}
     workers = options.workers(runtime)
     env = [
         {"name": PREFIX + "WORKERS", "value": str(workers)},
@@ -160,8 +166,13 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
     resources = {"cpu": options.cpu, "memory": options.memory_for(runtime)}
 
     def probe(path: str, delay: int, period: int, timeout: int, failures: int) -> dict:
-        return {"httpGet": {"path": path, "port": PORT_NAME}, "initialDelaySeconds": delay, "periodSeconds": period,
-                "timeoutSeconds": timeout, "failureThreshold": failures}  # fmt: skip
+        return {
+            "httpGet": {"path": path, "port": PORT_NAME},
+            "initialDelaySeconds": delay,
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": failures,
+        }
 
     container = {
         "name": "server",
@@ -180,7 +191,7 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
-        },  # fmt: skip
+        },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     pod = {
@@ -193,23 +204,45 @@ def manifests(image: str, model_tag: str, options: K8sOptions | None = None, run
                 "runAsUser": IMAGE_UID,
                 "runAsGroup": IMAGE_UID,
                 "seccompProfile": {"type": "RuntimeDefault"},
-            },  # fmt: skip
+            },
             "containers": [container],
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}}],
         },
     }
     meta = {"name": name, "labels": labels}
     rollout = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {**meta, "annotations": annotations},
-                  "spec": {"selector": {"matchLabels": selector}, "template": pod, "strategy": rollout}}  # fmt: skip
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {**meta, "annotations": annotations},
+        "spec": {"selector": {"matchLabels": selector}, "template": pod, "strategy": rollout},
+    }
     port = {"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": meta,
-               "spec": {"type": "ClusterIP", "selector": selector, "ports": [port]}}  # fmt: skip
-    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta,
-           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                    "minReplicas": options.min_replicas, "maxReplicas": options.max_replicas,
-                    "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
-                        "type": "Utilization", "averageUtilization": options.target_cpu}}}]}}  # fmt: skip
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"type": "ClusterIP", "selector": selector, "ports": [port]},
+    }
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": options.min_replicas,
+            "maxReplicas": options.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": options.target_cpu},
+                    },
+                }
+            ],
+        },
+    }
     return dict(zip(FILES, (deployment, service, hpa)))
 
 
@@ -239,8 +272,14 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def write_manifests(out_dir: str | Path, image: str, model_tag: str, options: K8sOptions | None = None,
-                    runtime: str = "onnxruntime", image_from_bento: bool = False) -> list[Path]:  # fmt: skip
+def write_manifests(
+    out_dir: str | Path,
+    image: str,
+    model_tag: str,
+    options: K8sOptions | None = None,
+    runtime: str = "onnxruntime",
+    image_from_bento: bool = False,
+) -> list[Path]:
     """Write the three files into out_dir and return their paths. Each goes to a temporary file beside it, and
     the three are renamed into place only once all are written: a failed write leaves the previous files whole."""
     texts = render(manifests(image, model_tag, options, runtime), model_tag, image_from_bento)

@@ -17,36 +17,60 @@ from transferkit.serving.settings import MAX_TOP_K, MAX_UPLOAD_BYTES, ServingSet
 ERROR = {"$ref": "#/components/schemas/Error"}
 _STATUSES = {
     "400": "Malformed request: missing or unknown field, bad top_k, invalid base64, or an empty, corrupt or "
-           "truncated image",
+    "truncated image",
     "401": "API key required (`Authorization: Bearer <key>`) and missing or wrong; only when the server has a key",
     "413": "Request body over the upload limit, an image over the pixel limit, or more images than the limit",
     "415": "Body neither multipart/form-data, application/json nor a raw image/jpeg, image/png or image/webp "
-           "body, or an image that is not JPEG, PNG or WebP",
+    "body, or an image that is not JPEG, PNG or WebP",
     "500": "Unexpected server error; the message names the request id under which the server logged it",
     "503": "The worker is at capacity, or shutting down (then with `Connection: close`); retry after the number "
-           "of seconds in Retry-After",
+    "of seconds in Retry-After",
     "504": "Not answered within the server's request deadline",
-}  # fmt: skip
+}
 
 
 def _schemas(settings: ServingSettings) -> dict[str, Any]:
-    label = {"type": "object", "required": ["label", "score"], "properties": {
-        "label": {"type": "string"}, "score": {"type": "number", "minimum": 0, "maximum": 1}}}  # fmt: skip
-    heads = {"type": "object", "description": "head name -> labels, most likely first",
-             "additionalProperties": {"type": "array", "items": label}}  # fmt: skip
-    meta = {"model": {"type": "string", "description": "BentoML model tag"},
-            "runtime": {"type": "string", "description": "the engine that ran the model"}}  # fmt: skip
+    label = {
+        "type": "object",
+        "required": ["label", "score"],
+        "properties": {"label": {"type": "string"}, "score": {"type": "number", "minimum": 0, "maximum": 1}},
+    }
+    heads = {
+        "type": "object",
+        "description": "head name -> labels, most likely first",
+        "additionalProperties": {"type": "array", "items": label},
+    }
+    meta = {
+        "model": {"type": "string", "description": "BentoML model tag"},
+        "runtime": {"type": "string", "description": "the engine that ran the model"},
+    }
     return {
-        "Prediction": {"type": "object", "required": ["heads", "model", "runtime"],
-                       "properties": {"heads": heads, **meta}},
-        "PredictionList": {"type": "object", "required": ["predictions", "model", "runtime"], "properties": {
-            "predictions": {"type": "array", "items": {"type": "object", "required": ["heads"],
-                                                       "properties": {"heads": heads}}}, **meta}},
-        "Error": {"type": "object", "required": ["error"], "properties": {
-            "error": {"type": "string", "description": "what is wrong and how to fix it"},
-            "request_id": {"type": "string", "description": "also in the X-Request-ID header and the server log"},
-            "detail": {"description": "extra detail, when there is any"}}},
-    }  # fmt: skip
+        "Prediction": {
+            "type": "object",
+            "required": ["heads", "model", "runtime"],
+            "properties": {"heads": heads, **meta},
+        },
+        "PredictionList": {
+            "type": "object",
+            "required": ["predictions", "model", "runtime"],
+            "properties": {
+                "predictions": {
+                    "type": "array",
+                    "items": {"type": "object", "required": ["heads"], "properties": {"heads": heads}},
+                },
+                **meta,
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string", "description": "what is wrong and how to fix it"},
+                "request_id": {"type": "string", "description": "also in the X-Request-ID header and the server log"},
+                "detail": {"description": "extra detail, when there is any"},
+            },
+        },
+    }
 
 
 def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
@@ -58,16 +82,32 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
     # negate such a oneOf branch by branch and report valid requests as invalid ones that were accepted.
     # Unknown fields are refused (400) in both encodings; only the JSON schema says so with additionalProperties,
     # because a fuzzer's extra multipart field can vanish in serialisation, turning its "invalid" case valid.
-    multipart = {"type": "object", "properties": {
-        "image": {"type": "string", "format": "binary", "description": "one JPEG, PNG or WebP file"},
-        "images": {**many, "items": {"type": "string", "format": "binary"},
-                   "description": "several files (repeat the field); answered as a list, in order"},
-        "top_k": top_k}}  # fmt: skip
-    as_json = {"type": "object", "additionalProperties": False, "properties": {
-        "image": {"type": "string", "format": "byte", "minLength": 1, "description": "one base64-encoded file"},
-        "images": {**many, "minItems": 1, "items": {"type": "string", "format": "byte", "minLength": 1},
-                   "description": "base64-encoded files"},
-        "top_k": top_k}}  # fmt: skip
+    multipart = {
+        "type": "object",
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "one JPEG, PNG or WebP file"},
+            "images": {
+                **many,
+                "items": {"type": "string", "format": "binary"},
+                "description": "several files (repeat the field); answered as a list, in order",
+            },
+            "top_k": top_k,
+        },
+    }
+    as_json = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "format": "byte", "minLength": 1, "description": "one base64-encoded file"},
+            "images": {
+                **many,
+                "minItems": 1,
+                "items": {"type": "string", "format": "byte", "minLength": 1},
+                "description": "base64-encoded files",
+            },
+            "top_k": top_k,
+        },
+    }
     raw = {
         "type": "string",
         "format": "binary",
@@ -90,17 +130,30 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
         "tags": ["Service APIs"],
         "operationId": "transferkit__predict",
         "summary": "Classify images: top-k labels per head",
-        "description": (f"Send exactly one of `image` or `images` (up to {settings.max_images}), or one image "
-                        f"as the raw body; the whole body at most {MAX_UPLOAD_BYTES // 2**20} MB; JPEG, PNG or "
-                        "WebP only."),
-        "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": top_k,
-                        "description": "for a raw image body only (the other encodings carry top_k inside)"}],
-        "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": multipart},
-            "application/json": {"schema": as_json},
-            **{kind: {"schema": raw} for kind in RAW_IMAGE_TYPES}}},
+        "description": (
+            f"Send exactly one of `image` or `images` (up to {settings.max_images}), or one image "
+            f"as the raw body; the whole body at most {MAX_UPLOAD_BYTES // 2**20} MB; JPEG, PNG or "
+            "WebP only."
+        ),
+        "parameters": [
+            {
+                "name": "top_k",
+                "in": "query",
+                "required": False,
+                "schema": top_k,
+                "description": "for a raw image body only (the other encodings carry top_k inside)",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": multipart},
+                "application/json": {"schema": as_json},
+                **{kind: {"schema": raw} for kind in RAW_IMAGE_TYPES},
+            },
+        },
         "responses": responses,
-    }  # fmt: skip
+    }
     if settings.api_key:
         operation["security"] = [{"bearer": []}]
     return operation
@@ -109,8 +162,11 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
 def document(bentoml_spec: dict[str, Any], settings: ServingSettings) -> dict[str, Any]:
     """BentoML's spec for the service, completed with /predict and the error schema."""
     spec = copy.deepcopy(bentoml_spec)
-    spec["info"] = {**spec.get("info", {}), "title": "transferkit",
-                    "description": "Image classification: one backbone, one head per label space."}  # fmt: skip
+    spec["info"] = {
+        **spec.get("info", {}),
+        "title": "transferkit",
+        "description": "Image classification: one backbone, one head per label space.",
+    }
     spec["info"].pop("contact", None)
     components = spec.setdefault("components", {})
     components.setdefault("schemas", {}).update(_schemas(settings))

@@ -76,8 +76,9 @@ def _reap(procs: list[psutil.Process]) -> None:
             os.waitpid(p.pid, os.WNOHANG)
 
 
-def stop_tree(proc: subprocess.Popen, timeout: float, orphans: bool = False,
-              hurry: Callable[[], bool] = lambda: False) -> list[int]:  # fmt: skip
+def stop_tree(
+    proc: subprocess.Popen, timeout: float, orphans: bool = False, hurry: Callable[[], bool] = lambda: False
+) -> list[int]:
     """SIGTERM `proc`, wait until it and every descendant has exited, at most `timeout` s (or until `hurry()`),
     then SIGKILL the rest. -> the pids that had to be killed.
 

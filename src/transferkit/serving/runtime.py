@@ -434,11 +434,15 @@ def _why(chosen: str, candidates: list[str], manifest: Manifest, name: str) -> s
     entry = manifest.artifacts[chosen]
     m = entry.speed_on(machine, runner_for(entry).device_kind(entry))
     if m is None:
-        return (f"{chosen}: no servable artifact was measured on a machine like this one ({machine.describe()}); "
-                "chosen by the formats table's order (run `transferkit benchmark RUN` here to measure)")  # fmt: skip
+        return (
+            f"{chosen}: no servable artifact was measured on a machine like this one ({machine.describe()}); "
+            "chosen by the formats table's order (run `transferkit benchmark RUN` here to measure)"
+        )
     load = f", load {m.load}" if m.load is not None else ""
-    return (f"{chosen}: the fastest verified artifact measured on this machine at batch {m.batch} "
-            f"({'; '.join(speeds)}; by {m.by} {m.created}{load}; {machine.describe()})")  # fmt: skip
+    return (
+        f"{chosen}: the fastest verified artifact measured on this machine at batch {m.batch} "
+        f"({'; '.join(speeds)}; by {m.by} {m.created}{load}; {machine.describe()})"
+    )
 
 
 def select_runtime(name: str, manifest: Manifest, export_dir: str | Path | None = None) -> Runtime:
@@ -465,11 +469,14 @@ def select_runtime(name: str, manifest: Manifest, export_dir: str | Path | None 
         raise TransferkitError(f"runtime {name} cannot serve this export: {reasons[candidates[0]]}")
     if not candidates:
         fmt = spec_for_runtime(name).name
-        raise TransferkitError(f"runtime {name} cannot serve this export: it has no {fmt} artifact (its artifacts: "
-                               f"{', '.join(artifacts) or 'none'}; transferkit export RUN --format {fmt})")  # fmt: skip
+        raise TransferkitError(
+            f"runtime {name} cannot serve this export: it has no {fmt} artifact (its artifacts: "
+            f"{', '.join(artifacts) or 'none'}; transferkit export RUN --format {fmt})"
+        )
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-    raise TransferkitError(f"no {'runtime' if name == 'auto' else name + ' artifact'} can serve this export "
-                           f"here ({detail})")  # fmt: skip
+    raise TransferkitError(
+        f"no {'runtime' if name == 'auto' else name + ' artifact'} can serve this export here ({detail})"
+    )
 
 
 def load_runtime(

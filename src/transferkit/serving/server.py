@@ -87,8 +87,19 @@ def split_drain(drain_timeout: float) -> tuple[float, int]:
 
 
 def _command(host: str, port: int, graceful_s: int) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port),
-            "--timeout-graceful-shutdown", str(graceful_s)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        SERVICE,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--timeout-graceful-shutdown",
+        str(graceful_s),
+    ]
 
 
 def _child_env(settings: ServingSettings) -> dict[str, str]:
@@ -96,9 +107,15 @@ def _child_env(settings: ServingSettings) -> dict[str, str]:
     return {**env, **settings.to_env()}
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settings: ServingSettings | None = None,
-          drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, api_key_file: str | Path | None = None,
-          **overrides: Any) -> int:  # fmt: skip
+def serve(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    settings: ServingSettings | None = None,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    api_key_file: str | Path | None = None,
+    **overrides: Any,
+) -> int:
     """Serve in the foreground until SIGTERM/SIGINT/SIGHUP; the server's log streams to this terminal.
 
     Settings: `settings`, or $TRANSFERKIT_* and `overrides` (ServingSettings fields, e.g. runtime="onnxruntime").
@@ -110,9 +127,12 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
     drain_s, graceful_s = split_drain(drain_timeout)
     settings = dataclasses.replace(settings, model=model.tag, runtime=model.runtime, drain_s=drain_s)
     check_port(host, port)
-    print(f"transferkit: serving {model.tag} on http://{host}:{port} (runtime {settings.runtime}, "
-          f"{settings.resolved_workers} workers x {settings.resolved_threads} threads, "
-          f"api key {'on' if settings.api_key else 'off'}); SIGTERM or Ctrl-C stops", flush=True)  # fmt: skip
+    print(
+        f"transferkit: serving {model.tag} on http://{host}:{port} (runtime {settings.runtime}, "
+        f"{settings.resolved_workers} workers x {settings.resolved_threads} threads, "
+        f"api key {'on' if settings.api_key else 'off'}); SIGTERM or Ctrl-C stops",
+        flush=True,
+    )
     print(f"transferkit: picked {model.because}", flush=True)
 
     signals: list[int] = []
@@ -121,9 +141,13 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
     previous = {sig: signal.signal(sig, lambda s, _f: signals.append(s)) for sig in stop_on}
     try:
         become_subreaper()
-        proc = subprocess.Popen(_command(host, port, graceful_s), env=_child_env(settings),
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=die_with_parent())  # fmt: skip
+        proc = subprocess.Popen(
+            _command(host, port, graceful_s),
+            env=_child_env(settings),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         try:
             while not signals and proc.poll() is None:
                 time.sleep(0.1)
@@ -135,12 +159,19 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
             extra = f"; killed {len(leftovers)} leftover processes" if leftovers else ""
             raise TransferkitError(f"the server exited with code {proc.returncode} (its log is above){extra}")
         name = signal.Signals(signals[0]).name
-        print(f"transferkit: {name}: finishing in-flight requests (at most {drain_timeout:g}s), then stopping",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"transferkit: {name}: finishing in-flight requests (at most {drain_timeout:g}s), then stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         killed = stop_tree(proc, drain_timeout, orphans=True, hurry=lambda: len(signals) > 1)
         if killed:
-            print(f"transferkit: killed {len(killed)} server processes still running after the drain "
-                  f"(pids {', '.join(map(str, killed))})", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"transferkit: killed {len(killed)} server processes still running after the drain "
+                f"(pids {', '.join(map(str, killed))})",
+                file=sys.stderr,
+                flush=True,
+            )
         end = time.monotonic() + 5.0
         while not can_bind(host, port) and time.monotonic() < end:
             time.sleep(0.1)
@@ -153,11 +184,23 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 3000, settin
             signal.signal(sig, handler)
 
 
-def serve_command(run_dir: str | Path, host: str, port: int, settings: ServingSettings,
-                  drain_timeout: float) -> list[str]:  # fmt: skip
+def serve_command(
+    run_dir: str | Path, host: str, port: int, settings: ServingSettings, drain_timeout: float
+) -> list[str]:
     """The `transferkit serve` command line for these settings (everything but the key, which goes in env)."""
-    cmd = [sys.executable, "-m", "transferkit", "serve", str(run_dir), "--host", host, "--port", str(port),
-           "--drain-timeout", str(drain_timeout)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "serve",
+        str(run_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--drain-timeout",
+        str(drain_timeout),
+    ]
     for name, flag in SETTING_FLAGS.items():
         cmd += [flag, str(getattr(settings, name))]
     return cmd

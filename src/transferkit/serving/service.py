@@ -77,14 +77,19 @@ def _metrics() -> dict[str, Any]:
     if not _METRICS:
         from prometheus_client import Counter, Gauge, Histogram
 
-        _METRICS["batch"] = Histogram("transferkit_batch_size", "images per runtime call",
-                                      buckets=(1, 2, 4, 8, 16, 32, 64))  # fmt: skip
+        _METRICS["batch"] = Histogram(
+            "transferkit_batch_size", "images per runtime call", buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
         _METRICS["refused"] = Counter("transferkit_refused_requests", "requests refused by the server", ["reason"])
         # one cheap counter in place of BentoML's per-request metrics (off by default, settings.py): the request
         # and error rates stay on /metrics
         _METRICS["answers"] = Counter("transferkit_requests", "answered /predict requests", ["status"])
-        _METRICS["stack"] = Gauge("transferkit_http_stack", "the event loop and HTTP parser this worker runs",
-                                  ["loop", "parser"], multiprocess_mode="max")  # fmt: skip
+        _METRICS["stack"] = Gauge(
+            "transferkit_http_stack",
+            "the event loop and HTTP parser this worker runs",
+            ["loop", "parser"],
+            multiprocess_mode="max",
+        )
     return _METRICS
 
 
@@ -119,11 +124,17 @@ class TransferkitService:
         self.tag = str(stored.tag)
         self.pre = Preprocessing.from_dict(self.manifest.preprocessing)  # never re-derived here
         self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
-        self.runtime = load_runtime(SETTINGS.runtime, self.export_dir, self.manifest, threads=SETTINGS.resolved_threads,
-                                    check_files=True)  # fmt: skip
+        self.runtime = load_runtime(
+            SETTINGS.runtime, self.export_dir, self.manifest, threads=SETTINGS.resolved_threads, check_files=True
+        )
         self.runtime_name = self.runtime.description
-        self.batcher = MicroBatcher(self._run_batch, SETTINGS.max_batch, SETTINGS.max_wait_ms, SETTINGS.max_queue,
-                                    on_batch=lambda n: _metrics()["batch"].observe(n))  # fmt: skip
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            SETTINGS.max_batch,
+            SETTINGS.max_wait_ms,
+            SETTINGS.max_queue,
+            on_batch=lambda n: _metrics()["batch"].observe(n),
+        )
         # Decoding is Python + Pillow work per image; a few threads overlap it with socket I/O and the model call
         # without oversubscribing the cores the other workers use.
         self.decode_pool = ThreadPoolExecutor(
@@ -134,8 +145,15 @@ class TransferkitService:
             self._run_batch(np.zeros((n, s, s, 3), np.uint8))
         _metrics()["stack"].labels(**self.stack).set(1)
         self.ready = True
-        logger.info("serving %s with %s (%s); HTTP: %s loop, %s parser; settings %s", self.tag, self.runtime_name,
-                    self.runtime.selected_because, self.stack["loop"], self.stack["parser"], SETTINGS.describe())  # fmt: skip
+        logger.info(
+            "serving %s with %s (%s); HTTP: %s loop, %s parser; settings %s",
+            self.tag,
+            self.runtime_name,
+            self.runtime.selected_because,
+            self.stack["loop"],
+            self.stack["parser"],
+            SETTINGS.describe(),
+        )
 
     def __is_ready__(self) -> bool:
         return self.ready and not self.drain.draining
@@ -163,11 +181,14 @@ class TransferkitService:
             pixels = [self._pixels(images[0], names[0])]  # cheaper than the hop to a decode thread and back
         else:
             loop = asyncio.get_running_loop()
-            pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._pixels, data, name)
-                                            for data, name in zip(images, names)))  # fmt: skip
+            pixels = await asyncio.gather(
+                *(loop.run_in_executor(self.decode_pool, self._pixels, data, name) for data, name in zip(images, names))
+            )
         ranked = await self.batcher.submit(np.stack(pixels))
-        return [{"heads": {h: top_labels(ranked[h][i], self.labels[h], top_k) for h in self.labels}}
-                for i in range(len(images))]  # fmt: skip
+        return [
+            {"heads": {h: top_labels(ranked[h][i], self.labels[h], top_k) for h in self.labels}}
+            for i in range(len(images))
+        ]
 
     def metrics_text(self) -> tuple[bytes, str]:
         """What BentoML's /metrics answers: its metrics client reads the multiprocess directory it set up."""

@@ -243,17 +243,31 @@ def forward_backward(loop, labelled, unlabeled, batch_len: int) -> dict:
     with autocast(loop.device):
         logits = loop.train_model(x)
     loss, kd, correct = distillation_loss(
-        logits, targets, labels, head_ids, setup.head_order, setup.head_weights, setup.class_weights,
-        cfg.temperature, cfg.kd_weight, cfg.label_smoothing,
-    )  # fmt: skip
+        logits,
+        targets,
+        labels,
+        head_ids,
+        setup.head_order,
+        setup.head_weights,
+        setup.class_weights,
+        cfg.temperature,
+        cfg.kd_weight,
+        cfg.label_smoothing,
+    )
     scale = n / max(batch_len, 1)  # micro-batch share of the step's mean loss
     (loss * scale).backward()
-    return {"correct": correct[:n].sum(), "seen": n, "images": len(images), "loss": loss.detach() * scale,
-            "kd": kd.detach() * scale}  # fmt: skip
+    return {
+        "correct": correct[:n].sum(),
+        "seen": n,
+        "images": len(images),
+        "loss": loss.detach() * scale,
+        "kd": kd.detach() * scale,
+    }
 
 
-def teacher_only_pool(datasets: list[tuple[ImageDataset, str | None]], pre: Preprocessing, device,
-                      workers: int = 2) -> Pool:  # fmt: skip
+def teacher_only_pool(
+    datasets: list[tuple[ImageDataset, str | None]], pre: Preprocessing, device, workers: int = 2
+) -> Pool:
     """Unlabeled images for distillation: no head and no label (-1); the teachers label every head."""
     parts = [ds.train for ds, _ in datasets]
     labels = [np.full(len(p), -1, dtype=np.int64) for p in parts]

@@ -39,8 +39,10 @@ class MemoryEstimate:
     def describe(self, batch: int) -> str:
         gb = 1 / 2**30
         fits = "" if self.step_bytes(batch) <= self.budget_bytes else " (does not fit: the smallest offered)"
-        return (f"a training step measured {self.fixed_bytes * gb:.2f} GB + {self.per_image_bytes / 2**20:.1f} MB "
-                f"per image; budget {self.budget_bytes * gb:.1f} GB -> batch {batch}{fits}")  # fmt: skip
+        return (
+            f"a training step measured {self.fixed_bytes * gb:.2f} GB + {self.per_image_bytes / 2**20:.1f} MB "
+            f"per image; budget {self.budget_bytes * gb:.1f} GB -> batch {batch}{fits}"
+        )
 
 
 class _PeakRss:
@@ -102,8 +104,9 @@ def measure(model: torch.nn.Module, image_size: int, budget_bytes: float) -> Mem
     return MemoryEstimate(max(0.0, peaks[0] - per_image * _PROBES[0]), per_image, budget_bytes)
 
 
-def auto_batch_size(model: torch.nn.Module, image_size: int, device: torch.device, max_memory_gb: float,
-                    distributed: bool) -> tuple[int, str]:  # fmt: skip
+def auto_batch_size(
+    model: torch.nn.Module, image_size: int, device: torch.device, max_memory_gb: float, distributed: bool
+) -> tuple[int, str]:
     """(the batch size, a sentence saying how it was chosen)."""
     if device.type != "cpu" or distributed:
         where = "a GPU" if device.type != "cpu" else "torchrun"

@@ -67,8 +67,15 @@ class MetricsLog:
 PROGRESS_LINE_SECONDS = 30.0
 
 
-def progress_bar(total: int, initial: int = 0, desc: str = "", disable: bool = False, file: IO[str] | None = None,
-                 interval: float = PROGRESS_LINE_SECONDS, **tqdm_options):  # fmt: skip
+def progress_bar(
+    total: int,
+    initial: int = 0,
+    desc: str = "",
+    disable: bool = False,
+    file: IO[str] | None = None,
+    interval: float = PROGRESS_LINE_SECONDS,
+    **tqdm_options,
+):
     """A tqdm bar on a terminal; elsewhere (CI, nohup, `docker logs`) a plain line every `interval` seconds,
     because there every carriage-return redraw of a bar is kept as text: thousands of lines per epoch."""
     file = file if file is not None else sys.stderr

@@ -86,8 +86,9 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         current = model.state_dict()
         # one fused kernel per dtype/device group instead of one launch per tensor
-        torch._foreach_lerp_([self.state[k] for k in self.float_keys], [current[k] for k in self.float_keys],
-                             1.0 - self.decay)  # fmt: skip
+        torch._foreach_lerp_(
+            [self.state[k] for k in self.float_keys], [current[k] for k in self.float_keys], 1.0 - self.decay
+        )
         for k in self.other_keys:
             self.state[k].copy_(current[k])
 

@@ -72,20 +72,25 @@ class Pool:
             return
         device = self.labels.device
         loader = torch.utils.data.DataLoader(
-            self.files, batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
-            pin_memory=device.type == "cuda", collate_fn=_collate, persistent_workers=False,
+            self.files,
+            batch_sampler=[b.tolist() for b in index_batches],
+            num_workers=self.workers,
+            pin_memory=device.type == "cuda",
+            collate_fn=_collate,
+            persistent_workers=False,
             prefetch_factor=4 if self.workers else None,
             # its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
             # would shift dropout masks and break exact resume (decoding itself is not random)
             generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        )
         for images, index in loader:
             i = index.to(device)
             yield images.to(device, non_blocking=True), self.labels[i], self.head_ids[i]
 
 
-def _pool(parts: list[Split], labels: list[np.ndarray], head_ids: list[int], pre: Preprocessing, device,
-          workers: int) -> Pool:  # fmt: skip
+def _pool(
+    parts: list[Split], labels: list[np.ndarray], head_ids: list[int], pre: Preprocessing, device, workers: int
+) -> Pool:
     lab = torch.from_numpy(np.concatenate(labels)).to(device)
     heads = torch.cat([torch.full((len(p),), h) for p, h in zip(parts, head_ids)]).to(device)
     pool = Pool(lab, heads, [len(p) for p in parts], workers=workers)
@@ -97,8 +102,9 @@ def _pool(parts: list[Split], labels: list[np.ndarray], head_ids: list[int], pre
     return pool
 
 
-def labelled_pool(datasets: list[ImageDataset], plan: HeadPlan, head_order: list[str], pre: Preprocessing,
-                  device, workers: int = 2) -> Pool:  # fmt: skip
+def labelled_pool(
+    datasets: list[ImageDataset], plan: HeadPlan, head_order: list[str], pre: Preprocessing, device, workers: int = 2
+) -> Pool:
     labels = [np.asarray(plan.label_remap[ds.name], dtype=np.int64)[ds.train.labels] for ds in datasets]
     heads = [head_order.index(plan.labels.datasets[ds.name]) for ds in datasets]
     return _pool([ds.train for ds in datasets], labels, heads, pre, device, workers)

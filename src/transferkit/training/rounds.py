@@ -69,26 +69,44 @@ class RoundLabels:
     def to_dict(self) -> dict:
         kept = len(self.index)
         return {
-            "round": self.round, "kept": kept, "candidates": self.candidates, "coverage": kept / max(self.candidates, 1),
+            "round": self.round,
+            "kept": kept,
+            "candidates": self.candidates,
+            "coverage": kept / max(self.candidates, 1),
             "accuracy": None if self.correct is None else self.correct / max(kept, 1),
-            "index": self.index.tolist(), "labels": self.labels.tolist(),
+            "index": self.index.tolist(),
+            "labels": self.labels.tolist(),
             "confidence": [round(float(c), 5) for c in self.confidence],
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> RoundLabels:
         kept = len(d["index"])
         correct = None if d["accuracy"] is None else int(round(d["accuracy"] * kept))
-        return cls(d["round"], np.asarray(d["index"], np.int64), np.asarray(d["labels"], np.int64),
-                   np.asarray(d["confidence"], np.float32), d["candidates"], correct)  # fmt: skip
+        return cls(
+            d["round"],
+            np.asarray(d["index"], np.int64),
+            np.asarray(d["labels"], np.int64),
+            np.asarray(d["confidence"], np.float32),
+            d["candidates"],
+            correct,
+        )
 
     def summary(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k not in ("index", "labels", "confidence")}
 
 
 @torch.no_grad()
-def label_pool(model: torch.nn.Module, pool: Pool, head_order: list[str], pre, adapt_bn: bool, keep: float,
-               round_no: int, batch_size: int = 256) -> RoundLabels:  # fmt: skip
+def label_pool(
+    model: torch.nn.Module,
+    pool: Pool,
+    head_order: list[str],
+    pre,
+    adapt_bn: bool,
+    keep: float,
+    round_no: int,
+    batch_size: int = 256,
+) -> RoundLabels:
     """The unlabeled pool through `model` (un-augmented, eval mode; after AdaBN on the pool when `adapt_bn`),
     then the class-balanced selection. `model` is changed only in its BatchNorm statistics: pass a copy."""
     n = len(pool.labels)
@@ -209,8 +227,9 @@ def start_round(loop, root: Path, k: int) -> Path:
     def compute() -> RoundLabels:
         model = copy.deepcopy(loop.model)
         model.load_state_dict(torch.load(prev / "model.pt", map_location=loop.device, weights_only=True))
-        return label_pool(model, setup.unlabeled, setup.head_order, setup.preprocessing, cfg.adapt_bn,
-                          cfg.round_keep, k)  # fmt: skip
+        return label_pool(
+            model, setup.unlabeled, setup.head_order, setup.preprocessing, cfg.adapt_bn, cfg.round_keep, k
+        )
 
     if loop.dist.is_main:
         previous_labels(root, k, n, compute)
@@ -219,8 +238,10 @@ def start_round(loop, root: Path, k: int) -> Path:
     apply_round_labels(setup, labels)
     info = labels.summary()
     right = "" if info["accuracy"] is None else f", {info['accuracy']:.1%} right"
-    loop.log(f"round {k}/{n}: {info['kept']} of {info['candidates']} unlabeled images labelled by round {k - 1}"
-             f" ({info['coverage']:.0%} kept{right}), training from {prev}")  # fmt: skip
+    loop.log(
+        f"round {k}/{n}: {info['kept']} of {info['candidates']} unlabeled images labelled by round {k - 1}"
+        f" ({info['coverage']:.0%} kept{right}), training from {prev}"
+    )
     loop.round_record = {"round": k, "round_labels": info}
     return prev
 

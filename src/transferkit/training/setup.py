@@ -91,8 +91,9 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     # channels_last: ~2x faster convolutions on CPU (oneDNN) and the layout tensor cores want on GPU
     model.to(device, memory_format=torch.channels_last)
     if config.batch_size == 0:  # --batch-size auto: measured here, recorded in the run's config.yaml
-        config.batch_size, how = auto_batch_size(model, config.image_size, device, config.max_memory_gb,
-                                                 int(os.environ.get("WORLD_SIZE", "1")) > 1)  # fmt: skip
+        config.batch_size, how = auto_batch_size(
+            model, config.image_size, device, config.max_memory_gb, int(os.environ.get("WORLD_SIZE", "1")) > 1
+        )
         print(f"transferkit: {how}", file=sys.stderr, flush=True)
     pool = labelled_pool(datasets, plan, head_order, pre, device, config.workers)
     sampler = MultiDatasetSampler(pool.sizes, config.batch_size, parse_sampling(config.sampling), config.seed)

@@ -98,8 +98,15 @@ class TrainLoop:
     """One training run's state and steps. `run()` trains to the end; `train_step(batch)` is one optimiser
     step (used as-is by benchmarks/train_throughput.py, so the benchmark measures the real loop)."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, dist: DistInfo, device: torch.device, resuming: bool,
-                 round_no: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        dist: DistInfo,
+        device: torch.device,
+        resuming: bool,
+        round_no: int = 1,
+    ):
         self.cfg, self.run_dir, self.dist, self.device = config, run_dir, dist, device
         # distillation: teachers are checked and loaded before any data, and before the seed is set
         self.teachers = distill.load_teachers(config, device) if config.teachers else None
@@ -224,9 +231,14 @@ class TrainLoop:
         set_backbone_frozen(self.model, self._frozen())
         n_steps = setup.steps_per_epoch
         bar = progress_bar(
-            total=n_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=not self.dist.is_main, file=sys.stderr, leave=False, dynamic_ncols=True,
-        )  # fmt: skip
+            total=n_steps,
+            initial=self.step,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not self.dist.is_main,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+        )
         # epoch sums as device tensors: reading them forces a sync, so only every `sync_every` steps
         sync_every = 25
         if self.step == 0:
@@ -243,8 +255,11 @@ class TrainLoop:
             if self.dist.is_main and (self.step % sync_every == 0 or self.step == n_steps):
                 rate = images / max(time.perf_counter() - start, 1e-9)
                 seen = max(int(self.totals["seen"]), 1)
-                bar.set_postfix(loss=f"{float(stats['loss']):.3f}", acc=f"{int(self.totals['correct']) / seen:.3f}",
-                                img_s=f"{rate:.0f}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{float(stats['loss']):.3f}",
+                    acc=f"{int(self.totals['correct']) / seen:.3f}",
+                    img_s=f"{rate:.0f}",
+                )
             if self.global_step % cfg.checkpoint_every == 0 and self.step < n_steps:
                 self._checkpoint()
         totals = {k: float(v) for k, v in self.totals.items()}
@@ -347,8 +362,13 @@ class TrainLoop:
         val = self.validate(self.eval_model)
         mean_val = float(np.mean(list(val.values())))
         self.epoch, self.step = self.epoch + 1, 0
-        record = {"epoch": self.epoch, **self._epoch_train, "val_acc": val, "val_acc_mean": mean_val,
-                  **self.round_record}  # fmt: skip
+        record = {
+            "epoch": self.epoch,
+            **self._epoch_train,
+            "val_acc": val,
+            "val_acc_mean": mean_val,
+            **self.round_record,
+        }
         improved = mean_val > self.best
         if improved:
             self.best, self.bad_epochs = mean_val, 0
