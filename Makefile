@@ -4,9 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.transferkit-installed
 
-.PHONY: demo test docker-test setup assets tools clean lint
+.PHONY: demo test docker-test setup assets tools clients clean lint
 
-setup: $(STAMP) assets tools
+setup: $(STAMP) assets tools clients
 
 # Torch first, pinned to the releases this project is tested with (pip takes them from a local wheel
 # cache where one exists, else from PyPI). Then the project with its dev extra.
@@ -24,6 +24,15 @@ assets: $(STAMP)
 # `hey`, the load generator the serving tests and benchmarks use (apt, where this user may)
 tools:
 	bash scripts/install_tools.sh
+
+# KServe's REST client, for the Open Inference Protocol tests, in a venv of its own: kserve pins protobuf,
+# pandas and psutil below the releases the project runs with.
+KSERVE_VENV := .venv-kserve
+clients: $(KSERVE_VENV)/.installed
+$(KSERVE_VENV)/.installed:
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
+	touch $@
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -34,7 +34,8 @@ import numpy as np
 
 logger = logging.getLogger("transferkit.serving")
 
-RunBatch = Callable[[np.ndarray], dict[str, np.ndarray]]
+RunBatch = Callable[[np.ndarray], dict]  # a batch -> {key: array whose first axis is the batch}
+Combine = Callable[[list[np.ndarray]], np.ndarray]  # the requests' arrays -> one batch
 
 
 class Overloaded(Exception):
@@ -47,7 +48,7 @@ class Overloaded(Exception):
 
 @dataclass
 class _Item:
-    pixels: np.ndarray  # uint8 (n,S,S,3)
+    pixels: np.ndarray  # uint8 (n,S,S,3), or whatever else `combine` joins (n first)
     future: asyncio.Future = field(repr=False)
 
 
@@ -59,12 +60,14 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         max_queue: int = 256,
         on_batch: Callable[[int], None] | None = None,
+        combine: Combine = np.concatenate,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch  # called with each batch's image count (metrics)
+        self.combine = combine  # requests may bring different kinds of input (service.py: pixels or tensors)
         self.admitted = 0  # images between admit and answer
         self._queue: asyncio.Queue[_Item] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,7 +111,8 @@ class MicroBatcher:
 
     # ---- batching ----------------------------------------------------------------------------------------
     async def submit(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """Queue uint8 (n,S,S,3) pixels for the next batch; -> {head: logits (n, classes)}, in order."""
+        """Queue n images (uint8 (n,S,S,3) pixels, or what `combine` accepts) for the next batch; -> the
+        `run_batch` answer's rows for these n images, in order."""
         loop = asyncio.get_running_loop()
         if self._queue is None or self._loop is not loop:  # first use, or the instance moved to a new loop
             self._loop, self._queue, self._carry = loop, asyncio.Queue(), None
@@ -164,7 +168,7 @@ class MicroBatcher:
             items = await self._gather()
             if not items:
                 continue
-            batch = items[0].pixels if len(items) == 1 else np.concatenate([i.pixels for i in items])
+            batch = items[0].pixels if len(items) == 1 else self.combine([i.pixels for i in items])
             try:
                 logits = await loop.run_in_executor(self._executor, self.run_batch, batch)
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error; the loop goes on

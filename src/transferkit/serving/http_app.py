@@ -1,14 +1,13 @@
-"""The HTTP face of the service: POST /predict and a truthful /docs.json, as a Starlette app that the BentoML
-service mounts (`bentoml.asgi_app`), so BentoML still runs the server, its workers, /livez /readyz /metrics
-and its traffic metrics around it.
+"""The HTTP face of the service: POST /predict, the Open Inference Protocol's /v2 routes (v2_routes.py) and a
+truthful /docs.json, as a Starlette app that the BentoML service mounts (`bentoml.asgi_app`), so BentoML still
+runs the server, its workers, /livez /readyz /metrics and its traffic metrics around it.
 
 Why not a `@bentoml.api`: BentoML's input parsing writes every upload to a temporary file, follows a URL
 given in place of a file, and answers some malformed bodies with a 500; its adaptive batching needs an HTTP
 round trip from the API to the batched step. Here the body is read once with a size cap, parsed by
 `inputs.py`, decoded in a small thread pool and batched in-process (`batcher.py`).
 
-Every answer but a 200 is JSON {"error": "...", "request_id": "..."}; the request id is also the
-X-Request-ID header and is logged with any server-side failure:
+Every answer but a 200 is JSON {"error": "...", "request_id": "..."} (guard.py); /predict answers
 
     400 malformed request or image     401 missing/wrong API key      413 too large (body, pixels, image count)
     415 not multipart/JSON/a raw image body, or an image format other than JPEG/PNG/WebP
@@ -18,111 +17,31 @@ X-Request-ID header and is logged with any server-side failure:
 from __future__ import annotations
 
 import asyncio
-import hmac
-import itertools
-import logging
-import re
-import sys
-import uuid
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from transferkit.serving.batcher import Overloaded
+from transferkit.serving import v2_routes
+from transferkit.serving.guard import error, guarded, request_id
 from transferkit.serving.inputs import RAW_IMAGE_TYPES, ClientError, parse_json, parse_multipart, parse_raw, read_body
 from transferkit.serving.openapi import document
 from transferkit.serving.settings import MAX_UPLOAD_BYTES
 
-logger = logging.getLogger("transferkit.serving")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LARGE_BODY = 256 << 10
 BODY_TYPES = ("multipart/form-data", "application/json", *RAW_IMAGE_TYPES)
-
-
-# Request ids: a random prefix per worker and a counter. Unique across workers and restarts like a uuid4, at
-# a fraction of its cost per request (uuid4 reads the OS's random source every time).
-_ID_PREFIX = uuid.uuid4().hex[:8]
-_ID_COUNTER = itertools.count(1)
-
-
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
-
-
-def error(status: int, message: str, request_id: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": message, "request_id": request_id},
-        status_code=status,
-        headers={"X-Request-ID": request_id, **(headers or {})},
-    )
-
-
-def _authorized(request: Request, key: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest takes the same time wherever the first difference is, so the key cannot be guessed
-    # byte by byte from response times.
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 async def predict(request: Request) -> Response:
     import bentoml
 
-    service = bentoml.get_current_service()
-    response = await _predict(request, service)
-    service.count_answer(response.status_code)
-    return response
+    return await guarded(request, bentoml.get_current_service(), _answer)
 
 
-async def _predict(request: Request, service: Any) -> Response:
-    request_id = _request_id(request)
-    settings = service.settings
-    if settings.api_key and not _authorized(request, settings.api_key):
-        return error(
-            401,
-            "missing or wrong API key; send the header `Authorization: Bearer <key>`",
-            request_id,
-            {"WWW-Authenticate": 'Bearer realm="transferkit"'},
-        )
-    if service.drain.draining:  # SIGTERM: this client should go to another replica (drain.py)
-        service.drain.turn_away()
-        service.count_refusal("shutting down")
-        return error(
-            503,
-            "the server is shutting down; retry, and another replica will answer",
-            request_id,
-            {"Connection": "close", "Retry-After": "1"},
-        )
-    try:
-        with service.drain.request(), service.batcher.admit(1) as admission:  # refuse before reading the body
-            answer = await _within(settings.timeout_s, _answer(request, service, admission))
-    except Overloaded as exc:
-        service.count_refusal("overloaded")
-        return error(503, str(exc), request_id, {"Retry-After": str(exc.retry_after)})
-    except ClientError as exc:
-        return error(exc.status, str(exc), request_id)
-    except asyncio.TimeoutError:
-        service.count_refusal("timeout")
-        return error(504, f"not answered within {settings.timeout_s:g} s; retry later or send fewer images", request_id)
-    except Exception:  # noqa: BLE001 - a bug: logged in full, answered in JSON, and the worker keeps serving
-        logger.exception("request %s failed", request_id)
-        return error(500, f"internal error; the server log has the details under request id {request_id}", request_id)
-    return JSONResponse(answer, headers={"X-Request-ID": request_id})
-
-
-async def _within(seconds: float, work: Any) -> Any:
-    """`work` or asyncio.TimeoutError after `seconds`; asyncio.timeout (3.11+) runs it in this task, where
-    wait_for would make a task per request."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await work
-    return await asyncio.wait_for(work, seconds)
-
-
-async def _answer(request: Request, service: Any, admission: Any) -> dict[str, Any]:
+async def _answer(request: Request, service: Any, admission: Any, rid: str) -> Response:
     settings = service.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in BODY_TYPES:
@@ -151,9 +70,8 @@ async def _answer(request: Request, service: Any, admission: Any) -> dict[str, A
     admission.add(len(inputs.images) - 1)
     predictions = await service.classify(inputs.images, inputs.names, inputs.top_k)
     meta = {"model": service.tag, "runtime": service.runtime_name}
-    if inputs.many:
-        return {"predictions": predictions, **meta}
-    return {**predictions[0], **meta}
+    answer = {"predictions": predictions, **meta} if inputs.many else {**predictions[0], **meta}
+    return JSONResponse(answer, headers={"X-Request-ID": rid})
 
 
 def _form_parser(request: Request, body: bytes):
@@ -169,7 +87,8 @@ async def docs(request: Request) -> Response:
     import bentoml
 
     service = bentoml.get_current_service()
-    return JSONResponse(document(service.bento_service.openapi_spec.asdict(), service.settings))
+    spec = document(service.bento_service.openapi_spec.asdict(), service.settings, v2_routes.model_id(service))
+    return JSONResponse(spec)
 
 
 async def metrics(request: Request) -> Response:
@@ -184,31 +103,38 @@ async def metrics(request: Request) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing errors on these routes (GET /predict: 405) in the same JSON shape as every other error."""
     status = getattr(exc, "status_code", 500)
-    return error(status, str(getattr(exc, "detail", "") or exc), _request_id(request), getattr(exc, "headers", None))
+    return error(status, str(getattr(exc, "detail", "") or exc), request_id(request), getattr(exc, "headers", None))
 
 
-class PredictFastPath:
-    """ASGI middleware that answers POST /predict itself and passes every other request on. The service puts it
-    in front of everything BentoML wraps around its app (protocol.py), or, when a setting needs BentoML's
-    tracing, access log or per-request metrics to see /predict, inside them (`add_asgi_middleware`). Either
-    way a request skips BentoML's router, its request context, the mount and this app's own router, which
-    together cost a small image as much CPU as its decode and answer; the response is the one the /predict
-    route gives."""
+class InferenceFastPath:
+    """ASGI middleware that answers POST /predict and every /v2 route (the Open Inference Protocol) itself and
+    passes every other request on. The service puts it in front of everything BentoML wraps around its app
+    (protocol.py), or, when a setting needs BentoML's tracing, access log or per-request metrics to see these
+    routes, inside them (`add_asgi_middleware`). Either way a request skips BentoML's router, its request
+    context, the mount and this app's own router, which together cost a small image as much CPU as its decode
+    and answer. Any path under /v2 is answered here, an unknown one with the protocol's JSON 404 (BentoML's
+    router would answer some, such as names with a newline, in plain text)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.v2 = Starlette(routes=v2_routes.routes(), exception_handlers={HTTPException: _http_error})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path == "/predict" and scope["method"] == "POST":
             response = await predict(Request(scope, receive))
-            await response(scope, receive, send)
+        elif scope["method"] == "POST" and path.startswith("/v2/models/") and path.endswith("/infer"):
+            response = await v2_routes.infer_path(Request(scope, receive), path)
+        elif path == "/v2" or path.startswith("/v2/"):
+            return await self.v2(scope, receive, send)
         else:
-            await self.app(scope, receive, send)
+            return await self.app(scope, receive, send)
+        await response(scope, receive, send)
 
 
 def create_app() -> Starlette:
-    from starlette.exceptions import HTTPException
-
     routes = [
         Route("/predict", predict, methods=["POST"]),
         Route("/docs.json", docs, methods=["GET"]),

@@ -1,4 +1,5 @@
-"""The OpenAPI document served at /docs.json: BentoML's (infrastructure routes) plus /predict, described
+"""The OpenAPI document served at /docs.json: BentoML's (infrastructure routes), the v2 routes (v2_openapi.py)
+and /predict, described
 exactly: both request encodings, both answer shapes, and every status code with the JSON error body.
 
 /predict is a mounted Starlette route (http_app.py), which BentoML cannot describe by itself; this module is
@@ -13,6 +14,7 @@ from typing import Any
 
 from transferkit.serving.inputs import RAW_IMAGE_TYPES
 from transferkit.serving.settings import MAX_TOP_K, MAX_UPLOAD_BYTES, ServingSettings
+from transferkit.serving.v2_openapi import v2_paths
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 _STATUSES = {
@@ -159,8 +161,9 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
     return operation
 
 
-def document(bentoml_spec: dict[str, Any], settings: ServingSettings) -> dict[str, Any]:
-    """BentoML's spec for the service, completed with /predict and the error schema."""
+def document(bentoml_spec: dict[str, Any], settings: ServingSettings, model: tuple[str, str]) -> dict[str, Any]:
+    """BentoML's spec for the service, completed with /predict, the v2 routes for `model` (name, version) and
+    the error schema."""
     spec = copy.deepcopy(bentoml_spec)
     spec["info"] = {
         **spec.get("info", {}),
@@ -174,6 +177,7 @@ def document(bentoml_spec: dict[str, Any], settings: ServingSettings) -> dict[st
         components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
     paths = spec.setdefault("paths", {})
     paths["/predict"] = {"post": _predict_operation(settings)}
+    paths.update(v2_paths(settings, *model))
     ready = paths.get("/readyz", {}).get("get")
     if ready is not None:  # 503 until the model has loaded and run once
         ready.setdefault("responses", {})["503"] = {"description": "not ready yet (the model is loading)"}

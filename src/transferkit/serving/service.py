@@ -2,8 +2,10 @@
 
     POST /predict   multipart `image` (one file) or repeated `images`, or JSON {"images": [base64, ...]};
                     optional top_k (1..100, default 5) -> top-k softmax labels per head   (see http_app.py)
+    POST /v2/models/{name}/infer   the Open Inference Protocol (KServe v2, Triton's HTTP API), with its
+                    metadata, health and config routes: the same batcher, limits and key   (see v2_routes.py)
     GET  /livez /readyz /metrics   BentoML's; /readyz answers 200 only after the warm-up inference
-    GET  /docs.json                OpenAPI, with every status code /predict can answer
+    GET  /docs.json                OpenAPI, with every status code each route can answer
 
 Each BentoML worker process holds its own runtime (ONNX Runtime with `threads` intra-op threads, so that
 workers x threads stays within the cores), a small decode thread pool and a MicroBatcher. Settings come from
@@ -28,7 +30,7 @@ from transferkit.predictions import rank, top_labels
 from transferkit.preprocess import Preprocessing
 from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.drain import Drain
-from transferkit.serving.http_app import PredictFastPath, create_app
+from transferkit.serving.http_app import InferenceFastPath, create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.serving.protocol import install as install_coalescing_protocol
 from transferkit.serving.runtime import load_runtime
@@ -66,7 +68,7 @@ if not MODEL_TAG:
 # in front of BentoML's middleware unless a setting needs that middleware to see it (protocol.py). Without
 # httptools, /predict is answered from inside BentoML's middleware (add_asgi_middleware below).
 PREDICT_IN_FRONT = not (SETTINGS.tracing or SETTINGS.access_log or SETTINGS.request_metrics)
-install_coalescing_protocol(front=PredictFastPath if PREDICT_IN_FRONT else None)
+install_coalescing_protocol(front=InferenceFastPath if PREDICT_IN_FRONT else None)
 
 _METRICS: dict[str, Any] = {}
 
@@ -83,7 +85,9 @@ def _metrics() -> dict[str, Any]:
         _METRICS["refused"] = Counter("transferkit_refused_requests", "requests refused by the server", ["reason"])
         # one cheap counter in place of BentoML's per-request metrics (off by default, settings.py): the request
         # and error rates stay on /metrics
-        _METRICS["answers"] = Counter("transferkit_requests", "answered /predict requests", ["status"])
+        _METRICS["answers"] = Counter(
+            "transferkit_requests", "answered inference requests (/predict and v2 infer)", ["status"]
+        )
         _METRICS["stack"] = Gauge(
             "transferkit_http_stack",
             "the event loop and HTTP parser this worker runs",
@@ -111,6 +115,7 @@ def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
 class TransferkitService:
     # A class attribute, so `bentoml build` bundles this model into the Bento.
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    RANKED, LOGITS = "ranked", "logits"  # what a batch answers per head (_run_batch)
 
     def __init__(self) -> None:
         self.settings = SETTINGS
@@ -134,6 +139,7 @@ class TransferkitService:
             SETTINGS.max_wait_ms,
             SETTINGS.max_queue,
             on_batch=lambda n: _metrics()["batch"].observe(n),
+            combine=self._combine,
         )
         # Decoding is Python + Pillow work per image; a few threads overlap it with socket I/O and the model call
         # without oversubscribing the cores the other workers use.
@@ -163,9 +169,22 @@ class TransferkitService:
         self.batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run_batch(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 (B,S,S,3) -> per head, (B, C) RANKED answers."""
-        return {head: rank(logits) for head, logits in self.runtime.run(self.pre.normalize_numpy(pixels)).items()}
+    def _run_batch(self, batch: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+        """uint8 (B,S,S,3) pixels or float32 (B,3,S,S) model input -> per head, (head, RANKED): the (B, C)
+        ranked answers, and (head, LOGITS): the logits (copied: a runtime may reuse its output buffers)."""
+        x = self.pre.normalize_numpy(batch) if batch.dtype == np.uint8 else batch
+        out: dict[tuple[str, str], np.ndarray] = {}
+        for head, logits in self.runtime.run(x).items():
+            out[head, self.RANKED] = rank(logits)
+            out[head, self.LOGITS] = np.array(logits, np.float32)
+        return out
+
+    def _combine(self, parts: list[np.ndarray]) -> np.ndarray:
+        """One batch from requests' pixels and preprocessed tensors (v2's FP32 input): normalised together when
+        both kinds meet in one batch."""
+        if all(p.dtype == parts[0].dtype for p in parts):
+            return np.concatenate(parts)
+        return np.concatenate([self.pre.normalize_numpy(p) if p.dtype == np.uint8 else p for p in parts])
 
     def _pixels(self, data: bytes, name: str) -> np.ndarray:
         """Encoded bytes -> uint8 (S,S,3); only JPEG, PNG and WebP are parsed at all."""
@@ -174,19 +193,27 @@ class TransferkitService:
         except ImageDecodeError as exc:
             raise ClientError(exc.http_status, str(exc)) from None
 
+    async def decode(self, images: list[bytes], names: list[str]) -> np.ndarray:
+        """Encoded images -> uint8 (N,S,S,3); a ClientError names the first that does not decode."""
+        if len(images) == 1 and len(images[0]) <= INLINE_DECODE_BYTES:
+            return self._pixels(images[0], names[0])[None]  # cheaper than the hop to a decode thread and back
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(
+            *(loop.run_in_executor(self.decode_pool, self._pixels, data, name) for data, name in zip(images, names))
+        )
+        return np.stack(pixels)
+
+    async def infer(self, batch: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+        """uint8 pixels or float32 model input, through the worker's batcher -> this request's rows of
+        `_run_batch`'s answer."""
+        return await self.batcher.submit(batch)
+
     async def classify(self, images: list[bytes], names: list[str] | None = None, top_k: int = 5) -> list[dict]:
         """Encoded images -> [{"heads": {head: top-k labels}}], in order, through the worker's batcher."""
         names = names or [f"images[{i}]" for i in range(len(images))]
-        if len(images) == 1 and len(images[0]) <= INLINE_DECODE_BYTES:
-            pixels = [self._pixels(images[0], names[0])]  # cheaper than the hop to a decode thread and back
-        else:
-            loop = asyncio.get_running_loop()
-            pixels = await asyncio.gather(
-                *(loop.run_in_executor(self.decode_pool, self._pixels, data, name) for data, name in zip(images, names))
-            )
-        ranked = await self.batcher.submit(np.stack(pixels))
+        answer = await self.infer(await self.decode(images, names))
         return [
-            {"heads": {h: top_labels(ranked[h][i], self.labels[h], top_k) for h in self.labels}}
+            {"heads": {h: top_labels(answer[h, self.RANKED][i], self.labels[h], top_k) for h in self.labels}}
             for i in range(len(images))
         ]
 
@@ -204,4 +231,4 @@ class TransferkitService:
         _metrics()["refused"].labels(reason=reason).inc()
 
 
-TransferkitService.add_asgi_middleware(PredictFastPath)
+TransferkitService.add_asgi_middleware(InferenceFastPath)
