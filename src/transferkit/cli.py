@@ -305,8 +305,11 @@ def cmd_build(args) -> None:
             options=k8s,
             runtime=args.runtime,
             image_from_bento=not args.image,
+            kserve=args.kserve,
         )
         print(f"kubernetes: {' '.join(str(p) for p in paths)}  (kubectl apply -f {args.k8s})")
+        if args.kserve:
+            print(f"kserve: on a cluster with KServe, kubectl apply -f {Path(args.k8s) / 'kserve'} instead")
     print(result.bento_path)
 
 
@@ -316,6 +319,8 @@ def _k8s_options(args):
 
     chosen = given(args, K8sOptions, prefix="k8s-")
     if not args.k8s:
+        if args.kserve:
+            raise TransferkitError("--kserve: only with --k8s DIR (the InferenceService goes to DIR/kserve/)")
         if chosen:
             names = flags(K8sOptions, prefix="k8s-")
             raise TransferkitError(
@@ -575,6 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write Kubernetes manifests into DIR: deployment.yaml, service.yaml, hpa.yaml "
         "(image: --image TAG, else the Bento tag); needs no Docker",
+    )
+    p.add_argument(
+        "--kserve",
+        action="store_true",
+        help="with --k8s: also a KServe InferenceService (custom predictor, Open Inference Protocol v2) in DIR/kserve/",
     )
     from transferkit.serving.k8s import K8sOptions
 

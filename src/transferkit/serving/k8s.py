@@ -252,7 +252,7 @@ def render(docs: dict[str, dict], model_tag: str, image_from_bento: bool = False
     texts = {}
     for filename, doc in docs.items():
         lines = yaml.safe_dump(doc, sort_keys=False).splitlines()
-        if image_from_bento and doc["kind"] == "Deployment":
+        if image_from_bento and doc["kind"] in ("Deployment", "InferenceService"):
             at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("image: "))
             indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
             lines[at:at] = [
@@ -279,17 +279,25 @@ def write_manifests(
     options: K8sOptions | None = None,
     runtime: str = "onnxruntime",
     image_from_bento: bool = False,
+    kserve: bool = False,
 ) -> list[Path]:
-    """Write the three files into out_dir and return their paths. Each goes to a temporary file beside it, and
-    the three are renamed into place only once all are written: a failed write leaves the previous files whole."""
-    texts = render(manifests(image, model_tag, options, runtime), model_tag, image_from_bento)
+    """Write the three files into out_dir (and with `kserve`, kserve/inferenceservice.yaml: kserve.py) and
+    return their paths. Each goes to a temporary file beside it, and all are renamed into place only once all
+    are written: a failed write leaves the previous files whole."""
+    docs = manifests(image, model_tag, options, runtime)
+    if kserve:
+        from transferkit.serving.kserve import FILE, inference_service
+
+        docs[FILE] = inference_service(docs["deployment.yaml"], options or K8sOptions())
+    texts = render(docs, model_tag, image_from_bento)
     out = check_out_dir(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
     try:
         for filename, text in texts.items():
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{filename}.", suffix=".tmp")
-            staged.append((tmp, out / filename))
+            target = out / filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            staged.append((tmp, target))
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifests from the rest of a team
