@@ -95,10 +95,12 @@ def run_hey(
     config: str,
     content_type: str = CONTENT_TYPE,
     seconds: float | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Level:
     """`n` requests (or, with `seconds`, as many as that duration takes) from `c` keep-alive clients."""
     amount = ["-z", f"{seconds:g}s"] if seconds else ["-n", str(n)]
-    cmd = [hey, *amount, "-c", str(c), "-m", "POST", "-t", "20", "-T", content_type, "-D", str(body_file), url]
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
+    cmd = [hey, *amount, "-c", str(c), "-m", "POST", "-t", "20", "-T", content_type, *extra, "-D", str(body_file), url]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
