@@ -48,7 +48,7 @@ from transferkit.training.checkpoint import load_checkpoint
 from transferkit.training.labels import HeadPlan, LabelMap, class_index_map, plan_heads
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.pools import Pool, _pool
-from transferkit.training.precision import autocast, model_input
+from transferkit.training.precision import forward, model_input
 
 
 @dataclass
@@ -60,16 +60,22 @@ class Teacher:
     # teacher trained with --heads separate may have two heads with one class set, and both teach
     routes: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
 
-    def prepare(self, x_unit: torch.Tensor) -> torch.Tensor:
-        """The student's augmented batch (float (N,3,S,S) in 0..1) as this teacher's input."""
-        return teacher_input(x_unit, self.preprocessing)
+    def logits(self, x_unit: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This teacher's logits for the student's augmented batch (float (N,3,S,S) in 0..1), seen at its own
+        size and statistics."""
+        return forward(self.model, self.preprocessing, resized(x_unit, self.preprocessing.image_size))
+
+
+def resized(x_unit: torch.Tensor, size: int) -> torch.Tensor:
+    """A 0..1 batch at `size` x `size`: bilinear and antialiased, as PIL's bilinear filter shrinks."""
+    if tuple(x_unit.shape[-2:]) != (size, size):
+        x_unit = F.interpolate(x_unit, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x_unit
 
 
 def teacher_input(x_unit: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    size = pre.image_size
-    if tuple(x_unit.shape[-2:]) != (size, size):
-        x_unit = F.interpolate(x_unit, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return model_input(pre, x_unit)
+    """The student's augmented batch as the model input of a teacher with preprocessing `pre`."""
+    return model_input(pre, resized(x_unit, pre.image_size))
 
 
 def check_teacher(path: str | Path) -> None:
@@ -178,9 +184,7 @@ def soft_targets(teachers: list[Teacher], x_unit: torch.Tensor, temperature: flo
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for teacher in teachers:
-        x = teacher.prepare(x_unit)
-        with autocast(x.device):
-            logits = teacher.model(x)
+        logits = teacher.logits(x_unit)
         for head, teacher_head, order in teacher.routes:
             probs = (logits[teacher_head].float()[:, order] / temperature).softmax(1)
             sums[head] = sums[head] + probs if head in sums else probs
@@ -239,9 +243,7 @@ def forward_backward(loop, labelled, unlabeled, batch_len: int) -> dict:
     x = augment.to_unit(images)
     x = augment.weak_view(x, loop.aug_gen) if cfg.augment else x
     targets = soft_targets(loop.teachers, x, cfg.temperature)  # the same view, at each teacher's size
-    x = model_input(setup.preprocessing, x)
-    with autocast(loop.device):
-        logits = loop.train_model(x)
+    logits = forward(loop.train_model, setup.preprocessing, x)
     loss, kd, correct = distillation_loss(
         logits,
         targets,

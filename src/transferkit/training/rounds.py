@@ -32,7 +32,7 @@ from transferkit.training.adaptation import adapt_batchnorm
 from transferkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from transferkit.training.distributed import barrier
 from transferkit.training.pools import Pool
-from transferkit.training.precision import autocast, model_input
+from transferkit.training.precision import forward
 from transferkit.training.sampling import MultiDatasetSampler
 from transferkit.utils import atomic_write_json, read_json
 
@@ -116,9 +116,7 @@ def label_pool(
     model.eval()
     conf, guess, truth = [], [], []
     for images, true, heads in pool.iterate(order):
-        x = model_input(pre, images.float().div_(255.0))
-        with autocast(x.device):
-            logits = model(x)
+        logits = forward(model, pre, images.float().div_(255.0))
         probs = torch.zeros(len(images), device=images.device)
         pred = torch.zeros(len(images), dtype=torch.long, device=images.device)
         for h, name in enumerate(head_order):  # each image is labelled by its own head

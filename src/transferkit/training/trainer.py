@@ -30,7 +30,7 @@ from transferkit.training.evaluate import accuracy, predict_logits
 from transferkit.training.losses import masked_head_losses, pseudo_label_loss
 from transferkit.training.metrics_log import MetricsLog, progress_bar
 from transferkit.training.optim import EMA, set_backbone_frozen
-from transferkit.training.precision import autocast, model_input
+from transferkit.training.precision import forward
 from transferkit.training.sampling import shard
 from transferkit.training.setup import TrainingSetup, build_optimizer, build_setup
 from transferkit.training.transfer import describe_mapping, init_from_run
@@ -328,9 +328,7 @@ class TrainLoop:
             # labelled apart (no gradient) by the labeller, or in this batch as plain FixMatch does
             labeller_logits = self.labeller.weak_logits(self.model, weak_view)
             parts += [strong_view] if labeller_logits is not None else [weak_view, strong_view]
-        x = model_input(setup.preprocessing, torch.cat(parts))
-        with autocast(self.device):
-            logits = self.train_model(x)
+        logits = forward(self.train_model, setup.preprocessing, torch.cat(parts))
         n = len(images)
         lab = {k: v[:n] for k, v in logits.items()}
         loss, correct = masked_head_losses(
