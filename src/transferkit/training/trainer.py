@@ -77,8 +77,8 @@ def _run(config: TrainConfig, run_dir: Path, resuming: bool) -> Path:
     dist_info, device = init_distributed(config.device)
     try:
         if self_training.effective_rounds(config) > 1:  # self-training: one TrainLoop per round (training/rounds.py)
-            make = lambda d, again, k: TrainLoop(config, d, dist_info, device, again, round_no=k)  # noqa: E731
-            return self_training.run_rounds(config, run_dir, make, dist_info.is_main)
+            make = lambda d, again, cfg, start: TrainLoop(cfg, d, dist_info, device, again, start)  # noqa: E731
+            return self_training.run_rounds(config, run_dir, make, dist_info, device)
         return TrainLoop(config, run_dir, dist_info, device, resuming).run()
     finally:
         shutdown(dist_info)
@@ -95,7 +95,7 @@ class TrainLoop:
         dist: DistInfo,
         device: torch.device,
         resuming: bool,
-        round_no: int = 1,
+        start: self_training.RoundStart | None = None,
     ):
         self.cfg, self.run_dir, self.dist, self.device = config, run_dir, dist, device
         # distillation: teachers are checked and loaded before any data, and before the seed is set
@@ -110,9 +110,10 @@ class TrainLoop:
         for line in distill.describe_teachers(teachers or [], config.image_size):
             self.log(line)
         init, self.round_record = config.init, {}
-        if round_no > 1:  # the previous round's labels join the data; its model is where this round starts
-            root = run_dir if round_no == self_training.effective_rounds(config) else run_dir.parent
-            init = str(self_training.start_round(self, root, round_no))
+        if start is not None:  # a later round: the previous round's labels join the data, its model starts this one
+            self.setup = self_training.with_labels(self.setup, start.labels)  # before the schedule is built
+            self.log(start.describe())
+            init, self.round_record = str(start.previous), start.record
         if init and not resuming:
             mapping = init_from_run(self.model, init, self.setup.label_map)
             for line in describe_mapping(mapping):
@@ -140,7 +141,8 @@ class TrainLoop:
             self._restore()
         elif dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_run_metadata(run_dir, config, self.setup.preprocessing, self.setup.plan.labels)
+            recorded = start.run_config if start is not None else config
+            save_run_metadata(run_dir, recorded, self.setup.preprocessing, self.setup.plan.labels)
         self.train_model = self._wrap()
 
     @staticmethod
