@@ -27,6 +27,7 @@ from provenance import commit
 from transferkit.config import TrainConfig
 from transferkit.training.distributed import DistInfo, resolve_device
 from transferkit.training.losses import masked_head_losses
+from transferkit.training.precision import autocast
 from transferkit.training.trainer import TrainLoop
 
 
@@ -81,7 +82,7 @@ def main() -> None:
 
     def synthetic_step(_: int) -> None:
         loop.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             logits = train_model(x_syn)
         loss, _ = masked_head_losses(logits, y_syn, h_syn, setup.head_order, setup.head_weights, setup.class_weights)
         loss.backward()

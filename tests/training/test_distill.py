@@ -183,18 +183,20 @@ def test_each_teacher_sees_the_batch_at_its_own_size_and_statistics(tiny_run, te
     )
     loop = TrainLoop(config, tmp_path / "r", DistInfo(), torch.device("cpu"), resuming=False)
     seen: dict[str, torch.Tensor] = {}
-    for name, model in (("student", loop.model), *((t.dir.name, t.model) for t in loop.teachers)):
+    for name, model in (("student", loop.model), *((t.dir.name, t.model) for t in loop.stepper.teachers)):
         model.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0].detach().clone()))
     labelled, unlabeled = next(iter(loop.step_inputs(0, 0)))
     stats = loop.train_step(labelled, unlabeled)
     assert float(stats["kd"]) > 0
     assert seen["student"].shape == (16, 3, 32, 32) and seen["tiny"].shape == (16, 3, 32, 32)
     assert seen["mnist48"].shape == (16, 3, 48, 48)
-    assert not any(t.model.training for t in loop.teachers)
+    assert not any(t.model.training for t in loop.stepper.teachers)
     # the 48 px teacher's input is the student's (augmented) view resized, normalised with its own mean/std
     student = loop.setup.preprocessing
     view = seen["student"] * torch.tensor(student.std).view(1, 3, 1, 1) + torch.tensor(student.mean).view(1, 3, 1, 1)
-    torch.testing.assert_close(seen["mnist48"], teacher_input(view, loop.teachers[1].preprocessing), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        seen["mnist48"], teacher_input(view, loop.stepper.teachers[1].preprocessing), atol=1e-5, rtol=0
+    )
 
 
 def test_options_are_refused_before_any_data(tiny_run, tmp_path):

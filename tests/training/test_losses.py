@@ -72,7 +72,7 @@ def test_distribution_alignment_pulls_pseudo_labels_towards_the_labelled_prior()
 
 
 def test_pseudo_label_weight_starts_late_then_ramps():
-    from transferkit.training.trainer import unlabeled_ramp
+    from transferkit.training.steps import unlabeled_ramp
 
     assert unlabeled_ramp(0, 100, start=0.3, rampup=0.2) == 0.0
     assert unlabeled_ramp(29, 100, 0.3, 0.2) == 0.0

@@ -29,7 +29,7 @@ from torch import nn
 from transferkit.preprocess import Preprocessing
 from transferkit.training import augment
 from transferkit.training.optim import EMA
-from transferkit.training.precision import autocast, model_input
+from transferkit.training.precision import forward, model_input
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -125,18 +125,15 @@ class PseudoLabeller:
             self.teacher.load_state_dict(student.state_dict())
             self.started = True
         model = self.teacher if self.teacher is not None else student
-        x = model_input(self.pre, weak_unit)
-        device = x.device
-        with autocast(device):
-            if self.adapt_bn:
-                with batch_statistics(model):
-                    return model(x)
-            was_training = model.training
-            model.eval()
-            try:
-                return model(x)
-            finally:
-                model.train(was_training)
+        if self.adapt_bn:
+            with batch_statistics(model):
+                return forward(model, self.pre, weak_unit)
+        was_training = model.training
+        model.eval()
+        try:
+            return forward(model, self.pre, weak_unit)
+        finally:
+            model.train(was_training)
 
     def update(self, student: nn.Module) -> None:
         """After each optimiser step: the teacher moves towards the student (once pseudo-labels have started)."""

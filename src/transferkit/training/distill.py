@@ -11,7 +11,7 @@ q_h is the mean of the softened probabilities of the teacher heads mapped onto s
 student's logits, w_h the head weight. The T^2 factor keeps the gradient of the soft part at the scale of
 the hard part whatever T (Hinton et al., 2015). Every head learns from every image: the teachers' answers
 on another dataset's images (and on unlabeled ones) are knowledge too, and they are what an unlabeled image
-trains through.
+trains through. The training step computing it is DistillationStep (steps.py).
 
 Heads. Label spaces are matched by class names exactly as training matches datasets (training/labels.py):
 every teacher head is planned like a dataset with `heads: shared`, so teacher heads whose canonical
@@ -43,12 +43,11 @@ from transferkit.data import ImageDataset
 from transferkit.errors import ConfigError
 from transferkit.preprocess import Preprocessing
 from transferkit.runs import Labels, load_run, load_run_model
-from transferkit.training import augment
 from transferkit.training.checkpoint import load_checkpoint
 from transferkit.training.labels import HeadPlan, LabelMap, class_index_map, plan_heads
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.pools import Pool, _pool
-from transferkit.training.precision import autocast, model_input
+from transferkit.training.precision import forward, model_input
 
 
 @dataclass
@@ -60,16 +59,22 @@ class Teacher:
     # teacher trained with --heads separate may have two heads with one class set, and both teach
     routes: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
 
-    def prepare(self, x_unit: torch.Tensor) -> torch.Tensor:
-        """The student's augmented batch (float (N,3,S,S) in 0..1) as this teacher's input."""
-        return teacher_input(x_unit, self.preprocessing)
+    def logits(self, x_unit: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This teacher's logits for the student's augmented batch (float (N,3,S,S) in 0..1), seen at its own
+        size and statistics."""
+        return forward(self.model, self.preprocessing, resized(x_unit, self.preprocessing.image_size))
+
+
+def resized(x_unit: torch.Tensor, size: int) -> torch.Tensor:
+    """A 0..1 batch at `size` x `size`: bilinear and antialiased, as PIL's bilinear filter shrinks."""
+    if tuple(x_unit.shape[-2:]) != (size, size):
+        x_unit = F.interpolate(x_unit, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x_unit
 
 
 def teacher_input(x_unit: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    size = pre.image_size
-    if tuple(x_unit.shape[-2:]) != (size, size):
-        x_unit = F.interpolate(x_unit, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return model_input(pre, x_unit)
+    """The student's augmented batch as the model input of a teacher with preprocessing `pre`."""
+    return model_input(pre, resized(x_unit, pre.image_size))
 
 
 def check_teacher(path: str | Path) -> None:
@@ -178,9 +183,7 @@ def soft_targets(teachers: list[Teacher], x_unit: torch.Tensor, temperature: flo
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for teacher in teachers:
-        x = teacher.prepare(x_unit)
-        with autocast(x.device):
-            logits = teacher.model(x)
+        logits = teacher.logits(x_unit)
         for head, teacher_head, order in teacher.routes:
             probs = (logits[teacher_head].float()[:, order] / temperature).softmax(1)
             sums[head] = sums[head] + probs if head in sums else probs
@@ -224,45 +227,6 @@ def distillation_loss(
         if name in targets:
             kd = kd + head_weights[h] * kd_loss(logits[name], targets[name], temperature)
     return kd_weight * kd + (1.0 - kd_weight) * ce, kd, correct
-
-
-def forward_backward(loop, labelled, unlabeled, batch_len: int) -> dict:
-    """One micro-batch of distillation for the TrainLoop `loop` (its config, setup, teachers, augmentation
-    generator and wrapped model); the stats it returns are those of plain training plus `kd`."""
-    cfg, setup = loop.cfg, loop.setup
-    images, labels, head_ids = labelled
-    n = len(images)
-    if unlabeled is not None and len(unlabeled[0]):
-        images = torch.cat([images, unlabeled[0]])
-        labels = torch.cat([labels, torch.full_like(unlabeled[1], -1)])
-        head_ids = torch.cat([head_ids, torch.full_like(unlabeled[2], -1)])
-    x = augment.to_unit(images)
-    x = augment.weak_view(x, loop.aug_gen) if cfg.augment else x
-    targets = soft_targets(loop.teachers, x, cfg.temperature)  # the same view, at each teacher's size
-    x = model_input(setup.preprocessing, x)
-    with autocast(loop.device):
-        logits = loop.train_model(x)
-    loss, kd, correct = distillation_loss(
-        logits,
-        targets,
-        labels,
-        head_ids,
-        setup.head_order,
-        setup.head_weights,
-        setup.class_weights,
-        cfg.temperature,
-        cfg.kd_weight,
-        cfg.label_smoothing,
-    )
-    scale = n / max(batch_len, 1)  # micro-batch share of the step's mean loss
-    (loss * scale).backward()
-    return {
-        "correct": correct[:n].sum(),
-        "seen": n,
-        "images": len(images),
-        "loss": loss.detach() * scale,
-        "kd": kd.detach() * scale,
-    }
 
 
 def teacher_only_pool(

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from transferkit.preprocess import Preprocessing
-from transferkit.training.precision import autocast, model_input
+from transferkit.training.precision import forward
 
 
 @torch.no_grad()
@@ -28,9 +28,7 @@ def predict_logits(
         x = torch.as_tensor(chunk).to(device, non_blocking=True)
         if x.shape[-1] == 3:  # NHWC numpy layout
             x = x.permute(0, 3, 1, 2)
-        x = model_input(pre, x)
-        with autocast(device):
-            logits = model(x)
+        logits = forward(model, pre, x)
         for name, value in logits.items():
             if heads is None or name in heads:
                 out.setdefault(name, []).append(value.float().cpu().numpy())

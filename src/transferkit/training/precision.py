@@ -22,3 +22,11 @@ def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; on a CPU the forward pass stays in fp32."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda")
+
+
+def forward(model: torch.nn.Module, pre: Preprocessing, images: torch.Tensor):
+    """`model`'s output for `images` ((N,3,S,S) uint8, or float in 0..1): `model_input`, then the forward pass
+    under `autocast` on the images' device. Gradients, train or eval mode: the caller's."""
+    x = model_input(pre, images)
+    with autocast(x.device):
+        return model(x)

@@ -13,6 +13,11 @@ previous round's model (`init` from its directory), trains `round_epochs`, and r
 RUN[/round<k>]/pseudo_labels.json which images it was given, with which labels, and (when the unlabeled set
 has true labels, for the report only) how many of them are right. RUN/rounds.json sums the rounds up.
 `train --resume RUN` continues whichever round was interrupted.
+
+Each round is settled before its TrainLoop is built: its config (`plan_round`, a pure function of the run's
+config and the round) and, after the first, where it starts (`start_round`: the previous round's directory and
+the labels its model gave). The loop then builds its setup with those labels in it and trains with that one
+config; nothing is swapped in under it.
 """
 
 from __future__ import annotations
@@ -26,14 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.config import parse_sampling
+from transferkit.config import TrainConfig, parse_sampling
 from transferkit.errors import ConfigError
 from transferkit.training.adaptation import adapt_batchnorm
 from transferkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from transferkit.training.distributed import barrier
+from transferkit.training.distributed import DistInfo, barrier
 from transferkit.training.pools import Pool
-from transferkit.training.precision import autocast, model_input
+from transferkit.training.precision import forward
 from transferkit.training.sampling import MultiDatasetSampler
+from transferkit.training.setup import TrainingSetup, build_setup
 from transferkit.utils import atomic_write_json, read_json
 
 LABELS_FILE = "pseudo_labels.json"
@@ -44,6 +50,16 @@ METADATA = ("config.yaml", "preprocessing.json", "labels.json")
 def effective_rounds(config) -> int:
     """Rounds label the --unlabeled images; without them (or in distillation, where teachers label) one."""
     return config.rounds if config.unlabeled and not config.teachers else 1
+
+
+def plan_round(config: TrainConfig, k: int) -> TrainConfig:
+    """Round k's training config, from the run's: round 1 trains as configured. A later round continues from a
+    trained model: its own (short) schedule, no frozen stage (no fresh head to protect), and pseudo-labels from
+    its first steps: their delay protects a head that does not know its labelled data yet, and this one does
+    (seed 0, digits val: 97.0% at once, 94.4% after 0.3 of the round)."""
+    if k == 1:
+        return config
+    return replace(config, epochs=config.round_epochs, freeze_epochs=0, unlabeled_start=0.0)
 
 
 def round_dir(run_dir: Path, k: int, rounds: int) -> Path:
@@ -116,9 +132,7 @@ def label_pool(
     model.eval()
     conf, guess, truth = [], [], []
     for images, true, heads in pool.iterate(order):
-        x = model_input(pre, images.float().div_(255.0))
-        with autocast(x.device):
-            logits = model(x)
+        logits = forward(model, pre, images.float().div_(255.0))
         probs = torch.zeros(len(images), device=images.device)
         pred = torch.zeros(len(images), dtype=torch.long, device=images.device)
         for h, name in enumerate(head_order):  # each image is labelled by its own head
@@ -163,13 +177,24 @@ def add_to_pool(pool: Pool, unlabeled: Pool, labels: RoundLabels) -> Pool:
     )
 
 
-def apply_round_labels(setup, labels: RoundLabels) -> None:
-    """Give a round's labels to its TrainingSetup, before the optimiser's schedule is built from its length."""
+def with_labels(setup: TrainingSetup, labels: RoundLabels) -> TrainingSetup:
+    """`setup` with a round's labels as one more labelled dataset (a new pool and sampler), for a loop to build
+    its optimiser's schedule from. Class weights and the alignment prior stay those of the labelled datasets."""
     if not len(labels.index):
-        return
-    setup.pool = add_to_pool(setup.pool, setup.unlabeled, labels)
+        return setup
+    pool = add_to_pool(setup.pool, setup.unlabeled, labels)
     cfg = setup.config
-    setup.sampler = MultiDatasetSampler(setup.pool.sizes, cfg.batch_size, parse_sampling(cfg.sampling), cfg.seed)
+    sampler = MultiDatasetSampler(pool.sizes, cfg.batch_size, parse_sampling(cfg.sampling), cfg.seed)
+    return replace(setup, pool=pool, sampler=sampler)
+
+
+def label_unlabeled(setup: TrainingSetup, model_dir: Path, k: int) -> RoundLabels:
+    """Round k's labels: the best model of `model_dir`, in a copy of `setup`'s model, on `setup`'s unlabeled
+    pool."""
+    cfg = setup.config
+    model = copy.deepcopy(setup.model)
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location=setup.device, weights_only=True))
+    return label_pool(model, setup.unlabeled, setup.head_order, setup.preprocessing, cfg.adapt_bn, cfg.round_keep, k)
 
 
 def previous_labels(run_dir: Path, k: int, rounds: int, compute) -> RoundLabels:
@@ -213,55 +238,69 @@ def write_summary(run_dir: Path, rounds: int) -> dict:
     return summary
 
 
-def start_round(loop, root: Path, k: int) -> Path:
-    """Before round k's optimiser is built (its schedule depends on the pool's size): the previous round's
-    best model labels the unlabeled pool, the labels join the labelled pool -> the previous round's directory,
-    the model round k starts from. Rank 0 labels and writes; every process reads the same file back."""
-    cfg, setup, n = loop.cfg, loop.setup, effective_rounds(loop.cfg)
-    prev = round_dir(root, k - 1, n)
-    # A later round continues from a trained model: its own (short) schedule, no frozen stage (no fresh head
-    # to protect), and pseudo-labels from its first steps: their delay protects a head that does not know its
-    # labelled data yet, and this one does (seed 0, digits val: 97.0% at once, 94.4% after 0.3 of the round).
-    loop.cfg = setup.config = replace(cfg, epochs=cfg.round_epochs, freeze_epochs=0, unlabeled_start=0.0)
+@dataclass(frozen=True)
+class RoundStart:
+    """Where round k > 1 starts, settled before its TrainLoop is built."""
 
-    def compute() -> RoundLabels:
-        model = copy.deepcopy(loop.model)
-        model.load_state_dict(torch.load(prev / "model.pt", map_location=loop.device, weights_only=True))
-        return label_pool(
-            model, setup.unlabeled, setup.head_order, setup.preprocessing, cfg.adapt_bn, cfg.round_keep, k
+    round: int
+    rounds: int
+    previous: Path  # the previous round's directory: its best model is where this round starts
+    labels: RoundLabels  # what that model labelled: one more dataset of this round
+    # the run's own config, which every round's config.yaml records: `--resume` plans the rounds again from it
+    run_config: TrainConfig
+
+    @property
+    def record(self) -> dict:
+        """Added to every epoch of the round in metrics.json."""
+        return {"round": self.round, "round_labels": self.labels.summary()}
+
+    def describe(self) -> str:
+        info = self.labels.summary()
+        right = "" if info["accuracy"] is None else f", {info['accuracy']:.1%} right"
+        return (
+            f"round {self.round}/{self.rounds}: {info['kept']} of {info['candidates']} unlabeled images labelled by "
+            f"round {self.round - 1} ({info['coverage']:.0%} kept{right}), training from {self.previous}"
         )
 
-    if loop.dist.is_main:
-        previous_labels(root, k, n, compute)
-    barrier(loop.dist)
-    labels = RoundLabels.from_dict(read_json(round_dir(root, k, n) / LABELS_FILE))
-    apply_round_labels(setup, labels)
-    info = labels.summary()
-    right = "" if info["accuracy"] is None else f", {info['accuracy']:.1%} right"
-    loop.log(
-        f"round {k}/{n}: {info['kept']} of {info['candidates']} unlabeled images labelled by round {k - 1}"
-        f" ({info['coverage']:.0%} kept{right}), training from {prev}"
-    )
-    loop.round_record = {"round": k, "round_labels": info}
-    return prev
 
-
-def run_rounds(config, run_dir: Path, make_loop, is_main: bool) -> Path:
-    """Train rounds 1..N (skipping finished ones, resuming an interrupted one); `make_loop(dir, resuming,
-    round_no)` builds one round's TrainLoop."""
+def start_round(
+    config: TrainConfig, run_dir: Path, k: int, dist: DistInfo, device: torch.device, previous: TrainingSetup | None
+) -> RoundStart:
+    """Round k's start: the previous round's best model labels the unlabeled pool (of `previous`, the previous
+    round's setup, or of one built again when that round finished in an earlier process). Rank 0 labels and
+    writes, or reads back what a resumed round wrote; every process reads the same file."""
     n = effective_rounds(config)
+    prev = round_dir(run_dir, k - 1, n)
+
+    def compute() -> RoundLabels:
+        return label_unlabeled(previous or build_setup(config, device), prev, k)
+
+    if dist.is_main:
+        previous_labels(run_dir, k, n, compute)
+    barrier(dist)
+    labels = RoundLabels.from_dict(read_json(round_dir(run_dir, k, n) / LABELS_FILE))
+    return RoundStart(k, n, prev, labels, config)
+
+
+def run_rounds(config: TrainConfig, run_dir: Path, make_loop, dist: DistInfo, device: torch.device) -> Path:
+    """Train rounds 1..N (skipping finished ones, resuming an interrupted one). Each round is planned before its
+    loop is built: `make_loop(dir, resuming, round config, RoundStart or None)` builds one round's TrainLoop."""
+    n = effective_rounds(config)
+    last = None  # the previous round's loop, when it trained in this process
     for k in range(1, n + 1):
         d = round_dir(run_dir, k, n)
         if finished(d):
             continue
-        if is_main:
+        if dist.is_main:
             print(f"round {k}/{n} in {d}", file=sys.stderr, flush=True)
-        loop = make_loop(d, (d / CHECKPOINT_NAME).is_file(), k)
+        start = start_round(config, run_dir, k, dist, device, last and last.setup) if k > 1 else None
+        loop = make_loop(d, (d / CHECKPOINT_NAME).is_file(), plan_round(config, k), start)
         if k == 1:
             check_in_memory(loop.setup)  # refused before round 1 trains, not when round 2 starts
-            if is_main:
+            if dist.is_main:
                 copy_metadata(d, run_dir)
         loop.run()
-    if is_main:
+        last = loop
+    if dist.is_main:
         write_summary(run_dir, n)
     return run_dir

@@ -21,29 +21,19 @@ from transferkit.config import TrainConfig
 from transferkit.data import DatasetSpec
 from transferkit.errors import TransferkitError
 from transferkit.runs import load_run, save_run_metadata
-from transferkit.training import augment, distill
+from transferkit.training import distill
 from transferkit.training import rounds as self_training
 from transferkit.training.adaptation import PseudoLabeller
 from transferkit.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, save_weights
 from transferkit.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, shutdown
 from transferkit.training.evaluate import accuracy, predict_logits
-from transferkit.training.losses import masked_head_losses, pseudo_label_loss
 from transferkit.training.metrics_log import MetricsLog, progress_bar
 from transferkit.training.optim import EMA, set_backbone_frozen
-from transferkit.training.precision import autocast, model_input
 from transferkit.training.sampling import shard
 from transferkit.training.setup import TrainingSetup, build_optimizer, build_setup
+from transferkit.training.steps import DistillationStep, MicroBatch, StepContext, SupervisedStep, TrainingStep
 from transferkit.training.transfer import describe_mapping, init_from_run
 from transferkit.utils import atomic_write_json
-
-
-def unlabeled_ramp(step: int, total: int, start: float, rampup: float) -> float:
-    """Weight multiplier of the pseudo-label loss: 0 before `start`, then linear to 1 over `rampup`
-    (both fractions of all steps)."""
-    begin, length = start * total, rampup * total
-    if step < begin:
-        return 0.0
-    return 1.0 if length <= 0 else min(1.0, (step - begin) / length)
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -87,8 +77,8 @@ def _run(config: TrainConfig, run_dir: Path, resuming: bool) -> Path:
     dist_info, device = init_distributed(config.device)
     try:
         if self_training.effective_rounds(config) > 1:  # self-training: one TrainLoop per round (training/rounds.py)
-            make = lambda d, again, k: TrainLoop(config, d, dist_info, device, again, round_no=k)  # noqa: E731
-            return self_training.run_rounds(config, run_dir, make, dist_info.is_main)
+            make = lambda d, again, cfg, start: TrainLoop(cfg, d, dist_info, device, again, start)  # noqa: E731
+            return self_training.run_rounds(config, run_dir, make, dist_info, device)
         return TrainLoop(config, run_dir, dist_info, device, resuming).run()
     finally:
         shutdown(dist_info)
@@ -105,11 +95,11 @@ class TrainLoop:
         dist: DistInfo,
         device: torch.device,
         resuming: bool,
-        round_no: int = 1,
+        start: self_training.RoundStart | None = None,
     ):
         self.cfg, self.run_dir, self.dist, self.device = config, run_dir, dist, device
         # distillation: teachers are checked and loaded before any data, and before the seed is set
-        self.teachers = distill.load_teachers(config, device) if config.teachers else None
+        teachers = distill.load_teachers(config, device) if config.teachers else None
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.setup: TrainingSetup = build_setup(config, device)
@@ -117,12 +107,13 @@ class TrainLoop:
         self.log = self._print if dist.is_main else (lambda *a: None)
         for name, head in self.setup.unlabeled_heads.items():
             self.log(f"unlabeled: {name} is pseudo-labelled by head {head}")
-        for line in distill.describe_teachers(self.teachers or [], config.image_size):
+        for line in distill.describe_teachers(teachers or [], config.image_size):
             self.log(line)
         init, self.round_record = config.init, {}
-        if round_no > 1:  # the previous round's labels join the data; its model is where this round starts
-            root = run_dir if round_no == self_training.effective_rounds(config) else run_dir.parent
-            init = str(self_training.start_round(self, root, round_no))
+        if start is not None:  # a later round: the previous round's labels join the data, its model starts this one
+            self.setup = self_training.with_labels(self.setup, start.labels)  # before the schedule is built
+            self.log(start.describe())
+            init, self.round_record = str(start.previous), start.record
         if init and not resuming:
             mapping = init_from_run(self.model, init, self.setup.label_map)
             for line in describe_mapping(mapping):
@@ -137,6 +128,11 @@ class TrainLoop:
         # On the training device: random numbers drawn on the CPU would need a host-to-device copy per step,
         # and a copy from pageable memory waits for the GPU to drain, stalling the launch pipeline.
         self.aug_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+        # what one micro-batch computes (training/steps.py), and what it reads besides the model and the batch
+        self.stepper: TrainingStep = (
+            DistillationStep(teachers) if teachers else SupervisedStep(self.labeller, self.model)
+        )
+        self.context = StepContext.of(self.setup, self.aug_gen)
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.best, self.bad_epochs, self.finished = -1.0, 0, False
         self.totals: dict = {}
@@ -145,7 +141,8 @@ class TrainLoop:
             self._restore()
         elif dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_run_metadata(run_dir, config, self.setup.preprocessing, self.setup.plan.labels)
+            recorded = start.run_config if start is not None else config
+            save_run_metadata(run_dir, recorded, self.setup.preprocessing, self.setup.plan.labels)
         self.train_model = self._wrap()
 
     @staticmethod
@@ -299,8 +296,9 @@ class TrainLoop:
             unl_micro = list(zip(*(t.tensor_split(cfg.grad_accum) for t in unlabeled)))
         self.optimizer.zero_grad(set_to_none=True)
         out: dict = {"steps": 1}
+        ctx = self.context.at(self.global_step)
         for part, unl_part in zip(micro, unl_micro):
-            stats = self._forward_backward(part, unl_part, n)
+            stats = self.stepper.forward_backward(self.train_model, MicroBatch(part, unl_part, n), ctx)
             for k, v in stats.items():
                 out[k] = out.get(k, 0) + v
         if cfg.clip_grad:
@@ -311,48 +309,6 @@ class TrainLoop:
             self.ema.update(self.model)
         self.labeller.update(self.model)
         return out
-
-    def _forward_backward(self, labelled, unlabeled, batch_len: int) -> dict:
-        if self.teachers is not None:  # soft targets from the teachers on every image (training/distill.py)
-            return distill.forward_backward(self, labelled, unlabeled, batch_len)
-        cfg, setup = self.cfg, self.setup
-        images, labels, head_ids = labelled
-        x = augment.to_unit(images)
-        x = augment.weak_view(x, self.aug_gen) if cfg.augment else x
-        parts = [x]
-        ramp = unlabeled_ramp(self.global_step, setup.total_steps, cfg.unlabeled_start, cfg.unlabeled_rampup)
-        if unlabeled is not None and len(unlabeled[0]) and ramp > 0:  # no wasted forward before the start
-            u_images, u_true, u_heads = unlabeled
-            u = augment.to_unit(u_images)
-            weak_view, strong_view = augment.weak_view(u, self.aug_gen), augment.strong_view(u, self.aug_gen)
-            # labelled apart (no gradient) by the labeller, or in this batch as plain FixMatch does
-            labeller_logits = self.labeller.weak_logits(self.model, weak_view)
-            parts += [strong_view] if labeller_logits is not None else [weak_view, strong_view]
-        x = model_input(setup.preprocessing, torch.cat(parts))
-        with autocast(self.device):
-            logits = self.train_model(x)
-        n = len(images)
-        lab = {k: v[:n] for k, v in logits.items()}
-        loss, correct = masked_head_losses(
-            lab, labels, head_ids, setup.head_order, setup.head_weights, setup.class_weights, cfg.label_smoothing
-        )
-        scale = n / max(batch_len, 1)  # micro-batch share of the step's mean loss
-        stats = {"correct": correct.sum(), "seen": n, "images": n}
-        if len(parts) > 1:
-            m = len(u_images)
-            if labeller_logits is not None:
-                weak, strong = labeller_logits, {k: v[n:] for k, v in logits.items()}
-            else:
-                weak = {k: v[n : n + m] for k, v in logits.items()}
-                strong = {k: v[n + m :] for k, v in logits.items()}
-            u_loss, keep, pseudo = pseudo_label_loss(
-                weak, strong, u_heads, setup.head_order, cfg.pseudo_threshold, setup.alignment
-            )
-            loss = loss + cfg.unlabeled_weight * ramp * u_loss
-            stats.update(images=n + m, unl=m, kept=keep.sum(), kept_right=(keep & (pseudo == u_true)).sum())
-        (loss * scale).backward()
-        stats["loss"] = loss.detach() * scale
-        return stats
 
     # ---- epoch end ----
     def _end_epoch(self) -> None:
