@@ -17,8 +17,7 @@ pause, the grace period and the API key Secret stay one definition. What changes
 from __future__ import annotations
 
 import copy
-
-from transferkit.serving.k8s import PORT, K8sOptions
+from typing import Any
 
 API_VERSION = "serving.kserve.io/v1beta1"
 FILE = "kserve/inferenceservice.yaml"
@@ -26,16 +25,18 @@ CONTAINER_NAME = "kserve-container"  # the name KServe's webhook gives, and look
 PROBE_PATHS = {"/readyz": "/v2/health/ready", "/livez": "/v2/health/live"}
 
 
-def inference_service(deployment: dict, options: K8sOptions) -> dict:
-    """The InferenceService that serves what `deployment` (k8s.manifests' Deployment) serves, over v2."""
+def inference_service(deployment: dict, options: Any) -> dict:
+    """The InferenceService that serves what `deployment` (k8s.manifests' Deployment) serves, over v2, with the
+    autoscaler bounds of `options` (k8s.K8sOptions; k8s.py imports this module, not the other way round)."""
     pod = copy.deepcopy(deployment["spec"]["template"])
     container = pod["spec"]["containers"][0]
+    port = container["ports"][0]["containerPort"]
     container["name"] = CONTAINER_NAME
     container["env"] = [{"name": "PROTOCOL", "value": "v2"}, *container["env"]]
-    container["ports"] = [{"name": "http1", "containerPort": PORT, "protocol": "TCP"}]
+    container["ports"] = [{"name": "http1", "containerPort": port, "protocol": "TCP"}]
     for key in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = container[key]["httpGet"]
-        get["path"], get["port"] = PROBE_PATHS[get["path"]], PORT
+        get["path"], get["port"] = PROBE_PATHS[get["path"]], port
     spec = pod["spec"]
     predictor = {
         "minReplicas": options.min_replicas,
