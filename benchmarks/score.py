@@ -132,6 +132,7 @@ def bound(run: Path, artifact: str, files: list[str], cores: int) -> tuple[float
     """(bound img/s, decode ms per image, inference ms per image at batch 64 on one thread)."""
     import numpy as np
 
+    from transferkit.export.measure import median_seconds
     from transferkit.scoring.engine import Scorer
 
     scorer = Scorer(run, artifact, threads=1)
@@ -141,13 +142,7 @@ def bound(run: Path, artifact: str, files: list[str], cores: int) -> tuple[float
     decode = (time.perf_counter() - start) / len(sample)
     batch = np.stack((pixels * (BATCH // len(pixels) + 1))[:BATCH])
     normalized = scorer.pre.normalize_numpy(batch)
-    for _ in range(3):
-        scorer.runtime.run(normalized)
-    start = time.perf_counter()
-    repeats = 10
-    for _ in range(repeats):
-        scorer.runtime.run(normalized)
-    infer = (time.perf_counter() - start) / repeats / BATCH
+    infer = median_seconds(lambda: scorer.runtime.run(normalized), 10, warmup=3) / BATCH
     return cores / (decode + infer), decode * 1000, infer * 1000
 
 

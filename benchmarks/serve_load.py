@@ -19,11 +19,9 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -191,17 +189,17 @@ def prepare_models(args: argparse.Namespace, tmp: Path, user_home: Path) -> list
 
 
 def rate(fn, items: int, repeats: int, target_s: float) -> float:
-    """items/s of fn(): calls per repeat sized to take about target_s, median over repeats."""
-    fn()
-    t = time.perf_counter()
-    fn()
-    calls, rates = max(1, int(target_s / max(time.perf_counter() - t, 1e-6))), []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    """items/s of fn(): calls per repeat sized to take about target_s (from one call after a warm-up one),
+    median over repeats."""
+    from transferkit.export.measure import median_seconds
+
+    calls = max(1, int(target_s / max(median_seconds(fn, 1, warmup=1), 1e-6)))
+
+    def repeat() -> None:
         for _ in range(calls):
             fn()
-        rates.append(calls * items / (time.perf_counter() - t))
-    return statistics.median(rates)
+
+    return calls * items / median_seconds(repeat, repeats, warmup=0)
 
 
 def digit_upload() -> tuple[bytes, bytes]:

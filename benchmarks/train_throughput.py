@@ -14,10 +14,8 @@ Prints a table and appends it to docs/train_throughput.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from provenance import commit
 
 from transferkit.config import TrainConfig
+from transferkit.export.measure import interleaved_medians
 from transferkit.training.distributed import DistInfo, resolve_device
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.precision import autocast
@@ -36,13 +35,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(fn, steps: int, device: torch.device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    for i in range(steps):
-        fn(i)
-    sync(device)
-    return time.perf_counter() - t
+def steps_of(fn, steps: int, device: torch.device):
+    """One timed call: `steps` steps of fn, then the device drained, since CUDA runs ahead of Python (each call
+    starts on an idle device: the one before it, or the warm-up, ended drained)."""
+
+    def run() -> None:
+        for i in range(steps):
+            fn(i)
+        sync(device)
+
+    return run
 
 
 def main() -> None:
@@ -105,12 +107,10 @@ def main() -> None:
         loop.train_step(*batch)
 
     for fn in (real_step, synthetic_step):  # warm-up: allocator, cuDNN autotune, compilation
-        time_steps(fn, 5, device)
-    real, syn = [], []
-    for _ in range(args.rounds):
-        real.append(args.steps * n / time_steps(real_step, args.steps, device))
-        syn.append(args.steps * n / time_steps(synthetic_step, args.steps, device))
-    r, c = statistics.median(real), statistics.median(syn)
+        steps_of(fn, 5, device)()
+    # alternating, so a busy spell on the machine slows both alike
+    timed = [steps_of(real_step, args.steps, device), steps_of(synthetic_step, args.steps, device)]
+    r, c = (args.steps * n / seconds for seconds in interleaved_medians(timed, args.rounds, warmup=0))
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"

@@ -2,20 +2,20 @@
 
 Two tables: accuracy on every dataset (the student's head for it beside each teacher's), and what each
 model costs to serve: parameters, model.pt size and CPU latency at batch 32. Latency is measured in this
-process, round-robin over the models (one call of each per round, median over rounds), so a machine busy
-with other work slows every model alike instead of whichever happened to run during the busy spell.
+process, round-robin over the models (one call of each per round, median over rounds:
+`export.measure.interleaved_medians`), so a machine busy with other work slows every model alike instead of
+whichever happened to run during the busy spell.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from transferkit.evaluation.matrix import Matrix
+from transferkit.export.measure import interleaved_medians
 from transferkit.runs import Run, load_run_model
 
 LATENCY_BATCH = 32
@@ -68,15 +68,10 @@ def format_side_by_side(student: Matrix, teachers: dict[str, Matrix | None], spl
 def measure_latencies(models: list[torch.nn.Module], sizes: list[int], rounds: int, warmup: int = 2) -> list[float]:
     """Median ms per call of LATENCY_BATCH images on the CPU, each model at its own input size."""
     inputs = [torch.randn(LATENCY_BATCH, 3, s, s).contiguous(memory_format=torch.channels_last) for s in sizes]
-    times: list[list[float]] = [[] for _ in models]
+    calls = [lambda m=model, x=x: m(x) for model, x in zip(models, inputs)]
     with torch.inference_mode():
-        for r in range(warmup + rounds):
-            for i, (model, x) in enumerate(zip(models, inputs)):
-                start = time.perf_counter()
-                model(x)
-                if r >= warmup:
-                    times[i].append((time.perf_counter() - start) * 1000.0)
-    return [statistics.median(t) for t in times]
+        seconds = interleaved_medians(calls, rounds, warmup)
+    return [s * 1000.0 for s in seconds]
 
 
 def measure_costs(run: Run, rounds: int = 10) -> list[ModelCost]:

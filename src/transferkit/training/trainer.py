@@ -24,7 +24,14 @@ from transferkit.runs import load_run, save_run_metadata
 from transferkit.training import distill
 from transferkit.training import rounds as self_training
 from transferkit.training.adaptation import PseudoLabeller
-from transferkit.training.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, save_weights
+from transferkit.training.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+)
 from transferkit.training.distributed import DistInfo, barrier, broadcast_flag, init_distributed, shutdown
 from transferkit.training.evaluate import accuracy, predict_logits
 from transferkit.training.metrics_log import MetricsLog, progress_bar
@@ -65,9 +72,12 @@ def _absolute_paths(config: TrainConfig) -> None:
 
 
 def resume(run_dir: str | Path) -> Path:
-    """Continue the run in `run_dir` from its last checkpoint, with its own resolved config."""
+    """Continue the run in `run_dir` from its last checkpoint, with its own resolved config. A run with rounds
+    keeps its checkpoints in the round being trained (RUN/round<k> before the last round), so RUN itself may
+    have none: `run_rounds` skips the finished rounds and continues the first unfinished one from its own
+    checkpoint, or starts it when it had not written one yet."""
     run = load_run(run_dir)
-    if load_checkpoint(run.dir) is None and self_training.has_rounds(run.dir):
+    if self_training.effective_rounds(run.config) == 1 and not (run.dir / CHECKPOINT_NAME).is_file():
         raise TransferkitError(f"{run.dir} has no checkpoint.pt to resume from; start it again with train")
     run.config.validate()  # e.g. an --init run or image folder that has gone since
     return _run(run.config, run.dir, resuming=True)
