@@ -55,6 +55,8 @@ def check_reference(options: RobustnessOptions) -> None:
 
 def eps_text(eps: float) -> str:
     """2/255 for a budget on the uint8 grid, else the decimal."""
+    if eps == 0:
+        return "0"
     steps = Fraction(eps).limit_denominator(255) * 255
     return f"{int(steps)}/255" if steps.denominator == 1 and abs(eps * 255 - int(steps)) < 1e-9 else f"{eps:.4g}"
 
@@ -214,7 +216,10 @@ class RobustnessResult:
             fig, axes = plt.subplots(
                 1,
                 len(row),
-                figsize=(1.8 + 0.75 * len(severities) * len(row) + 1.6 * (len(row) - 1), 5.2),
+                figsize=(
+                    1.8 + 0.75 * len(severities) * len(row) + 1.6 * (len(row) - 1),
+                    1.6 + 0.3 * len(self.corruptions.corruptions),
+                ),
                 squeeze=False,
             )
             for ax, (head, cell) in zip(axes[0], row.items()):
