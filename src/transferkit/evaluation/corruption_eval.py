@@ -10,7 +10,8 @@ copy being the same images, so a drop is the corruption's alone. The measures ar
   CE             per corruption, sum over severities of this model's error / the reference model's
   relative CE    per corruption, sum over severities of (error - clean error), over the same for the reference:
                  how much of its accuracy the model loses to the corruption, next to what the reference loses
-  mCE / rel. mCE their means over the corruptions
+  mCE / rel. mCE their means over the corruptions where they exist (a ratio is None where the reference's
+                 error, or its loss, is 0 or less: relative CE is large and noisy where the reference loses little)
 The reference (`--reference RUN`, a source-only model say) is scored on the same images at its own input size,
 with its head for each dataset: the one trained on it, else the one that can score most of its images.
 """
