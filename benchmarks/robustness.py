@@ -27,9 +27,12 @@ from transferkit.runs import load_run
 
 
 def _made(run_dir: Path) -> str:
+    """The training options of a run, as `transferkit train` flags (from its config.yaml)."""
     cfg = load_run(run_dir).config
-    limit = f"{cfg.limit:,} images per split" if cfg.limit else "all images"
-    return f"{cfg.backbone} ({cfg.weights} weights), {', '.join(cfg.data)}, {limit}, {cfg.image_size} px, {cfg.epochs} epochs"
+    flags = [f"--data {','.join(cfg.data)}", f"--backbone {cfg.backbone}", f"--weights {cfg.weights}"]
+    flags += [f"--limit {cfg.limit}"] if cfg.limit else []
+    flags += [f"--image-size {cfg.image_size}", f"--epochs {cfg.epochs}", f"--batch-size {cfg.batch_size}"]
+    return f"`transferkit train {' '.join(flags)} --seed {cfg.seed}`"
 
 
 def _percent(value) -> str:
@@ -171,6 +174,10 @@ def main() -> None:
             "|---|---|--:|--:|--:|--:|" + "--:|" * len(CORRUPTION_FAMILIES),
             *(row for name, result in results.items() for row in corruption_rows(name, result)),
             "",
+            "Relative CE divides what this model loses by what the reference loses: where the reference loses almost "
+            "nothing it is large and noisy, and where the reference gains it is not defined (`-` in the runs' reports); "
+            "CE, which compares errors, is the steadier headline.",
+            "",
             "Accuracy per corruption, averaged over its severities:",
             "",
             *per_corruption(results),
@@ -186,7 +193,9 @@ def main() -> None:
             "## Adversarial examples",
             "",
             f"{first.options.attack.upper()}, white-box on the PyTorch model, L-infinity eps on the 0..1 pixel scale"
-            f"{steps}, each head attacked on its own dataset's images. {QUANTISED_NOTE}",
+            f"{steps}, each head attacked on its own dataset's images. {QUANTISED_NOTE} The images are crafted on "
+            "PyTorch fp32: an artifact that computes slightly differently (INT8) is hit by them as by a transferred "
+            "attack, so its higher numbers are not robustness of its own.",
             "",
             "| run | dataset | clean | eps | torch | torch uint8 | exported artifacts (same uint8 images) |",
             "|---|---|--:|--:|--:|--:|---|",
