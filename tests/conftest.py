@@ -77,6 +77,15 @@ def tiny_run(tiny_run_process) -> Path:
 
 
 @pytest.fixture(scope="session")
+def probe_run(tmp_path_factory) -> Path:
+    """A trained run, made in seconds: linear-probe heads on digits and Fashion-MNIST over frozen ImageNet features
+    (far above chance, decisive logits). Shared by the session: copy it (tests.export.tiny.copy_run) to change it."""
+    from tests.export.tiny import probe_tiny_run
+
+    return probe_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """(run_dir, ExportResult): the tiny two-head run (random heads, no training) exported to ONNX."""
     from tests.export.tiny import exported_tiny_run

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from transferkit.cli import build_parser
+from transferkit.evaluation.robust_options import RobustnessOptions
 from transferkit.export.job import ExportOptions
 from transferkit.options import CLI, field_comments, flags, given, markdown_rows
 from transferkit.serving.k8s import K8sOptions
@@ -15,7 +16,7 @@ from transferkit.serving.server import SETTING_FLAGS
 from transferkit.serving.settings import ServingSettings
 
 
-@pytest.mark.parametrize("cls", [ExportOptions, ServingSettings, K8sOptions])
+@pytest.mark.parametrize("cls", [ExportOptions, ServingSettings, K8sOptions, RobustnessOptions])
 def test_every_option_field_has_help_and_one_default(cls):
     helps = field_comments(cls)
     option_fields = [f.name for f in dataclasses.fields(cls) if CLI in f.metadata]
@@ -45,6 +46,14 @@ def test_export_flags_reach_export_options():
     assert options.int8_budget_s == 60.0 and options.simplify and options.calibration_images == 512
     defaults = ExportOptions(**given(build_parser().parse_args(["export", "RUN"]), ExportOptions))
     assert defaults == ExportOptions()
+
+
+def test_eval_robustness_flags_reach_robustness_options():
+    args = build_parser().parse_args(["eval", "RUN", "--corruptions", "noise,fog", "--attack", "pgd", "--eps", "2/255"])
+    options = RobustnessOptions(**given(args, RobustnessOptions))
+    assert options.corruption_names == ("gaussian_noise", "shot_noise", "impulse_noise", "fog")
+    assert options.severity_levels == (1, 2, 3, 4, 5) and options.eps_values == (2 / 255,) and options.steps == 10
+    assert not RobustnessOptions(**given(build_parser().parse_args(["eval", "RUN"]), RobustnessOptions)).active
 
 
 def test_serve_flags_are_the_settings_fields_and_unset_means_not_given():

@@ -58,11 +58,14 @@ def export(
     )
 
 
-def evaluate(run, data=None, split: str = "test"):
-    """Every head on every dataset it can score (`transferkit eval`) -> EvalResult (eval.json, report.md)."""
+def evaluate(run, data=None, split: str = "test", **robustness: Any):
+    """Every head on every dataset it can score (`transferkit eval`) -> EvalResult (eval.json, report.md);
+    `robustness` are RobustnessOptions fields (corruptions="all", reference=RUN, attack="pgd", eps="1/255,...")."""
     from transferkit.evaluation import evaluate_run
+    from transferkit.evaluation.robust_options import RobustnessOptions
 
-    return evaluate_run(run, extra_data=list(data) if data else None, split=split)
+    options = RobustnessOptions(**robustness)  # a bad option is refused before anything loads
+    return evaluate_run(run, extra_data=list(data) if data else None, split=split, robustness=options)
 
 
 def start_server(run, **settings: Any):

@@ -182,9 +182,12 @@ def cmd_distill(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from transferkit.evaluation.robust_options import RobustnessOptions
+
+    robustness = RobustnessOptions(**given(args, RobustnessOptions))  # refused before the model or data load
     from transferkit.evaluation import evaluate_run
 
-    result = evaluate_run(args.run, extra_data=_split_list(args.data), split=args.split)
+    result = evaluate_run(args.run, extra_data=_split_list(args.data), split=args.split, robustness=robustness)
     print(result.table)
     print(f"wrote {result.eval_path} and {result.report_path}")
     print(result.report_path.parent)
@@ -381,10 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_train_parser(sub, "distill", _DISTILL_TEXT)
 
-    p = sub.add_parser("eval", help="accuracy of every head on every dataset it can score; report with plots")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of every head on every dataset it can score; report with plots",
+        description="Score every head on every dataset it can score and write eval.json, report.md and plots. "
+        "--corruptions adds accuracy under the common corruptions (Hendrycks & Dietterich), --attack adversarial "
+        "accuracy (FGSM or PGD on PyTorch, the same images through every exported artifact). Example: "
+        "transferkit eval runs/demo --corruptions all --reference runs/source --attack pgd --eps 1/255,4/255",
+    )
     p.add_argument("run", metavar="RUN")
     p.add_argument("--data", metavar="A,B,...", help="more datasets to score (default: the run's own)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    from transferkit.evaluation.robust_options import RobustnessOptions  # torch-free
+
+    add_options(p.add_argument_group("robustness"), RobustnessOptions, unset_is_none=True)
 
     p = sub.add_parser("export", help="export, verify against PyTorch, store in the BentoML model store")
     p.add_argument("run", metavar="RUN")

@@ -13,13 +13,8 @@ from transferkit.errors import ConfigError, TransferkitError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def probe_run(tmp_path_factory):
-    """A trained run (linear-probe heads on digits and Fashion-MNIST) that static INT8 hurts: its heads read
-    frozen ImageNet features whose small differences quantization blurs, so the repair has work to do."""
-    from tests.export.tiny import make_probe_run
-
-    return make_probe_run(tmp_path_factory.mktemp("int8") / "probe")
+# `probe_run` (tests/conftest.py, shared by the session): a trained run that static INT8 hurts: its linear-probe
+# heads read frozen ImageNet features whose small differences quantization blurs, so the repair has work to do.
 
 
 def _export_int8(probe_run, tmp_path_factory, **options):

@@ -146,12 +146,12 @@ def test_a_modified_weights_file_is_refused_before_loading(ov_export, tmp_path):
         load_runtime("openvino", export_dir, read_manifest(export_dir), check_files=True)
 
 
-def test_openvino_int8_that_loses_points_is_repaired_with_accuracy_control(tmp_path_factory):
+def test_openvino_int8_that_loses_points_is_repaired_with_accuracy_control(probe_run, tmp_path_factory):
     """A linear-probe model loses points under every fully INT8 NNCF attempt; NNCF accuracy control, driven by
     the gate's metric on the validation split, keeps operations in fp32 and brings the model closer to PyTorch."""
-    from tests.export.tiny import make_probe_run
+    from tests.export.tiny import copy_run
 
-    run_dir = make_probe_run(tmp_path_factory.mktemp("openvino-repair") / "probe")
+    run_dir = copy_run(probe_run, tmp_path_factory.mktemp("openvino-repair") / "probe")
     result = export_run(
         run_dir,
         formats="openvino",

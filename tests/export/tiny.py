@@ -72,6 +72,13 @@ def make_probe_run(run_dir: Path, train_images: int = 512) -> Path:
     return run_dir
 
 
+def probe_tiny_run(tmp_path_factory) -> Path:
+    """make_probe_run, made once per session: tests that change it work on a copy (copy_run)."""
+    if "probe" not in _cache:
+        _cache["probe"] = make_probe_run(tmp_path_factory.mktemp("runs") / "probe")
+    return _cache["probe"]
+
+
 def exported_tiny_run(tmp_path_factory) -> tuple[Path, object]:
     """(run_dir, ExportResult) of an ONNX export stored in the session's BentoML home (tests/conftest.py);
     made once per session."""

@@ -48,26 +48,33 @@ def dataset_specs(run: Run, extra: list[str] | None) -> list[DatasetSpec]:
     return list(dict.fromkeys(specs))
 
 
-def score_matrix(model, run: Run, datasets: list[ImageDataset], split: str, device="cpu") -> Matrix:
+def head_targets(run: Run, ds: ImageDataset, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """head -> the class index in that head of each of `labels` (ds's classes), -1 where the head lacks the
+    class; only heads sharing at least one class name with the dataset."""
     label_map = LabelMap.from_file(run.config.label_map)
+    targets = {}
+    for head, classes in run.labels.heads.items():
+        mapping = class_index_map(ds.classes, classes, label_map)
+        if mapping:
+            targets[head] = np.asarray([mapping.get(int(c), -1) for c in labels], dtype=np.int64)
+    return targets
+
+
+def score_matrix(model, run: Run, datasets: list[ImageDataset], split: str, device="cpu") -> Matrix:
     heads = run.labels.heads
     cells: dict[str, dict[str, Cell]] = {h: {} for h in heads}
     confusion: dict[str, np.ndarray] = {}
     for ds in datasets:
         part = ds.split(split)
         logits = predict_logits(model, part.images, run.preprocessing, device)
-        for head, classes in heads.items():
-            mapping = class_index_map(ds.classes, classes, label_map)
-            if not mapping:
-                continue
-            target = np.asarray([mapping.get(int(c), -1) for c in part.labels])
+        for head, target in head_targets(run, ds, part.labels).items():
             keep = target >= 0
             own = run.labels.datasets.get(ds.name) == head
             cells[head][ds.name] = Cell(
                 accuracy(logits[head][keep], target[keep]), int(keep.sum()), float(keep.mean()), own
             )
             if own:
-                cm = confusion_matrix(logits[head][keep].argmax(1), target[keep], len(classes))
+                cm = confusion_matrix(logits[head][keep].argmax(1), target[keep], len(heads[head]))
                 confusion[head] = confusion.get(head, 0) + cm
     return Matrix(list(heads), [d.name for d in datasets], cells, confusion)
 
@@ -78,6 +85,10 @@ class Evaluation:
     source: Matrix | None = None  # the --init source run on the same datasets
     # teacher run dir -> its matrix on the same datasets; None when the teacher run has gone since
     teachers: dict[str, Matrix | None] = field(default_factory=dict)
+    # what was loaded to score the matrix, kept for the robustness evaluation (the same model, data and device)
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    datasets: list[ImageDataset] = field(default_factory=list, repr=False)
+    device: str = "cpu"
 
 
 def evaluate_matrices(run: Run, extra: list[str] | None, split: str) -> tuple[Matrix, Matrix | None]:
@@ -95,7 +106,9 @@ def evaluate_all(run: Run, extra: list[str] | None, split: str, teachers: bool =
     specs = dataset_specs(run, extra)
     datasets = [load_dataset(spec, run.preprocessing, run.config.limit) for spec in specs]
     loaded = {run.preprocessing: datasets}  # the data at each input definition, loaded once
-    result = Evaluation(score_matrix(model, run, datasets, split, device))
+    result = Evaluation(
+        score_matrix(model, run, datasets, split, device), model=model, datasets=datasets, device=device
+    )
     if run.config.init:
         result.source = _score_other(run.config.init, specs, loaded, run.config.limit, split, device)
     for teacher in run.config.teachers if teachers else []:

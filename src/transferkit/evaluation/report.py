@@ -2,9 +2,11 @@
 
     result = evaluate_run("runs/mnist-fashion")   # scores every head on every dataset it can score
     print(result.table)                            # also in result.report_path (report.md, with the plots)
+    evaluate_run(run, robustness=RobustnessOptions(corruptions="all", attack="pgd"))   # and its robustness
 
 The matrix itself (which head can score which dataset, accuracy and coverage per cell) is computed by
-transferkit.evaluation.matrix; this module writes what a reader looks at.
+transferkit.evaluation.matrix, robustness by transferkit.evaluation.robustness; this module writes what a reader
+looks at.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 
 from transferkit.evaluation.costs import ModelCost, format_costs, format_side_by_side, measure_costs
 from transferkit.evaluation.matrix import Matrix, evaluate_all, format_matrix
+from transferkit.evaluation.robust_options import RobustnessOptions
+from transferkit.evaluation.robustness import RobustnessResult, check_reference, evaluate_robustness
 from transferkit.runs import load_run
 from transferkit.utils import atomic_write, atomic_write_json, atomic_write_text, read_json
 
@@ -33,10 +37,19 @@ class EvalResult:
     source: Matrix | None
     teachers: dict[str, Matrix | None] = field(default_factory=dict)  # distilled runs: teacher dir -> matrix
     costs: list[ModelCost] = field(default_factory=list)  # distilled runs: student, then each teacher
+    robustness: RobustnessResult | None = None  # with --corruptions or --attack
 
 
-def evaluate_run(run_dir: str | Path, extra_data: list[str] | None = None, split: str = "test") -> EvalResult:
+def evaluate_run(
+    run_dir: str | Path,
+    extra_data: list[str] | None = None,
+    split: str = "test",
+    robustness: RobustnessOptions | None = None,
+) -> EvalResult:
+    robustness = robustness or RobustnessOptions()
     run = load_run(run_dir)
+    if robustness.active:
+        check_reference(robustness)  # before anything loads
     evaluation = evaluate_all(run, extra_data, split)
     matrix, source, teachers = evaluation.matrix, evaluation.source, evaluation.teachers
     table = format_matrix(matrix, f"accuracy on the {split} split (rows: heads, columns: datasets)")
@@ -55,11 +68,17 @@ def evaluate_run(run_dir: str | Path, extra_data: list[str] | None = None, split
     if teachers:
         payload["teachers"] = [{"run": t, "matrix": None if m is None else m.to_dict()} for t, m in teachers.items()]
         payload["costs"] = [c.to_dict() for c in costs]
+    robust, sections = None, []
+    if robustness.active:
+        robust = evaluate_robustness(run, evaluation, split, robustness)
+        table += "\n\n" + robust.table()
+        payload["robustness"] = robust.to_dict()
+        sections = robust.markdown([_save_figure(fig, run.dir / name) for name, fig in robust.figures()])
     eval_path = atomic_write_json(run.dir / "eval.json", payload)
     plots = _plots(run.dir, matrix, run.labels.heads)
-    report = _report_markdown(run, table, plots)
+    report = _report_markdown(run, table, plots, sections)
     report_path = atomic_write_text(run.dir / "report.md", report)
-    return EvalResult(table, eval_path, report_path, matrix, source, teachers, costs)
+    return EvalResult(table, eval_path, report_path, matrix, source, teachers, costs, robust)
 
 
 def _save_figure(fig, path: Path) -> str:
@@ -135,7 +154,7 @@ def _confusion_figure(head: str, cm: np.ndarray, classes: list[str]):
     return fig
 
 
-def _report_markdown(run, table: str, plots: list[str]) -> str:
+def _report_markdown(run, table: str, plots: list[str], sections: list[str]) -> str:
     cfg = run.config
     lines = [
         f"# transferkit report: {run.dir.name}",
@@ -161,4 +180,6 @@ def _report_markdown(run, table: str, plots: list[str]) -> str:
         "",
     ]
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
+    if sections:
+        lines += ["", *sections]
     return "\n".join(lines) + "\n"

@@ -94,6 +94,9 @@ class ExportOptions:
             "--min-agreement", metavar="FRACTION", type=float, default_text="fp32 0.99, fp16 0.995, int8 0.97"
         ),
     )
+    # gate: fail an artifact whose accuracy on the corrupted sample (noise, blur, JPEG at two severities) falls more
+    # than this many points below PyTorch fp32's on the same images; the sample is measured and recorded either way
+    robust_tolerance: float | None = field(default=None, metadata=cli(metavar="POINTS", type=float, default_text="off"))
     # an INT8 artifact that passes the gate but measures slower than its format's fp32 here: withhold it from
     # serving (status 'passed, but slower than fp32 here'), or offer it anyway, for its size
     slower_int8: str = field(default="withhold", metadata=cli(choices=SLOWER_INT8))
@@ -117,6 +120,8 @@ class ExportOptions:
             raise ConfigError(f"--int8-budget-s must be > 0 seconds, got {self.int8_budget_s}")
         if self.max_acc_delta_points is not None and not self.max_acc_delta_points >= 0:
             raise ConfigError(f"--max-acc-delta must be >= 0 points, got {self.max_acc_delta_points}")
+        if self.robust_tolerance is not None and not self.robust_tolerance >= 0:
+            raise ConfigError(f"--robust-tolerance must be >= 0 points, got {self.robust_tolerance}")
         if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
             raise ConfigError(f"--min-agreement must be within [0, 1], got {self.min_top1_agreement}")
 

@@ -22,7 +22,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferkit.artifact import (  # noqa: E501
     EXPORT_FAILED,
@@ -55,6 +55,9 @@ from transferkit.manifest import (
     write_manifest,
 )
 from transferkit.utils import atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from transferkit.export.verify_corrupted import CorruptedSample
 
 
 @dataclass
@@ -142,6 +145,7 @@ def export_run(
     requests = check_request(formats, precision)
     options = options or ExportOptions()
     _check_options(device, verify_images)
+    from transferkit.export.verify_corrupted import corrupted_sample
     from transferkit.model import ExportModule
     from transferkit.runs import load_run_model  # torch: imported only when exporting
 
@@ -153,6 +157,7 @@ def export_run(
     module = ExportModule(model).eval()
     heads = list(model.head_names)
     reference = verify.pytorch_logits(module, inputs.batch, heads)
+    sample = corrupted_sample(inputs, run.preprocessing, module, heads)  # the gate's corrupted images too
     manifest = new_manifest(run, heads)
     plan = with_requirements(requests, device)
     selection = None
@@ -177,13 +182,13 @@ def export_run(
     for req in plan:
         result = _build_one(req, job, results)
         if result.status == EXPORTED:
-            result = _verify_one(req.row, result, manifest, export_dir, inputs, reference, options, device)
+            result = _verify_one(req.row, result, manifest, export_dir, inputs, reference, options, device, sample)
             if options.slower_int8 == "withhold":
                 _withhold_if_slower(result, results.get(artifact_name(req.row.name, "fp32")))
         results[req.name] = result
         manifest = _record(manifest, req.row, result)
 
-    verify_doc = _verify_document(inputs, results)
+    verify_doc = _verify_document(inputs, results, sample)
     manifest = _carry_over(export_dir, manifest, verify_doc, exclude=set(results))
     return _finish(run_dir, export_dir, manifest, verify_doc, results, store)
 
@@ -265,10 +270,19 @@ def _verification_runtime(row: ExportFormat, artifact: str, precision: str, devi
 
 
 def _verify_one(
-    row, result, manifest: Manifest, export_dir, inputs, reference, options: ExportOptions, device: str = "cpu"
+    row,
+    result,
+    manifest: Manifest,
+    export_dir,
+    inputs,
+    reference,
+    options: ExportOptions,
+    device: str = "cpu",
+    sample: CorruptedSample | None = None,
 ) -> FormatResult:
-    """Load the artifact through the serving runtime and compare it with the PyTorch reference; if it passes,
-    measure its throughput with the same runtime, under each runtime option it offers."""
+    """Load the artifact through the serving runtime and compare it with the PyTorch reference, on the test images
+    and on `sample`, their corrupted copies; if it passes, measure its throughput with the same runtime, under each
+    runtime option it offers."""
     manifest = _record(manifest, row, result)  # the runtime reads files and serving fields from the entry
     start = time.perf_counter()
     runtime = None
@@ -278,6 +292,8 @@ def _verify_one(
         tolerance = options.tolerance(row, result.precision)
         report = verify.compare(reference, logits, inputs, result.precision, tolerance)
         report["runtime"] = runtime.description
+        if sample is not None:
+            sample.check(report, runtime, options.robust_tolerance)
         if result.precision in FORMAT_SPECS[row.name].gpu_only_precisions and "CUDA" not in runtime.description:
             report["note"] = "verified on the CPU; served on a GPU only"
     except Exception as exc:  # noqa: BLE001
@@ -325,7 +341,9 @@ def _record(manifest: Manifest, row: ExportFormat, result: FormatResult) -> Mani
     return manifest.with_artifact(entry, records)
 
 
-def _verify_document(inputs: verify.VerifyInputs, results: dict[str, FormatResult]) -> dict[str, Any]:
+def _verify_document(
+    inputs: verify.VerifyInputs, results: dict[str, FormatResult], sample: CorruptedSample | None = None
+) -> dict[str, Any]:
     from transferkit.artifact import FORMAT_SPECS
 
     def extra(r: FormatResult) -> dict[str, Any]:  # INT8: every attempt, what was chosen, which split did what
@@ -335,6 +353,7 @@ def _verify_document(inputs: verify.VerifyInputs, results: dict[str, FormatResul
         "created": now_utc(),
         "reference": "PyTorch fp32 eval on CPU, same normalized input",
         "images": inputs.datasets,
+        "robustness_sample": sample.describe() if sample is not None else None,
         "tolerances": {p: vars(t) for s in FORMAT_SPECS.values() for p, t in s.tolerances.items()},
         "formats": {
             name: {"status": r.status, "error": r.error, **(r.verification or {}), **extra(r)}
@@ -389,6 +408,7 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
     are rewritten; the BentoML model is re-saved when the set of servable files changed.
     """
     _check_options("cpu", verify_images)
+    from transferkit.export.verify_corrupted import corrupted_sample
     from transferkit.model import ExportModule
     from transferkit.runs import load_run_model
 
@@ -397,7 +417,9 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
     old = read_manifest(export_dir)
     inputs = verify.load_verify_inputs(run, verify_images)
     heads = list(model.head_names)
-    reference = verify.pytorch_logits(ExportModule(model).eval(), inputs.batch, heads)
+    module = ExportModule(model).eval()
+    reference = verify.pytorch_logits(module, inputs.batch, heads)
+    sample = corrupted_sample(inputs, run.preprocessing, module, heads)
     manifest = new_manifest(run, heads)
     results: dict[str, FormatResult] = {}
     options = ExportOptions()
@@ -411,14 +433,14 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
             continue
         result = FormatResult(name, EXPORTED, entry.precision, file=files[0], exported=exported, files=files)
         results[name] = _verify_one(
-            row, result, manifest, export_dir, inputs, reference, options, entry.device or "cpu"
+            row, result, manifest, export_dir, inputs, reference, options, entry.device or "cpu", sample
         )
         _withhold_if_slower(results[name], results.get(artifact_name(row.name, "fp32")))
         manifest = _record(manifest, row, results[name])
     unchanged = old.servable() == manifest.servable() and old.files == manifest.files
     if unchanged and old.bentoml:
         manifest = dataclasses.replace(manifest, bentoml=old.bentoml)
-        atomic_write_json(export_dir / VERIFY_NAME, _verify_document(inputs, results))
+        atomic_write_json(export_dir / VERIFY_NAME, _verify_document(inputs, results, sample))
         write_manifest(export_dir, manifest)
         return ExportResult(Path(run_dir), export_dir, results, old.tag)
-    return _finish(run_dir, export_dir, manifest, _verify_document(inputs, results), results, store)
+    return _finish(run_dir, export_dir, manifest, _verify_document(inputs, results, sample), results, store)

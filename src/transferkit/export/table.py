@@ -1,9 +1,11 @@
 """Plain-text output of the export commands: the export summary the CLI prints (one row per format and head,
 then where things are), the fixed-width table it and `transferkit benchmark` share, one-line error messages.
 
-format  status  precision  size    head    max|Δ|   top-1 agree  acc torch  acc format  Δacc pts  export s
-------  ------  ---------  ------  ------  -------  -----------  ---------  ----------  --------  --------
-onnx    passed  fp32       8.9 MB  digits  1.9e-06  100.0%       97.3%      97.3%       +0.00     11.2
+format  status  precision  size    head    max|Δ|   top-1 agree  acc torch  acc format  Δacc pts  corr. agree  corr. Δacc  export s
+------  ------  ---------  ------  ------  -------  -----------  ---------  ----------  --------  -----------  ----------  --------
+onnx    passed  fp32       8.9 MB  digits  1.9e-06  100.0%       97.3%      97.3%       +0.00     100.0%       +0.00       11.2
+
+`corr.`: the same comparison on the gate's corrupted sample (export/verify_corrupted.py).
 
 Imports nothing from the rest of export at run time, so the exporters can use `one_line` too.
 """
@@ -27,6 +29,8 @@ COLUMNS = (
     "acc torch",
     "acc format",
     "Δacc pts",
+    "corr. agree",
+    "corr. Δacc",
     "export s",
 )
 
@@ -59,15 +63,19 @@ def _rows(r: FormatResult) -> list[list[str]]:
     first = [name, r.status, r.precision, _size(r.bytes)]
     heads = (r.verification or {}).get("heads") or {}
     if not heads:
-        return [first + ["-"] * 6 + [timing]]
+        return [first + ["-"] * 8 + [timing]]
+    corrupted = ((r.verification or {}).get("robustness") or {}).get("heads") or {}
     out = []
     for i, (head, h) in enumerate(heads.items()):
+        c = corrupted.get(head)
         stats = [
             f"{h['max_abs_diff']:.1e}",
             f"{h['top1_agreement']:.1%}",
             f"{h['accuracy_pytorch']:.1%}",
             f"{h['accuracy_format']:.1%}",
             f"{h['accuracy_delta_points']:+.2f}",
+            f"{c['top1_agreement']:.1%}" if c else "-",
+            f"{c['accuracy_delta_points']:+.2f}" if c else "-",
         ]
         out.append((first if i == 0 else [""] * 4) + [head] + stats + [timing if i == 0 else ""])
     return out

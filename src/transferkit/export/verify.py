@@ -50,6 +50,7 @@ class VerifyInputs:
     rows: dict[str, np.ndarray]  # head -> row indices into batch
     labels: dict[str, np.ndarray]  # head -> int64 labels in the head's class order
     datasets: dict[str, dict[str, int]]  # head -> {dataset: images used}
+    pixels: np.ndarray | None = None  # uint8 (N,S,S,3) that `batch` was normalised from (the corrupted sample's source)
 
 
 def dataset_sources(run: Run) -> dict[str, str]:
@@ -129,7 +130,8 @@ def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -
         offset += n
     if not pixels:
         raise DataError(f"{run.dir}: labels.json names no datasets; nothing to verify against")
-    return VerifyInputs(pre.normalize_numpy(np.concatenate(pixels)), rows, labels, datasets)
+    pixels = np.concatenate(pixels)
+    return VerifyInputs(pre.normalize_numpy(pixels), rows, labels, datasets, pixels)
 
 
 def load_calibration_images(run: Run, images_per_dataset: int) -> np.ndarray:
@@ -203,7 +205,8 @@ def subset(
             if k:
                 counts[dataset] = k
         datasets[head] = counts
-    picked = VerifyInputs(inputs.batch[rows], new_rows, labels, datasets)
+    pixels = inputs.pixels[rows] if inputs.pixels is not None else None
+    picked = VerifyInputs(inputs.batch[rows], new_rows, labels, datasets, pixels)
     return picked, {h: r[rows] for h, r in reference.items() if h in new_rows}, {h: logits[h] for h in new_rows}
 
 
