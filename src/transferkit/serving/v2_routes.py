@@ -305,8 +305,17 @@ def _output(name: str, answer: dict, service: Any, top_k: int, classification: i
     ranked = answer[head, service.RANKED][:, :k]
     if kind == "scores":
         return OutputTensor(name, "FP32", ranked["score"].astype(np.float32))
-    encoded = [label.encode() for label in labels]
-    return OutputTensor(name, "BYTES", np.array([[encoded[i] for i in row] for row in ranked["index"]], dtype=object))
+    return OutputTensor(name, "BYTES", _label_table(service, head)[ranked["index"]])
+
+
+def _label_table(service: Any, head: str) -> np.ndarray:
+    """A head's labels as a numpy array of UTF-8 bytes, made once per worker: indexing it with the ranked class
+    indices gives the BYTES output in one numpy call (per request, per element, Python cost as much as the rest
+    of the answer for a small image)."""
+    tables = service.__dict__.setdefault("_v2_label_tables", {})
+    if head not in tables:
+        tables[head] = np.array([label.encode() for label in service.labels[head]], dtype=object)
+    return tables[head]
 
 
 def _classification(name: str, logits: np.ndarray, labels: list[str], n: int) -> OutputTensor:
