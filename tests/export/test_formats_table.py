@@ -157,7 +157,8 @@ def test_contract_module_imports_nothing_heavy():
     ],
 )
 def test_auto_order_from_devices_and_rank(monkeypatch, ort_gpu, aoti_device, order):
-    from transferkit.serving.runtime import OnnxRuntime, auto_order
+    from transferkit.serving.runtime import OnnxRuntime
+    from transferkit.serving.selection import auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: ort_gpu))
     manifest = manifest_with(onnx={}, aoti={"device": aoti_device}, tensorrt={})
@@ -168,7 +169,8 @@ def test_auto_order_from_devices_and_rank(monkeypatch, ort_gpu, aoti_device, ord
 def test_auto_order_prefers_measured_throughput_on_the_same_device(monkeypatch):
     """On a CPU, the fastest artifact measured on this machine goes first, whatever the table's rank;
     unmeasured ones come after measured ones; a GPU artifact still comes before any CPU one."""
-    from transferkit.serving.runtime import OnnxRuntime, auto_order
+    from transferkit.serving.runtime import OnnxRuntime
+    from transferkit.serving.selection import auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
     manifest = manifest_with(
@@ -193,7 +195,8 @@ def test_auto_trusts_only_speeds_measured_on_a_machine_like_this_one(monkeypatch
     """An INT8 figure from a CPU with VNNI says nothing about one without: a measurement from another kind of
     machine is ignored, and the reason names this machine and how to measure here."""
     from transferkit.machine import Machine
-    from transferkit.serving.runtime import OnnxRuntime, auto_order, select_runtime
+    from transferkit.serving.runtime import OnnxRuntime
+    from transferkit.serving.selection import auto_order, select_runtime
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
     here = Machine.this()

@@ -21,7 +21,8 @@ from transferkit.errors import ArtifactMismatchError
 from transferkit.export import export_run
 from transferkit.export.job import ExportOptions
 from transferkit.manifest import read_manifest
-from transferkit.serving.runtime import OnnxRuntime, OpenVinoRuntime, auto_order, load_runtime, select_runtime
+from transferkit.serving.runtime import OnnxRuntime, OpenVinoRuntime
+from transferkit.serving.selection import auto_order, load_runtime, select_runtime
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")

@@ -7,7 +7,8 @@ import pytest
 
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.manifest import read_manifest
-from transferkit.serving.runtime import OnnxRuntime, load_runtime, select_runtime
+from transferkit.serving.runtime import OnnxRuntime
+from transferkit.serving.selection import load_runtime, select_runtime
 
 
 @pytest.fixture(scope="module")

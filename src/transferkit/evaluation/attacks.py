@@ -171,7 +171,7 @@ def exported_runtimes(run: Run) -> tuple[dict, dict[str, str]]:
     sha256), and why each other artifact was left out. Nothing when the run has not been exported."""
     from transferkit.export.table import one_line
     from transferkit.manifest import FileRecord, read_manifest
-    from transferkit.serving.runtime import artifact_problem, load_runtime
+    from transferkit.serving.selection import artifact_problem, load_runtime
 
     export_dir = run.export_dir
     if not (export_dir / "manifest.json").is_file():

@@ -27,7 +27,8 @@ from transferkit.export.measure import MEASURE_BATCH, median_seconds
 from transferkit.export.table import text_table
 from transferkit.machine import Machine, load_average
 from transferkit.manifest import VERIFY_NAME, Manifest, Measurement, now_utc, read_manifest, write_manifest
-from transferkit.serving.runtime import artifact_problem, runner_for
+from transferkit.serving.runtime import runner_for
+from transferkit.serving.selection import artifact_problem
 from transferkit.utils import atomic_write_json, read_json
 
 BASELINE = "pytorch (eager)"

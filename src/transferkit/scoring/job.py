@@ -237,7 +237,7 @@ def _ray(
 ) -> Summary:
     """The ray engine: the driver resolves the artifact once (every actor loads that one), Ray scores."""
     from transferkit.scoring.ray_engine import check_ray_output, ray_score
-    from transferkit.serving.runtime import select_runtime
+    from transferkit.serving.selection import select_runtime
 
     check_ray_output(out)
     export_dir, manifest = open_export(run)

@@ -8,7 +8,8 @@ from transferkit.manifest import read_manifest
 from transferkit.serving.build import BuildResult, build_bento
 from transferkit.serving.client import format_predictions, predict_files
 from transferkit.serving.harness import ServerHandle, start_server
-from transferkit.serving.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime, load_runtime, select_runtime
+from transferkit.serving.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime
+from transferkit.serving.selection import load_runtime, select_runtime
 from transferkit.serving.server import resolve_served_model, serve
 
 __all__ = [

@@ -33,7 +33,7 @@ from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import InferenceFastPath, create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.serving.protocol import install as install_coalescing_protocol
-from transferkit.serving.runtime import load_runtime
+from transferkit.serving.selection import load_runtime
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 from transferkit.serving.stack import http_stack
 
