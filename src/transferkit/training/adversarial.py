@@ -1,12 +1,16 @@
-"""`--adversarial-training fgsm`: the labelled images are replaced by FGSM images of themselves before the loss.
+"""Adversarial examples: FGSM and PGD, and `--adversarial-training fgsm`, which trains on FGSM images.
 
-    x = fgsm_view(student, ctx, x, labels, head_ids)   # float (N,3,S,S) in 0..1, augmented -> adversarial
+    adv = pgd(loss_of, x, eps, steps=10, generator=gen)   # float (N,3,S,S) in 0..1 -> adversarial images
+    x = fgsm_view(student, ctx, x, labels, head_ids)      # a training step's augmented images -> FGSM images
 
-FGSM with a random start (Wong, Rice & Kolter, ICLR 2020, "Fast is better than free"): a uniform start in the
-L-infinity ball of radius eps around the augmented image, one signed-gradient step of 1.25 eps, projected back
-into the ball and into [0, 1]. That is evaluation/attacks.py's PGD with one step of 1.25 eps, so training and
-`transferkit eval --attack` share one implementation of the arithmetic. The start is drawn from the run's
-augmentation generator, so a resumed run draws what an uninterrupted one does.
+`fgsm` and `pgd` are the arithmetic (L-infinity, on the 0..1 pixel scale); `transferkit eval --attack`
+(evaluation/attacks.py) runs them too, so training and evaluation share one implementation. They live on the
+training side because evaluation imports training, never the other way round.
+
+Adversarial training uses FGSM with a random start (Wong, Rice & Kolter, ICLR 2020, "Fast is better than free"):
+a uniform start in the L-infinity ball of radius eps around the augmented image, one signed-gradient step of
+1.25 eps, projected back into the ball and into [0, 1]: `pgd` with one step of 1.25 eps. The start is drawn from
+the run's augmentation generator, so a resumed run draws what an uninterrupted one does.
 
 Each image is attacked through its own head's loss (the training loss itself, masked per head), on the model as
 it is in this step: train mode, so BatchNorm normalises with the batch's statistics as the training pass will;
@@ -19,16 +23,46 @@ The loss is then taken on the adversarial images only, as in Wong et al.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from transferkit.config import adversarial_eps
-from transferkit.evaluation.attacks import pgd
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.precision import forward
 
-STEP = 1.25  # the gradient step, in units of eps (Wong et al.)
+STEP = 1.25  # adversarial training's gradient step, in units of eps (Wong et al.)
+
+Loss = Callable[[torch.Tensor], torch.Tensor]  # images in 0..1 -> the scalar loss whose gradient the attack follows
+
+
+def fgsm(loss_of: Loss, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: float (N,3,S,S) in 0..1 -> x moved by eps along the sign of the loss gradient, clipped to [0, 1]."""
+    x = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(x), x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def pgd(
+    loss_of: Loss,
+    x: torch.Tensor,
+    eps: float,
+    steps: int,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`steps` FGSM steps of `step_size` from a random start in the eps-ball, each projected back into the ball
+    around x and into [0, 1]."""
+    step = 2.5 * eps / steps if step_size is None else step_size
+    start = torch.rand(x.shape, generator=generator, device=generator.device if generator else "cpu")
+    adv = (x + eps * (start.to(x.device) * 2 - 1)).clamp(0, 1).detach()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(adv), adv)
+        adv = adv.detach() + step * grad.sign()
+        adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(0, 1)
+    return adv.detach()
 
 
 @contextlib.contextmanager
