@@ -113,6 +113,13 @@ def _images_per_s(run_dir: Path) -> float:
     return statistics.fmean(h["images_per_s"] for h in history)
 
 
+def _split_accuracy(run_dir: Path) -> dict[str, tuple[float, int]]:
+    """dataset -> (accuracy of the head trained on it over the whole evaluated split, images), from eval.json:
+    the clean cost is read there, on ten times the images of the corruption subset."""
+    matrix = json.loads((run_dir / "eval.json").read_text())["matrix"]
+    return {d: (c["accuracy"], c["n"]) for row in matrix.values() for d, c in row.items() if c["own"]}
+
+
 def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
@@ -128,9 +135,10 @@ def hardening_section(
     """Markdown: each run against `baseline` per dataset (clean, mCA, mCA over the families its training never
     draws from, FGSM, PGD at the same eps where the evaluation ran it), then fp32 against INT8 artifacts."""
     base = _own(results[baseline].corruptions.cells)
+    base_clean = _split_accuracy(runs[baseline])
     eps_value = RobustnessOptions(attack="fgsm", eps=fgsm_eps).eps_values[0]
     lines = [
-        "| run | dataset | clean | Δ clean | mCA | Δ mCA | untouched families | mCA there | Δ there | "
+        "| run | dataset | clean (images) | Δ clean | mCA | Δ mCA | untouched families | mCA there | Δ there | "
         f"FGSM {fgsm_eps} | PGD {fgsm_eps} | train img/s |",
         "|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|",
     ]
@@ -143,6 +151,7 @@ def hardening_section(
             if f not in TRAINED_FAMILIES.get(augment, ()) and any(c in scored for c in names)
         )
         attacks = _own(results[name].attacks or {})
+        clean = _split_accuracy(run_dir)
         for dataset, cell in _own(results[name].corruptions.cells).items():
             ref = base[dataset]
             there, ref_there = _family_mca(cell, untouched), _family_mca(ref, untouched)
@@ -150,8 +159,9 @@ def hardening_section(
             pgd_text = f"{pgd.pytorch[eps_value]:.4f}" if pgd is not None and eps_value in pgd.pytorch else "-"
             attacked = _own(fgsm.get(name, {})).get(dataset)
             fgsm_text = f"{attacked.pytorch[eps_value]:.4f}" if attacked is not None else "-"
+            (accuracy, images), ref_accuracy = clean[dataset], base_clean[dataset][0]
             lines.append(
-                f"| {name} | {dataset} | {cell.clean:.4f} | {_points(cell.clean - ref.clean)} | {cell.mca:.4f} | "
+                f"| {name} | {dataset} | {accuracy:.4f} ({images}) | {_points(accuracy - ref_accuracy)} | {cell.mca:.4f} | "
                 f"{_points(cell.mca - ref.mca)} | {', '.join(untouched)} | {there:.4f} | {_points(there - ref_there)} | "
                 f"{fgsm_text} | {pgd_text} | {_images_per_s(run_dir):.0f} |"
             )

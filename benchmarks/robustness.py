@@ -40,6 +40,7 @@ def _made(run_dir: Path) -> str:
     flags += [f"--limit {cfg.limit}"] if cfg.limit else []
     flags += [f"--image-size {cfg.image_size}", f"--epochs {cfg.epochs}", f"--batch-size {cfg.batch_size}"]
     flags += [f"--augment {cfg.augment}"] if cfg.augment != "default" else []
+    flags += [f"--augment-severity {cfg.augment_severity}"] if cfg.augment == "robust" else []
     if cfg.adversarial_training != "none":
         flags += [f"--adversarial-training {cfg.adversarial_training}", f"--adversarial-eps {cfg.adversarial_eps}"]
     return f"`transferkit train {' '.join(flags)} --seed {cfg.seed}`"
@@ -190,7 +191,8 @@ def main() -> None:
             "## Hardening",
             "",
             f"Each run against `{args.baseline}` (same data, epochs, batch size and seed), on the head trained on each "
-            "dataset. Δ: difference in points. mCA: all corruptions and severities below. `untouched families`: the "
+            "dataset. Δ: difference in points. clean: accuracy on the whole test split (the corruption subset's clean "
+            "accuracy is in the next section). mCA: all corruptions and severities below. `untouched families`: the "
             "corruption families whose kind the run's training never draws (robust's training-only noise is of the "
             "noise family, none of its corruptions; AugMix's operations belong to no family), and the mCA over them. "
             f"FGSM {args.fgsm_eps}: one signed-gradient step, white-box on PyTorch; PGD: the section below. "

@@ -29,6 +29,8 @@ def test_values_are_typed_and_checked():
         ({"data": ["mnist"], "class_weights": "inverse"}, "class_weights"),
         ({"data": ["mnist"], "unlabeled": ["nope"]}, "unknown dataset"),
         ({"data": ["mnist"], "augment": "yes"}, "augment must be one of default, robust, none, got 'yes'"),
+        ({"data": ["mnist"], "augment": "robust", "augment_severity": 11}, "augment_severity must be 1 to 10"),
+        ({"data": ["mnist"], "augment_severity": 6}, "add --augment robust or drop it"),
         ({"data": ["mnist"], "adversarial_training": "pgd"}, "adversarial_training must be one of none, fgsm"),
         ({"data": ["mnist"], "adversarial_eps": "2/255,4/255"}, "adversarial_eps must be one budget"),
         ({"data": ["mnist"], "adversarial_training": "fgsm", "adversarial_eps": "1/0"}, "adversarial_eps must be one"),

@@ -29,6 +29,7 @@ _TRAIN_GROUPS = {
     "epochs": "schedule",
     "pseudo_threshold": "pseudo-labels",
     "teachers": "distillation",
+    "adversarial_training": "hardening",
     "seed": "system",
 }
 _TRAIN_EXAMPLES = """examples:

@@ -79,9 +79,11 @@ def test_train_view_by_augment_setting():
     assert augment.train_view(x, torch.Generator().manual_seed(0), "none") is x
     default = augment.train_view(x, torch.Generator().manual_seed(0), "default")
     assert torch.equal(default, augment.weak_view(x, torch.Generator().manual_seed(0)))  # old runs draw as before
-    robust = augment.train_view(x, torch.Generator().manual_seed(0), "robust")
+    robust = augment.train_view(x, torch.Generator().manual_seed(0), "robust", severity=6)
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(robust, robust_view(augment.weak_view(x, gen), gen))
+    assert torch.equal(robust, robust_view(augment.weak_view(x, gen), gen, severity=6))
+    gen = torch.Generator().manual_seed(0)
+    assert not torch.equal(robust, robust_view(augment.weak_view(x, gen), gen, severity=3))
 
 
 def test_fgsm_view_stays_in_the_ball_follows_the_generator_and_keeps_batchnorm_statistics():

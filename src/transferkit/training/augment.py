@@ -57,13 +57,14 @@ def strong_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp_(0.0, 1.0)
 
 
-def train_view(x: torch.Tensor, gen: torch.Generator, augment: str) -> torch.Tensor:
-    """x: float (N,3,S,S) in 0..1 -> the labelled images' training view for TrainConfig.augment."""
+def train_view(x: torch.Tensor, gen: torch.Generator, augment: str, severity: int = 3) -> torch.Tensor:
+    """x: float (N,3,S,S) in 0..1 -> the labelled images' training view for TrainConfig.augment (and, for robust,
+    augment_severity)."""
     if augment == "none":
         return x
     x = weak_view(x, gen)
     if augment == "robust":
-        x = robust_view(x, gen)
+        x = robust_view(x, gen, severity)
     return x
 
 

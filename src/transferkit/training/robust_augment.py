@@ -3,7 +3,7 @@
     x = robust_view(x, gen)   # float (N,3,S,S) in 0..1 -> the same shape, dtype and range
 
 AugMix (Hendrycks, Mu et al., ICLR 2020): every image gets WIDTH chains of 1 to DEPTH operations, each operation
-drawn per image and per step of the chain, with a magnitude drawn up to SEVERITY / 10 of its maximum; the chains
+drawn per image and per step of the chain, with a magnitude drawn up to severity / 10 of its maximum; the chains
 are mixed by Dirichlet(1) weights and the mix is blended with the image by a Beta(1, 1) share. The operations are
 AugMix's own (autocontrast, equalize, posterize, solarize, rotate, shear x/y, translate x/y): chosen in its paper
 to be disjoint from the common corruptions, so they teach no corruption the evaluation then scores
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 WIDTH = 3  # chains per image (AugMix's default)
 DEPTH = 3  # operations per chain: 1 to DEPTH, drawn per chain and image (AugMix's default)
-SEVERITY = 3  # magnitudes up to SEVERITY / 10 of each operation's maximum (AugMix's default)
+SEVERITY = 3  # magnitudes up to severity / 10 of each operation's maximum (AugMix's default; --augment-severity)
 NOISE_SHARE = 0.5  # images that get a training-only noise after the mix
 UNIFORM_NOISE_MAX = 0.15  # largest half-width of the uniform noise, on the 0..1 scale
 SALT_PEPPER_MAX = 0.06  # largest share of pixels set to black or white
@@ -98,7 +98,7 @@ def _solarize(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     return solarize(x, 1.0 - level.abs())  # AugMix: values above 1 - level are inverted
 
 
-# name -> f(images, signed level): a level in (0, SEVERITY / 10], signed where the operation has a direction
+# name -> f(images, signed level): a level in (0, severity / 10], signed where the operation has a direction
 INTENSITY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "autocontrast": _autocontrast,
     "equalize": _equalize,
@@ -110,12 +110,12 @@ GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 OPERATIONS = (*INTENSITY, *GEOMETRIC)
 
 
-def _operation_step(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _operation_step(x: torch.Tensor, gen: torch.Generator, severity: int) -> torch.Tensor:
     """One operation per image, each with its own magnitude and direction."""
     n = len(x)
     u = _uniform(gen, n, 3, like=x)
     which = (u[:, 0] * len(OPERATIONS)).long().clamp_max(len(OPERATIONS) - 1)
-    level = (0.1 + u[:, 1] * (SEVERITY - 0.1)) / 10  # AugMix's sample_level: uniform in (0.1, severity), / 10
+    level = (0.1 + u[:, 1] * (severity - 0.1)) / 10  # AugMix's sample_level: uniform in (0.1, severity), / 10
     level = torch.where(u[:, 2] < 0.5, -level, level)
     grid = _grid(_geometry(which, level, x), x.shape[-1])
     # black outside the image, as AugMix's PIL operations fill
@@ -128,7 +128,7 @@ def _operation_step(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def augmix(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augmix(x: torch.Tensor, gen: torch.Generator, severity: int = SEVERITY) -> torch.Tensor:
     """AugMix's mix of WIDTH chains, blended with the image (see the module docstring)."""
     n = len(x)
     # Dirichlet(1, ..., 1) weights as normalised exponentials, and Beta(1, 1) = uniform: drawn from `gen`,
@@ -141,7 +141,7 @@ def augmix(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     for chain in range(WIDTH):
         aug = x
         for step in range(DEPTH):  # every step is drawn for every image, so the draws do not depend on depths
-            stepped = _operation_step(aug, gen)
+            stepped = _operation_step(aug, gen, severity)
             aug = stepped if step == 0 else torch.where((step < depths[:, chain]).view(n, 1, 1, 1), stepped, aug)
         mixed += chain_weights[:, chain].view(n, 1, 1, 1) * aug
     return keep * x + (1 - keep) * mixed
@@ -162,8 +162,9 @@ def training_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(noisy.view(n, 1, 1, 1), noise, x)
 
 
-def robust_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """float (N,3,S,S) in 0..1 -> AugMix's mix, then training-only noise on some images; same shape and dtype."""
+def robust_view(x: torch.Tensor, gen: torch.Generator, severity: int = SEVERITY) -> torch.Tensor:
+    """float (N,3,S,S) in 0..1 -> AugMix's mix at `severity`, then training-only noise on some images; same shape
+    and dtype."""
     if not len(x):
         return x
-    return training_noise(augmix(x, gen), gen).clamp_(0.0, 1.0)
+    return training_noise(augmix(x, gen, severity), gen).clamp_(0.0, 1.0)

@@ -95,7 +95,8 @@ class StepContext:
 
     def weak_view(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """The labelled images as the model trains on them: 0..1, augmented as the run's `augment` says."""
-        return augment.train_view(augment.to_unit(images_uint8), self.aug_gen, self.config.augment)
+        cfg = self.config
+        return augment.train_view(augment.to_unit(images_uint8), self.aug_gen, cfg.augment, cfg.augment_severity)
 
 
 class TrainingStep(Protocol):
