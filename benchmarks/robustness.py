@@ -2,6 +2,12 @@
 
     python benchmarks/robustness.py --runs runs/a,runs/b [--reference runs/source] [--corruptions all]
         [--attack pgd] [--eps 1/255,2/255,4/255] [--pgd-steps 10] [--robust-images 1000] [--out docs/robustness.md]
+        [--baseline a --fgsm-eps 2/255 [--artifact-corruptions]]
+
+With --baseline, a Hardening section compares every run with that one (a default-augmentation run, say) on clean
+accuracy, mCA, mCA over the corruption families its training never draws from, FGSM and PGD; with
+--artifact-corruptions, each run's exported artifacts (fp32, INT8) are scored on the same corrupted images
+(benchmarks/robust_compare.py).
 
 Trains nothing: each run is evaluated with `transferkit.evaluate(run, corruptions=..., attack=...)`, exactly what
 `transferkit eval RUN --corruptions ... --attack ...` does (so each run's own eval.json and report.md are rewritten
@@ -19,6 +25,7 @@ import time
 from pathlib import Path
 
 from provenance import command_line, commit, write_report
+from robust_compare import artifact_corruptions, fgsm_attack, hardening_section
 
 from transferkit.evaluation.robust_options import CORRUPTION_FAMILIES
 from transferkit.evaluation.robustness import QUANTISED_NOTE, RobustnessResult, eps_text
@@ -32,6 +39,10 @@ def _made(run_dir: Path) -> str:
     flags = [f"--data {','.join(cfg.data)}", f"--backbone {cfg.backbone}", f"--weights {cfg.weights}"]
     flags += [f"--limit {cfg.limit}"] if cfg.limit else []
     flags += [f"--image-size {cfg.image_size}", f"--epochs {cfg.epochs}", f"--batch-size {cfg.batch_size}"]
+    flags += [f"--augment {cfg.augment}"] if cfg.augment != "default" else []
+    flags += [f"--augment-severity {cfg.augment_severity}"] if cfg.augment == "robust" else []
+    if cfg.adversarial_training != "none":
+        flags += [f"--adversarial-training {cfg.adversarial_training}", f"--adversarial-eps {cfg.adversarial_eps}"]
     return f"`transferkit train {' '.join(flags)} --seed {cfg.seed}`"
 
 
@@ -120,6 +131,11 @@ def main() -> None:
     ap.add_argument("--pgd-steps", type=int, default=None)
     ap.add_argument("--robust-images", type=int, default=1000)
     ap.add_argument("--out", default="docs/robustness.md")
+    ap.add_argument(
+        "--baseline", default=None, help="name of the run (folder name) the Hardening section compares with"
+    )
+    ap.add_argument("--fgsm-eps", default="2/255", help="with --baseline: the FGSM budget of its table")
+    ap.add_argument("--artifact-corruptions", action="store_true", help="score exported artifacts on the corruptions")
     args = ap.parse_args()
 
     import transferkit
@@ -144,12 +160,23 @@ def main() -> None:
         seconds[name] = time.perf_counter() - start
         print(f"{name}: {seconds[name]:.0f} s", file=sys.stderr)
     first = next(iter(results.values()))
+    fgsm, artifacts = {}, {}
+    if args.baseline:
+        if args.baseline not in runs or not first.corruptions:
+            raise SystemExit(f"--baseline {args.baseline}: name one of --runs ({', '.join(runs)}), with --corruptions")
+        for name, run_dir in runs.items():
+            start = time.perf_counter()
+            fgsm[name] = fgsm_attack(run_dir, args.fgsm_eps, args.robust_images)
+            if args.artifact_corruptions:
+                artifacts[name] = artifact_corruptions(run_dir, results[name].options)
+            seconds[name] += time.perf_counter() - start
+            print(f"{name}: FGSM and artifacts, {seconds[name]:.0f} s in all", file=sys.stderr)
 
     lines = [
         "# Robustness: common corruptions and adversarial examples",
         "",
         f"Command: `{command_line()}` at commit {source}. Machine: {machine.describe()}. Load average (1 min): "
-        f"{load_before} before, {load_average()} after. Evaluation time per run (corruptions, reference and attack "
+        f"{load_before} before, {load_average()} after. Evaluation time per run (everything below "
         f"together): {', '.join(f'{n} {s:.0f} s' for n, s in seconds.items())}.",
         "",
         "| run | how it was made |",
@@ -158,6 +185,21 @@ def main() -> None:
     ]
     if args.reference:
         lines.append(f"| reference `{Path(args.reference).name}` | {_made(Path(args.reference))} |")
+    if args.baseline:
+        lines += [
+            "",
+            "## Hardening",
+            "",
+            f"Each run against `{args.baseline}` (same data, epochs, batch size and seed), on the head trained on each "
+            "dataset. Δ: difference in points. clean: accuracy on the whole test split (the corruption subset's clean "
+            "accuracy is in the next section). mCA: all corruptions and severities below. `untouched families`: the "
+            "corruption families whose kind the run's training never draws (robust's training-only noise is of the "
+            "noise family, none of its corruptions; AugMix's operations belong to no family), and the mCA over them. "
+            f"FGSM {args.fgsm_eps}: one signed-gradient step, white-box on PyTorch; PGD: the section below. "
+            "train img/s: the mean over epochs as training measured it, on the machine and load above.",
+            "",
+            *hardening_section(runs, results, args.baseline, fgsm, args.fgsm_eps, artifacts),
+        ]
     if first.corruptions:
         lines += [
             "",

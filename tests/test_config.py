@@ -9,8 +9,8 @@ def test_values_are_typed_and_checked():
     assert cfg.data == ["mnist", "digits"] and cfg.lr == 0.001 and cfg.epochs == 2 and cfg.head_weights == [1.0, 0.5]
     with pytest.raises(ConfigError, match="epochs must be an integer"):
         config_from_dict({"epochs": 1.5})
-    with pytest.raises(ConfigError, match="augment must be true or false"):
-        config_from_dict({"augment": "yes"})
+    with pytest.raises(ConfigError, match="compile must be true or false"):
+        config_from_dict({"compile": "yes"})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\]"):
         config_from_dict({"learning_rate": 0.1})
 
@@ -28,11 +28,32 @@ def test_values_are_typed_and_checked():
         ({"data": ["mnist"], "device": "tpu"}, "device"),
         ({"data": ["mnist"], "class_weights": "inverse"}, "class_weights"),
         ({"data": ["mnist"], "unlabeled": ["nope"]}, "unknown dataset"),
+        ({"data": ["mnist"], "augment": "yes"}, "augment must be one of default, robust, none, got 'yes'"),
+        ({"data": ["mnist"], "augment": "robust", "augment_severity": 11}, "augment_severity must be 1 to 10"),
+        ({"data": ["mnist"], "augment_severity": 6}, "add --augment robust or drop it"),
+        ({"data": ["mnist"], "adversarial_training": "pgd"}, "adversarial_training must be one of none, fgsm"),
+        ({"data": ["mnist"], "adversarial_eps": "2/255,4/255"}, "adversarial_eps must be one budget"),
+        ({"data": ["mnist"], "adversarial_training": "fgsm", "adversarial_eps": "1/0"}, "adversarial_eps must be one"),
+        ({"data": ["mnist"], "adversarial_training": "fgsm", "adversarial_eps": 0.5}, "at most 16/255"),
+        ({"data": ["mnist"], "adversarial_training": "fgsm", "teachers": ["."]}, "drop it or the teachers"),
     ],
 )
 def test_validate_refuses_bad_settings(values, message):
     with pytest.raises(TransferkitError, match=message):  # ConfigError, or DataError for dataset names
         config_from_dict(values).validate()
+
+
+def test_configs_from_before_augment_took_a_name_still_load():
+    """A run's config.yaml said `augment: true` or `false` when augment was a switch: it loads (and resumes) as
+    default or none, and a new config says the name."""
+    import yaml
+
+    for old, new in ((True, "default"), (False, "none")):
+        cfg = config_from_dict(yaml.safe_load(f"data: [mnist]\naugment: {str(old).lower()}\n")).validate()
+        assert cfg.augment == new
+        assert yaml.safe_load(yaml.safe_dump(cfg.to_dict()))["augment"] == new
+    assert TrainConfig().augment == "default" and TrainConfig().adversarial_training == "none"
+    assert config_from_dict({"adversarial_eps": 0.008}).adversarial_eps == "0.008"
 
 
 def test_sampling_specs():

@@ -18,7 +18,9 @@ from transferkit.options import add_options, field_comments, flags, given
 
 # TrainConfig fields that take a comma-separated list on the command line
 _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
-_BOOL_FIELDS = {"augment", "compile", "tensorboard", "distribution_alignment", "adapt_bn"}
+_BOOL_FIELDS = {"compile", "tensorboard", "distribution_alignment", "adapt_bn"}
+# TrainConfig fields that name one of a few choices (config.py checks the value): their metavar lists them
+_CHOICE_FIELDS = {"augment": "AUGMENTS", "adversarial_training": "ADVERSARIAL"}
 _NOT_FLAGS = {"out"}  # added by hand below
 # `train --help` groups: the first TrainConfig field of each group, in the config's order (docs/guide-training.md's table too)
 _TRAIN_GROUPS = {
@@ -27,6 +29,7 @@ _TRAIN_GROUPS = {
     "epochs": "schedule",
     "pseudo_threshold": "pseudo-labels",
     "teachers": "distillation",
+    "adversarial_training": "hardening",
     "seed": "system",
 }
 _TRAIN_EXAMPLES = """examples:
@@ -76,6 +79,7 @@ _DISTILL_TEXT = (
 
 
 def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAIN_TEXT) -> None:
+    from transferkit import config as config_module
     from transferkit.config import TrainConfig
     from transferkit.data.registry import available_datasets
 
@@ -108,8 +112,12 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
                 default=argparse.SUPPRESS,
                 help=f"{text} (default: {default})",
             )
+        elif f.name == "augment":
+            _add_augment_flags(group, text, default)
         else:
             meta = "A,B,..." if f.name in _LIST_FIELDS else f.name.upper()
+            if f.name in _CHOICE_FIELDS:
+                meta = "|".join(getattr(config_module, _CHOICE_FIELDS[f.name]))
             group.add_argument(
                 flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS, help=f"{text} (default: {default})"
             )
@@ -118,6 +126,30 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
         "--out", metavar="DIR", default=argparse.SUPPRESS, help="run directory (default: runs/<data>-<time>)"
     )
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+
+
+def _add_augment_flags(group, text: str, default: str) -> None:
+    """--augment NAME; before it took a name it was an on/off switch, so `--augment` alone still means default and
+    `--no-augment` means none."""
+    from transferkit.config import AUGMENTS
+
+    group.add_argument(
+        "--augment",
+        dest="augment",
+        metavar="|".join(AUGMENTS),
+        nargs="?",
+        const="default",
+        default=argparse.SUPPRESS,
+        help=f"{text} (default: {default})",
+    )
+    group.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_const",
+        const="none",
+        default=argparse.SUPPRESS,
+        help="the same as --augment none",
+    )
 
 
 def _parse_value(name: str, raw: str):

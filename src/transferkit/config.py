@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -16,6 +17,9 @@ import yaml
 
 from transferkit.artifact import check_device
 from transferkit.errors import ConfigError
+
+AUGMENTS = ("default", "robust", "none")  # TrainConfig.augment: training/augment.py applies them
+ADVERSARIAL = ("none", "fgsm")  # TrainConfig.adversarial_training: training/adversarial.py
 
 
 @dataclass
@@ -29,7 +33,13 @@ class TrainConfig:
     heads: str = "shared"  # shared: datasets with identical class names train one head; separate: one each
     head_weights: list[float] | None = None  # loss weight per head (in head order); default 1.0 each
     label_map: str | None = None  # YAML/JSON file {synonym: canonical class name} applied before matching
-    augment: bool = True  # random shifts on the device; weak/strong views for pseudo-labelling
+    # How labelled images are augmented, on the device (training/augment.py, robust_augment.py; docs/robustness.md
+    # measures robust against default). Pseudo-labelling's weak and strong views of unlabeled images are the same
+    # whichever is chosen. Configs written when this was a switch say true or false: default and none.
+    augment: str = "default"  # default: random shifts; robust: shifts, AugMix-style mix, training-only noise; none
+    # AugMix's severity: each operation's magnitude is drawn up to severity/10 of its maximum (docs/robustness.md
+    # measures 3, AugMix's default, and 6: more corruption accuracy, more clean accuracy lost)
+    augment_severity: int = 3  # with --augment robust: 1 (mild) to 10
     # ---- model ----
     backbone: str = "mobilenet_v2"  # any torchvision classification model name
     weights: str = "imagenet"  # imagenet | none | a torchvision weights name (e.g. IMAGENET1K_V2)
@@ -73,6 +83,9 @@ class TrainConfig:
     # docs/distill.md keeps the comparison): over short schedules the softened targets of T=4 teach too slowly
     temperature: float = 1.0  # softens teacher and student distributions in the KD loss, which is scaled by T^2
     kd_weight: float = 0.5  # loss = kd_weight x KD (every image) + (1 - kd_weight) x cross-entropy (labelled images)
+    # ---- adversarial training (training/adversarial.py) ----
+    adversarial_training: str = "none"  # none | fgsm: train on FGSM images (random start) of the augmented view
+    adversarial_eps: str = "2/255"  # with --adversarial-training: L-infinity budget on the 0..1 pixel scale
     # ---- system ----
     seed: int = 0  # same seed, same result on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -111,6 +124,13 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         parse_sampling(self.sampling)
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        if not 1 <= self.augment_severity <= 10:
+            raise ConfigError(f"augment_severity must be 1 to 10 (AugMix's scale), got {self.augment_severity}")
+        if self.augment_severity != TrainConfig.augment_severity and self.augment != "robust":
+            raise ConfigError("augment_severity sets the strength of --augment robust; add --augment robust or drop it")
+        _check_adversarial(self)
         if self.heads not in ("shared", "separate"):
             raise ConfigError(f"heads must be shared or separate, got {self.heads!r}")
         if self.class_weights not in ("none", "auto"):
@@ -167,6 +187,36 @@ def parse_sampling(spec: str) -> float:
     raise ConfigError(
         f"sampling must be proportional, balanced or temperature:ALPHA (e.g. temperature:0.5), got {spec!r}"
     )
+
+
+def adversarial_eps(cfg: TrainConfig) -> float:
+    """The adversarial budget as a number: `2/255` or `0.008`, as `transferkit eval --eps` writes budgets."""
+    try:
+        return float(Fraction(cfg.adversarial_eps.replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f"adversarial_eps must be one budget on the 0..1 pixel scale, a fraction or a decimal (e.g. 2/255 or "
+            f"0.008), got {cfg.adversarial_eps!r}"
+        ) from None
+
+
+def _check_adversarial(cfg: TrainConfig) -> None:
+    if cfg.adversarial_training not in ADVERSARIAL:
+        raise ConfigError(
+            f"adversarial_training must be one of {', '.join(ADVERSARIAL)}, got {cfg.adversarial_training!r}"
+        )
+    eps = adversarial_eps(cfg)
+    if cfg.adversarial_training == "none":
+        return
+    if not 0.0 < eps <= 16 / 255:
+        raise ConfigError(
+            f"adversarial_eps must be above 0 and at most 16/255 (a perturbation still smaller than the image's own "
+            f"detail), got {cfg.adversarial_eps}; 2/255 is a usual start"
+        )
+    if cfg.teachers:
+        raise ConfigError(
+            "adversarial_training applies to the labelled images of plain training; drop it or the teachers"
+        )
 
 
 def _check_head_weight_count(head_weights: list[float] | None, heads: str, datasets: list[str]) -> None:
@@ -251,6 +301,10 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     text = str(hint)
     if key == "batch_size" and isinstance(value, str) and value.strip().lower() == "auto":
         return 0  # resolved when the model is built (training/memory.py)
+    if key == "augment" and isinstance(value, bool):
+        return "default" if value else "none"  # configs written before augment took a name: old runs resume
+    if key == "adversarial_eps" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))  # a budget given as a number (0.008) rather than as text (2/255)
     if value is None:
         if "None" in text:
             return None

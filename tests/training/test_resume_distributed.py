@@ -36,12 +36,16 @@ def _history(run_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+# robust: the AugMix-style mix, the training noise and FGSM's random start all draw from the checkpointed generator
+@pytest.mark.parametrize(
+    "extra", [[], ["--augment", "robust", "--adversarial-training", "fgsm"]], ids=["default", "robust-fgsm"]
+)
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, extra):
     reference = tmp_path / "reference"
-    run_cli("train", *ARGS, "--out", str(reference))
+    run_cli("train", *ARGS, *extra, "--out", str(reference))
 
     run = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "transferkit", "train", *ARGS, "--checkpoint-every", "5", "--out", str(run)]
+    cmd = [sys.executable, "-m", "transferkit", "train", *ARGS, *extra, "--checkpoint-every", "5", "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = run / "checkpoint.pt"
     deadline = time.monotonic() + 300

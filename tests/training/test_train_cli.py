@@ -55,6 +55,8 @@ def test_same_seed_same_result_on_cpu(tiny_run_process, tiny_run, tmp_path):
         (["--data", "mnist", "--backbone", "resnet999"], "unknown backbone"),
         (["--data", "mnist", "--weights", "IMAGENET9K"], "has no weights"),
         (["--data", "nope"], "unknown dataset"),
+        (["--data", "mnist", "--augment", "strong"], "augment must be one of default, robust, none"),
+        (["--data", "mnist", "--adversarial-training", "fgsm", "--adversarial-eps", "0.5"], "--adversarial-eps must"),
         (["--data", "mnist", "--head-weights", "1,2"], "--head-weights has 2 values"),
         (["--data", "mnist", "--init", "/does/not/exist"], "does not exist"),
         (["--data", "digits", "--backbone", "vit_b_16", "--weights", "none", "--image-size", "32"], "cannot take 32px"),

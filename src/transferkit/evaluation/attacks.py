@@ -11,15 +11,15 @@ are then rounded to uint8, as a saved PNG would hold them, and scored again by P
 compared with PyTorch on the very same pixels) and by every servable artifact of the run's export, through the
 serving runtimes (what `serve` and `score` run).
 
-FGSM (Goodfellow et al. 2015) and PGD (Madry et al. 2018, random start, step 2.5 eps / steps) are written here in
-a few lines: torchattacks, the package usually taken for them, is no longer maintained, and pinning it would tie
-this project's torch upgrades to a dead package for ten lines of arithmetic.
+FGSM (Goodfellow et al. 2015) and PGD (Madry et al. 2018, random start, step 2.5 eps / steps) are a few lines of
+training/adversarial.py, which `--adversarial-training` trains with (training never imports evaluation):
+torchattacks, the package usually taken for them, is no longer maintained, and pinning it would tie this project's
+torch upgrades to a dead package for ten lines of arithmetic.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,39 +31,12 @@ from transferkit.evaluation.corruption_eval import seeded_subset
 from transferkit.evaluation.matrix import head_targets
 from transferkit.evaluation.robust_options import RobustnessOptions
 from transferkit.runs import Run
+from transferkit.training.adversarial import Loss, fgsm, pgd
 from transferkit.training.precision import model_input
 
+__all__ = ["AttackCell", "exported_runtimes", "fgsm", "head_loss", "pgd", "score_attacks"]
+
 BATCH = 128  # images per attack step: the backward pass holds every activation of the batch
-
-Loss = Callable[[torch.Tensor], torch.Tensor]
-
-
-def fgsm(loss_of: Loss, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: float (N,3,S,S) in 0..1 -> x moved by eps along the sign of the loss gradient, clipped to [0, 1]."""
-    x = x.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_of(x), x)
-    return (x + eps * grad.sign()).clamp(0, 1).detach()
-
-
-def pgd(
-    loss_of: Loss,
-    x: torch.Tensor,
-    eps: float,
-    steps: int,
-    step_size: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """`steps` FGSM steps of `step_size` from a random start in the eps-ball, each projected back into the ball
-    around x and into [0, 1]."""
-    step = 2.5 * eps / steps if step_size is None else step_size
-    start = torch.rand(x.shape, generator=generator, device=generator.device if generator else "cpu")
-    adv = (x + eps * (start.to(x.device) * 2 - 1)).clamp(0, 1).detach()
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_of(adv), adv)
-        adv = adv.detach() + step * grad.sign()
-        adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(0, 1)
-    return adv.detach()
 
 
 def head_loss(model: torch.nn.Module, run: Run, head: str, target: torch.Tensor) -> Loss:

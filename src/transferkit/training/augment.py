@@ -1,5 +1,8 @@
 """Batched augmentation on the training device, from uint8 pixels (no per-image Python work).
 
+train_view: the labelled images as a run trains on them, by `--augment`:
+        default: the weak view; robust: the weak view, then robust_augment.robust_view (AugMix-style mix and
+        training-only noise); none: unchanged
 weak:   random translation up to 1/8 of the side (safe for digits and clothing: no flips, no rotations)
 strong: translation, rotation ±15°, scale 0.9-1.1, brightness/contrast jitter, and one cutout square
         (FixMatch's strong view, in a form that runs as a handful of tensor ops on GPU or CPU)
@@ -14,6 +17,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from transferkit.training.robust_augment import robust_view
 
 
 def _affine(x: torch.Tensor, gen: torch.Generator, shift: float, degrees: float, scale: float) -> torch.Tensor:
@@ -50,6 +55,17 @@ def strong_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     hole = ((ys - cy.view(n, 1, 1)).abs() < half) & ((xs - cx.view(n, 1, 1)).abs() < half)
     x = torch.where(hole.unsqueeze(1), torch.full_like(x, 0.5), x)
     return x.clamp_(0.0, 1.0)
+
+
+def train_view(x: torch.Tensor, gen: torch.Generator, augment: str, severity: int = 3) -> torch.Tensor:
+    """x: float (N,3,S,S) in 0..1 -> the labelled images' training view for TrainConfig.augment (and, for robust,
+    augment_severity)."""
+    if augment == "none":
+        return x
+    x = weak_view(x, gen)
+    if augment == "robust":
+        x = robust_view(x, gen, severity)
+    return x
 
 
 def to_unit(batch_uint8: torch.Tensor) -> torch.Tensor:

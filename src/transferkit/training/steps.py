@@ -12,13 +12,14 @@ tensors (the loop reads them only every few steps: reading forces a sync): `corr
 `images` (all images through the model) and `loss`; pseudo-labelling adds `unl`, `kept`, `kept_right`,
 distillation `kd`. TrainLoop (trainer.py) picks one step when it is built and owns the optimiser step around it.
 
-- SupervisedStep: cross-entropy on the labelled images, and FixMatch on the unlabeled ones once their ramp has
+- SupervisedStep: cross-entropy on the labelled images (on FGSM images of them with --adversarial-training fgsm,
+  adversarial.py), and FixMatch on the unlabeled ones once their ramp has
   started: the weak view's confident predictions are the targets of the strong view. The weak view is labelled
   by a PseudoLabeller (mean teacher, AdaBN: adaptation.py), or in the student's own batch as plain FixMatch does.
 - DistillationStep: the teachers' soft targets on every image, cross-entropy on the labelled ones (distill.py).
 
 Each forward pass goes through precision.forward, and every random number comes from ctx.aug_gen in a fixed
-order (the weak view of the labelled images, then the unlabeled images' weak and strong views), so a resumed
+order (the labelled images' view, their FGSM start, then the unlabeled images' weak and strong views), so a resumed
 run draws the augmentations an uninterrupted one does.
 """
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from transferkit.config import TrainConfig
 from transferkit.preprocess import Preprocessing
-from transferkit.training import augment
+from transferkit.training import adversarial, augment
 from transferkit.training.adaptation import PseudoLabeller
 from transferkit.training.distill import Teacher, distillation_loss, soft_targets
 from transferkit.training.losses import DistributionAlignment, masked_head_losses, pseudo_label_loss
@@ -93,9 +94,9 @@ class StepContext:
         return replace(self, global_step=global_step)
 
     def weak_view(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """The labelled images as the model trains on them: 0..1, randomly shifted when the run augments."""
-        x = augment.to_unit(images_uint8)
-        return augment.weak_view(x, self.aug_gen) if self.config.augment else x
+        """The labelled images as the model trains on them: 0..1, augmented as the run's `augment` says."""
+        cfg = self.config
+        return augment.train_view(augment.to_unit(images_uint8), self.aug_gen, cfg.augment, cfg.augment_severity)
 
 
 class TrainingStep(Protocol):
@@ -114,7 +115,10 @@ class SupervisedStep:
     def forward_backward(self, model: nn.Module, batch: MicroBatch, ctx: StepContext) -> dict:
         cfg = ctx.config
         images, labels, head_ids = batch.labelled
-        parts = [ctx.weak_view(images)]
+        x = ctx.weak_view(images)
+        if cfg.adversarial_training == "fgsm":  # the loss is taken on FGSM images of the augmented view
+            x = adversarial.fgsm_view(self.student, ctx, x, labels, head_ids)
+        parts = [x]
         ramp = unlabeled_ramp(ctx.global_step, ctx.total_steps, cfg.unlabeled_start, cfg.unlabeled_rampup)
         unlabeled = batch.unlabeled
         if unlabeled is not None and len(unlabeled[0]) and ramp > 0:  # no wasted forward before the start
