@@ -196,7 +196,8 @@ def main() -> None:
             "corruption families whose kind the run's training never draws (robust's training-only noise is of the "
             "noise family, none of its corruptions; AugMix's operations belong to no family), and the mCA over them. "
             f"FGSM {args.fgsm_eps}: one signed-gradient step, white-box on PyTorch; PGD: the section below. "
-            "train img/s: the mean over epochs as training measured it, on the machine and load above.",
+            "What each recipe costs in training speed: docs/train_throughput.md (a run's own img/s depends on what "
+            "else the machine ran meanwhile).",
             "",
             *hardening_section(runs, results, args.baseline, fgsm, args.fgsm_eps, artifacts),
         ]

@@ -1,10 +1,12 @@
 """Training throughput: the real loop against the same model's synthetic-data ceiling, in one run.
 
     python benchmarks/train_throughput.py [--device cuda] [--image-size 64] [--batch-size 512] [--steps 50]
+        [--augment robust] [--adversarial-training fgsm]
 
 real:      TrainLoop.train_step on MNIST + Fashion-MNIST batches from the multi-dataset sampler (index
            gather from the on-device uint8 pool, on-device augmentation, masked two-head loss, AdamW,
-           clipping, EMA when --ema) -- exactly what `transferkit train` runs.
+           clipping, EMA when --ema) -- exactly what `transferkit train` runs, with the --augment and
+           --adversarial-training given (the command column of the row says which).
 synthetic: the same model, optimiser and loss on random tensors already on the device, normalised
            and in channels_last: no data work at all. The ratio real/synthetic says how much the data
            path costs. Both are timed in the same process, alternating, after warm-up; median of rounds.
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20000)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ema", type=float, default=None)
+    ap.add_argument("--augment", default="default", help="the training recipe's augmentation (default|robust|none)")
+    ap.add_argument("--adversarial-training", default="none", help="none|fgsm: the real step adds the FGSM pass")
     ap.add_argument("--out", default="docs/train_throughput.md")
     args = ap.parse_args()
 
@@ -69,6 +73,8 @@ def main() -> None:
         epochs=1,
         compile=args.compile,
         ema=args.ema,
+        augment=args.augment,
+        adversarial_training=args.adversarial_training,
         device=str(device),
         checkpoint_every=10**9,
     ).validate()
