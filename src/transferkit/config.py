@@ -20,6 +20,7 @@ from transferkit.errors import ConfigError
 
 AUGMENTS = ("default", "robust", "none")  # TrainConfig.augment: training/augment.py applies them
 ADVERSARIAL = ("none", "fgsm")  # TrainConfig.adversarial_training: training/adversarial.py
+CONSISTENCIES = ("none", "jsd")  # TrainConfig.consistency: training/consistency.py
 
 
 @dataclass
@@ -40,6 +41,11 @@ class TrainConfig:
     # AugMix's severity: each operation's magnitude is drawn up to severity/10 of its maximum (docs/robustness.md
     # measures 3, AugMix's default, and 6: more corruption accuracy, more clean accuracy lost)
     augment_severity: int = 3  # with --augment robust: 1 (mild) to 10
+    # AugMix's Jensen-Shannon consistency (training/consistency.py): cross-entropy on the shifted image only, and
+    # its prediction pulled together with those of two robust views of it; three forward passes per image, so a
+    # step costs about three times a plain one. docs/robustness.md measures it against the mix alone.
+    consistency: str = "none"  # none | jsd: with --augment robust
+    consistency_weight: float = 12.0  # with --consistency jsd: weight of the JS term (AugMix's 12)
     # ---- model ----
     backbone: str = "mobilenet_v2"  # any torchvision classification model name
     weights: str = "imagenet"  # imagenet | none | a torchvision weights name (e.g. IMAGENET1K_V2)
@@ -130,6 +136,7 @@ class TrainConfig:
             raise ConfigError(f"augment_severity must be 1 to 10 (AugMix's scale), got {self.augment_severity}")
         if self.augment_severity != TrainConfig.augment_severity and self.augment != "robust":
             raise ConfigError("augment_severity sets the strength of --augment robust; add --augment robust or drop it")
+        _check_consistency(self)
         _check_adversarial(self)
         if self.heads not in ("shared", "separate"):
             raise ConfigError(f"heads must be shared or separate, got {self.heads!r}")
@@ -198,6 +205,27 @@ def adversarial_eps(cfg: TrainConfig) -> float:
             f"adversarial_eps must be one budget on the 0..1 pixel scale, a fraction or a decimal (e.g. 2/255 or "
             f"0.008), got {cfg.adversarial_eps!r}"
         ) from None
+
+
+def _check_consistency(cfg: TrainConfig) -> None:
+    if cfg.consistency not in CONSISTENCIES:
+        raise ConfigError(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {cfg.consistency!r}")
+    if not cfg.consistency_weight > 0:
+        raise ConfigError(f"consistency_weight must be > 0, got {cfg.consistency_weight}")
+    if cfg.consistency_weight != TrainConfig.consistency_weight and cfg.consistency == "none":
+        raise ConfigError("consistency_weight weighs --consistency jsd; add --consistency jsd or drop it")
+    if cfg.consistency == "none":
+        return
+    if cfg.augment != "robust":
+        raise ConfigError(
+            "consistency jsd compares robust views of each image with the image; add --augment robust or drop it"
+        )
+    if cfg.adversarial_training != "none":
+        raise ConfigError(
+            "consistency jsd and adversarial_training each change what the loss is taken on; choose one of them"
+        )
+    if cfg.teachers:
+        raise ConfigError("consistency applies to the labelled images of plain training; drop it or the teachers")
 
 
 def _check_adversarial(cfg: TrainConfig) -> None:

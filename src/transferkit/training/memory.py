@@ -29,9 +29,10 @@ class MemoryEstimate:
     fixed_bytes: float  # a training step's memory beyond what the process held before it, at zero images
     per_image_bytes: float
     budget_bytes: float
+    views: int = 1  # passes of each labelled image through the model per step (3 with --consistency jsd)
 
     def step_bytes(self, batch: int) -> float:
-        return self.fixed_bytes + batch * self.per_image_bytes
+        return self.fixed_bytes + batch * self.views * self.per_image_bytes
 
     def choose(self) -> int:
         return next((b for b in CANDIDATES if self.step_bytes(b) <= self.budget_bytes), CANDIDATES[-1])
@@ -41,7 +42,8 @@ class MemoryEstimate:
         fits = "" if self.step_bytes(batch) <= self.budget_bytes else " (does not fit: the smallest offered)"
         return (
             f"a training step measured {self.fixed_bytes * gb:.2f} GB + {self.per_image_bytes / 2**20:.1f} MB "
-            f"per image; budget {self.budget_bytes * gb:.1f} GB -> batch {batch}{fits}"
+            f"per image{f' x {self.views} views' if self.views > 1 else ''}; budget {self.budget_bytes * gb:.1f} GB "
+            f"-> batch {batch}{fits}"
         )
 
 
@@ -83,7 +85,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-def measure(model: torch.nn.Module, image_size: int, budget_bytes: float) -> MemoryEstimate:
+def measure(model: torch.nn.Module, image_size: int, budget_bytes: float, views: int = 1) -> MemoryEstimate:
     """One forward/backward of `model` (on the CPU) at each probe batch size -> its memory model."""
     was_training = model.training
     peaks = []
@@ -101,17 +103,22 @@ def measure(model: torch.nn.Module, image_size: int, budget_bytes: float) -> Mem
             peaks.append(rss.peak - start)
     model.train(was_training)
     per_image = max(0.0, (peaks[1] - peaks[0]) / (_PROBES[1] - _PROBES[0]))
-    return MemoryEstimate(max(0.0, peaks[0] - per_image * _PROBES[0]), per_image, budget_bytes)
+    return MemoryEstimate(max(0.0, peaks[0] - per_image * _PROBES[0]), per_image, budget_bytes, views)
 
 
 def auto_batch_size(
-    model: torch.nn.Module, image_size: int, device: torch.device, max_memory_gb: float, distributed: bool
+    model: torch.nn.Module,
+    image_size: int,
+    device: torch.device,
+    max_memory_gb: float,
+    distributed: bool,
+    views: int = 1,
 ) -> tuple[int, str]:
-    """(the batch size, a sentence saying how it was chosen)."""
+    """(the batch size, a sentence saying how it was chosen). `views`: passes of each image per step."""
     if device.type != "cpu" or distributed:
         where = "a GPU" if device.type != "cpu" else "torchrun"
         return DEFAULT_BATCH, f"batch size auto: {DEFAULT_BATCH} (on {where} the default is not measured)"
     budget = max_memory_gb * 2**30 if max_memory_gb > 0 else psutil.virtual_memory().available / 2
-    estimate = measure(model, image_size, budget)
+    estimate = measure(model, image_size, budget, views)
     batch = estimate.choose()
     return batch, f"batch size auto: {estimate.describe(batch)}"

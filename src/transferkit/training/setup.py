@@ -17,6 +17,7 @@ from transferkit.data import DatasetSpec, ImageDataset, load_dataset
 from transferkit.errors import ConfigError
 from transferkit.model import MultiHeadModel, create_backbone
 from transferkit.preprocess import Preprocessing
+from transferkit.training.consistency import VIEWS
 from transferkit.training.distill import plan_student_heads, teacher_labels, teacher_only_pool
 from transferkit.training.labels import HeadPlan, LabelMap, plan_heads
 from transferkit.training.losses import DistributionAlignment, auto_class_weights
@@ -92,7 +93,12 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     model.to(device, memory_format=torch.channels_last)
     if config.batch_size == 0:  # --batch-size auto: measured here, recorded in the run's config.yaml
         config.batch_size, how = auto_batch_size(
-            model, config.image_size, device, config.max_memory_gb, int(os.environ.get("WORLD_SIZE", "1")) > 1
+            model,
+            config.image_size,
+            device,
+            config.max_memory_gb,
+            int(os.environ.get("WORLD_SIZE", "1")) > 1,
+            views=VIEWS if config.consistency == "jsd" else 1,
         )
         print(f"transferkit: {how}", file=sys.stderr, flush=True)
     pool = labelled_pool(datasets, plan, head_order, pre, device, config.workers)
