@@ -88,7 +88,7 @@ def test_batch_size_auto_is_the_default_and_is_measured_on_a_cpu():
     # the choice itself: the largest candidate whose step fits
     estimate = MemoryEstimate(fixed_bytes=2**30, per_image_bytes=90 * 2**20, budget_bytes=4 * 2**30)
     assert estimate.choose() == 32 and MemoryEstimate(0, 10 * 2**30, 2**30).choose() == 8
-    # --consistency jsd puts each image through the model three times: the same budget fits a third the batch
+    # --robust-views 2 puts each image through the model three times: the same budget fits a third the batch
     three_views = MemoryEstimate(fixed_bytes=2**30, per_image_bytes=90 * 2**20, budget_bytes=4 * 2**30, views=3)
     assert three_views.choose() == 8 and "x 3 views" in three_views.describe(8)
     assert auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=True)[0] == 128

@@ -20,7 +20,7 @@ from transferkit.options import add_options, field_comments, flags, given
 _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
 _BOOL_FIELDS = {"compile", "tensorboard", "distribution_alignment", "adapt_bn"}
 # TrainConfig fields that name one of a few choices (config.py checks the value): their metavar lists them
-_CHOICE_FIELDS = {"augment": "AUGMENTS", "consistency": "CONSISTENCIES", "adversarial_training": "ADVERSARIAL"}
+_CHOICE_FIELDS = {"augment": "AUGMENTS", "adversarial_training": "ADVERSARIAL"}
 _NOT_FLAGS = {"out"}  # added by hand below
 # `train --help` groups: the first TrainConfig field of each group, in the config's order (docs/guide-training.md's table too)
 _TRAIN_GROUPS = {

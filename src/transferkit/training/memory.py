@@ -29,7 +29,7 @@ class MemoryEstimate:
     fixed_bytes: float  # a training step's memory beyond what the process held before it, at zero images
     per_image_bytes: float
     budget_bytes: float
-    views: int = 1  # passes of each labelled image through the model per step (3 with --consistency jsd)
+    views: int = 1  # passes of each labelled image through the model per step (1 + --robust-views)
 
     def step_bytes(self, batch: int) -> float:
         return self.fixed_bytes + batch * self.views * self.per_image_bytes

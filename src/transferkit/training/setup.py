@@ -17,7 +17,6 @@ from transferkit.data import DatasetSpec, ImageDataset, load_dataset
 from transferkit.errors import ConfigError
 from transferkit.model import MultiHeadModel, create_backbone
 from transferkit.preprocess import Preprocessing
-from transferkit.training.consistency import VIEWS
 from transferkit.training.distill import plan_student_heads, teacher_labels, teacher_only_pool
 from transferkit.training.labels import HeadPlan, LabelMap, plan_heads
 from transferkit.training.losses import DistributionAlignment, auto_class_weights
@@ -98,7 +97,7 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
             device,
             config.max_memory_gb,
             int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            views=VIEWS if config.consistency == "jsd" else 1,
+            views=1 + config.robust_views,
         )
         print(f"transferkit: {how}", file=sys.stderr, flush=True)
     pool = labelled_pool(datasets, plan, head_order, pre, device, config.workers)

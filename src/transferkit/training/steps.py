@@ -13,8 +13,8 @@ tensors (the loop reads them only every few steps: reading forces a sync): `corr
 distillation `kd`. TrainLoop (trainer.py) picks one step when it is built and owns the optimiser step around it.
 
 - SupervisedStep: cross-entropy on the labelled images (on FGSM images of them with --adversarial-training fgsm,
-  adversarial.py; with --consistency jsd on their shifted view, plus AugMix's consistency with two robust views of
-  it, consistency.py), and FixMatch on the unlabeled ones once their ramp has
+  adversarial.py; with --robust-views K on their shifted view and K robust views of it, plus AugMix's consistency
+  among them with --consistency-weight, consistency.py), and FixMatch on the unlabeled ones once their ramp has
   started: the weak view's confident predictions are the targets of the strong view. The weak view is labelled
   by a PseudoLabeller (mean teacher, AdaBN: adaptation.py), or in the student's own batch as plain FixMatch does.
 - DistillationStep: the teachers' soft targets on every image, cross-entropy on the labelled ones (distill.py).
@@ -116,8 +116,11 @@ class SupervisedStep:
     def forward_backward(self, model: nn.Module, batch: MicroBatch, ctx: StepContext) -> dict:
         cfg = ctx.config
         images, labels, head_ids = batch.labelled
-        jsd = cfg.consistency == "jsd"
-        x = consistency.consistency_views(images, ctx.aug_gen, cfg.augment_severity) if jsd else ctx.weak_view(images)
+        k = cfg.robust_views
+        if k:
+            x = consistency.shifted_and_robust_views(images, ctx.aug_gen, cfg.augment_severity, k)
+        else:
+            x = ctx.weak_view(images)
         if cfg.adversarial_training == "fgsm":  # the loss is taken on FGSM images of the augmented view
             x = adversarial.fgsm_view(self.student, ctx, x, labels, head_ids)
         parts = [x]
@@ -131,24 +134,29 @@ class SupervisedStep:
             labeller_logits = self.labeller.weak_logits(self.student, weak_view)
             parts += [strong_view] if labeller_logits is not None else [weak_view, strong_view]
         logits = forward(model, ctx.preprocessing, torch.cat(parts))
-        n, views = len(images), len(x)  # views: n, or 3n with the consistency views
-        lab = {k: v[:n] for k, v in logits.items()}
+        n, views = len(images), len(x)  # views: n, or (K + 1) n with --robust-views K
+        lab = {h: v[:views] for h, v in logits.items()}
         loss, correct = masked_head_losses(
-            lab, labels, head_ids, ctx.head_order, ctx.head_weights, ctx.class_weights, cfg.label_smoothing
+            lab,
+            labels.repeat(k + 1),
+            head_ids.repeat(k + 1),
+            ctx.head_order,
+            ctx.head_weights,
+            ctx.class_weights,
+            cfg.label_smoothing,
         )
-        if jsd:
-            viewed = {k: v[:views] for k, v in logits.items()}
+        if cfg.consistency_weight:
             loss = loss + cfg.consistency_weight * consistency.js_consistency(
-                viewed, head_ids, ctx.head_order, ctx.head_weights
+                lab, head_ids, ctx.head_order, ctx.head_weights, k + 1
             )
-        stats = {"correct": correct.sum(), "seen": n, "images": views}
+        stats = {"correct": correct[:n].sum(), "seen": n, "images": views}  # accuracy of the shifted view
         if len(parts) > 1:
             m = len(u_images)
             if labeller_logits is not None:
-                weak, strong = labeller_logits, {k: v[views:] for k, v in logits.items()}
+                weak, strong = labeller_logits, {h: v[views:] for h, v in logits.items()}
             else:
-                weak = {k: v[views : views + m] for k, v in logits.items()}
-                strong = {k: v[views + m :] for k, v in logits.items()}
+                weak = {h: v[views : views + m] for h, v in logits.items()}
+                strong = {h: v[views + m :] for h, v in logits.items()}
             u_loss, keep, pseudo = pseudo_label_loss(
                 weak, strong, u_heads, ctx.head_order, cfg.pseudo_threshold, ctx.alignment
             )
