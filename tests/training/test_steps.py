@@ -94,3 +94,32 @@ def test_supervised_and_distillation_steps_share_one_shape(tiny):
     assert int(fix["kept"]) == 6 and int(fix["kept_right"]) == 0  # threshold 0 keeps all; no true labels
     both, _ = _run(distill, model, MicroBatch(labelled, unlabeled, 8), _context(model))
     assert (both["seen"], both["images"]) == (8, 14)
+
+
+def test_robust_views_train_cross_entropy_on_the_shifted_view_and_each_robust_view(tiny):
+    import torch.nn.functional as F
+
+    from transferkit.training.consistency import js_consistency, shifted_and_robust_views
+    from transferkit.training.precision import forward
+
+    model, _, labelled, unlabeled = tiny
+    step = SupervisedStep(PseudoLabeller(model, model.preprocessing, 0.0, adapt_bn=False), model)
+    images, labels, _ = labelled
+    for weight in (0.0, 12.0):
+        ctx = _context(model, augment="robust", robust_views=2, consistency_weight=weight)
+        stats, _ = _run(step, model, MicroBatch(labelled, None, 8), ctx)
+        assert (stats["seen"], stats["images"]) == (8, 24)
+        # the same views, drawn again from a fresh generator of the same seed, through the same model
+        views = shifted_and_robust_views(images, torch.Generator().manual_seed(7), 3, 2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            logits = forward(model.train(), model.preprocessing, views)
+        expected = F.cross_entropy(logits["d"].float(), labels.repeat(3))
+        if weight:
+            expected = expected + weight * js_consistency(logits, labelled[2], ["d"], [1.0], views=3)
+        torch.testing.assert_close(stats["loss"], expected.detach(), rtol=1e-4, atol=1e-5)
+        assert int(stats["correct"]) == int((logits["d"][:8].argmax(1) == labels).sum())  # the shifted view's
+    # FixMatch's unlabeled images follow the views in the batch
+    ctx = _context(model, augment="robust", robust_views=1)
+    fix, _ = _run(step, model, MicroBatch(labelled, unlabeled, 8), ctx)
+    assert (fix["images"], fix["unl"]) == (16 + 6, 6)

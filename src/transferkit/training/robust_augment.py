@@ -24,9 +24,9 @@ draws from the global RNG: per-image chains would mean a Python loop over the im
 follow the run's generator, which a resumed run must replay.
 
 Every random number comes from `gen` (the run's augmentation generator, checkpointed), in an order that depends on
-the batch's size only, never on its pixels: a resumed run draws what an uninterrupted one does. The Jensen-Shannon
-consistency loss of AugMix's paper is not used: it takes three forward passes per image (the image and two mixes),
-three times the cost of a training step on a CPU, where the mix alone costs a few percent.
+the batch's size only, never on its pixels: a resumed run draws what an uninterrupted one does. With
+`--robust-views K` (consistency.py) the image's shifted view stays in the batch beside K of these views, and
+AugMix's Jensen-Shannon consistency among them is an option there.
 """
 
 from __future__ import annotations
