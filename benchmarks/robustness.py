@@ -41,8 +41,8 @@ def _made(run_dir: Path) -> str:
     flags += [f"--image-size {cfg.image_size}", f"--epochs {cfg.epochs}", f"--batch-size {cfg.batch_size}"]
     flags += [f"--augment {cfg.augment}"] if cfg.augment != "default" else []
     flags += [f"--augment-severity {cfg.augment_severity}"] if cfg.augment == "robust" else []
-    if cfg.consistency != "none":
-        flags += [f"--consistency {cfg.consistency}", f"--consistency-weight {cfg.consistency_weight:g}"]
+    flags += [f"--robust-views {cfg.robust_views}"] if cfg.robust_views else []
+    flags += [f"--consistency-weight {cfg.consistency_weight:g}"] if cfg.consistency_weight else []
     if cfg.adversarial_training != "none":
         flags += [f"--adversarial-training {cfg.adversarial_training}", f"--adversarial-eps {cfg.adversarial_eps}"]
     return f"`transferkit train {' '.join(flags)} --seed {cfg.seed}`"
