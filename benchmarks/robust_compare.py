@@ -66,7 +66,7 @@ def artifact_corruptions(
     from transferkit.evaluation.matrix import head_targets
 
     run, evaluation = _evaluation(run_dir, split)
-    runtimes, skipped = exported_runtimes(run)
+    runtimes, skipped = exported_runtimes(run, failed_gate=True)
     cells: dict[str, dict[str, dict[str, CorruptionCell]]] = {name: {} for name in runtimes}
     for ds in evaluation.datasets:
         pixels, labels = seeded_subset(ds, split, options)
@@ -93,7 +93,7 @@ def fgsm_attack(run_dir: Path, eps: str, images: int, seed: int = 0, split: str 
     from transferkit.evaluation.attacks import exported_runtimes, score_attacks
 
     run, evaluation = _evaluation(run_dir, split)
-    runtimes, _ = exported_runtimes(run)
+    runtimes, _ = exported_runtimes(run, failed_gate=True)
     options = RobustnessOptions(attack="fgsm", eps=eps, robust_images=images, robust_seed=seed)
     return score_attacks(evaluation.model, run, evaluation.datasets, split, options, evaluation.device, runtimes)
 
@@ -161,11 +161,22 @@ def hardening_section(
                 f"{_points(cell.mca - ref.mca)} | {', '.join(untouched)} | {there:.4f} | {_points(there - ref_there)} | "
                 f"{fgsm_text} | {pgd_text} |"
             )
-    lines += ["", *_artifact_rows(results, artifacts, fgsm, eps_value)]
+    lines += ["", *_artifact_rows(runs, results, artifacts, fgsm, eps_value)]
     return lines
 
 
-def _artifact_rows(results: dict[str, RobustnessResult], artifacts: dict[str, tuple], fgsm: dict, eps: float):
+def _gate_failed(run_dir: Path) -> set[str]:
+    """The run's artifacts that exported but failed the clean accuracy gate: scored here, never served."""
+    from transferkit.artifact import VERIFY_FAILED
+    from transferkit.manifest import read_manifest
+
+    manifest = read_manifest(run_dir / "export")
+    return {name for name, entry in manifest.artifacts.items() if entry.status == VERIFY_FAILED}
+
+
+def _artifact_rows(
+    runs: dict[str, Path], results: dict[str, RobustnessResult], artifacts: dict[str, tuple], fgsm: dict, eps: float
+):
     """`artifacts`: run -> (artifact -> dataset -> head -> cell, artifact -> why it was not scored)."""
     if not artifacts:
         return []
@@ -173,7 +184,8 @@ def _artifact_rows(results: dict[str, RobustnessResult], artifacts: dict[str, tu
         f"Exported artifacts on the same images (clean, all {len(next(iter(results.values())).corruptions.corruptions)} "
         f"corruptions at every severity, FGSM {eps_text(eps)} rounded to uint8). `Δ vs fp32`: the artifact's mCA "
         f"minus the fp32 ONNX artifact's, in points; beyond {INT8_TOLERANCE_POINTS:g} point the artifact is "
-        "reported as not robust.",
+        "reported as not robust. An artifact that failed the export's clean accuracy gate is never served; it is "
+        "scored here all the same, and its verdict says so.",
         "",
         "| run | artifact | dataset | clean | mCA | Δ vs fp32 | PyTorch mCA | FGSM (uint8) | verdict |",
         "|---|---|---|--:|--:|--:|--:|--:|---|",
@@ -185,6 +197,7 @@ def _artifact_rows(results: dict[str, RobustnessResult], artifacts: dict[str, tu
         torch_cells = _own(results[name].corruptions.cells)
         fp32 = _own(by_artifact.get("onnx", {}))
         attacked = _own(fgsm.get(name, {}))
+        failed = _gate_failed(runs[name]) if by_artifact else set()
         for artifact, cells in by_artifact.items():
             for dataset, cell in _own(cells).items():
                 delta = 100 * (cell.mca - fp32[dataset].mca) if dataset in fp32 else float("nan")
@@ -193,6 +206,8 @@ def _artifact_rows(results: dict[str, RobustnessResult], artifacts: dict[str, tu
                     if artifact == "onnx"
                     else ("within tolerance" if delta >= -INT8_TOLERANCE_POINTS else "not robust")
                 )
+                if artifact in failed:
+                    verdict += "; failed the clean gate, not served"
                 adv = attacked.get(dataset)
                 adv_text = (
                     f"{adv.artifacts[artifact][eps]:.4f}" if adv is not None and artifact in adv.artifacts else "-"

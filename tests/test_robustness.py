@@ -15,6 +15,7 @@ from tests.helpers import run_cli
 from transferkit.evaluation.attacks import exported_runtimes, fgsm, pgd, score_attacks
 from transferkit.evaluation.corruption_eval import score_corruptions
 from transferkit.evaluation.robust_options import CORRUPTION_FAMILIES, RobustnessOptions
+from transferkit.runs import load_run
 
 
 def _loaded(run_dir, images: int):
@@ -81,6 +82,19 @@ def test_adversarial_images_go_through_the_exported_artifact_as_uint8(exported):
     for row in score_attacks(model, run, datasets, "test", options, "cpu", runtimes).values():
         for cell in row.values():  # ONNX and PyTorch see the very same rounded pixels
             assert cell.artifacts["onnx"][4 / 255] == pytest.approx(cell.pytorch_uint8[4 / 255], abs=1.5 / cell.images)
+
+
+def test_an_artifact_that_failed_the_gate_is_scored_only_when_asked(exported, tmp_path):
+    run_dir, _ = exported
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    manifest = json.loads((copy / "export" / "manifest.json").read_text())
+    manifest["formats"]["onnx"]["status"] = "export ok but verification failed"
+    (copy / "export" / "manifest.json").write_text(json.dumps(manifest))
+    run = load_run(copy)
+    runtimes, skipped = exported_runtimes(run)
+    assert not runtimes and "not servable: export ok but verification failed" in skipped["onnx"]
+    runtimes, skipped = exported_runtimes(run, failed_gate=True)  # a benchmark's view: how far did it fall
+    assert list(runtimes) == ["onnx"] and not skipped
 
 
 def test_eval_writes_the_robustness_tables_heatmaps_and_report(tiny_run, tmp_path):

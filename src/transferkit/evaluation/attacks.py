@@ -139,9 +139,14 @@ def score_attacks(
     return cells
 
 
-def exported_runtimes(run: Run) -> tuple[dict, dict[str, str]]:
+def exported_runtimes(run: Run, failed_gate: bool = False) -> tuple[dict, dict[str, str]]:
     """The run's servable artifacts, loaded through the serving runtimes (files checked against the manifest's
-    sha256), and why each other artifact was left out. Nothing when the run has not been exported."""
+    sha256), and why each other artifact was left out. Nothing when the run has not been exported.
+    `failed_gate`: also load artifacts that exported but failed the accuracy gate, which serving never loads, so
+    that a benchmark can say how far they fall under corruption too (docs/robustness.md)."""
+    from dataclasses import replace
+
+    from transferkit.artifact import PASSED, VERIFY_FAILED
     from transferkit.export.table import one_line
     from transferkit.manifest import FileRecord, read_manifest
     from transferkit.serving.selection import artifact_problem, load_runtime
@@ -152,13 +157,16 @@ def exported_runtimes(run: Run) -> tuple[dict, dict[str, str]]:
     manifest = read_manifest(export_dir)
     stale = manifest.source.get("sha256") != FileRecord.of(run.model_path).sha256
     loaded, skipped = {}, {}
-    for name in manifest.artifacts:
-        problem = artifact_problem(name, manifest, export_dir)
+    for name, entry in manifest.artifacts.items():
+        view = manifest
+        if failed_gate and entry.status == VERIFY_FAILED:  # loaded as if it had passed: files and runtime checked
+            view = replace(manifest, artifacts={**manifest.artifacts, name: replace(entry, status=PASSED)})
+        problem = artifact_problem(name, view, export_dir)
         if problem is None and stale:
             problem = f"exported from another model.pt than the run's; re-run `transferkit export {run.dir}`"
         if problem is None:
             try:
-                loaded[name] = load_runtime(name, export_dir, manifest, check_files=True)
+                loaded[name] = load_runtime(name, export_dir, view, check_files=True)
             except Exception as exc:  # noqa: BLE001 - one artifact that cannot load leaves the others scored
                 problem = one_line(exc)
         if problem is not None:
