@@ -37,12 +37,13 @@ class TrainConfig:
     # measures robust against default). Pseudo-labelling's weak and strong views of unlabeled images are the same
     # whichever is chosen. Configs written when this was a switch say true or false: default and none.
     augment: str = "default"  # default: random shifts; robust: shifts, AugMix-style mix, training-only noise; none
-    # AugMix's severity: each operation's magnitude is drawn up to severity/10 of its maximum (docs/robustness.md
-    # measures 3, AugMix's default, and 6: more corruption accuracy, more clean accuracy lost)
+    # AugMix's severity: each operation's magnitude is drawn up to severity/10 of its maximum (docs/guide-training.md
+    # compares 3, AugMix's default, and 6 on the validation split: more corruption accuracy, more clean accuracy lost)
     augment_severity: int = 3  # with --augment robust: 1 (mild) to 10
     # Views per image (training/consistency.py): 0, the robust view replaces the image; K >= 1, every labelled image
     # is trained as its shifted view and K robust views of it, cross-entropy on each (K + 1 passes through the
-    # model per image). The shifted view keeps clean accuracy where the mix alone costs it (docs/robustness.md).
+    # model per image). The shifted view keeps clean accuracy where the mix alone costs it (docs/robustness.md). Old
+    # configs have no such key: 0, as they trained.
     robust_views: int = 0  # with --augment robust: 0 to 4
     consistency_weight: float = 0.0  # with --robust-views: AugMix's Jensen-Shannon term among the views (its 12)
     # ---- model ----
