@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
@@ -85,7 +85,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-def measure(model: torch.nn.Module, image_size: int, budget_bytes: float, views: int = 1) -> MemoryEstimate:
+def measure(model: torch.nn.Module, image_size: int, budget_bytes: float) -> MemoryEstimate:
     """One forward/backward of `model` (on the CPU) at each probe batch size -> its memory model."""
     was_training = model.training
     peaks = []
@@ -103,7 +103,7 @@ def measure(model: torch.nn.Module, image_size: int, budget_bytes: float, views:
             peaks.append(rss.peak - start)
     model.train(was_training)
     per_image = max(0.0, (peaks[1] - peaks[0]) / (_PROBES[1] - _PROBES[0]))
-    return MemoryEstimate(max(0.0, peaks[0] - per_image * _PROBES[0]), per_image, budget_bytes, views)
+    return MemoryEstimate(max(0.0, peaks[0] - per_image * _PROBES[0]), per_image, budget_bytes)
 
 
 def auto_batch_size(
@@ -119,6 +119,6 @@ def auto_batch_size(
         where = "a GPU" if device.type != "cpu" else "torchrun"
         return DEFAULT_BATCH, f"batch size auto: {DEFAULT_BATCH} (on {where} the default is not measured)"
     budget = max_memory_gb * 2**30 if max_memory_gb > 0 else psutil.virtual_memory().available / 2
-    estimate = measure(model, image_size, budget, views)
+    estimate = replace(measure(model, image_size, budget), views=views)  # a step's passes: not measured, known
     batch = estimate.choose()
     return batch, f"batch size auto: {estimate.describe(batch)}"
