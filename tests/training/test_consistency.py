@@ -1,5 +1,5 @@
 """`--robust-views` and `--consistency-weight` (training/consistency.py): the Jensen-Shannon term against its
-definition, the views a step trains on, the options' refusals, a tiny run through the CLI, and a killed run that resumes exactly."""
+definition, the views a step trains on, the options' refusals, and a killed run that resumes exactly (the CLI run: test_robust_augment.py)."""
 
 import math
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy.stats import entropy
 
-from tests.helpers import run_cli
 from transferkit.config import TrainConfig, config_from_dict
 from transferkit.errors import ConfigError
 from transferkit.training import augment, resume, train
@@ -90,18 +89,6 @@ def test_the_views_are_the_shifted_image_then_two_robust_views_of_it_from_the_ru
 def test_bad_combinations_are_refused_before_training(fields, words):
     with pytest.raises(ConfigError, match=words):
         TrainConfig(data=["digits"], **fields).validate()
-
-
-def test_a_tiny_run_with_robust_views_trains_through_the_cli(tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli(
-        "train",
-        *("--data", "digits", "--limit", "64", "--image-size", "32", "--batch-size", "32", "--epochs", "1"),
-        *("--augment", "robust", "--robust-views", "2", "--consistency-weight", "6", "--out", str(out)),
-    )
-    assert proc.stdout.strip().splitlines()[-1] == str(out) and (out / "model.pt").is_file()
-    config = (out / "config.yaml").read_text()
-    assert "robust_views: 2" in config and "consistency_weight: 6.0" in config
 
 
 class _Killed(Exception):

@@ -1,6 +1,8 @@
 """`--augment robust` (training/robust_augment.py) and `--adversarial-training fgsm` (training/adversarial.py):
-what they do to a batch, that every draw comes from the run's generator, and a tiny run through the CLI."""
+what they do to a batch, that every draw comes from the run's generator, and tiny hardened runs through the CLI
+(`--robust-views` among them)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -108,14 +110,26 @@ def test_fgsm_view_stays_in_the_ball_follows_the_generator_and_keeps_batchnorm_s
     assert all(p.grad is None for p in model.parameters())  # the input's gradient only
 
 
-def test_a_tiny_robust_and_adversarial_run_trains(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "config_lines"),
+    [
+        (
+            ("--adversarial-training", "fgsm", "--adversarial-eps", "2/255"),
+            ("augment: robust", "adversarial_training: fgsm"),
+        ),
+        (
+            ("--robust-views", "2", "--consistency-weight", "6"),
+            ("augment: robust", "robust_views: 2", "consistency_weight: 6.0"),
+        ),
+    ],
+)
+def test_a_tiny_hardened_run_trains_through_the_cli(tmp_path, flags, config_lines):
     out = tmp_path / "run"
     proc = run_cli(
         "train",
         *("--data", "digits", "--limit", "64", "--image-size", "32", "--batch-size", "32", "--epochs", "1"),
-        *("--augment", "robust", "--adversarial-training", "fgsm", "--adversarial-eps", "2/255"),
-        *("--out", str(out)),
+        *("--augment", "robust", *flags, "--out", str(out)),
     )
     assert proc.stdout.strip().splitlines()[-1] == str(out) and (out / "model.pt").is_file()
     config = (out / "config.yaml").read_text()
-    assert "augment: robust" in config and "adversarial_training: fgsm" in config
+    assert all(line in config for line in config_lines)
