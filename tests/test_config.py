@@ -74,14 +74,15 @@ def test_batch_size_auto_is_the_default_and_is_measured_on_a_cpu():
 
     from transferkit.config import TrainConfig, config_from_dict
     from transferkit.model import MultiHeadModel, create_backbone
-    from transferkit.training.memory import CANDIDATES, MemoryEstimate, auto_batch_size
+    from transferkit.training.batch_size import auto_batch_size
+    from transferkit.training.memory import CANDIDATES, MemoryEstimate
 
     assert TrainConfig().batch_size == 0 and config_from_dict({"batch_size": "auto"}).batch_size == 0
     model = MultiHeadModel(create_backbone("mobilenet_v2", "none"), {"h": ["a", "b"]}, 32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    batch, how = auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=False)
-    assert batch in CANDIDATES and how.startswith("batch size auto: a training step measured")
+    batch, how = auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=False, images=20_000, epochs=3)
+    assert batch in CANDIDATES and how.startswith("batch size auto: batch ") and "a training step measured" in how
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and torch.equal(
         rng, torch.get_rng_state()
     )
@@ -91,4 +92,4 @@ def test_batch_size_auto_is_the_default_and_is_measured_on_a_cpu():
     # --robust-views 2 puts each image through the model three times: the same budget fits a third the batch
     three_views = MemoryEstimate(fixed_bytes=2**30, per_image_bytes=90 * 2**20, budget_bytes=4 * 2**30, views=3)
     assert three_views.choose() == 8 and "x 3 views" in three_views.describe(8)
-    assert auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=True)[0] == 128
+    assert auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=True, images=20_000, epochs=3)[0] == 128

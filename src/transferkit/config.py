@@ -65,6 +65,10 @@ class TrainConfig:
     clip_grad: float | None = 1.0  # max gradient norm; None disables clipping
     class_weights: str = "none"  # none | auto (inverse class frequency, for imbalanced data)
     early_stop: int | None = None  # stop after N epochs without a better validation accuracy
+    # Before each validation (so before model.pt, export and serving) BatchNorm's running statistics are
+    # recomputed over up to this many training images, un-augmented (training/precise_bn.py): after the few
+    # dozen steps a small dataset trains, the running ones are still mostly ImageNet's. 0: off, as before.
+    precise_bn: int = 1024  # training images BatchNorm statistics are recomputed over at each epoch end; 0: off
     # ---- pseudo-labelling (FixMatch-style) ----
     pseudo_threshold: float = 0.95  # keep a pseudo-label only above this confidence
     unlabeled_weight: float = 1.0  # weight of the unlabeled loss after ramp-up
@@ -156,6 +160,8 @@ class TrainConfig:
             raise ConfigError(f"ema must be in (0, 1), e.g. 0.999; got {self.ema}")
         if self.freeze_epochs < 0 or self.freeze_epochs > self.epochs:
             raise ConfigError(f"freeze_epochs must be in [0, epochs={self.epochs}], got {self.freeze_epochs}")
+        if self.precise_bn < 0:
+            raise ConfigError(f"precise_bn must be >= 0 images (0: off; default 1024), got {self.precise_bn}")
         if self.early_stop is not None and self.early_stop < 1:
             raise ConfigError(f"early_stop must be >= 1 epoch, got {self.early_stop}")
         if self.head_weights is not None and any(w < 0 for w in self.head_weights):

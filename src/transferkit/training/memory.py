@@ -1,4 +1,4 @@
-"""`--batch-size auto`: on a CPU, the largest batch whose training step fits a memory budget, measured.
+"""`--batch-size auto`, its memory half: on a CPU, the largest batch whose training step fits a budget, measured.
 
 Fine-tuning at 224 px with a batch of 128 held about 10 GB of RAM for MobileNetV2, enough for the kernel to kill
 a larger backbone on a laptop without a word. So on a CPU the default is measured, not assumed: one forward and
@@ -7,14 +7,14 @@ millisecond (memory freed earlier handed back to the system first), gives the st
 (128 being the default the recipes were tuned at) whose step fits `--max-memory-gb` (default: half the RAM
 available once the data is loaded). The measurement runs in eval mode under a forked RNG on random pixels, so
 the model's weights, BatchNorm statistics and every random stream are as they were. On a GPU, or under torchrun
-(every process would measure its own), auto is 128.
+(every process would measure its own), memory allows 128. The data half, and the choice: batch_size.py.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import psutil
 import torch
@@ -104,21 +104,3 @@ def measure(model: torch.nn.Module, image_size: int, budget_bytes: float) -> Mem
     model.train(was_training)
     per_image = max(0.0, (peaks[1] - peaks[0]) / (_PROBES[1] - _PROBES[0]))
     return MemoryEstimate(max(0.0, peaks[0] - per_image * _PROBES[0]), per_image, budget_bytes)
-
-
-def auto_batch_size(
-    model: torch.nn.Module,
-    image_size: int,
-    device: torch.device,
-    max_memory_gb: float,
-    distributed: bool,
-    views: int = 1,
-) -> tuple[int, str]:
-    """(the batch size, a sentence saying how it was chosen). `views`: passes of each image per step."""
-    if device.type != "cpu" or distributed:
-        where = "a GPU" if device.type != "cpu" else "torchrun"
-        return DEFAULT_BATCH, f"batch size auto: {DEFAULT_BATCH} (on {where} the default is not measured)"
-    budget = max_memory_gb * 2**30 if max_memory_gb > 0 else psutil.virtual_memory().available / 2
-    estimate = replace(measure(model, image_size, budget), views=views)  # a step's passes: not measured, known
-    batch = estimate.choose()
-    return batch, f"batch size auto: {estimate.describe(batch)}"

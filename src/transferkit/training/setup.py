@@ -17,10 +17,10 @@ from transferkit.data import DatasetSpec, ImageDataset, load_dataset
 from transferkit.errors import ConfigError
 from transferkit.model import MultiHeadModel, create_backbone
 from transferkit.preprocess import Preprocessing
+from transferkit.training.batch_size import auto_batch_size
 from transferkit.training.distill import plan_student_heads, teacher_labels, teacher_only_pool
 from transferkit.training.labels import HeadPlan, LabelMap, plan_heads
 from transferkit.training.losses import DistributionAlignment, auto_class_weights
-from transferkit.training.memory import auto_batch_size
 from transferkit.training.optim import param_groups, warmup_cosine
 from transferkit.training.pools import Pool, labelled_pool, unlabeled_pool
 from transferkit.training.sampling import CyclingSampler, MultiDatasetSampler
@@ -97,6 +97,8 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
             device,
             config.max_memory_gb,
             int(os.environ.get("WORLD_SIZE", "1")) > 1,
+            images=sum(len(d.train) for d in datasets),
+            epochs=config.epochs,
             views=1 + config.robust_views,
         )
         print(f"transferkit: {how}", file=sys.stderr, flush=True)

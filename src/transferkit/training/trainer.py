@@ -21,7 +21,7 @@ from transferkit.config import TrainConfig
 from transferkit.data import DatasetSpec
 from transferkit.errors import TransferkitError
 from transferkit.runs import load_run, save_run_metadata
-from transferkit.training import distill
+from transferkit.training import distill, fit_check, precise_bn
 from transferkit.training import rounds as self_training
 from transferkit.training.adaptation import PseudoLabeller
 from transferkit.training.checkpoint import (
@@ -226,6 +226,8 @@ class TrainLoop:
             if was_frozen != self._frozen() and not self.finished:
                 self.log(f"epoch {self.epoch}: unfreezing the backbone")
                 self.train_model = self._wrap()
+        if not self.finished and self.metrics.history:
+            self._report_fit()
         self.finished = True
         self._checkpoint()
         self.metrics.close()
@@ -325,6 +327,7 @@ class TrainLoop:
         cfg = self.cfg
         if self.ema:
             self.eval_model.load_state_dict(self.ema.state_dict())
+        bn_images = self._precise_bn()
         val = self.validate(self.eval_model)
         mean_val = float(np.mean(list(val.values())))
         self.epoch, self.step = self.epoch + 1, 0
@@ -335,6 +338,8 @@ class TrainLoop:
             "val_acc_mean": mean_val,
             **self.round_record,
         }
+        if bn_images:
+            record["precise_bn_images"] = bn_images
         improved = mean_val > self.best
         if improved:
             self.best, self.bad_epochs = mean_val, 0
@@ -358,6 +363,22 @@ class TrainLoop:
         if self.finished:
             self.log(f"early stop: no better validation accuracy for {cfg.early_stop} epochs")
         self._checkpoint()
+
+    def _precise_bn(self) -> int:
+        """The evaluated model's BatchNorm statistics recomputed over training images (training/precise_bn.py)
+        -> images used; none while the backbone is frozen, whose statistics the heads were trained under."""
+        if self._frozen():
+            return 0
+        return precise_bn.recompute(self.eval_model, self.setup, self.epoch, self.cfg.precise_bn)
+
+    def _report_fit(self) -> None:
+        """The best epoch in one line and, when validation is far below training accuracy, why it may be."""
+        best = max(self.metrics.history, key=lambda r: r["val_acc_mean"])
+        steps, batch = self.global_step, self.cfg.batch_size
+        self.log(fit_check.summary(best, steps, batch))
+        warning = fit_check.gap_warning(best, steps, batch, fit_check.fewest_per_class(self.setup))
+        if warning:
+            self.log(f"transferkit: {warning}")
 
     def validate(self, model) -> dict[str, float]:
         """Validation accuracy of each dataset on its own head."""
