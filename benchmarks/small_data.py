@@ -176,7 +176,7 @@ def timm_run(out: Path, folder: Path, size: int, epochs: int, batch: int, timm: 
         best = out / "run" / "model_best.pth.tar"
         validate = train_py.parent / "validate.py"
         cmd = [str(py), str(validate), "--data-dir", str(folder), "--split", "test", *common]
-        cmd += ["--checkpoint", str(best), "--results-file", str(out / "validate.json")]
+        cmd += ["--checkpoint", str(best), "--results-file", str(out / "validate.json"), "--results-format", "json"]
         run(cmd, out / "validate.log")
         top1 = json.loads((out / "validate.json").read_text())
         top1 = top1[0] if isinstance(top1, list) else top1
