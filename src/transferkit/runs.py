@@ -75,7 +75,10 @@ def load_run(run_dir: str | Path) -> Run:
             f"{d} is not a transferkit run directory (missing {missing}); "
             f"pass the folder printed by `transferkit train`"
         )
-    config = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), source=str(d / "config.yaml"))
+    values = yaml.safe_load((d / "config.yaml").read_text())
+    if isinstance(values, dict):  # a run written before precise BatchNorm trained without it: resumed, it goes on so
+        values.setdefault("precise_bn", 0)
+    config = config_from_dict(values, source=str(d / "config.yaml"))
     return Run(
         dir=d,
         config=config,
