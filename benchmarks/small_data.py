@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,8 +56,8 @@ DATASETS = {  # name -> (loader, classes kept or None for all, val and test imag
     "digits": (builtin.load_digits, None, (30, 40)),
 }
 DEFAULT_CELLS = (
-    "fashion:32:50,fashion:32:100,fashion:32:400,fashion:32:2000,digits:32:50,digits:32:100,"
-    "fashion2:224:50,fashion2:224:100,fashion2:224:400,digits:224:50"
+    "fashion:32:50,fashion:32:100,fashion:32:400,digits:32:50,digits:32:100,"
+    "fashion2:224:50,fashion2:224:100,fashion2:224:400,fashion:32:2000"
 )
 
 
@@ -104,6 +105,7 @@ def run(cmd: list[str], log: Path) -> float:
 def transferkit_run(out: Path, folder: Path, size: int, epochs: int, extra: list[str]) -> dict:
     """Train (or reuse a finished run) and score on test/ -> {test, val, batch, steps, seconds}."""
     if not (out / "eval.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a run stopped part way starts again
         cmd = [str(PY), "-m", "transferkit", "train", "--data", f"imagefolder:{folder}", "--image-size", str(size)]
         cmd += ["--epochs", str(epochs), "--seed", "0", "--out", str(out), *extra]
         seconds = run(cmd, out.parent / f"{out.name}.train.log")
@@ -191,7 +193,8 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def sweep_table(cells: list[str], args, work: Path, timm) -> tuple[list[str], list[dict]]:
+def sweep_table(cells: list[str], args, work: Path, timm, report) -> tuple[list[str], list[dict]]:
+    """The comparison, one row per cell; `report(rows)` after each, so a stopped run keeps what it measured."""
     batches = [int(b) for b in args.batches.split(",")]
     head = "| cell | train images | default: batch, steps | default test % | sweep best (batch) | default - best |"
     head += " timm test % | default - timm |" if timm else ""
@@ -224,7 +227,7 @@ def sweep_table(cells: list[str], args, work: Path, timm) -> tuple[list[str], li
             row += f" {pct(t['test'])} | {100 * (default['test'] - t['test']):+.1f} |"
         lines.append(row)
         records.append(record)
-        print(row, flush=True)
+        report(lines, records)
     return lines, records
 
 
@@ -270,27 +273,33 @@ def main() -> None:
         timm = (py, args.timm_train.resolve(), timm_weights(args.work, py))
     started = time.time()
     ablation, ablation_record = ablation_table(args, args.work) if args.ablation else ([], {})
+
+    def report(sweep: list[str], records: list[dict]) -> None:
+        (args.work / "results.json").write_text(json.dumps({"ablation": ablation_record, "cells": records}, indent=1))
+        lines = [
+            "# Small datasets under the default settings",
+            "",
+            f"Command: `{command_line()}` at commit {commit()}, {(time.time() - started) / 60:.0f} minutes. "
+            f"Machine: {Machine.this().describe()}.",
+            "",
+            "How it is measured: benchmarks/small_data.py's docstring. Accuracy on each cell's test/ folder; seed 0.",
+        ]
+        if ablation:
+            lines += [
+                "",
+                "## The two changes, alone and together (fashion2, 224 px, 400 training images, 2 epochs)",
+                "",
+            ]
+            lines += ablation
+        lines += [
+            "",
+            f"## Default vs the best batch of a sweep ({args.batches}) and timm's defaults, {args.epochs} epochs",
+        ]
+        lines += ["", *sweep]
+        write_report(args.out, lines)
+
     cells = [c for c in args.cells.split(",") if c]
-    sweep, records = sweep_table(cells, args, args.work, timm)
-    (args.work / "results.json").write_text(json.dumps({"ablation": ablation_record, "cells": records}, indent=1))
-    lines = [
-        "# Small datasets under the default settings",
-        "",
-        f"Command: `{command_line()}` at commit {commit()}, {(time.time() - started) / 60:.0f} minutes. "
-        f"Machine: {Machine.this().describe()}.",
-        "",
-        "How it is measured: benchmarks/small_data.py's docstring. Accuracy on each cell's test/ folder; seed 0.",
-    ]
-    if ablation:
-        lines += ["", "## The two changes, alone and together (fashion2, 224 px, 400 training images, 2 epochs)", ""]
-        lines += ablation
-    lines += [
-        "",
-        f"## Default vs the best batch of a sweep ({args.batches}) and timm's defaults, {args.epochs} epochs",
-        "",
-    ]
-    lines += sweep
-    write_report(args.out, lines)
+    sweep_table(cells, args, args.work, timm, report)
 
 
 if __name__ == "__main__":

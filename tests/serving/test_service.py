@@ -177,6 +177,11 @@ BAD_UPLOADS = {
         400,
         "does not parse",
     ),
+    "json nested 100,000 levels": (  # 200 KB that recursed Python's parser into a 500
+        lambda im: {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+        400,
+        "nested too deeply",
+    ),
     "json one bad image among good": (
         lambda im: {
             "json": {"images": [base64.b64encode(im["digit.png"]).decode(), base64.b64encode(b"GIF89a....").decode()]}

@@ -12,7 +12,14 @@ from transferkit.config import TrainConfig, config_from_dict
 from transferkit.errors import ConfigError
 from transferkit.training import train
 from transferkit.training.adaptation import batchnorms
-from transferkit.training.batch_size import MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, choose, data_cap, steps
+from transferkit.training.batch_size import (
+    MIN_DATA_BATCH,
+    MIN_STEPS_PER_EPOCH,
+    MIN_TOTAL_STEPS,
+    choose,
+    data_cap,
+    steps,
+)
 from transferkit.training.fit_check import gap_warning
 from transferkit.training.precise_bn import recompute
 from transferkit.training.setup import build_setup
@@ -21,13 +28,14 @@ from transferkit.training.setup import build_setup
 @pytest.mark.parametrize(
     ("images", "epochs", "memory", "batch"),
     [
-        (400, 3, 128, 16),  # 25 steps an epoch, 75 in all; at 32: 13 an epoch, under the floor
-        (400, 2, 128, 8),  # two epochs at 16 would be 50 steps in all, under 60
-        (2_000, 3, 128, 64),  # 32 steps an epoch
+        (400, 2, 128, 32),  # 13 steps an epoch at 32, under the floor, but the data alone goes no lower than 32
+        (1_000, 3, 128, 32),  # 64 would give 16 steps an epoch, under 20
+        (1_500, 3, 128, 64),  # 24 steps an epoch, 72 in all
+        (2_000, 1, 128, 32),  # one epoch: 64 would give 32 steps in all, under 40
         (20_000, 3, 128, 128),  # large: memory decides
-        (20_000, 3, 32, 32),  # memory below what the data allows: memory wins
-        (400, 3, 8, 8),  # both small
-        (40, 3, 128, 8),  # too small for the floors at any batch: the smallest
+        (20_000, 3, 16, 16),  # memory below what the data allows: memory wins
+        (400, 3, 8, 8),  # only memory takes the batch under 32
+        (40, 3, 128, 32),  # too small for the floors at any batch the data is given
     ],
 )
 def test_auto_batch_is_the_largest_both_the_data_and_the_memory_allow(images, epochs, memory, batch):
@@ -36,22 +44,24 @@ def test_auto_batch_is_the_largest_both_the_data_and_the_memory_allow(images, ep
     assert sentence.startswith(f"batch {batch}: {images} training images, {steps(images, batch)} steps an epoch")
     assert f"memory {memory}" in sentence and f"the data allows {data_cap(images, epochs)}" in sentence
     floors_met = steps(images, batch) >= MIN_STEPS_PER_EPOCH and steps(images, batch, epochs) >= MIN_TOTAL_STEPS
-    assert ("not reached even at batch" in sentence) == (not floors_met)
-    if chosen > 8 and chosen < memory:  # the data decided, and half the batch would not have been needed
+    assert ("not reached at batch" in sentence) == (not floors_met)
+    assert chosen >= MIN_DATA_BATCH or chosen == memory  # the data alone never goes under MIN_DATA_BATCH
+    if MIN_DATA_BATCH < chosen < memory:  # the data decided, and twice the batch would break a floor
         assert steps(images, chosen * 2) < MIN_STEPS_PER_EPOCH or steps(images, chosen * 2, epochs) < MIN_TOTAL_STEPS
 
 
 def test_train_with_auto_batch_records_the_data_bound_choice_and_says_why(tmp_path, capfd):
-    """200 digits, 32 px: memory allows 128 here, the data 8 (25 steps an epoch); config.yaml keeps the choice."""
+    """200 digits, 32 px: memory allows 128 here, the data 32; config.yaml keeps the choice."""
     run = train(config_from_dict(dict(data=["digits"], limit=200, epochs=3, image_size=32, out=str(tmp_path / "r"))))
     err = capfd.readouterr().err
-    assert "batch size auto: batch 8: 200 training images, 25 steps an epoch, 75 in all" in err
-    assert yaml.safe_load((run / "config.yaml").read_text())["batch_size"] == 8
+    assert "batch size auto: batch 32: 200 training images, 7 steps an epoch, 21 in all" in err
+    assert "the data allows 32, memory 128" in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["batch_size"] == 32
     metrics = json.loads((run / "metrics.json").read_text())
     assert all(r["precise_bn_images"] == 200 for r in metrics["history"])  # every epoch, all 200 images
-    # a small real dataset trained with the defaults alone: 200 images, three epochs, a few seconds (81% here)
+    # a small real dataset trained with the defaults alone: 200 images, three epochs, a few seconds (85% here)
     assert metrics["best"]["val_acc_mean"] >= 0.75
-    assert "best epoch 3: val digits" in err and "75 optimiser steps of 8 images" in err
+    assert "best epoch 3: val digits" in err and "21 optimiser steps of 32 images" in err
     assert "warning: validation accuracy" not in err
     # the same images at the old default, batch 128 and no precise BatchNorm: 6 steps, near chance (10% here)
     old = dict(data=["digits"], limit=200, epochs=3, image_size=32, batch_size=128, precise_bn=0)
@@ -110,9 +120,13 @@ def test_the_gap_warning_names_the_causes_with_the_numbers():
     record = {"epoch": 2, "train_acc": 0.973, "val_acc_mean": 0.628, "val_acc": {"photos": 0.628}}
     text = gap_warning(record, steps=8, batch=128, fewest=(190, "cat", "photos"))
     assert "validation accuracy 62.8% is 34.5 points below training accuracy 97.3%" in text
-    assert "8 in all at batch 128 (under 60" in text and "190 ('cat' in photos)" in text and "domain gap" in text
+    assert (
+        f"8 in all at batch 128 (under {MIN_TOTAL_STEPS}" in text
+        and "190 ('cat' in photos)" in text
+        and "domain gap" in text
+    )
     few = gap_warning(record, steps=300, batch=16, fewest=(12, "dog", "photos"))
-    assert "(under 60" not in few and "12 ('dog' in photos) (under 50" in few
+    assert f"(under {MIN_TOTAL_STEPS}" not in few and "12 ('dog' in photos) (under 50" in few
     close = {"epoch": 3, "train_acc": 0.95, "val_acc_mean": 0.90, "val_acc": {"photos": 0.9}}
     assert gap_warning(close, steps=8, batch=128, fewest=(190, "cat", "photos")) is None
 

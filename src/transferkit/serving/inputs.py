@@ -101,6 +101,8 @@ def parse_json(body: bytes, max_images: int) -> PredictInputs:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(400, f"the JSON body does not parse ({exc}); {HINT}") from None
+    except RecursionError:  # Python's parser recurses per level: 100,000 `[` are 200 KB
+        raise ClientError(400, f"the JSON body is nested too deeply to parse; {HINT}") from None
     if not isinstance(data, dict):
         raise ClientError(400, f"the JSON body must be an object; {HINT}")
     unknown = sorted(set(data) - set(FIELDS))
