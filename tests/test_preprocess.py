@@ -269,3 +269,20 @@ def test_jpeg_draft_is_recorded_and_runs_made_before_it_keep_the_full_decode():
     assert Preprocessing.from_dict(new.to_dict()) == new and new.to_dict()["jpeg_draft"] is True
     old = {k: v for k, v in new.to_dict().items() if k != "jpeg_draft"}
     assert Preprocessing.from_dict(old).jpeg_draft is False and Preprocessing.from_dict(old).draft_size is None
+
+
+def test_the_served_pixel_limit_follows_the_model_and_counts_a_jpeg_as_drafted():
+    """4.2 MP up to 64 px, (32 x side)^2 above, 64 MP at most; a 6000x4000 camera JPEG is 1/8 of that once drafted
+    for a 32 px model, so it stays acceptable, while the same pixels in a full decode are refused."""
+    from transferkit.preprocess import served_pixel_limit
+
+    assert served_pixel_limit(32) == served_pixel_limit(64) == 2048 * 2048
+    assert served_pixel_limit(224) == (32 * 224) ** 2 and served_pixel_limit(512) == MAX_IMAGE_PIXELS
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (10, 120, 200)).save(buf, "JPEG", quality=80)
+    photo, limit = buf.getvalue(), served_pixel_limit(32)
+    drafted = Preprocessing(image_size=32, jpeg_draft=True)
+    opened = drafted.open_served(photo, "photo.jpg", limit)
+    assert opened.size == (750, 500) and drafted.finish_served(opened, "photo.jpg").shape == (32, 32, 3)
+    with pytest.raises(ImageTooLargeError, match="6000x4000 as decoded, over this model's limit"):
+        Preprocessing(image_size=32, jpeg_draft=False).open_served(photo, "photo.jpg", limit)

@@ -33,6 +33,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Pillow raises DecompressionBombError above 2x its own limit (~179 MP); we refuse above this, with a clear message.
 MAX_IMAGE_PIXELS = 64_000_000
+# What a server decodes for one image is bounded by what the model looks at, not by that global ceiling: a lossless
+# WebP of one colour at 8000x8000 is 2.5 KB and costs half a second and 256 MB to decode, for a model that then
+# shrinks it to 32x32. So a served image may have at most (SERVED_PIXELS_PER_SIDE x the model's side)^2 pixels as
+# decoded (after a JPEG's draft scaling, so a camera JPEG of any size stays acceptable), and never fewer than
+# SERVED_MIN_PIXELS, so a 2048x2048 screenshot still answers for a 32 px model: 4.2 MP for models up to 64 px,
+# 51 MP at 224 px. `TRANSFERKIT_MAX_PIXELS` (`serve --max-pixels`) sets another bound.
+SERVED_PIXELS_PER_SIDE = 32
+SERVED_MIN_PIXELS = 2048 * 2048
+
+
+def served_pixel_limit(image_size: int) -> int:
+    """Decoded pixels a server accepts in one image for a model of this input side (see SERVED_PIXELS_PER_SIDE)."""
+    return min(MAX_IMAGE_PIXELS, max(SERVED_MIN_PIXELS, (SERVED_PIXELS_PER_SIDE * image_size) ** 2))
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,16 @@ class Preprocessing:
         """A client's encoded image -> uint8 (S, S, 3), as the server and `transferkit score` read it: only
         SERVED_FORMATS, this run's JPEG draft decode; an ImageDecodeError (or subclass) names the problem."""
         return self.pil_to_uint8(decode_image(data, name=name, formats=SERVED_FORMATS, draft_size=self.draft_size))
+
+    def open_served(self, data: bytes, name: str, max_pixels: int) -> Image.Image:
+        """A client's image opened (its header read, JPEG draft scaling set) and checked against `max_pixels`
+        as it will be decoded, before any pixel is: an ImageTooLargeError (413) costs no decode at all. Finish
+        with `finish_served`, inline when the image is small, else in a thread."""
+        return open_image(data, name, SERVED_FORMATS, self.draft_size, max_pixels)
+
+    def finish_served(self, image: Image.Image, name: str) -> np.ndarray:
+        """The opened image of `open_served` decoded -> uint8 (S, S, 3)."""
+        return self.pil_to_uint8(load_image(image, name))
 
     # ---- pixels -> uint8 (PIL; shared by dataset loading and serving) ----
     def pil_to_uint8(self, image: Image.Image) -> np.ndarray:
@@ -234,6 +257,19 @@ def decode_image(
     after the header's size has been checked. `draft_size` (Preprocessing.draft_size): a JPEG is decoded at the
     smallest DCT scale that keeps both sides >= it.
     """
+    return load_image(open_image(data, name, formats, draft_size), name)
+
+
+def open_image(
+    data: bytes,
+    name: str = "upload",
+    formats: tuple[str, ...] | None = None,
+    draft_size: int | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """The first half of `decode_image`: the header read and checked, nothing decoded. The declared size must
+    be within MAX_IMAGE_PIXELS, and the size as it will be decoded (a JPEG after its draft scaling) within
+    `max_pixels`."""
     accepted = None if formats is None else tuple(f.upper() for f in formats)
     if accepted is not None:
         Image.init()
@@ -251,7 +287,11 @@ def decode_image(
                 "downscale it before sending"
             )
         _draft(image, draft_size)
-        image.load()
+        if image.width * image.height > max_pixels:
+            raise ImageTooLargeError(
+                f"{name}: image is {image.width}x{image.height} as decoded, over this model's limit of {max_pixels} "
+                f"pixels (the model looks at far fewer; the server's --max-pixels sets it); downscale it before sending"
+            )
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -264,6 +304,16 @@ def decode_image(
         ) from None
     except UnidentifiedImageError:
         raise _unidentified(data, name, accepted, send) from None
+    except Exception as exc:  # noqa: BLE001 - plugins raise anything (NotImplementedError, struct.error, ...)
+        detail = str(exc) or type(exc).__name__
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({detail}); re-encode or re-upload it") from None
+    return image
+
+
+def load_image(image: Image.Image, name: str = "upload") -> Image.Image:
+    """The second half of `decode_image`: the pixels of an image `open_image` checked, decoded."""
+    try:
+        image.load()
     except Exception as exc:  # noqa: BLE001 - plugins raise anything (NotImplementedError, struct.error, ...)
         detail = str(exc) or type(exc).__name__
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({detail}); re-encode or re-upload it") from None

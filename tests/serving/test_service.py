@@ -304,3 +304,46 @@ def test_score_gives_each_file_the_answer_predict_gives(client, exported, images
         for head, labels in answer["heads"].items():
             assert rows[name][f"{head}_labels"] == [a["label"] for a in labels], (name, head)
             assert rows[name][f"{head}_scores"] == pytest.approx([a["score"] for a in labels], abs=2e-6)
+
+
+def test_an_image_over_the_models_pixel_limit_is_refused_before_it_is_decoded(
+    client, images, live_service, monkeypatch
+):
+    """A one-colour lossless WebP of 3000x3000 is a few KB; for a 32 px model its 9 MP are over the 4.2 MP that
+    the model's side allows: 413 saying so, and no pixel is decoded. One of 2000x2000 answers."""
+    from transferkit.preprocess import served_pixel_limit
+
+    assert live_service.max_pixels == served_pixel_limit(32) == 2048 * 2048
+    decoded = []
+    real = live_service._pixels
+    monkeypatch.setattr(live_service, "_pixels", lambda image, name: (decoded.append(image.size), real(image, name))[1])
+    bomb = encode(Image.new("RGB", (3000, 3000), (200, 30, 30)), "WEBP", lossless=True)
+    assert len(bomb) < 4096
+    response = _post(client, "bomb.webp", bomb, "image/webp")
+    assert response.status_code == 413, response.text
+    assert "3000x3000 as decoded, over this model's limit of 4194304 pixels" in response.json()["error"]
+    assert decoded == []
+    within = encode(Image.new("RGB", (2000, 2000), (200, 30, 30)), "WEBP", lossless=True)
+    assert _post(client, "ok.webp", within, "image/webp").status_code == 200 and decoded == [(2000, 2000)]
+    # in a list, one image over the limit refuses the request before any of the others is decoded
+    many = [("images", ("d.png", images["digit.png"], "image/png")), ("images", ("b.webp", bomb, "image/webp"))]
+    assert client.post("/predict", files=many).status_code == 413 and decoded == [(2000, 2000)]
+
+
+def test_an_image_is_decoded_on_the_event_loop_only_when_its_header_says_it_is_small(client, live_service, monkeypatch):
+    """The decision is taken from the pixels declared, not the bytes: 1500x1500 in a few KB goes to a decode thread."""
+    import threading
+
+    threads = []
+    real = live_service._pixels
+    monkeypatch.setattr(
+        live_service,
+        "_pixels",
+        lambda image, name: (threads.append(threading.current_thread().name), real(image, name))[1],
+    )
+    small = encode(Image.new("RGB", (64, 64), (0, 90, 0)), "PNG")
+    large = encode(Image.new("RGB", (1500, 1500), (0, 90, 0)), "WEBP", lossless=True)
+    assert len(large) < 16 << 10  # once decoded inline by its size in bytes
+    assert _post(client, "s.png", small, "image/png").status_code == 200
+    assert _post(client, "l.webp", large, "image/webp").status_code == 200
+    assert not threads[0].startswith("transferkit-decode") and threads[1].startswith("transferkit-decode")

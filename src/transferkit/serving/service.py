@@ -23,11 +23,12 @@ from typing import Any
 
 import bentoml
 import numpy as np
+from PIL import Image
 
 from transferkit.errors import ImageDecodeError
 from transferkit.manifest import read_manifest
 from transferkit.predictions import rank, top_labels
-from transferkit.preprocess import Preprocessing
+from transferkit.preprocess import Preprocessing, served_pixel_limit
 from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import InferenceFastPath, create_app
@@ -51,9 +52,10 @@ def _log_like_bentoml() -> None:
 
 
 _log_like_bentoml()
-# A small upload (a thumbnail, a digit) decodes in about 0.1 ms, less than handing it to a decode thread costs;
-# larger ones go to the pool, so a multi-megapixel JPEG never holds up the event loop.
-INLINE_DECODE_BYTES = 16 << 10
+# A small image (a thumbnail, a digit) decodes in about 0.1 ms, less than handing it to a decode thread costs;
+# larger ones go to the pool, so a multi-megapixel image never holds up the event loop. Decided by the pixels the
+# header declares (after a JPEG's draft scaling), not by the upload's bytes: 2.5 KB of WebP can hold 64 MP.
+INLINE_DECODE_PIXELS = 256 * 256
 
 SETTINGS = ServingSettings.from_env()
 MODEL_TAG = SETTINGS.model or getattr(bentoml.use_arguments(), "model", None) or ""
@@ -128,6 +130,7 @@ class TransferkitService:
         self.manifest = read_manifest(self.export_dir)
         self.tag = str(stored.tag)
         self.pre = Preprocessing.from_dict(self.manifest.preprocessing)  # never re-derived here
+        self.max_pixels = SETTINGS.max_pixels or served_pixel_limit(self.pre.image_size)
         self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
         self.runtime = load_runtime(
             SETTINGS.runtime, self.export_dir, self.manifest, threads=SETTINGS.resolved_threads, check_files=True
@@ -186,20 +189,30 @@ class TransferkitService:
             return np.concatenate(parts)
         return np.concatenate([self.pre.normalize_numpy(p) if p.dtype == np.uint8 else p for p in parts])
 
-    def _pixels(self, data: bytes, name: str) -> np.ndarray:
-        """Encoded bytes -> uint8 (S,S,3); only JPEG, PNG and WebP are parsed at all."""
+    def _open(self, data: bytes, name: str) -> Image.Image:
+        """Encoded bytes -> an opened image within the pixel limit (header only); only JPEG, PNG and WebP are
+        parsed at all."""
         try:
-            return self.pre.decode_served(data, name)
+            return self.pre.open_served(data, name, self.max_pixels)
+        except ImageDecodeError as exc:
+            raise ClientError(exc.http_status, str(exc)) from None
+
+    def _pixels(self, image: Image.Image, name: str) -> np.ndarray:
+        """An opened image -> uint8 (S,S,3)."""
+        try:
+            return self.pre.finish_served(image, name)
         except ImageDecodeError as exc:
             raise ClientError(exc.http_status, str(exc)) from None
 
     async def decode(self, images: list[bytes], names: list[str]) -> np.ndarray:
-        """Encoded images -> uint8 (N,S,S,3); a ClientError names the first that does not decode."""
-        if len(images) == 1 and len(images[0]) <= INLINE_DECODE_BYTES:
-            return self._pixels(images[0], names[0])[None]  # cheaper than the hop to a decode thread and back
+        """Encoded images -> uint8 (N,S,S,3); a ClientError names the first that does not decode. Every header
+        is read and checked first, so an image over the limit is refused before any other is decoded."""
+        opened = [self._open(data, name) for data, name in zip(images, names)]
+        if len(opened) == 1 and opened[0].width * opened[0].height <= INLINE_DECODE_PIXELS:
+            return self._pixels(opened[0], names[0])[None]  # cheaper than the hop to a decode thread and back
         loop = asyncio.get_running_loop()
         pixels = await asyncio.gather(
-            *(loop.run_in_executor(self.decode_pool, self._pixels, data, name) for data, name in zip(images, names))
+            *(loop.run_in_executor(self.decode_pool, self._pixels, image, name) for image, name in zip(opened, names))
         )
         return np.stack(pixels)
 
