@@ -163,6 +163,19 @@ def test_unknown_models_versions_outputs_and_bad_bodies_get_protocol_errors(clie
     assert response.status_code == 400 and "outside" in response.json()["error"]
 
 
+def test_outputs_named_twice_or_past_the_bound_are_refused_before_any_work(client, model, images):
+    """Output amplification: one output listed 200,000 times was computed and encoded 200,000 times (5 MB in,
+    seconds of the event loop). A repeat is a 400 naming it; a list past the bound is refused before it is read."""
+    good = [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(images["digit.png"])]}]
+    name = model["meta"]["outputs"][0]["name"]
+    response = _infer(client, model["name"], good, outputs=[{"name": name}, {"name": name}])
+    assert response.status_code == 400 and f"output {name!r} is requested twice" in response.json()["error"]
+    response = _infer(client, model["name"], good, outputs=[{"name": name}] * 200_000)
+    assert response.status_code == 400 and "200000 entries, over 64" in response.json()["error"]
+    every = [{"name": o["name"]} for o in model["meta"]["outputs"]]
+    assert _infer(client, model["name"], good, outputs=every).status_code == 200  # each once: answered
+
+
 def test_a_gzip_body_is_read_and_a_decompression_bomb_is_refused(client, model, images):
     body = json.dumps(
         {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(images["digit.png"])]}]}

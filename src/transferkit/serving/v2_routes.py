@@ -40,6 +40,7 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 IMAGE, TENSOR = "image", "tensor"
 OUTPUT_KINDS = ("logits", "labels", "scores")
 LARGE_BODY = 256 << 10  # parsed in a thread from this size: JSON tensors take milliseconds
+INLINE_ENCODE_ROWS = 64  # images x outputs encoded on the event loop; a larger answer is encoded in a thread
 DEFAULT_TOP_K = 5
 
 
@@ -223,7 +224,10 @@ async def _infer(request: Request, service: Any, admission: Any, rid: str) -> Re
     header: dict[str, Any] = {"model_name": model, "model_version": version}
     if parsed.id is not None:
         header["id"] = parsed.id
-    content, json_length = encode_response(header, outputs)
+    if batch.count * len(outputs) > INLINE_ENCODE_ROWS:  # a large answer is encoded off the event loop
+        content, json_length = await asyncio.to_thread(encode_response, header, outputs)
+    else:
+        content, json_length = encode_response(header, outputs)
     out_headers = {"X-Request-ID": rid}
     if json_length is None:
         return Response(content, media_type="application/json", headers=out_headers)
@@ -284,10 +288,13 @@ def _wanted(requested: Any, service: Any) -> list[tuple[str, bool, int]]:
     names = output_names(service)
     if requested is None:
         return [(name, False, 0) for name in names]
-    out = []
+    out, seen = [], set()
     for r in requested:
         if r.name not in names:
             raise ClientError(400, f"unknown output {r.name!r}; this model has {names}")
+        if r.name in seen:  # each repeat would be computed and encoded again: an answer many times the request
+            raise ClientError(400, f"output {r.name!r} is requested twice; name each output once")
+        seen.add(r.name)
         if r.classification and not r.name.endswith(".logits"):
             raise ClientError(400, f"classification is for the logits outputs, not {r.name!r}")
         out.append((r.name, r.binary, r.classification))

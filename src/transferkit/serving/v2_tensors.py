@@ -33,6 +33,9 @@ HEADER_LENGTH = "inference-header-content-length"
 NUMPY_TYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 NUMPY_TYPES |= {"UINT8": np.uint8, "INT8": np.int8, "BOOL": np.bool_}
 DATATYPES = ("BYTES", *NUMPY_TYPES)
+# A model answers three outputs per head; a request naming more than this many is refused before they are read
+# (the model's own count, and duplicates, are checked where the model is known: v2_routes._wanted).
+MAX_REQUESTED_OUTPUTS = 64
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
     if outputs is not None:
         if not isinstance(outputs, list):
             raise ClientError(400, '"outputs" must be a list of {"name": ...}')
+        if len(outputs) > MAX_REQUESTED_OUTPUTS:  # before a loop over them: 200,000 entries fit in 5 MB
+            raise ClientError(
+                400, f'"outputs" lists {len(outputs)} entries, over {MAX_REQUESTED_OUTPUTS}; name each output once'
+            )
         outputs = [_output(o, default_binary) for o in outputs]
     request_id = data.get("id")
     if request_id is not None and not isinstance(request_id, str):
