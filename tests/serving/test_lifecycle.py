@@ -260,3 +260,41 @@ def test_an_empty_api_key_in_the_environment_is_refused(exported, tmp_path):
     for env in ({"TRANSFERKIT_API_KEY": "   "}, {"TRANSFERKIT_API_KEY_FILE": str(empty)}):
         proc = run_cli("serve", str(exported[0]), "--port", str(free_port()), check=False, timeout=60, env=env)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "empty" in proc.stderr, (env, proc.stderr)
+
+
+@linux_only
+def test_serve_from_python_stops_only_its_own_tree_and_puts_the_subreaper_flag_back(exported, tmp_path):
+    """`transferkit.serve()` in an application that has children of its own: after a SIGTERM it stops its server
+    (arbiter and workers) and leaves the application's other child running; the process is no longer a subreaper."""
+    port = free_port()
+    script = tmp_path / "app.py"
+    script.write_text(
+        f"""
+import ctypes, os, signal, subprocess, sys, threading, time
+import httpx
+import transferkit
+
+sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the application's own
+def stop_when_ready():
+    for _ in range(600):
+        try:
+            if httpx.get("http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=stop_when_ready, daemon=True).start()
+code = transferkit.serve({str(exported[0])!r}, port={port}, drain_timeout=4)
+flag = ctypes.c_int(-1)
+ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+print("RESULT", code, sibling.poll(), flag.value, flush=True)
+sibling.kill()
+"""
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    found = re.search(r"RESULT (\S+) (\S+) (\S+)", proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-3000:]
+    code, sibling, flag = found.groups()
+    assert code == "0" and sibling == "None" and flag == "0", (found.group(0), proc.stderr[-2000:])
+    assert _bindable(port)

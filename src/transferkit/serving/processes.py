@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -27,6 +27,7 @@ from transferkit.errors import TransferkitError
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 
 
 def _libc() -> Any:
@@ -35,10 +36,38 @@ def _libc() -> Any:
     return None
 
 
-def become_subreaper() -> bool:
-    """Orphaned descendants (workers whose arbiter died) re-parent to this process instead of init."""
+# Set in the environment of a server's process tree (every worker inherits it), so that the serving process can
+# tell that tree's orphans from its own other children: `transferkit.serve()` runs inside notebooks and
+# applications whose processes are not ours to stop.
+TREE_ENV = "TRANSFERKIT_SERVER_TREE"
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[bool]:
+    """Within: orphaned descendants (workers whose arbiter died) re-parent to this process instead of init. The
+    flag is put back as it was on the way out, so a Python caller's later orphans go where they went before.
+    -> whether it could be set (Linux)."""
     libc = _libc()
-    return libc is not None and libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    if libc is None:
+        yield False
+        return
+    before = ctypes.c_int(0)
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0)
+    ok = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield ok
+    finally:
+        if ok and not before.value:
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def in_tree(p: psutil.Process, marker: str) -> bool:
+    """Whether `p` belongs to the server tree started with TREE_ENV=marker (a process whose environment cannot
+    be read is not ours to stop)."""
+    try:
+        return p.environ().get(TREE_ENV) == marker
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -77,18 +106,24 @@ def _reap(procs: list[psutil.Process]) -> None:
 
 
 def stop_tree(
-    proc: subprocess.Popen, timeout: float, orphans: bool = False, hurry: Callable[[], bool] = lambda: False
+    proc: subprocess.Popen,
+    timeout: float,
+    orphans: str | None = None,
+    hurry: Callable[[], bool] = lambda: False,
 ) -> list[int]:
     """SIGTERM `proc`, wait until it and every descendant has exited, at most `timeout` s (or until `hurry()`),
     then SIGKILL the rest. -> the pids that had to be killed.
 
     Descendants are recorded before the signal and while waiting, so a worker re-parented away from the tree
-    is still tracked. `orphans`: this process is the subreaper of `proc`'s tree, so all of its own other
-    descendants count as well (and are reaped here).
+    is still tracked. `orphans`: this process is the subreaper of `proc`'s tree, started with TREE_ENV set to
+    this marker, so its other descendants that carry the marker count as well (and are reaped here); the
+    caller's own other children do not.
     """
 
     def scan() -> list[psutil.Process]:
-        return [p for p in descendants() if p.pid != proc.pid] if orphans else descendants(proc.pid)
+        if not orphans:
+            return descendants(proc.pid)
+        return [p for p in descendants() if p.pid != proc.pid and in_tree(p, orphans)]
 
     known = {p.pid: p for p in scan()}
     if proc.poll() is None:

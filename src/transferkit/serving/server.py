@@ -27,12 +27,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.options import flags
-from transferkit.serving.processes import become_subreaper, can_bind, check_port, die_with_parent, stop_tree
+from transferkit.serving.processes import TREE_ENV, can_bind, check_port, die_with_parent, stop_tree, subreaper
 from transferkit.serving.resolve import ServedModel, resolve_served_model
 from transferkit.serving.settings import (
     API_KEY_ENV,
@@ -102,9 +103,9 @@ def _command(host: str, port: int, graceful_s: int) -> list[str]:
     ]
 
 
-def _child_env(settings: ServingSettings) -> dict[str, str]:
+def _child_env(settings: ServingSettings, marker: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_FILE_ENV, API_KEY_ENV)}
-    return {**env, **settings.to_env()}
+    return {**env, **settings.to_env(), TREE_ENV: marker}
 
 
 def serve(
@@ -139,46 +140,47 @@ def serve(
     # SIGHUP only when not ignored: under `nohup` a closed terminal must not stop the server
     stop_on = [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
     previous = {sig: signal.signal(sig, lambda s, _f: signals.append(s)) for sig in stop_on}
+    marker = uuid.uuid4().hex  # this server's processes, told apart from the caller's other children
     try:
-        become_subreaper()
-        proc = subprocess.Popen(
-            _command(host, port, graceful_s),
-            env=_child_env(settings),
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
-        try:
-            while not signals and proc.poll() is None:
-                time.sleep(0.1)
-        except BaseException:  # never leave a server behind, whatever stopped us
-            stop_tree(proc, 0.0, orphans=True)
-            raise
-        if not signals:  # the server stopped by itself: clear up its orphans, then report
-            leftovers = stop_tree(proc, 0.0, orphans=True)
-            extra = f"; killed {len(leftovers)} leftover processes" if leftovers else ""
-            raise TransferkitError(f"the server exited with code {proc.returncode} (its log is above){extra}")
-        name = signal.Signals(signals[0]).name
-        print(
-            f"transferkit: {name}: finishing in-flight requests (at most {drain_timeout:g}s), then stopping",
-            file=sys.stderr,
-            flush=True,
-        )
-        killed = stop_tree(proc, drain_timeout, orphans=True, hurry=lambda: len(signals) > 1)
-        if killed:
+        with subreaper():  # the server's orphans come back to us, until it has stopped
+            proc = subprocess.Popen(
+                _command(host, port, graceful_s),
+                env=_child_env(settings, marker),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+            try:
+                while not signals and proc.poll() is None:
+                    time.sleep(0.1)
+            except BaseException:  # never leave a server behind, whatever stopped us
+                stop_tree(proc, 0.0, orphans=marker)
+                raise
+            if not signals:  # the server stopped by itself: clear up its orphans, then report
+                leftovers = stop_tree(proc, 0.0, orphans=marker)
+                extra = f"; killed {len(leftovers)} leftover processes" if leftovers else ""
+                raise TransferkitError(f"the server exited with code {proc.returncode} (its log is above){extra}")
+            name = signal.Signals(signals[0]).name
             print(
-                f"transferkit: killed {len(killed)} server processes still running after the drain "
-                f"(pids {', '.join(map(str, killed))})",
+                f"transferkit: {name}: finishing in-flight requests (at most {drain_timeout:g}s), then stopping",
                 file=sys.stderr,
                 flush=True,
             )
-        end = time.monotonic() + 5.0
-        while not can_bind(host, port) and time.monotonic() < end:
-            time.sleep(0.1)
-        if not can_bind(host, port):
-            print(f"transferkit: warning: {host}:{port} is still in use by another process", file=sys.stderr)
-        print("transferkit: stopped", file=sys.stderr, flush=True)
-        return 0
+            killed = stop_tree(proc, drain_timeout, orphans=marker, hurry=lambda: len(signals) > 1)
+            if killed:
+                print(
+                    f"transferkit: killed {len(killed)} server processes still running after the drain "
+                    f"(pids {', '.join(map(str, killed))})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            end = time.monotonic() + 5.0
+            while not can_bind(host, port) and time.monotonic() < end:
+                time.sleep(0.1)
+            if not can_bind(host, port):
+                print(f"transferkit: warning: {host}:{port} is still in use by another process", file=sys.stderr)
+            print("transferkit: stopped", file=sys.stderr, flush=True)
+            return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
