@@ -20,8 +20,9 @@ judged on the same images. Every run trains with seed 0 for --epochs epochs thro
 and is scored on test/ (`transferkit eval --split test`; timm's validate.py for timm). The sweep's best is
 the best test accuracy of the b=K runs, an oracle no user has: the default is compared with it. The sweep's
 run at the default's own batch is the default run (same seed, same settings: the same run on a CPU).
---ablation adds, on fashion2:224:200 at 2 epochs, the four combinations of the two changes of this release
-(the data floor of --batch-size auto, and --precise-bn): the old default is batch 128 and --precise-bn 0.
+--ablation adds, on fashion2:224:200 at 2 epochs and digits:32:20 at 3, the four combinations of the two changes
+of this release (the data floor of --batch-size auto, and --precise-bn): the old default is batch 128 and
+--precise-bn 0.
 timm's train.py is not in its wheel: pass a checkout's (github.com/huggingface/pytorch-image-models).
 """
 
@@ -231,28 +232,33 @@ def sweep_table(cells: list[str], args, work: Path, timm, report) -> tuple[list[
     return lines, records
 
 
+# (dataset, image size, images per class, epochs, runs folder): the photo-like case the defaults are for, and
+# a 32 px one where the old default collapsed to chance
+ABLATION_CELLS = (("fashion2", 224, 200, 2, "ablation"), ("digits", 32, 20, 3, "ablation-digits-32-20"))
+ABLATION_VARIANTS = {
+    "old default: batch 128, no precise BN": ["--batch-size", "128", "--precise-bn", "0"],
+    "the data floor alone (auto batch), no precise BN": ["--precise-bn", "0"],
+    "precise BN alone, batch 128": ["--batch-size", "128"],
+    "**both (the new default)**": [],
+}
+
+
 def ablation_table(args, work: Path) -> tuple[list[str], dict]:
-    """fashion2 at 224 px, 200 images per class, 2 epochs: what each change does alone."""
-    folder = write_cell(work, "fashion2", 200)
-    runs = work / "runs" / "ablation"
-    runs.mkdir(parents=True, exist_ok=True)
-    variants = {
-        "old default: batch 128, no precise BN": ["--batch-size", "128", "--precise-bn", "0"],
-        "the data floor alone (auto batch), no precise BN": ["--precise-bn", "0"],
-        "precise BN alone, batch 128": ["--batch-size", "128"],
-        "**both (the new default)**": [],
-    }
-    lines = [
-        "| settings | batch | steps | validation % | test % |",
-        "|---|--:|--:|--:|--:|",
-    ]
-    record = {}
-    for i, (name, extra) in enumerate(variants.items()):
-        r = transferkit_run(runs / f"v{i}", folder, 224, 2, extra)
-        record[name] = r
-        lines.append(f"| {name} | {r['batch']} | {r['steps']} | {pct(r['val'])} | {pct(r['test'])} |")
-        print(lines[-1], flush=True)
-    return lines, record
+    """What each change does alone, on each ABLATION_CELLS cell: batch, steps, validation and test accuracy."""
+    head, rule, rows, record = "| settings |", "|---|", {name: f"| {name} |" for name in ABLATION_VARIANTS}, {}
+    for dataset, size, per_class, epochs, folder_name in ABLATION_CELLS:
+        folder = write_cell(work, dataset, per_class)
+        runs = work / "runs" / folder_name
+        runs.mkdir(parents=True, exist_ok=True)
+        cell = f"{dataset}:{size}:{per_class}, {epochs} epochs"
+        head += f" {cell}: batch, steps | validation % | test % |"
+        rule += "--:|--:|--:|"
+        for i, (name, extra) in enumerate(ABLATION_VARIANTS.items()):
+            r = transferkit_run(runs / f"v{i}", folder, size, epochs, extra)
+            record.setdefault(name, {})[cell] = r
+            rows[name] += f" {r['batch']}, {r['steps']} | {pct(r['val'])} | {pct(r['test'])} |"
+            print(cell, rows[name], flush=True)
+    return [head, rule, *rows.values()], record
 
 
 def main() -> None:
@@ -279,7 +285,8 @@ def main() -> None:
         lines = [
             "# Small datasets under the default settings",
             "",
-            f"Command: `{command_line()}` at commit {commit()}, {(time.time() - started) / 60:.0f} minutes. "
+            f"Command: `{command_line()}` at commit {commit()} ({(time.time() - started) / 60:.0f} minutes; runs "
+            "already finished in --work by an earlier invocation at the same training code are reused). "
             f"Machine: {Machine.this().describe()}.",
             "",
             "How it is measured: benchmarks/small_data.py's docstring. Accuracy on each cell's test/ folder; seed 0.",
