@@ -155,3 +155,25 @@ def test_a_new_measurement_replaces_only_the_same_machines():
     assert entry.speed_on(here, "cpu") == first and entry.speed_on(other, "cpu").images_per_second == 200.0
     again = entry.with_measurement(Measurement(150.0, 32, "cpu", "onnxruntime", here, 0.0, "benchmark"))
     assert again.speed_on(here, "cpu").images_per_second == 150.0 and len(again.measured) == 3  # v1's, other's, ours
+
+
+@pytest.mark.parametrize("name", ["../model.pt", "/etc/passwd", "sub/model.onnx", "..", "a\\b.onnx"])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused(exported, tmp_path, name):
+    """Manifest file names are joined to the export folder: only bare names are read."""
+    on_disk = json.loads((exported[0] / "export" / "manifest.json").read_text())
+    on_disk["formats"]["onnx"]["files"] = [name]
+    (tmp_path / "manifest.json").write_text(json.dumps(on_disk))
+    with pytest.raises(TransferkitError, match="malformed.*not a bare file name"):
+        read_manifest(tmp_path)
+
+
+def test_an_artifact_file_without_a_hash_is_never_loaded_unchecked(exported, tmp_path):
+    """A listed file whose sha256 is gone from the manifest fails the check instead of being skipped."""
+    from transferkit.errors import ArtifactMismatchError
+
+    manifest = read_manifest(exported[0] / "export")
+    entry = manifest.artifacts["onnx"]
+    manifest.check_files(exported[0] / "export", names=entry.files)  # as exported: every file checks out
+    stripped = dataclasses.replace(manifest, files={f: r for f, r in manifest.files.items() if f != entry.file})
+    with pytest.raises(ArtifactMismatchError, match="lists no sha256 for it"):
+        stripped.check_files(exported[0] / "export", names=entry.files)

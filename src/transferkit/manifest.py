@@ -207,7 +207,7 @@ class ArtifactEntry:
             d["format"],
             d["precision"],
             d["runtime"],
-            tuple(d["files"]),
+            tuple(_bare(f) for f in d["files"]),
             d["status"],
             d.get("error"),
             batch_range,
@@ -277,8 +277,10 @@ class Manifest:
         fix = f"re-run `transferkit export {self.run_dir or export_dir.parent}`"
         for name in self.files if names is None else names:
             record = self.files.get(name)
-            if record is None:
-                continue
+            if record is None:  # an artifact file with no hash would be loaded unchecked
+                raise ArtifactMismatchError(
+                    f"{export_dir / name}: {MANIFEST_NAME} lists no sha256 for it, so it cannot be checked; {fix}"
+                )
             path = export_dir / name
             if not path.is_file():
                 raise ArtifactMismatchError(
@@ -340,10 +342,18 @@ class Manifest:
             tuple(_tensor(t) for t in d["inputs"]),
             tuple(_tensor(t) for t in d["outputs"]),
             {n: ArtifactEntry.from_dict(n, e) for n, e in d.get("formats", {}).items()},
-            {n: FileRecord(r["sha256"], int(r["bytes"])) for n, r in (d.get("files") or {}).items()},
+            {_bare(n): FileRecord(r["sha256"], int(r["bytes"])) for n, r in (d.get("files") or {}).items()},
             dict(d.get("versions") or {}),
             d.get("bentoml"),
         )
+
+
+def _bare(name: str) -> str:
+    """A file name from a manifest, which is joined to the export folder: a bare name, never a path that could
+    lead out of it (`../model.pt`, `/etc/passwd`)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"file name {name!r} is not a bare file name")
+    return name
 
 
 def _tensor_dict(t: TensorSpec) -> dict[str, Any]:

@@ -83,9 +83,10 @@ def test_only_listed_files_and_requested_names_are_checked(export_copy):
     export_dir, manifest = export_copy
     (export_dir / "model.onnx").write_bytes(b"replaced")
     manifest.check_files(export_dir, names=[])  # nothing requested
-    manifest.check_files(export_dir, names=["model.trt"])  # not in "files": an older export, not an error
     older = dataclasses.replace(manifest, files={})
-    older.check_files(export_dir)
+    older.check_files(export_dir)  # every listed file (none) checks out
+    with pytest.raises(ArtifactMismatchError, match="lists no sha256"):  # requested but without a hash: no load
+        manifest.check_files(export_dir, names=["model.trt"])
     with pytest.raises(ArtifactMismatchError):
         manifest.check_files(export_dir, names=["model.onnx"])
 

@@ -98,6 +98,7 @@ def benchmark_run(
         if problem:
             rows.append(BenchmarkRow(name, entry.status, size, entry.precision, accuracy, note=problem))
             continue
+        manifest.check_files(export_dir, names=entry.files)  # the bytes timed are the bytes that were verified
         timed = []
         cls = runner_for(entry)
         for options in cls.option_candidates():
