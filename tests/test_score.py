@@ -242,3 +242,34 @@ def _no_process_left(marker: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"processes left behind: {found}")
+
+
+def test_a_pipe_or_a_device_in_a_list_is_an_error_row_not_a_hang(exported, photos, tmp_path):
+    """A FIFO with no writer would block a plain open() for ever, /dev/zero would fill memory: both are refused
+    on the opened descriptor and the job goes on."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "list.txt").write_text(f"{fifo}\n/dev/zero\n{photos / 'digit0.png'}\n")
+    rows = list(score(exported[0], [str(tmp_path / "list.txt")], top_k=1))
+    assert [r["error_kind"] for r in rows] == ["unreadable", "unreadable", None]
+    assert "not a regular file" in rows[0]["error"] and "not a regular file" in rows[1]["error"]
+
+
+def test_csv_cells_that_would_run_as_spreadsheet_formulas_are_neutralised(exported, photos, tmp_path, monkeypatch):
+    """A file named `=HYPERLINK(...).png`, scored by its relative name, must not become a formula in the CSV a
+    spreadsheet opens."""
+    import csv
+    import shutil
+
+    from transferkit.utils import csv_cell
+
+    assert csv_cell("=1+1") == "'=1+1" and csv_cell("@SUM(A1)") == "'@SUM(A1)" and csv_cell("-2") == "'-2"
+    assert csv_cell("photo.png") == "photo.png" and csv_cell(-0.5) == -0.5
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photos / "digit0.png", folder / "=HYPERLINK(1).png")
+    monkeypatch.chdir(folder)
+    score(exported[0], ["*.png"], tmp_path / "p.csv", top_k=1)  # a glob in the folder: relative names
+    with open(tmp_path / "p.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["path"] == "'=HYPERLINK(1).png" and row["error"] == ""

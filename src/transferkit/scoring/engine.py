@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import stat
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -145,15 +146,23 @@ class Scorer:
 def read_pixels(pre: Preprocessing, path: str) -> np.ndarray:
     """One file -> uint8 (S, S, 3) as the server decodes it, or ScoreError naming what is wrong."""
     try:
-        size = os.stat(path).st_size
-        if size > MAX_UPLOAD_BYTES:
-            raise ScoreError(
-                "too large",
-                f"{path}: {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES >> 20} MB limit "
-                "the server has for one upload; downscale or re-encode it",
-            )
-        with open(path, "rb") as f:
-            data = f.read()
+        # opened without blocking, then checked on the descriptor: a FIFO, a device (/dev/zero) or a /proc file in a
+        # list would hang the job or fill its memory, and a file swapped between a stat and an open is still caught
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, device or socket)"
+                raise ScoreError("unreadable", f"{path}: {kind}, not an image file")
+            if info.st_size > MAX_UPLOAD_BYTES:
+                raise ScoreError(
+                    "too large",
+                    f"{path}: {info.st_size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES >> 20} MB limit "
+                    "the server has for one upload; downscale or re-encode it",
+                )
+            data = f.read(MAX_UPLOAD_BYTES + 1)  # bounded even if the file grows while it is read
+            if len(data) > MAX_UPLOAD_BYTES:
+                raise ScoreError("too large", f"{path}: grew past the {MAX_UPLOAD_BYTES >> 20} MB limit while read")
     except FileNotFoundError:
         raise ScoreError("missing", f"{path}: no such file") from None
     except IsADirectoryError:

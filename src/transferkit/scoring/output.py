@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transferkit.errors import ConfigError
-from transferkit.utils import atomic_write
+from transferkit.utils import atomic_write, csv_cell
 
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
 JOB_FILE = "job.json"
@@ -128,7 +128,7 @@ def _write_csv(f, table: pa.Table) -> None:
     for row in table.to_pylist():
         writer.writerow(
             [
-                json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ("" if v is None else v)
+                json.dumps(v, ensure_ascii=False) if isinstance(v, list) else ("" if v is None else csv_cell(v))
                 for v in (row[n] for n in names)
             ]
         )

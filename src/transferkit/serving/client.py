@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import TransferkitError
-from transferkit.utils import atomic_write_text
+from transferkit.utils import atomic_write_text, csv_cell
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 
@@ -165,7 +165,7 @@ def write_results(results: list[dict[str, Any]], out: str | Path) -> Path:
                             f"{h}_labels": ";".join(p["label"] for p in preds),
                         }
                     )
-            writer.writerow(row)
+            writer.writerow({k: csv_cell(v) for k, v in row.items()})
         text = buffer.getvalue()
     atomic_write_text(out, text)
     return out
