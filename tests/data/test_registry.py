@@ -94,3 +94,26 @@ def test_imagefolder_warns_about_formats_the_server_refuses(tmp_path, digits_fol
     err = capsys.readouterr().err
     assert err.count("the server decodes .jpg .jpeg .png .webp only and answers 415") == 1, err
     assert "1 image(s) are .bmp" in err
+
+
+def test_a_training_image_is_parsed_only_by_raster_plugins_whatever_its_suffix(tmp_path):
+    """An EPS file named .jpg (Ghostscript's input, where Ghostscript is installed) is a DataError naming it; a PNG
+    saved as .jpg, a common mistake, still reads."""
+    import io
+
+    from PIL import Image
+
+    from transferkit.data.imagefolder import decode_file
+
+    pre = Preprocessing(image_size=16)
+    eps = tmp_path / "vector.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n")
+    # no plugin that may parse it recognises it: the EPS plugin (and Ghostscript) never sees the file
+    with pytest.raises(DataError, match="vector.jpg: cannot read image .*cannot identify image file"):
+        decode_file(eps, pre)
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(buf, "PNG")
+    misnamed = tmp_path / "really-a-png.jpg"
+    misnamed.write_bytes(buf.getvalue())
+    pixels = decode_file(misnamed, pre)
+    assert pixels.shape == (16, 16, 3) and np.all(pixels[..., 1] == 200)

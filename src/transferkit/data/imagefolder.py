@@ -17,7 +17,14 @@ from transferkit.data.base import Split, limit_indices, seeded_split
 from transferkit.errors import DataError
 from transferkit.preprocess import SERVED_SUFFIXES, Preprocessing
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+# The Pillow plugins a file may be parsed by: its suffix's own first, then the other raster formats read here (a
+# PNG saved as .jpg is common and still trains), and nothing else, so an EPS or a PDF renamed .jpg never reaches
+# Ghostscript (where it is installed) while the training data is read.
+_RASTER = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # camera MPO files open through the JPEG plugin
+_OWN = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}
+_OWN |= {".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
+SUFFIX_FORMATS = {suffix: (own, *(f for f in _RASTER if f != own)) for suffix, own in _OWN.items()}
+IMAGE_SUFFIXES = set(SUFFIX_FORMATS)
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -76,7 +83,7 @@ def _warn_not_served(spec: str, files: list[Path]) -> None:
 def decode_file(path: Path, pre: Preprocessing) -> np.ndarray:
     """One image file -> uint8 (S, S, 3), or a DataError naming the file."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=SUFFIX_FORMATS.get(path.suffix.lower(), _RASTER)) as image:
             pre.draft(image)  # the run's JPEG decode, as serving does it (preprocess.py)
             return pre.pil_to_uint8(image)
     except Exception as exc:
