@@ -363,7 +363,9 @@ def _k8s_options(args):
             )
         return None
     check_out_dir(args.k8s)
-    return K8sOptions(**chosen)
+    options = K8sOptions(**chosen)
+    options.require_auth()
+    return options
 
 
 class _BuildRuntimes:

@@ -1,4 +1,5 @@
-"""`transferkit build RUN --k8s DIR`: the Deployment, Service and HorizontalPodAutoscaler it writes.
+"""`transferkit build RUN --k8s DIR`: the Deployment, Service, HorizontalPodAutoscaler, NetworkPolicy and
+PodDisruptionBudget it writes.
 
 The manifests are validated offline against Kubernetes' own OpenAPI schemas (the `kubernetes-validate` package
 ships them as JSON schemas per Kubernetes version; strict mode refuses unknown fields), then checked for what a
@@ -45,13 +46,53 @@ def env_of(container: dict) -> dict:
 @pytest.mark.parametrize("version", [all_versions()[0], all_versions()[-1]])  # oldest and newest schemas shipped
 def test_written_files_pass_the_kubernetes_schema(tmp_path, version):
     paths = write_manifests(tmp_path, IMAGE, MODEL, K8sOptions(api_key_secret="tk-key:token"), image_from_bento=True)
-    assert sorted(p.name for p in paths) == ["deployment.yaml", "hpa.yaml", "service.yaml"]
+    assert sorted(p.name for p in paths) == [
+        "deployment.yaml",
+        "hpa.yaml",
+        "networkpolicy.yaml",
+        "pdb.yaml",
+        "service.yaml",
+    ]
     kinds = set()
     for path in paths:
         doc = yaml.safe_load(path.read_text())  # the file as kubectl reads it, comments and all
         assert kubernetes_validate.validate(doc, version, strict=True)
         kinds.add((doc["apiVersion"], doc["kind"]))
-    assert kinds == {("apps/v1", "Deployment"), ("v1", "Service"), ("autoscaling/v2", "HorizontalPodAutoscaler")}
+    assert kinds == {
+        ("apps/v1", "Deployment"),
+        ("v1", "Service"),
+        ("autoscaling/v2", "HorizontalPodAutoscaler"),
+        ("networking.k8s.io/v1", "NetworkPolicy"),
+        ("policy/v1", "PodDisruptionBudget"),
+    }
+
+
+def test_the_network_policy_admits_the_serving_port_only_and_nothing_out_and_the_pdb_never_blocks_a_drain():
+    written = docs(api_key_secret="tk-key")
+    selector = written["deployment.yaml"]["spec"]["selector"]["matchLabels"]
+    policy = written["networkpolicy.yaml"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == selector and policy["policyTypes"] == ["Ingress", "Egress"]
+    (rule,) = policy["ingress"]
+    port_name = container_of(written["deployment.yaml"])["ports"][0]["name"]
+    assert rule == {"ports": [{"port": port_name, "protocol": "TCP"}]} and policy["egress"] == []
+    pdb = written["pdb.yaml"]["spec"]
+    assert pdb == {"selector": {"matchLabels": selector}, "maxUnavailable": 1}
+
+
+def test_manifests_without_a_key_are_refused_unless_no_auth_is_said(tmp_path, monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setattr("transferkit.serving.build.build_bento", fake_build(tmp_path, calls))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["build", "RUN", "--k8s", str(tmp_path / "k8s")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and calls == [] and not (tmp_path / "k8s").exists()
+    assert "would answer anyone" in err and "--k8s-api-key-secret NAME" in err and "--no-auth" in err
+    cli.main(["build", "RUN", "--k8s", str(tmp_path / "k8s"), "--no-auth"])
+    assert "TRANSFERKIT_API_KEY" not in env_of(
+        container_of(yaml.safe_load((tmp_path / "k8s" / "deployment.yaml").read_text()))
+    )
+    with pytest.raises(ConfigError, match="contradict"):
+        K8sOptions(auth=False, api_key_secret="tk-key")
 
 
 def test_the_schema_check_refuses_broken_manifests():
@@ -200,7 +241,7 @@ def test_writing_is_atomic(tmp_path, monkeypatch):
     text = (out / "deployment.yaml").read_text()
     assert "# The name `bentoml containerize` gives the image by default" in text
     assert container_of(yaml.safe_load(text))["image"] == "transferkit-demo:bento1"
-    assert sorted(p.name for p in out.iterdir()) == ["deployment.yaml", "hpa.yaml", "service.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(k8s.FILES)
 
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file"):
@@ -241,7 +282,7 @@ def test_cli_writes_the_manifests_after_the_build(tmp_path, monkeypatch, capsys)
     assert env_of(container)["TRANSFERKIT_WORKERS"] == "4" and "TRANSFERKIT_API_KEY" in env_of(container)
     assert deployment["metadata"]["annotations"]["transferkit.model"] == MODEL  # read from the Bento
 
-    cli.main(["build", "RUN", "--k8s", str(out), "--image", IMAGE])
+    cli.main(["build", "RUN", "--k8s", str(out), "--image", IMAGE, "--no-auth"])
     assert calls[-1] == {"run": "RUN", "image": IMAGE}
     text = (out / "deployment.yaml").read_text()
     assert container_of(yaml.safe_load(text))["image"] == IMAGE and "bentoml containerize" not in text
@@ -273,10 +314,12 @@ def test_cli_build_writes_manifests_for_the_real_bento(exported, tmp_path):
 
     run_dir, export = exported
     out = tmp_path / "k8s"
-    stdout = run_cli("build", str(run_dir), "--k8s", str(out), "--k8s-max-replicas", "6").stdout.splitlines()
+    stdout = run_cli(
+        "build", str(run_dir), "--k8s", str(out), "--k8s-max-replicas", "6", "--no-auth"
+    ).stdout.splitlines()
     bento_tag = next(line.split(": ", 1)[1] for line in stdout if line.startswith("bento: "))
     loaded = {p.name: yaml.safe_load(p.read_text()) for p in out.iterdir()}
-    assert sorted(loaded) == ["deployment.yaml", "hpa.yaml", "service.yaml"]
+    assert sorted(loaded) == ["deployment.yaml", "hpa.yaml", "networkpolicy.yaml", "pdb.yaml", "service.yaml"]
     for doc in loaded.values():
         assert kubernetes_validate.validate(doc, all_versions()[-1], strict=True)
     deployment = loaded["deployment.yaml"]

@@ -27,6 +27,8 @@ def _written(tmp_path, **options) -> dict:
         "deployment.yaml",
         "hpa.yaml",
         "kserve/inferenceservice.yaml",
+        "networkpolicy.yaml",
+        "pdb.yaml",
         "service.yaml",
     ]
     return yaml.safe_load((tmp_path / kserve.FILE).read_text())

@@ -1,5 +1,5 @@
 """Kubernetes manifests for the serving image: `transferkit build RUN --k8s DIR` writes deployment.yaml,
-service.yaml and hpa.yaml into DIR, for `kubectl apply -f DIR`.
+service.yaml, hpa.yaml, networkpolicy.yaml and pdb.yaml into DIR, for `kubectl apply -f DIR`.
 
     write_manifests("k8s/", image="registry.example/transferkit-mnist:v1", model_tag="transferkit-mnist:abc",
                     options=K8sOptions(cpu="2", max_replicas=8))
@@ -30,7 +30,12 @@ Plain dicts and yaml.safe_dump: no cluster, Docker or Bento is needed, only the 
   scales on CPU utilisation, a share of the request; 70% leaves room for the warm-up of the pods it adds.
   Rollouts add a pod before removing one (maxUnavailable 0), so capacity never dips.
 - The selector is name + instance only: a Deployment's selector is immutable, so it must not carry a version.
-- An API key comes from a Secret, never as a literal in a manifest that may land in version control.
+- An API key comes from a Secret, never as a literal in a manifest that may land in version control, and the
+  command line refuses to write manifests without one unless `--no-auth` says the open server is meant.
+- A NetworkPolicy lets traffic in on the serving port only and none out: the server calls nothing (no API, no
+  DNS), so a compromised worker cannot reach the rest of the cluster. A PodDisruptionBudget lets a node drain
+  evict one pod at a time (maxUnavailable 1, which never blocks a drain even at one replica; with
+  --k8s-min-replicas 2 or more a pod always serves).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ IMAGE_PYTHON = "/app/.venv/bin/python"  # Dockerfile.j2's venv
 PRESTOP_SLEEP_S = 5  # endpoint removal usually reaches kube-proxy and ingress controllers within 1-3 s
 EXIT_MARGIN_S = 5  # after the drain: workers stop and the server exits (under 1 s measured with `docker stop`)
 TMP_SIZE = "1Gi"  # uploads over 1 MB are spooled to /tmp while they are read (20 MB each at most)
-FILES = ("deployment.yaml", "service.yaml", "hpa.yaml")
+FILES = ("deployment.yaml", "service.yaml", "hpa.yaml", "networkpolicy.yaml", "pdb.yaml")
 _CPU = re.compile(r"(\d+(?:\.\d+)?)(m?)")
 _MEMORY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
 _BYTES = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
@@ -76,6 +81,8 @@ class K8sOptions:
     target_cpu: int = field(default=70, metadata=cli(metavar="PERCENT"))
     # set TRANSFERKIT_API_KEY from this Secret's KEY (default key: api-key)
     api_key_secret: str | None = field(default=None, metadata=cli(metavar="NAME[:KEY]", default_text="none"))
+    # require an API key (--k8s-api-key-secret); --no-auth: serve without one, anyone who reaches the Service may call
+    auth: bool = field(default=True, metadata=cli("--auth"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cpu", str(self.cpu))  # K8sOptions(cpu=2) as well as "2"
@@ -104,8 +111,19 @@ class K8sOptions:
                     f"--k8s-api-key-secret {self.api_key_secret!r} is not NAME or NAME:KEY "
                     "(NAME: lowercase letters, digits, '-' and '.')"
                 )
+        if not self.auth and self.api_key_secret:
+            problems.append("--no-auth and --k8s-api-key-secret contradict each other; pass one")
         if problems:
             raise ConfigError("kubernetes options: " + "; ".join(problems))
+
+    def require_auth(self) -> None:
+        """The command line's rule: manifests for a server without a key only when asked for by name."""
+        if self.auth and not self.api_key_secret:
+            raise ConfigError(
+                "kubernetes options: the server would answer anyone who reaches it; pass --k8s-api-key-secret NAME "
+                "(a Secret holding the key: kubectl create secret generic NAME --from-literal=api-key=...) or "
+                "--no-auth to serve without a key on purpose"
+            )
 
     @property
     def whole_cpus(self) -> int:
@@ -139,7 +157,8 @@ def resource_name(text: str) -> str:
 def manifests(
     image: str, model_tag: str, options: K8sOptions | None = None, runtime: str = "onnxruntime", name: str | None = None
 ) -> dict[str, dict]:
-    """{file name: manifest} for the Deployment, the Service and the HorizontalPodAutoscaler."""
+    """{file name: manifest} for the Deployment, the Service, the HorizontalPodAutoscaler, the NetworkPolicy and
+    the PodDisruptionBudget."""
     options = options or K8sOptions()
     name = resource_name(name or model_tag.split(":")[0])
     selector = {"app.kubernetes.io/name": "transferkit", "app.kubernetes.io/instance": name}
@@ -243,7 +262,24 @@ def manifests(
             ],
         },
     }
-    return dict(zip(FILES, (deployment, service, hpa)))
+    network_policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"ports": [{"port": PORT_NAME, "protocol": "TCP"}]}],
+            "egress": [],  # nothing out: the server calls no service
+        },
+    }
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta,
+        "spec": {"selector": {"matchLabels": selector}, "maxUnavailable": 1},
+    }
+    return dict(zip(FILES, (deployment, service, hpa, network_policy, pdb)))
 
 
 def render(docs: dict[str, dict], model_tag: str, image_from_bento: bool = False) -> dict[str, str]:
@@ -281,7 +317,7 @@ def write_manifests(
     image_from_bento: bool = False,
     kserve: bool = False,
 ) -> list[Path]:
-    """Write the three files into out_dir (and with `kserve`, kserve/inferenceservice.yaml: kserve.py) and
+    """Write the five files into out_dir (and with `kserve`, kserve/inferenceservice.yaml: kserve.py) and
     return their paths. Each goes to a temporary file beside it, and all are renamed into place only once all
     are written: a failed write leaves the previous files whole."""
     docs = manifests(image, model_tag, options, runtime)
