@@ -88,7 +88,7 @@ def test_manifests_without_a_key_are_refused_unless_no_auth_is_said(tmp_path, mo
     assert exit_info.value.code == 2 and calls == [] and not (tmp_path / "k8s").exists()
     assert "would answer anyone" in err and "--k8s-api-key-secret NAME" in err and "--no-auth" in err
     cli.main(["build", "RUN", "--k8s", str(tmp_path / "k8s"), "--no-auth"])
-    assert "TRANSFERKIT_API_KEY" not in env_of(
+    assert "TRANSFERKIT_API_KEY_FILE" not in env_of(
         container_of(yaml.safe_load((tmp_path / "k8s" / "deployment.yaml").read_text()))
     )
     with pytest.raises(ConfigError, match="contradict"):
@@ -191,11 +191,22 @@ def test_workers_follow_the_cpu_request(cpu, workers, threads, memory):
     assert container_of(docs(cpu=cpu, memory="3Gi")["deployment.yaml"])["resources"]["limits"]["memory"] == "3Gi"
 
 
-def test_api_key_comes_from_a_secret_only_when_asked():
-    assert "TRANSFERKIT_API_KEY" not in env_of(container_of(docs()["deployment.yaml"]))
+def test_api_key_comes_from_a_secret_mounted_as_a_file_only_when_asked():
+    """A mounted Secret, not a variable: the kubelet updates the file in place, and the server follows it."""
+    plain = container_of(docs()["deployment.yaml"])
+    assert not {"TRANSFERKIT_API_KEY", "TRANSFERKIT_API_KEY_FILE"} & set(env_of(plain))
     for option, key in (("tk-key", "api-key"), ("tk-key:token", "token")):
-        env = env_of(container_of(docs(api_key_secret=option)["deployment.yaml"]))
-        assert env["TRANSFERKIT_API_KEY"] == {"secretKeyRef": {"name": "tk-key", "key": key}}
+        deployment = docs(api_key_secret=option)["deployment.yaml"]
+        container, pod = container_of(deployment), deployment["spec"]["template"]["spec"]
+        env = env_of(container)
+        assert "TRANSFERKIT_API_KEY" not in env and env["TRANSFERKIT_API_KEY_FILE"] == f"{k8s.KEY_DIR}/api-key"
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "api-key"]
+        assert volume["secret"] == {
+            "secretName": "tk-key",
+            "items": [{"key": key, "path": "api-key"}],
+            "defaultMode": 0o444,
+        }
+        assert {"name": "api-key", "mountPath": k8s.KEY_DIR, "readOnly": True} in container["volumeMounts"]
 
 
 @pytest.mark.parametrize(
@@ -279,7 +290,7 @@ def test_cli_writes_the_manifests_after_the_build(tmp_path, monkeypatch, capsys)
     deployment = yaml.safe_load((out / "deployment.yaml").read_text())
     container = container_of(deployment)
     assert container["image"] == "transferkit-demo:bento1"  # the tag `bentoml containerize` gives the image
-    assert env_of(container)["TRANSFERKIT_WORKERS"] == "4" and "TRANSFERKIT_API_KEY" in env_of(container)
+    assert env_of(container)["TRANSFERKIT_WORKERS"] == "4" and "TRANSFERKIT_API_KEY_FILE" in env_of(container)
     assert deployment["metadata"]["annotations"]["transferkit.model"] == MODEL  # read from the Bento
 
     cli.main(["build", "RUN", "--k8s", str(out), "--image", IMAGE, "--no-auth"])

@@ -115,3 +115,42 @@ def test_health_metrics_and_docs_stay_open_without_the_key(strict_server):
     spec = httpx.get(strict_server.url + "/docs.json").json()
     assert spec["paths"]["/predict"]["post"]["security"] == [{"bearer": []}]
     assert "401" in spec["paths"]["/predict"]["post"]["responses"]
+
+
+def test_keys_rotate_through_their_file_and_metrics_can_need_the_key(exported, tmp_path):
+    """A running server follows its key file: the new key beside the old one works at once, then removing the old
+    one refuses it, with no restart. With metrics_auth, /metrics needs the key; health stays open."""
+    import time
+
+    from PIL import Image
+
+    from tests.serving.conftest import encode
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("old-key\n")
+    png = encode(Image.new("RGB", (32, 32), (90, 10, 10)), "PNG")
+
+    def predict(key: str) -> int:
+        files = {"image": ("a.png", png, "image/png")}
+        return httpx.post(url + "/predict", files=files, headers={"Authorization": f"Bearer {key}"}).status_code
+
+    def eventually(key: str, status: int) -> bool:  # the file is looked at, at most, once a second
+        end = time.monotonic() + 10
+        while predict(key) != status and time.monotonic() < end:
+            time.sleep(0.3)
+        return predict(key) == status
+
+    with start_server(
+        exported[0], port=None, log_path=tmp_path / "serve.log", workers=1, api_key_file=key_file, metrics_auth=True
+    ) as handle:
+        url = handle.url
+        assert predict("old-key") == 200 and predict("new-key") == 401
+        key_file.write_text("new-key\nold-key\n")  # a rotation: both for a while
+        assert eventually("new-key", 200) and predict("old-key") == 200
+        key_file.write_text("new-key\n")
+        assert eventually("old-key", 401) and predict("new-key") == 200
+        assert httpx.get(url + "/metrics").status_code == 401
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer new-key"})
+        assert metrics.status_code == 200 and "transferkit_" in metrics.text
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert "API keys reloaded" in handle.log_tail()

@@ -87,3 +87,22 @@ def test_install_points_uvicorn_auto_here_once(monkeypatch):
     monkeypatch.setitem(config.HTTP_PROTOCOLS, "auto", "elsewhere:Protocol")
     assert not protocol.install(front=None)
     assert config.HTTP_PROTOCOLS["auto"] == "elsewhere:Protocol"
+
+
+def test_a_key_ring_takes_several_keys_and_keeps_its_keys_through_a_bad_rewrite(tmp_path, monkeypatch):
+    from transferkit.serving import keys
+
+    ring = keys.KeyRing("one, two\nthree\n")
+    assert ring.keys == ("one", "two", "three") and ring.required
+    assert ring.accepts("Bearer two") and ring.accepts("bearer  three ") and not ring.accepts("Bearer four")
+    assert not ring.accepts("Basic two") and not ring.accepts("") and not keys.KeyRing(None).required
+    path = tmp_path / "key"
+    path.write_text("first\n")
+    ring = keys.KeyRing(path.read_text(), str(path))
+    monkeypatch.setattr(keys, "RELOAD_S", 0.0)
+    path.write_text("")  # a Secret mid-update: empty for a moment
+    assert ring.accepts("Bearer first")  # the keys already read stay
+    path.write_text("second\n")
+    assert ring.accepts("Bearer second") and not ring.accepts("Bearer first")
+    path.unlink()
+    assert ring.accepts("Bearer second")

@@ -61,16 +61,20 @@ def expand_images(specs: list[str]) -> list[Path]:
 
 
 def api_key_from(path: str | Path | None = None) -> str | None:
-    """The key for a server that requires one: `path`, else $TRANSFERKIT_API_KEY, else $TRANSFERKIT_API_KEY_FILE."""
+    """The key for a server that requires one: `path`, else $TRANSFERKIT_API_KEY, else $TRANSFERKIT_API_KEY_FILE;
+    where these hold several keys (a rotation, serving/keys.py) the first."""
+    from transferkit.serving.keys import parse_keys
     from transferkit.serving.settings import API_KEY_ENV, API_KEY_FILE_ENV, read_api_key_file
 
     if path is not None:
-        return read_api_key_file(path)
-    if os.environ.get(API_KEY_ENV, "").strip():
-        return os.environ[API_KEY_ENV].strip()
-    if os.environ.get(API_KEY_FILE_ENV):
-        return read_api_key_file(os.environ[API_KEY_FILE_ENV])
-    return None
+        text = read_api_key_file(path)
+    elif os.environ.get(API_KEY_ENV, "").strip():
+        text = os.environ[API_KEY_ENV]
+    elif os.environ.get(API_KEY_FILE_ENV):
+        text = read_api_key_file(os.environ[API_KEY_FILE_ENV])
+    else:
+        return None
+    return parse_keys(text)[0]
 
 
 def predict_files(

@@ -13,7 +13,6 @@ the request id is also the X-Request-ID header and is logged with any server-sid
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import re
@@ -53,11 +52,9 @@ def error(status: int, message: str, request_id: str, headers: dict[str, str] | 
     )
 
 
-def authorized(request: Request, key: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest takes the same time wherever the first difference is, so the key cannot be guessed
-    # byte by byte from response times.
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+def authorized(request: Request, service: Any) -> bool:
+    """Whether the request may pass the worker's API key check (keys.py: constant-time, rotating)."""
+    return not service.keys.required or service.keys.accepts(request.headers.get("authorization", ""))
 
 
 def unauthorized(rid: str) -> JSONResponse:
@@ -79,7 +76,7 @@ async def guarded(request: Request, service: Any, work: Work) -> Response:
 async def _guarded(request: Request, service: Any, work: Work) -> Response:
     rid = request_id(request)
     settings = service.settings
-    if settings.api_key and not authorized(request, settings.api_key):
+    if not authorized(request, service):
         return unauthorized(rid)
     if service.drain.draining:  # SIGTERM: this client should go to another replica (drain.py)
         service.drain.turn_away()

@@ -94,7 +94,9 @@ def start_server(
     port = free_port(host) if port is None else port
     check_port(host, port)
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_FILE_ENV, API_KEY_ENV)}
-    if settings.api_key:
+    if api_key_file is not None:  # the serve process reads it and hands the workers the file, to follow (keys.py)
+        env[API_KEY_FILE_ENV] = str(Path(api_key_file).resolve())
+    elif settings.api_key:
         env[API_KEY_ENV] = settings.api_key
     # settings `serve` takes no flag for (the middleware switches) reach it the way a container is given them
     unflagged = {f.name for f in dataclasses.fields(settings)} - set(SETTING_FLAGS) - {"model", "api_key", "drain_s"}

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from transferkit.serving import v2_routes
-from transferkit.serving.guard import error, guarded, request_id
+from transferkit.serving.guard import authorized, error, guarded, request_id, unauthorized
 from transferkit.serving.inputs import RAW_IMAGE_TYPES, ClientError, parse_json, parse_multipart, parse_raw, read_body
 from transferkit.serving.openapi import document
 from transferkit.serving.settings import MAX_UPLOAD_BYTES
@@ -100,6 +100,14 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type=content_type)
 
 
+def _metrics_allowed(request: Request) -> bool:
+    """/metrics is open unless TRANSFERKIT_METRICS_AUTH puts it behind the API key."""
+    import bentoml
+
+    service = bentoml.get_current_service()
+    return not service.settings.metrics_auth or authorized(request, service)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing errors on these routes (GET /predict: 405) in the same JSON shape as every other error."""
     status = getattr(exc, "status_code", 500)
@@ -129,6 +137,8 @@ class InferenceFastPath:
             response = await v2_routes.infer_path(Request(scope, receive), path)
         elif path == "/v2" or path.startswith("/v2/"):
             return await self.v2(scope, receive, send)
+        elif path == "/metrics" and not _metrics_allowed(Request(scope, receive)):
+            response = unauthorized(request_id(Request(scope, receive)))
         else:
             return await self.app(scope, receive, send)
         await response(scope, receive, send)

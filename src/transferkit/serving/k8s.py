@@ -30,8 +30,11 @@ Plain dicts and yaml.safe_dump: no cluster, Docker or Bento is needed, only the 
   scales on CPU utilisation, a share of the request; 70% leaves room for the warm-up of the pods it adds.
   Rollouts add a pod before removing one (maxUnavailable 0), so capacity never dips.
 - The selector is name + instance only: a Deployment's selector is immutable, so it must not carry a version.
-- An API key comes from a Secret, never as a literal in a manifest that may land in version control, and the
-  command line refuses to write manifests without one unless `--no-auth` says the open server is meant.
+- An API key comes from a Secret, never as a literal in a manifest that may land in version control, mounted as
+  a file (TRANSFERKIT_API_KEY_FILE): the kubelet updates a mounted Secret in place and the server re-reads it,
+  so putting a second key in the Secret and later removing the first rotates keys without a restart
+  (serving/keys.py). The command line refuses to write manifests without a key unless `--no-auth` says the open
+  server is meant.
 - A NetworkPolicy lets traffic in on the serving port only and none out: the server calls nothing (no API, no
   DNS), so a compromised worker cannot reach the rest of the cluster. A PodDisruptionBudget lets a node drain
   evict one pod at a time (maxUnavailable 1, which never blocks a drain even at one replica; with
@@ -51,7 +54,7 @@ import yaml
 
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.options import cli
-from transferkit.serving.settings import API_KEY_ENV, PREFIX, ServingSettings, default_workers
+from transferkit.serving.settings import API_KEY_FILE_ENV, PREFIX, ServingSettings, default_workers
 from transferkit.version import __version__
 
 PORT, PORT_NAME, SERVICE_PORT = 3000, "http", 80  # the image's EXPOSE (BentoML's default port)
@@ -59,6 +62,7 @@ IMAGE_UID = 1034  # BentoML's Dockerfile template creates the image's user `bent
 IMAGE_PYTHON = "/app/.venv/bin/python"  # Dockerfile.j2's venv
 PRESTOP_SLEEP_S = 5  # endpoint removal usually reaches kube-proxy and ingress controllers within 1-3 s
 EXIT_MARGIN_S = 5  # after the drain: workers stop and the server exits (under 1 s measured with `docker stop`)
+KEY_DIR = "/var/run/secrets/transferkit"  # the API key Secret, mounted read-only
 TMP_SIZE = "1Gi"  # uploads over 1 MB are spooled to /tmp while they are read (20 MB each at most)
 FILES = ("deployment.yaml", "service.yaml", "hpa.yaml", "networkpolicy.yaml", "pdb.yaml")
 _CPU = re.compile(r"(\d+(?:\.\d+)?)(m?)")
@@ -179,9 +183,14 @@ def manifests(
         {"name": "BENTOML_HOME", "value": "/tmp/bentoml"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
     ]
-    if options.api_key_secret:
+    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    if options.api_key_secret:  # a file, not a variable: the kubelet updates a mounted Secret, and keys.py follows
         secret, _, key = options.api_key_secret.partition(":")
-        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": key or "api-key"}}})
+        env.append({"name": API_KEY_FILE_ENV, "value": f"{KEY_DIR}/api-key"})
+        items = [{"key": key or "api-key", "path": "api-key"}]
+        volumes.append({"name": "api-key", "secret": {"secretName": secret, "items": items, "defaultMode": 0o444}})
+        mounts.append({"name": "api-key", "mountPath": KEY_DIR, "readOnly": True})
     resources = {"cpu": options.cpu, "memory": options.memory_for(runtime)}
 
     def probe(path: str, delay: int, period: int, timeout: int, failures: int) -> dict:
@@ -211,7 +220,7 @@ def manifests(
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": mounts,
     }
     pod = {
         "metadata": {"labels": dict(labels), "annotations": dict(annotations)},  # copies: no YAML aliases
@@ -225,7 +234,7 @@ def manifests(
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             "containers": [container],
-            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}}],
+            "volumes": volumes,
         },
     }
     meta = {"name": name, "labels": labels}

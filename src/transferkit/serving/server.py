@@ -103,9 +103,23 @@ def _command(host: str, port: int, graceful_s: int) -> list[str]:
     ]
 
 
-def _child_env(settings: ServingSettings, marker: str) -> dict[str, str]:
+def _child_env(settings: ServingSettings, marker: str, key_file: str | Path | None) -> dict[str, str]:
+    """The server's environment: the settings, and the key as the file it came from where it came from one (the
+    workers then follow the file through a rotation, keys.py), else as the value."""
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_FILE_ENV, API_KEY_ENV)}
-    return {**env, **settings.to_env(), TREE_ENV: marker}
+    env.update(settings.to_env(), **{TREE_ENV: marker})
+    if key_file is not None and settings.api_key:
+        env.pop(API_KEY_ENV, None)
+        env[API_KEY_FILE_ENV] = str(Path(key_file).resolve())
+    return env
+
+
+def _key_file(api_key_file: str | Path | None) -> str | Path | None:
+    """The file the key is read from, as build_settings decides: the argument, else $TRANSFERKIT_API_KEY_FILE
+    unless $TRANSFERKIT_API_KEY is set."""
+    if api_key_file is not None:
+        return api_key_file
+    return os.environ.get(API_KEY_FILE_ENV) if not os.environ.get(API_KEY_ENV) else None
 
 
 def serve(
@@ -145,7 +159,7 @@ def serve(
         with subreaper():  # the server's orphans come back to us, until it has stopped
             proc = subprocess.Popen(
                 _command(host, port, graceful_s),
-                env=_child_env(settings, marker),
+                env=_child_env(settings, marker, _key_file(api_key_file)),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
@@ -204,5 +218,9 @@ def serve_command(
         str(drain_timeout),
     ]
     for name, flag in SETTING_FLAGS.items():
-        cmd += [flag, str(getattr(settings, name))]
+        value = getattr(settings, name)
+        if isinstance(value, bool):  # a switch: --flag or --no-flag
+            cmd.append(flag if value else "--no-" + flag.removeprefix("--"))
+        else:
+            cmd += [flag, str(value)]
     return cmd

@@ -33,6 +33,7 @@ from transferkit.serving.batcher import MicroBatcher
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import InferenceFastPath, create_app
 from transferkit.serving.inputs import ClientError
+from transferkit.serving.keys import KeyRing
 from transferkit.serving.protocol import install as install_coalescing_protocol
 from transferkit.serving.selection import load_runtime
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
@@ -121,6 +122,7 @@ class TransferkitService:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
+        self.keys = KeyRing.for_worker(SETTINGS)  # the API keys, re-read when their file changes (keys.py)
         self.ready = False
         self.stack = http_stack()  # before the drain wraps uvicorn's SIGTERM handler, through which it is found
         self.drain = Drain(SETTINGS.drain_s)

@@ -19,7 +19,9 @@ same variables, e.g. `docker run -e TRANSFERKIT_API_KEY=...`).
     TRANSFERKIT_ACCESS_LOG     1: BentoML's access log line per request (default 0)
     TRANSFERKIT_REQUEST_METRICS  1: BentoML's per-request Prometheus metrics (default 0; transferkit's own stay)
     TRANSFERKIT_TRACING        1: OpenTelemetry spans for /predict (default 0; configure BentoML's exporter)
-    TRANSFERKIT_API_KEY        bearer key for /predict (or TRANSFERKIT_API_KEY_FILE: a file holding it)
+    TRANSFERKIT_API_KEY        bearer key for /predict and /v2 (or TRANSFERKIT_API_KEY_FILE: a file holding it,
+                               re-read when it changes); several keys, one per line or comma, during a rotation
+    TRANSFERKIT_METRICS_AUTH   1: /metrics needs the key too (default 0)
 
 ACCESS_LOG, REQUEST_METRICS and TRACING switch BentoML middleware that runs on every request. A py-spy profile of a worker under `hey` load (32 px
 demo model, 2 workers, raw PNG bodies, 2-core AVX2 machine) put about 40% of its event-loop CPU in them, the
@@ -92,7 +94,9 @@ class ServingSettings:
     access_log: bool = False
     request_metrics: bool = False
     tracing: bool = False
-    api_key: str | None = field(default=None, repr=False)
+    # /metrics behind the API key too (Prometheus sends it with `authorization: {credentials_file: ...}`)
+    metrics_auth: bool = field(default=False, metadata=cli(default_text="off"))
+    api_key: str | None = field(default=None, repr=False)  # one key, or several (one per line or comma) in a rotation
 
     def __post_init__(self) -> None:
         problems = []

@@ -146,7 +146,7 @@ def _model_route(build: Any, needs_key: bool = True) -> Any:
 
     async def route(request: Request) -> Response:
         service, rid = _service(), request_id(request)
-        if needs_key and service.settings.api_key and not authorized(request, service.settings.api_key):
+        if needs_key and not authorized(request, service):
             return unauthorized(rid)
         try:
             _check_model(service, request.path_params["name"], request.path_params.get("version"))
