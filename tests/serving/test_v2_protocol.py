@@ -129,6 +129,25 @@ def test_classification_extension_and_a_chosen_output(client, model, images):
 
 
 @pytest.mark.parametrize(
+    "datatype, leaf, words", [("BYTES", '"aGk="', "nested deeper than 8"), ("FP32", "0.5", "not a (nested)")]
+)
+def test_data_nested_a_thousand_levels_is_a_400_not_a_500(client, model, datatype, leaf, words):
+    """orjson parses 1,000 levels; the flattening and numpy must not recurse into a RecursionError (a 500)."""
+    data = "[" * 1000 + leaf + "]" * 1000
+    body = f'{{"inputs": [{{"name": "x", "datatype": "{datatype}", "shape": [1], "data": {data}}}]}}'
+    name = "image" if datatype == "BYTES" else "tensor"
+    response = client.post(f"/v2/models/{model['name']}/infer", content=body.replace('"x"', f'"{name}"'))
+    assert response.status_code == 400 and words in response.json()["error"], response.text
+
+
+def test_a_json_part_over_its_own_limit_is_refused_before_it_is_parsed(client, model):
+    floats = [0.5] * 2_500_000  # 10 MB of JSON that would be about 100 MB of Python floats
+    tensor = [{"name": "tensor", "datatype": "FP32", "shape": [len(floats)], "data": floats}]
+    response = _infer(client, model["name"], tensor)
+    assert response.status_code == 413 and "binary tensor extension" in response.json()["error"], response.text
+
+
+@pytest.mark.parametrize(
     "inputs, status, words",
     [
         ([{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}], 400, "BYTES with shape"),
@@ -139,6 +158,9 @@ def test_classification_extension_and_a_chosen_output(client, model, images):
         ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}], 400, "image"),
         ([{"name": "image", "datatype": "BYTES", "shape": [999], "data": []}], 413, "over the limit"),
         ([{"name": "image", "datatype": "STRING", "shape": [1], "data": ["x"]}], 400, "not one of"),
+        # malformed past numpy's or Python's own limits: a 400 naming it, never a 500 with a traceback
+        ([{"name": "tensor", "datatype": "FP32", "shape": [1] * 65, "data": [0.0]}], 400, "65 dimensions, over 8"),
+        ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="] * 100_000}], 400, "more elements"),
     ],
 )
 def test_bad_inputs_are_refused_with_a_sentence_that_names_the_fix(client, model, inputs, status, words):

@@ -33,6 +33,11 @@ HEADER_LENGTH = "inference-header-content-length"
 NUMPY_TYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 NUMPY_TYPES |= {"UINT8": np.uint8, "INT8": np.int8, "BOOL": np.bool_}
 DATATYPES = ("BYTES", *NUMPY_TYPES)
+MAX_DIMS = 8  # dimensions of an input's shape, and levels of nesting of its JSON data
+_END = object()
+# JSON tensor data grows about tenfold as Python objects: a JSON part over this is refused (413) before it is parsed,
+# and the binary tensor extension (`binary_data_size`) carries large tensors instead
+MAX_JSON_BYTES = 8 << 20
 # A model answers three outputs per head; a request naming more than this many is refused before they are read
 # (the model's own count, and duplicates, are checked where the model is known: v2_routes._wanted).
 MAX_REQUESTED_OUTPUTS = 64
@@ -83,6 +88,12 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
     """The body of POST .../infer -> InferRequest, with each input's data as numpy or a list of bytes. A BYTES
     input of more than `max_images` elements is refused (413) before its elements are read."""
     json_part, binary = _split(body, header_length)
+    if len(json_part) > MAX_JSON_BYTES:
+        raise ClientError(
+            413,
+            f"the request's JSON is {len(json_part) >> 20} MB, over the {MAX_JSON_BYTES >> 20} MB limit for JSON; "
+            "send large tensors with the binary tensor extension (binary_data_size), as Triton's clients do",
+        )
     try:
         data = orjson.loads(json_part)  # in C: the JSON of a small request costs more than its image in Python
     except orjson.JSONDecodeError as exc:
@@ -149,6 +160,8 @@ def _input(raw: Any, i: int, binary: bytes, offset: int, max_images: int) -> tup
         raise ClientError(400, f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ClientError(400, f'input {name!r}: "shape" must be a list of non-negative integers')
+    if len(shape) > MAX_DIMS:  # numpy refuses more than 64 with a ValueError; the model takes 1 or 4
+        raise ClientError(400, f"input {name!r}: a shape of {len(shape)} dimensions, over {MAX_DIMS}")
     count = math.prod(shape)
     if datatype == "BYTES" and count > max_images:
         raise ClientError(413, f"input {name!r}: {count} images in one request, over the limit of {max_images}")
@@ -189,23 +202,34 @@ def _from_binary(chunk: bytes, datatype: str, count: int, name: str) -> np.ndarr
 
 def _from_json(data: Any, datatype: str, count: int, name: str) -> np.ndarray | list[bytes]:
     if datatype == "BYTES":
-        items = _flatten(data)
+        items = _flatten(data, count, name)
         _check_count(len(items), count, name)
         return [_base64(item, name) for item in items]
     try:
         array = np.asarray(data, dtype=NUMPY_TYPES[datatype])
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise ClientError(400, f"input {name!r}: data is not a (nested) list of {datatype} numbers") from None
     _check_count(array.size, count, name)
     return array.reshape(-1)
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
+def _flatten(data: Any, count: int, name: str) -> list[Any]:
+    """The leaves of a nested list in order, without recursion (JSON nests up to orjson's 1,024 levels, past
+    Python's recursion limit), and refused as soon as there are more than the shape's `count`."""
     out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item) if isinstance(item, list) else [item])
+    stack = [iter(data)] if isinstance(data, list) else [iter([data])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) >= MAX_DIMS:
+                raise ClientError(400, f"input {name!r}: data nested deeper than {MAX_DIMS} levels")
+            stack.append(iter(item))
+        else:
+            out.append(item)
+            if len(out) > count:
+                raise ClientError(400, f"input {name!r}: more elements than its shape's {count}")
     return out
 
 
