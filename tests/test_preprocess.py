@@ -272,12 +272,12 @@ def test_jpeg_draft_is_recorded_and_runs_made_before_it_keep_the_full_decode():
 
 
 def test_the_served_pixel_limit_follows_the_model_and_counts_a_jpeg_as_drafted():
-    """4.2 MP up to 64 px, (32 x side)^2 above, 64 MP at most; a 6000x4000 camera JPEG is 1/8 of that once drafted
+    """4.2 MP up to 128 px, (16 x side)^2 above, 64 MP at most; a 6000x4000 camera JPEG is 1/8 of that once drafted
     for a 32 px model, so it stays acceptable, while the same pixels in a full decode are refused."""
     from transferkit.preprocess import served_pixel_limit
 
-    assert served_pixel_limit(32) == served_pixel_limit(64) == 2048 * 2048
-    assert served_pixel_limit(224) == (32 * 224) ** 2 and served_pixel_limit(512) == MAX_IMAGE_PIXELS
+    assert served_pixel_limit(32) == served_pixel_limit(128) == 2048 * 2048
+    assert served_pixel_limit(224) == (16 * 224) ** 2 and served_pixel_limit(1024) == MAX_IMAGE_PIXELS
     buf = io.BytesIO()
     Image.new("RGB", (6000, 4000), (10, 120, 200)).save(buf, "JPEG", quality=80)
     photo, limit = buf.getvalue(), served_pixel_limit(32)

@@ -37,9 +37,9 @@ MAX_IMAGE_PIXELS = 64_000_000
 # WebP of one colour at 8000x8000 is 2.5 KB and costs half a second and 256 MB to decode, for a model that then
 # shrinks it to 32x32. So a served image may have at most (SERVED_PIXELS_PER_SIDE x the model's side)^2 pixels as
 # decoded (after a JPEG's draft scaling, so a camera JPEG of any size stays acceptable), and never fewer than
-# SERVED_MIN_PIXELS, so a 2048x2048 screenshot still answers for a 32 px model: 4.2 MP for models up to 64 px,
-# 51 MP at 224 px. `TRANSFERKIT_MAX_PIXELS` (`serve --max-pixels`) sets another bound.
-SERVED_PIXELS_PER_SIDE = 32
+# SERVED_MIN_PIXELS, so a 2048x2048 screenshot still answers for a 32 px model: 4.2 MP for models up to 128 px,
+# 12.8 MP at 224 px (a phone photo as PNG). `TRANSFERKIT_MAX_PIXELS` (`serve --max-pixels`) sets another bound.
+SERVED_PIXELS_PER_SIDE = 16
 SERVED_MIN_PIXELS = 2048 * 2048
 
 

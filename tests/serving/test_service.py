@@ -347,3 +347,47 @@ def test_an_image_is_decoded_on_the_event_loop_only_when_its_header_says_it_is_s
     assert _post(client, "s.png", small, "image/png").status_code == 200
     assert _post(client, "l.webp", large, "image/webp").status_code == 200
     assert not threads[0].startswith("transferkit-decode") and threads[1].startswith("transferkit-decode")
+
+
+def test_a_pixel_flood_that_no_worker_could_hold_is_413_and_a_full_byte_budget_is_503(client, images, live_service):
+    """Admission by cost: 32 one-colour WebPs of 2000x2000 are a few KB each, within the pixel limit one by one,
+    and together more memory to decode than a worker holds for all requests. Another request's bytes count too."""
+    flood = encode(Image.new("RGB", (2000, 2000), (5, 5, 90)), "WEBP", lossless=True)
+    files = [("images", (f"{i}.webp", flood, "image/webp")) for i in range(32)]
+    response = client.post("/predict", files=files)
+    assert response.status_code == 413, response.text
+    assert "more than a worker holds for all requests (128 MB)" in response.json()["error"]
+    with live_service.batcher.admit(1) as other:  # another request holds all but 1 MB of the budget
+        other.add_bytes(live_service.batcher.max_bytes - (1 << 20))
+        response = _post(client, "w.webp", encode(Image.new("RGB", (1000, 1000), (5, 5, 90)), "WEBP"), "image/webp")
+        assert response.status_code == 503 and "MB of requests in progress" in response.json()["error"]
+    assert live_service.batcher.held_bytes == 0  # every request gave its bytes back
+    assert _post(client, "d.png", images["digit.png"], "image/png").status_code == 200
+
+
+def test_a_body_that_trickles_in_gets_408_after_the_grace_period(monkeypatch):
+    """Slowloris: a byte now and then held an admission slot for the whole request deadline."""
+    import asyncio
+    import time
+
+    from transferkit.serving import inputs
+
+    monkeypatch.setattr(inputs, "BODY_GRACE_S", 0.3)
+
+    async def trickle():
+        for _ in range(100):
+            yield b"x"
+            await asyncio.sleep(0.1)
+
+    async def fast():
+        yield b"a" * 1000
+        yield b"b" * 1000
+
+    start = time.perf_counter()
+    with pytest.raises(inputs.ClientError) as refused:
+        asyncio.run(inputs.read_body(trickle(), "100", 1 << 20))
+    assert refused.value.status == 408 and "arrived too slowly" in str(refused.value)
+    assert time.perf_counter() - start < 1.5
+    taken = []
+    assert asyncio.run(inputs.read_body(fast(), None, 1 << 20, reserve=taken.append)) == b"a" * 1000 + b"b" * 1000
+    assert taken == [1000, 1000]

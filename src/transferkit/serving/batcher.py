@@ -61,8 +61,11 @@ class MicroBatcher:
         max_queue: int = 256,
         on_batch: Callable[[int], None] | None = None,
         combine: Combine = np.concatenate,
+        max_bytes: int = 0,
     ) -> None:
         self.run_batch = run_batch
+        self.max_bytes = max_bytes  # bytes of bodies and decoded pixels requests may hold at once; 0: no bound
+        self.held_bytes = 0
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -102,6 +105,20 @@ class MicroBatcher:
     def _give(self, images: int) -> None:
         with self._lock:
             self.admitted -= images
+
+    def _take_bytes(self, n: int) -> None:
+        with self._lock:
+            if self.max_bytes and self.held_bytes + n > self.max_bytes:
+                raise Overloaded(
+                    f"the server is at capacity ({self.held_bytes >> 20} MB of requests in progress, limit "
+                    f"{self.max_bytes >> 20} MB per worker); retry shortly",
+                    self.retry_after_s(),
+                )
+            self.held_bytes += n
+
+    def _give_bytes(self, n: int) -> None:
+        with self._lock:
+            self.held_bytes -= n
 
     def retry_after_s(self) -> int:
         """Seconds until the current backlog should have drained (at least 1: Retry-After takes whole seconds)."""
@@ -201,17 +218,26 @@ class MicroBatcher:
 
 
 class _Admission:
-    """The images one request holds in a worker; grows once the request's image count is known."""
+    """What one request holds in a worker: images (known once it is parsed), and bytes: its body as it streams in,
+    then its images' decoded pixels, so a few small requests that would cost much memory wait their turn too."""
 
     def __init__(self, batcher: MicroBatcher) -> None:
         self.batcher = batcher
         self.images = 0
+        self.bytes = 0
 
     def add(self, images: int) -> None:
         self.batcher._take(images)
         self.images += images
 
+    def add_bytes(self, n: int) -> None:
+        self.batcher._take_bytes(n)
+        self.bytes += n
+
     def release(self) -> None:
         if self.images:
             self.batcher._give(self.images)
             self.images = 0
+        if self.bytes:
+            self.batcher._give_bytes(self.bytes)
+            self.bytes = 0

@@ -21,6 +21,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -52,7 +53,9 @@ async def _answer(request: Request, service: Any, admission: Any, rid: str) -> R
             f"got {got}; e.g. curl -F image=@photo.jpg URL/predict, or curl --data-binary "
             "@photo.jpg -H 'Content-Type: image/jpeg' URL/predict",
         )
-    body = await read_body(request.stream(), request.headers.get("content-length"), MAX_UPLOAD_BYTES)
+    body = await read_body(
+        request.stream(), request.headers.get("content-length"), MAX_UPLOAD_BYTES, reserve=admission.add_bytes
+    )
     query_top_k = request.query_params.getlist("top_k")
     if query_top_k and content_type not in RAW_IMAGE_TYPES:
         raise ClientError(400, "top_k in the query string is for raw image bodies; send it as a form or JSON field")
@@ -68,10 +71,16 @@ async def _answer(request: Request, service: Any, admission: Any, rid: str) -> R
     else:
         inputs = await parse_multipart(_form_parser(request, body), settings.max_images)
     admission.add(len(inputs.images) - 1)
-    predictions = await service.classify(inputs.images, inputs.names, inputs.top_k)
+    predictions = await service.classify(inputs.images, inputs.names, inputs.top_k, admission)
     meta = {"model": service.tag, "runtime": service.runtime_name}
     answer = {"predictions": predictions, **meta} if inputs.many else {**predictions[0], **meta}
     return JSONResponse(answer, headers={"X-Request-ID": rid})
+
+
+# An uploaded file over 1 MB would be spooled to a temporary file on disk while the form is parsed: a second copy
+# of a body that is already in memory, within the upload limit and counted in the worker's byte budget, and on
+# the 1 GiB emptyDir of the Kubernetes manifests a way to fill /tmp. So the parser keeps every file in memory.
+MultiPartParser.spool_max_size = MAX_UPLOAD_BYTES
 
 
 def _form_parser(request: Request, body: bytes):

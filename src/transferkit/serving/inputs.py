@@ -17,10 +17,12 @@ before it is buffered whole.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +53,29 @@ class PredictInputs:
     names: list[str]  # how each image is named in error messages: image, images[2], ...
 
 
-async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+# A body must keep arriving: after BODY_GRACE_S, at BODY_MIN_RATE bytes a second on average, or 408. A client that
+# sends a byte now and then (slowloris) holds its admission slot for about BODY_GRACE_S, not the whole deadline.
+BODY_GRACE_S = 2.0
+BODY_MIN_RATE = 64 << 10
+
+
+async def _next_within(stream: AsyncIterator[bytes], seconds: float) -> bytes:
+    """The stream's next chunk, or TimeoutError after `seconds`; asyncio.timeout (3.11+) needs no task per chunk."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await stream.__anext__()
+    return await asyncio.wait_for(stream.__anext__(), seconds)
+
+
+async def read_body(
+    chunks: AsyncIterator[bytes],
+    content_length: str | None,
+    max_bytes: int,
+    reserve: Callable[[int], None] | None = None,
+) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `max_bytes`, and with 408 when it
+    arrives slower than BODY_MIN_RATE after BODY_GRACE_S. `reserve(n)`: called for each chunk's bytes before it
+    is kept (the worker's byte budget, batcher.py; it raises Overloaded when full)."""
     too_big = f"request body over the {max_bytes // 2**20} MB upload limit; send smaller or fewer images"
     try:
         declared = int(content_length) if content_length else 0
@@ -60,11 +83,28 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, ma
         raise ClientError(400, f"invalid Content-Length header {content_length!r}") from None
     if declared > max_bytes:
         raise ClientError(413, too_big)
-    parts, size = [], 0
-    async for chunk in chunks:
+    loop = asyncio.get_running_loop()
+    start, parts, size = loop.time(), [], 0
+    stream = chunks.__aiter__()
+    while True:
+        allowed = BODY_GRACE_S + size / BODY_MIN_RATE - (loop.time() - start)
+        try:
+            if allowed <= 0:
+                raise TimeoutError
+            chunk = await _next_within(stream, allowed)
+        except StopAsyncIteration:
+            break
+        except (TimeoutError, asyncio.TimeoutError):
+            raise ClientError(
+                408,
+                f"the request body arrived too slowly ({size} bytes in {loop.time() - start:.1f} s; at least "
+                f"{BODY_MIN_RATE >> 10} KB/s after {BODY_GRACE_S:g} s); send it at once",
+            ) from None
         size += len(chunk)
         if size > max_bytes:
             raise ClientError(413, too_big)
+        if reserve is not None:
+            reserve(len(chunk))
         parts.append(chunk)
     return b"".join(parts)
 

@@ -25,7 +25,7 @@ Plain dicts and yaml.safe_dump: no cluster, Docker or Bento is needed, only the 
   user (the kubelet cannot check a user name, and the model files are private to that user), no privilege
   escalation, no capabilities, the default seccomp profile, no service-account token (the server never calls
   the API). The root filesystem is read-only: BentoML's home (metrics files, client id), ONNX Runtime's cache
-  and uploads spooled to disk go to an emptyDir at /tmp (checked with `docker run --read-only --tmpfs /tmp`).
+  go to an emptyDir at /tmp (checked with `docker run --read-only --tmpfs /tmp`); uploads stay in memory.
 - No spec.replicas: the HPA owns the count, which a count in the Deployment would reset on every apply. The HPA
   scales on CPU utilisation, a share of the request; 70% leaves room for the warm-up of the pods it adds.
   Rollouts add a pod before removing one (maxUnavailable 0), so capacity never dips.
@@ -63,7 +63,7 @@ IMAGE_PYTHON = "/app/.venv/bin/python"  # Dockerfile.j2's venv
 PRESTOP_SLEEP_S = 5  # endpoint removal usually reaches kube-proxy and ingress controllers within 1-3 s
 EXIT_MARGIN_S = 5  # after the drain: workers stop and the server exits (under 1 s measured with `docker stop`)
 KEY_DIR = "/var/run/secrets/transferkit"  # the API key Secret, mounted read-only
-TMP_SIZE = "1Gi"  # uploads over 1 MB are spooled to /tmp while they are read (20 MB each at most)
+TMP_SIZE = "1Gi"  # BentoML's home and ONNX Runtime's cache; uploads are kept in memory (http_app.py)
 FILES = ("deployment.yaml", "service.yaml", "hpa.yaml", "networkpolicy.yaml", "pdb.yaml")
 _CPU = re.compile(r"(\d+(?:\.\d+)?)(m?)")
 _MEMORY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")

@@ -57,6 +57,8 @@ _log_like_bentoml()
 # larger ones go to the pool, so a multi-megapixel image never holds up the event loop. Decided by the pixels the
 # header declares (after a JPEG's draft scaling), not by the upload's bytes: 2.5 KB of WebP can hold 64 MP.
 INLINE_DECODE_PIXELS = 256 * 256
+# Memory a decode holds per pixel, for the byte budget: the decoded image (up to 4 bands) and its RGB conversion
+DECODE_BYTES_PER_PIXEL = 7
 
 SETTINGS = ServingSettings.from_env()
 MODEL_TAG = SETTINGS.model or getattr(bentoml.use_arguments(), "model", None) or ""
@@ -145,6 +147,7 @@ class TransferkitService:
             SETTINGS.max_queue,
             on_batch=lambda n: _metrics()["batch"].observe(n),
             combine=self._combine,
+            max_bytes=SETTINGS.max_inflight_mb << 20,
         )
         # Decoding is Python + Pillow work per image; a few threads overlap it with socket I/O and the model call
         # without oversubscribing the cores the other workers use.
@@ -206,10 +209,21 @@ class TransferkitService:
         except ImageDecodeError as exc:
             raise ClientError(exc.http_status, str(exc)) from None
 
-    async def decode(self, images: list[bytes], names: list[str]) -> np.ndarray:
+    async def decode(self, images: list[bytes], names: list[str], admission: Any = None) -> np.ndarray:
         """Encoded images -> uint8 (N,S,S,3); a ClientError names the first that does not decode. Every header
-        is read and checked first, so an image over the limit is refused before any other is decoded."""
+        is read and checked first, so an image over the limit is refused before any other is decoded; then the
+        memory their decode takes is reserved in the worker's byte budget (`admission`, batcher.py): 503 when
+        other requests hold it, 413 when this request alone needs more than the whole budget."""
         opened = [self._open(data, name) for data, name in zip(images, names)]
+        if admission is not None:
+            cost = sum(DECODE_BYTES_PER_PIXEL * image.width * image.height for image in opened)
+            if cost > self.batcher.max_bytes:
+                raise ClientError(
+                    413,
+                    f"decoding these {len(opened)} images takes {cost >> 20} MB, more than a worker holds for all "
+                    f"requests ({self.batcher.max_bytes >> 20} MB); send fewer or smaller images",
+                )
+            admission.add_bytes(cost)
         if len(opened) == 1 and opened[0].width * opened[0].height <= INLINE_DECODE_PIXELS:
             return self._pixels(opened[0], names[0])[None]  # cheaper than the hop to a decode thread and back
         loop = asyncio.get_running_loop()
@@ -223,10 +237,13 @@ class TransferkitService:
         `_run_batch`'s answer."""
         return await self.batcher.submit(batch)
 
-    async def classify(self, images: list[bytes], names: list[str] | None = None, top_k: int = 5) -> list[dict]:
-        """Encoded images -> [{"heads": {head: top-k labels}}], in order, through the worker's batcher."""
+    async def classify(
+        self, images: list[bytes], names: list[str] | None = None, top_k: int = 5, admission: Any = None
+    ) -> list[dict]:
+        """Encoded images -> [{"heads": {head: top-k labels}}], in order, through the worker's batcher;
+        `admission`: the request's (guard.py), which the decode's memory is reserved in."""
         names = names or [f"images[{i}]" for i in range(len(images))]
-        answer = await self.infer(await self.decode(images, names))
+        answer = await self.infer(await self.decode(images, names, admission))
         return [
             {"heads": {h: top_labels(answer[h, self.RANKED][i], self.labels[h], top_k) for h in self.labels}}
             for i in range(len(images))

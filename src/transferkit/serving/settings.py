@@ -14,6 +14,7 @@ same variables, e.g. `docker run -e TRANSFERKIT_API_KEY=...`).
     TRANSFERKIT_MAX_QUEUE      images admitted per worker (decoding, queued or running); beyond it: 503
     TRANSFERKIT_MAX_IMAGES     images per request
     TRANSFERKIT_MAX_PIXELS     decoded pixels per image (default: from the model's input size)
+    TRANSFERKIT_MAX_INFLIGHT_MB  MB of bodies and decoded images a worker holds at once; beyond: 503 (128)
     TRANSFERKIT_TIMEOUT_S      per-request deadline; past it: 504
     TRANSFERKIT_DRAIN_S        after SIGTERM: at most this long, 503 to new requests while accepted ones finish
     TRANSFERKIT_ACCESS_LOG     1: BentoML's access log line per request (default 0)
@@ -87,8 +88,10 @@ class ServingSettings:
     max_queue: int = field(default=256, metadata=cli(metavar="N"))  # images admitted per worker; beyond: 503
     max_images: int = field(default=32, metadata=cli(metavar="N"))  # images per request; beyond: 413
     # decoded pixels one image may have (0: from the model's input side, preprocess.served_pixel_limit: 4.2 MP
-    # up to 64 px, 51 MP at 224 px); beyond: 413 before anything is decoded
+    # up to 128 px, 12.8 MP at 224 px); beyond: 413 before anything is decoded
     max_pixels: int = field(default=0, metadata=cli(metavar="N", default_text="from the model's input size"))
+    # MB of request bodies and decoded images one worker holds at once (admission by cost, not by count); beyond: 503
+    max_inflight_mb: int = field(default=128, metadata=cli(metavar="MB"))
     timeout_s: float = field(default=10.0, metadata=cli("--timeout", metavar="S"))  # per-request deadline; past it: 504
     drain_s: float = 8.0  # drain.py; the image's bound, which Kubernetes' grace period covers (k8s.py)
     access_log: bool = False
@@ -108,6 +111,8 @@ class ServingSettings:
             problems.append(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_images < 1 or self.max_queue < self.max_images:
             problems.append(f"need 1 <= max_images <= max_queue, got {self.max_images} and {self.max_queue}")
+        if self.max_inflight_mb * 2**20 < 2 * MAX_UPLOAD_BYTES:
+            problems.append(f"max_inflight_mb must be at least {2 * MAX_UPLOAD_BYTES >> 20} (two full uploads)")
         if self.max_pixels < 0:
             problems.append(f"max_pixels must be >= 0 (0: from the model's input size), got {self.max_pixels}")
         if self.timeout_s <= 0:

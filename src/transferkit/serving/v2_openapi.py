@@ -85,6 +85,7 @@ _STATUSES = {
     "an empty, corrupt or truncated image",
     "401": "API key required (`Authorization: Bearer <key>`) and missing or wrong; only when the server has a key",
     "404": "Unknown model name or version",
+    "408": "The request body arrived too slowly (under 64 KB/s after 2 s); send it at once",
     "413": "Body over the upload limit (also once decompressed), an image over the pixel limit, or too many images",
     "415": "An image other than JPEG, PNG or WebP, or a Content-Encoding other than gzip or deflate",
     "500": "Unexpected server error; the message names the request id under which the server logged it",
@@ -158,7 +159,7 @@ def v2_paths(settings: ServingSettings, name: str, version: str) -> dict[str, An
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
-    infer_errors = _errors(settings, ["400", "401", "404", "413", "415", "500", "503", "504"])
+    infer_errors = _errors(settings, ["400", "401", "404", "408", "413", "415", "500", "503", "504"])
     infer_errors["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
     for base, v in (("/v2/models/{name}", None), ("/v2/models/{name}/versions/{version}", version)):
         params, suffix = _path_params(name, v), "" if v is None else "_version"

@@ -200,7 +200,7 @@ async def infer_path(request: Request, path: str) -> Response:
 
 async def _infer(request: Request, service: Any, admission: Any, rid: str) -> Response:
     headers = request.headers
-    body = await read_body(request.stream(), headers.get("content-length"), MAX_UPLOAD_BYTES)
+    body = await read_body(request.stream(), headers.get("content-length"), MAX_UPLOAD_BYTES, admission.add_bytes)
     body = decompress(body, headers.get("content-encoding"), MAX_UPLOAD_BYTES)
     header_length = headers.get(HEADER_LENGTH)
     if len(body) < LARGE_BODY:
@@ -215,7 +215,7 @@ async def _infer(request: Request, service: Any, admission: Any, rid: str) -> Re
     top_k = _top_k(parsed.parameters)
     wanted = _wanted(parsed.outputs, service)
     admission.add(batch.count - 1)
-    pixels = await service.decode(batch.images, batch.names) if batch.images is not None else batch.array
+    pixels = await service.decode(batch.images, batch.names, admission) if batch.images is not None else batch.array
     answer = await service.infer(pixels)
     outputs = [
         (_output(name, answer, service, top_k, classification), binary) for name, binary, classification in wanted
