@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import platform
 from collections.abc import Iterable
@@ -272,34 +273,60 @@ class Manifest:
 
     def check_files(self, export_dir: str | Path, names: Iterable[str] | None = None) -> None:
         """Check files against the sizes and sha256 recorded here, before any is loaded (`names`: only those).
-        Raises ArtifactMismatchError for a missing, truncated, corrupt or replaced file."""
+        Raises ArtifactMismatchError for a missing, truncated, corrupt or replaced file, or one with no record."""
         export_dir = Path(export_dir)
-        fix = f"re-run `transferkit export {self.run_dir or export_dir.parent}`"
         for name in self.files if names is None else names:
-            record = self.files.get(name)
-            if record is None:  # an artifact file with no hash would be loaded unchecked
-                raise ArtifactMismatchError(
-                    f"{export_dir / name}: {MANIFEST_NAME} lists no sha256 for it, so it cannot be checked; {fix}"
-                )
-            path = export_dir / name
+            record, path = self._record_for(export_dir, name), export_dir / name
             if not path.is_file():
                 raise ArtifactMismatchError(
-                    f"{path}: missing, but {MANIFEST_NAME} lists it (expected sha256 {record.sha256}); {fix}"
+                    f"{path}: missing, but {MANIFEST_NAME} lists it (expected sha256 {record.sha256}); "
+                    f"{self._fix(export_dir)}"
                 )
-            size = path.stat().st_size
-            # size first: a truncated or partly copied file (the common case) is then reported as such
-            if size != record.bytes:
+            size = path.stat().st_size  # size first: a truncated file is reported as such without hashing
+            self._compare(path, record, size, lambda p=path: sha256_file(p), export_dir)
+
+    def read_verified(self, export_dir: str | Path, names: Iterable[str]) -> dict[str, bytes]:
+        """Each file read once into memory and checked against its recorded size and sha256 -> name: bytes. A
+        runtime given these bytes runs exactly what was checked: no window in which the file could be swapped
+        between the check and the load. Raises ArtifactMismatchError as check_files does."""
+        export_dir, out = Path(export_dir), {}
+        for name in names:
+            record, path = self._record_for(export_dir, name), export_dir / name
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
                 raise ArtifactMismatchError(
-                    f"{path}: size mismatch: expected {record.bytes} bytes ({MANIFEST_NAME}), actual {size}; "
-                    f"expected sha256 {record.sha256}, actual {sha256_file(path)}; the file is truncated or was "
-                    f"replaced; {fix}"
-                )
-            actual = sha256_file(path)
-            if actual != record.sha256:
-                raise ArtifactMismatchError(
-                    f"{path}: sha256 mismatch: expected {record.sha256} ({MANIFEST_NAME}), "
-                    f"actual {actual}; the file is corrupt or was replaced; {fix}"
-                )
+                    f"{path}: cannot be read ({exc.strerror}); {self._fix(export_dir)}"
+                ) from None
+            self._compare(path, record, len(data), lambda d=data: hashlib.sha256(d).hexdigest(), export_dir)
+            out[name] = data
+        return out
+
+    def _fix(self, export_dir: Path) -> str:
+        return f"re-run `transferkit export {self.run_dir or export_dir.parent}`"
+
+    def _record_for(self, export_dir: Path, name: str) -> FileRecord:
+        record = self.files.get(name)
+        if record is None:  # an artifact file with no hash would be loaded unchecked
+            raise ArtifactMismatchError(
+                f"{export_dir / name}: {MANIFEST_NAME} lists no sha256 for it, so it cannot be checked; "
+                f"{self._fix(export_dir)}"
+            )
+        return record
+
+    def _compare(self, path: Path, record: FileRecord, size: int, digest, export_dir: Path) -> None:
+        if size != record.bytes:
+            raise ArtifactMismatchError(
+                f"{path}: size mismatch: expected {record.bytes} bytes ({MANIFEST_NAME}), actual {size}; "
+                f"expected sha256 {record.sha256}, actual {digest()}; the file is truncated or was "
+                f"replaced; {self._fix(export_dir)}"
+            )
+        actual = digest()
+        if actual != record.sha256:
+            raise ArtifactMismatchError(
+                f"{path}: sha256 mismatch: expected {record.sha256} ({MANIFEST_NAME}), "
+                f"actual {actual}; the file is corrupt or was replaced; {self._fix(export_dir)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {

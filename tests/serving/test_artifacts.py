@@ -97,3 +97,21 @@ def test_the_fix_falls_back_to_the_export_dirs_run(export_copy):
     (export_dir / "model.onnx").unlink()
     with pytest.raises(ArtifactMismatchError, match=re.escape(f"transferkit export {export_dir.parent}")):
         manifest.check_files(export_dir)
+
+
+def test_the_runtime_runs_the_bytes_that_were_checked_not_a_file_swapped_after_the_check(export_copy):
+    """read_verified reads each file once and checks it; ONNX Runtime then loads those bytes, so replacing the
+    file between the check and the load changes nothing, where loading by path would run the replacement."""
+    import numpy as np
+
+    from transferkit.errors import ArtifactMismatchError
+    from transferkit.serving.runtime import OnnxRuntime
+
+    export_dir, manifest = export_copy
+    verified = manifest.read_verified(export_dir, ["model.onnx"])
+    (export_dir / "model.onnx").write_bytes(b"swapped after the check")
+    runtime = OnnxRuntime().load(export_dir, manifest, verified)
+    batch = np.zeros((2, 3, manifest.image_size, manifest.image_size), np.float32)
+    assert all(v.shape[0] == 2 for v in runtime.run(batch).values())
+    with pytest.raises(ArtifactMismatchError, match="model.onnx: size mismatch"):
+        manifest.read_verified(export_dir, ["model.onnx"])

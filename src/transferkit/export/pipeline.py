@@ -75,6 +75,7 @@ class FormatResult:
     files: list[Path] = field(default_factory=list)  # every file of the artifact (OpenVINO: .xml and .bin)
     measured: Measurement | None = None  # throughput after verify passed, with the fastest runtime options
     tuning: list[dict[str, Any]] = field(default_factory=list)  # every runtime option measured
+    records: dict[str, FileRecord] = field(default_factory=dict)  # each file's size and sha256 as verified
 
     @property
     def details(self) -> dict[str, Any]:
@@ -287,7 +288,14 @@ def _verify_one(
     start = time.perf_counter()
     runtime = None
     try:
-        runtime = _verification_runtime(row, result.format, result.precision, device).load(export_dir, manifest)
+        # the bytes verified are the bytes hashed: read once, checked against the record just made, loaded from
+        # memory, and that record is the one the manifest keeps (_record)
+        verified = manifest.read_verified(export_dir, [f.name for f in result.files])
+        result.records = {name: manifest.files[name] for name in verified}
+        runtime = _verification_runtime(row, result.format, result.precision, device).load(
+            export_dir, manifest, verified
+        )
+        del verified
         logits = verify.runtime_logits(runtime, inputs.batch)
         tolerance = options.tolerance(row, result.precision)
         report = verify.compare(reference, logits, inputs, result.precision, tolerance)
@@ -335,7 +343,7 @@ def _record(manifest: Manifest, row: ExportFormat, result: FormatResult) -> Mani
     entry = _entry(row, result)
     records: dict[str, FileRecord | None] = {}
     for path in result.files:
-        records[path.name] = FileRecord.of(path) if path.is_file() else None
+        records[path.name] = result.records.get(path.name) or (FileRecord.of(path) if path.is_file() else None)
     if not result.files:
         records.update({name: None for name in entry.files})
     return manifest.with_artifact(entry, records)

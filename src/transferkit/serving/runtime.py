@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +45,7 @@ class Runtime(ABC):
         self.threads: int | None = None  # intra-op threads (None: the engine's default, usually every core)
         self.options: RuntimeOptions | None = None  # None: the options export measured fastest (the entry's)
         self.selected_because = ""  # why select_runtime chose this artifact (the server logs it)
+        self.verified: dict[str, bytes] = {}  # while loading: the checked bytes of the artifact's files (load)
 
     @classmethod
     def option_candidates(cls) -> list[RuntimeOptions]:
@@ -61,7 +63,10 @@ class Runtime(ABC):
         devices = FORMAT_SPECS[cls.format].devices
         return devices[0] if len(devices) == 1 else "cpu"
 
-    def load(self, export_dir: str | Path, manifest: Manifest) -> Runtime:
+    def load(self, export_dir: str | Path, manifest: Manifest, verified: Mapping[str, bytes] | None = None) -> Runtime:
+        """Load the artifact. `verified` (Manifest.read_verified): its files' bytes, already checked against
+        their sha256; runtimes that can load from memory (ONNX Runtime, OpenVINO) load exactly those, so a file
+        swapped after the check is never run; the others load from the path."""
         entry = manifest.artifacts[self.artifact]
         path = Path(export_dir) / entry.file
         if not path.is_file():
@@ -70,7 +75,11 @@ class Runtime(ABC):
         self.image_size = manifest.image_size
         if self.options is None:
             self.options = entry.runtime_options
-        self._load(path, entry)
+        self.verified = dict(verified or {})
+        try:
+            self._load(path, entry)
+        finally:
+            self.verified = {}  # the runtime holds its own copy now
         return self
 
     @abstractmethod
@@ -149,7 +158,9 @@ class OnnxRuntime(Runtime):
 
         available = ort.get_available_providers()
         providers = self.providers or [p for p in (self.GPU_PROVIDER, "CPUExecutionProvider") if p in available]
-        self.session = onnx_session(path, providers, self.threads)
+        # from the checked bytes when there are no external-data files beside the graph to resolve by path
+        source = self.verified.get(entry.file) if len(entry.files) == 1 else None
+        self.session = onnx_session(source or path, providers, self.threads)
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise TransferkitError(f"{path}: inputs {names}, expected [{INPUT_NAME!r}]")
@@ -294,7 +305,12 @@ class OpenVinoRuntime(Runtime):
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(str(path))  # reads the .bin of the same stem
+        xml = self.verified.get(entry.files[0])
+        weights = self.verified.get(entry.files[1]) if len(entry.files) > 1 else None
+        if xml is not None and weights is not None:  # the checked bytes of the .xml and the .bin
+            model = core.read_model(model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+        else:
+            model = core.read_model(str(path))  # reads the .bin of the same stem
         names = [i.get_any_name() for i in model.inputs]
         if names != [INPUT_NAME]:
             raise TransferkitError(f"{path}: inputs {names}, expected [{INPUT_NAME!r}]")

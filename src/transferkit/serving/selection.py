@@ -134,10 +134,9 @@ def select_runtime(name: str, manifest: Manifest, export_dir: str | Path | None 
 def load_runtime(
     name: str, export_dir: str | Path, manifest: Manifest, threads: int | None = None, check_files: bool = False
 ) -> Runtime:
-    """Select and load a runtime. `check_files`: check the artifact's files against the manifest's sha256
-    first (serving does, so a file changed after export is never loaded)."""
+    """Select and load a runtime. `check_files`: read the artifact's files once, check them against the
+    manifest's sha256 and load those bytes (serving does, so a file changed after export is never loaded)."""
     runtime = select_runtime(name, manifest, export_dir)
-    if check_files:
-        manifest.check_files(export_dir, names=manifest.artifacts[runtime.artifact].files)
+    verified = manifest.read_verified(export_dir, manifest.artifacts[runtime.artifact].files) if check_files else None
     runtime.threads = threads
-    return runtime.load(export_dir, manifest)
+    return runtime.load(export_dir, manifest, verified)
