@@ -77,7 +77,8 @@ class Scorer:
         chosen = select_runtime(runtime, self.manifest, export_dir)
         self.artifact = chosen.artifact
         entry = self.manifest.artifacts[self.artifact]
-        self.manifest.check_files(export_dir, names=entry.files)  # never load a file changed after export
+        # read once and checked: every stream loads these bytes, never a file changed after export
+        verified = self.manifest.read_verified(export_dir, entry.files)
         cores = cpu_count()
         if streams is None:  # one per core, never more than the threads asked for
             streams = 1 if type(chosen).device_kind(entry) == "gpu" else min(cores, threads or cores)
@@ -89,7 +90,8 @@ class Scorer:
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # the runtimes not running a batch right now
         for loaded in runtimes:
             loaded.threads = per_stream
-            self._free.put(loaded.load(export_dir, self.manifest))
+            self._free.put(loaded.load(export_dir, self.manifest, verified))
+        del verified
         self.runtime = runtimes[0]
         self.pre = Preprocessing.from_dict(self.manifest.preprocessing)
         self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
