@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.transferkit-installed
 
-.PHONY: demo test docker-test setup assets tools clients clean lint
+.PHONY: demo test docker-test setup assets tools clients clean lint audit
 
 setup: $(STAMP) assets tools clients
 
@@ -51,6 +51,15 @@ docker-test: setup
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Known vulnerabilities in the installed packages (pip-audit, in a venv of its own, against PyPI's advisory data).
+# --strict: a package that cannot be audited fails the run, so a machine without PyPI's JSON API (the index
+# mirrors of these build machines have none) reports that rather than a vacuous "no known vulnerabilities".
+# docs/security.md triages the findings.
+AUDIT_VENV := .venv-audit
+audit: $(STAMP)
+	test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install -q pip-audit==2.10.1; }
+	$(AUDIT_VENV)/bin/pip-audit --strict --progress-spinner off --path $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 clean:
 	rm -rf runs .pytest_cache
