@@ -273,3 +273,31 @@ def test_csv_cells_that_would_run_as_spreadsheet_formulas_are_neutralised(export
     with open(tmp_path / "p.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["path"] == "'=HYPERLINK(1).png" and row["error"] == ""
+
+
+def test_a_resumed_job_whose_inputs_changed_since_is_refused_not_shifted(exported, photos, tmp_path, monkeypatch):
+    """Rows are resumed by position: a folder that lost a file in between would put every later answer on the
+    wrong file. The last committed row's path is checked against the input at its position."""
+    import shutil
+
+    from transferkit.scoring import output
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(["digit0.png", "digit1.png", "digit2.png"] * 2):
+        shutil.copy(photos / name, folder / f"{i}.png")
+    out = tmp_path / "p.parquet"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.PartWriter, "finish", interrupted)  # stops after every part is committed
+    with pytest.raises(KeyboardInterrupt):
+        score(exported[0], [str(folder)], out, top_k=1, batch_size=2, part_rows=2)
+    monkeypatch.undo()
+    (folder / "0.png").unlink()
+    with pytest.raises(ConfigError, match=r"the inputs changed since the interrupted run: its row 6 was .*5\.png"):
+        score(exported[0], [str(folder)], out, top_k=1, batch_size=2, part_rows=2)
+    shutil.copy(photos / "digit0.png", folder / "0.png")  # as it was: the same command resumes
+    summary = score(exported[0], [str(folder)], out, top_k=1, batch_size=2, part_rows=2)
+    assert summary.resumed == 6 and pq.read_table(out).num_rows == 6

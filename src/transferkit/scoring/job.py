@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from transferkit.errors import ConfigError
 from transferkit.scoring.engine import Scorer, local_batches, open_export, start_decoders
 from transferkit.scoring.output import PartWriter, check_output, schema
-from transferkit.scoring.sources import iter_items, open_sources
+from transferkit.scoring.sources import Item, iter_items, open_sources
 from transferkit.serving.settings import cpu_count
 
 BATCH_SIZE = 64
@@ -199,13 +199,16 @@ def _write(
     }
     writer = PartWriter(out, schema(heads, with_truth), job)
     summary = Summary(artifact=scorer.artifact, out=out)
+    last_path = None
     for table in writer.tables():  # an interrupted run's rows count in the summary
-        summary.add(table.to_pylist(), heads)
+        rows = table.to_pylist()
+        summary.add(rows, heads)
+        last_path = rows[-1]["path"] if rows else last_path
     summary.resumed = summary.images
     total = sum(s.count() for s in sources)
     bar = Progress(total, summary.resumed, enabled=progress)
     start = time.monotonic()
-    items = itertools.islice(iter_items(sources), summary.resumed, None)
+    items = _resumed_items(iter_items(sources), summary.resumed, last_path, writer.parts_dir)
     pending: list[dict[str, Any]] = []
     for rows in local_batches(scorer, items, batch_size, decoders, workers, top_k, with_truth):
         pending += rows
@@ -220,6 +223,20 @@ def _write(
     summary.seconds = time.monotonic() - start
     bar.close(summary.images)
     return summary
+
+
+def _resumed_items(items: Iterator[Item], done: int, last_path: str | None, parts_dir: Path) -> Iterator[Item]:
+    """The inputs after the `done` rows an interrupted run committed, once the last of those is checked to be
+    the same input now: rows are skipped by position, so a folder that changed in between would otherwise shift
+    every later row onto the wrong file without a word."""
+    if done:
+        now = next(itertools.islice(items, done - 1, None), None)
+        if now is None or now.path != last_path:
+            raise ConfigError(
+                f"the inputs changed since the interrupted run: its row {done} was {last_path}, the same position "
+                f"is now {now.path if now else 'past the end'}; delete {parts_dir} to score them from the start"
+            )
+    return items
 
 
 def _ray(
