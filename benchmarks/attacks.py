@@ -11,16 +11,22 @@ first gives the unloaded figures. Per attack: what the attackers were answered, 
 and worst latency and its p99 over the unloaded p99 (goal: at most 2x), 5xx answers to anyone, worker
 restarts, and the server's peak resident memory (all its processes) against the pod's limit in the
 Kubernetes manifests. `--before-src` also runs the same attacks against another checkout's server (its
-`src` folder put first on the server's PYTHONPATH), for a before/after table from one run.
+`src` folder as the server's PYTHONPATH: its own command line and defaults), for a before/after table from
+one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -31,57 +37,73 @@ from provenance import command_line, commit, write_report  # noqa: E402
 
 from tests.serving import hostile  # noqa: E402
 from transferkit.machine import Machine, load_average  # noqa: E402
-from transferkit.serving import start_server  # noqa: E402
 from transferkit.serving.k8s import K8sOptions  # noqa: E402
+from transferkit.serving.processes import free_port  # noqa: E402
 
 
 def ms(seconds: float) -> str:
     return f"{1000 * seconds:.0f}"
 
 
+@contextlib.contextmanager
+def serving(run: str, workers: int, log: Path, src: str | None):
+    """`transferkit serve RUN` on a free port (the checkout at `src` when given: its own CLI and flags) until
+    it answers /readyz -> (url, process); SIGTERM at the end."""
+    port = free_port()
+    env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
+    cmd = [sys.executable, "-m", "transferkit", "serve", run, "--port", str(port), "--workers", str(workers)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start; see {log}")
+            time.sleep(0.25)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
 def measure(args, label: str, src: str | None) -> list[str]:
     """One server (this checkout's, or `src`'s): the unloaded client, then every attack -> table rows."""
-    env_before = os.environ.get("PYTHONPATH")
-    if src:
-        os.environ["PYTHONPATH"] = src + (os.pathsep + env_before if env_before else "")
     pod_limit = int(K8sOptions().memory_for("onnxruntime").removesuffix("Mi"))
     rows = []
-    try:
-        log = Path(args.work) / f"serve-{label}.log"
-        with start_server(args.run, port=None, log_path=log, workers=args.workers) as server:
-            model = server.tag.split(":")[0]
-            with hostile.ServerWatch(server.process.pid) as watch:
-                workers = {p.pid for p in watch.tree()}
-                with hostile.NormalClient(server.url) as alone:
-                    time.sleep(args.seconds)
-                base_p99 = alone.percentile(99)
+    with serving(args.run, args.workers, Path(args.work) / f"serve-{label}.log", src) as (url, proc):
+        files = {"image": ("d.png", hostile.digit_png(), "image/png")}
+        model = httpx.post(url + "/predict", files=files).json()["model"].split(":")[0]
+        with hostile.ServerWatch(proc.pid) as watch:
+            workers = {p.pid for p in watch.tree()}
+            with hostile.NormalClient(url) as alone:
+                time.sleep(args.seconds)
+            base_p99 = alone.percentile(99)
+            rows.append(
+                f"| {label} | none (the normal client alone) | - | - | {ms(alone.percentile(50))} | "
+                f"{ms(base_p99)} | {ms(max(alone.latencies))} | 1.00x | 0 | 0 | {watch.peak_rss >> 20} |"
+            )
+            print(rows[-1], flush=True)
+            for name, (attack, size) in hostile.attacks(hostile.Payloads()).items():
+                watch.peak_rss = 0
+                with hostile.NormalClient(url) as normal:
+                    with hostile.Attackers(attack, url, model, args.attackers, args.seconds) as attackers:
+                        pass
+                answers = ", ".join(f"{s}: {n}" for s, n in sorted(attackers.statuses.items(), key=str))
+                errors = sum(n for s, n in attackers.statuses.items() if str(s).startswith("5"))
+                errors += sum(n for s, n in normal.statuses.items() if s != 200)
+                restarts = len({p.pid for p in watch.tree()} - workers)
+                p99 = normal.percentile(99)
                 rows.append(
-                    f"| {label} | none (the normal client alone) | - | - | {ms(alone.percentile(50))} | "
-                    f"{ms(base_p99)} | {ms(max(alone.latencies))} | 1.00x | 0 | 0 | {watch.peak_rss >> 20} |"
+                    f"| {label} | {name} | {size / 1024:,.1f} KB | {answers} | {ms(normal.percentile(50))} | "
+                    f"{ms(p99)} | {ms(max(normal.latencies))} | {p99 / base_p99:.2f}x | {errors} | {restarts} | "
+                    f"{watch.peak_rss >> 20} |"
                 )
                 print(rows[-1], flush=True)
-                for name, (attack, size) in hostile.attacks(hostile.Payloads()).items():
-                    watch.peak_rss = 0
-                    with hostile.NormalClient(server.url) as normal:
-                        with hostile.Attackers(attack, server.url, model, args.attackers, args.seconds) as attackers:
-                            pass
-                    answers = ", ".join(f"{s}: {n}" for s, n in sorted(attackers.statuses.items(), key=str))
-                    errors = sum(n for s, n in {**attackers.statuses, **normal.statuses}.items() if str(s)[0] == "5")
-                    errors += sum(n for s, n in normal.statuses.items() if s != 200)
-                    restarts = len({p.pid for p in watch.tree()} - workers)
-                    p99 = normal.percentile(99)
-                    rows.append(
-                        f"| {label} | {name} | {size / 1024:,.1f} KB | {answers} | {ms(normal.percentile(50))} | "
-                        f"{ms(p99)} | {ms(max(normal.latencies))} | {p99 / base_p99:.2f}x | {errors} | {restarts} | "
-                        f"{watch.peak_rss >> 20} |"
-                    )
-                    print(rows[-1], flush=True)
-    finally:
-        if src:
-            if env_before is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = env_before
     rows.append(f"| {label} | (the pod's memory limit in the manifests: {pod_limit} MiB) | | | | | | | | | |")
     return rows
 

@@ -192,8 +192,10 @@ def test_outputs_named_twice_or_past_the_bound_are_refused_before_any_work(clien
     name = model["meta"]["outputs"][0]["name"]
     response = _infer(client, model["name"], good, outputs=[{"name": name}, {"name": name}])
     assert response.status_code == 400 and f"output {name!r} is requested twice" in response.json()["error"]
-    response = _infer(client, model["name"], good, outputs=[{"name": name}] * 200_000)
-    assert response.status_code == 400 and "200000 entries, over 64" in response.json()["error"]
+    response = _infer(client, model["name"], good, outputs=[{"name": name}] * 200_000)  # refused before parsing
+    assert response.status_code == 400 and "names more than 256 inputs and outputs" in response.json()["error"]
+    response = _infer(client, model["name"], good, outputs=[{"name": name}] * 100)
+    assert response.status_code == 400 and "100 entries, over 64" in response.json()["error"]
     every = [{"name": o["name"]} for o in model["meta"]["outputs"]]
     assert _infer(client, model["name"], good, outputs=every).status_code == 200  # each once: answered
 

@@ -41,6 +41,9 @@ MAX_JSON_BYTES = 8 << 20
 # A model answers three outputs per head; a request naming more than this many is refused before they are read
 # (the model's own count, and duplicates, are checked where the model is known: v2_routes._wanted).
 MAX_REQUESTED_OUTPUTS = 64
+# "name" keys a request may hold before it is parsed: its outputs, its inputs, and room for BYTES data that happen
+# to read "name" (valid base64), at most one per image
+MAX_NAMED_OBJECTS = 4 * MAX_REQUESTED_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,14 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
     """The body of POST .../infer -> InferRequest, with each input's data as numpy or a list of bytes. A BYTES
     input of more than `max_images` elements is refused (413) before its elements are read."""
     json_part, binary = _split(body, header_length)
+    # every input and output object has a "name" key: far more of them than a request can use is refused before
+    # the JSON is parsed (orjson holds the GIL while it builds 200,000 objects); bytes.count is a memchr-fast scan
+    if json_part.count(b'"name"') > MAX_NAMED_OBJECTS:
+        raise ClientError(
+            400,
+            f'the request names more than {MAX_NAMED_OBJECTS} inputs and outputs; name each output once '
+            f"(at most {MAX_REQUESTED_OUTPUTS})",
+        )
     if len(json_part) > MAX_JSON_BYTES:
         raise ClientError(
             413,
