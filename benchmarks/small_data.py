@@ -5,7 +5,8 @@ class? Prints a table and writes docs/small_data.md with the command and the com
     python benchmarks/small_data.py [--cells fashion2:224:50,fashion:32:400,...] [--batches 8,16,32,64,128]
         [--epochs 3] [--timm-train PATH/train.py] [--ablation] [--out docs/small_data.md]
 
-A cell is DATASET:IMAGE_SIZE:IMAGES_PER_CLASS. Datasets, all real and shipped in packages:
+A cell is DATASET:IMAGE_SIZE:IMAGES_PER_CLASS[@BATCHES] (its own sweep, for a cell whose runs are long).
+Datasets, all real and shipped in packages:
   fashion   Fashion-MNIST, 10 classes (Debian's dataset-fashion-mnist)
   fashion2  Fashion-MNIST's Sneaker and Ankle boot: two classes, as a user's first photo set often has
   digits    scikit-learn's UCI optical digits, 10 classes (at most 100 images per class here)
@@ -58,7 +59,7 @@ DATASETS = {  # name -> (loader, classes kept or None for all, val and test imag
 }
 DEFAULT_CELLS = (
     "fashion:32:50,fashion:32:100,fashion:32:400,digits:32:50,digits:32:100,"
-    "fashion2:224:50,fashion2:224:100,fashion2:224:400,fashion:32:2000"
+    "fashion2:224:50,fashion2:224:100,fashion2:224:400,fashion:32:2000@32,64,128"
 )
 
 
@@ -196,12 +197,13 @@ def pct(x: float) -> str:
 
 def sweep_table(cells: list[str], args, work: Path, timm, report) -> tuple[list[str], list[dict]]:
     """The comparison, one row per cell; `report(rows)` after each, so a stopped run keeps what it measured."""
-    batches = [int(b) for b in args.batches.split(",")]
     head = "| cell | train images | default: batch, steps | default test % | sweep best (batch) | default - best |"
     head += " timm test % | default - timm |" if timm else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     records = []
     for cell in cells:
+        cell, _, own = cell.partition("@")  # CELL@B1,B2,...: a smaller sweep where a large cell's runs are long
+        batches = [int(b) for b in (own or args.batches).split(",")]
         dataset, size, per_class = cell.split(":")
         size, per_class = int(size), int(per_class)
         folder = write_cell(work, dataset, per_class)
@@ -218,7 +220,7 @@ def sweep_table(cells: list[str], args, work: Path, timm, report) -> tuple[list[
         best_b = max(sweep, key=lambda b: sweep[b]["test"])
         record = {"cell": cell, "default": default, "sweep": {str(b): r for b, r in sweep.items()}, "best": best_b}
         row = (
-            f"| {cell} | {sum(1 for _ in (folder / 'train').rglob('*.png'))} | {default['batch']}, {default['steps']} "
+            f"| {cell}{f' (sweep {own})' if own else ''} | {sum(1 for _ in (folder / 'train').rglob('*.png'))} | {default['batch']}, {default['steps']} "
             f"| {pct(default['test'])} | {pct(sweep[best_b]['test'])} ({best_b}) "
             f"| {100 * (default['test'] - sweep[best_b]['test']):+.1f} |"
         )
