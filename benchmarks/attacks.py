@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,22 +110,41 @@ def measure(args, label: str, src: str | None) -> list[str]:
     return rows
 
 
+def throughput(args, label: str, src: str | None) -> str:
+    """The normal load the bounds must not slow: `hey` posting the 32x32 PNG as a raw body at 64 clients."""
+    body = Path(args.work) / "digit.png"
+    body.write_bytes(hostile.digit_png())
+    with serving(args.run, args.workers, Path(args.work) / f"serve-{label}-load.log", src) as (url, _):
+        cmd = ["hey", "-n", str(args.load_requests), "-c", "64", "-m", "POST", "-T", "image/png", "-D", str(body)]
+        subprocess.run([*cmd[:2], "500", *cmd[3:], url + "/predict"], capture_output=True, check=True)  # warm-up
+        out = subprocess.run([*cmd, url + "/predict"], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = float(re.search(r"99% in ([\d.]+) secs", out).group(1))
+    codes = ", ".join(f"{code}: {n}" for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    return f"| {label} | {rps:,.0f} | {1000 * p99:.0f} | {codes} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="an exported run")
     ap.add_argument("--attackers", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--load-requests", type=int, default=5000, help="requests of the normal-load row (hey)")
     ap.add_argument("--before-src", help="another checkout's src/ to measure first (before)")
     ap.add_argument("--work", default="/tmp/transferkit-attacks")
     ap.add_argument("--out", default=str(ROOT / "docs" / "security_attacks.md"))
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     load_before = load_average()
-    rows = []
+    rows, load = [], []
     if args.before_src:
         rows += measure(args, "before", str(Path(args.before_src).resolve()))
     rows += measure(args, "this commit", None)
+    if shutil.which("hey"):
+        if args.before_src:
+            load.append(throughput(args, "before", str(Path(args.before_src).resolve())))
+        load.append(throughput(args, "this commit", None))
     header = (
         "| server | attack | attacker's bytes per request | attackers' answers (status: count; 0 = connection "
         "closed) | normal p50 ms | normal p99 ms | normal worst ms | p99 vs unloaded | 5xx or failed normal "
@@ -144,6 +165,16 @@ def main() -> None:
         "|" + "---|" * (header.count("|") - 1),
         *rows,
     ]
+    if load:
+        lines += [
+            "",
+            f"The normal load these bounds must not slow: `hey -n {args.load_requests} -c 64` posting the 32x32 PNG "
+            "as a raw body, after 500 requests of warm-up, each server alone on the machine.",
+            "",
+            "| server | req/s | p99 ms | statuses |",
+            "|---|--:|--:|---|",
+            *load,
+        ]
     write_report(args.out, lines)
 
 
