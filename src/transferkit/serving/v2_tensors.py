@@ -96,7 +96,7 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
     if json_part.count(b'"name"') > MAX_NAMED_OBJECTS:
         raise ClientError(
             400,
-            f'the request names more than {MAX_NAMED_OBJECTS} inputs and outputs; name each output once '
+            f"the request names more than {MAX_NAMED_OBJECTS} inputs and outputs; name each output once "
             f"(at most {MAX_REQUESTED_OUTPUTS})",
         )
     if len(json_part) > MAX_JSON_BYTES:

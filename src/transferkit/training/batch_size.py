@@ -49,7 +49,9 @@ def choose(images: int, epochs: int, memory_batch: int) -> tuple[int, str]:
     cap = data_cap(images, epochs)
     batch = min(cap, memory_batch)
     per_epoch, total = steps(images, batch), steps(images, batch, epochs)
-    floor = f"at least {MIN_STEPS_PER_EPOCH} steps an epoch and {MIN_TOTAL_STEPS} in all, batch {MIN_DATA_BATCH} at the least"
+    floor = (
+        f"aiming at {MIN_STEPS_PER_EPOCH} steps an epoch and {MIN_TOTAL_STEPS} in all, no lower than {MIN_DATA_BATCH}"
+    )
     if per_epoch < MIN_STEPS_PER_EPOCH or total < MIN_TOTAL_STEPS:
         floor += f"; not reached at batch {batch}: more --epochs would help"
     return batch, (
