@@ -73,7 +73,18 @@ def bentoml_requirement() -> str:
 
 # uvloop and httptools: uvicorn's fast event loop and HTTP parser (serving/stack.py), and orjson for the v2
 # protocol's JSON (serving/v2_tensors.py): in the image as in the venv
-COMMON_PACKAGES = ("numpy>=1.26", "pillow>=10", "httpx>=0.27", "uvloop>=0.19", "httptools>=0.6", "orjson>=3.9")
+# The floors past known flaws, as in pyproject.toml (docs/security.md); starlette and python-multipart come with
+# BentoML, named here because the serving code imports them
+COMMON_PACKAGES = (
+    "numpy>=1.26",
+    "pillow>=10.3",
+    "httpx>=0.27",
+    "uvloop>=0.19",
+    "httptools>=0.6",
+    "orjson>=3.9.15",
+    "starlette>=0.40",
+    "python-multipart>=0.0.18",
+)
 # Per runtime, its Python packages only (`--runtime openvino` leaves onnxruntime out: serving imports an engine only
 # when it loads an artifact). GPU serving (onnxruntime-gpu, tensorrt) needs a CUDA base image and is not offered
 # here; the two onnxruntime packages share one module name and never go in one environment.
