@@ -53,9 +53,10 @@ class PredictInputs:
     names: list[str]  # how each image is named in error messages: image, images[2], ...
 
 
-# A body must keep arriving: after BODY_GRACE_S, at BODY_MIN_RATE bytes a second on average, or 408. A client that
-# sends a byte now and then (slowloris) holds its admission slot for about BODY_GRACE_S, not the whole deadline.
-BODY_GRACE_S = 2.0
+# A body must keep arriving: after BODY_GRACE_S, at BODY_MIN_RATE bytes a second on average, or 408. The grace lets a
+# client on a poor link stall for a few seconds; a client that sends a byte now and then (slowloris) holds its
+# admission slot for about BODY_GRACE_S, not the whole request deadline.
+BODY_GRACE_S = 4.0
 BODY_MIN_RATE = 64 << 10
 
 

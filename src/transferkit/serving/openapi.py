@@ -21,7 +21,7 @@ _STATUSES = {
     "400": "Malformed request: missing or unknown field, bad top_k, invalid base64, or an empty, corrupt or "
     "truncated image",
     "401": "API key required (`Authorization: Bearer <key>`) and missing or wrong; only when the server has a key",
-    "408": "The request body arrived too slowly (under 64 KB/s after 2 s); send it at once",
+    "408": "The request body arrived too slowly (under 64 KB/s after 4 s); send it at once",
     "413": "Request body over the upload limit, an image over the pixel limit, or more images than the limit",
     "415": "Body neither multipart/form-data, application/json nor a raw image/jpeg, image/png or image/webp "
     "body, or an image that is not JPEG, PNG or WebP",

@@ -85,7 +85,7 @@ _STATUSES = {
     "an empty, corrupt or truncated image",
     "401": "API key required (`Authorization: Bearer <key>`) and missing or wrong; only when the server has a key",
     "404": "Unknown model name or version",
-    "408": "The request body arrived too slowly (under 64 KB/s after 2 s); send it at once",
+    "408": "The request body arrived too slowly (under 64 KB/s after 4 s); send it at once",
     "413": "Body over the upload limit (also once decompressed), an image over the pixel limit, or too many images",
     "415": "An image other than JPEG, PNG or WebP, or a Content-Encoding other than gzip or deflate",
     "500": "Unexpected server error; the message names the request id under which the server logged it",
