@@ -331,22 +331,33 @@ def test_an_image_over_the_models_pixel_limit_is_refused_before_it_is_decoded(
 
 
 def test_an_image_is_decoded_on_the_event_loop_only_when_its_header_says_it_is_small(client, live_service, monkeypatch):
-    """The decision is taken from the pixels declared, not the bytes: 1500x1500 in a few KB goes to a decode thread."""
+    """The decision is taken from the pixels declared, not the bytes: 1500x1500 in a few KB goes to a decode thread,
+    and, being over a megapixel, to the one of lower CPU priority, so it takes the CPU others leave."""
+    import os
     import threading
 
-    threads = []
+    seen = []
     real = live_service._pixels
-    monkeypatch.setattr(
-        live_service,
-        "_pixels",
-        lambda image, name: (threads.append(threading.current_thread().name), real(image, name))[1],
-    )
+
+    def recording(image, name):
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen.append((threading.current_thread().name, nice))
+        return real(image, name)
+
+    monkeypatch.setattr(live_service, "_pixels", recording)
     small = encode(Image.new("RGB", (64, 64), (0, 90, 0)), "PNG")
+    medium = encode(Image.new("RGB", (600, 600), (0, 90, 0)), "PNG")
     large = encode(Image.new("RGB", (1500, 1500), (0, 90, 0)), "WEBP", lossless=True)
     assert len(large) < 16 << 10  # once decoded inline by its size in bytes
-    assert _post(client, "s.png", small, "image/png").status_code == 200
-    assert _post(client, "l.webp", large, "image/webp").status_code == 200
-    assert not threads[0].startswith("transferkit-decode") and threads[1].startswith("transferkit-decode")
+    for name, data, mime in (
+        ("s.png", small, "image/png"),
+        ("m.png", medium, "image/png"),
+        ("l.webp", large, "image/webp"),
+    ):
+        assert _post(client, name, data, mime).status_code == 200
+    (inline, _), (pooled, pooled_nice), (bulk, bulk_nice) = seen
+    assert not inline.startswith("transferkit-decode") and pooled.startswith("transferkit-decode_")
+    assert bulk.startswith("transferkit-decode-bulk") and bulk_nice == pooled_nice + 10
 
 
 def test_a_pixel_flood_that_no_worker_could_hold_is_413_and_a_full_byte_budget_is_503(client, images, live_service):

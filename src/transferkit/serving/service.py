@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,18 @@ _log_like_bentoml()
 INLINE_DECODE_PIXELS = 256 * 256
 # Memory a decode holds per pixel, for the byte budget: the decoded image (up to 4 bands) and its RGB conversion
 DECODE_BYTES_PER_PIXEL = 7
+# Above this (as decoded: a camera JPEG drafts below it), an image is decoded at a lower CPU priority (_nicer)
+BULK_DECODE_PIXELS = 1024 * 1024
+BULK_NICENESS = 10
+
+
+def _nicer() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads apart: nice is per thread there)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the same priority as the other threads
+        pass
+
 
 SETTINGS = ServingSettings.from_env()
 MODEL_TAG = SETTINGS.model or getattr(bentoml.use_arguments(), "model", None) or ""
@@ -154,6 +168,9 @@ class TransferkitService:
         self.decode_pool = ThreadPoolExecutor(
             max(2, SETTINGS.resolved_threads), thread_name_prefix="transferkit-decode"
         )
+        # Images of more than BULK_DECODE_PIXELS decode one at a time in a thread of lower CPU priority: a client
+        # sending large (valid) images gets the CPU the others leave, instead of taking it from them
+        self.bulk_pool = ThreadPoolExecutor(1, thread_name_prefix="transferkit-decode-bulk", initializer=_nicer)
         s = self.pre.image_size
         for n in sorted({1, SETTINGS.max_batch}):  # first calls at a new batch size allocate: do them now
             self._run_batch(np.zeros((n, s, s, 3), np.uint8))
@@ -176,6 +193,7 @@ class TransferkitService:
     def _release(self) -> None:
         self.batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.bulk_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run_batch(self, batch: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
         """uint8 (B,S,S,3) pixels or float32 (B,3,S,S) model input -> per head, (head, RANKED): the (B, C)
@@ -227,8 +245,9 @@ class TransferkitService:
         if len(opened) == 1 and opened[0].width * opened[0].height <= INLINE_DECODE_PIXELS:
             return self._pixels(opened[0], names[0])[None]  # cheaper than the hop to a decode thread and back
         loop = asyncio.get_running_loop()
+        pools = [self.bulk_pool if i.width * i.height > BULK_DECODE_PIXELS else self.decode_pool for i in opened]
         pixels = await asyncio.gather(
-            *(loop.run_in_executor(self.decode_pool, self._pixels, image, name) for image, name in zip(opened, names))
+            *(loop.run_in_executor(pool, self._pixels, i, name) for pool, i, name in zip(pools, opened, names))
         )
         return np.stack(pixels)
 
