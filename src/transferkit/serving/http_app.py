@@ -123,6 +123,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(status, str(getattr(exc, "detail", "") or exc), request_id(request), getattr(exc, "headers", None))
 
 
+# A request's headers: a client needs a dozen; hundreds cost every middleware behind this one their parsing and
+# copying, for any route (431 Request Header Fields Too Large before anything else runs)
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 << 10
+
+
 class InferenceFastPath:
     """ASGI middleware that answers POST /predict and every /v2 route (the Open Inference Protocol) itself and
     passes every other request on. The service puts it in front of everything BentoML wraps around its app
@@ -139,8 +145,14 @@ class InferenceFastPath:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        if path == "/predict" and scope["method"] == "POST":
+        path, headers = scope["path"], scope["headers"]
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            response = error(
+                431,
+                f"more than {MAX_HEADERS} headers or {MAX_HEADER_BYTES >> 10} KB of them",
+                request_id(Request(scope)),
+            )
+        elif path == "/predict" and scope["method"] == "POST":
             response = await predict(Request(scope, receive))
         elif scope["method"] == "POST" and path.startswith("/v2/models/") and path.endswith("/infer"):
             response = await v2_routes.infer_path(Request(scope, receive), path)

@@ -202,8 +202,9 @@ async def _infer(request: Request, service: Any, admission: Any, rid: str) -> Re
     headers = request.headers
     body = await read_body(request.stream(), headers.get("content-length"), MAX_UPLOAD_BYTES, admission.add_bytes)
     encoding = headers.get("content-encoding")
-    if encoding and encoding.strip().lower() != "identity":  # up to 20 MB inflated: in a thread, off the loop
-        body = await asyncio.to_thread(decompress, body, encoding, MAX_UPLOAD_BYTES)
+    if encoding and encoding.strip().lower() != "identity":  # up to 20 MB inflated: off the loop, at low priority
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(service.bulk_pool, decompress, body, encoding, MAX_UPLOAD_BYTES)
         admission.add_bytes(len(body))  # the inflated copy is memory this request holds too
     header_length = headers.get(HEADER_LENGTH)
     if len(body) < LARGE_BODY:
