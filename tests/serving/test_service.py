@@ -367,7 +367,7 @@ def test_a_pixel_flood_that_no_worker_could_hold_is_413_and_a_full_byte_budget_i
     files = [("images", (f"{i}.webp", flood, "image/webp")) for i in range(32)]
     response = client.post("/predict", files=files)
     assert response.status_code == 413, response.text
-    assert "more than a worker holds for all requests (128 MB)" in response.json()["error"]
+    assert "more than a worker holds for all requests (128 MB, passed at images[4])" in response.json()["error"]
     with live_service.batcher.admit(1) as other:  # another request holds all but 1 MB of the budget
         other.add_bytes(live_service.batcher.max_bytes - (1 << 20))
         response = _post(client, "w.webp", encode(Image.new("RGB", (1000, 1000), (5, 5, 90)), "WEBP"), "image/webp")

@@ -232,15 +232,17 @@ class TransferkitService:
         is read and checked first, so an image over the limit is refused before any other is decoded; then the
         memory their decode takes is reserved in the worker's byte budget (`admission`, batcher.py): 503 when
         other requests hold it, 413 when this request alone needs more than the whole budget."""
-        opened = [self._open(data, name) for data, name in zip(images, names)]
-        if admission is not None:
-            cost = sum(DECODE_BYTES_PER_PIXEL * image.width * image.height for image in opened)
-            if cost > self.batcher.max_bytes:
+        opened, cost = [], 0
+        for data, name in zip(images, names):  # stops at the first header that puts the request past the budget
+            opened.append(self._open(data, name))
+            cost += DECODE_BYTES_PER_PIXEL * opened[-1].width * opened[-1].height
+            if admission is not None and cost > self.batcher.max_bytes:
                 raise ClientError(
                     413,
-                    f"decoding these {len(opened)} images takes {cost >> 20} MB, more than a worker holds for all "
-                    f"requests ({self.batcher.max_bytes >> 20} MB); send fewer or smaller images",
+                    f"decoding these {len(images)} images takes more than a worker holds for all requests "
+                    f"({self.batcher.max_bytes >> 20} MB, passed at {name}); send fewer or smaller images",
                 )
+        if admission is not None:
             admission.add_bytes(cost)
         if len(opened) == 1 and opened[0].width * opened[0].height <= INLINE_DECODE_PIXELS:
             return self._pixels(opened[0], names[0])[None]  # cheaper than the hop to a decode thread and back
