@@ -287,7 +287,7 @@ def main() -> None:
         lines = [
             "# Small datasets under the default settings",
             "",
-            f"Command: `{command_line()}` at commit {commit()} ({(time.time() - started) / 60:.0f} minutes; runs "
+            f"Command: `{command_line()}` at commit {commit()} ({(time.time() - started) / 60:.0f} min; runs "
             "already finished in --work by an earlier invocation at the same training code are reused). "
             f"Machine: {Machine.this().describe()}.",
             "",
@@ -296,7 +296,7 @@ def main() -> None:
         if ablation:
             lines += [
                 "",
-                "## The two changes, alone and together (fashion2, 224 px, 400 training images, 2 epochs)",
+                "## The two changes of `--batch-size auto`'s data floor and `--precise-bn`, alone and together",
                 "",
             ]
             lines += ablation
