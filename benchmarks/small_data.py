@@ -5,7 +5,7 @@ class? Prints a table and writes docs/small_data.md with the command and the com
     python benchmarks/small_data.py [--cells fashion2:224:50,fashion:32:400,...] [--batches 8,16,32,64,128]
         [--epochs 3] [--timm-train PATH/train.py] [--ablation] [--out docs/small_data.md]
 
-A cell is DATASET:IMAGE_SIZE:IMAGES_PER_CLASS[@BATCHES] (its own sweep, for a cell whose runs are long).
+A cell is DATASET:IMAGE_SIZE:IMAGES_PER_CLASS[@B1/B2/...] (its own sweep, for a cell whose runs are long).
 Datasets, all real and shipped in packages:
   fashion   Fashion-MNIST, 10 classes (Debian's dataset-fashion-mnist)
   fashion2  Fashion-MNIST's Sneaker and Ankle boot: two classes, as a user's first photo set often has
@@ -59,7 +59,7 @@ DATASETS = {  # name -> (loader, classes kept or None for all, val and test imag
 }
 DEFAULT_CELLS = (
     "fashion:32:50,fashion:32:100,fashion:32:400,digits:32:50,digits:32:100,"
-    "fashion2:224:50,fashion2:224:100,fashion2:224:400,fashion:32:2000@32,64,128"
+    "fashion2:224:50,fashion2:224:100,fashion2:224:400,fashion:32:2000@32/64/128"
 )
 
 
@@ -202,8 +202,8 @@ def sweep_table(cells: list[str], args, work: Path, timm, report) -> tuple[list[
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     records = []
     for cell in cells:
-        cell, _, own = cell.partition("@")  # CELL@B1,B2,...: a smaller sweep where a large cell's runs are long
-        batches = [int(b) for b in (own or args.batches).split(",")]
+        cell, _, own = cell.partition("@")  # CELL@B1/B2/...: a smaller sweep where a large cell's runs are long
+        batches = [int(b) for b in (own.replace("/", ",") or args.batches).split(",")]
         dataset, size, per_class = cell.split(":")
         size, per_class = int(size), int(per_class)
         folder = write_cell(work, dataset, per_class)
