@@ -217,6 +217,7 @@ class TrainLoop:
     # ---- loop ----
     def run(self) -> Path:
         cfg = self.cfg
+        trained_here = not self.finished
         if self.finished:
             self.log(f"{self.run_dir} already finished; nothing to resume")
         while self.epoch < cfg.epochs and not self.finished:
@@ -226,7 +227,7 @@ class TrainLoop:
             if was_frozen != self._frozen() and not self.finished:
                 self.log(f"epoch {self.epoch}: unfreezing the backbone")
                 self.train_model = self._wrap()
-        if not self.finished and self.metrics.history:
+        if trained_here and self.metrics.history:  # an early stop ends training too
             self._report_fit()
         self.finished = True
         self._checkpoint()
