@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 
 from transferkit.errors import ConfigError
-from transferkit.serving.settings import API_KEY_ENV, API_KEY_FILE_ENV, ServingSettings, read_api_key_file
+from transferkit.serving.settings import ServingSettings, api_key_file_in_use, read_api_key_file
 
 logger = logging.getLogger("transferkit.serving")
 RELOAD_S = 1.0
@@ -44,9 +44,8 @@ class KeyRing:
     def for_worker(cls, settings: ServingSettings, env: Mapping[str, str] | None = None) -> KeyRing:
         """The worker's keys: the settings' (read from the file at start when one was named), and the file to
         follow when the keys came from one (an explicit TRANSFERKIT_API_KEY wins over the file, as in settings)."""
-        env = os.environ if env is None else env
-        path = env.get(API_KEY_FILE_ENV) if settings.api_key and not env.get(API_KEY_ENV) else None
-        return cls(settings.api_key, path or None)
+        path = api_key_file_in_use(os.environ if env is None else env) if settings.api_key else None
+        return cls(settings.api_key, path)
 
     @property
     def required(self) -> bool:

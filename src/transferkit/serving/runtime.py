@@ -45,7 +45,6 @@ class Runtime(ABC):
         self.threads: int | None = None  # intra-op threads (None: the engine's default, usually every core)
         self.options: RuntimeOptions | None = None  # None: the options export measured fastest (the entry's)
         self.selected_because = ""  # why select_runtime chose this artifact (the server logs it)
-        self.verified: dict[str, bytes] = {}  # while loading: the checked bytes of the artifact's files (load)
 
     @classmethod
     def option_candidates(cls) -> list[RuntimeOptions]:
@@ -75,15 +74,12 @@ class Runtime(ABC):
         self.image_size = manifest.image_size
         if self.options is None:
             self.options = entry.runtime_options
-        self.verified = dict(verified or {})
-        try:
-            self._load(path, entry)
-        finally:
-            self.verified = {}  # the runtime holds its own copy now
+        self._load(path, entry, verified or {})
         return self
 
     @abstractmethod
-    def _load(self, path: Path, entry: ArtifactEntry) -> None: ...
+    def _load(self, path: Path, entry: ArtifactEntry, verified: Mapping[str, bytes]) -> None:
+        """Load the artifact at `path`; `verified`: the checked bytes of its files, where the runtime can use them."""
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
@@ -153,13 +149,13 @@ class OnnxRuntime(Runtime):
 
         return OnnxRuntime.GPU_PROVIDER in ort.get_available_providers()
 
-    def _load(self, path: Path, entry: ArtifactEntry) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry, verified: Mapping[str, bytes]) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
         providers = self.providers or [p for p in (self.GPU_PROVIDER, "CPUExecutionProvider") if p in available]
         # from the checked bytes when there are no external-data files beside the graph to resolve by path
-        source = self.verified.get(entry.file) if len(entry.files) == 1 else None
+        source = verified.get(entry.file) if len(entry.files) == 1 else None
         self.session = onnx_session(source or path, providers, self.threads)
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
@@ -202,7 +198,7 @@ class TensorRTRuntime(Runtime):
             return f"the engine was built for {entry.built_for_gpu}, this GPU is {here}; re-export on this machine"
         return None
 
-    def _load(self, path: Path, entry: ArtifactEntry) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry, verified: Mapping[str, bytes]) -> None:
         import tensorrt as trt
         import torch
 
@@ -254,7 +250,7 @@ class TorchRuntime(Runtime):
         """The device the package was compiled for (a .pt2 runs only there)."""
         return "gpu" if entry.device == "cuda" else "cpu"
 
-    def _load(self, path: Path, entry: ArtifactEntry) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry, verified: Mapping[str, bytes]) -> None:
         import torch
         import torch._inductor
 
@@ -299,14 +295,14 @@ class OpenVinoRuntime(Runtime):
             return f"openvino does not import ({type(exc).__name__}); pip install 'transferkit[openvino]'"
         return None
 
-    def _load(self, path: Path, entry: ArtifactEntry) -> None:
+    def _load(self, path: Path, entry: ArtifactEntry, verified: Mapping[str, bytes]) -> None:
         import threading
 
         import openvino as ov
 
         core = ov.Core()
-        xml = self.verified.get(entry.files[0])
-        weights = self.verified.get(entry.files[1]) if len(entry.files) > 1 else None
+        xml = verified.get(entry.files[0])
+        weights = verified.get(entry.files[1]) if len(entry.files) > 1 else None
         if xml is not None and weights is not None:  # the checked bytes of the .xml and the .bin
             model = core.read_model(model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
         else:

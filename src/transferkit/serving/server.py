@@ -40,6 +40,7 @@ from transferkit.serving.settings import (
     API_KEY_FILE_ENV,
     MODEL_ENV,
     ServingSettings,
+    api_key_file_in_use,
     read_api_key_file,
 )
 
@@ -114,14 +115,6 @@ def _child_env(settings: ServingSettings, marker: str, key_file: str | Path | No
     return env
 
 
-def _key_file(api_key_file: str | Path | None) -> str | Path | None:
-    """The file the key is read from, as build_settings decides: the argument, else $TRANSFERKIT_API_KEY_FILE
-    unless $TRANSFERKIT_API_KEY is set."""
-    if api_key_file is not None:
-        return api_key_file
-    return os.environ.get(API_KEY_FILE_ENV) if not os.environ.get(API_KEY_ENV) else None
-
-
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -159,7 +152,7 @@ def serve(
         with subreaper():  # the server's orphans come back to us, until it has stopped
             proc = subprocess.Popen(
                 _command(host, port, graceful_s),
-                env=_child_env(settings, marker, _key_file(api_key_file)),
+                env=_child_env(settings, marker, api_key_file or api_key_file_in_use(os.environ)),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 preexec_fn=die_with_parent(),

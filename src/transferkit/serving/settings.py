@@ -153,8 +153,9 @@ class ServingSettings:
                 values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ConfigError(f"${PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-        if "api_key" not in values and env.get(API_KEY_FILE_ENV):
-            values["api_key"] = read_api_key_file(env[API_KEY_FILE_ENV])
+        key_file = api_key_file_in_use(env)
+        if key_file:
+            values["api_key"] = read_api_key_file(key_file)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -173,6 +174,11 @@ def _parse_bool(raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+def api_key_file_in_use(env: Mapping[str, str]) -> str | None:
+    """The file the key comes from: $TRANSFERKIT_API_KEY_FILE, unless $TRANSFERKIT_API_KEY gives the key itself."""
+    return None if env.get(API_KEY_ENV) else env.get(API_KEY_FILE_ENV) or None
 
 
 def read_api_key_file(path: str | Path) -> str:
