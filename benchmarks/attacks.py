@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from loadgen import run_hey  # noqa: E402
 from provenance import command_line, commit, write_report  # noqa: E402
 
 from tests.serving import hostile  # noqa: E402
@@ -115,14 +115,11 @@ def throughput(args, label: str, src: str | None) -> str:
     """The normal load the bounds must not slow: `hey` posting the 32x32 PNG as a raw body at 64 clients."""
     body = Path(args.work) / "digit.png"
     body.write_bytes(hostile.digit_png())
+    hey = shutil.which("hey")
     with serving(args.run, args.workers, Path(args.work) / f"serve-{label}-load.log", src) as (url, _):
-        cmd = ["hey", "-n", str(args.load_requests), "-c", "64", "-m", "POST", "-T", "image/png", "-D", str(body)]
-        subprocess.run([*cmd[:2], "500", *cmd[3:], url + "/predict"], capture_output=True, check=True)  # warm-up
-        out = subprocess.run([*cmd, url + "/predict"], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = float(re.search(r"99% in ([\d.]+) secs", out).group(1))
-    codes = ", ".join(f"{code}: {n}" for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
-    return f"| {label} | {rps:,.0f} | {1000 * p99:.0f} | {codes} |"
+        run_hey(hey, url + "/predict", body, 500, 64, 120, "warm-up", "image/png")
+        level = run_hey(hey, url + "/predict", body, args.load_requests, 64, 300, label, "image/png")
+    return f"| {label} | {level.ok_rps:,.0f} | {1000 * level.latencies[99]:.0f} | {level.counts()} |"
 
 
 def main() -> None:

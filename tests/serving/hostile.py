@@ -216,7 +216,26 @@ class Attackers:
             t.join(90)
 
 
-class NormalClient:
+class _InBackground:
+    """`_run` in a thread from `with` to its end, which sets `_stop` and waits for the thread."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+class NormalClient(_InBackground):
     """A real image to /predict every `period` s, and /readyz between: their latencies and statuses."""
 
     def __init__(self, url: str, period: float = 0.05) -> None:
@@ -224,9 +243,8 @@ class NormalClient:
         self.latencies: list[float] = []
         self.ready_latencies: list[float] = []
         self.statuses: Counter = Counter()
-        self._stop = threading.Event()
         self._image = digit_png()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self) -> None:
         with httpx.Client(timeout=30) as client:
@@ -247,27 +265,18 @@ class NormalClient:
                 self.ready_latencies.append(time.perf_counter() - start)
                 self._stop.wait(self.period)
 
-    def __enter__(self) -> NormalClient:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
 
 
-class ServerWatch:
+class ServerWatch(_InBackground):
     """The serve process's tree sampled every 0.1 s: the peak of its resident memory and the workers seen."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.peak_rss = 0
         self.pids: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def tree(self) -> list[psutil.Process]:
         return [self.root, *self.root.children(recursive=True)]
@@ -283,11 +292,3 @@ class ServerWatch:
                     pass
             self.peak_rss = max(self.peak_rss, total)
             self._stop.wait(0.1)
-
-    def __enter__(self) -> ServerWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
