@@ -191,7 +191,7 @@ def test_export_takes_device_and_verify_images(tiny_run, tmp_path):
         proc = run_cli("export", str(tiny_run), "--device", "cuda", check=False)
         assert proc.returncode == 2 and "--device cuda: torch finds no CUDA device" in proc.stderr, proc.stderr
     proc = run_cli("export", str(tiny_run), "--verify-images", "0", check=False)
-    assert proc.returncode == 2 and "--verify-images must be >= 1" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--verify-images must be auto or >= 1" in proc.stderr, proc.stderr
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export"))
     run_cli("export", str(run), "--format", "onnx", "--verify-images", "24")

@@ -35,7 +35,7 @@ def export(
     formats=("onnx",),
     precision="fp32",
     *,
-    verify_images: int = 256,
+    verify_images: int | str = "auto",
     device: str = "cpu",
     store: bool = True,
     data=None,

@@ -96,6 +96,7 @@ def test_verify_report_per_head(exported):
         "max_abs_diff": 1e-3,
         "min_top1_agreement": 0.99,
         "max_acc_delta_points": 0.5,
+        "confidence": None,
     }
 
 

@@ -157,13 +157,14 @@ def test_openvino_int8_that_loses_points_is_repaired_with_accuracy_control(probe
         run_dir,
         formats="openvino",
         precision="int8",
-        verify_images=VERIFY_IMAGES,
+        verify_images=600,  # digits has 270 per split: enough for the gate's bound to pass an equal model
         store=False,
-        options=ExportOptions(calibration_images=64),
+        options=ExportOptions(calibration_images=64, qat="off"),  # QAT: tests/export/test_qat.py
     )
     int8 = result.formats["openvino-int8"]
     attempts = {a["name"]: a for a in int8.details["attempts"]}
-    assert list(attempts) == ["nncf", "nncf-bias-correction", "nncf-accuracy-control", "nncf-more-images"]
+    assert list(attempts) == ["nncf", "nncf-bias-correction", "qat", "nncf-accuracy-control", "nncf-more-images"]
+    assert attempts["qat"]["status"] == "skipped: --qat off"
     plain, control = attempts["nncf"], attempts["nncf-accuracy-control"]
     if any(a["status"] == "passed on validation" for a in attempts.values() if not a["mixed_precision"]):  # fast
         pytest.skip("on this CPU a fully INT8 NNCF model already passes: nothing to repair")
@@ -259,3 +260,50 @@ def test_the_service_answers_with_openvino_without_onnxruntime(ov_export, tmp_pa
     answer = json.loads(body)
     assert answer["runtime"].startswith("openvino") and answer["model"] == ov_export[1].bentoml_tag
     assert set(answer["heads"]) == {"digits", "fashion-mnist"} and len(answer["heads"]["digits"]) == 3
+
+
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_bf16_is_offered_exactly_where_the_cpu_runs_it_natively():
+    """OpenVINO's own capability list decides, and it agrees with the CPU's flags (AVX512-BF16 or AMX)."""
+    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    reason = OpenVinoRuntime.bf16_unavailable_reason()
+    assert (reason is None) == native, reason
+    if reason:
+        assert "no native bfloat16" in reason and "openvino-int8" in reason
+
+
+def test_bf16_ir_is_gated_on_its_accuracy_drop_and_runs_in_bf16(probe_run, tmp_path):
+    from transferkit.artifact import UNAVAILABLE
+
+    run_dir = copy_run(probe_run, tmp_path / "bf16")
+    result = export_run(run_dir, formats="openvino", precision="fp32,bf16", verify_images=600, store=False)
+    bf16 = result.formats["openvino-bf16"]
+    if OpenVinoRuntime.bf16_unavailable_reason():
+        assert bf16.status == UNAVAILABLE and "bfloat16" in bf16.error
+        return
+    assert bf16.status in (PASSED, VERIFY_FAILED), bf16.error
+    assert bf16.verification["tolerance"]["confidence"] == 0.95 and bf16.verification["runtime"].endswith("bf16)")
+    assert bf16.details["inference_precision"] == "bf16" and bf16.details["compress_to_fp16"] is True
+    for head in bf16.verification["heads"].values():
+        assert head["top1_agreement"] > 0.95 and head["drop_upper_points"] is not None
+    sizes = {n: sum(f.stat().st_size for f in result.formats[n].files) for n in ("openvino", "openvino-bf16")}
+    assert sizes["openvino-bf16"] < 0.6 * sizes["openvino"]  # fp16 weights
+
+
+def test_bf16_refused_cleanly_where_unsupported(probe_run, tmp_path, monkeypatch):
+    """On a CPU without native bf16 the format says so and nothing is built or served."""
+    from transferkit.artifact import UNAVAILABLE
+
+    reason = "this CPU has no native bfloat16 (test)"
+    monkeypatch.setattr(OpenVinoRuntime, "bf16_unavailable_reason", staticmethod(lambda: reason))
+    run_dir = copy_run(probe_run, tmp_path / "no-bf16")
+    result = export_run(run_dir, formats="openvino", precision="bf16", verify_images=64, store=False)
+    bf16 = result.formats["openvino-bf16"]
+    assert bf16.status == UNAVAILABLE and bf16.error == reason and not result.ok
+    assert not (run_dir / "export" / "model-bf16.xml").exists()

@@ -14,12 +14,12 @@ below and its runner registered in `transferkit.serving.runtime`.
     onnx      model.onnx   onnxruntime   cpu, gpu  fp32, int8, fp16   onnx, onnxscript, onnxruntime (core deps)
     tensorrt  model.engine tensorrt      gpu       fp32, fp16, int8   the [gpu] extra (tensorrt) and a CUDA device
     aoti      model.pt2    torch         cpu, gpu  fp32               torch + a C++ compiler (AOTInductor)
-    openvino  model.xml    openvino      cpu       fp32, int8         the [openvino] extra (openvino, nncf for int8)
+    openvino  model.xml    openvino      cpu       fp32, int8, bf16   the [openvino] extra (openvino, nncf for int8); bf16: a CPU with native bf16
 
 One export request is a list of artifacts, (format, precision) pairs: `--format onnx --precision fp32,int8`
 asks for `onnx` and `onnx-int8` (transferkit.artifact.artifact_name). An artifact may be built from others
 (`requires`): tensorrt from the ONNX file of its precision (int8 from the QDQ model, the others from fp32),
-onnx-int8 from the fp32 ONNX file, openvino (both precisions) from the fp32 ONNX file (export/openvino.py).
+onnx-int8 from the fp32 ONNX file, openvino (every precision) from the fp32 ONNX file (export/openvino.py).
 """
 
 from __future__ import annotations

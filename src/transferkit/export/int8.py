@@ -2,25 +2,32 @@
 passes kept, all within a time budget.
 
     plans (per runtime: export/quantize.py for ONNX Runtime, export/openvino.py for OpenVINO), in order:
-        fully INT8 attempts: the tool's calibration methods and options (minmax, percentile, entropy,
+        post-training fully INT8: the tool's calibration methods and options (minmax, percentile, entropy,
                              bias correction, more calibration images, ...)
+        quantization-aware fully INT8 (only while no attempt faster than fp32 has passed, and --qat auto):
+                             NNCF's quantizers in the PyTorch model, fine-tuned on the run's train splits
+                             (export/qat.py), once per export and shared by both formats
         mixed-precision attempts (only while no attempt faster than fp32 has passed, and --int8-fallback
                              auto): the per-layer repair (ONNX), NNCF accuracy control, each keeping the
                              operations that hurt most in fp32
+    `--qat always` skips the post-training attempts (the quantization-aware model is wanted as such) and
+    `--qat off` the quantization-aware one.
     for each plan, while the budget (--int8-budget-s) lasts (long attempts also stop when it runs out):
         build it -> logits on the validation split -> SelectionSet.report (the gate's metric, tightened)
         passed -> images/s at batch 32, measured here; later plans of the same quantized graph are skipped
     keep the fastest that passed (none passed: the closest, so the gate reports real numbers and it is not
     served); export_run then gates the kept model once on the held-out test split
 
+Why quantization-aware training comes before mixed precision: it keeps every layer in INT8 (the speed) and
+recovers the accuracy by training, where mixed precision gives the speed of the layers it keeps in fp32 away.
 Why fully INT8 attempts stop the search before mixed precision: every layer kept in fp32 costs speed, so a
 mixed-precision model is only worth building when no fully INT8 one is accurate enough. Every attempt, with its
 settings, seconds, validation numbers and speed, goes into the manifest entry and verify.json ("attempts").
 
 NNCF accuracy control (`nncf.quantize_with_accuracy_control`) takes a scalar metric and a `max_drop`; here the
-metric is one minus the gate's violation on the validation split (largest |accuracy delta| per dataset and
-disagreement per head, each over its bound), so `max_drop=1` is exactly "passes the gate's bounds" and the
-ranking of what to keep in fp32 uses per-image top-1 agreement with PyTorch.
+metric is one minus the gate's violation on the validation split (the largest, over datasets, of the accuracy
+drop's upper confidence bound over the tolerance), and `max_drop` is set so that NNCF stops exactly where the
+gate's statistic passes; the ranking of what to keep in fp32 uses per-image top-1 agreement with PyTorch.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Plan:
     settings: dict[str, Any]  # the tool and its options, as recorded
     build: Callable[[], Candidate]
     mixed: bool = False  # keeps layers in fp32: tried only when no fully INT8 plan passed
+    qat: bool = False  # quantization-aware fine-tuning: tried only when no post-training plan passed (--qat auto)
     # plans with the same `graph` quantize the same operations the same way and differ only in their scales, so
     # they run at the same speed: once one passes, the others of its graph cannot be faster and are skipped
     graph: str = ""
@@ -104,14 +112,30 @@ def search(
     passing: list[tuple[float, str, Candidate, bool]] = []  # (img/s, plan, candidate, faster than fp32)
     passed_graphs: set[str] = set()
     closest: tuple[float, str, Candidate] | None = None
+    hopeless = selection.unreachable()  # a split too small for the bound: one attempt, for the gate's numbers
     for plan in plans:
-        record: dict[str, Any] = {"name": plan.name, "settings": plan.settings, "mixed_precision": plan.mixed}
+        record: dict[str, Any] = {
+            "name": plan.name,
+            "settings": plan.settings,
+            "mixed_precision": plan.mixed,
+            "quantization_aware": plan.qat,
+        }
         attempts.append(record)
+        if hopeless and len(attempts) > 1:
+            record["status"] = f"skipped: {hopeless}; nothing can pass (more --verify-images, or --max-acc-delta)"
+            continue
         if plan.graph and plan.graph in passed_graphs:
             record["status"] = "skipped: an attempt with the same quantized graph passed (it runs at the same speed)"
             continue
-        if plan.mixed and any(fast for _, _, _, fast in passing):
-            record["status"] = "skipped: an attempt faster than fp32 passed (layers kept in fp32 only cost speed)"
+        if plan.qat and options.qat == "off":
+            record["status"] = "skipped: --qat off"
+            continue
+        if not (plan.qat or plan.mixed) and options.qat == "always":
+            record["status"] = "skipped: --qat always (the quantization-aware model is the INT8 model)"
+            continue
+        if (plan.mixed or plan.qat and options.qat == "auto") and any(fast for _, _, _, fast in passing):
+            what = "layers kept in fp32 only cost speed" if plan.mixed else "fine-tuning cannot make it faster"
+            record["status"] = f"skipped: an attempt faster than fp32 passed ({what})"
             continue
         if plan.mixed and options.int8_fallback == "off":
             record["status"] = "skipped: --int8-fallback off"
@@ -160,14 +184,38 @@ def search(
     return SearchResult(None, None, False, attempts, fp32_speed)
 
 
+def qat_plan(
+    job_qat: Any,
+    calibration: np.ndarray,
+    engine: Engine,
+    convert: Callable[[Any], Any],
+    settings: dict[str, Any],
+    name: str = "qat",
+) -> Plan:
+    """The quantization-aware attempt of one search: the shared fine-tuned model (trained on first use, within
+    QAT_BUDGET_SHARE of what is left of this search's budget), converted by `convert` to the search's format."""
+
+    def build() -> Candidate:
+        left = (engine.deadline - time.monotonic()) if engine.deadline is not None else 600.0
+        if left <= 0:
+            raise BudgetSpent("skipped: the INT8 budget was spent before quantization-aware training")
+        model, record = job_qat.trained(calibration, engine.check_deadline, QAT_BUDGET_SHARE * left)
+        return Candidate(convert(model), notes={"qat": record})
+
+    return Plan(name, settings, build, qat=True, graph=name)
+
+
+QAT_BUDGET_SHARE = 0.6  # of the search's remaining budget: the rest converts, validates and times the result
+
+
 def _numbers(report: dict[str, Any]) -> dict[str, Any]:
-    per_dataset = {
-        ds: round(v["accuracy_delta_points"], 3) for h in report["heads"].values() for ds, v in h["per_dataset"].items()
-    }
+    datasets = [(ds, v) for h in report["heads"].values() for ds, v in h["per_dataset"].items()]
     agreement = {h: round(v["top1_agreement"], 5) for h, v in report["heads"].items()}
     return {
         "validation": {
-            "accuracy_delta_points": per_dataset,
+            "accuracy_delta_points": {ds: round(v["accuracy_delta_points"], 3) for ds, v in datasets},
+            "drop_upper_points": {ds: v["drop_upper_points"] for ds, v in datasets},
+            "images": {ds: v["images"] for ds, v in datasets},
             "top1_agreement": agreement,
             "failures": report["failures"],
         }
@@ -223,7 +271,7 @@ def nncf_accuracy_control(
             float(logits[head_of_row[r]][i].argmax() == selection.reference[head_of_row[r]][r].argmax())
             for i, r in enumerate(rows)
         ]
-        return 1.0 - selection.violation(logits, rows), agree  # 1 for PyTorch itself: NNCF divides by it
+        return 1.0 - selection.violation(logits, rows), agree
 
     calibration_set = nncf.Dataset([{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))])
     validation_set = nncf.Dataset(
@@ -238,7 +286,9 @@ def nncf_accuracy_control(
             calibration_set,
             validation_set,
             validation_fn,
-            max_drop=1.0,
+            # NNCF measures the drop from the fp32 model's own metric, 1 - v0 (v0 > 0: the bound of a model that
+            # agrees on every image is not zero), so `v <= 1`, the gate's pass, is a drop of at most 1 - v0
+            max_drop=max(1e-3, 1.0 - selection.violation(selection.reference)),
             drop_type=nncf.DropType.ABSOLUTE,
             subset_size=len(calibration),
             advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
@@ -268,6 +318,8 @@ def int8_details(
             "calibration_images_per_dataset": options.calibration_images,
             "budget_s": options.int8_budget_s,
             "fallback": options.int8_fallback,
+            "qat": options.qat,
+            "chosen_at_confidence": selection.choosing.confidence,
             "fp32_images_per_second": round(result.fp32_images_per_second, 1)
             if result.fp32_images_per_second
             else None,

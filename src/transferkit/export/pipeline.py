@@ -114,7 +114,7 @@ class ExportResult:
         return bool(requested) and all(r.servable for r in requested) and self.bentoml_error is None
 
 
-def _check_options(device: str, verify_images: int) -> None:
+def _check_options(device: str, verify_images: int | str) -> int | str:
     from transferkit.serving.runtime import OnnxRuntime
 
     if missing := OnnxRuntime.missing():
@@ -127,15 +127,20 @@ def _check_options(device: str, verify_images: int) -> None:
                 f"--device {device}: torch finds no CUDA device on this machine; export with "
                 "--device cpu, or on a machine with the GPU that will serve"
             )
-    if verify_images < 1:
-        raise ConfigError(f"--verify-images must be >= 1 (held-out images per dataset for verify), got {verify_images}")
+    return verify.parse_verify_images(verify_images)
+
+
+def _images_per_dataset(verify_images: int | str, module, run) -> int:
+    if verify_images != verify.AUTO:
+        return int(verify_images)
+    return verify.auto_verify_images(module, run.preprocessing.image_size, len(run.labels.datasets))
 
 
 def export_run(
     run_dir: str | Path,
     formats: tuple[str, ...] | list[str] | str = ("onnx",),
     precision: tuple[str, ...] | list[str] | str = "fp32",
-    verify_images: int = 256,
+    verify_images: int | str = verify.AUTO,
     device: str = "cpu",
     store: bool = True,
     options: ExportOptions | None = None,
@@ -145,17 +150,18 @@ def export_run(
     `precision` may list several (`fp32,int8`): every format is exported at each precision it takes."""
     requests = check_request(formats, precision)
     options = options or ExportOptions()
-    _check_options(device, verify_images)
+    verify_images = _check_options(device, verify_images)
     from transferkit.export.verify_corrupted import corrupted_sample
     from transferkit.model import ExportModule
     from transferkit.runs import load_run_model  # torch: imported only when exporting
 
     model, run = load_run_model(run_dir)
     run = verify.with_data(run, data)  # `--data`: the run's datasets where they are on this machine
+    module = ExportModule(model).eval()
+    verify_images = _images_per_dataset(verify_images, module, run)
     inputs = verify.load_verify_inputs(run, verify_images)  # a missing dataset fails here, before exporting
     export_dir = run.export_dir
     export_dir.mkdir(parents=True, exist_ok=True)
-    module = ExportModule(model).eval()
     heads = list(model.head_names)
     reference = verify.pytorch_logits(module, inputs.batch, heads)
     sample = corrupted_sample(inputs, run.preprocessing, module, heads)  # the gate's corrupted images too
@@ -177,6 +183,7 @@ def export_run(
         options=options,
         calibration=lambda n: verify.load_calibration_images(run, n),
         selection=selection,
+        qat=_quantization_aware(run, model, options) if selection is not None else None,
     )
 
     results: dict[str, FormatResult] = {}
@@ -192,6 +199,14 @@ def export_run(
     verify_doc = _verify_document(inputs, results, sample)
     manifest = _carry_over(export_dir, manifest, verify_doc, exclude=set(results))
     return _finish(run_dir, export_dir, manifest, verify_doc, results, store)
+
+
+def _quantization_aware(run, model, options: ExportOptions):
+    """The export's quantization-aware fine-tuning: trained only if a search reaches it (with --qat off, none
+    does, and the attempts say so)."""
+    from transferkit.export.qat import QuantizationAware
+
+    return QuantizationAware(run, model, list(verify.dataset_sources(run).values()), options.qat_steps)
 
 
 def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResult]) -> FormatResult:
@@ -409,13 +424,13 @@ def _finish(run_dir, export_dir, manifest: Manifest, verify_doc, results, store:
     return ExportResult(Path(run_dir), export_dir, results, tag, store_error)
 
 
-def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = True) -> ExportResult:
+def verify_export(run_dir: str | Path, verify_images: int | str = verify.AUTO, store: bool = True) -> ExportResult:
     """Re-run verify on the artifacts already in RUN/export, against the current model.pt.
 
     Catches a file changed after export or a model.pt retrained since. Statuses, verify.json and the manifest
     are rewritten; the BentoML model is re-saved when the set of servable files changed.
     """
-    _check_options("cpu", verify_images)
+    verify_images = _check_options("cpu", verify_images)
     from transferkit.export.verify_corrupted import corrupted_sample
     from transferkit.model import ExportModule
     from transferkit.runs import load_run_model
@@ -423,9 +438,9 @@ def verify_export(run_dir: str | Path, verify_images: int = 256, store: bool = T
     model, run = load_run_model(run_dir)
     export_dir = run.export_dir
     old = read_manifest(export_dir)
-    inputs = verify.load_verify_inputs(run, verify_images)
     heads = list(model.head_names)
     module = ExportModule(model).eval()
+    inputs = verify.load_verify_inputs(run, _images_per_dataset(verify_images, module, run))
     reference = verify.pytorch_logits(module, inputs.batch, heads)
     sample = corrupted_sample(inputs, run.preprocessing, module, heads)
     manifest = new_manifest(run, heads)

@@ -1,11 +1,16 @@
 """INT8 ONNX: the attempts the INT8 search (export/int8.py) makes for onnx-int8, and the QDQ graph edits they use.
 
     model.onnx (fp32) --quant_pre_process--> quantize_static(QDQ, per-channel int8 weights, uint8 activations,
-    calibrated on train images of every dataset) with minmax, entropy, percentile     (fully INT8 attempts)
-                     --> nncf.quantize(ONNX, mixed preset)                               (fully INT8)
-                     --> nncf.quantize_with_accuracy_control(ONNX)                       (mixed precision)
+    calibrated on train images of every dataset) with minmax, entropy, percentile     (post-training, fully INT8)
+                     --> quantization-aware: the fine-tuned weights through quantize_static, then NNCF's
+                         quantizers as QDQ (export/qat.py)                               (fully INT8)
                      --> the per-layer repair of the first QDQ model                     (mixed precision)
+                     --> nncf.quantize_with_accuracy_control(ONNX)                       (mixed precision)
     each judged on the validation split; the fastest that passes is written to model-int8.onnx
+
+Post-training NNCF on the ONNX model is not tried: its QDQ layout keeps BatchNorm behind the weights' Q/DQ
+pairs, which ONNX Runtime cannot fuse (0.12-0.38x fp32 in benchmarks/export_formats.py runs, after 39-678 s),
+so it only spent the budget.
 
 Static INT8 of depthwise-separable networks can lose several points on one dataset with no error raised (a
 MobileNetV2 fine-tuned on MNIST + Fashion-MNIST loses 3 points on Fashion-MNIST with every calibration method),
@@ -29,7 +34,16 @@ import numpy as np
 
 from transferkit.artifact import INPUT_NAME
 from transferkit.errors import TransferkitError
-from transferkit.export.int8 import Candidate, Engine, Plan, batched_logits, int8_details, nncf_accuracy_control, search
+from transferkit.export.int8 import (
+    Candidate,
+    Engine,
+    Plan,
+    batched_logits,
+    int8_details,
+    nncf_accuracy_control,
+    qat_plan,
+    search,
+)
 from transferkit.export.job import CALIBRATION_METHODS
 from transferkit.utils import atomic_write
 
@@ -259,8 +273,8 @@ def onnx_int8_plans(
     fp32_path: Path, tmp: Path, job: ExportJob, calibration: np.ndarray, engine: OnnxEngine
 ) -> list[Plan]:
     """What the search tries for onnx-int8, in order: onnxruntime's static QDQ quantization with each calibration
-    method (the chosen --calibration-method first), NNCF's; then, mixed precision, the per-layer repair of the
-    first QDQ model and NNCF accuracy control."""
+    method (the chosen --calibration-method first); the quantization-aware attempts; then, mixed precision, the
+    per-layer repair of the first QDQ model and NNCF accuracy control."""
     import onnx
 
     options, selection = job.options, job.selection
@@ -274,16 +288,6 @@ def onnx_int8_plans(
         model = onnx.load(str(out))
         first.setdefault("qdq", model)
         return Candidate(model, notes={"calibration_images_used": used})
-
-    def nncf_plain() -> Candidate:
-        import nncf
-
-        dataset = nncf.Dataset([{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))])
-        return Candidate(
-            nncf.quantize(
-                onnx.load(str(fp32_path)), dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration)
-            )
-        )
 
     def nncf_controlled() -> Candidate:
         import nncf
@@ -307,7 +311,7 @@ def onnx_int8_plans(
     nncf_settings = {"tool": "nncf.quantize (ONNX)", "preset": "mixed", "subset_size": int(len(calibration))}
     return [
         *(Plan(f"ort-{m}", {**ort_settings, "method": m}, lambda m=m: ort(m), graph="ort-qdq") for m in methods),
-        Plan("nncf", nncf_settings, nncf_plain, graph="nncf"),
+        *qat_plans(job, calibration, engine, tmp, fp32_path),
         # the per-layer repair before NNCF's accuracy control: in benchmarks/export_formats.py runs here it passed
         # in 7 s at 1.74x fp32 (32 px), while NNCF's QDQ graph ran at 0.12-0.38x fp32 in ONNX Runtime after
         # 39-678 s
@@ -332,6 +336,48 @@ def onnx_int8_plans(
             },
             nncf_controlled,
             mixed=True,
+        ),
+    ]
+
+
+def qat_plans(job: ExportJob, calibration: np.ndarray, engine: OnnxEngine, tmp: Path, fp32_path: Path) -> list[Plan]:
+    """The quantization-aware attempts for onnx-int8 (export/qat.py), both from the one fine-tuning: first its
+    weights through onnxruntime's own static quantization (the graph ONNX Runtime fuses, so it runs at the
+    speed of ort-minmax), then NNCF's quantizers exported as a QDQ graph (the fine-tuned scales too, but a
+    layout ONNX Runtime runs at a fraction of fp32: tried only if the first failed)."""
+    if job.qat is None:
+        return []
+    from transferkit.export.onnx import export_onnx
+    from transferkit.export.qat import QAT_PRESET, fine_tuned_float, to_onnx_qdq
+
+    def through_ort(quantized: Any) -> onnx.ModelProto:
+        import onnx
+
+        from transferkit.model import ExportModule
+
+        plain = tmp / "qat-float.onnx"
+        module = ExportModule(fine_tuned_float(quantized, job.qat.model)).eval()
+        export_onnx(module, job.example_input(), plain, job.head_names)
+        out = tmp / "qat-ort-minmax.onnx"
+        quantize_qdq(plain, out, tmp / "qat-prepared.onnx", calibration, "minmax")
+        return onnx.load(str(out))
+
+    base = {"tool": "nncf.quantize (PyTorch) + fine-tuning", "preset": QAT_PRESET, "max_steps": job.qat.steps}
+    return [
+        qat_plan(
+            job.qat,
+            calibration,
+            engine,
+            through_ort,
+            {**base, "then": "fine-tuned weights -> onnxruntime quantize_static (QDQ, minmax)"},
+            name="qat-ort-minmax",
+        ),
+        qat_plan(
+            job.qat,
+            calibration,
+            engine,
+            lambda model: to_onnx_qdq(model, job.head_names, job.image_size),
+            {**base, "format": "QDQ", "then": "NNCF's quantizers as Q/DQ pairs"},
         ),
     ]
 

@@ -1,11 +1,14 @@
 """Plain-text output of the export commands: the export summary the CLI prints (one row per format and head,
 then where things are), the fixed-width table it and `transferkit benchmark` share, one-line error messages.
 
-format  status  precision  size    head    max|Δ|   top-1 agree  acc torch  acc format  Δacc pts  corr. agree  corr. Δacc  export s
-------  ------  ---------  ------  ------  -------  -----------  ---------  ----------  --------  -----------  ----------  --------
-onnx    passed  fp32       8.9 MB  digits  1.9e-06  100.0%       97.3%      97.3%       +0.00     100.0%       +0.00       11.2
+format     status  precision  size    head    max|Δ|   top-1 agree  acc torch  acc format  drop pts  bound  images  ...
+---------  ------  ---------  ------  ------  -------  -----------  ---------  ----------  --------  -----  ------  ---
+onnx       passed  fp32       8.9 MB  digits  1.9e-06  100.0%       97.3%      97.3%       +0.00     -      270     ...
+onnx-int8  passed  int8       2.9 MB  digits  ...      99.3%        97.3%      97.6%       -0.37     +0.61  270     ...
 
-`corr.`: the same comparison on the gate's corrupted sample (export/verify_corrupted.py).
+`drop pts`: accuracy lost against PyTorch (negative: gained); `bound`: its one-sided upper confidence bound,
+for the precisions judged on it (export/paired.py); `corr.`: the same comparison on the gate's corrupted sample
+(export/verify_corrupted.py), then the export's seconds.
 
 Imports nothing from the rest of export at run time, so the exporters can use `one_line` too.
 """
@@ -28,7 +31,9 @@ COLUMNS = (
     "top-1 agree",
     "acc torch",
     "acc format",
-    "Δacc pts",
+    "drop pts",
+    "bound",
+    "images",
     "corr. agree",
     "corr. Δacc",
     "export s",
@@ -63,7 +68,7 @@ def _rows(r: FormatResult) -> list[list[str]]:
     first = [name, r.status, r.precision, _size(r.bytes)]
     heads = (r.verification or {}).get("heads") or {}
     if not heads:
-        return [first + ["-"] * 8 + [timing]]
+        return [first + ["-"] * 10 + [timing]]
     corrupted = ((r.verification or {}).get("robustness") or {}).get("heads") or {}
     out = []
     for i, (head, h) in enumerate(heads.items()):
@@ -73,7 +78,9 @@ def _rows(r: FormatResult) -> list[list[str]]:
             f"{h['top1_agreement']:.1%}",
             f"{h['accuracy_pytorch']:.1%}",
             f"{h['accuracy_format']:.1%}",
-            f"{h['accuracy_delta_points']:+.2f}",
+            f"{-h['accuracy_delta_points']:+.2f}",
+            f"{h['drop_upper_points']:+.2f}" if h.get("drop_upper_points") is not None else "-",
+            str(h["images"]),
             f"{c['top1_agreement']:.1%}" if c else "-",
             f"{c['accuracy_delta_points']:+.2f}" if c else "-",
         ]

@@ -8,17 +8,24 @@ Per head verify reports and checks:
   max_abs_diff        max |logit_format - logit_pytorch|; must be <= max_abs_diff * max(1, max|logit_pytorch|)
                       (scale-aware: a model with logits around 40 gets 40x the absolute room of one around 1)
   mean_abs_diff       reported, not checked (the max is the stricter test)
-  top1_agreement      fraction of images with the same argmax; must be >= min_top1_agreement
-  accuracy delta      accuracy_format - accuracy_pytorch in points; |delta| must be <= max_acc_delta_points,
-                      for the head and for every dataset in it (a head shared by MNIST and digits may not
-                      hide a loss on one behind a gain on the other)
+  top1_agreement      fraction of images with the same argmax; must be >= min_top1_agreement where set
+  accuracy drop       per dataset (a head shared by MNIST and digits may not hide a loss on one behind a gain on
+                      the other), paired image by image: the images the format lost and gained against PyTorch.
+                      Precisions that promise the same numbers (fp32, fp16) compare the measured drop; lossy ones
+                      (int8, bf16) its one-sided upper confidence bound (export/paired.py), so an artifact passes
+                      when its drop is shown to be within the tolerance, and being more accurate never fails
 Non-finite logits fail outright. The tolerances are the formats table's (`transferkit.artifact.TOLERANCES`),
-overridable per export (`--max-acc-delta`, `--min-agreement`):
+overridable per export (`--max-acc-delta`, `--min-agreement`, `--gate-confidence`):
 
-  precision  max_abs_diff (x scale)  min_top1_agreement  max_acc_delta_points
-  fp32       1e-3                    0.99                0.5
-  fp16       5e-2                    0.995               0.3
-  int8       not checked             0.97                1.0
+  precision  max_abs_diff (x scale)  min_top1_agreement  max drop (points)  judged on
+  fp32       1e-3                    0.99                0.5                the measured drop
+  fp16       5e-2                    0.995               0.3                the measured drop
+  bf16       not checked             reported            1.0                its 95% upper bound
+  int8       not checked             reported            1.0                its 95% upper bound
+
+How many images: `--verify-images auto` (the default) takes every test image of each dataset, up to what the
+PyTorch reference scores in VERIFY_SECONDS and never fewer than VERIFY_FLOOR (or the whole split, if smaller),
+within VERIFY_MEMORY_BYTES of normalised input (`auto_verify_images`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 
 from transferkit.artifact import MAX_BATCH, TOLERANCES, Tolerance
 from transferkit.errors import DataError
+from transferkit.export.paired import PairedDrop, best_provable_drop, images_needed, paired_drop
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +48,42 @@ if TYPE_CHECKING:
 
 
 BATCH = MAX_BATCH  # images per forward pass, for PyTorch and for the runtime: every format takes this many
+AUTO = "auto"
+VERIFY_FLOOR = 1000  # images per dataset `auto` never goes below (the whole split, when it has fewer)
+VERIFY_SECONDS = 20.0  # what the PyTorch reference may spend on one split of every dataset, under `auto`
+VERIFY_MEMORY_BYTES = 2 * 2**30  # normalised float32 input of one split of every dataset, under `auto`
+
+
+def parse_verify_images(value: int | str) -> int | str:
+    """`auto` or a positive count of images per dataset; anything else is a ConfigError naming the fix."""
+    from transferkit.errors import ConfigError
+
+    if value == AUTO:
+        return AUTO
+    text = str(value).strip()
+    count = int(text) if not isinstance(value, bool) and text.isdigit() else 0
+    if count < 1:
+        raise ConfigError(f"--verify-images must be auto or >= 1 (held-out images per dataset), got {value!r}")
+    return count
+
+
+def auto_verify_images(model: torch.nn.Module, image_size: int, datasets: int) -> int:
+    """Images per dataset under `--verify-images auto`: as many as the reference scores in VERIFY_SECONDS (timed
+    here, on one batch) and fit VERIFY_MEMORY_BYTES, split between the datasets, never below VERIFY_FLOOR.
+    At 32 px that is every test image of MNIST-sized datasets; at 224 px on two CPU cores, the floor."""
+    import time
+
+    import torch
+
+    x = torch.zeros(16, 3, image_size, image_size)
+    with torch.inference_mode():
+        model(x)  # warm-up: the first call allocates
+        start = time.perf_counter()
+        model(x)
+        per_image = (time.perf_counter() - start) / len(x)
+    by_time = VERIFY_SECONDS / max(per_image, 1e-6) / max(datasets, 1)
+    by_memory = VERIFY_MEMORY_BYTES / (3 * image_size * image_size * 4) / max(datasets, 1)
+    return int(max(VERIFY_FLOOR, min(by_time, by_memory)))
 
 
 @dataclass
@@ -217,8 +261,9 @@ def compare(
     precision: str,
     tolerance: Tolerance | None = None,
 ) -> dict[str, Any]:
-    """Per-head statistics and the pass/fail decision against `tolerance` (the format row's tolerance for
-    `precision`; by default TOLERANCES[precision])."""
+    """Per-head and per-dataset statistics and the pass/fail decision against `tolerance` (the format row's
+    tolerance for `precision`; by default TOLERANCES[precision]). The accuracy decision is per dataset, paired
+    image by image (export/paired.py); a head's own numbers are reported beside it."""
     tol = tolerance or TOLERANCES[precision]
     bound = tol.max_acc_delta_points
     heads, failures = {}, []
@@ -231,31 +276,28 @@ def compare(
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
         scale = max(1.0, float(np.abs(ref).max()))
         allowed = None if tol.max_abs_diff is None else tol.max_abs_diff * scale
+        ref_right, got_right = ref.argmax(1) == y, got.argmax(1) == y
         agreement = float((got.argmax(1) == ref.argmax(1)).mean())
-        acc_ref = float((ref.argmax(1) == y).mean())
-        acc_got = float((got.argmax(1) == y).mean())
-        delta = 100.0 * (acc_got - acc_ref)
+        head_drop = paired_drop(ref_right, got_right, tol.confidence)
         if allowed is not None and float(diff.max()) > allowed:
             head_failures.append(f"{head}: max |logit diff| {diff.max():.3g} > {allowed:.3g}")
-        if agreement < tol.min_top1_agreement:
+        if tol.min_top1_agreement is not None and agreement < tol.min_top1_agreement:
             head_failures.append(f"{head}: top-1 agreement {agreement:.2%} < {tol.min_top1_agreement:.1%}")
-        if abs(delta) > bound:
-            head_failures.append(f"{head}: accuracy delta {delta:+.2f} points beyond ±{bound}")
         per_dataset, start = {}, 0
         for dataset, n in inputs.datasets[head].items():  # rows of a head are its datasets, in this order
             part = slice(start, start + n)
             start += n
-            ds_ref = float((ref[part].argmax(1) == y[part]).mean())
-            ds_got = float((got[part].argmax(1) == y[part]).mean())
-            ds_delta = 100.0 * (ds_got - ds_ref)
+            drop = paired_drop(ref_right[part], got_right[part], tol.confidence)
             per_dataset[dataset] = {
                 "images": n,
-                "accuracy_pytorch": ds_ref,
-                "accuracy_format": ds_got,
-                "accuracy_delta_points": ds_delta,
+                "accuracy_pytorch": float(ref_right[part].mean()),
+                "accuracy_format": float(got_right[part].mean()),
+                "accuracy_delta_points": -drop.drop_points,
+                **drop.as_dict(),
+                "passed": drop.within(bound),
             }
-            if len(inputs.datasets[head]) > 1 and abs(ds_delta) > bound:
-                head_failures.append(f"{head}/{dataset}: accuracy delta {ds_delta:+.2f} points beyond ±{bound}")
+            if not drop.within(bound):
+                head_failures.append(f"{head}/{dataset}: {_drop_text(drop, bound)}")
         heads[head] = {
             "images": int(len(rows)),
             "datasets": inputs.datasets[head],
@@ -263,9 +305,10 @@ def compare(
             "mean_abs_diff": float(diff.mean()),
             "allowed_max_abs_diff": allowed,
             "top1_agreement": agreement,
-            "accuracy_pytorch": acc_ref,
-            "accuracy_format": acc_got,
-            "accuracy_delta_points": delta,
+            "accuracy_pytorch": float(ref_right.mean()),
+            "accuracy_format": float(got_right.mean()),
+            "accuracy_delta_points": -head_drop.drop_points,
+            **head_drop.as_dict(),
             "per_dataset": per_dataset,
             "passed": not head_failures,
         }
@@ -274,6 +317,32 @@ def compare(
         "passed": not failures,
         "precision": precision,
         "tolerance": asdict(tol),
+        "decision": _decision_text(tol),
         "heads": heads,
         "failures": failures,
     }
+
+
+def _decision_text(tol: Tolerance) -> str:
+    if tol.confidence is None:
+        return f"measured accuracy drop <= {tol.max_acc_delta_points:g} points per dataset"
+    return (
+        f"accuracy drop <= {tol.max_acc_delta_points:g} points per dataset at {tol.confidence:.0%} one-sided "
+        "confidence (paired, Agresti-Min); a gain never fails"
+    )
+
+
+def _drop_text(drop: PairedDrop, bound: float) -> str:
+    """Why a dataset failed, with what would make it pass."""
+    if drop.upper_points is None:
+        return f"accuracy drop {drop.drop_points:+.2f} points beyond {bound:g}"
+    text = (
+        f"accuracy drop {drop.drop_points:+.2f} points (lost {drop.lost}, gained {drop.gained} of {drop.images} "
+        f"images), upper {drop.confidence:.0%} bound {drop.upper_points:.2f} > {bound:g}"
+    )
+    if best_provable_drop(drop.images, drop.confidence) > bound:
+        text += (
+            f"; {drop.images} images cannot show a drop <= {bound:g} even with no disagreement: verify on at least "
+            f"{images_needed(bound, drop.confidence)} (--verify-images) or allow more (--max-acc-delta)"
+        )
+    return text

@@ -276,8 +276,8 @@ class OpenVinoRuntime(Runtime):
     splits the threads into streams; one call's batch is split into as many parts as the compiled model's
     optimal number of infer requests, run at once through an AsyncInferQueue, and put back in order). With
     one synchronous request THROUGHPUT leaves streams idle, which is why it needs the parallel requests.
-    Inference precision is pinned to f32: on CPUs with AMX or AVX512-BF16 the plugin would otherwise run in
-    bf16 by default, which is not what verify measured.
+    Inference precision is pinned to the artifact's: f32, except for the bf16 artifact. On CPUs with AMX or
+    AVX512-BF16 the plugin would otherwise run an fp32 IR in bf16 by default, which is not what verify measured.
     """
 
     format = "openvino"
@@ -293,7 +293,23 @@ class OpenVinoRuntime(Runtime):
             import openvino  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - missing or broken, either way it cannot serve
             return f"openvino does not import ({type(exc).__name__}); pip install 'transferkit[openvino]'"
+        if getattr(entry, "precision", None) == "bf16":
+            return cls.bf16_unavailable_reason()
         return None
+
+    @staticmethod
+    def bf16_unavailable_reason() -> str | None:
+        """None when OpenVINO's CPU plugin runs bf16 natively here (AVX512-BF16 or AMX): it lists BF16 among the
+        CPU's optimization capabilities. Elsewhere a bf16 artifact would be emulated, slower than fp32."""
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" in capabilities:
+            return None
+        return (
+            f"this CPU has no native bfloat16 (OpenVINO lists {', '.join(capabilities)}; bf16 needs AVX512-BF16 or "
+            "AMX): use openvino or openvino-int8"
+        )
 
     def _load(self, path: Path, entry: ArtifactEntry, verified: Mapping[str, bytes]) -> None:
         import threading
@@ -313,7 +329,8 @@ class OpenVinoRuntime(Runtime):
         if not model.inputs[0].get_partial_shape()[0].is_dynamic:  # serving sends any batch up to --max-batch
             model.reshape({INPUT_NAME: ov.PartialShape([-1, 3, self.image_size, self.image_size])})
         hint = (self.options.performance_hint if self.options else None) or "LATENCY"
-        config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"}
+        precision = "bf16" if entry.precision == "bf16" else "f32"  # what verify measured: never the plugin's pick
+        config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)  # workers x threads stays within the cores
             # OpenVINO pins its threads to cores, counting from the first in every process: two one-thread
@@ -338,6 +355,9 @@ class OpenVinoRuntime(Runtime):
     def description(self) -> str:
         hint = (self.options.performance_hint if self.options else None) or "LATENCY"
         how = f"CPU, {hint.lower()}" + (f" x{self.requests}" if getattr(self, "requests", 1) > 1 else "")
+        if hasattr(self, "compiled"):  # what the plugin runs in, as it reports it, when it is not float32
+            precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            how += f", {precision}" if precision != "f32" else ""
         return f"{self.name} ({how})" if self.artifact == self.format else f"{self.name} ({self.artifact}, {how})"
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:

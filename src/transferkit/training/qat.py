@@ -1,0 +1,129 @@
+"""Quantization-aware fine-tuning: a model with NNCF's fake quantizers trained a little further on the run's data.
+
+Post-training INT8 fixes the weights and picks each tensor's range from calibration images; where that loses
+accuracy (depthwise convolutions, small heads), a few hundred steps with the quantizers in the forward pass let
+the weights and the ranges adapt to each other (NNCF's QAT: straight-through gradients, learnable ranges).
+
+What it trains on is the run's own: its datasets (only their train splits: the validation split chooses among
+INT8 attempts and the test split gates the result), its heads, its sampler's mix, its preprocessing and its
+augmentation, through the same supervised step as training (training/steps.py), so `--robust-views` and
+`--adversarial-training` runs keep their objective. What differs from training, and why:
+
+- a small learning rate (QAT_LR_FACTOR of the run's), cosine to zero, no weight decay: the model is already
+  trained, the quantizers only need the weights nudged;
+- BatchNorm statistics frozen (its layers in eval mode): the ranges were calibrated on those statistics, and
+  a few small CPU batches would move them more than they should;
+- no unlabeled data, teachers or EMA: the step learns from the labelled images only;
+- bounded by steps and by seconds, checked every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit.errors import TransferkitError
+from transferkit.training.optim import warmup_cosine
+from transferkit.training.setup import TrainingSetup, build_setup
+from transferkit.training.steps import MicroBatch, StepContext, SupervisedStep
+
+QAT_LR_FACTOR = 0.01  # of the run's learning rate: 1e-3 -> 1e-5, as NNCF's QAT examples fine-tune
+
+
+@dataclass
+class QatReport:
+    steps: int
+    images: int
+    seconds: float
+    lr: float
+    batch_size: int
+    loss_first: float
+    loss_last: float
+    stopped: str  # why it ended: "steps" or "budget"
+
+    def as_dict(self) -> dict[str, Any]:
+        rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+        return {**rounded, "lr": self.lr}  # 1e-5 would round to 0
+
+
+def qat_setup(config, sources: list[str], heads: dict[str, list[str]]) -> TrainingSetup:
+    """The run's training pieces on the CPU for QAT: its datasets read from `sources` (where they are now), no
+    unlabeled data or teachers. Refused when the heads it plans differ from the run's (a distilled student's
+    heads come from its teachers, which QAT does not load)."""
+    cfg = dataclasses.replace(config, data=list(sources), unlabeled=[], teachers=[], ema=None, compile=False)
+    setup = build_setup(cfg, torch.device("cpu"))
+    if setup.plan.labels.heads != heads:
+        raise TransferkitError(
+            f"quantization-aware training rebuilds heads {list(setup.plan.labels.heads)} from the run's data, "
+            f"but the model has {list(heads)}; QAT cannot fine-tune this run"
+        )
+    return setup
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def finetune(
+    model: nn.Module,
+    setup: TrainingSetup,
+    max_steps: int,
+    budget_s: float,
+    check: Callable[[], None] = lambda: None,
+) -> QatReport:
+    """Train `model` (the run's MultiHeadModel with quantizers inserted) for at most `max_steps` optimiser steps
+    or `budget_s` seconds on `setup`'s labelled training batches; `check` runs before every step (the export's
+    INT8 budget) and may raise to stop it."""
+    cfg = setup.config
+    lr = cfg.lr * QAT_LR_FACTOR
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TransferkitError("the quantized model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max_steps, 0))
+    step = SupervisedStep(labeller=None, student=model)  # type: ignore[arg-type] - no unlabeled data: never used
+    generator = torch.Generator().manual_seed(cfg.seed + 7)
+    context = StepContext.of(setup, generator)
+    model.train()
+    _freeze_batchnorm(model)
+    start, done, images, losses, stopped = time.perf_counter(), 0, 0, [], "steps"
+    epoch = 0
+    while done < max_steps and stopped == "steps":
+        for labelled in setup.pool.iterate(setup.sampler.epoch_batches(epoch)):
+            if done >= max_steps:
+                break
+            if time.perf_counter() - start > budget_s:
+                stopped = "budget"
+                break
+            check()
+            optimizer.zero_grad(set_to_none=True)
+            stats = step.forward_backward(model, MicroBatch(labelled, None, len(labelled[0])), context.at(done))
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(stats["loss"]))
+            images += len(labelled[0])
+            done += 1
+        epoch += 1
+    model.eval()
+    if not losses:
+        raise TransferkitError(f"quantization-aware training ran no step within {budget_s:g} s")
+    return QatReport(
+        steps=done,
+        images=images,
+        seconds=time.perf_counter() - start,
+        lr=lr,
+        batch_size=cfg.batch_size,
+        loss_first=losses[0],
+        loss_last=float(sum(losses[-10:]) / len(losses[-10:])),
+        stopped=stopped,
+    )
