@@ -319,7 +319,7 @@ def int8_details(
             "budget_s": options.int8_budget_s,
             "fallback": options.int8_fallback,
             "qat": options.qat,
-            "chosen_at_confidence": selection.choosing.confidence,
+            "chosen_at_confidence": selection.tolerance.confidence,
             "fp32_images_per_second": round(result.fp32_images_per_second, 1)
             if result.fp32_images_per_second
             else None,
