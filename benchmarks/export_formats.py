@@ -9,8 +9,9 @@ Phase 1 (builds, the machine may be busy): the 32 px run (default: the demo reci
 fine-tuned on Fashion-MNIST resized to 224 px with the default settings (seeds 0, 1, 2, ...; `--limit` images per
 split; `--batch-size auto`, 3 epochs), plus one deliberately lightly trained 224 px run (one epoch at batch 128:
 5 optimiser steps), the hard case. Each run is exported as onnx and openvino at fp32, int8 and bf16 (plus onnx
-fp16 at 32 px) with the default gate, search and budget (`--qat auto`), timing each artifact's export; then a copy
-of it is exported at int8 with `--qat always`, the quantization-aware model on its own, for the comparison.
+fp16 at 32 px) with the default gate, search and budget (`--qat auto`), timing each artifact's export; then (the
+first `--qat-runs` runs) a copy of it is exported at int8 with `--qat always`, the quantization-aware model on
+its own, for the comparison.
 Phase 2 (timing, on an idle machine: the load average is recorded before and after): `transferkit benchmark`
 times every servable artifact of every run and copy in one process, OpenVINO under each performance hint, at
 batch 1 and 32, so every ratio "vs onnx" (ONNX Runtime fp32) comes from the same process.
@@ -114,7 +115,7 @@ def _timed(rows) -> dict[str, object]:
 def summary_row(label: str, rows, result, export_total: float, qat_rows, qat_result, qat_total: float) -> str:
     """One line of the goals table: the fastest servable INT8 artifact of a run against ONNX Runtime fp32, the
     bf16 artifact, and the quantization-aware model on its own."""
-    timed, qat_timed = _timed(rows), _timed(qat_rows)
+    timed, qat_timed = _timed(rows), _timed(qat_rows or [])
     onnx = timed.get("onnx")
 
     def vs(r, batch: int = 32) -> str:
@@ -131,7 +132,9 @@ def summary_row(label: str, rows, result, export_total: float, qat_rows, qat_res
         int8_cells = "no servable INT8 | - | - | - | -"
     bf16 = next((r for k, r in timed.items() if r.precision == "bf16"), None)
     qat = [(k, r) for k, r in qat_timed.items() if r.precision == "int8"]
-    if qat:
+    if qat_result is None:
+        qat_cells = "not run (--qat-runs)"
+    elif qat:
         name, best = max(qat, key=lambda kr: kr[1].throughput(32))
         qat_onnx = qat_timed.get("onnx") or onnx
         ratio = f"{qat_onnx.latency_ms[32] / best.latency_ms[32]:.2f}x" if qat_onnx else "-"
@@ -149,6 +152,7 @@ def main() -> None:
     parser.add_argument("--photo-runs", type=int, default=3, help="224 px runs to train, export and time")
     parser.add_argument("--limit", type=int, default=600, help="images per split of each 224 px run")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--qat-runs", type=int, default=2, help="runs (in order) also exported with --qat always")
     parser.add_argument("--out", default=str(ROOT / "docs" / "export.md"))
     parser.add_argument(
         "--workdir", default=str(ROOT / "runs" / "export-bench"), help="where the runs and their store go"
@@ -174,8 +178,11 @@ def main() -> None:
     for seed in range(args.photo_runs):
         out = train_photo_run(work / f"fashion-224px-seed{seed}", seed, args.limit)
         runs.append((f"224 px Fashion-MNIST, seed {seed}, {args.limit} per split", out, "fp32,int8,bf16"))
-    light = train_photo_run(work / "fashion-224px-light", 0, args.limit, light=True)
-    runs.append((f"224 px Fashion-MNIST, lightly trained (5 steps), {args.limit} per split", light, "fp32,int8,bf16"))
+    if args.photo_runs:
+        light = train_photo_run(work / "fashion-224px-light", 0, args.limit, light=True)
+        runs.append(
+            (f"224 px Fashion-MNIST, lightly trained (5 steps), {args.limit} per split", light, "fp32,int8,bf16")
+        )
 
     exports, qat_exports = [], []
     for _label, run_dir, precisions in runs:  # phase 1
@@ -184,6 +191,8 @@ def main() -> None:
         result, seconds = export_one(run_dir, precisions)
         exports.append((result, seconds, time.perf_counter() - start))
         print(format_export_table(result), flush=True)
+        if len(qat_exports) >= args.qat_runs:
+            continue
         qat_dir = run_dir.with_name(run_dir.name + "-qat")
         shutil.rmtree(qat_dir, ignore_errors=True)
         shutil.copytree(run_dir, qat_dir, ignore=shutil.ignore_patterns("export"))
@@ -194,7 +203,7 @@ def main() -> None:
 
     load_before = load_average()  # phase 2: the timing, side by side
     timings = [benchmark_run(run_dir, repeats=args.repeats) for _, run_dir, _ in runs]
-    qat_timings = [benchmark_run(qat_dir, repeats=args.repeats) for qat_dir, *_ in qat_exports]
+    qat_timings = [benchmark_run(qat_dir, repeats=args.repeats) for qat_dir, *_ in qat_exports]  # the first runs
     load_after = load_average()
 
     bf16 = "yes" if "avx512_bf16" in machine.flags or "amx_bf16" in machine.flags else "**no**"
@@ -224,6 +233,9 @@ def main() -> None:
         "| bf16 vs ORT fp32, drop | `--qat always`: vs ORT fp32, drop | export s (all artifacts) | QAT export s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    no_qat = (None, None, {}, 0.0)
+    qat_exports += [no_qat] * (len(runs) - len(qat_exports))
+    qat_timings += [[]] * (len(runs) - len(qat_timings))
     for (label, _, _), rows, (result, _, total), qat_rows, (_, qat_result, _, qat_total) in zip(
         runs, timings, exports, qat_timings, qat_exports
     ):
@@ -245,6 +257,10 @@ def main() -> None:
             "",
             *(attempt_lines(result) or ["- none"]),
             "",
+        ]
+        if qat_result is None:
+            continue
+        lines += [
             "With `--qat always` (" + ", ".join(f"{k} {v:.0f} s" for k, v in qat_seconds.items()) + "):",
             "",
             format_benchmark_table(qat_rows, markdown=True),
