@@ -57,8 +57,9 @@ def train_photo_run(out: Path, seed: int, limit: int, light: bool = False) -> Pa
 
 def export_one(run_dir: Path, precisions: str, **options) -> tuple[object, dict[str, float]]:
     from transferkit.export import export_run
+    from transferkit.export.job import ExportOptions
 
-    result = export_run(run_dir, formats="onnx,openvino", precision=precisions, **options)
+    result = export_run(run_dir, formats="onnx,openvino", precision=precisions, options=ExportOptions(**options))
     return result, {name: r.export_seconds or 0.0 for name, r in result.formats.items()}
 
 

@@ -13,10 +13,14 @@ passes kept, all within a time budget.
     `--qat always` skips the post-training attempts (the quantization-aware model is wanted as such) and
     `--qat off` the quantization-aware one.
     for each plan, while the budget (--int8-budget-s) lasts (long attempts also stop when it runs out):
-        build it -> logits on the validation split -> SelectionSet.report (the gate's metric, tightened)
-        passed -> images/s at batch 32, measured here; later plans of the same quantized graph are skipped
-    keep the fastest that passed (none passed: the closest, so the gate reports real numbers and it is not
-    served); export_run then gates the kept model once on the held-out test split
+        build it -> logits on the validation split -> SelectionSet.report (the gate's statistic)
+        passed -> images/s at batch 32, measured here, and whether the pass is clear (SelectionSet.clear);
+                  later plans of the same quantized graph are skipped
+    quantization-aware attempts run unless a post-training one passed clearly and faster than fp32 (a bare pass
+    fails the gate on test about half the time); mixed precision runs unless a fully INT8 one passed faster
+    keep, among those that passed, one faster than fp32, then a clear pass, then the fastest (none passed: the
+    closest, so the gate reports real numbers and it is not served); export_run then gates the kept model once
+    on the held-out test split
 
 Why quantization-aware training comes before mixed precision: it keeps every layer in INT8 (the speed) and
 recovers the accuracy by training, where mixed precision gives the speed of the layers it keeps in fp32 away.
@@ -109,7 +113,7 @@ def search(
     engine.deadline = start + options.int8_budget_s
     fp32_speed = engine.images_per_second(fp32_model, selection.inputs.batch) if fp32_model is not None else None
     attempts: list[dict[str, Any]] = []
-    passing: list[tuple[float, str, Candidate, bool]] = []  # (img/s, plan, candidate, faster than fp32)
+    passing: list[tuple[float, str, Candidate, bool, bool]] = []  # (img/s, plan, candidate, faster, clear pass)
     passed_graphs: set[str] = set()
     closest: tuple[float, str, Candidate] | None = None
     hopeless = selection.unreachable()  # a split too small for the bound: one attempt, for the gate's numbers
@@ -133,9 +137,11 @@ def search(
         if not (plan.qat or plan.mixed) and options.qat == "always":
             record["status"] = "skipped: --qat always (the quantization-aware model is the INT8 model)"
             continue
-        if (plan.mixed or plan.qat and options.qat == "auto") and any(fast for _, _, _, fast in passing):
-            what = "layers kept in fp32 only cost speed" if plan.mixed else "fine-tuning cannot make it faster"
-            record["status"] = f"skipped: an attempt faster than fp32 passed ({what})"
+        if plan.mixed and any(p[3] for p in passing):
+            record["status"] = "skipped: an attempt faster than fp32 passed (layers kept in fp32 only cost speed)"
+            continue
+        if plan.qat and options.qat == "auto" and any(p[3] and p[4] for p in passing):
+            record["status"] = "skipped: an attempt faster than fp32 passed clearly (fine-tuning cannot make it faster)"
             continue
         if plan.mixed and options.int8_fallback == "off":
             record["status"] = "skipped: --int8-fallback off"
@@ -162,13 +168,15 @@ def search(
         if report["passed"]:
             speed = engine.images_per_second(candidate.model, selection.inputs.batch)
             fast = fp32_speed is None or speed > fp32_speed
+            clear = selection.clear(logits)
             record.update(
                 status="passed on validation" if fast else "passed on validation, slower than fp32 here",
                 images_per_second=round(speed, 1),
+                clear_pass=clear,
             )
             if fp32_speed:
                 record["speedup_vs_fp32"] = round(speed / fp32_speed, 2)
-            passing.append((speed, plan.name, candidate, fast))
+            passing.append((speed, plan.name, candidate, fast, clear))
             if fast:  # a slower one does not end the search: another graph of these scales may be fast
                 passed_graphs.add(plan.graph)
         else:
@@ -176,8 +184,8 @@ def search(
             if closest is None or violation < closest[0]:
                 closest = (violation, plan.name, candidate)
         record["seconds"] = round(time.perf_counter() - t, 1)
-    if passing:  # the fastest that passed, preferring any faster than fp32
-        _, name, chosen, _ = max(passing, key=lambda p: (p[3], p[0]))
+    if passing:  # faster than fp32 first, then a clear pass, then the fastest
+        _, name, chosen, *_ = max(passing, key=lambda p: (p[3], p[4], p[0]))
         return SearchResult(chosen, name, True, attempts, fp32_speed)
     if closest is not None:
         return SearchResult(closest[2], closest[1], False, attempts, fp32_speed)

@@ -90,6 +90,21 @@ def best_provable_drop(images: int, confidence: float) -> float:
     return upper_bound(0, 0, images, confidence)
 
 
+CLEAR_PASS_PROBABILITY = 0.8
+
+
+def clear_confidence(gate_confidence: float, pass_probability: float = CLEAR_PASS_PROBABILITY) -> float:
+    """The confidence at which a pass on the validation split is *clear*: likely (`pass_probability`) to pass the
+    gate on a test split of the same size, not about one time in two as a pass at the gate's own confidence is.
+
+    With the drop measured as d on validation (standard error s) and the test split as large, the test's drop
+    is about normal around d with variance 2 s^2 (the true drop's uncertainty plus the test's own noise); the
+    gate passes when the test's drop + z_gate s <= tolerance, so d + (z_gate + z_p sqrt(2)) s <= tolerance
+    passes it with probability p. At 95% and p = 0.8 that is the bound at 99.8% confidence."""
+    z = NormalDist().inv_cdf(gate_confidence) + NormalDist().inv_cdf(pass_probability) * math.sqrt(2.0)
+    return NormalDist().cdf(z)
+
+
 def images_needed(max_drop_points: float, confidence: float, disagreement: float = 0.0) -> int:
     """How many images the bound needs to pass an artifact with no true drop that disagrees with the reference on
     the fraction `disagreement` of them, half lost and half gained (used in messages: how many to verify on)."""
