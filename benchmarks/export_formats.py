@@ -216,7 +216,7 @@ def main() -> None:
         f"while timing: {load_before} before, {load_after} after.",
         "",
         "Gate: every artifact against PyTorch fp32, image by image, on the held-out **test** split of every dataset "
-        "(`--verify-images auto`: all of it when the reference takes seconds, else 1,000 per dataset). fp32 and fp16: "
+        "(`--verify-images auto`: all of it up to 50 megapixels, at least 2,000 images per dataset). fp32 and fp16: "
         "logits within 1e-3 / 5e-2 of scale, measured drop <= 0.5 / 0.3 point. INT8 and bf16: the drop's one-sided "
         "95% upper bound <= 1 point per dataset (a gain never fails); the table gives the worst dataset's measured "
         "drop, its bound and the images. INT8 attempts are chosen on the **validation** split (bound at 99.8%), "

@@ -70,3 +70,15 @@ def test_fp32_is_judged_on_its_measured_drop_and_int8_on_the_bound():
     ref, got = _pair(256, 0.9, lost=1, gained=0)
     assert paired_drop(ref, got, None).within(0.5)  # 0.39 points measured: within fp32's 0.5
     assert not paired_drop(ref, got, 0.95).within(0.5)  # but 256 images cannot bound it below 0.5
+
+
+def test_auto_verify_images_takes_whole_small_image_splits_and_a_floor_at_224_px():
+    from transferkit.export.verify import VERIFY_FLOOR, auto_verify_images, parse_verify_images
+
+    assert auto_verify_images(32, 2) >= 10_000  # every MNIST / Fashion-MNIST test image
+    assert auto_verify_images(224, 1) == auto_verify_images(224, 3) == VERIFY_FLOOR == 2000
+    assert best_provable_drop(VERIFY_FLOOR, 0.95) < 0.1  # the floor can show a small bound
+    assert parse_verify_images("auto") == "auto" and parse_verify_images("600") == 600
+    for bad in ("0", "-3", "many", True):
+        with pytest.raises(Exception, match="--verify-images must be auto or >= 1"):
+            parse_verify_images(bad)

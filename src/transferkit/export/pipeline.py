@@ -130,10 +130,10 @@ def _check_options(device: str, verify_images: int | str) -> int | str:
     return verify.parse_verify_images(verify_images)
 
 
-def _images_per_dataset(verify_images: int | str, module, run) -> int:
+def _images_per_dataset(verify_images: int | str, run) -> int:
     if verify_images != verify.AUTO:
         return int(verify_images)
-    return verify.auto_verify_images(module, run.preprocessing.image_size, len(run.labels.datasets))
+    return verify.auto_verify_images(run.preprocessing.image_size, len(run.labels.datasets))
 
 
 def export_run(
@@ -158,7 +158,7 @@ def export_run(
     model, run = load_run_model(run_dir)
     run = verify.with_data(run, data)  # `--data`: the run's datasets where they are on this machine
     module = ExportModule(model).eval()
-    verify_images = _images_per_dataset(verify_images, module, run)
+    verify_images = _images_per_dataset(verify_images, run)
     inputs = verify.load_verify_inputs(run, verify_images)  # a missing dataset fails here, before exporting
     export_dir = run.export_dir
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -440,7 +440,7 @@ def verify_export(run_dir: str | Path, verify_images: int | str = verify.AUTO, s
     old = read_manifest(export_dir)
     heads = list(model.head_names)
     module = ExportModule(model).eval()
-    inputs = verify.load_verify_inputs(run, _images_per_dataset(verify_images, module, run))
+    inputs = verify.load_verify_inputs(run, _images_per_dataset(verify_images, run))
     reference = verify.pytorch_logits(module, inputs.batch, heads)
     sample = corrupted_sample(inputs, run.preprocessing, module, heads)
     manifest = new_manifest(run, heads)
