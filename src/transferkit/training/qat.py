@@ -33,6 +33,8 @@ from transferkit.training.optim import warmup_cosine
 from transferkit.training.setup import TrainingSetup, build_setup
 from transferkit.training.steps import MicroBatch, StepContext, SupervisedStep
 
+QAT_BATCH_PIXELS = 32 * 224 * 224  # batch 32 at 224 px, the run's own batch (up to 1568) at 32 px
+AUTO_BATCH_CEILING = 128  # for a run whose config still says auto (batch 0)
 QAT_LR_FACTOR = 0.01  # of the run's learning rate: 1e-3 -> 1e-5, as NNCF's QAT examples fine-tune
 
 
@@ -56,7 +58,13 @@ def qat_setup(config, sources: list[str], heads: dict[str, list[str]]) -> Traini
     """The run's training pieces on the CPU for QAT: its datasets read from `sources` (where they are now), no
     unlabeled data or teachers. Refused when the heads it plans differ from the run's (a distilled student's
     heads come from its teachers, which QAT does not load)."""
-    cfg = dataclasses.replace(config, data=list(sources), unlabeled=[], teachers=[], ema=None, compile=False)
+    # the run's batch, at most QAT_BATCH_PIXELS of images: fake quantizers keep more activations alive than a
+    # training step does, and a run trained at batch 128 at 224 px ran an export out of 24 GB in QAT
+    cap = max(1, QAT_BATCH_PIXELS // (config.image_size * config.image_size))
+    batch = min(config.batch_size or AUTO_BATCH_CEILING, cap)  # 0: the run left it to `auto`
+    cfg = dataclasses.replace(
+        config, data=list(sources), unlabeled=[], teachers=[], ema=None, compile=False, batch_size=batch
+    )
     setup = build_setup(cfg, torch.device("cpu"))
     if setup.plan.labels.heads != heads:
         raise TransferkitError(
