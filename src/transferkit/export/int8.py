@@ -4,7 +4,7 @@ passes kept, all within a time budget.
     plans (per runtime: export/quantize.py for ONNX Runtime, export/openvino.py for OpenVINO), in order:
         post-training fully INT8: the tool's calibration methods and options (minmax, percentile, entropy,
                              bias correction, more calibration images, ...)
-        quantization-aware fully INT8 (only while no attempt faster than fp32 has passed, and --qat auto):
+        quantization-aware fully INT8 (unless an attempt faster than fp32 passed clearly, and --qat auto):
                              NNCF's quantizers in the PyTorch model, fine-tuned on the run's train splits
                              (export/qat.py), once per export and shared by both formats
         mixed-precision attempts (only while no attempt faster than fp32 has passed, and --int8-fallback
@@ -41,12 +41,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from transferkit.artifact import INPUT_NAME
-from transferkit.export.job import ExportOptions, SelectionSet
+from transferkit.export.job import ExportOptions, SelectionSet, violation_of
 from transferkit.export.measure import MEASURE_BATCH, batch_of, median_seconds
 from transferkit.export.table import one_line
 
@@ -68,7 +68,7 @@ class Plan:
     settings: dict[str, Any]  # the tool and its options, as recorded
     build: Callable[[], Candidate]
     mixed: bool = False  # keeps layers in fp32: tried only when no fully INT8 plan passed
-    qat: bool = False  # quantization-aware fine-tuning: tried only when no post-training plan passed (--qat auto)
+    qat: bool = False  # quantization-aware fine-tuning: tried unless a post-training plan passed clearly (--qat auto)
     # plans with the same `graph` quantize the same operations the same way and differ only in their scales, so
     # they run at the same speed: once one passes, the others of its graph cannot be faster and are skipped
     graph: str = ""
@@ -95,6 +95,16 @@ class Engine:
         return MEASURE_BATCH / median_seconds(lambda: self.logits(model, x), repeats)
 
 
+class Passed(NamedTuple):
+    """An attempt that passed on validation, with what the choice among them reads."""
+
+    images_per_second: float
+    plan: str
+    candidate: Candidate
+    fast: bool  # faster than fp32 here
+    clear: bool  # passes at the clear confidence too (SelectionSet.clear)
+
+
 @dataclass
 class SearchResult:
     chosen: Candidate | None  # the fastest that passed on validation, else the closest; None if all failed
@@ -113,7 +123,7 @@ def search(
     engine.deadline = start + options.int8_budget_s
     fp32_speed = engine.images_per_second(fp32_model, selection.inputs.batch) if fp32_model is not None else None
     attempts: list[dict[str, Any]] = []
-    passing: list[tuple[float, str, Candidate, bool, bool]] = []  # (img/s, plan, candidate, faster, clear pass)
+    passing: list[Passed] = []
     passed_graphs: set[str] = set()
     closest: tuple[float, str, Candidate] | None = None
     hopeless = selection.unreachable()  # a split too small for the bound: one attempt, for the gate's numbers
@@ -137,10 +147,10 @@ def search(
         if not (plan.qat or plan.mixed) and options.qat == "always":
             record["status"] = "skipped: --qat always (the quantization-aware model is the INT8 model)"
             continue
-        if plan.mixed and any(p[3] for p in passing):
+        if plan.mixed and any(p.fast for p in passing):
             record["status"] = "skipped: an attempt faster than fp32 passed (layers kept in fp32 only cost speed)"
             continue
-        if plan.qat and options.qat == "auto" and any(p[3] and p[4] for p in passing):
+        if plan.qat and options.qat == "auto" and any(p.fast and p.clear for p in passing):
             record["status"] = "skipped: an attempt faster than fp32 passed clearly (fine-tuning cannot make it faster)"
             continue
         if plan.mixed and options.int8_fallback == "off":
@@ -155,7 +165,7 @@ def search(
             candidate = plan.build()
             logits = engine.logits(candidate.model, selection.inputs.batch)
             report = selection.report(logits)
-            violation = selection.violation(logits)
+            violation = violation_of(report)  # from the same report: one comparison, not two
         except BudgetSpent as exc:
             record.update(status=str(exc), seconds=round(time.perf_counter() - t, 1))
             continue
@@ -176,7 +186,7 @@ def search(
             )
             if fp32_speed:
                 record["speedup_vs_fp32"] = round(speed / fp32_speed, 2)
-            passing.append((speed, plan.name, candidate, fast, clear))
+            passing.append(Passed(speed, plan.name, candidate, fast, clear))
             if fast:  # a slower one does not end the search: another graph of these scales may be fast
                 passed_graphs.add(plan.graph)
         else:
@@ -185,8 +195,8 @@ def search(
                 closest = (violation, plan.name, candidate)
         record["seconds"] = round(time.perf_counter() - t, 1)
     if passing:  # faster than fp32 first, then a clear pass, then the fastest
-        _, name, chosen, *_ = max(passing, key=lambda p: (p[3], p[4], p[0]))
-        return SearchResult(chosen, name, True, attempts, fp32_speed)
+        best = max(passing, key=lambda p: (p.fast, p.clear, p.images_per_second))
+        return SearchResult(best.candidate, best.plan, True, attempts, fp32_speed)
     if closest is not None:
         return SearchResult(closest[2], closest[1], False, attempts, fp32_speed)
     return SearchResult(None, None, False, attempts, fp32_speed)

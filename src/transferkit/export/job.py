@@ -65,7 +65,7 @@ class SelectionSet:
     def violation(self, logits: dict[str, np.ndarray], rows: np.ndarray | None = None) -> float:
         """How far from the bounds: the largest, over datasets, of the drop's bound over the tolerance (and, where
         agreement is checked, of disagreement over its bound). <= 1 passes; smaller is better."""
-        return _violation(self.report(logits, rows))
+        return violation_of(self.report(logits, rows))
 
     def unreachable(self) -> str | None:
         """Why nothing can pass the gate, if so: a dataset whose split is too small for the gate's bound even with
@@ -86,7 +86,8 @@ class SelectionSet:
         return None
 
 
-def _violation(report: dict[str, Any]) -> float:
+def violation_of(report: dict[str, Any]) -> float:
+    """SelectionSet.violation of a report already made (its tolerance is in it)."""
     tol = report["tolerance"]
     worst = 0.0
     for head in report["heads"].values():
