@@ -1,12 +1,14 @@
 """The INT8 search's escalation, on constructed candidates: post-training fully INT8, then quantization-aware
 fully INT8, then mixed precision, each rung tried only when the one before found nothing that passes."""
 
+import time
+
 import numpy as np
 import pytest
 
 from transferkit.artifact import TOLERANCES
 from transferkit.export.int8 import Candidate, Engine, Plan, search
-from transferkit.export.job import ExportOptions, SelectionSet
+from transferkit.export.job import ExportOptions, Int8Clock, SelectionSet
 from transferkit.export.verify import VerifyInputs
 
 N = 2000  # validation images: enough for the bound to pass a model that agrees
@@ -109,3 +111,31 @@ def test_a_bare_pass_is_kept_when_quantization_aware_training_does_no_better():
 def test_qat_off_and_always(qat, expected):
     _, built, _ = _run(ptq_passes=False, qat_passes=True, qat=qat)
     assert built == expected
+
+
+def test_the_int8_budget_is_shared_by_the_searches_of_one_export_with_a_floor_for_each():
+    selection, reference = _selection()
+    bad = _worse(reference, 60)
+    options = ExportOptions(int8_budget_s=0.8)  # a floor of 0.2 s per search
+    clock = Int8Clock(options.int8_budget_s)
+
+    def searched() -> dict[str, str]:
+        def slow(name: str) -> Plan:
+            def build() -> Candidate:
+                time.sleep(0.3)  # more than the floor: the next attempt starts after the deadline
+                return Candidate(bad)
+
+            return Plan(name, {}, build, graph=name)
+
+        result = search([slow("a"), slow("b"), slow("c")], Engine(lambda m, x: m), selection, options, clock=clock)
+        return {a["name"]: a["status"] for a in result.attempts}
+
+    first = searched()  # 0.9 s of attempts: the first search spends the whole budget and one attempt more
+    assert first == {"a": "failed on validation", "b": "failed on validation", "c": "failed on validation"}
+    second = searched()  # nothing is left of the budget: the floor still runs one attempt, and only one
+    assert second["a"] == "failed on validation"
+    assert second["b"] == second["c"] == "skipped: the export's INT8 budget of 0.8 s was spent"
+    now = time.monotonic()
+    assert clock.deadline() == pytest.approx(now + 0.2, abs=0.05)  # spent: a later search gets the floor
+    fresh = Int8Clock(10.0)
+    assert fresh.deadline() == pytest.approx(time.monotonic() + 10.0, abs=0.05)  # the first search: all of it

@@ -117,3 +117,27 @@ def test_export_with_qat_always_builds_both_int8_formats_from_one_fine_tuning(pr
         assert all(d["drop_upper_points"] is not None for h in heads.values() for d in h["per_dataset"].values())
         records[name] = qat["qat"]["training"]
     assert records["onnx-int8"] == records["openvino-int8"]  # trained once, shared by both searches
+
+
+def test_qat_is_planned_from_its_first_step_and_skipped_when_too_few_steps_fit(probe_run):
+    """The first step's time plans the run (its cosine ends at zero within the budget); a budget that fits fewer
+    than QAT_MIN_STEPS skips training for every search of the export, after one step, not after the budget."""
+    from transferkit.export import verify
+    from transferkit.export.int8 import BudgetSpent
+    from transferkit.export.qat import QuantizationAware
+    from transferkit.runs import load_run_model
+    from transferkit.training.qat import QAT_MIN_STEPS, QatWontFit, _steps_that_fit
+
+    assert _steps_that_fit(0.5, 60, 100) == 100  # all of --qat-steps fits
+    assert _steps_that_fit(2.0, 60, 100) == 30  # what fits, at least QAT_MIN_STEPS
+    assert _steps_that_fit(6.0, 60, 5) == 5  # a user's --qat-steps below the minimum is theirs to ask for
+    with pytest.raises(QatWontFit, match=f"fit 10 steps, fewer than the {QAT_MIN_STEPS}"):
+        _steps_that_fit(6.0, 60, 100)
+
+    model, run = load_run_model(probe_run)
+    qat = QuantizationAware(run, model, list(verify.dataset_sources(run).values()), steps=100)
+    calibration = verify.load_calibration_images(run, 32)
+    with pytest.raises(BudgetSpent, match="skipped: a quantization-aware step takes"):
+        qat.trained(calibration, lambda: None, budget_s=0.01)
+    with pytest.raises(BudgetSpent, match="skipped: a quantization-aware step takes"):  # not trained again
+        qat.trained(calibration, lambda: None, budget_s=600)

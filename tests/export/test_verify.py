@@ -87,3 +87,29 @@ def test_reverify_of_an_untouched_export_keeps_its_tag(exported, tmp_path):
     result = verify_export(run_dir, verify_images=VERIFY_IMAGES)
     assert result.ok and result.formats["onnx"].status == PASSED
     assert result.bentoml_tag == exported[1].bentoml_tag
+
+
+def test_the_pytorch_reference_is_the_eager_models_logits_traced_or_not():
+    """The reference runs a frozen trace (BatchNorm folded) where the trace gives the eager model's logits, and
+    the eager model where it does not: the numbers are the model's either way."""
+    import torch
+
+    from transferkit.export.verify import pytorch_logits, reference_runner
+    from transferkit.model import ExportModule, build_model
+
+    torch.manual_seed(0)
+    model = ExportModule(build_model("mobilenet_v2", "none", {"h": list("abc")}, image_size=32)).eval()
+    batch = np.random.default_rng(0).standard_normal((70, 3, 32, 32)).astype(np.float32)  # two calls of BATCH
+    with torch.no_grad():
+        eager = model(torch.from_numpy(batch))[0].numpy()
+    assert isinstance(reference_runner(model, batch[:3]), torch.jit.ScriptModule)
+    got = pytorch_logits(model, batch, ["h"])["h"]
+    assert got.shape == eager.shape and np.abs(got - eager).max() <= 1e-4 * max(1.0, np.abs(eager).max())
+
+    class BatchDependent(torch.nn.Module):  # Python control flow a trace bakes in for the traced batch size
+        def forward(self, x):
+            return (x.flatten(1)[:, :3] * (2.0 if x.shape[0] == 2 else 1.0),)
+
+    odd = BatchDependent().eval()
+    assert not isinstance(reference_runner(odd, batch[:3]), torch.jit.ScriptModule)
+    assert np.array_equal(pytorch_logits(odd, batch, ["h"])["h"], batch.reshape(70, -1)[:, :3])

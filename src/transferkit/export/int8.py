@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from transferkit.artifact import INPUT_NAME
-from transferkit.export.job import ExportOptions, SelectionSet, violation_of
+from transferkit.export.job import ExportOptions, Int8Clock, SelectionSet, violation_of
 from transferkit.export.measure import MEASURE_BATCH, batch_of, median_seconds
 from transferkit.export.table import one_line
 
@@ -115,12 +115,18 @@ class SearchResult:
 
 
 def search(
-    plans: list[Plan], engine: Engine, selection: SelectionSet, options: ExportOptions, fp32_model: Any = None
+    plans: list[Plan],
+    engine: Engine,
+    selection: SelectionSet,
+    options: ExportOptions,
+    fp32_model: Any = None,
+    clock: Int8Clock | None = None,
 ) -> SearchResult:
     """Run the plans (see the module docstring). `fp32_model`: timed once in the same engine, so each attempt's
-    speed is also recorded as a ratio to fp32 on this machine (an INT8 model slower than fp32 is worth knowing)."""
-    start = time.monotonic()
-    engine.deadline = start + options.int8_budget_s
+    speed is also recorded as a ratio to fp32 on this machine (an INT8 model slower than fp32 is worth knowing).
+    `clock`: the export's INT8 budget, shared with its other searches (None: this search has all of it)."""
+    deadline = (clock or Int8Clock(options.int8_budget_s)).deadline()
+    engine.deadline = deadline
     fp32_speed = engine.images_per_second(fp32_model, selection.inputs.batch) if fp32_model is not None else None
     attempts: list[dict[str, Any]] = []
     passing: list[Passed] = []
@@ -156,9 +162,8 @@ def search(
         if plan.mixed and options.int8_fallback == "off":
             record["status"] = "skipped: --int8-fallback off"
             continue
-        spent = time.monotonic() - start
-        if spent >= options.int8_budget_s:
-            record["status"] = f"skipped: the INT8 budget of {options.int8_budget_s:g} s was spent ({spent:.0f} s)"
+        if time.monotonic() >= deadline:
+            record["status"] = f"skipped: the export's INT8 budget of {options.int8_budget_s:g} s was spent"
             continue
         t = time.perf_counter()
         try:
@@ -334,7 +339,7 @@ def int8_details(
             "passed_on_validation": result.passed,
             "calibration_images": int(len(calibration)),
             "calibration_images_per_dataset": options.calibration_images,
-            "budget_s": options.int8_budget_s,
+            "budget_s": options.int8_budget_s,  # shared by the export's INT8 searches (job.Int8Clock)
             "fallback": options.int8_fallback,
             "qat": options.qat,
             "chosen_at_confidence": selection.tolerance.confidence,

@@ -261,7 +261,12 @@ def quantize_nncf(model: openvino.Model, job: ExportJob) -> tuple[openvino.Model
     calibration = job.calibration(job.options.calibration_images)
     engine = OpenVinoEngine(job.head_names)
     result = search(
-        openvino_int8_plans(model, job, calibration, engine), engine, job.selection, job.options, fp32_model=model
+        openvino_int8_plans(model, job, calibration, engine),
+        engine,
+        job.selection,
+        job.options,
+        fp32_model=model,
+        clock=job.int8_clock,
     )
     if result.chosen is None:
         raise TransferkitError(

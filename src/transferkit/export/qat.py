@@ -55,21 +55,29 @@ class QuantizationAware:
     steps: int
     _trained: tuple[torch.nn.Module, dict[str, Any]] | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
+    _skipped: str | None = field(default=None, repr=False)  # why it did not train (too few steps fit the budget)
 
     def trained(
         self, calibration: np.ndarray, check: Callable[[], None], budget_s: float
     ) -> tuple[torch.nn.Module, dict[str, Any]]:
         """(the fine-tuned quantized MultiHeadModel in eval mode, what was done), training for at most `steps`
         steps and `budget_s` seconds on first use; raises the first attempt's error again rather than training
-        twice."""
+        twice. Training too short to help (QatWontFit) is a skip, BudgetSpent, for every search of the export:
+        a later search has less of the budget, not more."""
+        from transferkit.export.int8 import BudgetSpent
+        from transferkit.training.qat import QatWontFit
+
+        if self._skipped is not None:
+            raise BudgetSpent(self._skipped)
         if self._error is not None:
             raise TransferkitError(self._error)
         if self._trained is None:
             try:
                 self._trained = self._train(calibration, check, budget_s)
+            except QatWontFit as exc:
+                self._skipped = f"skipped: {exc}"
+                raise BudgetSpent(self._skipped) from None
             except Exception as exc:
-                from transferkit.export.int8 import BudgetSpent
-
                 if not isinstance(exc, BudgetSpent):  # the next search has a budget of its own
                     self._error = f"quantization-aware training failed: {exc}"
                 raise

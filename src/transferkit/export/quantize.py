@@ -423,7 +423,8 @@ def quantize_onnx_int8(fp32_path: Path, path: Path, job: ExportJob) -> dict[str,
     engine = OnnxEngine(job.head_names)
     with tempfile.TemporaryDirectory(prefix="transferkit-int8-") as tmp:
         plans = onnx_int8_plans(fp32_path, Path(tmp), job, calibration, engine)
-        result = search(plans, engine, job.selection, job.options, fp32_model=onnx.load(str(fp32_path)))
+        fp32 = onnx.load(str(fp32_path))
+        result = search(plans, engine, job.selection, job.options, fp32_model=fp32, clock=job.int8_clock)
         if result.chosen is None:
             raise TransferkitError(
                 "every INT8 attempt failed: "

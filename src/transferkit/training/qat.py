@@ -14,7 +14,7 @@ augmentation, through the same supervised step as training (training/steps.py), 
 - BatchNorm statistics frozen (its layers in eval mode): the ranges were calibrated on those statistics, and
   a few small CPU batches would move them more than they should;
 - no unlabeled data, teachers or EMA: the step learns from the labelled images only;
-- bounded by steps and by seconds, checked every step.
+- bounded by steps and by seconds: the first step is timed and the run planned to fit (`finetune`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from transferkit.training.steps import MicroBatch, StepContext, SupervisedStep
 QAT_BATCH_PIXELS = 32 * 224 * 224  # batch 32 at 224 px, the run's own batch (up to 1568) at 32 px
 AUTO_BATCH_CEILING = 128  # for a run whose config still says auto (batch 0)
 QAT_LR_FACTOR = 0.01  # of the run's learning rate: 1e-3 -> 1e-5, as NNCF's QAT examples fine-tune
+QAT_MIN_STEPS = 20  # fewer steps than this are not run: 11 steps at 224 px gave a model worse than post-training
 
 
 @dataclass
@@ -47,7 +48,7 @@ class QatReport:
     batch_size: int
     loss_first: float
     loss_last: float
-    stopped: str  # why it ended: "steps" or "budget"
+    stopped: str  # why it ended: "steps" (all of max_steps) or "budget" (the steps that fit it)
 
     def as_dict(self) -> dict[str, Any]:
         rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
@@ -80,6 +81,10 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
+class QatWontFit(TransferkitError):
+    """The steps the budget allows, at the speed the first step measured, are fewer than QAT_MIN_STEPS."""
+
+
 def finetune(
     model: nn.Module,
     setup: TrainingSetup,
@@ -88,28 +93,32 @@ def finetune(
     check: Callable[[], None] = lambda: None,
 ) -> QatReport:
     """Train `model` (the run's MultiHeadModel with quantizers inserted) for at most `max_steps` optimiser steps
-    or `budget_s` seconds on `setup`'s labelled training batches; `check` runs before every step (the export's
-    INT8 budget) and may raise to stop it."""
+    within `budget_s` seconds on `setup`'s labelled training batches; `check` runs before every step (the export's
+    INT8 budget) and may raise to stop it.
+
+    The first step measures what a step costs here, and the run is planned from it: as many steps as fit the
+    budget, at most `max_steps`, with the cosine schedule over exactly those, so a short run still ends at a
+    learning rate of zero (one cut short at full rate moved the weights and left them worse than post-training
+    INT8). Fewer than QAT_MIN_STEPS raises QatWontFit after that one step, rather than spending the budget on
+    training too short to help (at 224 px on two cores a step takes about 6 s)."""
     cfg = setup.config
     lr = cfg.lr * QAT_LR_FACTOR
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TransferkitError("the quantized model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max_steps, 0))
+    planned = [max_steps]  # revised after the first step; the schedule reads it at every step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(planned[0], 0)(s))
     step = SupervisedStep(labeller=None, student=model)  # type: ignore[arg-type] - no unlabeled data: never used
     generator = torch.Generator().manual_seed(cfg.seed + 7)
     context = StepContext.of(setup, generator)
     model.train()
     _freeze_batchnorm(model)
-    start, done, images, losses, stopped = time.perf_counter(), 0, 0, [], "steps"
+    start, done, images, losses = time.perf_counter(), 0, 0, []
     epoch = 0
-    while done < max_steps and stopped == "steps":
+    while done < planned[0]:
         for labelled in setup.pool.iterate(setup.sampler.epoch_batches(epoch)):
-            if done >= max_steps:
-                break
-            if time.perf_counter() - start > budget_s:
-                stopped = "budget"
+            if done >= planned[0]:
                 break
             check()
             optimizer.zero_grad(set_to_none=True)
@@ -121,10 +130,10 @@ def finetune(
             losses.append(float(stats["loss"]))
             images += len(labelled[0])
             done += 1
+            if done == 1:
+                planned[0] = _steps_that_fit(time.perf_counter() - start, budget_s, max_steps)
         epoch += 1
     model.eval()
-    if not losses:
-        raise TransferkitError(f"quantization-aware training ran no step within {budget_s:g} s")
     return QatReport(
         steps=done,
         images=images,
@@ -133,5 +142,18 @@ def finetune(
         batch_size=cfg.batch_size,
         loss_first=losses[0],
         loss_last=float(sum(losses[-10:]) / len(losses[-10:])),
-        stopped=stopped,
+        stopped="steps" if done == max_steps else "budget",
     )
+
+
+def _steps_that_fit(first_step_s: float, budget_s: float, max_steps: int) -> int:
+    """How many steps to run, the first included, at `first_step_s` each (it includes the first batch's data
+    loading, so this errs short); QatWontFit below QAT_MIN_STEPS."""
+    fit = int(budget_s / max(first_step_s, 1e-6))
+    if fit < min(QAT_MIN_STEPS, max_steps):
+        raise QatWontFit(
+            f"a quantization-aware step takes {first_step_s:.1f} s here, so the {max(0.0, budget_s):.0f} s "
+            f"the INT8 budget leaves fit {fit} steps, fewer than the "
+            f"{QAT_MIN_STEPS} that help (raise --int8-budget-s)"
+        )
+    return min(max_steps, fit)
