@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from transferkit.errors import ConfigError, TransferkitError
+from transferkit.errors import ConfigError, TransferkitError, message_on_one_line
 from transferkit.options import add_options, field_comments, flags, given
 
 # TrainConfig fields that take a comma-separated list on the command line
@@ -654,12 +654,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    """The exception's message on one line: stderr stays one line per failure, even for library errors
-    whose messages span paragraphs."""
-    return " ".join(str(exc).split())
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """parse_args, but an unknown option is reported by its command's parser (`see transferkit train --help`)."""
     parser = build_parser()
@@ -684,9 +678,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.debug:
             raise
         if isinstance(exc, TransferkitError):  # expected: the message names the problem and the fix
-            print(f"transferkit: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"transferkit: error: {message_on_one_line(exc)}", file=sys.stderr)
         else:  # a bug or an environment problem we did not foresee: name it, keep the traceback one flag away
-            message = _one_line(exc)
+            message = message_on_one_line(exc)
             if len(message) > _MAX_MESSAGE:
                 message = message[: _MAX_MESSAGE - 3] + "..."
             detail = f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -1,4 +1,5 @@
-"""The one exception type users see: a message that names the problem and the fix."""
+"""The one exception type users see: a message that names the problem and the fix; and how any exception is
+written on one line (a table cell, a manifest field, the CLI's stderr line)."""
 
 
 class TransferkitError(Exception):
@@ -33,3 +34,16 @@ class ImageFormatError(ImageDecodeError):
 
 class ArtifactMismatchError(TransferkitError):
     """An exported file whose size or sha256 differs from manifest.json (corrupt, truncated or replaced)."""
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """`Type: first line of the message`, cut at `limit` characters: fits one table cell or manifest field, and
+    the type says which library failed."""
+    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def message_on_one_line(exc: BaseException) -> str:
+    """The whole message, its lines joined, without the type: the CLI's stderr stays one line per failure, and a
+    TransferkitError's message (problem and fix, sometimes over two lines) is shown whole."""
+    return " ".join(str(exc).split())

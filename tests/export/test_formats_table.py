@@ -228,8 +228,10 @@ def test_check_device_refuses(device):
 
 
 def test_text_table_layout():
-    from transferkit.export.table import one_line, text_table
+    from transferkit.errors import message_on_one_line, one_line
+    from transferkit.export.table import text_table
 
     assert text_table(["a", "bb"], [["xyz", ""], ["1", "2"]]) == "a    bb\n---  --\nxyz\n1    2"
     assert one_line(ValueError("first\nsecond")) == "ValueError: first"
     assert len(one_line(ValueError("x" * 900))) == 500
+    assert message_on_one_line(ValueError("problem,\n  and the fix")) == "problem, and the fix"

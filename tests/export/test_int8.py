@@ -305,7 +305,7 @@ def test_a_broken_calibration_fails_every_attempt_and_writes_the_closest(probe_r
 def test_keeping_a_layer_in_fp32_rewires_it_to_the_fp32_tensors(int8_export):
     import onnx
 
-    from transferkit.export.quantize import keep_in_fp32, repairable_layers
+    from transferkit.export.layer_repair import keep_in_fp32, repairable_layers
 
     run_dir, _ = int8_export
     qdq = onnx.load(str(run_dir / "export" / "model-int8.onnx"))

@@ -147,7 +147,7 @@ def exported_runtimes(run: Run, failed_gate: bool = False) -> tuple[dict, dict[s
     from dataclasses import replace
 
     from transferkit.artifact import PASSED, VERIFY_FAILED
-    from transferkit.export.table import one_line
+    from transferkit.errors import one_line
     from transferkit.manifest import FileRecord, read_manifest
     from transferkit.serving.selection import artifact_problem, load_runtime
 

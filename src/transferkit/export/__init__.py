@@ -20,7 +20,8 @@ from transferkit.artifact import (
 )
 from transferkit.export.formats import FORMATS, ExportFormat
 from transferkit.export.job import ExportOptions
-from transferkit.export.pipeline import ExportResult, FormatResult, export_run, verify_export
+from transferkit.export.pipeline import export_run, verify_export
+from transferkit.export.results import ExportResult, FormatResult
 from transferkit.export.table import format_export_table
 
 __all__ = [

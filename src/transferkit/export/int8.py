@@ -46,9 +46,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from transferkit.artifact import INPUT_NAME
+from transferkit.errors import one_line
 from transferkit.export.job import ExportOptions, Int8Clock, SelectionSet, violation_of
 from transferkit.export.measure import MEASURE_BATCH, batch_of, median_seconds
-from transferkit.export.table import one_line
 
 LOGIT_BATCH = 64  # images per call when computing validation logits
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferkit.artifact import INPUT_NAME
-from transferkit.errors import TransferkitError
-from transferkit.export.table import one_line
+from transferkit.errors import TransferkitError, one_line
 from transferkit.utils import atomic_write
 
 if TYPE_CHECKING:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from transferkit.artifact import (  # noqa: E501
     EXPORT_FAILED,
@@ -32,88 +31,26 @@ from transferkit.artifact import (  # noqa: E501
     SLOWER_THAN_FP32,
     UNAVAILABLE,
     VERIFY_FAILED,
-    artifact_files,
     artifact_name,
     check_device,
 )
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, one_line
 from transferkit.export import verify
 from transferkit.export.formats import FORMATS, ArtifactRequest, ExportFormat, check_request, with_requirements
 from transferkit.export.job import Exported, ExportJob, ExportOptions, Int8Clock, SelectionSet
 from transferkit.export.measure import measure_artifact
-from transferkit.export.table import one_line
+from transferkit.export.results import ExportResult, FormatResult, carry_over, record_result, verify_document
 from transferkit.manifest import (
     VERIFY_NAME,
-    ArtifactEntry,
-    FileRecord,
     Manifest,
-    Measurement,
-    RuntimeOptions,
     new_manifest,
-    now_utc,
     read_manifest,
     write_manifest,
 )
-from transferkit.utils import atomic_write_json, read_json
+from transferkit.utils import atomic_write_json
 
 if TYPE_CHECKING:
     from transferkit.export.verify_corrupted import CorruptedSample
-
-
-@dataclass
-class FormatResult:
-    format: str  # the artifact name: the format at its default precision (onnx), else onnx-int8, ...
-    status: str  # one of transferkit.artifact.STATUSES
-    precision: str
-    file: Path | None = None  # the artifact, when the export step succeeded
-    error: str | None = None  # why it is not "passed"
-    exported: Exported = field(default_factory=lambda: Exported({}))  # the exporter's report
-    verification: dict[str, Any] | None = None  # verify's report (see verify.compare)
-    export_seconds: float | None = None
-    verify_seconds: float | None = None
-    requested: bool = True  # False for an artifact built only because a requested one needs it
-    files: list[Path] = field(default_factory=list)  # every file of the artifact (OpenVINO: .xml and .bin)
-    measured: Measurement | None = None  # throughput after verify passed, with the fastest runtime options
-    tuning: list[dict[str, Any]] = field(default_factory=list)  # every runtime option measured
-    records: dict[str, FileRecord] = field(default_factory=dict)  # each file's size and sha256 as verified
-
-    @property
-    def details(self) -> dict[str, Any]:
-        return self.exported.details
-
-    @property
-    def servable(self) -> bool:
-        return self.status == PASSED
-
-    @property
-    def bytes(self) -> int | None:
-        sizes = [f.stat().st_size for f in self.files or ([self.file] if self.file else []) if f.is_file()]
-        return sum(sizes) if sizes else None
-
-
-@dataclass
-class ExportResult:
-    run_dir: Path
-    export_dir: Path
-    formats: dict[str, FormatResult]  # in the order they were built
-    bentoml_tag: str | None
-    bentoml_error: str | None = None
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.export_dir / "manifest.json"
-
-    @property
-    def verify_path(self) -> Path:
-        return self.export_dir / VERIFY_NAME
-
-    @property
-    def ok(self) -> bool:
-        """Every requested format passed verify (and was stored, when storing was asked for). An INT8 artifact
-        that passed but is withheld for being slower than fp32 here is no failure: the export did what it could."""
-        requested = [r for r in self.formats.values() if r.requested]
-        passed = all(r.servable or r.status == SLOWER_THAN_FP32 for r in requested)
-        return bool(requested) and passed and self.bentoml_error is None
 
 
 def _check_options(device: str, verify_images: int | str) -> int | str:
@@ -197,10 +134,10 @@ def export_run(
             if options.slower_int8 == "withhold":
                 _withhold_if_slower(result, results.get(artifact_name(req.row.name, "fp32")))
         results[req.name] = result
-        manifest = _record(manifest, req.row, result)
+        manifest = record_result(manifest, req.row, result)
 
-    verify_doc = _verify_document(inputs, results, sample)
-    manifest = _carry_over(export_dir, manifest, verify_doc, exclude=set(results))
+    verify_doc = verify_document(inputs, results, sample)
+    manifest = carry_over(export_dir, manifest, verify_doc, exclude=set(results))
     return _finish(run_dir, export_dir, manifest, verify_doc, results, store)
 
 
@@ -302,12 +239,12 @@ def _verify_one(
     """Load the artifact through the serving runtime and compare it with the PyTorch reference, on the test images
     and on `sample`, their corrupted copies; if it passes, measure its throughput with the same runtime, under each
     runtime option it offers."""
-    manifest = _record(manifest, row, result)  # the runtime reads files and serving fields from the entry
+    manifest = record_result(manifest, row, result)  # the runtime reads files and serving fields from the entry
     start = time.perf_counter()
     runtime = None
     try:
         # the bytes verified are the bytes hashed: read once, checked against the record just made, loaded from
-        # memory, and that record is the one the manifest keeps (_record)
+        # memory, and that record is the one the manifest keeps (record_result)
         verified = manifest.read_verified(export_dir, [f.name for f in result.files])
         result.records = {name: manifest.files[name] for name in verified}
         runtime = _verification_runtime(row, result.format, result.precision, device).load(
@@ -332,83 +269,6 @@ def _verify_one(
         fresh = lambda: _verification_runtime(row, result.format, result.precision, device)  # noqa: E731
         result.measured, result.tuning = measure_artifact(fresh, runtime, export_dir, manifest, inputs.batch)
     return result
-
-
-def _entry(row: ExportFormat, result: FormatResult) -> ArtifactEntry:
-    names = [f.name for f in result.files] or artifact_files(row.name, result.precision)
-    exported = result.exported
-    details = dict(exported.details)
-    if result.tuning:
-        details["runtime_options_measured"] = result.tuning
-    return ArtifactEntry(
-        name=result.format,
-        format=row.name,
-        precision=result.precision,
-        runtime=row.runtime,
-        files=tuple(names),
-        status=result.status,
-        error=result.error,
-        batch_range=exported.batch_range,
-        device=exported.device,
-        built_for_gpu=exported.built_for_gpu,
-        runtime_options=result.measured.runtime_options if result.measured else RuntimeOptions(),
-        measured=(result.measured,) if result.measured else (),
-        details=details,
-    )
-
-
-def _record(manifest: Manifest, row: ExportFormat, result: FormatResult) -> Manifest:
-    entry = _entry(row, result)
-    records: dict[str, FileRecord | None] = {}
-    for path in result.files:
-        records[path.name] = result.records.get(path.name) or (FileRecord.of(path) if path.is_file() else None)
-    if not result.files:
-        records.update({name: None for name in entry.files})
-    return manifest.with_artifact(entry, records)
-
-
-def _verify_document(
-    inputs: verify.VerifyInputs, results: dict[str, FormatResult], sample: CorruptedSample | None = None
-) -> dict[str, Any]:
-    from transferkit.artifact import FORMAT_SPECS
-
-    def extra(r: FormatResult) -> dict[str, Any]:  # INT8: every attempt, what was chosen, which split did what
-        return {k: r.details[k] for k in ("quantization", "splits", "attempts", "fp32_layers") if k in r.details}
-
-    return {
-        "created": now_utc(),
-        "reference": "PyTorch fp32 eval on CPU, same normalized input",
-        "images": inputs.datasets,
-        "robustness_sample": sample.describe() if sample is not None else None,
-        "tolerances": {p: vars(t) for s in FORMAT_SPECS.values() for p, t in s.tolerances.items()},
-        "formats": {
-            name: {"status": r.status, "error": r.error, **(r.verification or {}), **extra(r)}
-            for name, r in results.items()
-            if r.verification is not None
-        },
-    }
-
-
-def _carry_over(export_dir: Path, manifest: Manifest, verify_doc: dict, exclude: set[str]) -> Manifest:
-    """Keep earlier artifacts that passed, whose files are unchanged and came from the same model.pt."""
-    try:
-        old = read_manifest(export_dir)
-        old_verify = read_json(export_dir / VERIFY_NAME)
-    except Exception:  # noqa: BLE001 - no usable earlier export: nothing to keep
-        return manifest
-    if old.source.get("sha256") != manifest.source["sha256"]:
-        return manifest
-    for name, entry in old.artifacts.items():
-        if name in exclude or entry.format not in FORMATS or not entry.servable:
-            continue
-        recorded = {f: old.files.get(f) for f in entry.files}
-        if all(recorded.values()) and all(
-            (export_dir / f).is_file() and FileRecord.of(export_dir / f) == recorded[f] for f in entry.files
-        ):
-            manifest = manifest.with_artifact(entry, recorded)
-            if name in old_verify.get("formats", {}):
-                verify_doc["formats"][name] = old_verify["formats"][name]
-    return manifest
 
 
 def _finish(run_dir, export_dir, manifest: Manifest, verify_doc, results, store: bool) -> ExportResult:
@@ -455,18 +315,18 @@ def verify_export(run_dir: str | Path, verify_images: int | str = verify.AUTO, s
         exported = Exported(entry.details, entry.batch_range, entry.device, entry.built_for_gpu)
         if not all(f.is_file() for f in files):
             results[name] = FormatResult(name, entry.status, entry.precision, error=entry.error, exported=exported)
-            manifest = _record(manifest, row, results[name])
+            manifest = record_result(manifest, row, results[name])
             continue
         result = FormatResult(name, EXPORTED, entry.precision, file=files[0], exported=exported, files=files)
         results[name] = _verify_one(
             row, result, manifest, export_dir, inputs, reference, options, entry.device or "cpu", sample
         )
         _withhold_if_slower(results[name], results.get(artifact_name(row.name, "fp32")))
-        manifest = _record(manifest, row, results[name])
+        manifest = record_result(manifest, row, results[name])
     unchanged = old.servable() == manifest.servable() and old.files == manifest.files
     if unchanged and old.bentoml:
         manifest = dataclasses.replace(manifest, bentoml=old.bentoml)
-        atomic_write_json(export_dir / VERIFY_NAME, _verify_document(inputs, results, sample))
+        atomic_write_json(export_dir / VERIFY_NAME, verify_document(inputs, results, sample))
         write_manifest(export_dir, manifest)
         return ExportResult(Path(run_dir), export_dir, results, old.tag)
-    return _finish(run_dir, export_dir, manifest, _verify_document(inputs, results, sample), results, store)
+    return _finish(run_dir, export_dir, manifest, verify_document(inputs, results, sample), results, store)

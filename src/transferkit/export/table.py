@@ -10,7 +10,7 @@ onnx-int8  passed  int8       2.9 MB  digits  ...      99.3%        97.3%      9
 for the precisions judged on it (export/paired.py); `corr.`: the same comparison on the gate's corrupted sample
 (export/verify_corrupted.py), then the export's seconds.
 
-Imports nothing from the rest of export at run time, so the exporters can use `one_line` too.
+Imports nothing from the rest of export at run time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transferkit.export.pipeline import ExportResult, FormatResult
+    from transferkit.export.results import ExportResult, FormatResult
 
 COLUMNS = (
     "format",
@@ -38,12 +38,6 @@ COLUMNS = (
     "corr. Δacc",
     "export s",
 )
-
-
-def one_line(exc: BaseException, limit: int = 500) -> str:
-    """`Type: first line of the message`, cut at `limit` characters: fits one table cell or manifest field."""
-    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return lines[0][:limit] if lines else type(exc).__name__
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
