@@ -1,5 +1,5 @@
 """Served throughput follows the compiler: one exported run served with ONNX Runtime fp32 and with the artifact
-`--runtime auto` picks on this machine, side by side, at 64 concurrent clients; a section of docs/serving-load.md.
+`--runtime auto` picks on this machine, side by side, at 64 concurrent clients; a section of docs/serving.md.
 
     BENTOML_HOME=runs/export-bench/bentoml python benchmarks/serve_artifacts.py \
         --run runs/export-bench/fashion-224px-seed0 [--requests 1500] [--concurrency 64]
@@ -9,7 +9,8 @@ its 224 px runs so. Each configuration is a real `transferkit serve` on 127.0.0.
 threads), sent the same real photo (scikit-learn's china.jpg, 640x427 JPEG) by `hey` (an httpx asyncio client
 where hey is missing); the served artifact is read from the server's own log line ("picked ..."). Beside each
 row: the artifact's batch-32 throughput in one process on this machine (from the manifest), the bound a server
-can at best reach. Writes the section between the markers in docs/serving-load.md (appended when absent).
+can at best reach. Writes the section between the markers in docs/serving.md (appended when absent; serve_peers.py
+keeps it when it rewrites the rest).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-seconds", type=float, default=180.0)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "serving-load.md"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "serving.md"))
     args = ap.parse_args()
 
     import asyncio

@@ -379,9 +379,10 @@ def main() -> None:
             )
     lines = report(rows, machine, args, images)
     previous = Path(args.out).read_text() if Path(args.out).exists() else ""
-    begin, end = "<!-- serve_v2.py: begin -->", "<!-- serve_v2.py: end -->"
-    if begin in previous and end in previous:  # serve_v2.py's section, measured apart: kept as it was
-        lines += ["", begin + previous.split(begin, 1)[1].split(end, 1)[0] + end]
+    for name in ("serve_v2.py", "serve_artifacts"):  # sections other benchmarks measured apart: kept as they were
+        begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+        if begin in previous and end in previous:
+            lines += ["", begin + previous.split(begin, 1)[1].split(end, 1)[0] + end]
     write_report(args.out, lines)
 
 
