@@ -132,7 +132,7 @@ def bound(run: Path, artifact: str, files: list[str], cores: int) -> tuple[float
     """(bound img/s, decode ms per image, inference ms per image at batch 64 on one thread)."""
     import numpy as np
 
-    from transferkit.export.measure import median_seconds
+    from transferkit.machine import median_seconds
     from transferkit.scoring.engine import Scorer
 
     scorer = Scorer(run, artifact, threads=1)

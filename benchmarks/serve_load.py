@@ -191,7 +191,7 @@ def prepare_models(args: argparse.Namespace, tmp: Path, user_home: Path) -> list
 def rate(fn, items: int, repeats: int, target_s: float) -> float:
     """items/s of fn(): calls per repeat sized to take about target_s (from one call after a warm-up one),
     median over repeats."""
-    from transferkit.export.measure import median_seconds
+    from transferkit.machine import median_seconds
 
     calls = max(1, int(target_s / max(median_seconds(fn, 1, warmup=1), 1e-6)))
 

@@ -236,7 +236,7 @@ def artifact_bound(run: Path, artifact: str, image: Path, cores: int) -> float:
     thread each: the work the server cannot skip, without HTTP, queueing or batching."""
     import numpy as np
 
-    from transferkit.export.measure import median_seconds
+    from transferkit.machine import median_seconds
     from transferkit.manifest import read_manifest
     from transferkit.preprocess import Preprocessing
     from transferkit.serving.selection import load_runtime

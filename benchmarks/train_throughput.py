@@ -25,7 +25,7 @@ import torch
 from provenance import commit
 
 from transferkit.config import TrainConfig
-from transferkit.export.measure import interleaved_medians
+from transferkit.machine import interleaved_medians
 from transferkit.training.distributed import DistInfo, resolve_device
 from transferkit.training.losses import masked_head_losses
 from transferkit.training.precision import autocast

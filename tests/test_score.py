@@ -225,8 +225,8 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_file(exported, photos,
 
 
 def test_inference_streams_follow_the_cores_and_the_threads_asked_for(exported):
+    from transferkit.machine import cpu_count
     from transferkit.scoring.engine import Scorer
-    from transferkit.serving.settings import cpu_count
 
     assert Scorer(exported[0], streams=None).streams == cpu_count()  # one single-threaded runtime per core
     one = Scorer(exported[0], threads=1, streams=None)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,15 @@ SPEED_FLAGS = (
 )
 
 
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, which containers and taskset narrow), not the host's: what
+    serving's workers and threads, scoring's actors and a local Ray cluster are sized by."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class Machine:
     cpu: str  # the CPU's model name
@@ -39,8 +51,7 @@ class Machine:
     @classmethod
     def this(cls) -> Machine:
         name, flags = _cpuinfo()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return cls(name, tuple(f for f in SPEED_FLAGS if f in flags), cores)
+        return cls(name, tuple(f for f in SPEED_FLAGS if f in flags), cpu_count())
 
     def same_kind(self, other: Machine | None) -> bool:
         """The same CPU model, instruction sets and core count: its speed figures hold here."""
@@ -84,3 +95,26 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def interleaved_medians(calls: Sequence[Callable[[], object]], repeats: int, warmup: int = 2) -> list[float]:
+    """The median wall time in seconds of each of `calls`, timed round-robin: every round calls each once, in
+    order, so a spell of other work on the machine slows all of them alike rather than whichever was being timed
+    when it came, and figures compared side by side stay fair. The first `warmup` rounds are not timed (first
+    calls allocate, pick kernels, compile)."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for spent, call in zip(times, calls):
+            t = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - t)
+    return [statistics.median(spent) for spent in times]
+
+
+def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The median wall time of `repeats` calls, after `warmup` untimed ones (first calls allocate)."""
+    (seconds,) = interleaved_medians([call], repeats, warmup)
+    return seconds

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +59,13 @@ def csv_cell(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
         return "'" + value
     return value
+
+
+def walk_files(root: str | Path, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """Files below root whose names end in one of `suffixes` (any case), hidden files and folders skipped: a
+    folder's files, then its sub-folders', each sorted, so the order is the same on every call and machine."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(suffixes):
+                yield os.path.join(folder, name)

@@ -3,7 +3,7 @@
 Two tables: accuracy on every dataset (the student's head for it beside each teacher's), and what each
 model costs to serve: parameters, model.pt size and CPU latency at batch 32. Latency is measured in this
 process, round-robin over the models (one call of each per round, median over rounds:
-`export.measure.interleaved_medians`), so a machine busy with other work slows every model alike instead of
+`machine.interleaved_medians`), so a machine busy with other work slows every model alike instead of
 whichever happened to run during the busy spell.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from transferkit.evaluation.matrix import Matrix
-from transferkit.export.measure import interleaved_medians
+from transferkit.machine import interleaved_medians
 from transferkit.runs import Run, load_run_model
 
 LATENCY_BATCH = 32

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from transferkit.export.formats import FORMATS
-from transferkit.export.measure import MEASURE_BATCH, median_seconds
+from transferkit.export.measure import MEASURE_BATCH
 from transferkit.export.table import text_table
-from transferkit.machine import Machine, load_average
+from transferkit.machine import Machine, load_average, median_seconds
 from transferkit.manifest import VERIFY_NAME, Manifest, Measurement, now_utc, read_manifest, write_manifest
 from transferkit.serving.runtime import runner_for
 from transferkit.serving.selection import artifact_problem

@@ -48,7 +48,8 @@ import numpy as np
 from transferkit.artifact import INPUT_NAME
 from transferkit.errors import one_line
 from transferkit.export.job import ExportOptions, Int8Clock, SelectionSet, violation_of
-from transferkit.export.measure import MEASURE_BATCH, batch_of, median_seconds
+from transferkit.export.measure import MEASURE_BATCH, batch_of
+from transferkit.machine import median_seconds
 
 LOGIT_BATCH = 64  # images per call when computing validation logits
 

@@ -6,50 +6,26 @@ distilled student's latency beside its teachers', and how the benchmarks time a 
     student, teacher = interleaved_medians([run_student, run_teacher], repeats=10)   # side by side
     measurement, tuning = measure_artifact(make_runtime, runtime, export_dir, manifest, images)
 
-Each figure is recorded with the machine (CPU name, instruction sets, cores) and its load average, because
+The clocks themselves (`median_seconds`, `interleaved_medians`) are transferkit.machine's, below every package
+that times something. Each figure is recorded with the machine (CPU name, instruction sets, cores) and its load average, because
 `--runtime auto` trusts a speed only on a machine like the one it was measured on (transferkit.machine).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferkit.machine import Machine, load_average
+from transferkit.machine import Machine, load_average, median_seconds
 from transferkit.manifest import Manifest, Measurement, now_utc
 
 if TYPE_CHECKING:
     from transferkit.serving.runtime import Runtime
 
 MEASURE_BATCH = 32  # the batch serving's batcher fills under load (its --max-batch default)
-
-
-def interleaved_medians(calls: Sequence[Callable[[], object]], repeats: int, warmup: int = 2) -> list[float]:
-    """The median wall time in seconds of each of `calls`, timed round-robin: every round calls each once, in
-    order, so a spell of other work on the machine slows all of them alike rather than whichever was being timed
-    when it came, and figures compared side by side stay fair. The first `warmup` rounds are not timed (first
-    calls allocate, pick kernels, compile)."""
-    for _ in range(warmup):
-        for call in calls:
-            call()
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for spent, call in zip(times, calls):
-            t = time.perf_counter()
-            call()
-            spent.append(time.perf_counter() - t)
-    return [statistics.median(spent) for spent in times]
-
-
-def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """The median wall time of `repeats` calls, after `warmup` untimed ones (first calls allocate)."""
-    (seconds,) = interleaved_medians([call], repeats, warmup)
-    return seconds
 
 
 def batch_of(images: np.ndarray, n: int = MEASURE_BATCH) -> np.ndarray:

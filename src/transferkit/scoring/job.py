@@ -24,10 +24,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from transferkit.errors import ConfigError
+from transferkit.machine import cpu_count
 from transferkit.scoring.engine import Scorer, local_batches, open_export, start_decoders
 from transferkit.scoring.output import PartWriter, check_output, schema
 from transferkit.scoring.sources import Item, iter_items, open_sources
-from transferkit.serving.settings import cpu_count
 
 BATCH_SIZE = 64
 PART_ROWS = 8192  # rows per committed part: what a kill can cost, at most

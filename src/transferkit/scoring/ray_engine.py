@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transferkit.errors import ConfigError, TransferkitError
+from transferkit.machine import cpu_count
 from transferkit.scoring.engine import ScoreError, Scorer, decode_file
 from transferkit.scoring.output import schema
 from transferkit.scoring.sources import Item, Source, iter_items
@@ -132,7 +133,7 @@ def connect(address: str | None):
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+            ray.init(num_cpus=cpu_count(), _node_ip_address="127.0.0.1", **kwargs)  # this process's CPUs
     except ConnectionError as exc:
         raise ConfigError(
             f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "

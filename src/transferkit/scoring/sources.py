@@ -25,6 +25,7 @@ from pathlib import Path
 
 from transferkit.errors import ConfigError
 from transferkit.preprocess import SERVED_SUFFIXES
+from transferkit.utils import walk_files
 
 SCORED_SUFFIXES = SERVED_SUFFIXES  # what /predict decodes
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
@@ -47,13 +48,13 @@ class Source:
 
     def items(self) -> Iterator[Item]:
         if self.kind == "folder":
-            yield from (Item(p) for p in walk_images(self.root))
+            yield from (Item(p) for p in walk_files(self.root, SCORED_SUFFIXES))
         elif self.kind == "glob":
             yield from (Item(p) for p in sorted(glob.glob(self.spec, recursive=True)) if os.path.isfile(p))
         elif self.kind == "imagefolder":
             for class_dir in _class_dirs(self.root):
                 truth = {head: class_dir.name for head in self.truth_heads}
-                yield from (Item(p, truth) for p in walk_images(class_dir))
+                yield from (Item(p, truth) for p in walk_files(class_dir, SCORED_SUFFIXES))
         else:
             base = self.root.parent
             for raw in _list_paths(self.root, self.kind):
@@ -127,15 +128,6 @@ def _imagefolder(spec: str, root: Path, heads: dict[str, list[str]]) -> Source:
 
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def walk_images(root: Path) -> Iterator[str]:
-    """Image files below root: a folder's files, then its sub-folders', each sorted; the same order every call."""
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(SCORED_SUFFIXES):
-                yield os.path.join(folder, name)
 
 
 def _check_list(path: Path, kind: str) -> None:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import yaml
 
-import transferkit
 from transferkit.errors import TransferkitError
 from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
 from transferkit.version import __version__
 
-PACKAGE_DIR = Path(transferkit.__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the installed transferkit package, not its face
 TEMPLATE = PACKAGE_DIR / "serving" / "Dockerfile.j2"
 TEMPLATE_IN_CONTEXT = "transferkit/serving/Dockerfile.j2"
 DEFAULT_BASE_IMAGE = "python:3.11-slim"

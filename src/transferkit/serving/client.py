@@ -39,15 +39,16 @@ def _server_message(response: Any) -> str:
 def expand_images(specs: list[str]) -> list[Path]:
     """IMAGE arguments -> files, in order: a file as given, a folder's images (recursive; the suffixes /predict
     decodes), a quoted glob's files. A folder or glob that finds nothing, or a missing path, is an error."""
-    from transferkit.scoring.sources import SCORED_SUFFIXES, walk_images  # stdlib only: light for the CLI
+    from transferkit.preprocess import SERVED_SUFFIXES
+    from transferkit.utils import walk_files
 
     out: list[Path] = []
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            found = [Path(p) for p in walk_images(path)]
+            found = [Path(p) for p in walk_files(path, SERVED_SUFFIXES)]
             if not found:
-                raise TransferkitError(f"{spec}: no {' '.join(SCORED_SUFFIXES)} images in this folder")
+                raise TransferkitError(f"{spec}: no {' '.join(SERVED_SUFFIXES)} images in this folder")
         elif path.is_file():
             found = [path]
         elif set("*?[") & set(spec):

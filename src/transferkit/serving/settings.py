@@ -40,6 +40,7 @@ from pathlib import Path
 
 from transferkit.artifact import FORMAT_SPECS, MAX_BATCH, RUNTIME_NAMES
 from transferkit.errors import ConfigError
+from transferkit.machine import cpu_count
 from transferkit.options import cli
 
 PREFIX = "TRANSFERKIT_"
@@ -55,14 +56,6 @@ MAX_TOP_K = 100
 # best. `runtime` may be an artifact name (`tensorrt-fp16`): its format is the part before the first "-".
 GPU_RUNTIMES = tuple(s.runtime for s in FORMAT_SPECS.values() if s.devices == ("gpu",))
 GPU_NAMES = frozenset(GPU_RUNTIMES) | {s.name for s in FORMAT_SPECS.values() if s.devices == ("gpu",)}
-
-
-def cpu_count() -> int:
-    """CPUs this process may use (the affinity mask, which containers and taskset narrow), not the host's."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def default_workers(runtime: str, cpus: int | None = None) -> int:
