@@ -1,8 +1,9 @@
 """The package's import structure, read from the source with `ast` (nothing is imported):
 
 - no cycle among transferkit's modules, counting imports inside functions too (a lazy import that closes a
-  cycle still ties the two modules together, and turns into an ImportError the day it moves to the top);
-  imports under `if TYPE_CHECKING:` are left out: they never run, they only name types for a type checker;
+  cycle still ties the two modules together, and turns into an ImportError the day it moves to the top) and
+  imports under `if TYPE_CHECKING:` (they never run, but a module that names another's types depends on it: a
+  cycle through them is a circle in the design that holds only because the names are not imported);
 - transferkit.serving runs in a container without torch: no serving module imports torch, TensorRT or the
   torch-side packages (transferkit.export, .training, .data), directly or through what it imports at module
   level. Only serving/runtime.py may import torch and tensorrt, inside the methods of its optional runtimes.
@@ -31,6 +32,7 @@ class Import:
     target: str  # a transferkit module, or the top-level name of a third-party package
     module_level: bool  # False: inside a function body (runs only when called)
     line: int
+    type_only: bool = False  # under `if TYPE_CHECKING:`: never runs
 
 
 def module_name(path: Path) -> str:
@@ -58,17 +60,17 @@ def _imports_of(module: str, path: Path, known: set[str]) -> list[Import]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: list[Import] = []
 
-    def add(name: str, node: ast.AST, module_level: bool) -> None:
+    def add(name: str, node: ast.AST, module_level: bool, type_only: bool) -> None:
         if name == "transferkit" or name.startswith("transferkit."):
-            found.append(Import(module, _resolve(name, known), module_level, node.lineno))
+            found.append(Import(module, _resolve(name, known), module_level, node.lineno, type_only))
         else:
-            found.append(Import(module, name.split(".")[0], module_level, node.lineno))
+            found.append(Import(module, name.split(".")[0], module_level, node.lineno, type_only))
 
-    def visit(node: ast.AST, module_level: bool) -> None:
+    def visit(node: ast.AST, module_level: bool, type_only: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.Import):
                 for alias in child.names:
-                    add(alias.name, child, module_level)
+                    add(alias.name, child, module_level, type_only)
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:  # relative: resolve against this module's package
@@ -76,13 +78,16 @@ def _imports_of(module: str, path: Path, known: set[str]) -> list[Import]:
                     base = ".".join(anchor + ([base] if base else []))
                 for alias in child.names:  # `from pkg import submodule` imports the submodule
                     full = f"{base}.{alias.name}"
-                    add(full if full in known else base, child, module_level)
+                    add(full if full in known else base, child, module_level, type_only)
             elif isinstance(child, ast.If) and _is_type_checking(child.test):
-                for other in child.orelse:  # the `if` body never runs; an `else:` does
-                    visit(ast.Module(body=[other], type_ignores=[]), module_level)
+                for body in child.body:  # never runs: recorded as type-only
+                    visit(ast.Module(body=[body], type_ignores=[]), module_level, True)
+                for other in child.orelse:  # an `else:` does run
+                    visit(ast.Module(body=[other], type_ignores=[]), module_level, type_only)
                 continue
             # a function body runs when called; a class body runs at import time like the module's
-            visit(child, module_level and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+            function = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            visit(child, module_level and not function, type_only)
 
     visit(tree, True)
     return found
@@ -95,10 +100,12 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def import_graph() -> list[Import]:
+def import_graph(type_only: bool = False) -> list[Import]:
+    """Every import in the package; those under `if TYPE_CHECKING:` only when `type_only` (they never run)."""
     modules = _modules()
     known = set(modules)
-    return [imp for name, path in modules.items() for imp in _imports_of(name, path, known)]
+    found = [imp for name, path in modules.items() for imp in _imports_of(name, path, known)]
+    return found if type_only else [imp for imp in found if not imp.type_only]
 
 
 def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -167,6 +174,9 @@ def test_the_graph_sees_the_imports_it_must_see():
     assert ("transferkit.cli", "transferkit.errors", True) in edges
     assert ("transferkit.serving.runtime", "torch", False) in edges  # inside a method
     assert ("transferkit.serving.processes", "psutil", True) in edges
+    typed = {(i.source, i.target) for i in import_graph(type_only=True) if i.type_only}
+    assert ("transferkit.export.table", "transferkit.export.results") in typed  # `if TYPE_CHECKING:` is seen
+    assert not any(i.type_only for i in import_graph())  # and left out of what runs
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"a"}}) == [["a", "a"]] and find_cycles({"a": {"b"}}) == []
 
@@ -174,7 +184,7 @@ def test_the_graph_sees_the_imports_it_must_see():
 def test_no_import_cycles_among_modules():
     edges: dict[str, set[str]] = {}
     lines: dict[tuple[str, str], int] = {}
-    for imp in import_graph():
+    for imp in import_graph(type_only=True):
         if imp.target.startswith("transferkit") and imp.target != imp.source:
             edges.setdefault(imp.source, set()).add(imp.target)
             lines.setdefault((imp.source, imp.target), imp.line)

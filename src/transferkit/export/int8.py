@@ -47,7 +47,7 @@ import numpy as np
 
 from transferkit.artifact import INPUT_NAME
 from transferkit.errors import one_line
-from transferkit.export.job import ExportOptions, Int8Clock, SelectionSet, violation_of
+from transferkit.export.job import BudgetSpent, ExportOptions, Int8Clock, SelectionSet, violation_of
 from transferkit.export.measure import MEASURE_BATCH, batch_of
 from transferkit.machine import median_seconds
 
@@ -73,10 +73,6 @@ class Plan:
     # plans with the same `graph` quantize the same operations the same way and differ only in their scales, so
     # they run at the same speed: once one passes, the others of its graph cannot be faster and are skipped
     graph: str = ""
-
-
-class BudgetSpent(Exception):
-    """Raised inside a long attempt (NNCF accuracy control, the per-layer repair) once the INT8 budget is spent."""
 
 
 @dataclass

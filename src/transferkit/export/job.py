@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -19,7 +19,6 @@ from transferkit.options import cli
 if TYPE_CHECKING:  # torch is imported by the exporters when they run: `import transferkit.export` stays cheap
     import torch
 
-    from transferkit.export.qat import QuantizationAware
     from transferkit.export.verify import VerifyInputs
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # onnxruntime's; NNCF attempts have their own estimators
@@ -190,6 +189,21 @@ class ExportOptions:
         )
 
 
+class BudgetSpent(Exception):
+    """Raised inside a long INT8 attempt (accuracy control, the per-layer repair, fine-tuning) once the INT8
+    budget is spent, or when quantization-aware training would not fit what is left; the search records the
+    message as the attempt's status."""
+
+
+class SharedQat(Protocol):
+    """What the INT8 searches ask of the export's quantization-aware model (export/qat.py's QuantizationAware):
+    the fine-tuned model and its record, trained on first use. A protocol, so this module imports no exporter."""
+
+    def trained(
+        self, calibration: np.ndarray, check: Callable[[], None], budget_s: float
+    ) -> tuple[torch.nn.Module, dict[str, Any]]: ...
+
+
 SEARCH_FLOOR_SHARE = 0.25  # of the INT8 budget: what a search gets even after the ones before it spent it all
 
 
@@ -229,7 +243,7 @@ class ExportJob:
     # split the gate judges the chosen artifact on)
     selection: SelectionSet | None = None
     # quantization-aware fine-tuning of the run's model, trained on first use and shared by the INT8 searches
-    qat: QuantizationAware | None = None
+    qat: SharedQat | None = None
     int8_clock: Int8Clock | None = None  # the INT8 searches' shared budget (None: each its own, as in tests)
 
     def example_input(self, batch: int = 2) -> torch.Tensor:

@@ -32,6 +32,7 @@ import numpy as np
 
 from transferkit.artifact import INPUT_NAME
 from transferkit.errors import TransferkitError
+from transferkit.export.job import BudgetSpent
 
 if TYPE_CHECKING:
     import onnx
@@ -64,7 +65,6 @@ class QuantizationAware:
         steps and `budget_s` seconds on first use; raises the first attempt's error again rather than training
         twice. Training too short to help (QatWontFit) is a skip, BudgetSpent, for every search of the export:
         a later search has less of the budget, not more."""
-        from transferkit.export.int8 import BudgetSpent
         from transferkit.training.qat import QatWontFit
 
         if self._skipped is not None:
