@@ -98,7 +98,8 @@ def export_run(
     run = verify.with_data(run, data)  # `--data`: the run's datasets where they are on this machine
     module = ExportModule(model).eval()
     verify_images = _images_per_dataset(verify_images, run)
-    inputs = verify.load_verify_inputs(run, verify_images)  # a missing dataset fails here, before exporting
+    loaded: dict = {}  # each dataset loaded once for the test, validation and calibration images
+    inputs = verify.load_verify_inputs(run, verify_images, loaded=loaded)  # a missing dataset fails here
     export_dir = run.export_dir
     export_dir.mkdir(parents=True, exist_ok=True)
     heads = list(model.head_names)
@@ -108,7 +109,7 @@ def export_run(
     plan = with_requirements(requests, device)
     selection = None
     if any(r.precision == "int8" for r in plan):  # INT8 chooses among its attempts on the validation split
-        val = verify.load_verify_inputs(run, verify_images, split="val")
+        val = verify.load_verify_inputs(run, verify_images, split="val", loaded=loaded)
         selection = SelectionSet(
             val, verify.pytorch_logits(module, val.batch, heads), options.tolerance(FORMATS["onnx"], "int8")
         )
@@ -120,7 +121,7 @@ def export_run(
         heads,
         run.preprocessing.image_size,
         options=options,
-        calibration=lambda n: verify.load_calibration_images(run, n),
+        calibration=lambda n: verify.load_calibration_images(run, n, loaded),
         selection=selection,
         qat=_quantization_aware(run, model, options) if selection is not None else None,
         int8_clock=Int8Clock(options.int8_budget_s),

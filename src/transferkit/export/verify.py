@@ -129,11 +129,12 @@ def with_data(run: Run, data: list[str] | None) -> Run:
     return dataclasses.replace(run, labels=dataclasses.replace(run.labels, specs=specs))
 
 
-def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -> VerifyInputs:
+def load_verify_inputs(
+    run: Run, images_per_dataset: int, split: str = "test", loaded: dict[tuple[str, int], Any] | None = None
+) -> VerifyInputs:
     """`split` images of every dataset in run.labels.datasets (a seeded subset of `images_per_dataset`): the
-    test split for the gate, the validation split for choosing among INT8 attempts."""
-    from transferkit.data import load_dataset
-
+    test split for the gate, the validation split for choosing among INT8 attempts. `loaded`: one export's
+    datasets already loaded (`_load`)."""
     pre = run.preprocessing
     pixels, rows, labels, datasets = [], {}, {}, {}
     offset = 0
@@ -141,7 +142,7 @@ def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -
         head = run.labels.datasets[dataset]
         classes = run.labels.heads[head]
         try:
-            ds = load_dataset(source, pre, limit=images_per_dataset)
+            ds = _load(source, run, images_per_dataset, loaded)
         except Exception as exc:
             hint = (
                 (
@@ -171,16 +172,31 @@ def load_verify_inputs(run: Run, images_per_dataset: int, split: str = "test") -
     return VerifyInputs(pre.normalize_numpy(pixels), rows, labels, datasets, pixels)
 
 
-def load_calibration_images(run: Run, images_per_dataset: int) -> np.ndarray:
+def _load(source: str, run: Run, limit: int, loaded: dict[tuple[str, int], Any] | None) -> Any:
+    """load_dataset, once per (source, limit) in one export: it decodes and resizes all three splits, so the test
+    and validation inputs, and each INT8 search's calibration images, would otherwise load the dataset again
+    (ten loads, 31 s of a 32 px export's 3 minutes)."""
+    from transferkit.data import load_dataset
+
+    key = (source, limit)
+    if loaded is not None and key in loaded:
+        return loaded[key]
+    ds = load_dataset(source, run.preprocessing, limit=limit)
+    if loaded is not None:
+        loaded[key] = ds
+    return ds
+
+
+def load_calibration_images(
+    run: Run, images_per_dataset: int, loaded: dict[tuple[str, int], Any] | None = None
+) -> np.ndarray:
     """Train-split images of every dataset of the run (a seeded subset of `images_per_dataset` each, the same
     on every export), normalised by the run's preprocessing: what INT8 calibration sees. Never test images:
     those are what the gate judges the quantized model on."""
-    from transferkit.data import load_dataset
-
     pre, parts = run.preprocessing, []
     for source in dataset_sources(run).values():
         try:
-            ds = load_dataset(source, pre, limit=images_per_dataset)
+            ds = _load(source, run, images_per_dataset, loaded)
         except Exception as exc:
             raise DataError(f"cannot load train images of {source} for INT8 calibration: {exc}") from None
         if ds.train.streamed:  # an image folder too large for memory: decode just the images used
