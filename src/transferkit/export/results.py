@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transferkit.artifact import PASSED, SLOWER_THAN_FP32, artifact_files
+from transferkit.artifact import FORMAT_SPECS, PASSED, SLOWER_THAN_FP32, artifact_files
 from transferkit.export.formats import FORMATS, ExportFormat
 from transferkit.export.job import Exported
 from transferkit.manifest import (
@@ -120,8 +120,6 @@ def record_result(manifest: Manifest, row: ExportFormat, result: FormatResult) -
 def verify_document(
     inputs: VerifyInputs, results: dict[str, FormatResult], sample: CorruptedSample | None = None
 ) -> dict[str, Any]:
-    from transferkit.artifact import FORMAT_SPECS
-
     def extra(r: FormatResult) -> dict[str, Any]:  # INT8: every attempt, what was chosen, which split did what
         return {k: r.details[k] for k in ("quantization", "splits", "attempts", "fp32_layers") if k in r.details}
 
