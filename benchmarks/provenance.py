@@ -36,3 +36,18 @@ def write_report(path: str | Path, lines: list[str]) -> None:
     print(text)
     atomic_write_text(path, text)
     print(f"wrote {path}", file=sys.stderr)
+
+
+def write_section(path: str | Path, section: str, begin: str, end: str, new_file: str = "") -> None:
+    """Replace the block between a benchmark's markers `begin` and `end` in `path` (or append it; a new file
+    starts with `new_file`), atomically, keeping the hand-written text around it."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else new_file
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    print(f"wrote {path}", file=sys.stderr)

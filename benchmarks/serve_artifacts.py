@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from loadgen import BOUNDARY, run_client, run_hey  # noqa: E402
-from provenance import commit  # noqa: E402
+from provenance import commit, write_section  # noqa: E402
 
 from transferkit.machine import Machine, load_average  # noqa: E402
-from transferkit.utils import atomic_write_text  # noqa: E402
 
 BEGIN, END = "<!-- serve_artifacts: begin -->", "<!-- serve_artifacts: end -->"
 CONFIGS = (("ONNX Runtime fp32", "onnx"), ("auto", "auto"))
@@ -114,14 +113,7 @@ def main() -> None:
     lines += ["", END]
     section = "\n".join(lines)
     print(section)
-    out = Path(args.out)
-    text = out.read_text() if out.is_file() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write_text(out, text)
-    print(f"wrote {out}")
+    write_section(args.out, section, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import Level, run_hey  # noqa: E402
-from provenance import command_line, commit  # noqa: E402
+from provenance import command_line, commit, write_section  # noqa: E402
 from serve_peers import THREADS, WORKERS, bodies, transferkit_server  # noqa: E402
 
 from transferkit.machine import Machine, load_average  # noqa: E402
-from transferkit.utils import atomic_write_text  # noqa: E402
 
 CLIENTS = 64
 BEGIN, END = "<!-- serve_v2.py: begin -->", "<!-- serve_v2.py: end -->"
@@ -160,19 +159,7 @@ def main() -> None:
     }
     section = "\n".join(report(results, machine, args, images))
     print(section)
-    write_section(Path(args.out), section)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (or append it), atomically."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        text = before + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
-    print(f"wrote {path}", file=sys.stderr)
+    write_section(args.out, section, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import commit, write_report
+from provenance import commit, write_report, write_section
 from timed_run import run
 
 from transferkit.config import TrainConfig
@@ -76,7 +76,7 @@ def main() -> None:
 
 def section_e(args) -> None:
     import torch
-    from transfer_adaptation import ARMS, run_section_e, section_e_markdown, write_section_e
+    from transfer_adaptation import ARMS, BEGIN, END, run_section_e, section_e_markdown
 
     base = TrainConfig(
         data=["mnist"],
@@ -123,7 +123,7 @@ def section_e(args) -> None:
     data["commands"] = (previous or {}).get("commands", []) + [f"`{command}` at commit {measured}"]
     block = section_e_markdown(data, settings)
     out = Path(args.adaptation_out)
-    write_section_e(out, block)
+    write_section(out, block, BEGIN, END, new_file="# Adapting to unlabeled target images\n\n")
     saved.write_text(json.dumps({**data, "settings": same}, indent=1))
     print(block)
     print(f"wrote {out}")

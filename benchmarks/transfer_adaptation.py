@@ -234,15 +234,3 @@ def section_e_markdown(data: dict, settings: str) -> str:
             )
     lines.append(END)
     return "\n".join(lines)
-
-
-def write_section_e(path: Path, block: str) -> None:
-    """Replace the block between the markers (or append it), keeping the hand-written text around it."""
-    text = path.read_text() if path.is_file() else "# Adapting to unlabeled target images\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)

@@ -284,6 +284,8 @@ def cmd_predict(args) -> None:
         api_key=api_key_from(args.api_key_file),
         concurrency=args.concurrency,
         errors="record",
+        model=args.model,
+        version=args.model_version,
     )
     if args.out:
         print(write_results(results, args.out))
@@ -483,7 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(up to --drain-timeout) and stop every server process. Unset options fall back to $TRANSFERKIT_* "
         "(see transferkit/serving/settings.py), then to the defaults.",
     )
-    p.add_argument("run", metavar="RUN", help="a trained and exported run folder")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        nargs="+",
+        help="an exported run folder; several, each a model (or a version of one); or one model repository "
+        "folder (DIR/<run>/ or DIR/<model>/<version>/), re-read every --poll-s seconds",
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)"
     )
@@ -518,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, folders (recursive: .jpg .jpeg .png .webp) or quoted globs ('shots/*.jpg')",
     )
     p.add_argument("--url", default="http://127.0.0.1:3000", help="the server (default: http://127.0.0.1:3000)")
+    p.add_argument("--model", default=None, help="which model answers, when the server serves several")
+    p.add_argument("--model-version", default=None, metavar="V", help="which version of it (default: its default)")
     p.add_argument("--top-k", type=int, default=5, help="labels per head and image (default: 5)")
     p.add_argument(
         "--api-key-file",
@@ -603,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, default=0.0, metavar="N", help="ray: GPUs per actor (default: 0)")
 
     p = sub.add_parser("build", help="bentoml build: a Bento with the model and its Dockerfile; --image: the image")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument(
+        "run", metavar="RUN", nargs="+", help="an exported run, or several: one Bento serving each as a model"
+    )
     p.add_argument(
         "--base-image", default=None, metavar="IMAGE", help="base image with Python 3.11 (default: python:3.11-slim)"
     )

@@ -90,6 +90,19 @@ def exported_tiny_run(tmp_path_factory) -> tuple[Path, object]:
     return _cache["exported"]
 
 
+def exported_variant(tmp_path_factory, name: str, seed: int) -> Path:
+    """Another tiny run (other random heads, seed `seed`) exported to ONNX: another stored model, named for
+    `name`; made once per session and name."""
+    key = f"variant-{name}"
+    if key not in _cache:
+        from transferkit.export import export_run
+
+        run_dir = make_tiny_run(tmp_path_factory.mktemp("runs") / name, seed=seed)
+        export_run(run_dir, formats=("onnx",), verify_images=VERIFY_IMAGES)
+        _cache[key] = run_dir
+    return _cache[key]
+
+
 def copy_run(run_dir: Path, target: Path) -> Path:
     """A private copy of a run (with its export) for tests that modify it."""
     shutil.copytree(run_dir, target)

@@ -2,6 +2,7 @@
 The recipe (bentofile and Dockerfile template) is checked without Docker; tests/serving/test_docker_image.py
 builds and runs the image."""
 
+import contextlib
 import json
 import os
 import re
@@ -15,12 +16,41 @@ import pytest
 import yaml
 
 
+@contextlib.contextmanager
+def serving_bento(tag: str):
+    """`bentoml serve TAG` on a free port until /readyz answers -> its URL; stopped on exit. No
+    $TRANSFERKIT_MODEL: the Bento's own argument names what it serves."""
+    from transferkit.serving.processes import free_port, stop_tree
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_MODEL"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "the Bento's server exited"
+            time.sleep(0.25)
+        yield url
+    finally:
+        stop_tree(proc, 15.0)
+
+
 @pytest.mark.slow
 def test_build_bento_contains_model_code_and_dockerfile(exported, images, tmp_path):
     import bentoml
 
     from transferkit.serving import build_bento
-    from transferkit.serving.processes import free_port, stop_tree
 
     run_dir, export = exported
     result = build_bento(run_dir)  # runs `bentoml build` (uv locks requirements against the index)
@@ -53,29 +83,33 @@ def test_build_bento_contains_model_code_and_dockerfile(exported, images, tmp_pa
     assert any(n.endswith(f"models/{name}/{version}/manifest.json") for n in names)
 
     # serve the Bento itself, with no $TRANSFERKIT_MODEL: the Bento argument names the model
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_MODEL"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", result.tag, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "the Bento's server exited"
-            time.sleep(0.25)
+    with serving_bento(result.tag) as url:
         response = httpx.post(url + "/predict", files={"image": ("d.png", images["digit.png"], "image/png")})
         assert response.status_code == 200 and response.json()["model"] == export.bentoml_tag
-    finally:
-        stop_tree(proc, 15.0)
+
+
+@pytest.mark.slow
+def test_one_bento_serves_several_runs_each_as_a_model(exported, images, tmp_path_factory):
+    """`build RUN RUN`: both stored models bundled, both listed in the service's argument, and the Bento itself
+    serves each one by its name."""
+    from tests.export.tiny import exported_variant
+    from transferkit.manifest import read_manifest
+    from transferkit.serving import build_bento
+
+    second = exported_variant(tmp_path_factory, "second", seed=1)
+    tags = [exported[1].bentoml_tag, read_manifest(second / "export").tag]
+    result = build_bento([exported[0], second])
+    assert result.tag.startswith("transferkit-models:")
+    info = yaml.safe_load((result.bento_path / "bento.yaml").read_text())
+    assert info["args"] == {"model": ",".join(tags)}
+    assert set(tags) <= {m["tag"] for s in info["services"] for m in s["models"]}
+    with serving_bento(result.tag) as url:
+        for tag in tags:
+            name = tag.split(":")[0]
+            response = httpx.post(
+                url + f"/predict/{name}", files={"image": ("d.png", images["digit.png"], "image/png")}
+            )
+            assert response.status_code == 200 and response.json()["model"] == tag
 
 
 def render_dockerfile(tmp_path, monkeypatch, base_image="python:3.11-slim") -> str:

@@ -191,6 +191,16 @@ def test_workers_follow_the_cpu_request(cpu, workers, threads, memory):
     assert container_of(docs(cpu=cpu, memory="3Gi")["deployment.yaml"])["resources"]["limits"]["memory"] == "3Gi"
 
 
+def test_a_bento_of_several_models_gets_memory_for_each_and_a_name_of_its_own():
+    """Every worker holds every model: each further one adds EXTRA_MODEL_MI per worker to the pod's memory."""
+    several = manifests(IMAGE, "transferkit-a:v1,transferkit-b:v2,transferkit-c:v3", K8sOptions(cpu="2"))
+    deployment = several["deployment.yaml"]
+    assert deployment["metadata"]["name"] == "transferkit-models"
+    assert "app.kubernetes.io/version" not in deployment["metadata"]["labels"]
+    memory = container_of(deployment)["resources"]["limits"]["memory"]
+    assert memory == f"{256 + 2 * (384 + 2 * k8s.EXTRA_MODEL_MI)}Mi"
+
+
 def test_api_key_comes_from_a_secret_mounted_as_a_file_only_when_asked():
     """A mounted Secret, not a variable: the kubelet updates the file in place, and the server follows it."""
     plain = container_of(docs()["deployment.yaml"])
@@ -284,7 +294,7 @@ def test_cli_writes_the_manifests_after_the_build(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr("transferkit.serving.build.build_bento", fake_build(tmp_path, calls))
     out = tmp_path / "k8s"
     cli.main(["build", "RUN", "--k8s", str(out), "--k8s-cpu", "4", "--k8s-api-key-secret", "tk-key"])
-    assert calls == [{"run": "RUN", "image": None}]  # no --image: no Docker needed
+    assert calls == [{"run": ["RUN"], "image": None}]  # no --image: no Docker needed
     stdout = capsys.readouterr().out.splitlines()
     assert stdout[-1] == str(tmp_path / "bento") and f"kubectl apply -f {out}" in stdout[-2]
     deployment = yaml.safe_load((out / "deployment.yaml").read_text())
@@ -294,7 +304,7 @@ def test_cli_writes_the_manifests_after_the_build(tmp_path, monkeypatch, capsys)
     assert deployment["metadata"]["annotations"]["transferkit.model"] == MODEL  # read from the Bento
 
     cli.main(["build", "RUN", "--k8s", str(out), "--image", IMAGE, "--no-auth"])
-    assert calls[-1] == {"run": "RUN", "image": IMAGE}
+    assert calls[-1] == {"run": ["RUN"], "image": IMAGE}
     text = (out / "deployment.yaml").read_text()
     assert container_of(yaml.safe_load(text))["image"] == IMAGE and "bentoml containerize" not in text
 

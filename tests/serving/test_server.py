@@ -93,7 +93,9 @@ def test_a_burst_of_200_concurrent_requests_is_answered_in_full_and_batched(serv
 def test_the_openapi_document_holds_under_an_openapi_driven_fuzzer(server):
     """schemathesis generates requests from /docs.json and checks every answer against it (status codes,
     content types, bodies, headers). Excluded: `positive_data_acceptance`, which expects any schema-valid
-    request to succeed; a schema cannot say "these bytes decode as an image", so random bytes get a 400."""
+    request to succeed; a schema cannot say "these bytes decode as an image", so random bytes get a 400. And the
+    repository's load and unload (tests/serving/test_repository.py): an unload in the middle of the run would
+    take the model away from the requests after it."""
     st = Path(sys.executable).with_name("st")
     config = Path(__file__).with_name("schemathesis.toml")
     proc = subprocess.run(
@@ -107,6 +109,8 @@ def test_the_openapi_document_holds_under_an_openapi_driven_fuzzer(server):
             "all",
             "--exclude-checks",
             "positive_data_acceptance",
+            "--exclude-path-regex",
+            "^/v2/repository/models/",
             "--max-examples",
             "60",
             "--seed",

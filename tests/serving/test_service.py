@@ -313,10 +313,12 @@ def test_an_image_over_the_models_pixel_limit_is_refused_before_it_is_decoded(
     the model's side allows: 413 saying so, and no pixel is decoded. One of 2000x2000 answers."""
     from transferkit.preprocess import served_pixel_limit
 
-    assert live_service.max_pixels == served_pixel_limit(32) == 2048 * 2048
+    assert live_service._only.max_pixels == served_pixel_limit(32) == 2048 * 2048
     decoded = []
     real = live_service._pixels
-    monkeypatch.setattr(live_service, "_pixels", lambda image, name: (decoded.append(image.size), real(image, name))[1])
+    monkeypatch.setattr(
+        live_service, "_pixels", lambda image, name, *model: (decoded.append(image.size), real(image, name, *model))[1]
+    )
     bomb = encode(Image.new("RGB", (3000, 3000), (200, 30, 30)), "WEBP", lossless=True)
     assert len(bomb) < 4096
     response = _post(client, "bomb.webp", bomb, "image/webp")
@@ -339,10 +341,10 @@ def test_an_image_is_decoded_on_the_event_loop_only_when_its_header_says_it_is_s
     seen = []
     real = live_service._pixels
 
-    def recording(image, name):
+    def recording(image, name, *model):
         nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         seen.append((threading.current_thread().name, nice))
-        return real(image, name)
+        return real(image, name, *model)
 
     monkeypatch.setattr(live_service, "_pixels", recording)
     small = encode(Image.new("RGB", (64, 64), (0, 90, 0)), "PNG")
@@ -368,11 +370,11 @@ def test_a_pixel_flood_that_no_worker_could_hold_is_413_and_a_full_byte_budget_i
     response = client.post("/predict", files=files)
     assert response.status_code == 413, response.text
     assert "more than a worker holds for all requests (128 MB, passed at images[4])" in response.json()["error"]
-    with live_service.batcher.admit(1) as other:  # another request holds all but 1 MB of the budget
-        other.add_bytes(live_service.batcher.max_bytes - (1 << 20))
+    with live_service.budget.admit(1) as other:  # another request holds all but 1 MB of the budget
+        other.add_bytes(live_service.budget.max_bytes - (1 << 20))
         response = _post(client, "w.webp", encode(Image.new("RGB", (1000, 1000), (5, 5, 90)), "WEBP"), "image/webp")
         assert response.status_code == 503 and "MB of requests in progress" in response.json()["error"]
-    assert live_service.batcher.held_bytes == 0  # every request gave its bytes back
+    assert live_service.budget.held_bytes == 0  # every request gave its bytes back
     assert _post(client, "d.png", images["digit.png"], "image/png").status_code == 200
 
 

@@ -52,37 +52,20 @@ class _Item:
     future: asyncio.Future = field(repr=False)
 
 
-class MicroBatcher:
-    def __init__(
-        self,
-        run_batch: RunBatch,
-        max_batch: int = 32,
-        max_wait_ms: float = 2.0,
-        max_queue: int = 256,
-        on_batch: Callable[[int], None] | None = None,
-        combine: Combine = np.concatenate,
-        max_bytes: int = 0,
-    ) -> None:
-        self.run_batch = run_batch
-        self.max_bytes = max_bytes  # bytes of bodies and decoded pixels requests may hold at once; 0: no bound
-        self.held_bytes = 0
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
+class WorkerBudget:
+    """What a worker admits at once, shared by the batchers of every model it serves: images from the moment a
+    request is accepted until it is answered, and bytes (bodies as they stream in, then decoded pixels). Past
+    either limit a request is refused at once (Overloaded: 503 with Retry-After)."""
+
+    def __init__(self, max_queue: int = 256, max_bytes: int = 0) -> None:
         self.max_queue = max_queue
-        self.on_batch = on_batch  # called with each batch's image count (metrics)
-        self.combine = combine  # requests may bring different kinds of input (service.py: pixels or tensors)
+        self.max_bytes = max_bytes  # bytes of bodies and decoded pixels requests may hold at once; 0: no bound
         self.admitted = 0  # images between admit and answer
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._carry: _Item | None = None  # an item that did not fit the previous batch
-        self._task: asyncio.Task | None = None
-        # One thread: runtime calls never overlap inside a worker (the runtime has its own intra-op threads).
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transferkit-batch")
+        self.held_bytes = 0
         self._lock = threading.Lock()
         self._images_per_s = 0.0  # smoothed rate at which answered images leave the worker, for Retry-After
         self._last_done = 0.0
 
-    # ---- admission ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def admit(self, images: int = 1) -> Iterator[_Admission]:
         admission = _Admission(self)
@@ -125,6 +108,60 @@ class MicroBatcher:
         if self._images_per_s <= 0:
             return 1
         return max(1, min(30, math.ceil(self.admitted / self._images_per_s)))
+
+    def observe(self, images: int) -> None:
+        """A batch of `images` was answered: the worker's drain rate (decode, queue and model together)."""
+        now = time.monotonic()
+        interval, self._last_done = now - self._last_done, now
+        if interval < 1.0:  # back-to-back batches
+            rate = images / max(interval, 1e-3)
+            self._images_per_s = rate if self._images_per_s == 0 else 0.9 * self._images_per_s + 0.1 * rate
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        max_batch: int = 32,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+        combine: Combine = np.concatenate,
+        max_bytes: int = 0,
+        budget: WorkerBudget | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        # admission: the worker's, shared with the batchers of its other models; or this batcher's own
+        self.budget = budget or WorkerBudget(max_queue, max_bytes)
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch  # called with each batch's image count (metrics)
+        self.combine = combine  # requests may bring different kinds of input (service.py: pixels or tensors)
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._carry: _Item | None = None  # an item that did not fit the previous batch
+        self._task: asyncio.Task | None = None
+        # One thread: runtime calls never overlap inside a worker (the runtime has its own intra-op threads).
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transferkit-batch")
+
+    # ---- admission (the budget's) -------------------------------------------------------------------------
+    def admit(self, images: int = 1) -> contextlib.AbstractContextManager[_Admission]:
+        return self.budget.admit(images)
+
+    @property
+    def admitted(self) -> int:
+        return self.budget.admitted
+
+    @property
+    def max_bytes(self) -> int:
+        return self.budget.max_bytes
+
+    @property
+    def max_queue(self) -> int:
+        return self.budget.max_queue
+
+    def retry_after_s(self) -> int:
+        return self.budget.retry_after_s()
 
     # ---- batching ----------------------------------------------------------------------------------------
     async def submit(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -205,11 +242,7 @@ class MicroBatcher:
     def _observe(self, images: int) -> None:
         if self.on_batch is not None:
             self.on_batch(images)
-        now = time.monotonic()
-        interval, self._last_done = now - self._last_done, now
-        if interval < 1.0:  # back-to-back batches: the worker's drain rate (decode, queue and model together)
-            rate = images / max(interval, 1e-3)
-            self._images_per_s = rate if self._images_per_s == 0 else 0.9 * self._images_per_s + 0.1 * rate
+        self.budget.observe(images)
 
     def close(self) -> None:
         if self._task is not None:
@@ -221,23 +254,23 @@ class _Admission:
     """What one request holds in a worker: images (known once it is parsed), and bytes: its body as it streams in,
     then its images' decoded pixels, so a few small requests that would cost much memory wait their turn too."""
 
-    def __init__(self, batcher: MicroBatcher) -> None:
-        self.batcher = batcher
+    def __init__(self, budget: WorkerBudget) -> None:
+        self.budget = budget
         self.images = 0
         self.bytes = 0
 
     def add(self, images: int) -> None:
-        self.batcher._take(images)
+        self.budget._take(images)
         self.images += images
 
     def add_bytes(self, n: int) -> None:
-        self.batcher._take_bytes(n)
+        self.budget._take_bytes(n)
         self.bytes += n
 
     def release(self) -> None:
         if self.images:
-            self.batcher._give(self.images)
+            self.budget._give(self.images)
             self.images = 0
         if self.bytes:
-            self.batcher._give_bytes(self.bytes)
+            self.budget._give_bytes(self.bytes)
             self.bytes = 0

@@ -30,12 +30,14 @@ import yaml
 from transferkit.errors import TransferkitError
 from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
+from transferkit.serving.sources import parse_sources
 from transferkit.version import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the installed transferkit package, not its face
 TEMPLATE = PACKAGE_DIR / "serving" / "Dockerfile.j2"
 TEMPLATE_IN_CONTEXT = "transferkit/serving/Dockerfile.j2"
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
+MULTI_MODEL_BENTO = "transferkit-models"  # the Bento's name when it serves several models
 
 # Only what serving imports: no training, data or export code, and so no torch.
 SERVING_FILES = (
@@ -148,25 +150,33 @@ def stage_context(dest: Path, model_tag: str, runtime: str, base_image: str) -> 
 
 
 def build_bento(
-    run_dir: str | Path,
+    run_dir: str | Path | list[str | Path],
     base_image: str | None = None,
     runtime: str = "onnxruntime",
     image: str | None = None,
     timeout: float = 1800,
 ) -> BuildResult:
-    """Build the Bento for an exported run (and, with `image`, the container image). The run must have been
-    exported with a format the chosen runtime serves."""
+    """Build the Bento for an exported run, or several in one Bento (each a model, by its BentoML model name),
+    and, with `image`, the container image. Each run must have been exported with a format the chosen runtime
+    serves."""
     import bentoml
 
     base_image = base_image or DEFAULT_BASE_IMAGE
     check_runtime(runtime)
     if image:
         check_docker()  # before a minute of `bentoml build`, not after
-    model = resolve_served_model(run_dir, runtime=runtime)
-    name = model.tag.split(":")[0]
+    runs = [Path(p) for p in run_dir] if isinstance(run_dir, (list, tuple)) else [Path(run_dir)]
+    tags = [resolve_served_model(r, runtime=runtime).tag for r in runs]
+    if len(set(tags)) != len(tags):
+        raise TransferkitError("the same exported model is listed twice; list each run once")
+    names = [t.split(":")[0] for t in tags]
+    if len(set(names)) != len(names):  # two exports of one run: versions of one model
+        parse_sources(",".join(tags))  # refuses a version listed twice
+    name = names[0] if len(tags) == 1 else MULTI_MODEL_BENTO
+    models = ",".join(tags)  # the service's `model` argument: every listed version is bundled (service.py)
     env = {k: v for k, v in os.environ.items() if k != MODEL_ENV}  # the Bento argument is what counts
     with tempfile.TemporaryDirectory(prefix="transferkit-build-") as context:
-        bentofile_path = stage_context(Path(context), model.tag, runtime, base_image)
+        bentofile_path = stage_context(Path(context), models, runtime, base_image)
         cmd = [
             sys.executable,
             "-m",
@@ -177,9 +187,9 @@ def build_bento(
             "--name",
             name,
             "--arg",
-            f"model={model.tag}",
+            f"model={models}",
             "--label",
-            f"model={model.tag.replace(':', '_')}",
+            f"model={tags[0].replace(':', '_')}" if len(tags) == 1 else f"models={len(tags)}",
             "--output",
             "tag",
             context,

@@ -87,9 +87,11 @@ def predict_files(
     api_key: str | None = None,
     concurrency: int = 1,
     errors: str = "raise",
+    model: str | None = None,
+    version: str | None = None,
 ) -> list[dict[str, Any]]:
     """POST each image to URL/predict, `concurrency` at a time -> one answer per file, in order, with "file"
-    added.
+    added. `model` (and `version`): which of a server's models answers (the headers X-Model, X-Model-Version).
 
     Raises TransferkitError for a missing file, an unreachable server or a refused key. A file the server
     answers with another 4xx/5xx raises too (quoting the server's message), or, with errors="record", becomes
@@ -106,6 +108,7 @@ def predict_files(
         if not p.is_file():
             raise TransferkitError(f"{p}: no such file")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers.update({k: v for k, v in (("X-Model", model), ("X-Model-Version", version)) if v})
 
     def one(client: Any, p: Path) -> dict[str, Any]:
         mime = mimetypes.guess_type(p.name)[0] or "application/octet-stream"

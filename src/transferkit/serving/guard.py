@@ -88,7 +88,7 @@ async def _guarded(request: Request, service: Any, work: Work) -> Response:
             {"Connection": "close", "Retry-After": "1"},
         )
     try:
-        with service.drain.request(), service.batcher.admit(1) as admission:  # refuse before reading the body
+        with service.drain.request(), service.budget.admit(1) as admission:  # refuse before reading the body
             return await _within(settings.timeout_s, work(request, service, admission, rid))
     except Overloaded as exc:
         service.count_refusal("overloaded")

@@ -20,12 +20,12 @@ from typing import Any
 
 from transferkit.errors import TransferkitError
 from transferkit.serving.processes import check_port, die_with_parent, free_port, stop_tree
-from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.server import (
     DEFAULT_DRAIN_TIMEOUT,
     SETTING_FLAGS,
     build_settings,
     drain_timeout_arg,
+    resolve_models,
     serve_command,
 )
 from transferkit.serving.settings import API_KEY_ENV, API_KEY_FILE_ENV, PREFIX, ServingSettings
@@ -69,7 +69,7 @@ class ServerHandle:
 
 
 def start_server(
-    run_dir: str | Path,
+    run_dir: str | Path | list[str | Path],
     host: str = "127.0.0.1",
     port: int | None = None,
     runtime: str | None = None,
@@ -90,7 +90,9 @@ def start_server(
 
     drain_timeout = drain_timeout_arg(drain_timeout)
     settings = build_settings(settings, api_key_file, runtime=runtime, **overrides)
-    model = resolve_served_model(run_dir, settings.runtime)  # refuse a bad run here, not in the log
+    checked, _ = resolve_models(run_dir, settings)  # refuse a bad run here, not in the log
+    first = checked.model.split(",")[0]
+    tag = first.partition("=")[2] or first  # the first listed version's stored model ("" for a folder)
     port = free_port(host) if port is None else port
     check_port(host, port)
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_FILE_ENV, API_KEY_ENV)}
@@ -99,7 +101,11 @@ def start_server(
     elif settings.api_key:
         env[API_KEY_ENV] = settings.api_key
     # settings `serve` takes no flag for (the middleware switches) reach it the way a container is given them
-    unflagged = {f.name for f in dataclasses.fields(settings)} - set(SETTING_FLAGS) - {"model", "api_key", "drain_s"}
+    unflagged = (
+        {f.name for f in dataclasses.fields(settings)}
+        - set(SETTING_FLAGS)
+        - {"model", "api_key", "drain_s", "repository", "state_dir"}
+    )
     env.update({k: v for k, v in settings.to_env().items() if k.removeprefix(PREFIX).lower() in unflagged})
     log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="transferkit-serve-", suffix=".log")[1])
     log = open(log_path, "ab")
@@ -114,7 +120,7 @@ def start_server(
         start_new_session=True,
         preexec_fn=die_with_parent(),
     )
-    handle = ServerHandle(f"http://{host}:{port}", model.tag, proc, log_path, log, drain_timeout)
+    handle = ServerHandle(f"http://{host}:{port}", tag, proc, log_path, log, drain_timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

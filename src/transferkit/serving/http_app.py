@@ -42,7 +42,25 @@ async def predict(request: Request) -> Response:
     return await guarded(request, bentoml.get_current_service(), _answer)
 
 
+def requested_model(request: Request) -> tuple[str | None, str | None]:
+    """The model and version a /predict request names: /predict/<model>[/versions/<v>], else the headers
+    X-Model and X-Model-Version, else none (the only model, when the server serves one)."""
+    parts = request.url.path.split("/")  # "", "predict", [model, ["versions", v]]
+    if len(parts) == 3 and parts[2]:
+        return parts[2], request.headers.get("x-model-version")
+    if len(parts) == 5 and parts[2] and parts[3] == "versions" and parts[4]:
+        return parts[2], parts[4]
+    if len(parts) != 2:
+        raise ClientError(404, f"no such route {request.url.path[:200]}; POST /predict[/<model>[/versions/<v>]]")
+    return request.headers.get("x-model") or None, request.headers.get("x-model-version") or None
+
+
 async def _answer(request: Request, service: Any, admission: Any, rid: str) -> Response:
+    with service.repository.pick(*requested_model(request)).in_use() as model:
+        return await _answer_with(request, service, admission, rid, model)
+
+
+async def _answer_with(request: Request, service: Any, admission: Any, rid: str, model: Any) -> Response:
     settings = service.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in BODY_TYPES:
@@ -71,10 +89,11 @@ async def _answer(request: Request, service: Any, admission: Any, rid: str) -> R
     else:
         inputs = await parse_multipart(_form_parser(request, body), settings.max_images)
     admission.add(len(inputs.images) - 1)
-    predictions = await service.classify(inputs.images, inputs.names, inputs.top_k, admission)
-    meta = {"model": service.tag, "runtime": service.runtime_name}
+    predictions = await service.classify(inputs.images, inputs.names, inputs.top_k, admission, model)
+    meta = {"model": model.tag, "model_name": model.name, "model_version": model.version, "runtime": model.runtime_name}
     answer = {"predictions": predictions, **meta} if inputs.many else {**predictions[0], **meta}
-    return JSONResponse(answer, headers={"X-Request-ID": rid})
+    service.count_model_answer(model)
+    return JSONResponse(answer, headers={"X-Request-ID": rid, "X-Model-Version": model.version})
 
 
 # An uploaded file over 1 MB would be spooled to a temporary file on disk while the form is parsed: a second copy
@@ -96,7 +115,10 @@ async def docs(request: Request) -> Response:
     import bentoml
 
     service = bentoml.get_current_service()
-    spec = document(service.bento_service.openapi_spec.asdict(), service.settings, v2_routes.model_id(service))
+    models = service.repository.models
+    names = sorted(models)
+    versions = sorted({v for entry in models.values() for v in entry.versions})
+    spec = document(service.bento_service.openapi_spec.asdict(), service.settings, names, versions)
     return JSONResponse(spec)
 
 
@@ -152,7 +174,7 @@ class InferenceFastPath:
                 f"more than {MAX_HEADERS} headers or {MAX_HEADER_BYTES >> 10} KB of them",
                 request_id(Request(scope)),
             )
-        elif path == "/predict" and scope["method"] == "POST":
+        elif (path == "/predict" or path.startswith("/predict/")) and scope["method"] == "POST":
             response = await predict(Request(scope, receive))
         elif scope["method"] == "POST" and path.startswith("/v2/models/") and path.endswith("/infer"):
             response = await v2_routes.infer_path(Request(scope, receive), path)
@@ -168,6 +190,8 @@ class InferenceFastPath:
 def create_app() -> Starlette:
     routes = [
         Route("/predict", predict, methods=["POST"]),
+        Route("/predict/{name}", predict, methods=["POST"]),
+        Route("/predict/{name}/versions/{version}", predict, methods=["POST"]),
         Route("/docs.json", docs, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

@@ -63,6 +63,8 @@ IMAGE_PYTHON = "/app/.venv/bin/python"  # Dockerfile.j2's venv
 PRESTOP_SLEEP_S = 5  # endpoint removal usually reaches kube-proxy and ingress controllers within 1-3 s
 EXIT_MARGIN_S = 5  # after the drain: workers stop and the server exits (under 1 s measured with `docker stop`)
 KEY_DIR = "/var/run/secrets/transferkit"  # the API key Secret, mounted read-only
+# memory a further 32-224 px model takes in a worker (its runtime, weights and batch buffers; docs/serving.md)
+EXTRA_MODEL_MI = 160
 TMP_SIZE = "1Gi"  # BentoML's home and ONNX Runtime's cache; uploads are kept in memory (http_app.py)
 FILES = ("deployment.yaml", "service.yaml", "hpa.yaml", "networkpolicy.yaml", "pdb.yaml")
 _CPU = re.compile(r"(\d+(?:\.\d+)?)(m?)")
@@ -137,8 +139,10 @@ class K8sOptions:
     def workers(self, runtime: str) -> int:
         return default_workers(runtime, cpus=self.whole_cpus)
 
-    def memory_for(self, runtime: str) -> str:
-        return self.memory or f"{256 + 384 * self.workers(runtime)}Mi"
+    def memory_for(self, runtime: str, models: int = 1) -> str:
+        """Each worker holds every model: 384 Mi with the first, EXTRA_MODEL_MI for each further one."""
+        per_worker = 384 + EXTRA_MODEL_MI * (models - 1)
+        return self.memory or f"{256 + per_worker * self.workers(runtime)}Mi"
 
 
 def drain_seconds() -> float:
@@ -164,9 +168,10 @@ def manifests(
     """{file name: manifest} for the Deployment, the Service, the HorizontalPodAutoscaler, the NetworkPolicy and
     the PodDisruptionBudget."""
     options = options or K8sOptions()
-    name = resource_name(name or model_tag.split(":")[0])
+    tags = model_tag.split(",")  # a Bento serving several models lists them all (build.py)
+    name = resource_name(name or (tags[0].split(":")[0] if len(tags) == 1 else "transferkit-models"))
     selector = {"app.kubernetes.io/name": "transferkit", "app.kubernetes.io/instance": name}
-    version = re.sub(r"[^A-Za-z0-9_.-]", "", model_tag.partition(":")[2])[:63].strip("-_.")
+    version = re.sub(r"[^A-Za-z0-9_.-]", "", tags[0].partition(":")[2])[:63].strip("-_.") if len(tags) == 1 else ""
     labels = {
         **selector,
         "app.kubernetes.io/component": "server",
@@ -191,7 +196,7 @@ def manifests(
         items = [{"key": key or "api-key", "path": "api-key"}]
         volumes.append({"name": "api-key", "secret": {"secretName": secret, "items": items, "defaultMode": 0o444}})
         mounts.append({"name": "api-key", "mountPath": KEY_DIR, "readOnly": True})
-    resources = {"cpu": options.cpu, "memory": options.memory_for(runtime)}
+    resources = {"cpu": options.cpu, "memory": options.memory_for(runtime, models=len(tags))}
 
     def probe(path: str, delay: int, period: int, timeout: int, failures: int) -> dict:
         return {

@@ -162,9 +162,11 @@ def _predict_operation(settings: ServingSettings) -> dict[str, Any]:
     return operation
 
 
-def document(bentoml_spec: dict[str, Any], settings: ServingSettings, model: tuple[str, str]) -> dict[str, Any]:
-    """BentoML's spec for the service, completed with /predict, the v2 routes for `model` (name, version) and
-    the error schema."""
+def document(
+    bentoml_spec: dict[str, Any], settings: ServingSettings, names: list[str], versions: list[str]
+) -> dict[str, Any]:
+    """BentoML's spec for the service, completed with /predict, the v2 routes for the models `names` (in
+    `versions`) and the error schema."""
     spec = copy.deepcopy(bentoml_spec)
     spec["info"] = {
         **spec.get("info", {}),
@@ -178,7 +180,26 @@ def document(bentoml_spec: dict[str, Any], settings: ServingSettings, model: tup
         components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
     paths = spec.setdefault("paths", {})
     paths["/predict"] = {"post": _predict_operation(settings)}
-    paths.update(v2_paths(settings, *model))
+    by_name = _predict_operation(settings)
+    by_name["operationId"] = "predict_model"
+    by_name["responses"] = {
+        **by_name["responses"],
+        "404": {
+            "description": "a model or version this server does not serve",
+            "content": {"application/json": {"schema": ERROR}},
+        },
+    }
+    by_name["parameters"] = [
+        {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
+    ]
+    by_version = {**by_name, "operationId": "predict_model_version"}
+    by_version["parameters"] = [
+        *by_name["parameters"],
+        {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": versions}},
+    ]
+    paths["/predict/{name}"] = {"post": by_name}
+    paths["/predict/{name}/versions/{version}"] = {"post": by_version}
+    paths.update(v2_paths(settings, names, versions))
     ready = paths.get("/readyz", {}).get("get")
     if ready is not None:  # 503 until the model has loaded and run once
         ready.setdefault("responses", {})["503"] = {"description": "not ready yet (the model is loading)"}

@@ -44,11 +44,16 @@ def resolve_served_model(run_dir: str | Path, runtime: str = "auto") -> ServedMo
     tag = manifest.tag
     if not tag:
         raise TransferkitError(f"{run_dir}: the export was not saved to the BentoML model store; re-run the export")
+    return resolve_stored(tag, runtime, f"transferkit export {run_dir}")
+
+
+def resolve_stored(tag: str, runtime: str = "auto", how_to_make: str = "transferkit export RUN") -> ServedModel:
+    """A stored model, checked: in the model store, files intact, servable here."""
     model_dir = stored_model_path(tag)
     if model_dir is None:
         home = os.environ.get("BENTOML_HOME", "~/bentoml")
         raise TransferkitError(
-            f"BentoML model {tag} is not in the model store at {home}; re-run `transferkit export {run_dir}` "
+            f"BentoML model {tag} is not in the model store at {home}; re-run `{how_to_make}` "
             "(or set BENTOML_HOME to the store it was exported to)"
         )
     stored = read_manifest(model_dir)  # only what passed verify: Manifest.stored

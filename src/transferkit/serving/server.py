@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import Any
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.options import flags
 from transferkit.serving.processes import TREE_ENV, can_bind, check_port, die_with_parent, stop_tree, subreaper
-from transferkit.serving.resolve import ServedModel, resolve_served_model
+from transferkit.serving.resolve import ServedModel, resolve_served_model, resolve_stored
 from transferkit.serving.settings import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
@@ -43,6 +45,7 @@ from transferkit.serving.settings import (
     api_key_file_in_use,
     read_api_key_file,
 )
+from transferkit.serving.sources import format_sources, is_repository, sources_for_paths
 
 __all__ = ["MODEL_ENV", "ServedModel", "resolve_served_model", "serve", "serve_command"]
 
@@ -115,8 +118,39 @@ def _child_env(settings: ServingSettings, marker: str, key_file: str | Path | No
     return env
 
 
+def run_list(run_dirs: str | Path | list[str | Path] | tuple[str | Path, ...]) -> list[Path]:
+    return [Path(p) for p in run_dirs] if isinstance(run_dirs, (list, tuple)) else [Path(run_dirs)]
+
+
+def resolve_models(run_dirs: Any, settings: ServingSettings) -> tuple[ServingSettings, list[str]]:
+    """What the workers will serve, checked here first (exported, stored, files intact, servable) -> the settings
+    that tell them, and a line per version saying what serves it and why. One run: its model, with the artifact
+    picked here. Several runs: each a version named by its tag. A repository folder: the workers scan it, and a
+    version in it that fails its checks is refused there, without stopping the others."""
+    paths = run_list(run_dirs)
+    if len(paths) == 1 and not is_repository(paths[0]):
+        model = resolve_served_model(paths[0], settings.runtime)
+        return dataclasses.replace(settings, model=model.tag, runtime=model.runtime), [f"{model.tag}: {model.because}"]
+    sources, folder = sources_for_paths(paths)
+    lines, refused = [], 0
+    for source in sources:
+        try:
+            checked = resolve_stored(source.tag, settings.runtime)
+            lines.append(f"model {source.name} version {source.version} ({source.tag}): {checked.because}")
+        except TransferkitError as exc:
+            if folder is None:
+                raise
+            refused += 1
+            lines.append(f"model {source.name} version {source.version}: will be refused: {exc}")
+    if folder is not None:
+        if refused == len(sources):
+            raise TransferkitError(f"{folder}: no version in the repository can be served: " + "; ".join(lines))
+        return dataclasses.replace(settings, model="", repository=str(folder.resolve())), lines
+    return dataclasses.replace(settings, model=format_sources(sources)), lines
+
+
 def serve(
-    run_dir: str | Path,
+    run_dir: str | Path | list[str | Path],
     host: str = "127.0.0.1",
     port: int = 3000,
     settings: ServingSettings | None = None,
@@ -125,23 +159,27 @@ def serve(
     **overrides: Any,
 ) -> int:
     """Serve in the foreground until SIGTERM/SIGINT/SIGHUP; the server's log streams to this terminal.
+    `run_dir`: an exported run, several, or a model repository folder (sources.py).
 
     Settings: `settings`, or $TRANSFERKIT_* and `overrides` (ServingSettings fields, e.g. runtime="onnxruntime").
     Returns 0 after a stop by signal; raises TransferkitError when the server exits on its own.
     """
     drain_timeout = drain_timeout_arg(drain_timeout)
     settings = build_settings(settings, api_key_file, **overrides)
-    model = resolve_served_model(run_dir, settings.runtime)
+    settings, picked = resolve_models(run_dir, settings)
     drain_s, graceful_s = split_drain(drain_timeout)
-    settings = dataclasses.replace(settings, model=model.tag, runtime=model.runtime, drain_s=drain_s)
+    state_dir = tempfile.mkdtemp(prefix="transferkit-state-")  # the workers' shared repository state
+    settings = dataclasses.replace(settings, drain_s=drain_s, state_dir=state_dir)
     check_port(host, port)
+    what = f"repository {settings.repository}" if settings.repository else settings.model.replace(",", ", ")
     print(
-        f"transferkit: serving {model.tag} on http://{host}:{port} (runtime {settings.runtime}, "
+        f"transferkit: serving {what} on http://{host}:{port} (runtime {settings.runtime}, "
         f"{settings.resolved_workers} workers x {settings.resolved_threads} threads, "
         f"api key {'on' if settings.api_key else 'off'}); SIGTERM or Ctrl-C stops",
         flush=True,
     )
-    print(f"transferkit: picked {model.because}", flush=True)
+    for line in picked:
+        print(f"transferkit: picked {line}", flush=True)
 
     signals: list[int] = []
     # SIGHUP only when not ignored: under `nohup` a closed terminal must not stop the server
@@ -191,10 +229,11 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def serve_command(
-    run_dir: str | Path, host: str, port: int, settings: ServingSettings, drain_timeout: float
+    run_dir: str | Path | list[str | Path], host: str, port: int, settings: ServingSettings, drain_timeout: float
 ) -> list[str]:
     """The `transferkit serve` command line for these settings (everything but the key, which goes in env)."""
     cmd = [
@@ -202,7 +241,7 @@ def serve_command(
         "-m",
         "transferkit",
         "serve",
-        str(run_dir),
+        *map(str, run_list(run_dir)),
         "--host",
         host,
         "--port",

@@ -28,17 +28,19 @@ import numpy as np
 from PIL import Image
 
 from transferkit.errors import ImageDecodeError
-from transferkit.manifest import read_manifest
-from transferkit.predictions import rank, top_labels
-from transferkit.preprocess import Preprocessing, served_pixel_limit
-from transferkit.serving.batcher import MicroBatcher
+from transferkit.predictions import top_labels
+from transferkit.preprocess import Preprocessing
+from transferkit.serving.batcher import MicroBatcher, WorkerBudget
+from transferkit.serving.control import RepositoryWatcher, SharedControl, default_state_dir
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import InferenceFastPath, create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.serving.keys import KeyRing
 from transferkit.serving.protocol import install as install_coalescing_protocol
-from transferkit.serving.selection import load_runtime
+from transferkit.serving.repository import LOGITS, RANKED, ModelRepository, ServedVersion
+from transferkit.serving.resolve import stored_model_path
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
+from transferkit.serving.sources import parse_sources
 from transferkit.serving.stack import http_stack
 
 logger = logging.getLogger("transferkit.serving")
@@ -75,10 +77,10 @@ def _nicer() -> None:
 
 
 SETTINGS = ServingSettings.from_env()
-MODEL_TAG = SETTINGS.model or getattr(bentoml.use_arguments(), "model", None) or ""
-if not MODEL_TAG:
+LISTED = parse_sources(SETTINGS.model or getattr(bentoml.use_arguments(), "model", None) or "")
+if not LISTED and not SETTINGS.repository:
     raise RuntimeError(
-        f"${MODEL_ENV} is not set: it names the BentoML model to serve. Use `transferkit serve RUN` "
+        f"${MODEL_ENV} is not set: it names the BentoML models to serve. Use `transferkit serve RUN` "
         f"(or `transferkit build RUN`), or set {MODEL_ENV}=<tag from `transferkit export`>"
     )
 
@@ -107,6 +109,22 @@ def _metrics() -> dict[str, Any]:
         _METRICS["answers"] = Counter(
             "transferkit_requests", "answered inference requests (/predict and v2 infer)", ["status"]
         )
+        labels = ["model", "version"]
+        _METRICS["model_answers"] = Counter(
+            "transferkit_model_requests", "inference requests answered, per model and version", labels
+        )
+        _METRICS["model_memory"] = Gauge(
+            "transferkit_model_memory_bytes",
+            "memory a loaded version took (all workers)",
+            labels,
+            multiprocess_mode="livesum",
+        )
+        _METRICS["model_loaded"] = Gauge(
+            "transferkit_model_loaded", "workers holding the version", labels, multiprocess_mode="livesum"
+        )
+        _METRICS["model_default"] = Gauge(
+            "transferkit_model_default", "1 where the version serves by default", labels, multiprocess_mode="max"
+        )
         _METRICS["stack"] = Gauge(
             "transferkit_http_stack",
             "the event loop and HTTP parser this worker runs",
@@ -129,12 +147,8 @@ def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
     }
 
 
-@bentoml.service(name="transferkit", **bentoml_config(SETTINGS))
-@bentoml.asgi_app(create_app(), path="/")
-class TransferkitService:
-    # A class attribute, so `bentoml build` bundles this model into the Bento.
-    model_ref = bentoml.models.BentoModel(MODEL_TAG)
-    RANKED, LOGITS = "ranked", "logits"  # what a batch answers per head (_run_batch)
+class _Service:
+    RANKED, LOGITS = RANKED, LOGITS  # what a batch answers per head (repository.ServedVersion.run_batch)
 
     def __init__(self) -> None:
         self.settings = SETTINGS
@@ -143,26 +157,23 @@ class TransferkitService:
         self.stack = http_stack()  # before the drain wraps uvicorn's SIGTERM handler, through which it is found
         self.drain = Drain(SETTINGS.drain_s)
         self.drain.install()  # uvicorn's SIGTERM handler is in place by now: the drain runs before it
-        stored = self.model_ref  # resolved from the model store ($BENTOML_HOME, or the Bento's own models)
-        self.export_dir = Path(stored.path)
-        self.manifest = read_manifest(self.export_dir)
-        self.tag = str(stored.tag)
-        self.pre = Preprocessing.from_dict(self.manifest.preprocessing)  # never re-derived here
-        self.max_pixels = SETTINGS.max_pixels or served_pixel_limit(self.pre.image_size)
-        self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
-        self.runtime = load_runtime(
-            SETTINGS.runtime, self.export_dir, self.manifest, threads=SETTINGS.resolved_threads, check_files=True
+        self.budget = WorkerBudget(SETTINGS.max_queue, SETTINGS.max_inflight_mb << 20)
+        self.repository = ModelRepository(SETTINGS, self.budget, on_batch=lambda n: _metrics()["batch"].observe(n))
+        self.repository.locate = self._locate
+        self.repository.on_change = _report_models
+        folder = Path(SETTINGS.repository) if SETTINGS.repository else None
+        self.watcher = RepositoryWatcher(
+            self.repository,
+            SharedControl(Path(SETTINGS.state_dir) if SETTINGS.state_dir else default_state_dir()),
+            LISTED,
+            folder,
+            SETTINGS.poll_s,
         )
-        self.runtime_name = self.runtime.description
-        self.batcher = MicroBatcher(
-            self._run_batch,
-            SETTINGS.max_batch,
-            SETTINGS.max_wait_ms,
-            SETTINGS.max_queue,
-            on_batch=lambda n: _metrics()["batch"].observe(n),
-            combine=self._combine,
-            max_bytes=SETTINGS.max_inflight_mb << 20,
-        )
+        self.watcher.sync()  # every listed version loaded, verified and warmed (or refused) before ready
+        if not self.repository.models:
+            reasons = "; ".join(f"{r['name']}:{r['version']}: {r.get('reason')}" for r in self.index())
+            raise RuntimeError(f"no model version could be served: {reasons or 'the repository is empty'}")
+        self.watcher.start()
         # Decoding is Python + Pillow work per image; a few threads overlap it with socket I/O and the model call
         # without oversubscribing the cores the other workers use.
         self.decode_pool = ThreadPoolExecutor(
@@ -171,16 +182,20 @@ class TransferkitService:
         # Images of more than BULK_DECODE_PIXELS decode one at a time in a thread of lower CPU priority: a client
         # sending large (valid) images gets the CPU the others leave, instead of taking it from them
         self.bulk_pool = ThreadPoolExecutor(1, thread_name_prefix="transferkit-decode-bulk", initializer=_nicer)
-        s = self.pre.image_size
-        for n in sorted({1, SETTINGS.max_batch}):  # first calls at a new batch size allocate: do them now
-            self._run_batch(np.zeros((n, s, s, 3), np.uint8))
         _metrics()["stack"].labels(**self.stack).set(1)
         self.ready = True
+        for entry in self.repository.models.values():
+            default = entry.versions[entry.default]
+            logger.info(
+                "model %s: version %s with %s (%s)",
+                default.name,
+                default.version,
+                default.runtime_name,
+                default.runtime.selected_because,
+            )
         logger.info(
-            "serving %s with %s (%s); HTTP: %s loop, %s parser; settings %s",
-            self.tag,
-            self.runtime_name,
-            self.runtime.selected_because,
+            "serving %d models; HTTP: %s loop, %s parser; settings %s",
+            len(self.repository.models),
             self.stack["loop"],
             self.stack["parser"],
             SETTINGS.describe(),
@@ -189,84 +204,116 @@ class TransferkitService:
     def __is_ready__(self) -> bool:
         return self.ready and not self.drain.draining
 
+    # The single model's answers, for what was written when a server served one model (docs, tests of one run)
+    @property
+    def _only(self) -> ServedVersion:
+        found = self.repository.any_version()
+        if found is None:
+            raise ClientError(503, "no model is loaded")
+        return found
+
+    @property
+    def tag(self) -> str:
+        return self._only.tag
+
+    @property
+    def pre(self) -> Preprocessing:
+        return self._only.pre
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        return self._only.labels
+
+    @property
+    def runtime(self) -> Any:
+        return self._only.runtime
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        return self._only.batcher
+
+    def _locate(self, tag: str) -> Path | None:
+        """A stored model's folder: a Bento's own models (class attributes), else the model store."""
+        attribute = MODEL_ATTRIBUTES.get(tag)
+        return Path(getattr(self, attribute).path) if attribute else stored_model_path(tag)
+
+    def index(self) -> list[dict[str, Any]]:
+        return self.repository.index(self.watcher.sources)
+
     @bentoml.on_shutdown
     def _release(self) -> None:
-        self.batcher.close()
+        self.watcher.stop()
+        for entry in self.repository.models.values():
+            for version in entry.versions.values():
+                version.batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.bulk_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run_batch(self, batch: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
-        """uint8 (B,S,S,3) pixels or float32 (B,3,S,S) model input -> per head, (head, RANKED): the (B, C)
-        ranked answers, and (head, LOGITS): the logits (copied: a runtime may reuse its output buffers)."""
-        x = self.pre.normalize_numpy(batch) if batch.dtype == np.uint8 else batch
-        out: dict[tuple[str, str], np.ndarray] = {}
-        for head, logits in self.runtime.run(x).items():
-            out[head, self.RANKED] = rank(logits)
-            out[head, self.LOGITS] = np.array(logits, np.float32)
-        return out
-
-    def _combine(self, parts: list[np.ndarray]) -> np.ndarray:
-        """One batch from requests' pixels and preprocessed tensors (v2's FP32 input): normalised together when
-        both kinds meet in one batch."""
-        if all(p.dtype == parts[0].dtype for p in parts):
-            return np.concatenate(parts)
-        return np.concatenate([self.pre.normalize_numpy(p) if p.dtype == np.uint8 else p for p in parts])
-
-    def _open(self, data: bytes, name: str) -> Image.Image:
-        """Encoded bytes -> an opened image within the pixel limit (header only); only JPEG, PNG and WebP are
-        parsed at all."""
+    def _open(self, data: bytes, name: str, model: ServedVersion) -> Image.Image:
+        """Encoded bytes -> an opened image within the model's pixel limit (header only); only JPEG, PNG and WebP
+        are parsed at all."""
         try:
-            return self.pre.open_served(data, name, self.max_pixels)
+            return model.pre.open_served(data, name, model.max_pixels)
         except ImageDecodeError as exc:
             raise ClientError(exc.http_status, str(exc)) from None
 
-    def _pixels(self, image: Image.Image, name: str) -> np.ndarray:
-        """An opened image -> uint8 (S,S,3)."""
+    def _pixels(self, image: Image.Image, name: str, model: ServedVersion | None = None) -> np.ndarray:
+        """An opened image -> uint8 (S,S,3) at the model's size."""
         try:
-            return self.pre.finish_served(image, name)
+            return (model or self._only).pre.finish_served(image, name)
         except ImageDecodeError as exc:
             raise ClientError(exc.http_status, str(exc)) from None
 
-    async def decode(self, images: list[bytes], names: list[str], admission: Any = None) -> np.ndarray:
-        """Encoded images -> uint8 (N,S,S,3); a ClientError names the first that does not decode. Every header
+    async def decode(
+        self, images: list[bytes], names: list[str], admission: Any = None, model: ServedVersion | None = None
+    ) -> np.ndarray:
+        """Encoded images -> uint8 (N,S,S,3) for `model` (default: the only one); a ClientError names the first that does not decode. Every header
         is read and checked first, so an image over the limit is refused before any other is decoded; then the
         memory their decode takes is reserved in the worker's byte budget (`admission`, batcher.py): 503 when
         other requests hold it, 413 when this request alone needs more than the whole budget."""
+        model = model or self._only
         opened, cost = [], 0
         for data, name in zip(images, names):  # stops at the first header that puts the request past the budget
-            opened.append(self._open(data, name))
+            opened.append(self._open(data, name, model))
             cost += DECODE_BYTES_PER_PIXEL * opened[-1].width * opened[-1].height
-            if admission is not None and cost > self.batcher.max_bytes:
+            if admission is not None and cost > self.budget.max_bytes:
                 raise ClientError(
                     413,
                     f"decoding these {len(images)} images takes more than a worker holds for all requests "
-                    f"({self.batcher.max_bytes >> 20} MB, passed at {name}); send fewer or smaller images",
+                    f"({self.budget.max_bytes >> 20} MB, passed at {name}); send fewer or smaller images",
                 )
         if admission is not None:
             admission.add_bytes(cost)
         if len(opened) == 1 and opened[0].width * opened[0].height <= INLINE_DECODE_PIXELS:
-            return self._pixels(opened[0], names[0])[None]  # cheaper than the hop to a decode thread and back
+            return self._pixels(opened[0], names[0], model)[None]  # cheaper than the hop to a decode thread and back
         loop = asyncio.get_running_loop()
         pools = [self.bulk_pool if i.width * i.height > BULK_DECODE_PIXELS else self.decode_pool for i in opened]
         pixels = await asyncio.gather(
-            *(loop.run_in_executor(pool, self._pixels, i, name) for pool, i, name in zip(pools, opened, names))
+            *(loop.run_in_executor(pool, self._pixels, i, name, model) for pool, i, name in zip(pools, opened, names))
         )
         return np.stack(pixels)
 
-    async def infer(self, batch: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
-        """uint8 pixels or float32 model input, through the worker's batcher -> this request's rows of
-        `_run_batch`'s answer."""
-        return await self.batcher.submit(batch)
+    async def infer(self, batch: np.ndarray, model: ServedVersion | None = None) -> dict[tuple[str, str], np.ndarray]:
+        """uint8 pixels or float32 model input, through the model's batcher -> this request's rows of
+        `ServedVersion.run_batch`'s answer."""
+        return await (model or self._only).batcher.submit(batch)
 
     async def classify(
-        self, images: list[bytes], names: list[str] | None = None, top_k: int = 5, admission: Any = None
+        self,
+        images: list[bytes],
+        names: list[str] | None = None,
+        top_k: int = 5,
+        admission: Any = None,
+        model: ServedVersion | None = None,
     ) -> list[dict]:
         """Encoded images -> [{"heads": {head: top-k labels}}], in order, through the worker's batcher;
         `admission`: the request's (guard.py), which the decode's memory is reserved in."""
+        model = model or self._only
         names = names or [f"images[{i}]" for i in range(len(images))]
-        answer = await self.infer(await self.decode(images, names, admission))
+        answer = await self.infer(await self.decode(images, names, admission, model), model)
+        labels = model.labels
         return [
-            {"heads": {h: top_labels(answer[h, self.RANKED][i], self.labels[h], top_k) for h in self.labels}}
+            {"heads": {h: top_labels(answer[h, RANKED][i], labels[h], top_k) for h in labels}}
             for i in range(len(images))
         ]
 
@@ -283,5 +330,35 @@ class TransferkitService:
     def count_refusal(self, reason: str) -> None:
         _metrics()["refused"].labels(reason=reason).inc()
 
+    def count_model_answer(self, model: ServedVersion) -> None:
+        _metrics()["model_answers"].labels(model=model.name, version=model.version).inc()
 
+
+def _report_models(repository: ModelRepository) -> None:
+    """/metrics after each repository change: per model and version, whether it is loaded, whether it is the
+    default, and the memory its load took in this worker (summed over the live workers)."""
+    m = _metrics()
+    shown = m.setdefault("shown_versions", set())
+    now = set()
+    for name, entry in repository.models.items():
+        for version, served in entry.versions.items():
+            now.add((name, version))
+            m["model_memory"].labels(model=name, version=version).set(served.memory_bytes)
+            m["model_default"].labels(model=name, version=version).set(int(entry.default == version))
+            m["model_loaded"].labels(model=name, version=version).set(1)
+    for name, version in shown - now:  # unloaded: a gauge of a multiprocess registry cannot be removed
+        m["model_memory"].labels(model=name, version=version).set(0)
+        m["model_default"].labels(model=name, version=version).set(0)
+        m["model_loaded"].labels(model=name, version=version).set(0)
+    m["shown_versions"] = now | shown
+
+
+# One class attribute per listed model, so `bentoml build` bundles every one into the Bento.
+# Read through the instance, such an attribute resolves to the stored model (the Bento's own in a container).
+MODEL_ATTRIBUTES = {source.tag: f"model_ref_{i}" for i, source in enumerate(LISTED)}
+for _tag, _attribute in MODEL_ATTRIBUTES.items():
+    setattr(_Service, _attribute, bentoml.models.BentoModel(_tag))
+TransferkitService = bentoml.service(name="transferkit", **bentoml_config(SETTINGS))(
+    bentoml.asgi_app(create_app(), path="/")(_Service)
+)
 TransferkitService.add_asgi_middleware(InferenceFastPath)

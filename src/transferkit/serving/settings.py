@@ -5,7 +5,11 @@ line to a worker is the environment. Every knob therefore has one `TRANSFERKIT_*
 nowhere else; `to_env()` writes them and `from_env()` reads them back (a Bento run in a container reads the
 same variables, e.g. `docker run -e TRANSFERKIT_API_KEY=...`).
 
-    TRANSFERKIT_MODEL          BentoML model tag to serve (required; `transferkit serve`/`build` set it)
+    TRANSFERKIT_MODEL          the versions to serve: BentoML model tags, or `name:version=tag`, comma-separated
+                               (required unless TRANSFERKIT_REPOSITORY is set; `transferkit serve`/`build` set it)
+    TRANSFERKIT_REPOSITORY     a model repository folder, re-read every TRANSFERKIT_POLL_S seconds (sources.py)
+    TRANSFERKIT_MAX_MODELS     model versions one worker holds; TRANSFERKIT_KEEP_VERSIONS: kept per model (2)
+    TRANSFERKIT_STATE_DIR      the workers' shared repository state (control.py)
     TRANSFERKIT_RUNTIME        auto | a runtime (onnxruntime, tensorrt, torch, ...) | an artifact (onnx-int8, ...)
     TRANSFERKIT_WORKERS        worker processes (default: from the CPU count and the runtime)
     TRANSFERKIT_THREADS        runtime intra-op threads per worker (default: cores // workers, at least 1)
@@ -93,6 +97,15 @@ class ServingSettings:
     # /metrics behind the API key too (Prometheus sends it with `authorization: {credentials_file: ...}`)
     metrics_auth: bool = field(default=False, metadata=cli(default_text="off"))
     api_key: str | None = field(default=None, repr=False)  # one key, or several (one per line or comma) in a rotation
+    # a model repository folder re-read every poll_s seconds (`transferkit serve DIR` sets it; sources.py)
+    repository: str = ""
+    # seconds between reads of the repository folder (0: read at start only; the repository API still works)
+    poll_s: float = field(default=2.0, metadata=cli(metavar="S"))
+    # model versions one worker holds at most; a load beyond it is refused with the reason
+    max_models: int = field(default=8, metadata=cli(metavar="N"))
+    # versions of each model kept loaded: the newest, and the one before it for a rollback in one call
+    keep_versions: int = field(default=2, metadata=cli(metavar="N"))
+    state_dir: str = ""  # the workers' shared repository state (control.py); `serve` makes a private one
 
     def __post_init__(self) -> None:
         problems = []
@@ -112,6 +125,12 @@ class ServingSettings:
             problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
         if not self.drain_s >= 0:
             problems.append(f"drain_s must be >= 0, got {self.drain_s}")
+        if self.poll_s < 0:
+            problems.append(f"poll_s must be >= 0, got {self.poll_s}")
+        if self.max_models < 1 or self.keep_versions < 1:
+            problems.append(
+                f"max_models and keep_versions must be >= 1, got {self.max_models} and {self.keep_versions}"
+            )
         if self.api_key is not None and not self.api_key.strip():
             problems.append("the API key is empty")
         if problems:

@@ -110,17 +110,17 @@ def _operation(op_id: str, summary: str, responses: dict[str, Any], secured: boo
     return operation
 
 
-def _path_params(name: str, version: str | None) -> list[dict[str, Any]]:
-    params = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [name]}}]
-    if version is not None:
+def _path_params(names: list[str], versions: list[str] | None) -> list[dict[str, Any]]:
+    params = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}]
+    if versions is not None:
         params.append(
-            {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": [version]}}
+            {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": versions}}
         )
     return params
 
 
-def v2_paths(settings: ServingSettings, name: str, version: str) -> dict[str, Any]:
-    """The paths of the v2 routes for the model `name` at `version`."""
+def v2_paths(settings: ServingSettings, names: list[str], versions: list[str]) -> dict[str, Any]:
+    """The paths of the v2 routes for the models `names`, served in `versions` (the repository's, all models')."""
     health = {"type": "object", "properties": {"live": {"type": "boolean"}, "ready": {"type": "boolean"}}}
     server = {
         "type": "object",
@@ -161,8 +161,8 @@ def v2_paths(settings: ServingSettings, name: str, version: str) -> dict[str, An
     }
     infer_errors = _errors(settings, ["400", "401", "404", "408", "413", "415", "500", "503", "504"])
     infer_errors["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
-    for base, v in (("/v2/models/{name}", None), ("/v2/models/{name}/versions/{version}", version)):
-        params, suffix = _path_params(name, v), "" if v is None else "_version"
+    for base, v in (("/v2/models/{name}", None), ("/v2/models/{name}/versions/{version}", versions)):
+        params, suffix = _path_params(names, v), "" if v is None else "_version"
         model_errors = _errors(settings, ["401", "404"])
         metadata = _operation(
             f"v2_model_metadata{suffix}",
@@ -193,4 +193,56 @@ def v2_paths(settings: ServingSettings, name: str, version: str) -> dict[str, An
         paths[base + "/ready"] = {"get": ready}
         paths[base + "/config"] = {"get": config}
         paths[base + "/infer"] = {"post": infer}
+    paths.update(_repository_paths(settings, names))
     return paths
+
+
+def _repository_paths(settings: ServingSettings, names: list[str]) -> dict[str, Any]:
+    """Triton's model repository extension (repository_routes.py)."""
+    row = {
+        "type": "object",
+        "required": ["name", "version", "state"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "state": {"type": "string", "enum": ["READY", "UNAVAILABLE"]},
+            "reason": {"type": "string"},
+            "default": {"type": "boolean"},
+            "traffic": {"type": "number"},
+        },
+    }
+    index = _operation(
+        "v2_repository_index",
+        "Every model version and its state",
+        {"200": _json({"type": "array", "items": row}, "the versions"), **_errors(settings, ["400", "401"])},
+        True,
+        settings,
+    )
+    index["requestBody"] = {
+        "required": False,
+        "content": {"application/json": {"schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}},
+    }
+    parameters = {
+        "type": "object",
+        "properties": {
+            "version": {"type": ["string", "null"], "description": "the version to serve by default (a rollback)"},
+            "split": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+            "config": {"type": "string", "description": "Triton's model configuration, as JSON"},
+        },
+    }
+    changes = {}
+    for action, summary in (("load", "Load a model's versions, choose its default or split"), ("unload", "Unload")):
+        op = _operation(
+            f"v2_repository_{action}",
+            summary,
+            {"200": _json({"type": "object"}, "applied in every worker"), **_errors(settings, ["400", "401", "503"])},
+            True,
+            settings,
+        )
+        op["parameters"] = _path_params(names, None)
+        op["requestBody"] = {
+            "required": False,
+            "content": {"application/json": {"schema": {"type": "object", "properties": {"parameters": parameters}}}},
+        }
+        changes[f"/v2/repository/models/{{name}}/{action}"] = {"post": op}
+    return {"/v2/repository/index": {"post": index}, **changes}

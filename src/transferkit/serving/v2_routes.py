@@ -7,9 +7,12 @@ dashboards and load tools written for Triton, KServe or OpenVINO Model Server wo
     GET  /v2/models/{name}[/versions/{v}]/ready
     GET  /v2/models/{name}[/versions/{v}]/config   Triton's model configuration (max_batch_size, input, output)
     POST /v2/models/{name}[/versions/{v}]/infer
+    POST /v2/repository/index, /v2/repository/models/{name}/load|unload   (repository_routes.py)
 
-The name is the BentoML model's name and the version its tag's version (`transferkit-mnist:abc` -> name
-transferkit-mnist, version abc). Inputs (send one): `image` BYTES [N] of encoded JPEG/PNG/WebP files, or
+A server serves one or more models, each in one or more versions (repository.py); a route without a version
+gets the model's default version (or the draw of its traffic split), and every answer names the version.
+By default the name is the BentoML model's name and the version its tag's version (`transferkit-mnist:abc` ->
+name transferkit-mnist, version abc). Inputs (send one): `image` BYTES [N] of encoded JPEG/PNG/WebP files, or
 `tensor` FP32 [N,3,S,S] already preprocessed as the manifest's preprocessing says. Outputs per head h:
 `h.logits` FP32 [N,C], `h.labels` BYTES [N,k] and `h.scores` FP32 [N,k] (softmax, best first; k is the
 request parameter `top_k`, default 5). Triton's classification extension works on `h.logits`
@@ -30,13 +33,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from transferkit.serving import repository_routes
 from transferkit.serving.guard import authorized, error, guarded, request_id, unauthorized
 from transferkit.serving.inputs import ClientError, read_body
+from transferkit.serving.repository import LOGITS, RANKED
 from transferkit.serving.settings import MAX_TOP_K, MAX_UPLOAD_BYTES
 from transferkit.serving.v2_tensors import HEADER_LENGTH, OutputTensor, decompress, encode_response, parse_request
 from transferkit.version import __version__
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
 IMAGE, TENSOR = "image", "tensor"
 OUTPUT_KINDS = ("logits", "labels", "scores")
 LARGE_BODY = 256 << 10  # parsed in a thread from this size: JSON tensors take milliseconds
@@ -50,28 +55,27 @@ def _service() -> Any:
     return bentoml.get_current_service()
 
 
-def model_id(service: Any) -> tuple[str, str]:
-    name, _, version = service.tag.partition(":")
-    return name, version
+def model_id(model: Any) -> tuple[str, str]:
+    """A served version's (name, version), as the protocol names them."""
+    return model.name, model.version
 
 
-def _check_model(service: Any, name: str, version: str | None) -> None:
-    ours, our_version = model_id(service)
-    if name != ours:
-        raise ClientError(404, f"unknown model {name!r}; this server serves {ours!r} (GET /v2/models/{ours})")
-    if version not in (None, "", our_version):
-        raise ClientError(404, f"model {ours!r} has no version {version!r}; it serves version {our_version!r}")
+def _pick(service: Any, name: str, version: str | None) -> Any:
+    """The served version a route names (version None or "": the default, or the split's draw)."""
+    return service.repository.pick(name, version or None)
 
 
-def output_names(service: Any) -> list[str]:
-    return [f"{head}.{kind}" for head in service.labels for kind in OUTPUT_KINDS]
+def output_names(model: Any) -> list[str]:
+    return [f"{head}.{kind}" for head in model.labels for kind in OUTPUT_KINDS]
 
 
-def model_metadata(service: Any) -> dict[str, Any]:
-    name, version = model_id(service)
-    s = service.pre.image_size
+def model_metadata(model: Any, service: Any) -> dict[str, Any]:
+    name = model.name
+    entry = service.repository.models.get(name)
+    versions = list(entry.versions) if entry is not None else [model.version]
+    s = model.pre.image_size
     outputs = []
-    for head, classes in service.labels.items():
+    for head, classes in model.labels.items():
         outputs += [
             {"name": f"{head}.logits", "datatype": "FP32", "shape": [-1, len(classes)]},
             {"name": f"{head}.labels", "datatype": "BYTES", "shape": [-1, -1]},
@@ -79,8 +83,8 @@ def model_metadata(service: Any) -> dict[str, Any]:
         ]
     return {
         "name": name,
-        "versions": [version],
-        "platform": f"transferkit_{service.runtime.name}",
+        "versions": versions,
+        "platform": f"transferkit_{model.runtime.name}",
         "inputs": [
             {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
             {"name": TENSOR, "datatype": "FP32", "shape": [-1, 3, s, s]},
@@ -89,10 +93,10 @@ def model_metadata(service: Any) -> dict[str, Any]:
     }
 
 
-def model_config(service: Any) -> dict[str, Any]:
+def model_config(model: Any, service: Any) -> dict[str, Any]:
     """Triton's configuration JSON: dims without the batch axis (max_batch_size > 0); `image` is one string per
     batch item, which Triton writes as dims [1] reshaped to []."""
-    meta = model_metadata(service)
+    meta = model_metadata(model, service)
     types = {"FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
     settings = service.settings
     return {
@@ -142,25 +146,25 @@ def _readiness(service: Any, rid: str) -> Response:
 
 
 def _model_route(build: Any, needs_key: bool = True) -> Any:
-    """A GET under /v2/models/{name}[/versions/{version}]: the model checked, then `build(service)`."""
+    """A GET under /v2/models/{name}[/versions/{version}]: the model found, then `build(model, service, rid)`."""
 
     async def route(request: Request) -> Response:
         service, rid = _service(), request_id(request)
         if needs_key and not authorized(request, service):
             return unauthorized(rid)
         try:
-            _check_model(service, request.path_params["name"], request.path_params.get("version"))
+            model = _pick(service, request.path_params["name"], request.path_params.get("version"))
         except ClientError as exc:
             return error(exc.status, str(exc), rid)
-        return build(service, rid)
+        return build(model, service, rid)
 
     return route
 
 
 def routes() -> list[Route]:
-    metadata = _model_route(lambda service, rid: JSONResponse(model_metadata(service)))
-    config = _model_route(lambda service, rid: JSONResponse(model_config(service)))
-    model_ready = _model_route(_readiness, needs_key=False)
+    metadata = _model_route(lambda model, service, rid: JSONResponse(model_metadata(model, service)))
+    config = _model_route(lambda model, service, rid: JSONResponse(model_config(model, service)))
+    model_ready = _model_route(lambda model, service, rid: _readiness(service, rid), needs_key=False)
     out = [
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
@@ -173,7 +177,7 @@ def routes() -> list[Route]:
             Route(base + "/config", config, methods=["GET"]),
             Route(base + "/infer", infer, methods=["POST"]),
         ]
-    return out
+    return out + repository_routes.routes()
 
 
 # ---- infer -----------------------------------------------------------------------------------------------
@@ -192,13 +196,13 @@ async def infer_path(request: Request, path: str) -> Response:
         return error(404, f"no such route {path}; POST /v2/models/<name>[/versions/<v>]/infer", request_id(request))
 
     async def work(request: Request, service: Any, admission: Any, rid: str) -> Response:
-        _check_model(service, name, version)
-        return await _infer(request, service, admission, rid)
+        with _pick(service, name, version).in_use() as model:
+            return await _infer(request, service, admission, rid, model)
 
     return await guarded(request, _service(), work)
 
 
-async def _infer(request: Request, service: Any, admission: Any, rid: str) -> Response:
+async def _infer(request: Request, service: Any, admission: Any, rid: str, model: Any) -> Response:
     headers = request.headers
     body = await read_body(request.stream(), headers.get("content-length"), MAX_UPLOAD_BYTES, admission.add_bytes)
     encoding = headers.get("content-encoding")
@@ -215,17 +219,18 @@ async def _infer(request: Request, service: Any, admission: Any, rid: str) -> Re
         names = [t.name for t in parsed.inputs]
         raise ClientError(400, f"send one input, {IMAGE!r} (BYTES: encoded images) or {TENSOR!r} (FP32), got {names}")
     tensor = parsed.inputs[0]
-    batch = _images(tensor, service) if tensor.name == IMAGE else _tensor(tensor, service)
+    batch = _images(tensor, service) if tensor.name == IMAGE else _tensor(tensor, service, model)
     top_k = _top_k(parsed.parameters)
-    wanted = _wanted(parsed.outputs, service)
+    wanted = _wanted(parsed.outputs, model)
     admission.add(batch.count - 1)
-    pixels = await service.decode(batch.images, batch.names, admission) if batch.images is not None else batch.array
-    answer = await service.infer(pixels)
-    outputs = [
-        (_output(name, answer, service, top_k, classification), binary) for name, binary, classification in wanted
-    ]
-    model, version = model_id(service)
-    header: dict[str, Any] = {"model_name": model, "model_version": version}
+    if batch.images is not None:
+        pixels = await service.decode(batch.images, batch.names, admission, model)
+    else:
+        pixels = batch.array
+    answer = await service.infer(pixels, model)
+    outputs = [(_output(name, answer, model, top_k, classification), binary) for name, binary, classification in wanted]
+    service.count_model_answer(model)
+    header: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if parsed.id is not None:
         header["id"] = parsed.id
     if batch.count * len(outputs) > INLINE_ENCODE_ROWS:  # a large answer is encoded off the event loop
@@ -265,8 +270,8 @@ def _images(tensor: Any, service: Any) -> _Batch:
     return _Batch(len(tensor.value), images=list(tensor.value))
 
 
-def _tensor(tensor: Any, service: Any) -> _Batch:
-    s = service.pre.image_size
+def _tensor(tensor: Any, service: Any, model: Any) -> _Batch:
+    s = model.pre.image_size
     if tensor.datatype != "FP32" or len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != (3, s, s):
         raise ClientError(
             400,
@@ -287,9 +292,9 @@ def _top_k(parameters: dict[str, Any]) -> int:
     return k
 
 
-def _wanted(requested: Any, service: Any) -> list[tuple[str, bool, int]]:
+def _wanted(requested: Any, model: Any) -> list[tuple[str, bool, int]]:
     """(output name, as binary, classification count) for each output to answer, in the request's order."""
-    names = output_names(service)
+    names = output_names(model)
     if requested is None:
         return [(name, False, 0) for name in names]
     out, seen = [], set()
@@ -305,27 +310,27 @@ def _wanted(requested: Any, service: Any) -> list[tuple[str, bool, int]]:
     return out
 
 
-def _output(name: str, answer: dict, service: Any, top_k: int, classification: int) -> OutputTensor:
+def _output(name: str, answer: dict, model: Any, top_k: int, classification: int) -> OutputTensor:
     head, _, kind = name.rpartition(".")
-    labels = service.labels[head]
+    labels = model.labels[head]
     k = min(top_k, len(labels))
     if kind == "logits" and classification:
-        return _classification(name, answer[head, service.LOGITS], labels, classification)
+        return _classification(name, answer[head, LOGITS], labels, classification)
     if kind == "logits":
-        return OutputTensor(name, "FP32", answer[head, service.LOGITS])
-    ranked = answer[head, service.RANKED][:, :k]
+        return OutputTensor(name, "FP32", answer[head, LOGITS])
+    ranked = answer[head, RANKED][:, :k]
     if kind == "scores":
         return OutputTensor(name, "FP32", ranked["score"].astype(np.float32))
-    return OutputTensor(name, "BYTES", _label_table(service, head)[ranked["index"]])
+    return OutputTensor(name, "BYTES", _label_table(model, head)[ranked["index"]])
 
 
-def _label_table(service: Any, head: str) -> np.ndarray:
-    """A head's labels as a numpy array of UTF-8 bytes, made once per worker: indexing it with the ranked class
-    indices gives the BYTES output in one numpy call (per request, per element, Python cost as much as the rest
-    of the answer for a small image)."""
-    tables = service.__dict__.setdefault("_v2_label_tables", {})
+def _label_table(model: Any, head: str) -> np.ndarray:
+    """A head's labels as a numpy array of UTF-8 bytes, made once per loaded version: indexing it with the ranked
+    class indices gives the BYTES output in one numpy call (per request, per element, Python cost as much as the
+    rest of the answer for a small image)."""
+    tables = model.label_tables
     if head not in tables:
-        tables[head] = np.array([label.encode() for label in service.labels[head]], dtype=object)
+        tables[head] = np.array([label.encode() for label in model.labels[head]], dtype=object)
     return tables[head]
 
 

@@ -1,0 +1,321 @@
+"""Several models in one server against one server per model, on the same cores; and a version swap and a rollback
+under load. A section of docs/serving.md.
+
+    BENTOML_HOME=runs/export-bench/bentoml python benchmarks/serve_repository.py \
+        --run32 runs/export-bench/demo-32px --run224 runs/export-bench/fashion-224px-seed0 \
+        --run224 runs/export-bench/fashion-224px-seed2 [--seconds 20] [--concurrency 64]
+
+Part 1. N models (1, 2, 4 copies of the 32 px run, each served as its own model, loaded on its own; and the
+two 224 px runs): one `transferkit serve DIR` (default workers: one per core) against N `transferkit serve RUN`
+(each with cores / N workers, at least one), all on 127.0.0.1. The load is `hey` for a fixed time: one hey per
+model, the concurrency split evenly over the models, each posting a real image (a scikit-learn digit as PNG at
+32 px, china.jpg at 224 px) to its model. Reported: the summed req/s, the worst model's p99, non-200 answers,
+and the memory of every process of the server(s) (RSS summed, read after the load).
+
+Part 2. A swap and a rollback at `--concurrency` clients: one server serving version 1 of a 32 px model; a
+version 2 folder appears at 1/3 of the run, a rollback to version 1 through the repository API at 2/3. hey's
+per-request log (`-o csv`) gives p99 before the swap and in the seconds after each change, and every status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from loadgen import run_hey  # noqa: E402
+from provenance import commit, write_section  # noqa: E402
+
+from transferkit.machine import Machine, cpu_count, load_average  # noqa: E402
+
+BEGIN, END = "<!-- serve_repository: begin -->", "<!-- serve_repository: end -->"
+KEY = "bench-key"
+
+
+def bodies() -> dict[str, tuple[bytes, str]]:
+    from PIL import Image
+    from sklearn.datasets import load_digits, load_sample_images
+
+    digit = Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8), mode="L").resize((32, 32))
+    png, jpg = io.BytesIO(), io.BytesIO()
+    digit.save(png, format="PNG")
+    Image.fromarray(load_sample_images().images[0]).save(jpg, format="JPEG", quality=90)
+    return {"32": (png.getvalue(), "image/png"), "224": (jpg.getvalue(), "image/jpeg")}
+
+
+def tree_rss_mib(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def drive(hey: str, targets: list[str], body: Path, content_type: str, concurrency: int, seconds: float):
+    """One hey per target URL at once, the concurrency split evenly -> their Levels."""
+    per = max(1, concurrency // len(targets))
+    levels: list = [None] * len(targets)
+
+    def one(i: int, url: str) -> None:
+        levels[i] = run_hey(hey, url, body, 0, per, seconds + 60, url, content_type, seconds=seconds)
+
+    threads = [threading.Thread(target=one, args=(i, u)) for i, u in enumerate(targets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return levels
+
+
+def summarize(levels) -> dict:
+    ok = sum(level.ok_rps for level in levels)
+    bad = sum(n for level in levels for code, n in level.statuses.items() if code != 200)
+    bad += sum(sum(level.errors.values()) for level in levels)
+    p99 = max(level.latencies.get(99, float("nan")) for level in levels) * 1000
+    return {"rps": ok, "p99": p99, "bad": bad}
+
+
+def repository_of(run: Path, names: list[str], root: Path) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "1").symlink_to(run.resolve())
+    return root
+
+
+def part1(args, hey: str, tmp: Path, body_files: dict) -> list[dict]:
+    from transferkit.serving import start_server
+
+    rows = []
+    cases = [("32", Path(args.run32), n) for n in args.counts] + ([("224", None, 2)] if args.run224 else [])
+    for size, run, n in cases:
+        names = [f"m{i}" for i in range(n)]
+        body, content_type = body_files[size]
+        work = Path(tempfile.mkdtemp(dir=tmp))
+        if size == "32":
+            repo = repository_of(run, names, work / "repo")
+            singles = [run] * n
+        else:
+            repo = work / "repo"
+            for name, r in zip(names, args.run224):
+                (repo / name).mkdir(parents=True)
+                (repo / name / "1").symlink_to(Path(r).resolve())
+            singles = [Path(r) for r in args.run224]
+        # one server, every model in each of its workers
+        load = load_average()
+        with start_server(repo, log_path=work / "multi.log", timeout=600) as server:
+            drive(hey, [f"{server.url}/predict/{m}" for m in names], body, content_type, 64, 3)  # warm
+            levels = drive(
+                hey, [f"{server.url}/predict/{m}" for m in names], body, content_type, args.concurrency, args.seconds
+            )
+            memory = tree_rss_mib(server.process.pid)
+        rows.append(
+            {
+                "case": f"{n} x {size} px",
+                "setup": "one server, every model",
+                **summarize(levels),
+                "memory": memory,
+                "load": load,
+                "processes": cpu_count(),
+            }
+        )
+        # one server per model, the same cores between them
+        load = load_average()
+        workers = max(1, cpu_count() // n)
+        servers = []
+        try:
+            for i, r in enumerate(singles):
+                servers.append(start_server(r, log_path=work / f"single{i}.log", workers=workers, timeout=600))
+            drive(hey, [f"{s.url}/predict" for s in servers], body, content_type, 64, 3)
+            levels = drive(
+                hey, [f"{s.url}/predict" for s in servers], body, content_type, args.concurrency, args.seconds
+            )
+            memory = sum(tree_rss_mib(s.process.pid) for s in servers)
+        finally:
+            for s in servers:
+                s.stop()
+        rows.append(
+            {
+                "case": f"{n} x {size} px",
+                "setup": f"{n} servers x {workers} workers",
+                **summarize(levels),
+                "memory": memory,
+                "load": load,
+            }
+        )
+        print(rows[-2], rows[-1], flush=True)
+    return rows
+
+
+def hey_csv(hey: str, url: str, body: Path, content_type: str, c: int, seconds: float, out: list) -> None:
+    cmd = [
+        hey,
+        "-z",
+        f"{seconds:g}s",
+        "-c",
+        str(c),
+        "-m",
+        "POST",
+        "-t",
+        "20",
+        "-T",
+        content_type,
+        "-o",
+        "csv",
+        "-D",
+        str(body),
+        url,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    out.extend(csv.DictReader(io.StringIO(done.stdout)))
+
+
+def part2(args, hey: str, tmp: Path, body_files: dict) -> dict:
+    import httpx
+
+    from transferkit.serving import start_server
+
+    body, content_type = body_files["32"]
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    repo = work / "repo"
+    (repo / "digits").mkdir(parents=True)
+    (repo / "digits" / "1").symlink_to(Path(args.run32).resolve())
+    (work / "key").write_text(KEY)
+    seconds = args.swap_seconds
+    records: list = []
+    events = {}
+    with start_server(repo, log_path=work / "swap.log", api_key_file=work / "key", poll_s=0.5, timeout=600) as server:
+        url = f"{server.url}/predict/digits"
+        drive(hey, [url], body, content_type, 64, 3)  # warm
+        driver = threading.Thread(
+            target=hey_csv, args=(hey, url, body, content_type, args.concurrency, seconds, records)
+        )
+        start = time.monotonic()
+        driver.start()
+        time.sleep(seconds / 3)
+        events["swap"] = time.monotonic() - start
+        (repo / "digits" / "2").symlink_to(Path(args.run32).resolve())  # a new version folder
+        while True:  # until the index shows version 2 as the default
+            rows = httpx.post(f"{server.url}/v2/repository/index", headers={"Authorization": f"Bearer {KEY}"}).json()
+            if any(r["version"] == "2" and r.get("default") for r in rows):
+                break
+            time.sleep(0.1)
+        events["swapped"] = time.monotonic() - start
+        time.sleep(max(0.0, 2 * seconds / 3 - (time.monotonic() - start)))
+        events["rollback"] = time.monotonic() - start
+        answer = httpx.post(
+            f"{server.url}/v2/repository/models/digits/load",
+            json={"parameters": {"version": "1"}},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=120,
+        )
+        events["rolled back"] = time.monotonic() - start
+        events["rollback status"] = answer.status_code
+        driver.join()
+    offsets = np.array([float(r["offset"]) for r in records])
+    latency = np.array([float(r["response-time"]) for r in records]) * 1000
+    status = np.array([int(r["status-code"] or 0) for r in records])
+    skew = 0.2  # hey starts its clock a moment after the thread: windows are widened by this much
+
+    def p99(lo: float, hi: float) -> float:
+        sel = (offsets >= lo) & (offsets < hi)
+        return float(np.percentile(latency[sel], 99)) if sel.any() else float("nan")
+
+    before = p99(1.0, events["swap"] - skew)
+    return {
+        "requests": len(records),
+        "non-200": int((status != 200).sum()),
+        "p99 before": before,
+        "p99 swap": p99(events["swap"] - skew, events["swapped"] + 2.0),
+        "p99 rollback": p99(events["rollback"] - skew, events["rolled back"] + 2.0),
+        "swap s": events["swapped"] - events["swap"],
+        "rollback s": events["rolled back"] - events["rollback"],
+        "rollback status": events["rollback status"],
+    }
+
+
+def render(rows: list[dict], swap: dict, args, machine) -> str:
+    lines = [
+        BEGIN,
+        "## Several models in one server (model repository)",
+        "",
+        f"Command: `python benchmarks/serve_repository.py {' '.join(sys.argv[1:])}` at commit {commit()}. Machine: "
+        f"{machine.cpu} ({cpu_count()} CPUs; {' '.join(machine.flags)}).",
+        "",
+        f"hey for {args.seconds:g} s per row, {args.concurrency} clients split evenly over the models, each posting "
+        "a real image to its model (a digit PNG at 32 px, china.jpg at 224 px). The 32 px models are copies of one "
+        "run, each loaded as its own model; the 224 px pair are two runs. Memory: RSS of every process of the "
+        "server(s), after the load.",
+        "",
+        "| models | setup | req/s (200) | worst model's p99 ms | non-200 | memory MiB | multi / singles req/s | memory ratio | load avg before |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for multi, single in zip(rows[::2], rows[1::2]):
+        for r, ratio in ((multi, f"{multi['rps'] / single['rps']:.2f}x"), (single, "")):
+            mem = f"{multi['memory'] / single['memory']:.2f}x" if r is multi else ""
+            lines.append(
+                f"| {r['case']} | {r['setup']} | {r['rps']:,.0f} | {r['p99']:.0f} | {r['bad']} | {r['memory']:,.0f} "
+                f"| {ratio} | {mem} | {r['load']:.2f} |"
+            )
+    lines += [
+        "",
+        f"A swap and a rollback under load ({args.concurrency} clients, {args.swap_seconds:g} s, one 32 px model, "
+        "one server): a version 2 folder appears at a third of the run, a rollback to version 1 through "
+        "`POST /v2/repository/models/digits/load` at two thirds. p99 in the window from each change until 2 s "
+        "after it took effect in every worker:",
+        "",
+        "| requests | non-200 | p99 before ms | p99 during the swap ms | p99 during the rollback ms | swap took s | rollback call took s (status) |",
+        "|--:|--:|--:|--:|--:|--:|--:|",
+        f"| {swap['requests']:,} | {swap['non-200']} | {swap['p99 before']:.0f} | {swap['p99 swap']:.0f} "
+        f"| {swap['p99 rollback']:.0f} | {swap['swap s']:.1f} | {swap['rollback s']:.1f} ({swap['rollback status']}) |",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run32", required=True)
+    ap.add_argument("--run224", action="append", default=[])
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--swap-seconds", type=float, default=30.0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "serving.md"))
+    args = ap.parse_args()
+    hey = shutil.which("hey")
+    if hey is None:
+        sys.exit("hey is needed (apt-get install hey)")
+    machine = Machine.this()
+    with tempfile.TemporaryDirectory(prefix="transferkit-serve-repository-") as tmp:
+        files = {}
+        for size, (data, content_type) in bodies().items():
+            path = Path(tmp) / f"body{size}"
+            path.write_bytes(data)
+            files[size] = (path, content_type)
+        rows = part1(args, hey, Path(tmp), files)
+        swap = part2(args, hey, Path(tmp), files)
+    section = render(rows, swap, args, machine)
+    print(section)
+    write_section(args.out, section, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
