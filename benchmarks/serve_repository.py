@@ -6,8 +6,9 @@ under load. A section of docs/serving.md.
         --run224 runs/export-bench/fashion-224px-seed2 [--seconds 20] [--concurrency 64]
 
 Part 1. N models (1, 2, 4 copies of the 32 px run, each served as its own model, loaded on its own; and the
-two 224 px runs): one `transferkit serve DIR` (default workers: one per core) against N `transferkit serve RUN`
-(each with cores / N workers, at least one), all on 127.0.0.1. The load is `hey` for a fixed time: one hey per
+two 224 px runs): one `transferkit serve DIR`, every model in each worker (one worker per core, and one worker
+with every core's threads), against N `transferkit serve RUN` (each with cores / N workers, at least one), all
+on 127.0.0.1. The load is `hey` for a fixed time: one hey per
 model, the concurrency split evenly over the models, each posting a real image (a scikit-learn digit as PNG at
 32 px, china.jpg at 224 px) to its model. Reported: the summed req/s, the worst model's p99, non-200 answers,
 and the memory of every process of the server(s) (RSS summed, read after the load).
@@ -42,6 +43,7 @@ from transferkit.machine import Machine, cpu_count, load_average  # noqa: E402
 
 BEGIN, END = "<!-- serve_repository: begin -->", "<!-- serve_repository: end -->"
 KEY = "bench-key"
+PAUSE_S = 10.0  # between rows: the previous row's processes gone, the load average falling
 
 
 def bodies() -> dict[str, tuple[bytes, str]]:
@@ -118,25 +120,21 @@ def part1(args, hey: str, tmp: Path, body_files: dict) -> list[dict]:
                 (repo / name).mkdir(parents=True)
                 (repo / name / "1").symlink_to(Path(r).resolve())
             singles = [Path(r) for r in args.run224]
-        # one server, every model in each of its workers
-        load = load_average()
-        with start_server(repo, log_path=work / "multi.log", timeout=600) as server:
-            drive(hey, [f"{server.url}/predict/{m}" for m in names], body, content_type, 64, 3)  # warm
-            levels = drive(
-                hey, [f"{server.url}/predict/{m}" for m in names], body, content_type, args.concurrency, args.seconds
+        # one server, every model in each of its workers: one worker per core, and one worker with every core
+        for workers in sorted({cpu_count(), 1}, reverse=True):
+            time.sleep(PAUSE_S)
+            load = load_average()
+            with start_server(repo, log_path=work / f"multi{workers}.log", workers=workers, timeout=600) as server:
+                urls = [f"{server.url}/predict/{m}" for m in names]
+                drive(hey, urls, body, content_type, 64, 3)  # warm
+                levels = drive(hey, urls, body, content_type, args.concurrency, args.seconds)
+                memory = tree_rss_mib(server.process.pid)
+            setup = f"one server x {workers} worker{'s' if workers > 1 else ''}, every model in each"
+            rows.append(
+                {"case": f"{n} x {size} px", "setup": setup, **summarize(levels), "memory": memory, "load": load}
             )
-            memory = tree_rss_mib(server.process.pid)
-        rows.append(
-            {
-                "case": f"{n} x {size} px",
-                "setup": "one server, every model",
-                **summarize(levels),
-                "memory": memory,
-                "load": load,
-                "processes": cpu_count(),
-            }
-        )
         # one server per model, the same cores between them
+        time.sleep(PAUSE_S)
         load = load_average()
         workers = max(1, cpu_count() // n)
         servers = []
@@ -151,16 +149,10 @@ def part1(args, hey: str, tmp: Path, body_files: dict) -> list[dict]:
         finally:
             for s in servers:
                 s.stop()
-        rows.append(
-            {
-                "case": f"{n} x {size} px",
-                "setup": f"{n} servers x {workers} workers",
-                **summarize(levels),
-                "memory": memory,
-                "load": load,
-            }
-        )
-        print(rows[-2], rows[-1], flush=True)
+        setup = f"{n} server{'s' if n > 1 else ''} x {workers} worker{'s' if workers > 1 else ''}, one model each"
+        row = {"case": f"{n} x {size} px", "setup": setup, **summarize(levels), "memory": memory, "load": load}
+        rows.append({**row, "singles": True})
+        print(*rows[-3:], sep="\n", flush=True)
     return rows
 
 
@@ -179,6 +171,8 @@ def hey_csv(hey: str, url: str, body: Path, content_type: str, c: int, seconds: 
         content_type,
         "-o",
         "csv",
+        "-H",
+        f"Authorization: Bearer {KEY}",
         "-D",
         str(body),
         url,
@@ -203,7 +197,7 @@ def part2(args, hey: str, tmp: Path, body_files: dict) -> dict:
     events = {}
     with start_server(repo, log_path=work / "swap.log", api_key_file=work / "key", poll_s=0.5, timeout=600) as server:
         url = f"{server.url}/predict/digits"
-        drive(hey, [url], body, content_type, 64, 3)  # warm
+        run_hey(hey, url, body, 0, 64, 60, "warm", content_type, seconds=3, headers={"Authorization": f"Bearer {KEY}"})
         driver = threading.Thread(
             target=hey_csv, args=(hey, url, body, content_type, args.concurrency, seconds, records)
         )
@@ -260,20 +254,23 @@ def render(rows: list[dict], swap: dict, args, machine) -> str:
         f"{machine.cpu} ({cpu_count()} CPUs; {' '.join(machine.flags)}).",
         "",
         f"hey for {args.seconds:g} s per row, {args.concurrency} clients split evenly over the models, each posting "
-        "a real image to its model (a digit PNG at 32 px, china.jpg at 224 px). The 32 px models are copies of one "
+        "a real image to its model (a digit PNG at 32 px, china.jpg at 224 px). One server holds every model in each of "
+        "its workers (one worker per core, or one worker with every core's runtime threads); each of the N servers "
+        "holds one, the cores split between them. The 32 px models are copies of one "
         "run, each loaded as its own model; the 224 px pair are two runs. Memory: RSS of every process of the "
         "server(s), after the load.",
         "",
-        "| models | setup | req/s (200) | worst model's p99 ms | non-200 | memory MiB | multi / singles req/s | memory ratio | load avg before |",
+        "| models | setup | req/s (200) | worst model's p99 ms | non-200 | memory MiB | req/s vs one server per model | memory vs one server per model | load avg before |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for multi, single in zip(rows[::2], rows[1::2]):
-        for r, ratio in ((multi, f"{multi['rps'] / single['rps']:.2f}x"), (single, "")):
-            mem = f"{multi['memory'] / single['memory']:.2f}x" if r is multi else ""
-            lines.append(
-                f"| {r['case']} | {r['setup']} | {r['rps']:,.0f} | {r['p99']:.0f} | {r['bad']} | {r['memory']:,.0f} "
-                f"| {ratio} | {mem} | {r['load']:.2f} |"
-            )
+    singles = {r["case"]: r for r in rows if r.get("singles")}
+    for r in rows:
+        base = singles[r["case"]]
+        ratios = "| |" if r is base else f"| {r['rps'] / base['rps']:.2f}x | {r['memory'] / base['memory']:.2f}x |"
+        lines.append(
+            f"| {r['case']} | {r['setup']} | {r['rps']:,.0f} | {r['p99']:.0f} | {r['bad']} | {r['memory']:,.0f} "
+            f"{ratios} {r['load']:.2f} |"
+        )
     lines += [
         "",
         f"A swap and a rollback under load ({args.concurrency} clients, {args.swap_seconds:g} s, one 32 px model, "

@@ -164,6 +164,22 @@ def test_the_repository_serves_every_model_and_version_by_path_header_and_v2(ser
 
     answers = predict_files([tmp_png(images)], server.url, api_key=KEY, model="digits", version="1")
     assert answers[0]["model_version"] == "1"
+    # KServe's own client (its venv, tests/serving/clients/kserve_v2.py) asks the model by name
+    import subprocess
+
+    from tests.serving.test_v2_clients import KSERVE_PYTHON
+
+    script = Path(__file__).with_name("clients") / "kserve_v2.py"
+    kserve = subprocess.run(
+        [str(KSERVE_PYTHON), str(script), server.url, "digits", KEY, str(tmp_png(images)), "digits.labels"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert kserve.returncode == 0, kserve.stderr[-2000:]
+    got = json.loads(kserve.stdout)
+    assert got["health"]["model_ready"] and got["binary"]["model_version"] == got["json"]["model_version"] == "2"
+    assert len(got["binary"]["outputs"]["digits.labels"][0]) == 5
     metrics = httpx.get(server.url + "/metrics").text
     assert 'transferkit_model_requests_total{model="digits",version="2"}' in metrics
     assert 'transferkit_model_memory_bytes{model="digits",version="2"}' in metrics

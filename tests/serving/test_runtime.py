@@ -70,3 +70,49 @@ def test_serving_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+ARENA_SCRIPT = """
+import sys
+import numpy as np, onnx, psutil
+from onnx import TensorProto, helper
+from transferkit.serving.runtime import onnx_session, share_cpu_arena
+
+if sys.argv[1] == "shared":
+    share_cpu_arena()
+weight = helper.make_tensor("w", TensorProto.FLOAT, [64, 3, 3, 3], np.full(64 * 27, 0.01, np.float32).tolist())
+conv = helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])
+pooled = helper.make_node("GlobalAveragePool", ["c"], ["y"])
+graph = helper.make_graph(
+    [conv, pooled], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3, 256, 256])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64, 1, 1])], [weight],
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+x = np.random.default_rng(0).random((8, 3, 256, 256), np.float32)
+before = psutil.Process().memory_info().rss
+outputs = []
+for _ in range(3):
+    session = onnx_session(model, threads=1)
+    outputs.append(session.run(None, {"x": x})[0])
+    outputs.append(session)
+grown = psutil.Process().memory_info().rss - before
+assert np.allclose(outputs[0], outputs[2]) and np.allclose(outputs[0], outputs[4])
+print(grown >> 20)
+"""
+
+
+def test_sessions_of_a_worker_share_one_cpu_arena_and_answer_the_same():
+    """Three sessions of a graph whose activation is 134 MB: each with its own arena, the process grows by about
+    three such activations; sharing the environment's arena (a serving worker, share_cpu_arena), by about one."""
+    import subprocess
+    import sys
+
+    grown = {
+        kind: int(
+            subprocess.run(
+                [sys.executable, "-c", ARENA_SCRIPT, kind], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for kind in ("own", "shared")
+    }
+    assert grown["own"] > 300 and grown["shared"] < 200, grown

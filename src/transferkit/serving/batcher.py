@@ -118,6 +118,11 @@ class WorkerBudget:
             self._images_per_s = rate if self._images_per_s == 0 else 0.9 * self._images_per_s + 0.1 * rate
 
 
+def new_runtime_executor() -> ThreadPoolExecutor:
+    """The one thread a worker's runtime calls run in."""
+    return ThreadPoolExecutor(1, thread_name_prefix="transferkit-batch")
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -129,6 +134,7 @@ class MicroBatcher:
         combine: Combine = np.concatenate,
         max_bytes: int = 0,
         budget: WorkerBudget | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.run_batch = run_batch
         # admission: the worker's, shared with the batchers of its other models; or this batcher's own
@@ -141,8 +147,11 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._carry: _Item | None = None  # an item that did not fit the previous batch
         self._task: asyncio.Task | None = None
-        # One thread: runtime calls never overlap inside a worker (the runtime has its own intra-op threads).
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transferkit-batch")
+        # One thread: runtime calls never overlap inside a worker (the runtime has its own intra-op threads, as
+        # many as the worker's share of the cores). A worker serving several models gives every model's batcher
+        # the same one (`executor`, which the worker owns): their calls take turns, while the next batch fills.
+        self._owns_executor = executor is None
+        self._executor = executor or new_runtime_executor()
 
     # ---- admission (the budget's) -------------------------------------------------------------------------
     def admit(self, images: int = 1) -> contextlib.AbstractContextManager[_Admission]:
@@ -247,7 +256,8 @@ class MicroBatcher:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class _Admission:

@@ -23,6 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from transferkit.errors import TransferkitError
 from transferkit.manifest import read_manifest
 from transferkit.predictions import rank
 from transferkit.preprocess import Preprocessing, served_pixel_limit
-from transferkit.serving.batcher import MicroBatcher, WorkerBudget
+from transferkit.serving.batcher import MicroBatcher, WorkerBudget, new_runtime_executor
 from transferkit.serving.inputs import ClientError
 from transferkit.serving.resolve import stored_model_path
 from transferkit.serving.selection import load_runtime
@@ -61,6 +62,7 @@ class ServedVersion:
         budget: WorkerBudget,
         on_batch: Callable | None = None,
         locate: Callable[[str], Path | None] = stored_model_path,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         before = _rss()
         self.source = source
@@ -84,8 +86,10 @@ class ServedVersion:
             on_batch=on_batch,
             combine=self.combine,
             budget=budget,
+            executor=executor,
         )
         self.label_tables: dict[str, np.ndarray] = {}  # v2's BYTES outputs, made on first use (v2_routes.py)
+        self.answers_counter: Any = None  # its /metrics counter, made on first use (service.py)
         s = self.pre.image_size
         for n in sorted({1, settings.max_batch}):  # first calls at a new batch size allocate: do them now
             self.run_batch(np.zeros((n, s, s, 3), np.uint8))
@@ -167,6 +171,8 @@ class ModelRepository:
         self._attempts: dict[str, int] = {}  # the Control.attempt each model's failures belong to
         self.on_change: Callable[[ModelRepository], None] | None = None  # metrics, after each reconcile
         self.locate: Callable[[str], Path | None] = stored_model_path  # a tag -> its stored model's folder
+        # the worker's one runtime thread, shared by every version's batcher: calls never overlap (batcher.py)
+        self.executor = new_runtime_executor()
         self._lock = threading.Lock()  # one reconcile at a time
 
     # ---- requests (event loop) ---------------------------------------------------------------------------
@@ -258,7 +264,9 @@ class ModelRepository:
             )
             return
         try:
-            loaded[source.version] = ServedVersion(source, self.settings, self.budget, self.on_batch, self.locate)
+            loaded[source.version] = ServedVersion(
+                source, self.settings, self.budget, self.on_batch, self.locate, self.executor
+            )
             logger.info("model %s: loaded version %s (%s)", source.name, source.version, source.tag)
         except Exception as exc:  # noqa: BLE001 - any failure: the version is refused with its reason
             reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransferkitError) else str(exc)

@@ -99,13 +99,33 @@ class Runtime(ABC):
         return {h: np.concatenate([p[h] for p in parts]).astype(np.float32, copy=False) for h in self.heads}
 
 
+_SHARED_ARENA: list[bool] = []  # [True] once this process's sessions share one CPU memory arena
+
+
+def share_cpu_arena() -> None:
+    """From now on, this process's ONNX Runtime sessions on the CPU take their memory from one arena (ONNX
+    Runtime's environment allocator) instead of one arena each. For a server worker holding several models whose
+    calls never overlap (batcher.py): a 224 px MobileNetV2 session's arena holds about 290 MB after a batch of
+    32, so three sessions took 907 MB apart and 362 MB sharing one (measured here, onnxruntime 1.32)."""
+    if _SHARED_ARENA or OnnxRuntime.missing():
+        return
+    import onnxruntime as ort
+
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's default arena
+    _SHARED_ARENA.append(True)
+
+
 def onnx_session(model: str | Path | bytes, providers: list[str] | None = None, threads: int | None = None):
     """An ONNX Runtime session as transferkit runs every ONNX model (serving, verify, the INT8 search): all graph
     optimisations (QDQ fusions included), the CPU provider unless `providers` says otherwise, and, with
-    `threads`, that many intra-op threads that sleep instead of spinning when idle."""
+    `threads`, that many intra-op threads that sleep instead of spinning when idle; in a process that called
+    share_cpu_arena, CPU memory from the one shared arena."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if _SHARED_ARENA:
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         # Several serving workers share the cores: each gets its share, and idle ORT threads sleep instead

@@ -39,6 +39,7 @@ from transferkit.serving.keys import KeyRing
 from transferkit.serving.protocol import install as install_coalescing_protocol
 from transferkit.serving.repository import LOGITS, RANKED, ModelRepository, ServedVersion
 from transferkit.serving.resolve import stored_model_path
+from transferkit.serving.runtime import share_cpu_arena
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 from transferkit.serving.sources import parse_sources
 from transferkit.serving.stack import http_stack
@@ -158,6 +159,7 @@ class _Service:
         self.drain = Drain(SETTINGS.drain_s)
         self.drain.install()  # uvicorn's SIGTERM handler is in place by now: the drain runs before it
         self.budget = WorkerBudget(SETTINGS.max_queue, SETTINGS.max_inflight_mb << 20)
+        share_cpu_arena()  # the worker's ONNX Runtime models take turns (one runtime thread): one arena for all
         self.repository = ModelRepository(SETTINGS, self.budget, on_batch=lambda n: _metrics()["batch"].observe(n))
         self.repository.locate = self._locate
         self.repository.on_change = _report_models
@@ -246,6 +248,7 @@ class _Service:
         for entry in self.repository.models.values():
             for version in entry.versions.values():
                 version.batcher.close()
+        self.repository.executor.shutdown(wait=False, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.bulk_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -331,7 +334,12 @@ class _Service:
         _metrics()["refused"].labels(reason=reason).inc()
 
     def count_model_answer(self, model: ServedVersion) -> None:
-        _metrics()["model_answers"].labels(model=model.name, version=model.version).inc()
+        counter = model.answers_counter  # looked up once per version: labels() costs more than inc()
+        if counter is None:
+            counter = model.answers_counter = _metrics()["model_answers"].labels(
+                model=model.name, version=model.version
+            )
+        counter.inc()
 
 
 def _report_models(repository: ModelRepository) -> None:

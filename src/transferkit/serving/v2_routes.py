@@ -237,7 +237,7 @@ async def _infer(request: Request, service: Any, admission: Any, rid: str, model
         content, json_length = await asyncio.to_thread(encode_response, header, outputs)
     else:
         content, json_length = encode_response(header, outputs)
-    out_headers = {"X-Request-ID": rid}
+    out_headers = {"X-Request-ID": rid, "X-Model-Version": model.version}
     if json_length is None:
         return Response(content, media_type="application/json", headers=out_headers)
     out_headers["Inference-Header-Content-Length"] = str(json_length)

@@ -39,9 +39,13 @@ async def main(url: str, model: str, key: str, paths: list[str], wanted: list[st
             request = InferRequest(
                 model_name=model, infer_inputs=[image], request_id="kserve-1", request_outputs=outputs
             )
-            response = await client.infer(url, request, model_name=model, headers=dict(headers))  # it adds to the dict
+            got: dict = {}  # the answer's headers (the client's parser drops the body's model_version)
+            response = await client.infer(
+                url, request, model_name=model, headers=dict(headers), response_headers=got
+            )  # it adds to the headers dict it is given
             answers["binary" if binary else "json"] = {
                 "id": response.id,
+                "model_version": got.get("x-model-version"),
                 "outputs": {o.name: _plain(o.as_numpy()) for o in response.outputs},
             }
         return {"health": health, **answers}
