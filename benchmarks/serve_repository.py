@@ -266,7 +266,7 @@ def render(rows: list[dict], swap: dict, args, machine) -> str:
     singles = {r["case"]: r for r in rows if r.get("singles")}
     for r in rows:
         base = singles[r["case"]]
-        ratios = "| |" if r is base else f"| {r['rps'] / base['rps']:.2f}x | {r['memory'] / base['memory']:.2f}x |"
+        ratios = "| | |" if r is base else f"| {r['rps'] / base['rps']:.2f}x | {r['memory'] / base['memory']:.2f}x |"
         lines.append(
             f"| {r['case']} | {r['setup']} | {r['rps']:,.0f} | {r['p99']:.0f} | {r['bad']} | {r['memory']:,.0f} "
             f"{ratios} {r['load']:.2f} |"

@@ -258,12 +258,14 @@ def test_unload_then_load_again_and_the_api_needs_the_key(server, images, export
     tiny_name = exported[1].bentoml_tag.partition(":")[0]
     assert httpx.post(server.url + f"/v2/repository/models/{tiny_name}/unload").status_code == 401
     assert httpx.post(server.url + "/v2/repository/index").status_code == 401
-    response = httpx.post(server.url + f"/v2/repository/models/{tiny_name}/unload", headers=AUTH, timeout=120)
-    assert response.status_code == 200, response.text
-    assert all(_predict(server, images, f"/predict/{tiny_name}").status_code == 404 for _ in range(8))
-    assert _index(server)[tiny_name, exported[1].bentoml_tag.partition(":")[2]]["state"] == "UNAVAILABLE"
-    response = httpx.post(server.url + f"/v2/repository/models/{tiny_name}/load", headers=AUTH, timeout=120)
-    assert response.status_code == 200, response.text
+    with _Load(server, images) as load:  # the other model's clients see nothing of it
+        response = httpx.post(server.url + f"/v2/repository/models/{tiny_name}/unload", headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+        assert all(_predict(server, images, f"/predict/{tiny_name}").status_code == 404 for _ in range(8))
+        assert _index(server)[tiny_name, exported[1].bentoml_tag.partition(":")[2]]["state"] == "UNAVAILABLE"
+        response = httpx.post(server.url + f"/v2/repository/models/{tiny_name}/load", headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+    assert set(status for status, _ in load.answers) == {200} and len(load.answers) > 20
     assert all(_predict(server, images, f"/predict/{tiny_name}").status_code == 200 for _ in range(8))
     unknown = httpx.post(server.url + "/v2/repository/models/nope/load", headers=AUTH, timeout=120)
     assert unknown.status_code == 400 and "no model 'nope'" in unknown.json()["error"]

@@ -135,6 +135,7 @@ class MicroBatcher:
         max_bytes: int = 0,
         budget: WorkerBudget | None = None,
         executor: ThreadPoolExecutor | None = None,
+        on_the_way: Callable[[], int] | None = None,
     ) -> None:
         self.run_batch = run_batch
         # admission: the worker's, shared with the batchers of its other models; or this batcher's own
@@ -142,6 +143,9 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch  # called with each batch's image count (metrics)
+        # requests for this batcher accepted and not answered (decoding, queued or running), where the budget is
+        # shared with other models' batchers; None: every image the budget admitted is on its way here
+        self.on_the_way = on_the_way
         self.combine = combine  # requests may bring different kinds of input (service.py: pixels or tensors)
         self._queue: asyncio.Queue[_Item] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -221,9 +225,14 @@ class MicroBatcher:
                 deadline = loop.time() + self.max_wait
             items.append(item)
             count += len(item.pixels)
-            if self._queue.empty() and self.admitted <= count:
-                break  # no other request is on its way in this worker: waiting would only add latency
+            if self._queue.empty() and self._nothing_more_coming(items, count):
+                break  # no other request is on its way to this batcher: waiting would only add latency
         return items
+
+    def _nothing_more_coming(self, items: list[_Item], count: int) -> bool:
+        if self.on_the_way is not None:
+            return self.on_the_way() <= len(items)
+        return self.admitted <= count
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

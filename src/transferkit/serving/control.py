@@ -15,6 +15,7 @@ request answers once every live worker has reported it, so the answer means "ser
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -23,7 +24,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from transferkit.serving.repository import Control, ModelRepository
@@ -64,6 +65,18 @@ class SharedControl:
             doc = {"generation": generation, "models": {n: dataclasses.asdict(c) for n, c in models.items()}}
             atomic_write_text(self.path, json.dumps(doc))
             return generation
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """One worker loads at a time: a load (an OpenVINO compile takes half a second of a core at 32 px) in
+        every worker at once would take every core from the requests being served; one at a time, the other
+        workers serve at full speed meanwhile."""
+        with open(self.dir / "load.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def report(self, generation: int) -> None:
         atomic_write_text(self.dir / f"worker-{os.getpid()}.json", json.dumps({"generation": generation}))
@@ -124,6 +137,8 @@ class RepositoryWatcher:
             return self.sources, self.skipped
 
     def start(self) -> None:
+        # loads after the start take turns between workers (the first ones ran before any worker was ready)
+        self.repository.loading = self.control.loading
         self._thread = threading.Thread(target=self._run, name="transferkit-repository", daemon=True)
         self._thread.start()
 

@@ -87,14 +87,15 @@ class ServedVersion:
             combine=self.combine,
             budget=budget,
             executor=executor,
+            on_the_way=lambda: self.in_flight,  # this version's requests, not the other models'
         )
+        self.in_flight = 0  # requests that picked this version and are not answered yet (event loop only)
         self.label_tables: dict[str, np.ndarray] = {}  # v2's BYTES outputs, made on first use (v2_routes.py)
         self.answers_counter: Any = None  # its /metrics counter, made on first use (service.py)
         s = self.pre.image_size
         for n in sorted({1, settings.max_batch}):  # first calls at a new batch size allocate: do them now
             self.run_batch(np.zeros((n, s, s, 3), np.uint8))
         self.memory_bytes = max(0, _rss() - before)  # this version's runtime, weights and warm-up buffers
-        self.in_flight = 0  # requests that picked this version and are not answered yet (event loop only)
 
     def run_batch(self, batch: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
         """uint8 (B,S,S,3) pixels or float32 (B,3,S,S) model input -> per head, (head, RANKED): the (B, C)
@@ -171,6 +172,8 @@ class ModelRepository:
         self._attempts: dict[str, int] = {}  # the Control.attempt each model's failures belong to
         self.on_change: Callable[[ModelRepository], None] | None = None  # metrics, after each reconcile
         self.locate: Callable[[str], Path | None] = stored_model_path  # a tag -> its stored model's folder
+        # held around each load: the workers of one server load one at a time (control.py); here, no other worker
+        self.loading: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         # the worker's one runtime thread, shared by every version's batcher: calls never overlap (batcher.py)
         self.executor = new_runtime_executor()
         self._lock = threading.Lock()  # one reconcile at a time
@@ -264,9 +267,10 @@ class ModelRepository:
             )
             return
         try:
-            loaded[source.version] = ServedVersion(
-                source, self.settings, self.budget, self.on_batch, self.locate, self.executor
-            )
+            with self.loading():
+                loaded[source.version] = ServedVersion(
+                    source, self.settings, self.budget, self.on_batch, self.locate, self.executor
+                )
             logger.info("model %s: loaded version %s (%s)", source.name, source.version, source.tag)
         except Exception as exc:  # noqa: BLE001 - any failure: the version is refused with its reason
             reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransferkitError) else str(exc)
