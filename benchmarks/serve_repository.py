@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,64 +96,82 @@ def summarize(levels) -> dict:
     return {"rps": ok, "p99": p99, "bad": bad}
 
 
-def repository_of(run: Path, names: list[str], root: Path) -> Path:
-    for name in names:
-        (root / name).mkdir(parents=True)
-        (root / name / "1").symlink_to(run.resolve())
-    return root
+def measure_multi(args, hey, work, repo, names, body, content_type, workers) -> dict:
+    """One server, every model in each of its `workers`."""
+    from transferkit.serving import start_server
+
+    load = load_average()
+    with start_server(repo, log_path=work / f"multi{workers}.log", workers=workers, timeout=600) as server:
+        urls = [f"{server.url}/predict/{m}" for m in names]
+        drive(hey, urls, body, content_type, 64, 3)  # warm
+        levels = drive(hey, urls, body, content_type, args.concurrency, args.seconds)
+        memory = tree_rss_mib(server.process.pid)
+    setup = f"one server x {workers} worker{'s' if workers > 1 else ''}, every model in each"
+    return {"setup": setup, **summarize(levels), "memory": memory, "load": load}
+
+
+def measure_singles(args, hey, work, runs, body, content_type) -> dict:
+    """One server per model, the cores split between them."""
+    from transferkit.serving import start_server
+
+    load = load_average()
+    n, workers = len(runs), max(1, cpu_count() // len(runs))
+    servers = []
+    try:
+        for i, r in enumerate(runs):
+            servers.append(start_server(r, log_path=work / f"single{i}.log", workers=workers, timeout=600))
+        urls = [f"{s.url}/predict" for s in servers]
+        drive(hey, urls, body, content_type, 64, 3)  # warm
+        levels = drive(hey, urls, body, content_type, args.concurrency, args.seconds)
+        memory = sum(tree_rss_mib(s.process.pid) for s in servers)
+    finally:
+        for s in servers:
+            s.stop()
+    setup = f"{n} server{'s' if n > 1 else ''} x {workers} worker{'s' if workers > 1 else ''}, one model each"
+    return {"setup": setup, **summarize(levels), "memory": memory, "load": load, "singles": True}
 
 
 def part1(args, hey: str, tmp: Path, body_files: dict) -> list[dict]:
-    from transferkit.serving import start_server
-
+    """Per case, every setup once per round, the order reversed every other round (a machine that slows down
+    during a case does not favour one setup); a row is the rounds' mean req/s and memory, worst p99."""
     rows = []
     cases = [("32", Path(args.run32), n) for n in args.counts] + ([("224", None, 2)] if args.run224 else [])
     for size, run, n in cases:
         names = [f"m{i}" for i in range(n)]
         body, content_type = body_files[size]
         work = Path(tempfile.mkdtemp(dir=tmp))
-        if size == "32":
-            repo = repository_of(run, names, work / "repo")
-            singles = [run] * n
-        else:
-            repo = work / "repo"
-            for name, r in zip(names, args.run224):
-                (repo / name).mkdir(parents=True)
-                (repo / name / "1").symlink_to(Path(r).resolve())
-            singles = [Path(r) for r in args.run224]
-        # one server, every model in each of its workers: one worker per core, and one worker with every core
-        for workers in sorted({cpu_count(), 1}, reverse=True):
-            time.sleep(PAUSE_S)
-            load = load_average()
-            with start_server(repo, log_path=work / f"multi{workers}.log", workers=workers, timeout=600) as server:
-                urls = [f"{server.url}/predict/{m}" for m in names]
-                drive(hey, urls, body, content_type, 64, 3)  # warm
-                levels = drive(hey, urls, body, content_type, args.concurrency, args.seconds)
-                memory = tree_rss_mib(server.process.pid)
-            setup = f"one server x {workers} worker{'s' if workers > 1 else ''}, every model in each"
+        repo = work / "repo"
+        runs = [run] * n if size == "32" else [Path(r) for r in args.run224]
+        for name, r in zip(names, runs):
+            (repo / name).mkdir(parents=True)
+            (repo / name / "1").symlink_to(r.resolve())
+        setups = [
+            *(
+                partial(measure_multi, args, hey, work, repo, names, body, content_type, w)
+                for w in sorted({cpu_count(), 1}, reverse=True)
+            ),
+            partial(measure_singles, args, hey, work, runs, body, content_type),
+        ]
+        results: list[list[dict]] = [[] for _ in setups]
+        for round_ in range(args.rounds):
+            order = list(range(len(setups)))[:: 1 if round_ % 2 == 0 else -1]
+            for i in order:
+                time.sleep(PAUSE_S)
+                results[i].append(setups[i]())
+                print(f"{n} x {size} px, round {round_ + 1}:", results[i][-1], flush=True)
+        for measured in results:
             rows.append(
-                {"case": f"{n} x {size} px", "setup": setup, **summarize(levels), "memory": memory, "load": load}
+                {
+                    **measured[0],
+                    "case": f"{n} x {size} px",
+                    "rps": float(np.mean([m["rps"] for m in measured])),
+                    "rps_each": [m["rps"] for m in measured],
+                    "p99": max(m["p99"] for m in measured),
+                    "bad": sum(m["bad"] for m in measured),
+                    "memory": float(np.mean([m["memory"] for m in measured])),
+                    "load": max(m["load"] for m in measured),
+                }
             )
-        # one server per model, the same cores between them
-        time.sleep(PAUSE_S)
-        load = load_average()
-        workers = max(1, cpu_count() // n)
-        servers = []
-        try:
-            for i, r in enumerate(singles):
-                servers.append(start_server(r, log_path=work / f"single{i}.log", workers=workers, timeout=600))
-            drive(hey, [f"{s.url}/predict" for s in servers], body, content_type, 64, 3)
-            levels = drive(
-                hey, [f"{s.url}/predict" for s in servers], body, content_type, args.concurrency, args.seconds
-            )
-            memory = sum(tree_rss_mib(s.process.pid) for s in servers)
-        finally:
-            for s in servers:
-                s.stop()
-        setup = f"{n} server{'s' if n > 1 else ''} x {workers} worker{'s' if workers > 1 else ''}, one model each"
-        row = {"case": f"{n} x {size} px", "setup": setup, **summarize(levels), "memory": memory, "load": load}
-        rows.append({**row, "singles": True})
-        print(*rows[-3:], sep="\n", flush=True)
     return rows
 
 
@@ -245,7 +264,7 @@ def part2(args, hey: str, tmp: Path, body_files: dict) -> dict:
     }
 
 
-def render(rows: list[dict], swap: dict, args, machine) -> str:
+def render(rows: list[dict], swaps: list[dict], args, machine) -> str:
     lines = [
         BEGIN,
         "## Several models in one server (model repository)",
@@ -253,14 +272,15 @@ def render(rows: list[dict], swap: dict, args, machine) -> str:
         f"Command: `python benchmarks/serve_repository.py {' '.join(sys.argv[1:])}` at commit {commit()}. Machine: "
         f"{machine.cpu} ({cpu_count()} CPUs; {' '.join(machine.flags)}).",
         "",
-        f"hey for {args.seconds:g} s per row, {args.concurrency} clients split evenly over the models, each posting "
+        f"hey for {args.seconds:g} s per setup and round ({args.rounds} rounds, the order reversed every other "
+        f"round), {args.concurrency} clients split evenly over the models, each posting "
         "a real image to its model (a digit PNG at 32 px, china.jpg at 224 px). One server holds every model in each of "
         "its workers (one worker per core, or one worker with every core's runtime threads); each of the N servers "
         "holds one, the cores split between them. The 32 px models are copies of one "
         "run, each loaded as its own model; the 224 px pair are two runs. Memory: RSS of every process of the "
         "server(s), after the load.",
         "",
-        "| models | setup | req/s (200) | worst model's p99 ms | non-200 | memory MiB | req/s vs one server per model | memory vs one server per model | load avg before |",
+        "| models | setup | req/s (200): mean (each round) | worst model's p99 ms, worst round | non-200 | memory MiB | req/s vs one server per model | memory vs one server per model | load avg before, highest |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     singles = {r["case"]: r for r in rows if r.get("singles")}
@@ -268,20 +288,25 @@ def render(rows: list[dict], swap: dict, args, machine) -> str:
         base = singles[r["case"]]
         ratios = "| | |" if r is base else f"| {r['rps'] / base['rps']:.2f}x | {r['memory'] / base['memory']:.2f}x |"
         lines.append(
-            f"| {r['case']} | {r['setup']} | {r['rps']:,.0f} | {r['p99']:.0f} | {r['bad']} | {r['memory']:,.0f} "
+            f"| {r['case']} | {r['setup']} | {r['rps']:,.0f} ({', '.join(f'{x:,.0f}' for x in r['rps_each'])}) "
+            f"| {r['p99']:.0f} | {r['bad']} | {r['memory']:,.0f} "
             f"{ratios} {r['load']:.2f} |"
         )
     lines += [
         "",
         f"A swap and a rollback under load ({args.concurrency} clients, {args.swap_seconds:g} s, one 32 px model, "
-        "one server): a version 2 folder appears at a third of the run, a rollback to version 1 through "
+        f"one server; {args.rounds} runs): a version 2 folder appears at a third of the run, a rollback to version 1 through "
         "`POST /v2/repository/models/digits/load` at two thirds. p99 in the window from each change until 2 s "
         "after it took effect in every worker:",
         "",
         "| requests | non-200 | p99 before ms | p99 during the swap ms | p99 during the rollback ms | swap took s | rollback call took s (status) |",
         "|--:|--:|--:|--:|--:|--:|--:|",
-        f"| {swap['requests']:,} | {swap['non-200']} | {swap['p99 before']:.0f} | {swap['p99 swap']:.0f} "
-        f"| {swap['p99 rollback']:.0f} | {swap['swap s']:.1f} | {swap['rollback s']:.1f} ({swap['rollback status']}) |",
+        *(
+            f"| {swap['requests']:,} | {swap['non-200']} | {swap['p99 before']:.0f} | {swap['p99 swap']:.0f} "
+            f"| {swap['p99 rollback']:.0f} | {swap['swap s']:.1f} | {swap['rollback s']:.1f} "
+            f"({swap['rollback status']}) |"
+            for swap in swaps
+        ),
         END,
     ]
     return "\n".join(lines)
@@ -293,6 +318,7 @@ def main() -> None:
     ap.add_argument("--run224", action="append", default=[])
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--rounds", type=int, default=2, help="each setup this many times per case, order alternating")
     ap.add_argument("--swap-seconds", type=float, default=30.0)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "docs" / "serving.md"))
@@ -308,8 +334,8 @@ def main() -> None:
             path.write_bytes(data)
             files[size] = (path, content_type)
         rows = part1(args, hey, Path(tmp), files)
-        swap = part2(args, hey, Path(tmp), files)
-    section = render(rows, swap, args, machine)
+        swaps = [part2(args, hey, Path(tmp), files) for _ in range(args.rounds)]
+    section = render(rows, swaps, args, machine)
     print(section)
     write_section(args.out, section, BEGIN, END)
 
