@@ -129,6 +129,11 @@ class RepositoryWatcher:
             self._done.notify_all()
         self.control.report(generation)
 
+    def known_names(self) -> set[str]:
+        """The models the repository lists now (a folder is read again: a model may have just appeared)."""
+        sources = self._scan()[0] if self.folder is not None else self.sources
+        return {s.name for s in sources}
+
     def _scan(self) -> tuple[list[VersionSource], dict[str, str]]:
         try:
             return scan_repository(self.folder)  # type: ignore[arg-type]

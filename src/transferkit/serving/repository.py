@@ -144,7 +144,7 @@ class ModelEntry:
         if version:
             found = self.versions.get(version)
             if found is None:
-                raise ClientError(404, f"version {version!r} is not loaded; loaded: {sorted(self.versions)}")
+                raise ClientError(404, f"version {version[:100]!r} is not loaded; loaded: {sorted(self.versions)}")
             return found
         if self.split:
             names, weights = zip(*self.split.items())
@@ -193,7 +193,7 @@ class ModelRepository:
             name = next(iter(models))
         entry = models.get(name)
         if entry is None:
-            raise ClientError(404, f"unknown model {name!r}; this server serves {sorted(models)}")
+            raise ClientError(404, f"unknown model {name[:100]!r}; this server serves {sorted(models)}")
         return entry.pick(version)
 
     def any_version(self) -> ServedVersion | None:
@@ -258,6 +258,7 @@ class ModelRepository:
         self._close_after_drain(name, retired)
 
     def _load(self, source: VersionSource, loaded: dict[str, ServedVersion]) -> None:
+        # a version being replaced still counts: the new one loads beside it, so a swap needs room for both
         held = sum(len(e.versions) for n, e in self.models.items() if n != source.name) + len(loaded)
         if held >= self.settings.max_models:
             self.failed[source.name, source.version] = (

@@ -120,6 +120,10 @@ async def load(request: Request) -> Response:
         named, version = _default(parameters)
         split = _split(parameters["split"]) if "split" in parameters else None
 
+        if name not in await asyncio.to_thread(service.watcher.known_names):
+            raise ClientError(400, f"failed to load {name!r}: the repository has no model {name!r}")
+        before = service.watcher.control.read()[1].get(name, Control())
+
         def change(c: Control) -> Control:
             c = dataclasses.replace(c, unloaded=False, attempt=c.attempt + 1)
             if named:
@@ -128,15 +132,17 @@ async def load(request: Request) -> Response:
 
         service, rid = await _apply(request, name, change)
         entry = service.repository.models.get(name)
+        problem = None
         if entry is None:
-            raise ClientError(400, f"failed to load {name!r}: {_reason(service, name)}")
-        if version is not None and entry.default != version:
-            raise ClientError(400, f"failed to serve {name!r} version {version!r}: {_reason(service, name, version)}")
-        if split and set(entry.split) != set(split):
+            problem = f"failed to load {name!r}: {_reason(service, name)}"
+        elif version is not None and entry.default != version:
+            problem = f"failed to serve {name!r} version {version!r}: {_reason(service, name, version)}"
+        elif split and set(entry.split) != set(split):
             missing = [v for v in split if v not in entry.versions]
-            raise ClientError(
-                400, f"failed to split {name!r}: version(s) {missing} not loaded: {_reason(service, name)}"
-            )
+            problem = f"failed to split {name!r}: version(s) {missing} not loaded: {_reason(service, name)}"
+        if problem:  # what was asked does not stay asked: a version fixed later does not take over unannounced
+            await _apply(request, name, lambda c: dataclasses.replace(c, default=before.default, split=before.split))
+            raise ClientError(400, problem)
     except ClientError as exc:
         return error(exc.status, str(exc), rid)
     return JSONResponse({}, headers={"X-Request-ID": rid})
@@ -149,7 +155,7 @@ async def unload(request: Request) -> Response:
     try:
         name = check_name("model name", request.path_params["name"])
         await _parameters(request)  # Triton's unload_dependents: there are no dependents here
-        if name not in {s.name for s in service.watcher.sources}:
+        if name not in await asyncio.to_thread(service.watcher.known_names):
             raise ClientError(400, f"failed to unload {name!r}: the repository has no such model")
         service, rid = await _apply(request, name, lambda c: dataclasses.replace(c, unloaded=True, split={}))
     except ClientError as exc:

@@ -130,7 +130,7 @@ def resolve_models(run_dirs: Any, settings: ServingSettings) -> tuple[ServingSet
     paths = run_list(run_dirs)
     if len(paths) == 1 and not is_repository(paths[0]):
         model = resolve_served_model(paths[0], settings.runtime)
-        return dataclasses.replace(settings, model=model.tag, runtime=model.runtime), [f"{model.tag}: {model.because}"]
+        return dataclasses.replace(settings, model=model.tag, runtime=model.runtime), [model.because]
     sources, folder = sources_for_paths(paths)
     lines, refused = [], 0
     for source in sources:
