@@ -255,7 +255,7 @@ def test_a_runtime_failure_is_a_json_500_with_a_request_id_and_the_service_goes_
     def broken(batch):
         raise RuntimeError("simulated engine failure")
 
-    monkeypatch.setattr(live_service.runtime, "run", broken)
+    monkeypatch.setattr(live_service._only.runtime, "run", broken)
     response = _post(client, "d.png", images["digit.png"], "image/png")
     assert response.status_code == 500
     request_id = response.json()["request_id"]
@@ -269,9 +269,9 @@ def test_a_request_past_the_deadline_gets_a_json_504(client, images, live_servic
     import dataclasses
     import time
 
-    run = live_service.runtime.run
+    run = live_service._only.runtime.run
     monkeypatch.setattr(live_service, "settings", dataclasses.replace(live_service.settings, timeout_s=0.3))
-    monkeypatch.setattr(live_service.runtime, "run", lambda batch: (time.sleep(1.0), run(batch))[1])
+    monkeypatch.setattr(live_service._only.runtime, "run", lambda batch: (time.sleep(1.0), run(batch))[1])
     response = _post(client, "d.png", images["digit.png"], "image/png")
     assert response.status_code == 504 and "0.3 s" in response.json()["error"]
     monkeypatch.undo()
@@ -282,7 +282,7 @@ def test_a_request_past_the_deadline_gets_a_json_504(client, images, live_servic
 def test_at_capacity_a_request_is_refused_at_once_with_retry_after(client, images, live_service):
     import time
 
-    with live_service.batcher.admit(live_service.settings.max_queue):  # every slot taken
+    with live_service.budget.admit(live_service.settings.max_queue):  # every slot taken
         start = time.perf_counter()
         response = _post(client, "d.png", images["digit.png"], "image/png")
         elapsed = time.perf_counter() - start

@@ -30,7 +30,7 @@ import yaml
 from transferkit.errors import TransferkitError
 from transferkit.serving.resolve import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
-from transferkit.serving.sources import parse_sources
+from transferkit.serving.sources import parse_sources, run_list
 from transferkit.version import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the installed transferkit package, not its face
@@ -165,8 +165,7 @@ def build_bento(
     check_runtime(runtime)
     if image:
         check_docker()  # before a minute of `bentoml build`, not after
-    runs = [Path(p) for p in run_dir] if isinstance(run_dir, (list, tuple)) else [Path(run_dir)]
-    tags = [resolve_served_model(r, runtime=runtime).tag for r in runs]
+    tags = [resolve_served_model(r, runtime=runtime).tag for r in run_list(run_dir)]
     if len(set(tags)) != len(tags):
         raise TransferkitError("the same exported model is listed twice; list each run once")
     names = [t.split(":")[0] for t in tags]

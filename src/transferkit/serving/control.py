@@ -107,10 +107,9 @@ class RepositoryWatcher:
     ) -> None:
         self.repository = repository
         self.control = control
-        self.listed = listed  # the versions named at start (`serve RUN ...`, or the folder's first scan)
         self.folder = folder
         self.poll_s = poll_s
-        self.sources: list[VersionSource] = list(listed)
+        self.sources: list[VersionSource] = list(listed)  # named at start (`serve RUN ...`), or the folder's
         self.skipped: dict[str, str] = {}  # folder entries that are not versions, and why
         self.generation = -1
         self._wake = threading.Event()
@@ -118,11 +117,12 @@ class RepositoryWatcher:
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def sync(self) -> None:
-        """Reconcile now, in the calling thread (at worker start, before the worker is ready)."""
+    def sync(self, scanned: tuple[list[VersionSource], dict[str, str]] | None = None) -> None:
+        """Reconcile now, in the calling thread (at worker start, before the worker is ready); `scanned`: the
+        folder as just read, else it is read here."""
         generation, controls = self.control.read()
         if self.folder is not None:
-            self.sources, self.skipped = self._scan()
+            self.sources, self.skipped = scanned or self._scan()
         self.repository.reconcile(self.sources, controls)
         with self._done:
             self.generation = generation
@@ -161,11 +161,13 @@ class RepositoryWatcher:
             try:
                 generation, _ = self.control.read()
                 changed = generation != self.generation
+                scanned = None
                 if self.folder is not None and self.poll_s > 0 and time.monotonic() - last_scan >= self.poll_s:
                     last_scan = time.monotonic()
-                    changed = changed or self._scan() != (self.sources, self.skipped)
+                    scanned = self._scan()
+                    changed = changed or scanned != (self.sources, self.skipped)
                 if changed:
-                    self.sync()
+                    self.sync(scanned)
             except Exception:  # noqa: BLE001 - the thread must outlive any one bad state: logged, retried
                 logger.exception("repository reconcile failed; serving what is loaded")
 

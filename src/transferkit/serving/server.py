@@ -45,7 +45,7 @@ from transferkit.serving.settings import (
     api_key_file_in_use,
     read_api_key_file,
 )
-from transferkit.serving.sources import format_sources, is_repository, sources_for_paths
+from transferkit.serving.sources import format_sources, is_repository, run_list, sources_for_paths
 
 __all__ = ["MODEL_ENV", "ServedModel", "resolve_served_model", "serve", "serve_command"]
 
@@ -116,10 +116,6 @@ def _child_env(settings: ServingSettings, marker: str, key_file: str | Path | No
         env.pop(API_KEY_ENV, None)
         env[API_KEY_FILE_ENV] = str(Path(key_file).resolve())
     return env
-
-
-def run_list(run_dirs: str | Path | list[str | Path] | tuple[str | Path, ...]) -> list[Path]:
-    return [Path(p) for p in run_dirs] if isinstance(run_dirs, (list, tuple)) else [Path(run_dirs)]
 
 
 def resolve_models(run_dirs: Any, settings: ServingSettings) -> tuple[ServingSettings, list[str]]:

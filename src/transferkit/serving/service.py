@@ -29,15 +29,14 @@ from PIL import Image
 
 from transferkit.errors import ImageDecodeError
 from transferkit.predictions import top_labels
-from transferkit.preprocess import Preprocessing
-from transferkit.serving.batcher import MicroBatcher, WorkerBudget
+from transferkit.serving.batcher import WorkerBudget
 from transferkit.serving.control import RepositoryWatcher, SharedControl, default_state_dir
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import InferenceFastPath, create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.serving.keys import KeyRing
 from transferkit.serving.protocol import install as install_coalescing_protocol
-from transferkit.serving.repository import LOGITS, RANKED, ModelRepository, ServedVersion
+from transferkit.serving.repository import RANKED, ModelRepository, ServedVersion
 from transferkit.serving.resolve import stored_model_path
 from transferkit.serving.runtime import share_cpu_arena
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
@@ -149,8 +148,6 @@ def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
 
 
 class _Service:
-    RANKED, LOGITS = RANKED, LOGITS  # what a batch answers per head (repository.ServedVersion.run_batch)
-
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.keys = KeyRing.for_worker(SETTINGS)  # the API keys, re-read when their file changes (keys.py)
@@ -206,33 +203,13 @@ class _Service:
     def __is_ready__(self) -> bool:
         return self.ready and not self.drain.draining
 
-    # The single model's answers, for what was written when a server served one model (docs, tests of one run)
     @property
     def _only(self) -> ServedVersion:
+        """What answers a call that names no model (classify without `model`): the first model's default."""
         found = self.repository.any_version()
         if found is None:
             raise ClientError(503, "no model is loaded")
         return found
-
-    @property
-    def tag(self) -> str:
-        return self._only.tag
-
-    @property
-    def pre(self) -> Preprocessing:
-        return self._only.pre
-
-    @property
-    def labels(self) -> dict[str, list[str]]:
-        return self._only.labels
-
-    @property
-    def runtime(self) -> Any:
-        return self._only.runtime
-
-    @property
-    def batcher(self) -> MicroBatcher:
-        return self._only.batcher
 
     def _locate(self, tag: str) -> Path | None:
         """A stored model's folder: a Bento's own models (class attributes), else the model store."""

@@ -73,6 +73,11 @@ def format_sources(sources: list[VersionSource]) -> str:
     return ",".join(s.entry() for s in sources)
 
 
+def run_list(run_dirs: str | Path | list[str | Path] | tuple[str | Path, ...]) -> list[Path]:
+    """One run folder or several (`serve`, `build`) -> their paths."""
+    return [Path(p) for p in run_dirs] if isinstance(run_dirs, (list, tuple)) else [Path(run_dirs)]
+
+
 def is_run(path: Path) -> bool:
     return (path / "export" / MANIFEST_NAME).is_file()
 
