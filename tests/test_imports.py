@@ -20,7 +20,7 @@ import transferkit
 PACKAGE_DIR = Path(transferkit.__file__).resolve().parent
 SERVING = "transferkit.serving"
 # what the serving image does not have, or must not pull in (it would drag torch in)
-TORCH_SIDE_THIRD_PARTY = {"torch", "torchvision", "tensorrt"}
+TORCH_SIDE_THIRD_PARTY = {"torch", "torchvision", "tensorrt", "timm"}
 TORCH_SIDE_PACKAGES = ("transferkit.export", "transferkit.training", "transferkit.data")
 # the optional runtimes: torch (AOTInductor) and TensorRT, imported only when one of them is selected
 LAZY_ALLOWED = {"transferkit.serving.runtime": {"torch", "tensorrt"}}

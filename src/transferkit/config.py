@@ -27,7 +27,8 @@ class TrainConfig:
     # ---- data ----
     data: list[str] = field(default_factory=list)  # dataset names: registry names or imagefolder:PATH
     unlabeled: list[str] = field(default_factory=list)  # NAME[=HEAD]: images used without labels (pseudo-labels)
-    image_size: int = 64  # square input side; small sizes keep CPU runs quick, 224 matches ImageNet pretraining
+    # small sizes keep CPU runs quick; auto is stored as the number it picks (timm: pretrained_cfg's input_size)
+    image_size: int = 64  # square input side; auto: the backbone's pretrained input size (224 for most)
     limit: int | None = None  # cap images per split per dataset, for quick runs
     sampling: str = "proportional"  # proportional | balanced | temperature:ALPHA (p_i ∝ n_i^ALPHA)
     heads: str = "shared"  # shared: datasets with identical class names train one head; separate: one each
@@ -47,8 +48,9 @@ class TrainConfig:
     robust_views: int = 0  # with --augment robust: 0 to 4
     consistency_weight: float = 0.0  # with --robust-views: AugMix's Jensen-Shannon term among the views (its 12)
     # ---- model ----
-    backbone: str = "mobilenet_v2"  # any torchvision classification model name
-    weights: str = "imagenet"  # imagenet | none | a torchvision weights name (e.g. IMAGENET1K_V2)
+    backbone: str = "mobilenet_v2"  # a torchvision classification model name, or timm/NAME (backbones/)
+    # a file is a state dict or checkpoint (.pth/.pt/.bin/.safetensors); its sha256 goes in the run's weights.json
+    weights: str = "imagenet"  # imagenet | none | PATH | torchvision weights name (IMAGENET1K_V2) | timm tag (ra_in1k)
     init: str | None = None  # RUN dir to start from (sequential transfer): backbone + heads with matching classes
     # ---- optimisation ----
     epochs: int = 3  # one epoch draws as many images as the labelled train splits hold (each once if proportional)
@@ -120,12 +122,14 @@ class TrainConfig:
             raise ConfigError(f"two datasets have the same name {names}; rename one image folder")
         for text in self.unlabeled:
             check_dataset_name(DatasetSpec.parse(text).without_head())
-        _positive(self, "image_size", "epochs", "grad_accum", "unlabeled_ratio", "checkpoint_every")
+        _positive(self, "epochs", "grad_accum", "unlabeled_ratio", "checkpoint_every")
         if self.batch_size < 0:
             raise ConfigError(f"batch_size must be a positive number of images or auto, got {self.batch_size}")
         if self.max_memory_gb < 0:
             raise ConfigError(f"max_memory_gb must be >= 0 (0: half the available RAM), got {self.max_memory_gb}")
-        if self.image_size < 16:
+        if self.image_size < 0:
+            raise ConfigError(f"image_size must be a number of pixels or auto, got {self.image_size}")
+        if self.image_size != 0 and self.image_size < 16:  # 0: auto, resolved below
             raise ConfigError(f"image_size {self.image_size} is too small; use 16 or more (32-64 for quick runs)")
         if self.workers < 0 or self.max_in_memory_gb < 0:
             raise ConfigError("workers and max_in_memory_gb must be >= 0")
@@ -174,9 +178,11 @@ class TrainConfig:
             value = getattr(self, path_field)
             if value is not None and not Path(value).exists():
                 raise ConfigError(f"{path_field}: {value} does not exist")
-        from transferkit.model import resolve_weights
+        from transferkit.backbones import check_backbone, native_input_size
 
-        resolve_weights(self.backbone, self.weights)
+        check_backbone(self.backbone, self.weights)
+        if self.image_size == 0:  # --image-size auto: what the weights were trained at, recorded as a number
+            self.image_size = native_input_size(self.backbone, self.weights)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,6 +335,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
 
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     text = str(hint)
+    if key == "image_size" and isinstance(value, str) and value.strip().lower() == "auto":
+        return 0  # the backbone's own input size, resolved when training starts (trainer.train)
     if key == "batch_size" and isinstance(value, str) and value.strip().lower() == "auto":
         return 0  # resolved when the model is built (training/memory.py)
     if key == "augment" and isinstance(value, bool):

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from transferkit.backbones import create_backbone
+from transferkit.backbones.weights_file import describe as describe_weights
 from transferkit.config import TrainConfig, parse_sampling
 from transferkit.data import DatasetSpec, ImageDataset, load_dataset
 from transferkit.errors import ConfigError
-from transferkit.model import MultiHeadModel, create_backbone
+from transferkit.model import MultiHeadModel
 from transferkit.preprocess import Preprocessing
 from transferkit.training.batch_size import auto_batch_size
 from transferkit.training.distill import plan_student_heads, teacher_labels, teacher_only_pool
@@ -44,6 +46,7 @@ class TrainingSetup:
     alignment: DistributionAlignment | None = None
     head_weights: list[float] = field(default_factory=list)
     class_weights: list[torch.Tensor | None] = field(default_factory=list)
+    weights: dict = field(default_factory=dict)  # where the backbone's weights came from (weights.json)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -73,6 +76,8 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     # the backbone first: one that cannot take the image size is refused before any image is decoded
     backbone = create_backbone(config.backbone, config.weights)
     backbone.check_input_size(config.image_size)
+    for line in describe_weights(backbone.weights):
+        print(f"transferkit: {line}", file=sys.stderr, flush=True)
     pre = backbone.preprocessing(config.image_size)
     datasets, unlabeled_specs = load_datasets(config, pre)
     if config.teachers:  # distillation: the heads are the teachers', each dataset on the one with its classes
@@ -105,6 +110,7 @@ def build_setup(config: TrainConfig, device: torch.device) -> TrainingSetup:
     pool = labelled_pool(datasets, plan, head_order, pre, device, config.workers)
     sampler = MultiDatasetSampler(pool.sizes, config.batch_size, parse_sampling(config.sampling), config.seed)
     setup = TrainingSetup(config, device, pre, datasets, plan, label_map, head_order, model, pool, sampler)
+    setup.weights = {"backbone": config.backbone, "weights": config.weights, **backbone.weights}
     if unlabeled_specs and config.teachers:  # distillation: the teachers label every head, no head to match
         setup.unlabeled = teacher_only_pool(unlabeled_specs, pre, device, config.workers)
         setup.unlabeled_sampler = CyclingSampler(

@@ -65,6 +65,10 @@ def _absolute_paths(config: TrainConfig) -> None:
     """Paths in the saved config must still work when eval/export run from another directory."""
     config.data = [str(DatasetSpec.parse(s, with_head=False).resolved()) for s in config.data]
     config.unlabeled = [str(DatasetSpec.parse(s).resolved()) for s in config.unlabeled]
+    from transferkit.backbones import is_weights_file
+
+    if is_weights_file(config.weights):
+        config.weights = str(Path(config.weights).expanduser().resolve())
     for key in ("label_map", "init"):
         if getattr(config, key):
             setattr(config, key, str(Path(getattr(config, key)).expanduser().resolve()))
@@ -153,6 +157,7 @@ class TrainLoop:
             run_dir.mkdir(parents=True, exist_ok=True)
             recorded = start.run_config if start is not None else config
             save_run_metadata(run_dir, recorded, self.setup.preprocessing, self.setup.plan.labels)
+            atomic_write_json(run_dir / "weights.json", self.setup.weights)  # what the backbone started from
         self.train_model = self._wrap()
 
     @staticmethod
