@@ -28,10 +28,17 @@ tools:
 # KServe's REST client, for the Open Inference Protocol tests, in a venv of its own: kserve pins protobuf,
 # pandas and psutil below the releases the project runs with.
 KSERVE_VENV := .venv-kserve
-clients: $(KSERVE_VENV)/.installed
+# An MLflow tracking server, for the tracking and registry tests: the full mlflow package (its server's Flask,
+# SQLAlchemy and alembic), kept out of the project's venv, which needs only the client (mlflow-skinny).
+MLFLOW_VENV := .venv-mlflow
+clients: $(KSERVE_VENV)/.installed $(MLFLOW_VENV)/.installed
 $(KSERVE_VENV)/.installed:
 	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
 	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
+	touch $@
+$(MLFLOW_VENV)/.installed:
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q mlflow==3.18.0
 	touch $@
 
 demo: setup

@@ -47,6 +47,7 @@ datasets:
 {datasets}"""
 # an unexpected exception's message is cut here (torch's can run to pages); --debug shows all of it
 _MAX_MESSAGE = 400
+_TRACK_HELP = "log to MLflow as part of the run's tracked run (created by train --track): metrics, report and files"
 _DEBUG_HELP = "on an error, show the full traceback instead of one line"
 
 
@@ -215,11 +216,15 @@ def cmd_distill(args) -> None:
 
 def cmd_eval(args) -> None:
     from transferkit.evaluation.robust_options import RobustnessOptions
+    from transferkit.tracking import check_track
+    from transferkit.tracking.records import track_eval
 
     robustness = RobustnessOptions(**given(args, RobustnessOptions))  # refused before the model or data load
     from transferkit.evaluation import evaluate_run
 
+    check_track(args.track)  # a tracking server that is down is refused before the evaluation, not after
     result = evaluate_run(args.run, extra_data=_split_list(args.data), split=args.split, robustness=robustness)
+    track_eval(args.track, Path(args.run), result.eval_path, result.report_path)
     print(result.table)
     print(f"wrote {result.eval_path} and {result.report_path}")
     print(result.report_path.parent)
@@ -228,8 +233,13 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from transferkit.export import export_run, format_export_table
     from transferkit.export.job import ExportOptions
+    from transferkit.tracking import check_track
+    from transferkit.tracking.records import track_export
 
     options = ExportOptions(**given(args, ExportOptions))
+    if args.register and not args.track:
+        raise ConfigError("--register NAME publishes to MLflow's registry: add --track mlflow:URI")
+    check_track(args.track)
     result = export_run(
         args.run,
         formats=_split_list(args.format),
@@ -239,7 +249,11 @@ def cmd_export(args) -> None:
         options=options,
         data=_split_list(args.data),
     )
-    print(format_export_table(result))  # ends with the BentoML model tag
+    table = format_export_table(result)
+    print(table)  # ends with the BentoML model tag
+    version = track_export(args.track, Path(args.run), result.export_dir, table, args.register if result.ok else None)
+    if version:
+        print(f"registered: models:/{args.register}/{version}")
     print(result.export_dir)
     if not result.ok:
         raise TransferkitError("a requested format failed export or verify (see the table and verify.json)")
@@ -253,10 +267,25 @@ def cmd_benchmark(args) -> None:
     print(Path(args.run) / "export" / "benchmark.json")
 
 
+def _local_run(run: str, for_serving: bool = False) -> str:
+    """A run folder as given, or a registered MLflow model version (models:/NAME/VERSION or @ALIAS) downloaded,
+    checked, and for serving put in the BentoML model store, as a local run folder."""
+    from transferkit.tracking.registry import fetch_registered, is_registry_uri, store_for_serving
+
+    if not is_registry_uri(run):
+        return run
+    local = fetch_registered(run)
+    print(f"{run}: {local}", file=sys.stderr, flush=True)
+    if for_serving:
+        store_for_serving(local)
+    return str(local)
+
+
 def cmd_serve(args) -> None:
     from transferkit.serving.server import SETTING_FLAGS, serve
 
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS}
+    args.run = [_local_run(r, for_serving=True) for r in args.run]
     sys.exit(
         serve(
             args.run,
@@ -302,7 +331,7 @@ def cmd_score(args) -> None:
     from transferkit.scoring.job import score
 
     summary = score(
-        args.run,
+        _local_run(args.run),
         args.inputs,
         args.out,
         top_k=args.top_k,
@@ -431,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--data", metavar="A,B,...", help="more datasets to score (default: the run's own)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--track", metavar="mlflow:URI", help=_TRACK_HELP)
     from transferkit.evaluation.robust_options import RobustnessOptions  # torch-free
 
     add_options(p.add_argument_group("robustness"), RobustnessOptions, unset_is_none=True)
@@ -473,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     from transferkit.export.job import ExportOptions  # numpy, no torch
 
     add_options(p, ExportOptions)
+    p.add_argument("--track", metavar="mlflow:URI", help=_TRACK_HELP)
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="with --track: publish the servable artifacts as a new version of the registered model NAME, the "
+        "gate's verdicts as its tags; serve and score take it as models:/NAME/VERSION (or models:/NAME@ALIAS)",
+    )
 
     p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
     p.add_argument("run", metavar="RUN")
@@ -490,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         nargs="+",
         help="an exported run folder; several, each a model (or a version of one); or one model repository "
-        "folder (DIR/<run>/ or DIR/<model>/<version>/), re-read every --poll-s seconds",
+        "folder (DIR/<run>/ or DIR/<model>/<version>/), re-read every --poll-s seconds; or a registered MLflow "
+        "model version, models:/NAME/VERSION or models:/NAME@ALIAS (from $MLFLOW_TRACKING_URI)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)"
@@ -548,7 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
         "parts: after a crash or kill, the same command resumes where it stopped. A file that cannot be scored "
         "is a row with its error. Example: transferkit score runs/demo --input photos/ --out preds.parquet",
     )
-    p.add_argument("run", metavar="RUN", help="a trained and exported run folder")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        help="a trained and exported run folder, or a registered MLflow model version (models:/NAME/VERSION or "
+        "models:/NAME@ALIAS, from $MLFLOW_TRACKING_URI)",
+    )
     p.add_argument(
         "--input",
         dest="inputs",

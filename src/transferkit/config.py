@@ -107,6 +107,7 @@ class TrainConfig:
     max_memory_gb: float = 0.0  # --batch-size auto: RAM one training step may take; 0: half of what is available
     checkpoint_every: int = 200  # optimiser steps between checkpoints (also one at each epoch end)
     tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard
+    track: str | None = None  # mlflow:URI: also log the config, every metric and the run's files to MLflow
     out: str | None = None  # run directory; default runs/<datasets>-<time>
 
     # ---------------------------------------------------------------------------------------------
@@ -179,8 +180,10 @@ class TrainConfig:
             if value is not None and not Path(value).exists():
                 raise ConfigError(f"{path_field}: {value} does not exist")
         from transferkit.backbones import check_backbone, native_input_size
+        from transferkit.tracking import check_track
 
         check_backbone(self.backbone, self.weights)
+        check_track(self.track)
         if self.image_size == 0:  # --image-size auto: what the weights were trained at, recorded as a number
             self.image_size = native_input_size(self.backbone, self.weights)
         return self

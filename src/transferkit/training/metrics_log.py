@@ -24,8 +24,9 @@ def flatten(record: dict, prefix: str = "") -> dict:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, tensorboard: bool = False, tracker=None):
         self.run_dir = run_dir
+        self.tracker = tracker  # transferkit.tracking: epochs and steps also go there (None: nowhere else)
         self.history: list[dict] = []
         self.writer = None
         if tensorboard:
@@ -52,15 +53,30 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        if self.tracker is not None:
+            numbers = {k: v for k, v in flatten(record).items() if _is_number(v) and k != "epoch"}
+            self.tracker.log_metrics({f"epoch/{k}": v for k, v in numbers.items()}, step=record["epoch"])
         if self.writer is not None:
             for key, value in flatten(record).items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(key, value, record["epoch"])
             self.writer.flush()
 
+    def steps(self, values: list[tuple[int, dict]]) -> None:
+        """Per-step values [(global step, {name: number or 0-d tensor})], read here: the trainer hands them over
+        where it synchronises with the device anyway, so tracking every step costs no extra sync."""
+        if self.tracker is None:
+            return
+        for step, named in values:
+            self.tracker.log_metrics({f"step/{k}": float(v) for k, v in named.items()}, step=step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # Without a terminal, how often a running epoch reports its progress (the trainer prints each epoch's end).

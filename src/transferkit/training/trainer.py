@@ -21,6 +21,7 @@ from transferkit.config import TrainConfig
 from transferkit.data import DatasetSpec
 from transferkit.errors import TransferkitError
 from transferkit.runs import load_run, save_run_metadata
+from transferkit.tracking import open_tracker
 from transferkit.training import distill, fit_check, precise_bn
 from transferkit.training import rounds as self_training
 from transferkit.training.adaptation import PseudoLabeller
@@ -150,7 +151,11 @@ class TrainLoop:
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.best, self.bad_epochs, self.finished = -1.0, 0, False
         self.totals: dict = {}
-        self.metrics = MetricsLog(run_dir, tensorboard=config.tensorboard and dist.is_main)
+        # one tracked run per run folder (tracking/): created here, continued by a resume, eval and export
+        self.tracker = open_tracker(config.track if dist.is_main else None, run_dir, "distill" if teachers else "train")
+        self.metrics = MetricsLog(
+            run_dir, tensorboard=config.tensorboard and dist.is_main, tracker=self.tracker if config.track else None
+        )
         if resuming:
             self._restore()
         elif dist.is_main:
@@ -158,6 +163,8 @@ class TrainLoop:
             recorded = start.run_config if start is not None else config
             save_run_metadata(run_dir, recorded, self.setup.preprocessing, self.setup.plan.labels)
             atomic_write_json(run_dir / "weights.json", self.setup.weights)  # what the backbone started from
+            self.tracker.log_params(config.to_dict())
+            self.tracker.set_tags({"transferkit.backbone": config.backbone, **_weights_tags(self.setup.weights)})
         self.train_model = self._wrap()
 
     @staticmethod
@@ -221,6 +228,13 @@ class TrainLoop:
 
     # ---- loop ----
     def run(self) -> Path:
+        try:
+            return self._run()
+        except BaseException:
+            self.tracker.finish(failed=True)  # the tracked run says it failed rather than running forever
+            raise
+
+    def _run(self) -> Path:
         cfg = self.cfg
         trained_here = not self.finished
         if self.finished:
@@ -237,6 +251,9 @@ class TrainLoop:
         self.finished = True
         self._checkpoint()
         self.metrics.close()
+        for name in ("config.yaml", "labels.json", "preprocessing.json", "weights.json", "metrics.json", "metrics.csv"):
+            self.tracker.log_artifact(self.run_dir / name, "run")
+        self.tracker.finish()
         barrier(self.dist)
         return self.run_dir
 
@@ -260,6 +277,7 @@ class TrainLoop:
             self.totals = {}
         images = 0
         start = time.perf_counter()
+        tracked: list[tuple[int, dict]] = []  # per-step values for the tracker, read at the sync points
         for labelled, unlabeled in self.step_inputs(self.epoch, self.step):
             stats = self.train_step(labelled, unlabeled)
             self.totals = {k: self.totals.get(k, 0) + v for k, v in stats.items()}
@@ -267,7 +285,12 @@ class TrainLoop:
             self.step += 1
             self.global_step += 1
             bar.update(1)
+            if self.metrics.tracker is not None:
+                lr = self.optimizer.param_groups[-1]["lr"]
+                tracked.append((self.global_step, {"loss": stats["loss"], "lr": lr}))
             if self.dist.is_main and (self.step % sync_every == 0 or self.step == n_steps):
+                self.metrics.steps(tracked)
+                tracked = []
                 rate = images / max(time.perf_counter() - start, 1e-9)
                 seen = max(int(self.totals["seen"]), 1)
                 bar.set_postfix(
@@ -395,3 +418,9 @@ class TrainLoop:
             logits = predict_logits(model, ds.val.images, setup.preprocessing, self.device, heads=[head])
             out[ds.name] = accuracy(logits[head], remap[ds.val.labels])
         return out
+
+
+def _weights_tags(weights: dict) -> dict[str, str]:
+    """The backbone's starting weights as tags: where they came from and, for a file, its sha256."""
+    keys = ("source", "name", "path", "sha256", "matched")
+    return {f"transferkit.weights.{k}": str(weights[k]) for k in keys if weights.get(k)}
