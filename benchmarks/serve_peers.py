@@ -239,7 +239,7 @@ def artifact_bound(run: Path, artifact: str, image: Path, cores: int) -> float:
     from transferkit.machine import median_seconds
     from transferkit.manifest import read_manifest
     from transferkit.preprocess import Preprocessing
-    from transferkit.serving.selection import load_runtime
+    from transferkit.runtimes.selection import load_runtime
 
     manifest = read_manifest(run / "export")
     pre = Preprocessing.from_dict(manifest.preprocessing)

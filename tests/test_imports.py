@@ -4,9 +4,10 @@
   cycle still ties the two modules together, and turns into an ImportError the day it moves to the top) and
   imports under `if TYPE_CHECKING:` (they never run, but a module that names another's types depends on it: a
   cycle through them is a circle in the design that holds only because the names are not imported);
-- transferkit.serving runs in a container without torch: no serving module imports torch, TensorRT or the
-  torch-side packages (transferkit.export, .training, .data), directly or through what it imports at module
-  level. Only serving/runtime.py may import torch and tensorrt, inside the methods of its optional runtimes.
+- transferkit.serving runs in a container without torch: no module of serving or of the runtime layer below it
+  (transferkit.runtimes) imports torch, TensorRT or the torch-side packages (transferkit.export, .training,
+  .data), directly or through what it imports at module level. Only runtimes/runtime.py may import torch and
+  tensorrt, inside the methods of its optional runtimes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import transferkit
 
 PACKAGE_DIR = Path(transferkit.__file__).resolve().parent
 SERVING = "transferkit.serving"
+TORCH_FREE = (SERVING, "transferkit.runtimes")  # what the serving image runs
 # what the serving image does not have, or must not pull in (it would drag torch in)
 TORCH_SIDE_THIRD_PARTY = {"torch", "torchvision", "tensorrt", "timm"}
 TORCH_SIDE_PACKAGES = ("transferkit.export", "transferkit.training", "transferkit.data")
 # the optional runtimes: torch (AOTInductor) and TensorRT, imported only when one of them is selected
-LAZY_ALLOWED = {"transferkit.serving.runtime": {"torch", "tensorrt"}}
+LAZY_ALLOWED = {"transferkit.runtimes.runtime": {"torch", "tensorrt"}}
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def test_the_graph_sees_the_imports_it_must_see():
     imports = import_graph()
     edges = {(i.source, i.target, i.module_level) for i in imports}
     assert ("transferkit.cli", "transferkit.errors", True) in edges
-    assert ("transferkit.serving.runtime", "torch", False) in edges  # inside a method
+    assert ("transferkit.runtimes.runtime", "torch", False) in edges  # inside a method
     assert ("transferkit.serving.processes", "psutil", True) in edges
     typed = {(i.source, i.target) for i in import_graph(type_only=True) if i.type_only}
     assert ("transferkit.export.table", "transferkit.export.results") in typed  # `if TYPE_CHECKING:` is seen
@@ -204,7 +206,7 @@ def test_serving_never_imports_torch_or_the_torch_side_packages():
             module_level.setdefault(imp.source, set()).add(imp.target)
     problems = []
     for imp in imports:
-        if not imp.source.startswith(SERVING):
+        if not imp.source.startswith(TORCH_FREE):
             continue
         forbidden = imp.target in TORCH_SIDE_THIRD_PARTY or imp.target.startswith(TORCH_SIDE_PACKAGES)
         allowed_lazily = imp.target in LAZY_ALLOWED.get(imp.source, set())
@@ -212,7 +214,7 @@ def test_serving_never_imports_torch_or_the_torch_side_packages():
             where = "at module level" if imp.module_level else "inside a function"
             problems.append(f"{imp.source} line {imp.line} imports {imp.target} {where}")
     # what importing each serving module runs: its module-level imports, theirs, and the parent packages
-    for module in sorted(m for m in _modules() if m.startswith(SERVING)):
+    for module in sorted(m for m in _modules() if m.startswith(TORCH_FREE)):
         seen, todo, via = {module}, [module], {module: module}
         while todo:
             current = todo.pop()

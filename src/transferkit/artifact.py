@@ -4,20 +4,20 @@ This module imports nothing heavy (no torch, no onnx, no numpy): it ships in the
 CLI reads it to build `--help` without loading any engine. Who reads what:
 
     FORMAT_SPECS   export/formats.py joins each row to its exporter and availability check (FORMATS);
-                   serving/runtime.py joins each row to its runner and orders `--runtime auto` by `devices`
+                   runtimes/runtime.py joins each row to its runner and orders `--runtime auto` by `devices`
                    and `auto_rank`; export/pipeline.py writes each row's file, runtime and tolerances into
                    manifest.json and verify.json; cli.py builds the --format help and the --precision and
                    --runtime choices from it
     TOLERANCES     FormatSpec.tolerances, and export/verify.py's default for compare()
-    INPUT_NAME     export/onnx.py, export/aoti.py, export/tensorrt.py, manifest.py, serving/runtime.py
+    INPUT_NAME     export/onnx.py, export/aoti.py, export/tensorrt.py, manifest.py, runtimes/runtime.py
     MIN/OPT/MAX_BATCH  export/formats.py hands them to the tensorrt and aoti exporters; export/verify.py
-                   (images per call), serving/runtime.py (default chunk size) and serving/settings.py (the
+                   (images per call), runtimes/runtime.py (default chunk size) and serving/settings.py (the
                    --max-batch ceiling) stay within them
     status words   export/pipeline.py (FormatResult.status, the manifest's "status")
     check_device   config.py (training --device), export/pipeline.py (export device), export/aoti.py
 
 Adding a format is one FormatSpec row below, plus its exporter (registered in export/formats.py) and its
-runner (a Runtime subclass registered in serving/runtime.py). A row without either fails at import.
+runner (a Runtime subclass registered in runtimes/runtime.py). A row without either fails at import.
 """
 
 from __future__ import annotations

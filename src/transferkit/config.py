@@ -339,7 +339,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     text = str(hint)
     if key == "image_size" and isinstance(value, str) and value.strip().lower() == "auto":
-        return 0  # the backbone's own input size, resolved when training starts (trainer.train)
+        return 0  # the backbone's own input size, resolved by TrainConfig.validate (a number in config.yaml)
     if key == "batch_size" and isinstance(value, str) and value.strip().lower() == "auto":
         return 0  # resolved when the model is built (training/memory.py)
     if key == "augment" and isinstance(value, bool):

@@ -32,7 +32,7 @@ def _option(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
 
 
 def test_cli_choices_are_the_tables():
-    from transferkit.serving.runtime import RUNTIME_CHOICES
+    from transferkit.runtimes.runtime import RUNTIME_CHOICES
 
     export = _subparser("export")
     fmt = _option(export, "format")
@@ -53,7 +53,7 @@ def test_cli_choices_are_the_tables():
 
 def test_every_row_has_an_exporter_and_a_runner():
     from transferkit.export.formats import EXPORTERS, FORMATS
-    from transferkit.serving.runtime import RUNTIMES
+    from transferkit.runtimes.runtime import RUNTIMES
 
     assert list(FORMATS) == list(EXPORTERS) == list(FORMAT_SPECS)
     for name, spec in FORMAT_SPECS.items():
@@ -124,7 +124,7 @@ def test_input_name_and_batch_range_have_one_definition():
     assignment = r"\s*(\w+\s*,\s*)*MAX_BATCH\s*(,\s*\w+\s*)*=(?!=)"
     assert _definitions(assignment) == ["artifact.py: MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64"]
     assert MAX_BATCH_CEILING == artifact.MAX_BATCH
-    for name in ("serving/runtime.py", "manifest.py", "export/onnx.py", "export/tensorrt.py", "export/aoti.py"):
+    for name in ("runtimes/runtime.py", "manifest.py", "export/onnx.py", "export/tensorrt.py", "export/aoti.py"):
         assert _constants(SRC / name) & {"images", 64} == set(), name
 
 
@@ -157,8 +157,8 @@ def test_contract_module_imports_nothing_heavy():
     ],
 )
 def test_auto_order_from_devices_and_rank(monkeypatch, ort_gpu, aoti_device, order):
-    from transferkit.serving.runtime import OnnxRuntime
-    from transferkit.serving.selection import auto_order
+    from transferkit.runtimes.runtime import OnnxRuntime
+    from transferkit.runtimes.selection import auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: ort_gpu))
     manifest = manifest_with(onnx={}, aoti={"device": aoti_device}, tensorrt={})
@@ -169,8 +169,8 @@ def test_auto_order_from_devices_and_rank(monkeypatch, ort_gpu, aoti_device, ord
 def test_auto_order_prefers_measured_throughput_on_the_same_device(monkeypatch):
     """On a CPU, the fastest artifact measured on this machine goes first, whatever the table's rank;
     unmeasured ones come after measured ones; a GPU artifact still comes before any CPU one."""
-    from transferkit.serving.runtime import OnnxRuntime
-    from transferkit.serving.selection import auto_order
+    from transferkit.runtimes.runtime import OnnxRuntime
+    from transferkit.runtimes.selection import auto_order
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
     manifest = manifest_with(
@@ -195,8 +195,8 @@ def test_auto_trusts_only_speeds_measured_on_a_machine_like_this_one(monkeypatch
     """An INT8 figure from a CPU with VNNI says nothing about one without: a measurement from another kind of
     machine is ignored, and the reason names this machine and how to measure here."""
     from transferkit.machine import Machine
-    from transferkit.serving.runtime import OnnxRuntime
-    from transferkit.serving.selection import auto_order, select_runtime
+    from transferkit.runtimes.runtime import OnnxRuntime
+    from transferkit.runtimes.selection import auto_order, select_runtime
 
     monkeypatch.setattr(OnnxRuntime, "gpu_available", staticmethod(lambda: False))
     here = Machine.this()

@@ -24,8 +24,8 @@ def run_dir(tmp_path):
 
 def test_aoti_for_cuda_passes_verify_and_serves_on_cuda(run_dir):
     from transferkit.export import PASSED, export_run, format_export_table
-    from transferkit.serving.runtime import OnnxRuntime, TorchRuntime
-    from transferkit.serving.selection import load_runtime
+    from transferkit.runtimes.runtime import OnnxRuntime, TorchRuntime
+    from transferkit.runtimes.selection import load_runtime
 
     result = export_run(run_dir, formats=("onnx", "aoti"), device="cuda", verify_images=128, store=False)
     print(format_export_table(result))
@@ -45,8 +45,8 @@ def test_aoti_for_cuda_passes_verify_and_serves_on_cuda(run_dir):
 def test_tensorrt_engine_passes_verify(run_dir, precision):
     from transferkit.export import PASSED, export_run, format_export_table
     from transferkit.export.tensorrt import tensorrt_unavailable_reason
-    from transferkit.serving.runtime import TensorRTRuntime
-    from transferkit.serving.selection import load_runtime
+    from transferkit.runtimes.runtime import TensorRTRuntime
+    from transferkit.runtimes.selection import load_runtime
 
     reason = tensorrt_unavailable_reason()
     if reason:

@@ -73,7 +73,7 @@ def test_a_hard_int8_case_tries_every_attempt_and_reports_each(int8_strict):
     records every attempt with its validation numbers, and the result is either repaired or reported with
     every attempt and not served."""
     from transferkit.manifest import read_manifest
-    from transferkit.serving.selection import select_runtime
+    from transferkit.runtimes.selection import select_runtime
 
     run_dir, result = int8_strict
     int8 = result.formats["onnx-int8"]
@@ -248,8 +248,8 @@ def test_int8_within_the_gate_is_smaller_and_measured(int8_export):
 
 def test_int8_is_served_by_artifact_name(int8_export):
     from transferkit.manifest import read_manifest
-    from transferkit.serving.runtime import OnnxRuntime
-    from transferkit.serving.selection import load_runtime, select_runtime
+    from transferkit.runtimes.runtime import OnnxRuntime
+    from transferkit.runtimes.selection import load_runtime, select_runtime
 
     run_dir, _ = int8_export
     export_dir = run_dir / "export"
@@ -328,7 +328,7 @@ def test_fp16_onnx_keeps_fp32_inputs_and_outputs_and_is_gpu_only(exported, tmp_p
 
     from transferkit.export import export_run
     from transferkit.manifest import read_manifest
-    from transferkit.serving.selection import artifact_problem, load_runtime, select_runtime
+    from transferkit.runtimes.selection import artifact_problem, load_runtime, select_runtime
 
     run_dir = copy_run(exported[0], tmp_path / "run")
     result = export_run(run_dir, formats="onnx", precision="fp16", verify_images=64, store=False)

@@ -21,8 +21,8 @@ from transferkit.errors import ArtifactMismatchError
 from transferkit.export import export_run
 from transferkit.export.job import ExportOptions
 from transferkit.manifest import read_manifest
-from transferkit.serving.runtime import OnnxRuntime, OpenVinoRuntime
-from transferkit.serving.selection import auto_order, load_runtime, select_runtime
+from transferkit.runtimes.runtime import OnnxRuntime, OpenVinoRuntime
+from transferkit.runtimes.selection import auto_order, load_runtime, select_runtime
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -198,7 +198,7 @@ def test_the_ir_is_built_from_the_fp32_onnx_file_and_served_on_cpu_only():
     # serving imports runtime.py where neither openvino nor onnxruntime is installed; only loading needs one
     code = (
         "import sys\nfor m in ('openvino', 'onnxruntime', 'torch'): sys.modules[m] = None\n"
-        "import transferkit.serving.runtime as r\nprint(r.OpenVinoRuntime.unavailable_reason({}))"
+        "import transferkit.runtimes.runtime as r\nprint(r.OpenVinoRuntime.unavailable_reason({}))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and "transferkit[openvino]" in done.stdout, done.stderr

@@ -46,7 +46,7 @@ def test_aoti_export_on_cpu_passes_and_keeps_the_onnx_entry(exported, tmp_path):
     """AOTInductor compiles C++ for this CPU (about a minute on 2 cores)."""
     from transferkit.export.aoti import aoti_unavailable_reason
     from transferkit.manifest import read_manifest
-    from transferkit.serving.selection import load_runtime
+    from transferkit.runtimes.selection import load_runtime
 
     if aoti_unavailable_reason("cpu"):
         pytest.skip(aoti_unavailable_reason("cpu"))

@@ -42,7 +42,7 @@ def test_the_qat_exports_load_in_both_runtimes_and_match_pytorch(qat_model):
     from transferkit.export.openvino import to_openvino
     from transferkit.export.qat import to_onnx_qdq
     from transferkit.model import ExportModule
-    from transferkit.serving.runtime import onnx_session
+    from transferkit.runtimes.runtime import onnx_session
 
     run, quantized, _ = qat_model
     heads, size = list(run.labels.heads), run.preprocessing.image_size

@@ -105,7 +105,7 @@ def test_the_runtime_runs_the_bytes_that_were_checked_not_a_file_swapped_after_t
     import numpy as np
 
     from transferkit.errors import ArtifactMismatchError
-    from transferkit.serving.runtime import OnnxRuntime
+    from transferkit.runtimes.runtime import OnnxRuntime
 
     export_dir, manifest = export_copy
     verified = manifest.read_verified(export_dir, ["model.onnx"])

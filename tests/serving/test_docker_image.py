@@ -72,7 +72,7 @@ def expected_top_labels(export_dir, data: bytes) -> dict[str, str]:
     manifest's preprocessing: no HTTP, no container, no batching."""
     from transferkit.manifest import read_manifest
     from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
-    from transferkit.serving.selection import load_runtime
+    from transferkit.runtimes.selection import load_runtime
 
     manifest = read_manifest(export_dir)
     pre = Preprocessing.from_dict(manifest.preprocessing)

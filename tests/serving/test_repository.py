@@ -25,7 +25,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def _stored_dir(run_dir: Path) -> Path:
     from transferkit.manifest import read_manifest
-    from transferkit.serving.resolve import stored_model_path
+    from transferkit.runtimes.resolve import stored_model_path
 
     return stored_model_path(read_manifest(run_dir / "export").tag)
 

@@ -145,7 +145,7 @@ def test_serve_refuses_a_model_file_changed_in_the_store(exported, tmp_path):
     naming the file, both hashes and the re-export command."""
     import os
 
-    from transferkit.serving.resolve import stored_model_path
+    from transferkit.runtimes.resolve import stored_model_path
 
     model_dir = stored_model_path(exported[1].bentoml_tag)
     home = Path(os.environ["BENTOML_HOME"])

@@ -225,7 +225,7 @@ def test_options_are_refused_before_any_data(tiny_run, tmp_path):
 def test_distilled_run_evaluates_exports_and_serves(distilled, tiny_run, teacher48):
     from transferkit.export import export_run
     from transferkit.manifest import read_manifest
-    from transferkit.serving.selection import load_runtime
+    from transferkit.runtimes.selection import load_runtime
 
     assert json.loads((distilled / "labels.json").read_text())["datasets"] == {
         "mnist": "mnist",

@@ -149,7 +149,7 @@ def exported_runtimes(run: Run, failed_gate: bool = False) -> tuple[dict, dict[s
     from transferkit.artifact import PASSED, VERIFY_FAILED
     from transferkit.errors import one_line
     from transferkit.manifest import FileRecord, read_manifest
-    from transferkit.serving.selection import artifact_problem, load_runtime
+    from transferkit.runtimes.selection import artifact_problem, load_runtime
 
     export_dir = run.export_dir
     if not (export_dir / "manifest.json").is_file():

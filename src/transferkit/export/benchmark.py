@@ -27,8 +27,8 @@ from transferkit.export.measure import MEASURE_BATCH
 from transferkit.export.table import text_table
 from transferkit.machine import Machine, load_average, median_seconds
 from transferkit.manifest import VERIFY_NAME, Manifest, Measurement, now_utc, read_manifest, write_manifest
-from transferkit.serving.runtime import runner_for
-from transferkit.serving.selection import artifact_problem
+from transferkit.runtimes.runtime import runner_for
+from transferkit.runtimes.selection import artifact_problem
 from transferkit.utils import atomic_write_json, read_json
 
 BASELINE = "pytorch (eager)"
@@ -146,7 +146,7 @@ def _record_measurements(export_dir: Path, manifest: Manifest) -> None:
     write_manifest(export_dir, manifest)
     if not manifest.tag:
         return
-    from transferkit.serving.resolve import stored_model_path
+    from transferkit.runtimes.resolve import stored_model_path
 
     stored_dir = stored_model_path(manifest.tag)
     if stored_dir is None or not (stored_dir / "manifest.json").is_file():

@@ -8,7 +8,7 @@ no torch). This module adds, per row, how to make the file (`export`), whether i
 table and `transferkit benchmark` iterate.
 
 Adding a format is one FormatSpec row in `transferkit.artifact`, plus its exporter registered in EXPORTERS
-below and its runner registered in `transferkit.serving.runtime`.
+below and its runner registered in `transferkit.runtimes.runtime`.
 
     format    file         served by     runs on   precisions         needs
     onnx      model.onnx   onnxruntime   cpu, gpu  fp32, int8, fp16   onnx, onnxscript, onnxruntime (core deps)

@@ -88,7 +88,7 @@ def _prune(model: onnx.ModelProto) -> None:
 
 
 def _logits(model: onnx.ModelProto, images: np.ndarray) -> list[np.ndarray]:
-    from transferkit.serving.runtime import onnx_session
+    from transferkit.runtimes.runtime import onnx_session
 
     session = onnx_session(model.SerializeToString())
     outs = [session.run(None, {INPUT_NAME: images[i : i + 64]}) for i in range(0, len(images), 64)]

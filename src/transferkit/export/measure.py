@@ -23,7 +23,7 @@ from transferkit.machine import Machine, load_average, median_seconds
 from transferkit.manifest import Manifest, Measurement, now_utc
 
 if TYPE_CHECKING:
-    from transferkit.serving.runtime import Runtime
+    from transferkit.runtimes.runtime import Runtime
 
 MEASURE_BATCH = 32  # the batch serving's batcher fills under load (its --max-batch default)
 

@@ -79,7 +79,7 @@ def openvino_unavailable_reason(device: str, precision: str) -> str | None:
     (`--device cuda` only decides where device-specific artifacts compile), so the device does not matter."""
     problem = _import_problem("openvino") or (_import_problem("nncf") if precision == "int8" else None)
     if problem is None and precision == "bf16":
-        from transferkit.serving.runtime import OpenVinoRuntime
+        from transferkit.runtimes.runtime import OpenVinoRuntime
 
         problem = OpenVinoRuntime.bf16_unavailable_reason()
     return problem
@@ -102,7 +102,7 @@ def export_openvino(job: ExportJob, path: Path) -> Exported:
     if job.precision == "int8":
         model, int8 = quantize_nncf(model, job)
         details.update(int8)
-    elif job.precision == "bf16":  # the same graph, run by the CPU plugin in bfloat16 (serving/runtime.py)
+    elif job.precision == "bf16":  # the same graph, run by the CPU plugin in bfloat16 (runtimes/runtime.py)
         compress = True  # weights stored in fp16: half the file, and bf16 keeps fewer bits than either
         details.update(compress_to_fp16=True, inference_precision="bf16")
     elif job.precision != "fp32":

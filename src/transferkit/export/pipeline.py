@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 
 def _check_options(device: str, verify_images: int | str) -> int | str:
-    from transferkit.serving.runtime import OnnxRuntime
+    from transferkit.runtimes.runtime import OnnxRuntime
 
     if missing := OnnxRuntime.missing():
         raise ConfigError(f"export verifies every artifact through ONNX Runtime. {missing}")
@@ -193,7 +193,7 @@ def _build_one(req: ArtifactRequest, job: ExportJob, done: dict[str, FormatResul
 def _onnx_verified_on_gpu(row: ExportFormat, precision: str, device: str) -> bool:
     """ONNX is checked on the provider that will serve it: CUDA for a GPU export or a precision served on a GPU
     only (fp16), where onnxruntime-gpu has it; the CPU otherwise (the verification then says so)."""
-    from transferkit.serving.runtime import OnnxRuntime
+    from transferkit.runtimes.runtime import OnnxRuntime
 
     wants_gpu = device != "cpu" or precision in FORMAT_SPECS[row.name].gpu_only_precisions
     return wants_gpu and OnnxRuntime.gpu_available()
@@ -218,7 +218,7 @@ def _withhold_if_slower(result: FormatResult, fp32: FormatResult | None) -> None
 
 
 def _verification_runtime(row: ExportFormat, artifact: str, precision: str, device: str):
-    from transferkit.serving.runtime import RUNNERS_BY_FORMAT, OnnxRuntime
+    from transferkit.runtimes.runtime import RUNNERS_BY_FORMAT, OnnxRuntime
 
     if row.runtime == "onnxruntime":  # fp32 input, like the reference
         on_gpu = _onnx_verified_on_gpu(row, precision, device)

@@ -145,7 +145,7 @@ class OnnxEngine(Engine):
         self._cache: tuple[Any, Any] | None = None  # (model, session): the model held, so its id stays unique
 
     def _logits(self, model: onnx.ModelProto, images: np.ndarray) -> dict[str, np.ndarray]:
-        from transferkit.serving.runtime import onnx_session
+        from transferkit.runtimes.runtime import onnx_session
 
         if self._cache is None or self._cache[0] is not model:
             self._cache = (model, onnx_session(model.SerializeToString()))

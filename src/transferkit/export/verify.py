@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from transferkit.runs import Run
-    from transferkit.serving.runtime import Runtime
+    from transferkit.runtimes.runtime import Runtime
 
 
 BATCH = MAX_BATCH  # images per forward pass, for PyTorch and for the runtime: every format takes this many
@@ -253,7 +253,7 @@ def reference_runner(model: torch.nn.Module, example: np.ndarray) -> Callable[[t
 def onnx_file_logits(path: Path, batch: np.ndarray, head_names: list[str]) -> dict[str, np.ndarray]:
     """An ONNX file's logits from ONNX Runtime on CPU, as verify runs them (for a candidate file the INT8
     repair gates before it becomes an artifact)."""
-    from transferkit.serving.runtime import onnx_session
+    from transferkit.runtimes.runtime import onnx_session
 
     session = onnx_session(path)
     parts = [

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from transferkit.preprocess import Preprocessing
-    from transferkit.serving.runtime import Runtime
+    from transferkit.runtimes.runtime import Runtime
 
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg_compression")
 SEVERITIES = (2, 4)

@@ -71,7 +71,7 @@ class Scorer:
     def __init__(
         self, run_dir: str | Path, runtime: str = "auto", threads: int | None = None, streams: int | None = 1
     ) -> None:
-        from transferkit.serving.selection import select_runtime
+        from transferkit.runtimes.selection import select_runtime
 
         self.run_dir = Path(run_dir)
         export_dir, self.manifest = open_export(self.run_dir)

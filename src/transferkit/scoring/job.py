@@ -253,8 +253,8 @@ def _ray(
     progress: bool,
 ) -> Summary:
     """The ray engine: the driver resolves the artifact once (every actor loads that one), Ray scores."""
+    from transferkit.runtimes.selection import select_runtime
     from transferkit.scoring.ray_engine import check_ray_output, ray_score
-    from transferkit.serving.selection import select_runtime
 
     check_ray_output(out)
     export_dir, manifest = open_export(run)

@@ -5,11 +5,11 @@ Nothing here imports torch at import time: the serving image has numpy, Pillow, 
 """
 
 from transferkit.manifest import read_manifest
+from transferkit.runtimes.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime
+from transferkit.runtimes.selection import load_runtime, select_runtime
 from transferkit.serving.build import BuildResult, build_bento
 from transferkit.serving.client import format_predictions, predict_files
 from transferkit.serving.harness import ServerHandle, start_server
-from transferkit.serving.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime
-from transferkit.serving.selection import load_runtime, select_runtime
 from transferkit.serving.server import resolve_served_model, serve
 
 __all__ = [

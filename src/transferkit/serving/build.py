@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from transferkit.errors import TransferkitError
-from transferkit.serving.resolve import resolve_served_model
+from transferkit.runtimes.resolve import resolve_served_model
 from transferkit.serving.settings import MODEL_ENV
 from transferkit.serving.sources import parse_sources, run_list
 from transferkit.version import __version__
@@ -52,6 +52,7 @@ SERVING_FILES = (
     "transferkit/utils.py",
     "transferkit/version.py",
     "transferkit/py.typed",
+    "transferkit/runtimes/*.py",
     "transferkit/serving/*.py",
 )
 

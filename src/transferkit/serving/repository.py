@@ -34,10 +34,10 @@ from transferkit.errors import TransferkitError
 from transferkit.manifest import read_manifest
 from transferkit.predictions import rank
 from transferkit.preprocess import Preprocessing, served_pixel_limit
+from transferkit.runtimes.resolve import stored_model_path
+from transferkit.runtimes.selection import load_runtime
 from transferkit.serving.batcher import MicroBatcher, WorkerBudget, new_runtime_executor
 from transferkit.serving.inputs import ClientError
-from transferkit.serving.resolve import stored_model_path
-from transferkit.serving.selection import load_runtime
 from transferkit.serving.settings import ServingSettings
 from transferkit.serving.sources import VersionSource
 

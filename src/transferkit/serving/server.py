@@ -35,8 +35,8 @@ from typing import Any
 
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.options import flags
+from transferkit.runtimes.resolve import ServedModel, resolve_served_model, resolve_stored
 from transferkit.serving.processes import TREE_ENV, can_bind, check_port, die_with_parent, stop_tree, subreaper
-from transferkit.serving.resolve import ServedModel, resolve_served_model, resolve_stored
 from transferkit.serving.settings import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,

@@ -29,6 +29,8 @@ from PIL import Image
 
 from transferkit.errors import ImageDecodeError
 from transferkit.predictions import top_labels
+from transferkit.runtimes.resolve import stored_model_path
+from transferkit.runtimes.runtime import share_cpu_arena
 from transferkit.serving.batcher import WorkerBudget
 from transferkit.serving.control import RepositoryWatcher, SharedControl, default_state_dir
 from transferkit.serving.drain import Drain
@@ -37,8 +39,6 @@ from transferkit.serving.inputs import ClientError
 from transferkit.serving.keys import KeyRing
 from transferkit.serving.protocol import install as install_coalescing_protocol
 from transferkit.serving.repository import RANKED, ModelRepository, ServedVersion
-from transferkit.serving.resolve import stored_model_path
-from transferkit.serving.runtime import share_cpu_arena
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 from transferkit.serving.sources import parse_sources
 from transferkit.serving.stack import http_stack

@@ -109,7 +109,7 @@ def fetch_registered(text: str, tracking_uri: str | None = None) -> Path:
 def store_for_serving(run_dir: Path) -> None:
     """Put a downloaded version into this machine's BentoML model store, once, as `serve RUN` expects."""
     from transferkit.export.store import store_export
-    from transferkit.serving.resolve import stored_model_path
+    from transferkit.runtimes.resolve import stored_model_path
 
     export_dir = run_dir / "export"
     manifest = read_manifest(export_dir)

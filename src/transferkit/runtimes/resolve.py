@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transferkit.errors import TransferkitError
 from transferkit.manifest import read_manifest
-from transferkit.serving.selection import select_runtime
+from transferkit.runtimes.selection import select_runtime
 
 
 @dataclass

@@ -7,8 +7,8 @@ import pytest
 
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.manifest import read_manifest
-from transferkit.serving.runtime import OnnxRuntime
-from transferkit.serving.selection import load_runtime, select_runtime
+from transferkit.runtimes.runtime import OnnxRuntime
+from transferkit.runtimes.selection import load_runtime, select_runtime
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_serving_imports_no_torch():
 
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
-        "import transferkit.serving, transferkit.serving.runtime, transferkit.serving.http_app, transferkit.serving.batcher\n"
+        "import transferkit.serving, transferkit.runtimes.runtime, transferkit.serving.http_app, transferkit.serving.batcher\n"
         "import transferkit.preprocess, transferkit.manifest, transferkit.machine\n"
         "print('ok')"
     )
@@ -76,7 +76,7 @@ ARENA_SCRIPT = """
 import sys
 import numpy as np, onnx, psutil
 from onnx import TensorProto, helper
-from transferkit.serving.runtime import onnx_session, share_cpu_arena
+from transferkit.runtimes.runtime import onnx_session, share_cpu_arena
 
 if sys.argv[1] == "shared":
     share_cpu_arena()

@@ -18,7 +18,7 @@ from transferkit.artifact import FORMAT_SPECS, spec_for_runtime
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.machine import Machine
 from transferkit.manifest import ArtifactEntry, Manifest
-from transferkit.serving.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime, runner_for
+from transferkit.runtimes.runtime import RUNTIME_CHOICES, RUNTIMES, Runtime, runner_for
 
 
 def artifact_problem(name: str, manifest: Manifest, export_dir: str | Path | None = None) -> str | None:
