@@ -255,3 +255,33 @@ def test_the_serving_image_holds_every_module_the_service_imports():
     files = {m: modules[m].relative_to(PACKAGE_DIR.parent).as_posix() for m in seen}
     missing = sorted(f for f in files.values() if not any(fnmatch(f, pattern) for pattern in SERVING_FILES))
     assert len(seen) > 10 and not missing, f"imported by the service but not in the image: {missing}"
+
+
+def declared_layers() -> dict[str, int]:
+    """docs/architecture.md's layer list -> {top-level module or package: its layer, 1 the lowest}."""
+    text = (PACKAGE_DIR.parents[1] / "docs" / "architecture.md").read_text()
+    block = text.split("<!-- layers:begin -->", 1)[1].split("<!-- layers:end -->", 1)[0]
+    layers = {}
+    for line in block.strip().splitlines():
+        number, _, names = line.partition(". ")
+        for name in names.split(","):
+            layers[name.strip()] = int(number)
+    return layers
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_every_module_sits_in_a_declared_layer_and_imports_none_above_it():
+    layers = declared_layers()
+    tops = {_top(m) for m in _modules()}
+    assert tops == set(layers), f"in the code, not in the layers: {tops - set(layers)}; gone: {set(layers) - tops}"
+    upward = [
+        f"{imp.source} (layer {layers[_top(imp.source)]}) imports {imp.target} (layer {layers[_top(imp.target)]}) "
+        f"at line {imp.line}"
+        for imp in import_graph()
+        if imp.target.startswith("transferkit") and layers[_top(imp.target)] > layers[_top(imp.source)]
+    ]
+    assert not upward, "imports that point up the declared layers:\n" + "\n".join(upward)

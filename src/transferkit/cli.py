@@ -270,15 +270,29 @@ def cmd_benchmark(args) -> None:
 def _local_run(run: str, for_serving: bool = False) -> str:
     """A run folder as given, or a registered MLflow model version (models:/NAME/VERSION or @ALIAS) downloaded,
     checked, and for serving put in the BentoML model store, as a local run folder."""
-    from transferkit.tracking.registry import fetch_registered, is_registry_uri, store_for_serving
+    from transferkit.tracking.registry import fetch_registered, is_registry_uri
 
     if not is_registry_uri(run):
         return run
     local = fetch_registered(run)
     print(f"{run}: {local}", file=sys.stderr, flush=True)
     if for_serving:
-        store_for_serving(local)
+        _store_for_serving(local)
     return str(local)
+
+
+def _store_for_serving(run_dir: Path) -> None:
+    """Put a downloaded version into this machine's BentoML model store, once, as `serve RUN` expects."""
+    from transferkit.export.store import store_export
+    from transferkit.manifest import read_manifest, write_manifest
+    from transferkit.runtimes.resolve import stored_model_path
+
+    export_dir = run_dir / "export"
+    manifest = read_manifest(export_dir)
+    if manifest.tag and stored_model_path(manifest.tag) is not None:
+        return
+    # named after the registered model (the folder above the version), like an export is after its run
+    write_manifest(export_dir, store_export(export_dir, manifest, run_dir.parent))
 
 
 def cmd_serve(args) -> None:

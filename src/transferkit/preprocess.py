@@ -31,6 +31,8 @@ from transferkit.errors import ImageDecodeError, ImageFormatError, ImageTooLarge
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The most bytes one image may have: one request body to the server, one file to `score`.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Pillow raises DecompressionBombError above 2x its own limit (~179 MP); we refuse above this, with a clear message.
 MAX_IMAGE_PIXELS = 64_000_000
 # What a server decodes for one image is bounded by what the model looks at, not by that global ceiling: a lossless

@@ -40,9 +40,8 @@ from transferkit.errors import ImageDecodeError, ImageFormatError, ImageTooLarge
 from transferkit.machine import cpu_count
 from transferkit.manifest import Manifest, read_manifest
 from transferkit.predictions import rank, top_labels
-from transferkit.preprocess import Preprocessing
+from transferkit.preprocess import MAX_UPLOAD_BYTES, Preprocessing
 from transferkit.scoring.sources import Item
-from transferkit.serving.settings import MAX_UPLOAD_BYTES
 
 PREFETCH = 2  # batches decoding ahead of the one being inferred
 

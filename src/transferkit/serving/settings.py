@@ -46,6 +46,7 @@ from transferkit.artifact import FORMAT_SPECS, MAX_BATCH, RUNTIME_NAMES
 from transferkit.errors import ConfigError
 from transferkit.machine import cpu_count
 from transferkit.options import cli
+from transferkit.preprocess import MAX_UPLOAD_BYTES  # one request body (as scoring reads one file)
 
 PREFIX = "TRANSFERKIT_"
 MODEL_ENV = PREFIX + "MODEL"
@@ -54,7 +55,6 @@ API_KEY_FILE_ENV = PREFIX + "API_KEY_FILE"
 
 # The dynamic-batch ceiling compiled into TensorRT/AOTInductor artifacts; serving stays within it.
 MAX_BATCH_CEILING = MAX_BATCH
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one request body
 MAX_TOP_K = 100
 # Runtimes and formats whose artifacts run on a GPU only (read from the formats table): one worker feeds them
 # best. `runtime` may be an artifact name (`tensorrt-fp16`): its format is the part before the first "-".

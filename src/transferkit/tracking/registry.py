@@ -7,7 +7,8 @@ downloaded version is a run folder that serve and score read as they read any ot
 every format, servable or not, is on the version as tags (`gate.FORMAT`).
 
 A downloaded version is kept in $TRANSFERKIT_CACHE/registry/NAME/VERSION (default ~/.cache/transferkit), its files
-checked against the manifest's sha256 every time it is used; `serve` also puts it in the BentoML model store.
+checked against the manifest's sha256 every time it is used (`serve` also puts it in the BentoML model store:
+cli.py, the one layer that may import export's store).
 """
 
 from __future__ import annotations
@@ -104,19 +105,6 @@ def fetch_registered(text: str, tracking_uri: str | None = None) -> Path:
     manifest = read_manifest(local / "export")
     manifest.check_files(local / "export")  # what came over the network is what the gate passed
     return local
-
-
-def store_for_serving(run_dir: Path) -> None:
-    """Put a downloaded version into this machine's BentoML model store, once, as `serve RUN` expects."""
-    from transferkit.export.store import store_export
-    from transferkit.runtimes.resolve import stored_model_path
-
-    export_dir = run_dir / "export"
-    manifest = read_manifest(export_dir)
-    if manifest.tag and stored_model_path(manifest.tag) is not None:
-        return
-    # named after the registered model (the folder above the version), like an export is after its run
-    write_manifest(export_dir, store_export(export_dir, manifest, run_dir.parent))
 
 
 def _safe(name: str) -> str:
