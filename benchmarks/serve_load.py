@@ -162,7 +162,7 @@ def model_of(run_dir: Path) -> Model:
     onnx = manifest.artifacts.get("onnx")
     if not manifest.tag or onnx is None or not onnx.servable:
         raise SystemExit(f"{run_dir}: needs a verified ONNX export saved to the BentoML model store")
-    return Model(manifest.image_size, manifest.tag, run_dir / "export" / onnx.file, manifest.preprocessing)
+    return Model(manifest.image_size, manifest.tag, run_dir / "export" / onnx.file, manifest.preprocessing.to_dict())
 
 
 def prepare_models(args: argparse.Namespace, tmp: Path, user_home: Path) -> list[Model]:

@@ -118,7 +118,7 @@ def peer_config(run: Path, workdir: Path) -> str:
     from transferkit.manifest import read_manifest
 
     manifest = read_manifest(run / "export")
-    pre = manifest.preprocessing
+    pre = manifest.preprocessing.to_dict()
     return json.dumps(
         {
             "model": str(run / "export" / manifest.artifacts["onnx"].files[0]),
@@ -238,11 +238,10 @@ def artifact_bound(run: Path, artifact: str, image: Path, cores: int) -> float:
 
     from transferkit.machine import median_seconds
     from transferkit.manifest import read_manifest
-    from transferkit.preprocess import Preprocessing
     from transferkit.runtimes.selection import load_runtime
 
     manifest = read_manifest(run / "export")
-    pre = Preprocessing.from_dict(manifest.preprocessing)
+    pre = manifest.preprocessing
     data = image.read_bytes()
     decode = median_seconds(lambda: pre.decode_served(data), 50)  # as the server decodes it
     runtime = load_runtime(artifact, run / "export", manifest, threads=THREADS)

@@ -58,7 +58,15 @@ V1 = {
     "run_dir": "/runs/x",
     "source": {"file": "model.pt", "sha256": "ab" * 32, "bytes": 10},
     "backbone": "mobilenet_v2",
-    "preprocessing": {"image_size": 32},
+    # as version 1 wrote it (Preprocessing.to_dict of its day: no jpeg_draft yet)
+    "preprocessing": {
+        "image_size": 32,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "resize": "bilinear",
+        "channels": "RGB",
+        "layout": "NCHW",
+    },
     "heads": {"digits": [str(i) for i in range(10)]},
     "datasets": {"mnist": "digits"},
     "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32], "layout": "NCHW"}],

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from transferkit.artifact import INPUT_NAME, MAX_BATCH, PASSED
 from transferkit.errors import ArtifactMismatchError, TransferkitError
 from transferkit.machine import Machine
+from transferkit.preprocess import Preprocessing
 from transferkit.utils import atomic_write_json, read_json, sha256_file
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ class Manifest:
     run_dir: str
     source: dict[str, Any]  # {"file": "model.pt", "sha256": ..., "bytes": ...}
     backbone: str
-    preprocessing: dict[str, Any]  # Preprocessing.to_dict(); Preprocessing.from_dict reads it
+    preprocessing: Preprocessing  # contract 1, serialised by its own to_dict/from_dict
     heads: dict[str, tuple[str, ...]]  # head -> class names, in logit order
     datasets: dict[str, str]  # dataset -> head
     inputs: tuple[TensorSpec, ...]
@@ -239,7 +240,7 @@ class Manifest:
 
     @property
     def image_size(self) -> int:
-        return int(self.preprocessing["image_size"])
+        return self.preprocessing.image_size
 
     @property
     def head_names(self) -> list[str]:
@@ -336,7 +337,7 @@ class Manifest:
             "run_dir": self.run_dir,
             "source": self.source,
             "backbone": self.backbone,
-            "preprocessing": self.preprocessing,
+            "preprocessing": self.preprocessing.to_dict(),
             "heads": {h: list(c) for h, c in self.heads.items()},
             "datasets": self.datasets,
             "inputs": [_tensor_dict(t) for t in self.inputs],
@@ -363,7 +364,7 @@ class Manifest:
             d["run_dir"],
             dict(d["source"]),
             d["backbone"],
-            dict(d["preprocessing"]),
+            Preprocessing.from_dict(d["preprocessing"]),
             {h: tuple(c) for h, c in d["heads"].items()},
             dict(d["datasets"]),
             tuple(_tensor(t) for t in d["inputs"]),
@@ -468,7 +469,7 @@ def new_manifest(run: Run, head_names: list[str]) -> Manifest:
         run_dir=str(Path(run.dir).resolve()),
         source={"file": run.model_path.name, **dataclasses.asdict(FileRecord.of(run.model_path))},
         backbone=run.config.backbone,
-        preprocessing=run.preprocessing.to_dict(),
+        preprocessing=run.preprocessing,
         heads={h: tuple(run.labels.heads[h]) for h in head_names},
         datasets=dict(run.labels.datasets),
         inputs=(TensorSpec(INPUT_NAME, "float32", ("batch", 3, size, size), "NCHW"),),

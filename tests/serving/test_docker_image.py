@@ -71,11 +71,11 @@ def expected_top_labels(export_dir, data: bytes) -> dict[str, str]:
     """Top-1 label per head for an encoded image, computed here on the host from the exported ONNX file and its
     manifest's preprocessing: no HTTP, no container, no batching."""
     from transferkit.manifest import read_manifest
-    from transferkit.preprocess import SERVED_FORMATS, Preprocessing, decode_image
+    from transferkit.preprocess import SERVED_FORMATS, decode_image
     from transferkit.runtimes.selection import load_runtime
 
     manifest = read_manifest(export_dir)
-    pre = Preprocessing.from_dict(manifest.preprocessing)
+    pre = manifest.preprocessing
     pixels = pre.pil_to_uint8(decode_image(data, formats=SERVED_FORMATS))[None]
     logits = load_runtime("onnxruntime", export_dir, manifest).run(pre.normalize_numpy(pixels))
     return {head: labels[int(logits[head][0].argmax())] for head, labels in manifest.heads.items()}

@@ -93,7 +93,7 @@ class Scorer:
             self._free.put(loaded.load(export_dir, self.manifest, verified))
         del verified
         self.runtime = runtimes[0]
-        self.pre = Preprocessing.from_dict(self.manifest.preprocessing)
+        self.pre = self.manifest.preprocessing
         self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
         self.max_batch = self.manifest.artifacts[self.artifact].max_batch
 
@@ -196,17 +196,16 @@ def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def decode_in_process(pre: dict, paths: list[str]) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+def decode_in_process(pre: Preprocessing, paths: list[str]) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
     """In a decode process: the files' pixels stacked (one array crosses the pipe, not one per file) and the
     errors as (position, kind, message)."""
-    preprocessing = Preprocessing.from_dict(pre)
     good, errors = [], []
     for i, path in enumerate(paths):
         try:
-            good.append(read_pixels(preprocessing, path))
+            good.append(read_pixels(pre, path))
         except ScoreError as exc:
             errors.append((i, exc.kind, str(exc)))
-    size = preprocessing.image_size
+    size = pre.image_size
     return (np.stack(good) if good else np.empty((0, size, size, 3), np.uint8)), errors
 
 
@@ -258,7 +257,7 @@ def local_batches(
     (start_decoders; Pillow's format parsers are Python that holds the GIL, so threads would decode small
     images one at a time), one task per worker, not per file (a task costs more than a small image's decode);
     then inferred by one of the scorer's streams; the decode of the next PREFETCH batches overlaps inference."""
-    pre = scorer.pre.to_dict()
+    pre = scorer.pre  # a frozen dataclass: pickled to the decode processes as it is
     with ThreadPoolExecutor(max_workers=scorer.streams, thread_name_prefix="transferkit-infer") as infer_pool:
         pending: deque[Future] = deque()
         for batch in batched(items, batch_size):

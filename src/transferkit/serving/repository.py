@@ -33,7 +33,7 @@ import numpy as np
 from transferkit.errors import TransferkitError
 from transferkit.manifest import read_manifest
 from transferkit.predictions import rank
-from transferkit.preprocess import Preprocessing, served_pixel_limit
+from transferkit.preprocess import served_pixel_limit
 from transferkit.runtimes.resolve import stored_model_path
 from transferkit.runtimes.selection import load_runtime
 from transferkit.serving.batcher import MicroBatcher, WorkerBudget, new_runtime_executor
@@ -72,7 +72,7 @@ class ServedVersion:
             raise TransferkitError(f"BentoML model {source.tag} is not in the model store; export it again")
         self.export_dir: Path = model_dir
         self.manifest = read_manifest(model_dir)
-        self.pre = Preprocessing.from_dict(self.manifest.preprocessing)  # never re-derived here
+        self.pre = self.manifest.preprocessing  # never re-derived here
         self.max_pixels = settings.max_pixels or served_pixel_limit(self.pre.image_size)
         self.labels: dict[str, list[str]] = {h: list(c) for h, c in self.manifest.heads.items()}
         self.runtime = load_runtime(
