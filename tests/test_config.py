@@ -93,3 +93,18 @@ def test_batch_size_auto_is_the_default_and_is_measured_on_a_cpu():
     three_views = MemoryEstimate(fixed_bytes=2**30, per_image_bytes=90 * 2**20, budget_bytes=4 * 2**30, views=3)
     assert three_views.choose() == 8 and "x 3 views" in three_views.describe(8)
     assert auto_batch_size(model, 32, torch.device("cpu"), 4.0, distributed=True, images=20_000, epochs=3)[0] == 128
+
+
+def test_command_line_values_are_read_by_their_type_not_as_yaml():
+    """`--weights no` is the weights name "no" (YAML would make it false); NaN and infinity are refused where a
+    number must be finite, from the command line and from a config file alike; `none` unsets an optional number."""
+    from transferkit.cli import _parse_value
+    from transferkit.config import config_from_dict
+
+    assert _parse_value("weights", "no") == "no" and _parse_value("track", "none") == "none"
+    assert _parse_value("ema", "none") is None and _parse_value("lr", "1e-3") == "1e-3"
+    config = config_from_dict({"data": ["digits"], "weights": _parse_value("weights", "no"), "lr": "1e-3"})
+    assert config.weights == "no" and config.lr == 0.001
+    for values in ({"lr": "nan"}, {"lr": float("inf")}, {"head_weights": "1,nan"}, {"ema": float("nan")}):
+        with pytest.raises(ConfigError, match="finite"):
+            config_from_dict({"data": ["digits"], **values})

@@ -154,13 +154,16 @@ def _add_augment_flags(group, text: str, default: str) -> None:
 
 
 def _parse_value(name: str, raw: str):
-    """Command-line strings -> typed values through the same checks as a config file."""
-    import yaml
+    """A command-line string as the field's type reads it, not as YAML would (`--weights no` is the name "no", not
+    false): config_from_dict converts numbers and lists by the field's type hint and checks them like a config
+    file's. `null` or `none` unsets an optional number."""
+    from typing import get_type_hints
 
-    if name in _LIST_FIELDS or name in _BOOL_FIELDS:
-        return raw
-    value = yaml.safe_load(raw)
-    return raw if isinstance(value, (dict, list)) else value
+    from transferkit.config import TrainConfig
+
+    hint = str(get_type_hints(TrainConfig)[name])
+    optional_number = "None" in hint and not hint.startswith("str") and name not in _LIST_FIELDS
+    return None if optional_number and raw.strip().lower() in ("null", "none") else raw
 
 
 def cmd_train(args) -> None:

@@ -7,6 +7,7 @@ message naming the key and the fix, before any data is loaded or any weight is t
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -360,9 +361,12 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         if isinstance(value, str):
             value = value.split(",")
         try:
-            return [float(v) for v in value]
+            numbers = [float(v) for v in value]
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: {key} must be a list of numbers, got {value!r}") from None
+        if not all(math.isfinite(v) for v in numbers):
+            raise ConfigError(f"{source}: {key} must be finite numbers, got {value!r}")
+        return numbers
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
@@ -374,6 +378,8 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
                     value = float(value)
                 except ValueError:
                     pass
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and value != int(value)):
                 raise ConfigError(
                     f"{source}: {key} must be {'an integer' if typ is int else 'a number'}, got {value!r}"
