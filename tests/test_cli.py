@@ -232,3 +232,23 @@ def test_export_of_a_run_whose_data_moved_says_how_and_takes_data(digits_folder,
     assert verify["formats"]["onnx"]["passed"]
     wrong = run_cli("export", str(run), "--data", f"nope=imagefolder:{moved}", check=False)
     assert wrong.returncode == 2 and "the run has no dataset 'nope'; its datasets: shots" in wrong.stderr
+
+
+def test_no_help_string_types_a_default_and_every_help_shows_it():
+    """A default is written once, where the option takes it: no help string in any command holds "(default:";
+    --help appends it, read from the option (its argparse default, or the dataclass field it comes from)."""
+    from transferkit.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them nowhere public
+    typed = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, command in commands.items()
+        for action in command._actions  # noqa: SLF001
+        if "(default:" in (action.help or "")
+    ]
+    assert not typed, f"help strings that type their default: {typed}"
+    serve, train = commands["serve"].format_help(), commands["train"].format_help()
+    assert "port to listen on (default: 3000)" in " ".join(serve.split())
+    epochs = " ".join(train.split("\n  --epochs EPOCHS", 1)[1].split("\n  --", 1)[0].split())
+    assert epochs.endswith("(default: 3)"), epochs  # a TrainConfig field's default, shown from the dataclass

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from transferkit.errors import ConfigError, TransferkitError, message_on_one_line
-from transferkit.options import add_options, field_comments, flags, given
+from transferkit.options import DefaultsShown, add_options, field_comments, flags, given, show_default
 
 # TrainConfig fields that take a comma-separated list on the command line
 _LIST_FIELDS = {"data", "unlabeled", "head_weights", "teachers"}
@@ -91,7 +91,7 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
         help=text[0],
         description=text[1],
         epilog=examples.format(datasets=names),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     helps = _field_help()
     defaults = TrainConfig()
@@ -106,25 +106,21 @@ def _add_train_parser(sub, command: str = "train", text: tuple[str, str] = _TRAI
         default = "auto" if f.name == "batch_size" and default == 0 else default  # 0 is how a config says auto
         text = helps.get(f.name, "")
         if f.name in _BOOL_FIELDS:
-            group.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=f"{text} (default: {default})",
+            switch = group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
             )
+            show_default(switch, default)
         elif f.name == "augment":
             _add_augment_flags(group, text, default)
         else:
             meta = "A,B,..." if f.name in _LIST_FIELDS else f.name.upper()
             if f.name in _CHOICE_FIELDS:
                 meta = "|".join(getattr(config_module, _CHOICE_FIELDS[f.name]))
-            group.add_argument(
-                flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS, help=f"{text} (default: {default})"
-            )
+            shown = group.add_argument(flag, dest=f.name, metavar=meta, default=argparse.SUPPRESS, help=text)
+            show_default(shown, default)
     p.add_argument("--config", metavar="FILE", help="YAML file of TrainConfig keys")
     p.add_argument(
-        "--out", metavar="DIR", default=argparse.SUPPRESS, help="run directory (default: runs/<data>-<time>)"
+        "--out", metavar="DIR", default=argparse.SUPPRESS, help="run directory (if not given: runs/<data>-<time>)"
     )
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
 
@@ -134,15 +130,16 @@ def _add_augment_flags(group, text: str, default: str) -> None:
     `--no-augment` means none."""
     from transferkit.config import AUGMENTS
 
-    group.add_argument(
+    augment = group.add_argument(
         "--augment",
         dest="augment",
         metavar="|".join(AUGMENTS),
         nargs="?",
         const="default",
         default=argparse.SUPPRESS,
-        help=f"{text} (default: {default})",
+        help=text,
     )
+    show_default(augment, default)
     group.add_argument(
         "--no-augment",
         dest="augment",
@@ -457,9 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     from transferkit.artifact import FORMAT_SPECS, PRECISIONS, RUNTIME_NAMES  # the formats table: choices below
     from transferkit.version import __version__
 
-    parser = _Parser(
-        prog="transferkit", description=_PROGRAM, epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="transferkit", description=_PROGRAM, epilog=_EXAMPLE, formatter_class=DefaultsShown)
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -475,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         "transferkit eval runs/demo --corruptions all --reference runs/source --attack pgd --eps 1/255,4/255",
     )
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--data", metavar="A,B,...", help="more datasets to score (default: the run's own)")
+    p.add_argument("--data", metavar="A,B,...", help="more datasets to score (if not given: the run's own)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--track", metavar="mlflow:URI", help=_TRACK_HELP)
     from transferkit.evaluation.robust_options import RobustnessOptions  # torch-free
@@ -502,20 +497,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         metavar="{cpu,cuda,cuda:N}",
         help="where device-bound artifacts run: aoti is compiled for it; ONNX is verified on CUDA through "
-        "onnxruntime-gpu when it is cuda (fp16 ONNX is, wherever CUDA is there) (default: cpu)",
+        "onnxruntime-gpu when it is cuda (fp16 ONNX is, wherever CUDA is there)",
     )
     p.add_argument(
         "--verify-images",
         default="auto",
         metavar="N|auto",
         help="held-out test images per dataset that every artifact is checked on against PyTorch; auto: the whole "
-        "test split up to 50 megapixels of images (all of MNIST at 32 px), never fewer than 2000 (default: auto)",
+        "test split up to 50 megapixels of images (all of MNIST at 32 px), never fewer than 2000",
     )
     p.add_argument(
         "--data",
         metavar="[NAME=]SPEC,...",
         help="where the run's datasets are on this machine, for a run trained elsewhere: imagefolder:PATH (matched "
-        "by folder name) or NAME=imagefolder:PATH (default: the paths saved at training)",
+        "by folder name) or NAME=imagefolder:PATH (if not given: the paths saved at training)",
     )
     from transferkit.export.job import ExportOptions  # numpy, no torch
 
@@ -547,24 +542,22 @@ def build_parser() -> argparse.ArgumentParser:
         "folder (DIR/<run>/ or DIR/<model>/<version>/), re-read every --poll-s seconds; or a registered MLflow "
         "model version, models:/NAME/VERSION or models:/NAME@ALIAS (from $MLFLOW_TRACKING_URI)",
     )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)"
-    )
-    p.add_argument("--port", type=int, default=3000, help="(default: 3000)")
-    from transferkit.serving.settings import ServingSettings  # numpy-free
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
+    p.add_argument("--port", type=int, default=3000, help="port to listen on")
+    from transferkit.serving.settings import DEFAULT_DRAIN_TIMEOUT, ServingSettings  # numpy-free
 
     add_options(p, ServingSettings, unset_is_none=True)  # unset: $TRANSFERKIT_*, then the defaults
     p.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help="require `Authorization: Bearer KEY` on /predict (default: $TRANSFERKIT_API_KEY, else off)",
+        help="require `Authorization: Bearer KEY` on /predict (if not given: $TRANSFERKIT_API_KEY, else off)",
     )
     p.add_argument(
         "--drain-timeout",
         type=float,
-        default=10.0,
+        default=DEFAULT_DRAIN_TIMEOUT,
         metavar="S",
-        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 10)",
+        help="on SIGTERM/SIGINT, how long in-flight requests may finish",
     )
 
     p = sub.add_parser(
@@ -580,19 +573,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE",
         help="image files, folders (recursive: .jpg .jpeg .png .webp) or quoted globs ('shots/*.jpg')",
     )
-    p.add_argument("--url", default="http://127.0.0.1:3000", help="the server (default: http://127.0.0.1:3000)")
+    p.add_argument("--url", default="http://127.0.0.1:3000", help="the server")
     p.add_argument("--model", default=None, help="which model answers, when the server serves several")
-    p.add_argument("--model-version", default=None, metavar="V", help="which version of it (default: its default)")
-    p.add_argument("--top-k", type=int, default=5, help="labels per head and image (default: 5)")
+    p.add_argument(
+        "--model-version",
+        default=None,
+        metavar="V",
+        help="which version of it (if not given: the model's default version)",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="labels per head and image")
     p.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help="a file holding the server's API key (default: $TRANSFERKIT_API_KEY, then "
+        help="a file holding the server's API key (if not given: $TRANSFERKIT_API_KEY, then "
         "$TRANSFERKIT_API_KEY_FILE, else none)",
     )
-    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight at once (default: 4)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight at once")
     p.add_argument(
-        "--out", metavar="FILE", help="write the answers to FILE.jsonl or FILE.csv (default: JSON on stdout)"
+        "--out", metavar="FILE", help="write the answers to FILE.jsonl or FILE.csv (if not given: JSON on stdout)"
     )
 
     p = sub.add_parser(
@@ -625,59 +623,63 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREDS",
         help="predictions file; the suffix picks the format: .parquet, .csv or .jsonl",
     )
-    p.add_argument("--top-k", type=int, default=5, help="labels per head and row (default: 5)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per head and row")
     p.add_argument(
         "--runtime",
         default="auto",
         metavar="{auto," + ",".join(RUNTIME_NAMES) + "} or ARTIFACT",
-        help="which verified artifact, as for `serve` (default: auto, the fastest measured here)",
+        help="which verified artifact, as for `serve`; auto: the fastest measured here",
     )
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per runtime call (default: 64)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per runtime call")
     p.add_argument(
         "--workers",
         type=int,
         metavar="N",
-        help="local: decode processes (default: one per core); ray: actors (default: the cluster's CPUs / --num-cpus)",
+        help="local: decode processes (if not given: one per core); ray: actors (if not given: the cluster's CPUs / "
+        "--num-cpus)",
     )
     p.add_argument(
         "--threads",
         type=int,
         metavar="N",
-        help="local: runtime threads in all, shared by one inference stream per core (default: one per core)",
+        help="local: runtime threads in all, shared by one inference stream per core (if not given: one per core)",
     )
     p.add_argument(
         "--part-rows",
         type=int,
         default=8192,
         metavar="N",
-        help="local: rows per committed part, at most what a crash costs (default: 8192)",
+        help="local: rows per committed part, at most what a crash costs",
     )
     p.add_argument(
         "--engine",
         default="local",
         choices=("local", "ray"),
         help="local: this machine, no extra services; ray: Ray Data actors on a Ray cluster, OUT becomes "
-        "a folder of Parquet files (needs the [ray] extra) (default: local)",
+        "a folder of Parquet files (needs the [ray] extra)",
     )
     p.add_argument(
         "--ray-address",
         metavar="ADDRESS",
-        help="ray: the cluster to join, e.g. 127.0.0.1:6379 or auto (default: start a local Ray)",
+        help="ray: the cluster to join, e.g. 127.0.0.1:6379 or auto (if not given: start a local Ray)",
     )
     p.add_argument(
         "--num-cpus",
         type=float,
         metavar="N",
-        help="ray: CPUs per actor, also its decode and runtime threads (default: 1)",
+        help="ray: CPUs per actor, also its decode and runtime threads (if not given: 1)",
     )
-    p.add_argument("--num-gpus", type=float, default=0.0, metavar="N", help="ray: GPUs per actor (default: 0)")
+    p.add_argument("--num-gpus", type=float, default=0.0, metavar="N", help="ray: GPUs per actor")
 
     p = sub.add_parser("build", help="bentoml build: a Bento with the model and its Dockerfile; --image: the image")
     p.add_argument(
         "run", metavar="RUN", nargs="+", help="an exported run, or several: one Bento serving each as a model"
     )
     p.add_argument(
-        "--base-image", default=None, metavar="IMAGE", help="base image with Python 3.11 (default: python:3.11-slim)"
+        "--base-image",
+        default=None,
+        metavar="IMAGE",
+        help="base image with Python 3.11 (if not given: python:3.11-slim)",
     )
     p.add_argument(
         "--runtime",
@@ -685,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=_BuildRuntimes(),
         metavar="RUNTIME",
         help="the runtime installed in the image, its Python packages only: %(choices)s (the run needs "
-        "a verified artifact it serves) (default: onnxruntime)",
+        "a verified artifact it serves)",
     )
     p.add_argument(
         "--image",
@@ -723,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.choices[name].set_defaults(func=func)
         # also after the command (`transferkit eval RUN --debug`); SUPPRESS keeps the global value otherwise
         sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    for command in sub.choices.values():  # every --help ends an option's text with its default, read from it
+        command.formatter_class = DefaultsShown
     return parser
 
 

@@ -77,6 +77,28 @@ def _dest(prefix: str, name: str) -> str:
     return prefix.replace("-", "_") + name
 
 
+class DefaultsShown(argparse.RawDescriptionHelpFormatter):
+    """Help that ends with "(default: X)", X read from the option itself, so no help string types a default:
+    an option's `shown_default` (set by `show_default`: a dataclass field's default, or words for one worked out
+    at run time), else its argparse default when that is a value (not None, not a switch's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = getattr(action, "shown_default", None)
+        if shown is None and action.default not in (None, False, argparse.SUPPRESS):
+            shown = action.default
+        if shown is None or (isinstance(shown, bool) and not isinstance(action, argparse.BooleanOptionalAction)):
+            return text
+        return f"{text} (default: {str(shown).replace('%', '%%')})".strip()
+
+
+def show_default(action: argparse.Action, value: Any) -> argparse.Action:
+    """What --help says an option's default is, for one whose argparse default cannot say it (SUPPRESS or None,
+    so that a config file or the environment can fill it)."""
+    action.shown_default = value  # type: ignore[attr-defined]
+    return action
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", unset_is_none: bool = False) -> None:
     """One option per option field of `cls`, named `--{prefix}{field}` unless the field names its flag.
     `unset_is_none`: a flag not given parses as None (the caller falls back to the environment, say), else it
@@ -86,17 +108,17 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", un
     for f, spec in _options(cls):
         default = _default(f)
         shown = spec.get("default_text", default)
-        text = f"{helps.get(f.name, '')} (default: {shown})".replace("%", "%%").strip()
+        text = helps.get(f.name, "").replace("%", "%%").strip()
         kwargs: dict[str, Any] = {"dest": _dest(prefix, f.name), "help": text}
         kwargs["default"] = None if unset_is_none else default
         if isinstance(default, bool):
-            parser.add_argument(names[f.name], action=argparse.BooleanOptionalAction, **kwargs)
+            show_default(parser.add_argument(names[f.name], action=argparse.BooleanOptionalAction, **kwargs), shown)
             continue
         kwargs["type"] = spec.get("type") or (type(default) if default is not None else str)
         if "choices" in spec:
             kwargs["choices"] = spec["choices"]
         kwargs["metavar"] = spec.get("metavar") or (None if "choices" in spec else f.name.upper())
-        parser.add_argument(names[f.name], **kwargs)
+        show_default(parser.add_argument(names[f.name], **kwargs), shown)
 
 
 def given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:

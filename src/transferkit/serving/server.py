@@ -40,6 +40,7 @@ from transferkit.serving.processes import TREE_ENV, can_bind, check_port, die_wi
 from transferkit.serving.settings import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
+    DEFAULT_DRAIN_TIMEOUT,
     MODEL_ENV,
     ServingSettings,
     api_key_file_in_use,
@@ -50,7 +51,6 @@ from transferkit.serving.sources import format_sources, is_repository, run_list,
 __all__ = ["MODEL_ENV", "ServedModel", "resolve_served_model", "serve", "serve_command"]
 
 SERVICE = "transferkit.serving.service:TransferkitService"
-DEFAULT_DRAIN_TIMEOUT = 10.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # ServingSettings field -> `transferkit serve` option (the model comes from RUN, the key never goes in argv)
 SETTING_FLAGS = flags(ServingSettings)

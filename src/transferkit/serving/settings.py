@@ -52,6 +52,7 @@ PREFIX = "TRANSFERKIT_"
 MODEL_ENV = PREFIX + "MODEL"
 API_KEY_ENV = PREFIX + "API_KEY"
 API_KEY_FILE_ENV = PREFIX + "API_KEY_FILE"
+DEFAULT_DRAIN_TIMEOUT = 10.0  # seconds in-flight requests may take to finish after SIGTERM (`serve --drain-timeout`)
 
 # The dynamic-batch ceiling compiled into TensorRT/AOTInductor artifacts; serving stays within it.
 MAX_BATCH_CEILING = MAX_BATCH
