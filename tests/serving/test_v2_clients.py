@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from transferkit.manifest import read_manifest
-from transferkit.preprocess import Preprocessing
 from transferkit.serving import start_server
 
 KEY = "v2-test-key"
@@ -118,7 +117,7 @@ def test_tritonclient_infer_with_image_files_gives_predicts_top1(triton, server,
 def test_tritonclient_infer_with_a_preprocessed_tensor(triton, server, exported, images, top1, binary):
     import tritonclient.http as httpclient
 
-    pre = Preprocessing.from_dict(read_manifest(exported[0] / "export").preprocessing)
+    pre = read_manifest(exported[0] / "export").preprocessing
     pixels = np.stack([pre.decode_served(images[n], n) for n in IMAGES[:2]])
     tensor = pre.normalize_numpy(pixels)
     x = httpclient.InferInput("tensor", list(tensor.shape), "FP32")

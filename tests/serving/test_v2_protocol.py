@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from transferkit.manifest import read_manifest
-from transferkit.preprocess import Preprocessing
 from transferkit.serving.v2_tensors import OutputTensor, encode_response, parse_request
 
 SHORT_IMAGES = ("digit.png", "china.jpg", "china.webp")
@@ -93,7 +92,7 @@ def test_infer_with_images_gives_the_labels_and_scores_of_predict(client, model,
 
 
 def test_a_preprocessed_tensor_gives_the_logits_of_its_image(client, model, images, exported):
-    pre = Preprocessing.from_dict(read_manifest(exported[0] / "export").preprocessing)
+    pre = read_manifest(exported[0] / "export").preprocessing
     pixels = pre.decode_served(images["china.jpg"], "china.jpg")[None]
     tensor = pre.normalize_numpy(pixels)
     from_tensor = _outputs(
