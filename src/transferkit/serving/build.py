@@ -48,6 +48,7 @@ SERVING_FILES = (
     "transferkit/manifest.py",
     "transferkit/options.py",
     "transferkit/predictions.py",
+    "transferkit/traffic.py",
     "transferkit/preprocess.py",
     "transferkit/utils.py",
     "transferkit/version.py",
@@ -86,6 +87,7 @@ COMMON_PACKAGES = (
     "orjson>=3.9.15",
     "starlette>=0.40",
     "python-multipart>=0.0.18",
+    "pyarrow>=14.0.1",  # `--capture` writes Parquet (capture.py)
 )
 # Per runtime, its Python packages only (`--runtime openvino` leaves onnxruntime out: serving imports an engine only
 # when it loads an artifact). GPU serving (onnxruntime-gpu, tensorrt) needs a CUDA base image and is not offered

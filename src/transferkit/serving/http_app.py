@@ -89,7 +89,7 @@ async def _answer_with(request: Request, service: Any, admission: Any, rid: str,
     else:
         inputs = await parse_multipart(_form_parser(request, body), settings.max_images)
     admission.add(len(inputs.images) - 1)
-    predictions = await service.classify(inputs.images, inputs.names, inputs.top_k, admission, model)
+    predictions = await service.classify(inputs.images, inputs.names, inputs.top_k, admission, model, rid)
     meta = {"model": model.tag, "model_name": model.name, "model_version": model.version, "runtime": model.runtime_name}
     answer = {"predictions": predictions, **meta} if inputs.many else {**predictions[0], **meta}
     service.count_model_answer(model)

@@ -32,13 +32,14 @@ from transferkit.predictions import top_labels
 from transferkit.runtimes.resolve import stored_model_path
 from transferkit.runtimes.runtime import share_cpu_arena
 from transferkit.serving.batcher import WorkerBudget
+from transferkit.serving.capture import Capture
 from transferkit.serving.control import RepositoryWatcher, SharedControl, default_state_dir
 from transferkit.serving.drain import Drain
 from transferkit.serving.http_app import InferenceFastPath, create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.serving.keys import KeyRing
 from transferkit.serving.protocol import install as install_coalescing_protocol
-from transferkit.serving.repository import RANKED, ModelRepository, ServedVersion
+from transferkit.serving.repository import LOGITS, RANKED, ModelRepository, ServedVersion
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 from transferkit.serving.sources import parse_sources
 from transferkit.serving.stack import http_stack
@@ -125,6 +126,22 @@ def _metrics() -> dict[str, Any]:
         _METRICS["model_default"] = Gauge(
             "transferkit_model_default", "1 where the version serves by default", labels, multiprocess_mode="max"
         )
+        _METRICS["capture_rows"] = Counter("transferkit_capture_rows", "captured rows committed to parts")
+        _METRICS["capture_dropped"] = Counter(
+            "transferkit_capture_dropped_rows", "captured rows dropped instead of holding a request", ["reason"]
+        )
+        # live signals on the capture sample (capture.py): top-1 confidence and predicted classes per head
+        _METRICS["confidence"] = Histogram(
+            "transferkit_capture_top1_confidence",
+            "top-1 softmax score of captured images, per model, version and head",
+            ["model", "version", "head"],
+            buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+        )
+        _METRICS["predicted"] = Counter(
+            "transferkit_capture_predictions",
+            "top-1 class of captured images, per model, version and head (heads of at most 100 classes)",
+            ["model", "version", "head", "label"],
+        )
         _METRICS["stack"] = Gauge(
             "transferkit_http_stack",
             "the event loop and HTTP parser this worker runs",
@@ -132,6 +149,18 @@ def _metrics() -> dict[str, Any]:
             multiprocess_mode="max",
         )
     return _METRICS
+
+
+MAX_CLASSES_COUNTED = 100  # a head with more classes has no per-class series (Prometheus cardinality)
+
+
+def _observe_sample(model: str, version: str, top1: list[tuple[str, str, float, int]]) -> None:
+    """The capture sample's live signals (called by the capture's writer thread, off the request path)."""
+    metrics = _metrics()
+    for head, label, score, classes in top1:
+        metrics["confidence"].labels(model, version, head).observe(score)
+        if classes <= MAX_CLASSES_COUNTED:
+            metrics["predicted"].labels(model, version, head, label).inc()
 
 
 def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
@@ -150,6 +179,7 @@ def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
 class _Service:
     def __init__(self) -> None:
         self.settings = SETTINGS
+        self.capture: Capture | None = None  # made last, once the models serve (--capture)
         self.keys = KeyRing.for_worker(SETTINGS)  # the API keys, re-read when their file changes (keys.py)
         self.ready = False
         self.stack = http_stack()  # before the drain wraps uvicorn's SIGTERM handler, through which it is found
@@ -182,6 +212,18 @@ class _Service:
         # sending large (valid) images gets the CPU the others leave, instead of taking it from them
         self.bulk_pool = ThreadPoolExecutor(1, thread_name_prefix="transferkit-decode-bulk", initializer=_nicer)
         _metrics()["stack"].labels(**self.stack).set(1)
+        self.capture = (
+            Capture(
+                SETTINGS.capture_dir,
+                SETTINGS.capture_rate,
+                SETTINGS.capture_max_mb << 20,
+                on_drop=lambda reason, n: _metrics()["capture_dropped"].labels(reason=reason).inc(n),
+                on_write=lambda n: _metrics()["capture_rows"].inc(n),
+                on_rows=_observe_sample,
+            )
+            if SETTINGS.capture_dir
+            else None
+        )
         self.ready = True
         for entry in self.repository.models.values():
             default = entry.versions[entry.default]
@@ -228,6 +270,8 @@ class _Service:
         self.repository.executor.shutdown(wait=False, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.bulk_pool.shutdown(wait=False, cancel_futures=True)
+        if self.capture is not None:
+            self.capture.close()  # what was sampled before the shutdown is written
 
     def _open(self, data: bytes, name: str, model: ServedVersion) -> Image.Image:
         """Encoded bytes -> an opened image within the model's pixel limit (header only); only JPEG, PNG and WebP
@@ -273,10 +317,16 @@ class _Service:
         )
         return np.stack(pixels)
 
-    async def infer(self, batch: np.ndarray, model: ServedVersion | None = None) -> dict[tuple[str, str], np.ndarray]:
+    async def infer(
+        self, batch: np.ndarray, model: ServedVersion | None = None, request_id: str = ""
+    ) -> dict[tuple[str, str], np.ndarray]:
         """uint8 pixels or float32 model input, through the model's batcher -> this request's rows of
-        `ServedVersion.run_batch`'s answer."""
-        return await (model or self._only).batcher.submit(batch)
+        `ServedVersion.run_batch`'s answer (sampled into the capture, when there is one)."""
+        model = model or self._only
+        answer = await model.batcher.submit(batch)
+        if self.capture is not None:
+            self.capture.offer(model, batch, answer, request_id, RANKED, LOGITS)
+        return answer
 
     async def classify(
         self,
@@ -285,12 +335,13 @@ class _Service:
         top_k: int = 5,
         admission: Any = None,
         model: ServedVersion | None = None,
+        request_id: str = "",
     ) -> list[dict]:
         """Encoded images -> [{"heads": {head: top-k labels}}], in order, through the worker's batcher;
         `admission`: the request's (guard.py), which the decode's memory is reserved in."""
         model = model or self._only
         names = names or [f"images[{i}]" for i in range(len(images))]
-        answer = await self.infer(await self.decode(images, names, admission, model), model)
+        answer = await self.infer(await self.decode(images, names, admission, model), model, request_id)
         labels = model.labels
         return [
             {"heads": {h: top_labels(answer[h, RANKED][i], labels[h], top_k) for h in labels}}

@@ -107,6 +107,10 @@ class ServingSettings:
     # versions of each model kept loaded: the newest, and the one before it for a rollback in one call
     keep_versions: int = field(default=2, metadata=cli(metavar="N"))
     state_dir: str = ""  # the workers' shared repository state (control.py); `serve` makes a private one
+    # keep a sample of requests (the model's input pixels and its answers) as Parquet parts in DIR (capture.py)
+    capture_dir: str = field(default="", metadata=cli("--capture", metavar="DIR", default_text="off"))
+    capture_rate: float = field(default=0.1, metadata=cli(metavar="R"))  # with --capture: share of images kept
+    capture_max_mb: int = field(default=1024, metadata=cli(metavar="MB"))  # with --capture: the folder's size
 
     def __post_init__(self) -> None:
         problems = []
@@ -132,6 +136,12 @@ class ServingSettings:
             problems.append(
                 f"max_models and keep_versions must be >= 1, got {self.max_models} and {self.keep_versions}"
             )
+        if not 0.0 <= self.capture_rate <= 1.0:
+            problems.append(f"capture_rate must be 0..1, got {self.capture_rate}")
+        if self.capture_max_mb < 1:
+            problems.append(f"capture_max_mb must be >= 1, got {self.capture_max_mb}")
+        if self.capture_dir:  # the workers may run elsewhere: they get the folder as an absolute path
+            object.__setattr__(self, "capture_dir", str(Path(self.capture_dir).expanduser().resolve()))
         if self.api_key is not None and not self.api_key.strip():
             problems.append("the API key is empty")
         if problems:

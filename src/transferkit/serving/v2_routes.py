@@ -227,7 +227,7 @@ async def _infer(request: Request, service: Any, admission: Any, rid: str, model
         pixels = await service.decode(batch.images, batch.names, admission, model)
     else:
         pixels = batch.array
-    answer = await service.infer(pixels, model)
+    answer = await service.infer(pixels, model, rid)
     outputs = [(_output(name, answer, model, top_k, classification), binary) for name, binary, classification in wanted]
     service.count_model_answer(model)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
