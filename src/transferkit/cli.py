@@ -259,6 +259,29 @@ def cmd_export(args) -> None:
         raise TransferkitError("a requested format failed export or verify (see the table and verify.json)")
 
 
+def cmd_drift(args) -> None:
+    import datetime as dt
+
+    from transferkit.evaluation.drift import format_drift_table, run_drift, write_drift_report
+
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            raise ConfigError(f"--since {args.since!r}: use an ISO time, e.g. 2026-12-01 or 2026-12-01T08:00") from None
+        since = since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
+    if args.window < 0:
+        raise ConfigError(f"--window must be >= 0 rows, got {args.window}")
+    report = run_drift(args.run, args.traffic, args.model, since, args.window, args.alpha, args.reference_images)
+    out = Path(args.out) if args.out else Path(args.run) / "drift" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_drift_report(report, out)
+    print(format_drift_table(report))
+    print(out)
+    if report["drift"]:
+        sys.exit(3)  # for schedulers and CI: the newest window drifted
+
+
 def cmd_benchmark(args) -> None:
     from transferkit.export.benchmark import benchmark_run, format_benchmark_table
 
@@ -523,6 +546,23 @@ def build_parser() -> argparse.ArgumentParser:
         "gate's verdicts as its tags; serve and score take it as models:/NAME/VERSION (or models:/NAME@ALIAS)",
     )
 
+    p = sub.add_parser(
+        "drift",
+        help="has the served traffic moved away from the training data? (exit code 3: it has)",
+        description="Compare the traffic captured by `serve --capture DIR` with the run's held-out test images, "
+        "per head, on the model's own softmax outputs: KS per class (Bonferroni), chi-square of the predicted "
+        "labels, KS of the top-1 confidence. Writes drift.json and drift.md; exit code 3 when the newest window "
+        "drifts. Example: transferkit drift runs/photos --traffic captured/ --window 500",
+    )
+    p.add_argument("run", metavar="RUN", help="the exported run the traffic was served by")
+    p.add_argument("--traffic", required=True, metavar="DIR", help="the folder given to serve --capture")
+    p.add_argument("--model", metavar="NAME", help="the served model's name (if not given: the only one captured)")
+    p.add_argument("--since", metavar="ISO-TIME", help="only rows captured at or after this time, e.g. 2026-12-01")
+    p.add_argument("--window", type=int, default=0, metavar="N", help="test each N consecutive rows (0: all at once)")
+    p.add_argument("--alpha", type=float, default=0.01, help="significance of each head's corrected tests")
+    p.add_argument("--reference-images", type=int, default=2000, metavar="N", help="test images per dataset")
+    p.add_argument("--out", metavar="DIR", help="where the report goes (if not given: RUN/drift/<time>)")
+
     p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size (median reported)")
@@ -716,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("distill", cmd_distill),
         ("eval", cmd_eval),
         ("export", cmd_export),
+        ("drift", cmd_drift),
         ("benchmark", cmd_benchmark),
         ("serve", cmd_serve),
         ("predict", cmd_predict),
