@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from transferkit.evaluation.drift import shift_tests, softmax
+from transferkit.evaluation.drift import shift_tests
 
 ALPHA = 0.01
 
@@ -54,6 +54,7 @@ def traffic(exported, tmp_path_factory):
     both datasets, the reference being their test images) and shifted (the same images, inverted)."""
     from transferkit.data import load_dataset
     from transferkit.manifest import read_manifest
+    from transferkit.predictions import rank
     from transferkit.runs import load_run
     from transferkit.runtimes.selection import load_runtime
     from transferkit.serving.capture import Capture
@@ -76,10 +77,8 @@ def traffic(exported, tmp_path_factory):
             logits = runtime.run(run.preprocessing.normalize_numpy(batch))
             answer = {}
             for head, values in logits.items():
-                order = np.argsort(-values, axis=1)
-                probs = softmax(values)
                 answer[head, LOGITS] = values
-                answer[head, RANKED] = np.stack([np.stack([o, p[o]], 1) for o, p in zip(order, probs)])
+                answer[head, RANKED] = rank(values)  # as ServedVersion.run_batch answers
             capture.offer(served, batch, answer, f"{kind}-{i}", RANKED, LOGITS)
         capture.close()
         folders[kind] = folder

@@ -14,6 +14,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from transferkit.predictions import rank
 from transferkit.serving import capture as capture_module
 from transferkit.serving.capture import Capture
 from transferkit.serving.repository import LOGITS, RANKED
@@ -30,9 +31,8 @@ def answer_for(n: int, seed: int) -> tuple[np.ndarray, dict]:
     answer = {}
     for head, labels in HEADS.items():
         logits = rng.normal(size=(n, len(labels))).astype(np.float32)
-        order = np.argsort(-logits, axis=1)
         answer[head, LOGITS] = logits
-        answer[head, RANKED] = np.stack([np.stack([order[i], logits[i][order[i]]], 1) for i in range(n)])
+        answer[head, RANKED] = rank(logits)  # as ServedVersion.run_batch answers
     return pixels, answer
 
 
@@ -58,7 +58,7 @@ def test_every_offered_row_is_written_once_whole_and_as_the_model_saw_it(tmp_pat
     pixels, answer = sent["r3-7"]
     assert np.array_equal(pixels_of(table, row), pixels[0])
     assert table.column("digits_logits")[row].as_py() == pytest.approx(answer["digits", LOGITS][0].tolist())
-    best = int(answer["letters", RANKED][0][0][0])
+    best = int(answer["letters", RANKED][0][0]["index"])
     assert table.column("letters_labels")[row].as_py()[0] == HEADS["letters"][best]
     assert {table.column(c)[row].as_py() for c in ("model", "version")} == {"digits", "3"}
     assert not list(tmp_path.rglob(".part-*"))  # no temporary left

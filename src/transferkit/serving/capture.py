@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
@@ -35,28 +34,32 @@ from transferkit.traffic import TMP_PREFIX, safe_name
 
 logger = logging.getLogger("transferkit.capture")
 
-PART_ROWS = 512  # rows per part at most: a part is written when this many are waiting, or every FLUSH_S
+PART_ROWS = 512  # a part is written when this many rows are waiting, or every FLUSH_S
 FLUSH_S = 2.0
 PENDING_BYTES = 64 << 20  # pixels waiting for the writer, per worker; past it, new rows are dropped
 TOP_K = 5
 
 
 @dataclass
-class _Row:
+class _Sample:
+    """One request's sampled images and their answers, as references to the request's own arrays."""
+
     model: str
     version: str
     artifact: str
     request_id: str
     time: float
-    pixels: np.ndarray | None  # (S, S, 3) uint8, or None for a request that sent model input tensors
-    heads: dict[str, tuple[np.ndarray, np.ndarray]]  # head -> (ranked (C, 2) [class, score], logits (C,))
+    pixels: np.ndarray | None  # (k, S, S, 3) uint8, or None for a request that sent model input tensors
+    heads: dict[str, tuple[np.ndarray, np.ndarray]]  # head -> (ranked (k, C) predictions.RANKED, logits (k, C))
     labels: dict[str, list[str]]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.heads.values()))[1])
 
     @property
     def nbytes(self) -> int:
-        return (0 if self.pixels is None else self.pixels.nbytes) + sum(
-            a.nbytes + b.nbytes for a, b in self.heads.values()
-        )
+        held = 0 if self.pixels is None else self.pixels.nbytes
+        return held + sum(a.nbytes + b.nbytes for a, b in self.heads.values())
 
 
 class Capture:
@@ -76,11 +79,12 @@ class Capture:
         self.max_bytes = max_bytes
         self.on_drop = on_drop or (lambda reason, n: None)  # /metrics counters (service.py)
         self.on_write = on_write or (lambda n: None)
-        # (head, top-1 label, top-1 score, classes) of each written row, for the live signals on /metrics: computed here,
+        # per head, the written rows' top-1 labels and scores, for the live signals on /metrics: computed here,
         # in the writer thread, on the sample, so the request path pays nothing for them
         self.on_rows = on_rows or (lambda model, version, top1: None)
-        self._rows: deque[_Row] = deque()
-        self._pending = 0
+        self._rows: deque[_Sample] = deque()
+        self._pending = 0  # bytes of the samples waiting
+        self._waiting = 0  # their rows
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()  # drops are counted from the event loop and the writer
         self._wake = threading.Event()
@@ -101,32 +105,36 @@ class Capture:
         """A request's images and answer (rows of `ServedVersion.run_batch`'s output): each image kept with
         probability `rate`. References only: the arrays are the request's own and are not written to after."""
         n = len(batch)
-        chosen = [i for i in range(n) if self.rate >= 1.0 or random.random() < self.rate]
-        if not chosen:
-            return
-        now = time.time()
-        pixels = batch if batch.dtype == np.uint8 else None  # v2's FP32 tensors: the answer without the image
-        for i in chosen:
-            row = _Row(
-                served.name,
-                served.version,
-                served.runtime_name,
-                request_id,
-                now,
-                None if pixels is None else pixels[i],
-                {h: (answer[h, ranked][i], answer[h, logits][i]) for h in served.labels},
-                served.labels,
-            )
-            with self._lock:
-                kept = self._pending + row.nbytes <= PENDING_BYTES
-                if kept:
-                    self._rows.append(row)
-                    self._pending += row.nbytes
-                waiting = len(self._rows)
-            if not kept:
-                self._drop("writer behind", 1)
-            elif waiting >= PART_ROWS:
-                self._wake.set()
+        if self.rate >= 1.0:
+            chosen: Any = slice(None)
+        else:
+            picked = np.flatnonzero(np.random.random(n) < self.rate)
+            if len(picked) == 0:
+                return
+            chosen = slice(picked[0], picked[0] + 1) if len(picked) == 1 else picked
+        pixels = batch[chosen] if batch.dtype == np.uint8 else None  # v2's FP32 tensors: the answer, no image
+        sample = _Sample(
+            served.name,
+            served.version,
+            served.runtime_name,
+            request_id,
+            time.time(),
+            pixels,
+            {h: (answer[h, ranked][chosen], answer[h, logits][chosen]) for h in served.labels},
+            served.labels,
+        )
+        size = sample.nbytes
+        with self._lock:
+            kept = self._pending + size <= PENDING_BYTES
+            if kept:
+                self._rows.append(sample)
+                self._pending += size
+                self._waiting += len(sample)
+            waiting = self._waiting
+        if not kept:
+            self._drop("writer behind", len(sample))
+        elif waiting >= PART_ROWS:
+            self._wake.set()
 
     def _drop(self, reason: str, n: int) -> None:
         with self._count_lock:
@@ -144,23 +152,22 @@ class Capture:
     def flush(self) -> None:
         """Write what is waiting as parts (one per model version), then keep the folder within its budget."""
         with self._lock:
-            rows, self._rows, self._pending = list(self._rows), deque(), 0
-        groups: dict[tuple[str, str], list[_Row]] = {}
-        for row in rows:
-            groups.setdefault((row.model, row.version), []).append(row)
-        for (model, version), group in groups.items():
-            for start in range(0, len(group), PART_ROWS):
-                part = group[start : start + PART_ROWS]
-                try:
-                    self._write_part(model, version, part)
-                except Exception as exc:  # noqa: BLE001 - a full disk or a removed folder drops rows, never a request
-                    logger.warning("capture: %d rows of %s:%s not written: %s", len(part), model, version, exc)
-                    self._drop("write failed", len(part))
-                    continue
-                self.written += len(part)
-                self.on_write(len(part))
-                self.on_rows(model, version, _top1(part))
-        if rows:
+            samples, self._rows, self._pending, self._waiting = list(self._rows), deque(), 0, 0
+        groups: dict[tuple[str, str, bool], list[_Sample]] = {}
+        for sample in samples:  # a part holds one model version, with pixels or without
+            groups.setdefault((sample.model, sample.version, sample.pixels is None), []).append(sample)
+        for (model, version, _), group in groups.items():
+            rows = sum(len(g) for g in group)
+            try:
+                self._write_part(model, version, group)
+            except Exception as exc:  # noqa: BLE001 - a full disk or a removed folder drops rows, never a request
+                logger.warning("capture: %d rows of %s:%s not written: %s", rows, model, version, exc)
+                self._drop("write failed", rows)
+                continue
+            self.written += rows
+            self.on_write(rows)
+            self.on_rows(model, version, _top1(group))
+        if samples:
             self._rotate()
 
     def close(self) -> None:
@@ -170,34 +177,53 @@ class Capture:
         self._thread.join(timeout=30)
         self.flush()
 
-    def _write_part(self, model: str, version: str, rows: list[_Row]) -> Path:
+    def _write_part(self, model: str, version: str, group: list[_Sample]) -> Path:
+        """One Parquet part from the samples of one model version, built from whole arrays (no Python loop
+        per row: the writer shares the GIL with the worker's event loop)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         folder = self.root / safe_name(model) / safe_name(version)
         folder.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        name = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(rows[0].time))}-{os.getpid()}-{self._seq:06d}"
+        name = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(group[0].time))}-{os.getpid()}-{self._seq:06d}"
+        counts = [len(g) for g in group]
+        n = sum(counts)
+
+        def repeated(values: list, kind: Any) -> Any:
+            return pa.array(np.repeat(np.asarray(values, dtype=object), counts), kind)
+
+        micros = np.repeat(np.array([int(g.time * 1e6) for g in group], np.int64), counts)
         columns: dict[str, Any] = {
-            "request_id": pa.array([r.request_id for r in rows], pa.string()),
-            "time": pa.array([int(r.time * 1e6) for r in rows], pa.timestamp("us", tz="UTC")),
-            "model": pa.array([r.model for r in rows], pa.string()),
-            "version": pa.array([r.version for r in rows], pa.string()),
-            "artifact": pa.array([r.artifact for r in rows], pa.string()),
-            "image_size": pa.array([0 if r.pixels is None else r.pixels.shape[0] for r in rows], pa.int32()),
-            "pixels": pa.array([None if r.pixels is None else r.pixels.tobytes() for r in rows], pa.binary()),
+            "request_id": repeated([g.request_id for g in group], pa.string()),
+            "time": pa.array(micros).cast(pa.timestamp("us", tz="UTC")),
+            "model": repeated([g.model for g in group], pa.string()),
+            "version": repeated([g.version for g in group], pa.string()),
+            "artifact": repeated([g.artifact for g in group], pa.string()),
         }
-        for head, labels in rows[0].labels.items():
-            ranked = [r.heads[head][0][:TOP_K] for r in rows]
-            columns[f"{head}_labels"] = pa.array(
-                [[labels[int(c)] for c, _ in k] for k in ranked], pa.list_(pa.string())
-            )
-            columns[f"{head}_scores"] = pa.array([[float(s) for _, s in k] for k in ranked], pa.list_(pa.float32()))
-            columns[f"{head}_logits"] = pa.array([r.heads[head][1].tolist() for r in rows], pa.list_(pa.float32()))
-        table = pa.table(columns)
+        if group[0].pixels is None:
+            columns["image_size"] = pa.array(np.zeros(n, np.int32))
+            columns["pixels"] = pa.nulls(n, pa.binary())
+        else:
+            pixels = np.ascontiguousarray(np.concatenate([g.pixels for g in group]))
+            columns["image_size"] = pa.array(np.full(n, pixels.shape[1], np.int32))
+            columns["pixels"] = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(pixels[0].nbytes), n, [None, pa.py_buffer(pixels)]
+            ).cast(pa.binary())
+        for head, labels in group[0].labels.items():
+            ranked = np.concatenate([g.heads[head][0] for g in group])[:, :TOP_K]  # (n, k) predictions.RANKED
+            logits = np.ascontiguousarray(np.concatenate([g.heads[head][1] for g in group]), np.float32)
+            k, classes = ranked.shape[1], logits.shape[1]
+            top = pa.array(ranked["index"].astype(np.int32).ravel())
+            names = pa.DictionaryArray.from_arrays(top, pa.array(labels, pa.string())).cast(pa.string())
+            scores = pa.array(ranked["score"].astype(np.float32).ravel())
+            columns[f"{head}_labels"] = pa.FixedSizeListArray.from_arrays(names, k).cast(pa.list_(pa.string()))
+            columns[f"{head}_scores"] = pa.FixedSizeListArray.from_arrays(scores, k).cast(pa.list_(pa.float32()))
+            flat = pa.array(logits.ravel())
+            columns[f"{head}_logits"] = pa.FixedSizeListArray.from_arrays(flat, classes).cast(pa.list_(pa.float32()))
         tmp = folder / f"{TMP_PREFIX}{name}.tmp"
         final = folder / f"{name}.parquet"
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(pa.table(columns), tmp, compression="zstd")
         with open(tmp, "rb+") as f:  # on disk before the rename makes it visible, so a crash leaves it whole
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -233,10 +259,11 @@ class Capture:
                 pass
 
 
-def _top1(rows: list[_Row]) -> list[tuple[str, str, float, int]]:
-    """(head, top-1 label, its score, the head's number of classes) per row and head."""
-    return [
-        (head, row.labels[head][int(ranked[0][0])], float(ranked[0][1]), len(row.labels[head]))
-        for row in rows
-        for head, (ranked, _) in row.heads.items()
-    ]
+def _top1(group: list[_Sample]) -> dict[str, tuple[list[str], np.ndarray, int]]:
+    """Per head: the written rows' top-1 labels, their scores, and the head's number of classes."""
+    out = {}
+    for head, labels in group[0].labels.items():
+        best = np.concatenate([g.heads[head][0][:, 0] for g in group])  # (n,) predictions.RANKED
+        names = np.asarray(labels, dtype=object)[best["index"].astype(np.int64)]
+        out[head] = (names.tolist(), best["score"].astype(np.float32), len(labels))
+    return out

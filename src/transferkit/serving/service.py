@@ -154,13 +154,18 @@ def _metrics() -> dict[str, Any]:
 MAX_CLASSES_COUNTED = 100  # a head with more classes has no per-class series (Prometheus cardinality)
 
 
-def _observe_sample(model: str, version: str, top1: list[tuple[str, str, float, int]]) -> None:
+def _observe_sample(model: str, version: str, top1: dict[str, tuple[list[str], np.ndarray, int]]) -> None:
     """The capture sample's live signals (called by the capture's writer thread, off the request path)."""
+    from collections import Counter
+
     metrics = _metrics()
-    for head, label, score, classes in top1:
-        metrics["confidence"].labels(model, version, head).observe(score)
+    for head, (labels, scores, classes) in top1.items():
+        confidence = metrics["confidence"].labels(model, version, head)
+        for score in scores.tolist():
+            confidence.observe(score)
         if classes <= MAX_CLASSES_COUNTED:
-            metrics["predicted"].labels(model, version, head, label).inc()
+            for label, n in Counter(labels).items():
+                metrics["predicted"].labels(model, version, head, label).inc(n)
 
 
 def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
