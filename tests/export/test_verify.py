@@ -113,3 +113,31 @@ def test_the_pytorch_reference_is_the_eager_models_logits_traced_or_not():
     odd = BatchDependent().eval()
     assert not isinstance(reference_runner(odd, batch[:3]), torch.jit.ScriptModule)
     assert np.array_equal(pytorch_logits(odd, batch, ["h"])["h"], batch.reshape(70, -1)[:, :3])
+
+
+class _Runner:
+    """A runtime's run(): logits that are the image's mean, or, with `alone_differs`, other numbers for a batch
+    of one image (as OpenVINO's CPU plugin gave for an NNCF INT8 IR before runtimes/runtime.py paired them)."""
+
+    heads = ["h"]
+
+    def __init__(self, alone_differs: bool) -> None:
+        self.alone_differs = alone_differs
+
+    def run(self, batch):
+        import numpy as np
+
+        logits = np.repeat(batch.reshape(len(batch), -1).mean(1, keepdims=True), 3, axis=1) * 10
+        return {"h": logits + (7.0 if self.alone_differs and len(batch) == 1 else 0.0)}
+
+
+def test_the_gate_fails_an_artifact_whose_single_images_get_other_logits():
+    import numpy as np
+
+    from transferkit.export.verify import single_image_failure
+
+    batch = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    for alone_differs, expected in ((False, None), (True, "one image alone gets other logits")):
+        runner = _Runner(alone_differs)
+        failure = single_image_failure(runner, batch, runner.run(batch))
+        assert (failure is None) if expected is None else (expected in failure), failure

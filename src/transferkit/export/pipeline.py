@@ -256,6 +256,10 @@ def _verify_one(
         tolerance = options.tolerance(row, result.precision)
         report = verify.compare(reference, logits, inputs, result.precision, tolerance)
         report["runtime"] = runtime.description
+        single = verify.single_image_failure(runtime, inputs.batch, logits)
+        if single is not None:
+            report["passed"] = False
+            report["failures"] = [*report.get("failures", []), single]
         if sample is not None:
             sample.check(report, runtime, options.robust_tolerance)
         if result.precision in FORMAT_SPECS[row.name].gpu_only_precisions and "CUDA" not in runtime.description:

@@ -263,6 +263,26 @@ def onnx_file_logits(path: Path, batch: np.ndarray, head_names: list[str]) -> di
     return {h: np.concatenate([p[k] for p in parts]) for k, h in enumerate(head_names)}
 
 
+SINGLES = 8  # images the gate also runs one at a time: a server answers single requests whenever load is low
+
+
+def single_image_failure(runtime: Runtime, batch: np.ndarray, batched: dict[str, np.ndarray]) -> str | None:
+    """Why the artifact fails when its first SINGLES images, each run alone, get other logits than the same
+    images in the verification batches (a runtime whose answer depends on the batch it lands in), else None."""
+    n = min(SINGLES, len(batch))
+    worst = 0.0
+    for i in range(n):
+        alone = runtime.run(batch[i : i + 1])
+        worst = max(worst, *(float(np.abs(alone[h][0] - batched[h][i]).max()) for h in runtime.heads))
+    scale = max(float(np.abs(batched[h][:n]).max()) for h in runtime.heads)
+    if worst <= 0.05 * (1.0 + scale):
+        return None
+    return (
+        f"one image alone gets other logits than in a batch (max difference {worst:.2f} over {n} images): served "
+        "answers would depend on the load"
+    )
+
+
 def runtime_logits(runtime: Runtime, batch: np.ndarray) -> dict[str, np.ndarray]:
     parts = [runtime.run(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)]
     return {h: np.concatenate([p[h] for p in parts]) for h in runtime.heads}
