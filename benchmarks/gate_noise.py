@@ -1,5 +1,5 @@
 """How often the export gate refuses an artifact as accurate as PyTorch, and how often it passes a worse one:
-the paired bound it uses (export/paired.py) beside the two-sided rule it replaced; writes docs/gate_noise.md.
+the paired bound it uses (evaluation/paired.py) beside the two-sided rule it replaced; writes docs/gate_noise.md.
 
     python benchmarks/gate_noise.py [--run RUN] [--draws 4000]
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from provenance import command_line, commit, write_report  # noqa: E402
 
-from transferkit.export.paired import upper_bound  # noqa: E402
+from transferkit.evaluation.paired import upper_bound  # noqa: E402
 from transferkit.machine import Machine  # noqa: E402
 
 SIZES = (256, 600, 1000, 2700, 10000)

@@ -53,7 +53,7 @@ class Tolerance:
     min_top1_agreement: float | None  # per head; None: reported, not checked
     max_acc_delta_points: float  # the largest accuracy drop per dataset (points); a gain never fails
     # None: the measured drop is compared (formats held to their logits); else the drop's one-sided upper
-    # confidence bound at this level must be within max_acc_delta_points (export/paired.py)
+    # confidence bound at this level must be within max_acc_delta_points (evaluation/paired.py)
     confidence: float | None = None
 
 

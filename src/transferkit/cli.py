@@ -36,6 +36,7 @@ _TRAIN_EXAMPLES = """examples:
   transferkit train --data mnist,fashion-mnist --image-size 32 --epochs 4 --out runs/demo
   transferkit train --data imagefolder:~/photos --image-size 224 --batch-size 32 --freeze-epochs 1
   transferkit train --data mnist --unlabeled digits --rounds 3          # labelled source, unlabeled target
+  transferkit train --init runs/demo --unlabeled traffic:captured/demo  # adapt to what serve --capture kept
   transferkit train --resume runs/demo                                  # continue after an interruption
 
 datasets:
@@ -280,6 +281,23 @@ def cmd_drift(args) -> None:
     print(out)
     if report["drift"]:
         sys.exit(3)  # for schedulers and CI: the newest window drifted
+
+
+def cmd_compare(args) -> None:
+    import datetime as dt
+
+    from transferkit.evaluation.compare import compare_runs, format_compare, write_compare
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1 image, got {args.limit}")
+    extra = _split_list(args.data) or []
+    report = compare_runs(args.new, args.old, args.traffic, extra, args.split, args.limit, args.tolerance)
+    out = Path(args.out) if args.out else Path(args.new) / "compare" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_compare(report, out)
+    print(format_compare(report))
+    print(out)
+    if report["verdict"] != "promote":
+        sys.exit(3)  # for CI: NEW is not proven at least as good as OLD on the labelled data
 
 
 def cmd_benchmark(args) -> None:
@@ -563,6 +581,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-images", type=int, default=2000, metavar="N", help="test images per dataset")
     p.add_argument("--out", metavar="DIR", help="where the report goes (if not given: RUN/drift/<time>)")
 
+    p = sub.add_parser(
+        "compare",
+        help="may NEW replace OLD? no labelled regression proven, and both on captured traffic (exit code 3: no)",
+        description="Score NEW and OLD on the same labelled test images (both runs' datasets and --data) and judge "
+        "each (head, dataset) by the paired difference: ok when NEW is shown at 95% no worse than OLD by more "
+        "than --tolerance points, regression when shown worse, unproven otherwise. With --traffic, also both on "
+        "the captured images: agreement, confidence and each one's drift from its own reference (shown, not "
+        "judged). Writes compare.json and compare.md; exit code 3 unless every cell is ok. Example: transferkit "
+        "compare runs/adapted runs/photos --traffic captured/photos --data imagefolder:labelled_sample",
+    )
+    p.add_argument(
+        "new", metavar="NEW", help="the candidate run (e.g. adapted with --init OLD --unlabeled traffic:DIR)"
+    )
+    p.add_argument("old", metavar="OLD", help="the run serving now")
+    p.add_argument("--traffic", metavar="DIR", help="captured traffic (serve --capture) of one model: DIR/<model>")
+    p.add_argument("--data", metavar="A,B,...", help="more labelled datasets to judge on, e.g. a labelled sample")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="the labelled split both are scored on")
+    p.add_argument("--limit", type=int, metavar="N", help="images per dataset and split (if not given: all)")
+    p.add_argument("--tolerance", type=float, default=1.0, metavar="POINTS", help="accuracy NEW may lose")
+    p.add_argument("--out", metavar="DIR", help="where the report goes (if not given: NEW/compare/<time>)")
+
     p = sub.add_parser("benchmark", help="per-format table: status, size, accuracy, latency, speed vs PyTorch")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size (median reported)")
@@ -757,6 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", cmd_eval),
         ("export", cmd_export),
         ("drift", cmd_drift),
+        ("compare", cmd_compare),
         ("benchmark", cmd_benchmark),
         ("serve", cmd_serve),
         ("predict", cmd_predict),

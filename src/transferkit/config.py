@@ -26,8 +26,8 @@ ADVERSARIAL = ("none", "fgsm")  # TrainConfig.adversarial_training: training/adv
 @dataclass
 class TrainConfig:
     # ---- data ----
-    data: list[str] = field(default_factory=list)  # dataset names: registry names or imagefolder:PATH
-    unlabeled: list[str] = field(default_factory=list)  # NAME[=HEAD]: images used without labels (pseudo-labels)
+    data: list[str] = field(default_factory=list)  # registry names or imagefolder:PATH (with --init: that run's)
+    unlabeled: list[str] = field(default_factory=list)  # NAME[=HEAD] or traffic:DIR[=HEAD]: images used without labels
     # small sizes keep CPU runs quick; auto is stored as the number it picks (timm: pretrained_cfg's input_size)
     image_size: int = 64  # square input side; auto: the backbone's pretrained input size (224 for most)
     limit: int | None = None  # cap images per split per dataset, for quick runs
@@ -115,15 +115,20 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         from transferkit.data import DatasetSpec, check_dataset_name
 
+        if not self.data and self.init:  # adapting a run: its labelled data stays in the mix, so nothing is forgotten
+            self.data = _init_run_data(self.init)
         if not self.data:
             raise ConfigError("no datasets given; pass --data mnist,fashion-mnist (or data: [...] in the config)")
         if len(set(self.data)) != len(self.data):
             raise ConfigError(f"data lists a dataset twice: {self.data}")
+        for text in self.data:
+            if DatasetSpec.parse(text, with_head=False).traffic is not None:
+                raise ConfigError(f"{text} is captured traffic, which has no labels; pass it with --unlabeled {text}")
         names = [check_dataset_name(s).name for s in self.data]
         if len(set(names)) != len(names):
             raise ConfigError(f"two datasets have the same name {names}; rename one image folder")
         for text in self.unlabeled:
-            check_dataset_name(DatasetSpec.parse(text).without_head())
+            _check_unlabeled(DatasetSpec.parse(text))
         _positive(self, "epochs", "grad_accum", "unlabeled_ratio", "checkpoint_every")
         if self.batch_size < 0:
             raise ConfigError(f"batch_size must be a positive number of images or auto, got {self.batch_size}")
@@ -302,6 +307,30 @@ def _check_distillation(cfg: TrainConfig) -> None:
     if any(DatasetSpec.parse(text).head for text in cfg.unlabeled):
         raise ConfigError(
             "in distillation unlabeled images train every head through the teachers; drop =HEAD from --unlabeled"
+        )
+
+
+def _init_run_data(init: str) -> list[str]:
+    """The labelled datasets of the run at `init` (its config.yaml), for `train --init RUN` without --data."""
+    path = Path(init).expanduser() / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"init: {init} has no config.yaml; pass the folder of a finished run, or give --data")
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or []
+    if not data:
+        raise ConfigError(f"init: {path} names no datasets; give --data")
+    return [str(d) for d in data]
+
+
+def _check_unlabeled(spec) -> None:
+    """An unlabeled dataset exists, and captured traffic says (or its capture shows) which head labels it."""
+    from transferkit.data import check_dataset_name
+    from transferkit.data.captured import captured_heads
+
+    check_dataset_name(spec.without_head())
+    if spec.traffic is not None and spec.head is None and len(heads := captured_heads(spec.traffic)) != 1:
+        raise ConfigError(
+            f"{spec}: the capture holds the answers of heads {heads}; name the one its images belong to, "
+            f"e.g. --unlabeled {spec}={heads[0] if heads else 'HEAD'}"
         )
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from transferkit.artifact import TOLERANCES
-from transferkit.export.paired import best_provable_drop, images_needed, paired_drop, upper_bound
+from transferkit.evaluation.paired import best_provable_drop, images_needed, paired_drop, upper_bound
 from transferkit.export.verify import VerifyInputs, compare
 
 

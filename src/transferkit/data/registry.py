@@ -11,6 +11,7 @@ import numpy as np
 
 from transferkit.data import builtin
 from transferkit.data.base import DEFAULT_MAX_IN_MEMORY_BYTES, ImageDataset, Split, limit_indices
+from transferkit.data.captured import check_capture, load_captured
 from transferkit.data.imagefolder import load_imagefolder
 from transferkit.data.spec import DatasetSpec
 from transferkit.errors import DataError
@@ -35,7 +36,8 @@ register_dataset("cifar100", lambda: builtin.load_cifar("cifar100"), "CIFAR-100 
 
 def available_datasets() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_REGISTRY.items())} | {
-        "imagefolder:PATH": "your images: PATH/train/<class>/*, PATH/val/<class>/* (or PATH/<class>/*)"
+        "imagefolder:PATH": "your images: PATH/train/<class>/*, PATH/val/<class>/* (or PATH/<class>/*)",
+        "traffic:DIR": "unlabeled only: the images a served model captured (serve --capture DIR)",
     }
 
 
@@ -43,6 +45,9 @@ def check_dataset_name(spec: str | DatasetSpec) -> DatasetSpec:
     """Refuse an unknown dataset before any work starts -> the parsed spec (a string is a plain dataset,
     no `=HEAD`)."""
     spec = DatasetSpec.parse(spec, with_head=False)
+    if spec.traffic is not None:
+        check_capture(spec.traffic)
+        return spec
     if spec.path is None and spec.source not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise DataError(f"unknown dataset {spec.source!r}; use one of {known}, or imagefolder:PATH for your own images")
@@ -58,6 +63,9 @@ def load_dataset(
     """Load all three splits of the dataset `spec` names, resized to `pre.image_size`, at most `limit` images
     per split. An image folder whose train split would exceed `max_in_memory_bytes` keeps it on disk."""
     spec = check_dataset_name(spec)
+    if spec.traffic is not None:  # unlabeled by nature: labels -1, no classes, every image in train
+        splits, classes = load_captured(spec.traffic, pre, limit)
+        return ImageDataset(name=spec.name, classes=classes, **splits, spec=spec.without_head())
     if spec.path is not None:
         splits, classes = load_imagefolder(spec.path, pre, limit, max_in_memory_bytes)
     else:

@@ -41,9 +41,10 @@ class Matrix:
 
 
 def dataset_specs(run: Run, extra: list[str] | None) -> list[DatasetSpec]:
-    """The run's labelled and unlabeled datasets, then `extra`, each once."""
+    """The run's labelled and unlabeled datasets, then `extra`, each once. Captured traffic has no labels to
+    score against (`transferkit compare --traffic` judges a run on it)."""
     specs = [DatasetSpec.parse(s, with_head=False) for s in run.config.data]
-    specs += [DatasetSpec.parse(s).without_head() for s in run.config.unlabeled]
+    specs += [DatasetSpec.parse(s).without_head() for s in run.config.unlabeled if DatasetSpec.parse(s).traffic is None]
     specs += [DatasetSpec.parse(s, with_head=False) for s in extra or []]
     return list(dict.fromkeys(specs))
 

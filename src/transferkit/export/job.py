@@ -32,7 +32,7 @@ class SelectionSet:
     """The validation split of every dataset with the PyTorch fp32 logits on it, and the gate's tolerance.
 
     INT8 attempts are judged here with the gate's own statistic and tolerance (the accuracy drop's upper
-    confidence bound per dataset, export/paired.py) and the fastest that passes is kept; the chosen artifact is
+    confidence bound per dataset, evaluation/paired.py) and the fastest that passes is kept; the chosen artifact is
     then gated once on the test split (export/verify.py), so the gate is never the data the choice was tuned on.
     A pass here is *clear* when it also holds at `paired.clear_confidence` (99.8% for the gate's 95%): it will
     likely pass the gate too, where a bare pass does so about half the time. The search escalates past a bare
@@ -54,8 +54,8 @@ class SelectionSet:
 
     def clear(self, logits: dict[str, np.ndarray]) -> bool:
         """Passes at the clear confidence too (see the class docstring)."""
+        from transferkit.evaluation.paired import clear_confidence
         from transferkit.export import verify
-        from transferkit.export.paired import clear_confidence
 
         if self.tolerance.confidence is None:
             return self.report(logits)["passed"]
@@ -70,7 +70,7 @@ class SelectionSet:
     def unreachable(self) -> str | None:
         """Why nothing can pass the gate, if so: a dataset whose split is too small for the gate's bound even with
         no disagreement (the test split is as large as this one, or smaller, for the built-in datasets)."""
-        from transferkit.export.paired import best_provable_drop
+        from transferkit.evaluation.paired import best_provable_drop
 
         tol = self.tolerance
         if tol.confidence is None:

@@ -7,7 +7,7 @@ onnx       passed  fp32       8.9 MB  digits  1.9e-06  100.0%       97.3%      9
 onnx-int8  passed  int8       2.9 MB  digits  ...      99.3%        97.3%      97.6%       -0.37     +0.61  270     ...
 
 `drop pts`: accuracy lost against PyTorch (negative: gained); `bound`: its one-sided upper confidence bound,
-for the precisions judged on it (export/paired.py); `corr.`: the same comparison on the gate's corrupted sample
+for the precisions judged on it (evaluation/paired.py); `corr.`: the same comparison on the gate's corrupted sample
 (export/verify_corrupted.py), then the export's seconds.
 
 Imports nothing from the rest of export at run time.

@@ -12,7 +12,7 @@ Per head verify reports and checks:
   accuracy drop       per dataset (a head shared by MNIST and digits may not hide a loss on one behind a gain on
                       the other), paired image by image: the images the format lost and gained against PyTorch.
                       Precisions that promise the same numbers (fp32, fp16) compare the measured drop; lossy ones
-                      (int8, bf16) its one-sided upper confidence bound (export/paired.py), so an artifact passes
+                      (int8, bf16) its one-sided upper confidence bound (evaluation/paired.py), so an artifact passes
                       when its drop is shown to be within the tolerance, and being more accurate never fails
 Non-finite logits fail outright. The tolerances are the formats table's (`transferkit.artifact.TOLERANCES`),
 overridable per export (`--max-acc-delta`, `--min-agreement`, `--gate-confidence`):
@@ -39,7 +39,7 @@ import numpy as np
 
 from transferkit.artifact import MAX_BATCH, TOLERANCES, Tolerance
 from transferkit.errors import DataError
-from transferkit.export.paired import PairedDrop, best_provable_drop, images_needed, paired_drop
+from transferkit.evaluation.paired import PairedDrop, best_provable_drop, images_needed, paired_drop
 
 if TYPE_CHECKING:
     import torch
@@ -323,7 +323,7 @@ def compare(
 ) -> dict[str, Any]:
     """Per-head and per-dataset statistics and the pass/fail decision against `tolerance` (the format row's
     tolerance for `precision`; by default TOLERANCES[precision]). The accuracy decision is per dataset, paired
-    image by image (export/paired.py); a head's own numbers are reported beside it."""
+    image by image (evaluation/paired.py); a head's own numbers are reported beside it."""
     tol = tolerance or TOLERANCES[precision]
     bound = tol.max_acc_delta_points
     heads, failures = {}, []

@@ -16,6 +16,7 @@ from transferkit.backbones import create_backbone
 from transferkit.backbones.weights_file import describe as describe_weights
 from transferkit.config import TrainConfig, parse_sampling
 from transferkit.data import DatasetSpec, ImageDataset, load_dataset
+from transferkit.data.captured import captured_heads
 from transferkit.errors import ConfigError
 from transferkit.model import MultiHeadModel
 from transferkit.preprocess import Preprocessing
@@ -66,7 +67,10 @@ def load_datasets(
     unlabeled = []
     for text in config.unlabeled:
         spec = DatasetSpec.parse(text)
-        unlabeled.append((load_dataset(spec.without_head(), pre, config.limit, budget), spec.head))
+        head = spec.head
+        if spec.traffic is not None and head is None:  # the head that answered it when served (config checked: one)
+            head = captured_heads(spec.traffic)[0]
+        unlabeled.append((load_dataset(spec.without_head(), pre, config.limit, budget), head))
     return labelled, unlabeled
 
 

@@ -40,6 +40,7 @@ from transferkit.training.optim import EMA, set_backbone_frozen
 from transferkit.training.sampling import shard
 from transferkit.training.setup import TrainingSetup, build_optimizer, build_setup
 from transferkit.training.steps import DistillationStep, MicroBatch, StepContext, SupervisedStep, TrainingStep
+from transferkit.training.traffic_snapshot import snapshot_traffic
 from transferkit.training.transfer import describe_mapping, init_from_run
 from transferkit.utils import atomic_write_json
 
@@ -59,6 +60,7 @@ def train(config: TrainConfig) -> Path:
         )
     config.out = str(run_dir)
     _absolute_paths(config)
+    snapshot_traffic(config, run_dir)  # captured traffic keeps changing; the run trains on what it saw now
     return _run(config, run_dir, resuming=False)
 
 

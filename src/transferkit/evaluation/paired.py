@@ -1,4 +1,5 @@
-"""The gate's statistic: how much accuracy an artifact may have lost against PyTorch, with a confidence bound.
+"""How much accuracy a candidate lost against a reference on the same images, with a confidence bound: the export
+gate's statistic (an artifact against PyTorch) and `transferkit compare`'s (a new run against the serving one).
 
 Both models answer the *same* images, so the comparison is paired: what matters is the images on which they
 disagree about being right. Per image there are four cells,
