@@ -115,6 +115,7 @@ def test_in_domain_traffic_is_no_drift_and_shifted_traffic_exits_3(exported, tra
         report["model"] == "tiny"
         and not report["drift"]
         and set(report["reference_rows"]) == {"digits", "fashion-mnist"}
+        and report["reference"] == "stored with onnx at export"  # the gate's outputs, kept with the artifact
     )
     moved = _drift(exported[0], traffic["shifted"])
     assert moved.returncode == 3, moved.stdout + moved.stderr[-2000:]
@@ -123,6 +124,9 @@ def test_in_domain_traffic_is_no_drift_and_shifted_traffic_exits_3(exported, tra
     assert all(h["drift"] and h["p"] < 1e-6 for h in heads.values())
     assert all(h["needed"] is not None and h["needed"] <= 200 for h in heads.values())  # seen in a few hundred rows
     assert "DRIFT" in moved.stdout and (traffic["shifted"] / "report" / "drift.md").is_file()
+    text = (traffic["shifted"] / "report" / "drift.md").read_text()
+    for plot in ("drift_p.png", "confidence.png"):  # p-values over the windows; confidence, reference vs newest
+        assert f"]({plot})" in text and (traffic["shifted"] / "report" / plot).stat().st_size > 1000
 
 
 def test_windows_each_get_a_verdict(exported, traffic):
@@ -142,3 +146,24 @@ def test_bad_input_is_named(exported, tmp_path):
         timeout=120,
     )
     assert late.returncode == 2 and "--since 'soon'" in late.stderr
+
+
+def test_mmd_holds_still_on_one_distribution_and_sees_a_small_mean_shift():
+    from transferkit.evaluation.mmd import mmd_test
+
+    rng = np.random.default_rng(3)
+    same = [mmd_test(rng.normal(size=(300, 32)), rng.normal(size=(200, 32)), seed=k).p for k in range(20)]
+    assert sum(p < ALPHA for p in same) <= 2 and np.median(same) > 0.1  # p is about uniform without a shift
+    moved = mmd_test(rng.normal(size=(300, 32)), rng.normal(size=(200, 32)) + 0.25)
+    assert moved.p < ALPHA and moved.mmd2 > 0 and (moved.rows, moved.reference_rows) == (200, 300)
+
+
+def test_drift_with_mmd_tests_the_backbone_features_of_each_window(exported, traffic):
+    calm = _drift(exported[0], traffic["in-domain"], "--mmd")
+    assert calm.returncode == 0, calm.stdout + calm.stderr[-2000:]
+    (window,) = json.loads((traffic["in-domain"] / "report" / "drift.json").read_text())["windows"]
+    assert window["mmd"]["p"] >= ALPHA and not window["mmd"]["drift"] and window["mmd"]["rows"] > 100
+    moved = _drift(exported[0], traffic["shifted"], "--mmd")
+    assert moved.returncode == 3 and "(features)" in moved.stdout
+    (window,) = json.loads((traffic["shifted"] / "report" / "drift.json").read_text())["windows"]
+    assert window["mmd"]["drift"] and window["mmd"]["p"] < ALPHA

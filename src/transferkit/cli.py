@@ -263,7 +263,8 @@ def cmd_export(args) -> None:
 def cmd_drift(args) -> None:
     import datetime as dt
 
-    from transferkit.evaluation.drift import format_drift_table, run_drift, write_drift_report
+    from transferkit.evaluation.drift import run_drift
+    from transferkit.evaluation.drift_report import format_drift_table, write_drift_report
 
     since = None
     if args.since:
@@ -274,7 +275,9 @@ def cmd_drift(args) -> None:
         since = since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
     if args.window < 0:
         raise ConfigError(f"--window must be >= 0 rows, got {args.window}")
-    report = run_drift(args.run, args.traffic, args.model, since, args.window, args.alpha, args.reference_images)
+    report = run_drift(
+        args.run, args.traffic, args.model, since, args.window, args.alpha, args.reference_images, args.mmd
+    )
     out = Path(args.out) if args.out else Path(args.run) / "drift" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     write_drift_report(report, out)
     print(format_drift_table(report))
@@ -569,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="has the served traffic moved away from the training data? (exit code 3: it has)",
         description="Compare the traffic captured by `serve --capture DIR` with the run's held-out test images, "
         "per head, on the model's own softmax outputs: KS per class (Bonferroni), chi-square of the predicted "
-        "labels, KS of the top-1 confidence. Writes drift.json and drift.md; exit code 3 when the newest window "
+        "labels, KS of the top-1 confidence. Writes drift.json, drift.md and its plots; exit code 3 when the newest window "
         "drifts. Example: transferkit drift runs/photos --traffic captured/ --window 500",
     )
     p.add_argument("run", metavar="RUN", help="the exported run the traffic was served by")
@@ -578,7 +581,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="ISO-TIME", help="only rows captured at or after this time, e.g. 2026-12-01")
     p.add_argument("--window", type=int, default=0, metavar="N", help="test each N consecutive rows (0: all at once)")
     p.add_argument("--alpha", type=float, default=0.01, help="significance of each head's corrected tests")
-    p.add_argument("--reference-images", type=int, default=2000, metavar="N", help="test images per dataset")
+    p.add_argument(
+        "--reference-images",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="test images per dataset, for an export with no stored reference",
+    )
+    p.add_argument(
+        "--mmd",
+        action="store_true",
+        help="also a kernel MMD test per window on the backbone's features (the run's model.pt on the captured "
+        "images against its test images; needs the run's datasets)",
+    )
     p.add_argument("--out", metavar="DIR", help="where the report goes (if not given: RUN/drift/<time>)")
 
     p = sub.add_parser(

@@ -23,7 +23,8 @@ On disk (version 2):
                             "runtime_options": {"performance_hint": "THROUGHPUT", "infer_requests": 2},
                             "measured": [{"images_per_second": ..., "batch": 32, "device": "cpu", "machine": {...},
                                           "load": 0.1, "by": "export", ...}],
-                            "details": {...}}},                     # the exporter's own record, not read by serving
+                            "details": {...},                       # the exporter's own record, not read by serving
+                            "reference": "reference-onnx-int8.npz" | null}},  # drift_reference.py
   "files": {"model-int8.onnx": {"sha256": ..., "bytes": ...}},
   "versions": {"python": ..., "torch": ..., ...}, "bentoml": {"tag": "transferkit-x:v", "model_name": ...} | null
 }
@@ -158,6 +159,8 @@ class ArtifactEntry:
     runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
     measured: tuple[Measurement, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)
+    # the artifact's own softmax outputs on the gate's held-out images (drift_reference.py)
+    reference: str | None = None
 
     @property
     def servable(self) -> bool:
@@ -166,6 +169,11 @@ class ArtifactEntry:
     @property
     def file(self) -> str:
         return self.files[0]
+
+    @property
+    def all_files(self) -> tuple[str, ...]:
+        """What travels with the artifact (stored, registered, carried over): its files and its reference."""
+        return self.files + ((self.reference,) if self.reference else ())
 
     @property
     def max_batch(self) -> int:
@@ -199,6 +207,7 @@ class ArtifactEntry:
             "runtime_options": self.runtime_options.to_dict(),
             "measured": [m.to_dict() for m in self.measured],
             "details": self.details,
+            "reference": self.reference,
         }
 
     @classmethod
@@ -218,6 +227,7 @@ class ArtifactEntry:
             RuntimeOptions(**(d.get("runtime_options") or {})),
             tuple(Measurement.from_dict(m) for m in d.get("measured") or ()),
             dict(d.get("details") or {}),
+            _bare(d["reference"]) if d.get("reference") else None,
         )
 
 
@@ -269,7 +279,7 @@ class Manifest:
         """What a BentoML model of this export holds: the servable artifacts and their files, nothing else, so
         every file the stored manifest lists is there to check and load."""
         keep = {n: e for n, e in self.artifacts.items() if e.servable}
-        names = {f for e in keep.values() for f in e.files}
+        names = {f for e in keep.values() for f in e.all_files}
         return dataclasses.replace(self, artifacts=keep, files={f: r for f, r in self.files.items() if f in names})
 
     def check_files(self, export_dir: str | Path, names: Iterable[str] | None = None) -> None:

@@ -127,7 +127,7 @@ def test_a_hard_int8_case_tries_every_attempt_and_reports_each(int8_strict):
         assert select_runtime("auto", manifest, run_dir / "export").artifact == "onnx"
 
 
-def test_an_int8_slower_than_its_fp32_is_withheld_with_its_numbers():
+def test_an_int8_slower_than_its_fp32_is_withheld_with_its_numbers(tmp_path):
     """The rule itself, on the results export_run builds: INT8 that passed the gate but measured slower than the
     same format's fp32 in this export is not offered; faster, failed or unmeasured ones are left as they are."""
     from transferkit.export.pipeline import FormatResult, _withhold_if_slower
@@ -140,9 +140,14 @@ def test_an_int8_slower_than_its_fp32_is_withheld_with_its_numbers():
     fp32 = result("onnx", "fp32", PASSED, 200.0)
     slow, fast = result("onnx-int8", "int8", PASSED, 168.0), result("onnx-int8", "int8", PASSED, 410.0)
     failed, unmeasured = result("onnx-int8", "int8", VERIFY_FAILED, None), result("onnx-int8", "int8", PASSED, None)
+    for r, name in ((slow, "slow"), (fast, "fast")):  # both passed the gate, so both got a drift reference
+        r.file, r.reference = tmp_path / f"{name}.onnx", f"reference-{name}.npz"
+        (tmp_path / r.reference).write_bytes(b"npz")
     for r in (slow, fast, failed, unmeasured):
         _withhold_if_slower(r, fp32)
     assert slow.status == SLOWER_THAN_FP32 and not slow.servable
+    assert slow.reference is None and not (tmp_path / "reference-slow.npz").exists()  # only what serves keeps one
+    assert fast.reference == "reference-fast.npz" and (tmp_path / fast.reference).is_file()
     assert slow.error.startswith("passed the gate but runs at 0.84x of onnx on this machine (168 vs 200 img/s")
     assert (fast.status, failed.status, unmeasured.status) == (PASSED, VERIFY_FAILED, PASSED)
     alone = result("onnx-int8", "int8", PASSED, 168.0)
@@ -203,7 +208,7 @@ def test_a_failed_artifact_never_blocks_the_others(int8_failed, tmp_path):
     exported = read_manifest(run_dir / "export")
     assert exported.artifacts["onnx-int8"].status == VERIFY_FAILED and "model-int8.onnx" in exported.files
     stored = read_manifest(bentoml.models.get(exported.tag).path)
-    assert list(stored.artifacts) == ["onnx"] and list(stored.files) == ["model.onnx"]
+    assert list(stored.artifacts) == ["onnx"] and list(stored.files) == ["model.onnx", "reference-onnx.npz"]
     assert resolve_served_model(run_dir).runtime == "onnx"
 
     image = tmp_path / "digit.png"

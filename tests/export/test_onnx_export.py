@@ -28,7 +28,8 @@ def test_export_passes_verify_and_reports_ok(exported):
 def test_export_dir_holds_exactly_the_artifacts_no_temp_files(exported):
     run_dir, _ = exported
     names = sorted(p.name for p in (run_dir / "export").iterdir())
-    assert names == ["manifest.json", "model.onnx", "verify.json"]  # one file: no .onnx.data, no .tmp leftovers
+    # one model file (no .onnx.data), its drift reference, and no .tmp leftovers
+    assert names == ["manifest.json", "model.onnx", "reference-onnx.npz", "verify.json"]
 
 
 def test_onnx_contract_names_opset_and_dynamic_batch(exported):

@@ -92,8 +92,9 @@ def test_manifest_lists_both_files_of_each_ir(ov_export):
         assert len(record.sha256) == 64 and record.bytes == (export_dir / name).stat().st_size
     assert manifest.artifacts["onnx"].status == PASSED  # what the IR is built from, kept
     # the IR pair is staged in a temporary folder: nothing of it is left beside the artifacts
-    assert sorted(p.name for p in export_dir.iterdir()) == sorted(
-        ["manifest.json", "verify.json", "model.onnx", *IR_FILES]
+    references = [e.reference for e in manifest.artifacts.values() if e.servable]  # drift's, one per servable
+    assert all(references) and sorted(p.name for p in export_dir.iterdir()) == sorted(
+        ["manifest.json", "verify.json", "model.onnx", *IR_FILES, *references]
     )
     verify_doc = json.loads((export_dir / "verify.json").read_text())
     assert {"openvino", "openvino-int8"} <= set(verify_doc["formats"])

@@ -62,6 +62,8 @@ def test_aoti_export_on_cpu_passes_and_keeps_the_onnx_entry(exported, tmp_path):
         "manifest.json",
         "model.onnx",
         "model.pt2",
+        "reference-aoti.npz",  # each servable artifact's drift reference, the kept onnx's too
+        "reference-onnx.npz",
         "verify.json",
     ]
     runtime = load_runtime("torch", run_dir / "export", read_manifest(run_dir / "export"))

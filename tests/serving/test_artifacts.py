@@ -37,8 +37,8 @@ def test_the_stored_bentoml_model_verifies(exported):
     assert result.bentoml_tag
     model_dir = Path(bentoml.models.get(result.bentoml_tag).path)
     manifest = read_manifest(model_dir)
-    names = [manifest.artifacts[f].file for f in manifest.servable()]
-    assert names == ["model.onnx"] and list(manifest.files) == names  # exactly what is stored
+    names = [name for f in manifest.servable() for name in manifest.artifacts[f].all_files]
+    assert names == ["model.onnx", "reference-onnx.npz"] and list(manifest.files) == names  # exactly what is stored
     manifest.check_files(model_dir, names=names)
 
 

@@ -1,19 +1,18 @@
 """`transferkit drift RUN --traffic DIR`: has the traffic a served model sees moved away from its training data?
 
 Black-box shift detection on the model's own outputs, the strongest cheap detector in Rabanser et al., "Failing
-Loudly" (NeurIPS 2019): per head, the softmax outputs of the run's held-out test images (the reference, scored
-by the run's verified artifact, the one that serves) against those of the captured traffic (serve --capture):
-- class probabilities: a two-sample Kolmogorov-Smirnov test per class, Bonferroni-corrected over the classes;
-- predicted labels: a chi-square test of the top-1 class counts (label shift);
-- confidence: a KS test of the top-1 softmax score (a model unsure of what it now sees).
-A head drifts when any of its three corrected p-values is below --alpha; the verdict is the head's or the
+Loudly" (NeurIPS 2019): per head, the softmax outputs of the run's held-out test images (the reference: those
+the verified artifact that serves gave at export, drift_reference.py, or scored now for older exports) against
+those of the captured traffic (serve --capture), with transferkit/shift.py's three tests (KS per class,
+Bonferroni-corrected; chi-square of the predicted labels; KS of the top-1 confidence). A head drifts when any of its three corrected p-values is below --alpha; the verdict is the head's or the
 run's. Windows (`--window N`: consecutive runs of N captured rows by time, `--since` to drop older rows) give
 one verdict each; the newest window's verdict is the command's exit code (3: drift), for schedulers and CI.
 For a drifting head the report says how many captured rows it took: the smallest prefix of the window (50, 100,
 200, ... rows) at which the same tests already fall below --alpha.
 
-Representation-level tests (MMD on the backbone's features) need the features, which the served artifact does
-not output; they are not computed here.
+`--mmd` adds the representation-level test per window: kernel MMD on the backbone's features (evaluation/mmd.py),
+computed with the run's PyTorch model, since the served artifact outputs logits only; a window drifts when it
+or any head does.
 """
 
 from __future__ import annotations
@@ -26,63 +25,19 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import DataError, TransferkitError
+from transferkit.shift import ALPHA, HeadTest, samples_needed, shift_tests, softmax
 
-ALPHA = 0.01
 REFERENCE_IMAGES = 2000  # held-out test images per dataset scored for the reference
-PREFIXES = (50, 100, 200, 500, 1000, 2000, 5000)
 
 
-@dataclasses.dataclass
-class HeadTest:
-    rows: int
-    class_p: float  # the smallest per-class KS p-value times the number of classes (Bonferroni), at most 1
-    label_p: float
-    confidence_p: float
-    drift: bool
-    needed: int | None = None  # rows of the window the tests first fell below alpha at
-
-    @property
-    def p(self) -> float:
-        return min(self.class_p, self.label_p, self.confidence_p)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def shift_tests(reference: np.ndarray, traffic: np.ndarray, alpha: float = ALPHA) -> HeadTest:
-    """Softmax outputs (N, C) of the reference and of the traffic -> the three tests and the verdict."""
-    from scipy.stats import chi2_contingency, ks_2samp
-
-    classes = reference.shape[1]
-    class_p = min(1.0, classes * min(ks_2samp(reference[:, c], traffic[:, c]).pvalue for c in range(classes)))
-    counts = np.stack(
-        [np.bincount(reference.argmax(1), minlength=classes), np.bincount(traffic.argmax(1), minlength=classes)]
-    )
-    seen = counts.sum(0) > 0  # a class neither side predicted carries no information (and breaks the test)
-    label_p = float(chi2_contingency(counts[:, seen])[1]) if seen.sum() > 1 else 1.0
-    confidence_p = float(ks_2samp(reference.max(1), traffic.max(1)).pvalue)
-    drift = bool(min(class_p, label_p, confidence_p) < alpha)
-    return HeadTest(len(traffic), float(class_p), label_p, confidence_p, drift)
-
-
-def samples_needed(reference: np.ndarray, traffic: np.ndarray, alpha: float) -> int | None:
-    for n in PREFIXES:
-        if n > len(traffic):
-            break
-        if shift_tests(reference, traffic[:n], alpha).drift:
-            return n
-    return len(traffic) if shift_tests(reference, traffic, alpha).drift else None
-
-
-def reference_outputs(run_dir: Path, images: int = REFERENCE_IMAGES) -> dict[str, np.ndarray]:
-    """Per head, the softmax outputs of the run's held-out test images, through the run's verified artifact.
+def reference_outputs(run_dir: Path, images: int = REFERENCE_IMAGES) -> tuple[dict[str, np.ndarray], str]:
+    """Per head, the softmax outputs of the run's held-out test images, through the run's verified artifact: the
+    ones stored with it at export (drift_reference.py), else scored now on up to `images` test images a dataset.
 
     Every head is scored on the test images of every dataset the run was trained on (up to `images` each): a
     model serving several datasets sees their mixture, and each head answers for every image it is sent."""
     from transferkit.data import DatasetSpec, load_dataset
+    from transferkit.drift_reference import load_reference
     from transferkit.manifest import read_manifest
     from transferkit.runs import load_run
     from transferkit.runtimes.selection import load_runtime
@@ -92,6 +47,9 @@ def reference_outputs(run_dir: Path, images: int = REFERENCE_IMAGES) -> dict[str
     if not manifest.servable():
         raise TransferkitError(f"{run_dir}: no verified artifact to score the reference with; run transferkit export")
     runtime = load_runtime("auto", run.export_dir, manifest, check_files=True)
+    stored = load_reference(run.export_dir, manifest, manifest.artifacts[runtime.artifact])
+    if stored is not None:  # the artifact's outputs on the gate's held-out images, kept at export
+        return stored, f"stored with {runtime.artifact} at export"
     outputs: dict[str, list[np.ndarray]] = {}
     for dataset in run.labels.datasets:
         spec = run.labels.specs.get(dataset) or dataset
@@ -100,7 +58,7 @@ def reference_outputs(run_dir: Path, images: int = REFERENCE_IMAGES) -> dict[str
             batch = run.preprocessing.normalize_numpy(pixels[start : start + 256])
             for head, logits in runtime.run(batch).items():
                 outputs.setdefault(head, []).append(softmax(logits))
-    return {head: np.concatenate(parts) for head, parts in outputs.items()}
+    return {head: np.concatenate(parts) for head, parts in outputs.items()}, f"scored now through {runtime.artifact}"
 
 
 def traffic_rows(traffic_dir: Path, model: str | None, since: dt.datetime | None):
@@ -132,17 +90,24 @@ def run_drift(
     window: int = 0,
     alpha: float = ALPHA,
     reference_images: int = REFERENCE_IMAGES,
+    mmd: bool = False,
 ) -> dict[str, Any]:
-    """The drift report: per window (the whole traffic when `window` is 0) and head, the tests and verdicts."""
+    """The drift report: per window (the whole traffic when `window` is 0) and head, the tests and verdicts;
+    with `mmd`, also per window the kernel MMD test on the backbone's features (evaluation/mmd.py)."""
     from transferkit.traffic import logits_of
 
     if not 0 < alpha < 1:
         raise TransferkitError(f"--alpha must be between 0 and 1, got {alpha}")
-    reference = reference_outputs(Path(run_dir), reference_images)
+    reference, reference_source = reference_outputs(Path(run_dir), reference_images)
     model, table = traffic_rows(Path(traffic_dir), model, since)
     heads = [h for h in reference if f"{h}_logits" in table.column_names]
     if not heads:
         raise DataError(f"the captured rows have none of the run's heads {sorted(reference)}; is it the same model?")
+    features = None
+    if mmd:
+        from transferkit.evaluation.mmd import FeatureShift
+
+        features = FeatureShift(run_dir, reference_images)
     size = window or table.num_rows
     windows = []
     for start in range(0, table.num_rows, size):
@@ -150,20 +115,23 @@ def run_drift(
         if windows and part.num_rows < min(size, 20):  # a short last window would be judged on a handful of rows
             break
         times = part.column("time").to_pylist()
-        results = {}
+        results, newest = {}, {}
         for head in heads:
-            traffic = softmax(logits_of(part, head))
+            traffic = newest[head] = softmax(logits_of(part, head))
             result = shift_tests(reference[head], traffic, alpha)
             if result.drift:
                 result.needed = samples_needed(reference[head], traffic, alpha)
             results[head] = result
+        feature_test = features.test(part) if features is not None else None
+        feature_drift = feature_test is not None and feature_test.p < alpha
         windows.append(
             {
                 "start": times[0].isoformat(),
                 "end": times[-1].isoformat(),
                 "rows": part.num_rows,
                 "heads": {h: {**dataclasses.asdict(r), "p": r.p} for h, r in results.items()},
-                "drift": any(r.drift for r in results.values()),
+                "mmd": None if feature_test is None else {**dataclasses.asdict(feature_test), "drift": feature_drift},
+                "drift": any(r.drift for r in results.values()) or feature_drift,
             }
         )
     return {
@@ -171,45 +139,21 @@ def run_drift(
         "traffic": str(Path(traffic_dir).resolve()),
         "model": model,
         "alpha": alpha,
+        "reference": reference_source,
         "reference_rows": {h: len(v) for h, v in reference.items()},
-        "tests": "per head: KS per class (Bonferroni), chi-square of top-1 counts, KS of top-1 confidence",
+        "tests": "per head: KS per class (Bonferroni), chi-square of top-1 counts, KS of top-1 confidence"
+        + ("; per window: kernel MMD on the backbone's features (permutation test)" if mmd else ""),
         "windows": windows,
         "drift": bool(windows and windows[-1]["drift"]),
+        "confidence": {h: confidence_histograms(reference[h], newest[h]) for h in heads},  # for the report's plot
     }
 
 
-def format_drift_table(report: dict[str, Any]) -> str:
-    lines = [
-        f"{'window':<42} {'head':<16} {'rows':>6} {'p class':>9} {'p label':>9} {'p conf':>9} {'verdict':<8} needed"
-    ]
-    for w in report["windows"]:
-        span = f"{w['start'][:19]} .. {w['end'][11:19]}"
-        for head, r in w["heads"].items():
-            verdict = "DRIFT" if r["drift"] else "ok"
-            needed = "" if r["needed"] is None else str(r["needed"])
-            lines.append(
-                f"{span:<42} {head:<16} {r['rows']:>6} {_p(r['class_p'])} {_p(r['label_p'])} {_p(r['confidence_p'])} "
-                f"{verdict:<8} {needed}"
-            )
-    lines.append(
-        f"verdict: {'DRIFT' if report['drift'] else 'no drift'} in the newest window (alpha {report['alpha']})"
-    )
-    return "\n".join(lines)
+def confidence_histograms(reference: np.ndarray, traffic: np.ndarray, bins: int = 20) -> dict[str, list[float]]:
+    """The top-1 confidence of both samples as shares per bin of [0, 1]."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    share = lambda probs: (np.histogram(probs.max(1), edges)[0] / max(len(probs), 1)).tolist()  # noqa: E731
+    return {"edges": edges.tolist(), "reference": share(reference), "newest": share(traffic)}
 
 
-def _p(value: float) -> str:
-    return f"{value:>9.2g}" if value >= 1e-99 or value == 0 else f"{'<1e-99':>9}"
-
-
-def write_drift_report(report: dict[str, Any], out: Path) -> Path:
-    """drift.json and drift.md (the table) in `out`, written atomically."""
-    from transferkit.utils import atomic_write_json, atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "drift.json", report)
-    text = f"# Drift: {report['model']}\n\nRun {report['run']}, traffic {report['traffic']}. {report['tests']}.\n\n"
-    atomic_write_text(out / "drift.md", text + "```\n" + format_drift_table(report) + "\n```\n")
-    return out
-
-
-__all__ = ["ALPHA", "HeadTest", "format_drift_table", "run_drift", "shift_tests", "write_drift_report"]
+__all__ = ["ALPHA", "HeadTest", "run_drift", "shift_tests"]

@@ -34,6 +34,7 @@ from transferkit.artifact import (  # noqa: E501
     artifact_name,
     check_device,
 )
+from transferkit.drift_reference import reference_name, write_reference
 from transferkit.errors import ConfigError, one_line
 from transferkit.export import verify
 from transferkit.export.formats import FORMATS, ArtifactRequest, ExportFormat, check_request, with_requirements
@@ -202,7 +203,7 @@ def _onnx_verified_on_gpu(row: ExportFormat, precision: str, device: str) -> boo
 def _withhold_if_slower(result: FormatResult, fp32: FormatResult | None) -> None:
     """An INT8 artifact that passed the gate but runs slower than its own format's fp32, both measured here in
     this export, is not offered: serving it would trade accuracy for nothing (`--slower-int8 offer` keeps it
-    servable, for its size). Its file and numbers stay."""
+    servable, for its size). Its file and numbers stay; its drift reference, only for what serves, goes."""
     if result.status != PASSED or result.precision != "int8" or not result.measured:
         return
     if fp32 is None or fp32.status != PASSED or not fp32.measured:
@@ -215,6 +216,9 @@ def _withhold_if_slower(result: FormatResult, fp32: FormatResult | None) -> None
             f"({result.measured.images_per_second:,.0f} vs {fp32.measured.images_per_second:,.0f} img/s "
             f"at batch {result.measured.batch}): not offered; serve {fp32.format}"
         )
+        if result.reference and result.file is not None:
+            (result.file.parent / result.reference).unlink(missing_ok=True)
+            result.reference = None
 
 
 def _verification_runtime(row: ExportFormat, artifact: str, precision: str, device: str):
@@ -270,6 +274,10 @@ def _verify_one(
     result.verification = report
     result.status = PASSED if report["passed"] else VERIFY_FAILED
     result.error = None if report["passed"] else "; ".join(report["failures"])
+    if report["passed"]:  # drift's reference: this artifact's own outputs on the gate's images, kept for free
+        name = reference_name(result.format)
+        result.records[name] = write_reference(export_dir, result.format, logits, inputs.datasets)
+        result.reference = name
     if report["passed"] and runtime is not None:
         fresh = lambda: _verification_runtime(row, result.format, result.precision, device)  # noqa: E731
         result.measured, result.tuning = measure_artifact(fresh, runtime, export_dir, manifest, inputs.batch)

@@ -44,6 +44,7 @@ class FormatResult:
     measured: Measurement | None = None  # throughput after verify passed, with the fastest runtime options
     tuning: list[dict[str, Any]] = field(default_factory=list)  # every runtime option measured
     records: dict[str, FileRecord] = field(default_factory=dict)  # each file's size and sha256 as verified
+    reference: str | None = None  # drift's reference, written when it passed (drift_reference.py)
 
     @property
     def details(self) -> dict[str, Any]:
@@ -104,6 +105,7 @@ def manifest_entry(row: ExportFormat, result: FormatResult) -> ArtifactEntry:
         runtime_options=result.measured.runtime_options if result.measured else RuntimeOptions(),
         measured=(result.measured,) if result.measured else (),
         details=details,
+        reference=result.reference if result.servable else None,
     )
 
 
@@ -112,6 +114,8 @@ def record_result(manifest: Manifest, row: ExportFormat, result: FormatResult) -
     records: dict[str, FileRecord | None] = {}
     for path in result.files:
         records[path.name] = result.records.get(path.name) or (FileRecord.of(path) if path.is_file() else None)
+    if result.reference:  # recorded while it serves; forgotten when the artifact was withheld after all
+        records[result.reference] = result.records[result.reference] if result.servable else None
     if not result.files:
         records.update({name: None for name in entry.files})
     return manifest.with_artifact(entry, records)
@@ -149,9 +153,9 @@ def carry_over(export_dir: Path, manifest: Manifest, verify_doc: dict, exclude: 
     for name, entry in old.artifacts.items():
         if name in exclude or entry.format not in FORMATS or not entry.servable:
             continue
-        recorded = {f: old.files.get(f) for f in entry.files}
+        recorded = {f: old.files.get(f) for f in entry.all_files}
         if all(recorded.values()) and all(
-            (export_dir / f).is_file() and FileRecord.of(export_dir / f) == recorded[f] for f in entry.files
+            (export_dir / f).is_file() and FileRecord.of(export_dir / f) == recorded[f] for f in entry.all_files
         ):
             manifest = manifest.with_artifact(entry, recorded)
             if name in old_verify.get("formats", {}):

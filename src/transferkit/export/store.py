@@ -52,7 +52,7 @@ def store_export(export_dir: Path, manifest: Manifest, run_dir: str | Path) -> M
         tagged = {"tag": str(model.tag), "model_name": name}
         target = Path(model.path)
         for entry in stored.artifacts.values():
-            for filename in entry.files:  # every file: OpenVINO's .bin with its .xml
+            for filename in entry.all_files:  # every file (OpenVINO's .bin with its .xml) and its reference
                 shutil.copy2(export_dir / filename, target / filename)
         if (export_dir / VERIFY_NAME).is_file():
             shutil.copy2(export_dir / VERIFY_NAME, target / VERIFY_NAME)

@@ -49,6 +49,8 @@ SERVING_FILES = (
     "transferkit/options.py",
     "transferkit/predictions.py",
     "transferkit/traffic.py",
+    "transferkit/shift.py",
+    "transferkit/drift_reference.py",
     "transferkit/preprocess.py",
     "transferkit/utils.py",
     "transferkit/version.py",
@@ -88,6 +90,7 @@ COMMON_PACKAGES = (
     "starlette>=0.40",
     "python-multipart>=0.0.18",
     "pyarrow>=14.0.1",  # `--capture` writes Parquet (capture.py)
+    "scipy>=1.11",  # the live drift score's two-sample tests (drift_monitor.py, shift.py)
 )
 # Per runtime, its Python packages only (`--runtime openvino` leaves onnxruntime out: serving imports an engine only
 # when it loads an artifact). GPU serving (onnxruntime-gpu, tensorrt) needs a CUDA base image and is not offered

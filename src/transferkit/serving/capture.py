@@ -52,6 +52,7 @@ class _Sample:
     pixels: np.ndarray | None  # (k, S, S, 3) uint8, or None for a request that sent model input tensors
     heads: dict[str, tuple[np.ndarray, np.ndarray]]  # head -> (ranked (k, C) predictions.RANKED, logits (k, C))
     labels: dict[str, list[str]]
+    reference: dict[str, np.ndarray] | None = None  # the version's drift reference (drift_monitor.py), if any
 
     def __len__(self) -> int:
         return len(next(iter(self.heads.values()))[1])
@@ -73,6 +74,7 @@ class Capture:
         on_drop: Any = None,
         on_write: Any = None,
         on_rows: Any = None,
+        on_outputs: Any = None,
     ):
         self.root = Path(root)
         self.rate = rate
@@ -82,6 +84,8 @@ class Capture:
         # per head, the written rows' top-1 labels and scores, for the live signals on /metrics: computed here,
         # in the writer thread, on the sample, so the request path pays nothing for them
         self.on_rows = on_rows or (lambda model, version, top1: None)
+        # the live drift score (drift_monitor.py): a version's reference and the written rows' logits per head
+        self.on_outputs = on_outputs or (lambda model, version, reference, logits: None)
         self._rows: deque[_Sample] = deque()
         self._pending = 0  # bytes of the samples waiting
         self._waiting = 0  # their rows
@@ -122,6 +126,7 @@ class Capture:
             pixels,
             {h: (answer[h, ranked][chosen], answer[h, logits][chosen]) for h in served.labels},
             served.labels,
+            getattr(served, "reference", None),
         )
         size = sample.nbytes
         with self._lock:
@@ -167,6 +172,12 @@ class Capture:
             self.written += rows
             self.on_write(rows)
             self.on_rows(model, version, _top1(group))
+            if group[0].reference is not None:
+                logits = {h: np.concatenate([g.heads[h][1] for g in group]) for h in group[0].labels}
+                try:
+                    self.on_outputs(model, version, group[0].reference, logits)
+                except Exception as exc:  # noqa: BLE001 - a signal lost, never the writer
+                    logger.warning("capture: drift score of %s:%s not computed: %s", model, version, exc)
         if samples:
             self._rotate()
 

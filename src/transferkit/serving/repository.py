@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import TransferkitError
+from transferkit.drift_reference import load_reference
+from transferkit.errors import ArtifactMismatchError, TransferkitError
 from transferkit.manifest import read_manifest
 from transferkit.predictions import rank
 from transferkit.preprocess import served_pixel_limit
@@ -79,6 +80,7 @@ class ServedVersion:
             settings.runtime, model_dir, self.manifest, threads=settings.resolved_threads, check_files=True
         )
         self.runtime_name = self.runtime.description
+        self.reference = _drift_reference(model_dir, self.manifest, self.runtime.artifact, source.tag)
         self.batcher = MicroBatcher(
             self.run_batch,
             settings.max_batch,
@@ -130,6 +132,16 @@ class ServedVersion:
         while self.in_flight > 0 and time.monotonic() < end:
             time.sleep(0.05)
         self.batcher.close()
+
+
+def _drift_reference(model_dir: Path, manifest, artifact: str, tag: str) -> dict[str, np.ndarray] | None:
+    """The artifact's stored drift reference (drift_reference.py), or None: an older export has none, and one that
+    fails its hash check is not trusted (logged; the version serves, without a drift score)."""
+    try:
+        return load_reference(model_dir, manifest, manifest.artifacts[artifact])
+    except ArtifactMismatchError as exc:
+        logger.warning("model %s: drift reference not used: %s", tag, exc)
+        return None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from transferkit.serving.batcher import WorkerBudget
 from transferkit.serving.capture import Capture
 from transferkit.serving.control import RepositoryWatcher, SharedControl, default_state_dir
 from transferkit.serving.drain import Drain
+from transferkit.serving.drift_monitor import DriftMonitor
 from transferkit.serving.http_app import InferenceFastPath, create_app
 from transferkit.serving.inputs import ClientError
 from transferkit.serving.keys import KeyRing
@@ -43,6 +44,7 @@ from transferkit.serving.repository import LOGITS, RANKED, ModelRepository, Serv
 from transferkit.serving.settings import MODEL_ENV, ServingSettings
 from transferkit.serving.sources import parse_sources
 from transferkit.serving.stack import http_stack
+from transferkit.shift import HeadTest
 
 logger = logging.getLogger("transferkit.serving")
 
@@ -142,6 +144,19 @@ def _metrics() -> dict[str, Any]:
             "top-1 class of captured images, per model, version and head (heads of at most 100 classes)",
             ["model", "version", "head", "label"],
         )
+        # the live drift score (drift_monitor.py): the capture sample against the artifact's stored reference
+        _METRICS["drift_p"] = Gauge(
+            "transferkit_drift_p",
+            "smallest corrected p-value of the shift tests on the newest captured outputs (low: drift)",
+            ["model", "version", "head"],
+            multiprocess_mode="livemin",
+        )
+        _METRICS["drift"] = Gauge(
+            "transferkit_drift",
+            "1 when the newest captured outputs drifted from the reference (p below alpha), else 0",
+            ["model", "version", "head"],
+            multiprocess_mode="livemax",
+        )
         _METRICS["stack"] = Gauge(
             "transferkit_http_stack",
             "the event loop and HTTP parser this worker runs",
@@ -166,6 +181,12 @@ def _observe_sample(model: str, version: str, top1: dict[str, tuple[list[str], n
         if classes <= MAX_CLASSES_COUNTED:
             for label, n in Counter(labels).items():
                 metrics["predicted"].labels(model, version, head, label).inc(n)
+
+
+def _report_drift(model: str, version: str, head: str, result: HeadTest) -> None:
+    metrics = _metrics()
+    metrics["drift_p"].labels(model, version, head).set(result.p)
+    metrics["drift"].labels(model, version, head).set(int(result.drift))
 
 
 def bentoml_config(settings: ServingSettings) -> dict[str, Any]:
@@ -225,6 +246,7 @@ class _Service:
                 on_drop=lambda reason, n: _metrics()["capture_dropped"].labels(reason=reason).inc(n),
                 on_write=lambda n: _metrics()["capture_rows"].inc(n),
                 on_rows=_observe_sample,
+                on_outputs=DriftMonitor(_report_drift).observe,
             )
             if SETTINGS.capture_dir
             else None

@@ -46,7 +46,7 @@ def register_export(tracker, export_dir: Path, name: str) -> str:
         folder = Path(tmp) / "export"
         folder.mkdir()
         for entry in stored.artifacts.values():
-            for filename in entry.files:
+            for filename in entry.all_files:
                 shutil.copy2(export_dir / filename, folder / filename)
         if (export_dir / VERIFY_NAME).is_file():
             shutil.copy2(export_dir / VERIFY_NAME, folder / VERIFY_NAME)
