@@ -39,20 +39,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """The two-sample KS p-value from the asymptotic distribution: scipy's default computes the exact one for
+    samples of up to 10,000, in time proportional to their product (about 16 ms for 4,000 x 1,000, and a drift
+    check runs one per class), where the asymptotic value is already accurate for samples of a few hundred."""
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(a, b, method="asymp").pvalue)
+
+
 def shift_tests(reference: np.ndarray, traffic: np.ndarray, alpha: float = ALPHA) -> HeadTest:
     """Softmax outputs (N, C) of the reference and of the traffic -> the three tests and the verdict."""
-    from scipy.stats import chi2_contingency, ks_2samp
+    from scipy.stats import chi2_contingency
 
     classes = reference.shape[1]
     class_p = 1.0
     if classes <= MAX_CLASSES_TESTED:
-        class_p = min(1.0, classes * min(ks_2samp(reference[:, c], traffic[:, c]).pvalue for c in range(classes)))
+        class_p = min(1.0, classes * min(_ks(reference[:, c], traffic[:, c]) for c in range(classes)))
     counts = np.stack(
         [np.bincount(reference.argmax(1), minlength=classes), np.bincount(traffic.argmax(1), minlength=classes)]
     )
     seen = counts.sum(0) > 0  # a class neither side predicted carries no information (and breaks the test)
     label_p = float(chi2_contingency(counts[:, seen])[1]) if seen.sum() > 1 else 1.0
-    confidence_p = float(ks_2samp(reference.max(1), traffic.max(1)).pvalue)
+    confidence_p = _ks(reference.max(1), traffic.max(1))
     drift = bool(min(class_p, label_p, confidence_p) < alpha)
     return HeadTest(len(traffic), float(class_p), label_p, confidence_p, drift)
 
