@@ -88,7 +88,10 @@ def test_adapting_from_traffic_keeps_the_labelled_data_and_records_the_capture(t
     assert all(len(p["sha256"]) == 64 for p in entry["parts"]) and sum(p["rows"] for p in entry["parts"]) == 160
     # the run trains on its own snapshot: the server may rotate the capture away, a resume sees the same images
     (spec,) = config["unlabeled"]
-    assert spec == f"traffic:{adapted / entry['snapshot']}=mnist"
+    assert (
+        spec == f"traffic:{adapted / entry['snapshot']}=mnist"
+        and entry["snapshot"] == f"traffic/{captured.folder.name}"
+    )
     snapshot = sorted((adapted / entry["snapshot"]).rglob("part-*.parquet"))
     assert [p.relative_to(adapted / entry["snapshot"]).as_posix() for p in snapshot] == [
         p["file"] for p in entry["parts"]

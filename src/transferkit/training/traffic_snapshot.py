@@ -3,8 +3,9 @@
 A capture folder keeps changing under a serving process: new parts arrive and the oldest are deleted to stay
 within --capture-max-mb. A run that read it directly would train on one set of images and, resumed (or labelled
 again in a later round), on another. So when training starts, the committed parts are linked into the run
-(RUN/traffic/<name>/..., hard links: no copy on the same filesystem, and a part the server later rotates away
-stays readable), the run's config points at that snapshot, and RUN/traffic.json records where its images came
+(RUN/traffic/<the capture folder's name>/..., hard links: no copy on the same filesystem, and a part the server
+later rotates away stays readable), the run's config points at that snapshot, and RUN/traffic.json records where
+its images came
 from: the capture folder, every part with its row count and sha256, the models and versions that answered, the
 time span, and the head that pseudo-labels them.
 """
@@ -73,7 +74,7 @@ def snapshot_traffic(config: TrainConfig, run_dir: Path) -> None:
         if source is None or source.is_relative_to(run_dir.resolve()):
             unlabeled.append(text)
             continue
-        snapshot = run_dir.resolve() / SNAPSHOT_DIR / spec.name
+        snapshot = run_dir.resolve() / SNAPSHOT_DIR / source.name  # the same folder name: the same dataset name
         files = []
         for part in check_capture(source):
             try:
