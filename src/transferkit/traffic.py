@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.preprocess import Preprocessing
+
 TMP_PREFIX = ".part-"  # a part being written; never read, removed when found stale
 PART_GLOB = "part-*.parquet"
 
@@ -41,6 +43,25 @@ def pixels_of(table, row: int) -> np.ndarray:
     """A captured row's image as the model saw it: (S, S, 3) uint8."""
     size = table.column("image_size")[row].as_py()
     return np.frombuffer(table.column("pixels")[row].as_py(), np.uint8).reshape(size, size, 3)
+
+
+def image_rows(table) -> np.ndarray:
+    """The rows that hold an image (a v2 request that sent tensors is captured without one)."""
+    return np.flatnonzero(np.asarray(table.column("image_size").to_numpy(zero_copy_only=False)) > 0)
+
+
+def images_of(table, rows: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Captured `rows` (each holding an image) as uint8 (len(rows), S, S, 3) at pre.image_size: as captured, or
+    resized like any dataset's images when captured at another size (a capture may span two versions)."""
+    sizes = np.asarray(table.column("image_size").to_numpy(zero_copy_only=False))[rows]
+    pixels = table.column("pixels")
+    images = np.empty((len(rows), pre.image_size, pre.image_size, 3), np.uint8)
+    for size in np.unique(sizes):  # one decode and one resize per captured size
+        at = np.flatnonzero(sizes == size)
+        raw = b"".join(pixels[int(rows[i])].as_py() for i in at)
+        stack = np.frombuffer(raw, np.uint8).reshape(len(at), int(size), int(size), 3)
+        images[at] = stack if size == pre.image_size else pre.array_to_uint8(stack)
+    return images
 
 
 def logits_of(table, head: str) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 from transferkit.data.base import Split, limit_indices
 from transferkit.errors import DataError
 from transferkit.preprocess import Preprocessing
-from transferkit.traffic import parts, read_capture
+from transferkit.traffic import image_rows, images_of, parts, read_capture
 
 LOGITS_SUFFIX = "_logits"
 
@@ -54,25 +54,22 @@ def captured_heads(path: str | Path) -> list[str]:
     return [n[: -len(LOGITS_SUFFIX)] for n in names if n.endswith(LOGITS_SUFFIX)]
 
 
+def read_one_model(path: str | Path):
+    """Every committed part under `path` as one table, refused unless it is one model's traffic."""
+    check_capture(path)
+    return _one_model(read_capture(Path(path).expanduser()), path)
+
+
 def load_captured(path: str | Path, pre: Preprocessing, limit: int | None = None) -> tuple[dict[str, Split], list]:
     """-> ({"train": every captured image at pre.image_size, "val"/"test": empty}, no class names)."""
-    check_capture(path)
-    table = _one_model(read_capture(Path(path).expanduser()), path)
-    sizes = np.asarray(table.column("image_size").to_numpy(zero_copy_only=False))
-    keep = np.flatnonzero(sizes > 0)
+    table = read_one_model(path)
+    keep = image_rows(table)
     if len(keep) == 0:
         raise DataError(f"traffic:{path}: no captured row holds an image (only tensor requests were captured)")
-    keep = keep[limit_indices(len(keep), limit)]
-    pixels = table.column("pixels")
-    images = np.empty((len(keep), pre.image_size, pre.image_size, 3), np.uint8)
-    for size in np.unique(sizes[keep]):  # one resize per captured size (a capture may span two versions)
-        rows = np.flatnonzero(sizes[keep] == size)
-        raw = b"".join(pixels[int(keep[r])].as_py() for r in rows)
-        stack = np.frombuffer(raw, np.uint8).reshape(len(rows), int(size), int(size), 3)
-        images[rows] = stack if size == pre.image_size else pre.array_to_uint8(stack)
+    images = images_of(table, keep[limit_indices(len(keep), limit)], pre)
     empty = Split(np.empty((0, pre.image_size, pre.image_size, 3), np.uint8), np.empty(0, np.int64))
     train = Split(images, np.full(len(images), -1, np.int64))
     return {"train": train, "val": empty, "test": empty}, []
 
 
-__all__ = ["captured_heads", "check_capture", "load_captured"]
+__all__ = ["captured_heads", "check_capture", "load_captured", "read_one_model"]

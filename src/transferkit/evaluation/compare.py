@@ -29,12 +29,14 @@ import numpy as np
 import torch
 
 from transferkit.data import DatasetSpec, load_dataset
-from transferkit.data.captured import load_captured
-from transferkit.errors import ConfigError
+from transferkit.data.base import limit_indices
+from transferkit.data.captured import read_one_model
+from transferkit.errors import ConfigError, DataError
 from transferkit.evaluation.drift import REFERENCE_IMAGES, shift_tests, softmax
 from transferkit.evaluation.matrix import head_targets
 from transferkit.evaluation.paired import paired_drop, upper_bound
 from transferkit.runs import load_run_model
+from transferkit.traffic import image_rows, images_of
 from transferkit.training.evaluate import predict_logits
 
 TOLERANCE = 1.0  # points of accuracy NEW may lose on a labelled dataset (the export gate's default)
@@ -134,8 +136,13 @@ def labelled_cells(new: _Side, old: _Side, extra: list[str], split: str, limit, 
 
 
 def traffic_rows(new: _Side, old: _Side, traffic: str, limit: int | None) -> list[dict[str, Any]]:
-    new_logits = new.logits(load_captured(traffic, new.run.preprocessing, limit)[0]["train"].images)
-    old_logits = old.logits(load_captured(traffic, old.run.preprocessing, limit)[0]["train"].images)
+    table = read_one_model(traffic)  # read once; each side sees the images at its own input size
+    rows = image_rows(table)
+    if len(rows) == 0:
+        raise DataError(f"--traffic {traffic}: no captured row holds an image (only tensor requests were captured)")
+    rows = rows[limit_indices(len(rows), limit)]
+    new_logits = new.logits(images_of(table, rows, new.run.preprocessing))
+    old_logits = old.logits(images_of(table, rows, old.run.preprocessing))
     new_ref, old_ref = new.reference(limit), old.reference(limit)
     rows = []
     for head in [h for h in new_logits if h in old_logits]:

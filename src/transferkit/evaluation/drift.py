@@ -36,8 +36,8 @@ def reference_outputs(run_dir: Path, images: int = REFERENCE_IMAGES) -> tuple[di
 
     Every head is scored on the test images of every dataset the run was trained on (up to `images` each): a
     model serving several datasets sees their mixture, and each head answers for every image it is sent."""
-    from transferkit.data import DatasetSpec, load_dataset
     from transferkit.drift_reference import load_reference
+    from transferkit.evaluation.mmd import held_out_images
     from transferkit.manifest import read_manifest
     from transferkit.runs import load_run
     from transferkit.runtimes.selection import load_runtime
@@ -51,9 +51,7 @@ def reference_outputs(run_dir: Path, images: int = REFERENCE_IMAGES) -> tuple[di
     if stored is not None:  # the artifact's outputs on the gate's held-out images, kept at export
         return stored, f"stored with {runtime.artifact} at export"
     outputs: dict[str, list[np.ndarray]] = {}
-    for dataset in run.labels.datasets:
-        spec = run.labels.specs.get(dataset) or dataset
-        pixels = load_dataset(DatasetSpec.parse(spec, with_head=False), run.preprocessing, limit=images).test.images
+    for pixels in held_out_images(run, images):
         for start in range(0, len(pixels), 256):
             batch = run.preprocessing.normalize_numpy(pixels[start : start + 256])
             for head, logits in runtime.run(batch).items():

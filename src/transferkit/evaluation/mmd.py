@@ -87,40 +87,40 @@ def mmd_test(reference: np.ndarray, traffic: np.ndarray, permutations: int = PER
     return MmdTest(len(traffic), n, observed, (1 + larger) / (1 + permutations))
 
 
+def held_out_images(run, images: int) -> list[np.ndarray]:
+    """Up to `images` test images of each dataset the run was trained on, at its input size (labels.json's specs)."""
+    from transferkit.data import DatasetSpec, load_dataset
+
+    return [
+        load_dataset(
+            DatasetSpec.parse(run.labels.specs.get(d) or d, with_head=False), run.preprocessing, images
+        ).test.images
+        for d in run.labels.datasets
+    ]
+
+
 class FeatureShift:
     """The run's PyTorch backbone and its features of the run's held-out test images (up to `images` a dataset,
     MAX_ROWS in all), ready to test windows of captured rows against them."""
 
     def __init__(self, run_dir, images: int):
-        from transferkit.data import DatasetSpec, load_dataset
         from transferkit.runs import load_run_model
 
         self.model, run = load_run_model(run_dir)
         self.pre = run.preprocessing
-        pixels = np.concatenate(
-            [
-                load_dataset(
-                    DatasetSpec.parse(run.labels.specs.get(d) or d, with_head=False), self.pre, images
-                ).test.images
-                for d in run.labels.datasets
-            ]
-        )
+        pixels = np.concatenate(held_out_images(run, images))
         self.reference = backbone_features(self.model, pixels[sample_rows(len(pixels))], self.pre)
 
     def test(self, table) -> MmdTest | None:
         """A window of captured rows (a pyarrow table in traffic.py's layout) -> the test on its images, or None
         when it holds fewer than 2 images (rows of tensor requests have none)."""
-        from transferkit.traffic import pixels_of
+        from transferkit.traffic import image_rows, images_of
 
-        sizes = np.asarray(table.column("image_size").to_numpy(zero_copy_only=False))
-        with_pixels = np.flatnonzero(sizes > 0)
+        with_pixels = image_rows(table)
         if len(with_pixels) < 2:
             return None
-        picked = with_pixels[sample_rows(len(with_pixels))]
-        images = [pixels_of(table, int(r)) for r in picked]
-        s = self.pre.image_size
-        stack = np.stack([i if i.shape[0] == s else self.pre.array_to_uint8(i[None])[0] for i in images])
-        return mmd_test(self.reference, backbone_features(self.model, stack, self.pre))
+        images = images_of(table, with_pixels[sample_rows(len(with_pixels))], self.pre)
+        return mmd_test(self.reference, backbone_features(self.model, images, self.pre))
 
 
-__all__ = ["MAX_ROWS", "FeatureShift", "MmdTest", "backbone_features", "mmd_test", "sample_rows"]
+__all__ = ["MAX_ROWS", "FeatureShift", "held_out_images", "MmdTest", "backbone_features", "mmd_test", "sample_rows"]
